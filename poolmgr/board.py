@@ -1,0 +1,92 @@
+"""Shared counters between workers and the master (the scoreboard).
+
+An anonymous shared mmap created by the master before it forks; each worker owns one slot and
+writes its heartbeat, live gauges and cumulative counters there; the master only reads, and
+folds a dead worker's counters into its pool's totals when it frees the slot. Each field is an
+aligned 4- or 8-byte store, so a reader never sees a torn value.
+
+Exports: Board, Slot, COUNTERS, SLOTS.
+"""
+
+import mmap
+import struct
+import time
+
+# Cumulative per-worker counters, by index. Append only: the layout is shared by all processes.
+COUNTERS = (
+    "connections",          # SMTP sessions accepted
+    "messages_accepted",    # 250 after DATA (next hop accepted)
+    "messages_rejected",    # 5xx after DATA
+    "messages_tempfailed",  # 4xx after DATA
+    "handoffs",             # hand-offs to the proxy filter (scanner pool)
+    "handoff_wait_ms",      # total time spent in hand-offs, milliseconds
+    "scanned",              # messages a scanner worker finished
+    "scan_ms",              # total scanner time, milliseconds
+)
+_NCOUNTERS = 32
+SLOTS = 1024  # generous: pools of up to 128 workers each, plus workers still draining
+# pid, kind, generation, number, heartbeat, started, sessions, busy, counters[32]
+_HEAD = struct.Struct("=iiiiddII")
+_SLOT_SIZE = _HEAD.size + 8 * _NCOUNTERS
+_OFF_HEARTBEAT = 16
+_OFF_SESSIONS = 32
+_OFF_BUSY = 36
+_OFF_COUNTERS = _HEAD.size
+KINDS = {"smtp": 1, "scanner": 2}
+
+
+class Slot:
+    """A worker's handle on its own slot."""
+
+    def __init__(self, board: "Board", index: int):
+        self._mm = board._mm
+        self.index = index
+        self._base = index * _SLOT_SIZE
+
+    def beat(self) -> None:
+        struct.pack_into("=d", self._mm, self._base + _OFF_HEARTBEAT, time.monotonic())
+
+    def set_sessions(self, value: int) -> None:
+        struct.pack_into("=I", self._mm, self._base + _OFF_SESSIONS, value)
+
+    def set_busy(self, value: int) -> None:
+        struct.pack_into("=I", self._mm, self._base + _OFF_BUSY, value)
+
+    def add(self, counter: str, amount: int = 1) -> None:
+        offset = self._base + _OFF_COUNTERS + 8 * COUNTERS.index(counter)
+        (current,) = struct.unpack_from("=Q", self._mm, offset)
+        struct.pack_into("=Q", self._mm, offset, current + amount)
+
+
+class Board:
+    """The master's view: allocates slots before fork, reads them, frees them on reap."""
+
+    def __init__(self, slots: int = SLOTS):
+        self._mm = mmap.mmap(-1, slots * _SLOT_SIZE)
+        self._free = list(range(slots - 1, -1, -1))
+
+    def alloc(self, kind: str, generation: int, number: int) -> int:
+        index = self._free.pop()
+        now = time.monotonic()
+        _HEAD.pack_into(self._mm, index * _SLOT_SIZE, 0, KINDS[kind], generation, number,
+                        now, now, 0, 0)
+        self._mm[index * _SLOT_SIZE + _OFF_COUNTERS:(index + 1) * _SLOT_SIZE] = \
+            bytes(8 * _NCOUNTERS)
+        return index
+
+    def slot(self, index: int) -> Slot:
+        return Slot(self, index)
+
+    def read(self, index: int) -> dict:
+        base = index * _SLOT_SIZE
+        pid, kind, generation, number, heartbeat, started, sessions, busy = \
+            _HEAD.unpack_from(self._mm, base)
+        counters = struct.unpack_from(f"={_NCOUNTERS}Q", self._mm, base + _OFF_COUNTERS)
+        return {"heartbeat": heartbeat, "sessions": sessions, "busy": busy,
+                "counters": dict(zip(COUNTERS, counters))}
+
+    def free(self, index: int) -> dict:
+        """Release a dead worker's slot; returns its final counters."""
+        counters = self.read(index)["counters"]
+        self._free.append(index)
+        return counters

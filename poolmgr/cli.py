@@ -1,0 +1,139 @@
+"""Command line: `poolmgr run|check|config|status|ctl`.
+
+Exit codes: 0 success, 1 a runtime failure (cannot bind, master unreachable, request
+refused), 2 an invalid configuration or usage.
+
+Exports: main.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from . import __version__, config, control, log
+
+EXIT_CONFIG = 2
+
+
+def _load(path: str | None) -> config.Config:
+    try:
+        return config.load(path)
+    except config.ConfigError as exc:
+        for line in exc.errors:
+            print(f"poolmgr: error: {line}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def _config_path(args) -> str | None:
+    return args.config or os.environ.get("POOLMGR_CONFIG") or None
+
+
+def cmd_run(args) -> int:
+    path = _config_path(args)
+    cfg = _load(path)
+    log.setup("poolmgr/master", cfg.master.log_file)
+    from .master import Master
+
+    try:
+        return Master(cfg, path).run()
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            log.get("master").critical(exc.code.removeprefix("fatal: "))
+            return 1
+        raise
+
+
+def cmd_check(args) -> int:
+    cfg = _load(_config_path(args))
+    print(f"poolmgr: {cfg.path}: configuration OK")
+    return 0
+
+
+def cmd_config(args) -> int:
+    sys.stdout.write(config.render_default())
+    return 0
+
+
+def _socket_path(args) -> str:
+    if args.socket:
+        return args.socket
+    return _load(_config_path(args)).master.control_socket
+
+
+def _ask(args, payload: dict) -> dict:
+    try:
+        return control.request(_socket_path(args), payload)
+    except control.ControlError as exc:
+        print(f"poolmgr: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def format_status(status: dict) -> str:
+    master = status["master"]
+    lines = [f"poolmgr {status['version']}  master pid {master['pid']}  {master['state']}  "
+             f"up {master['uptime']:.0f}s  generation {master['generation']}",
+             f"{'pool':<8} {'workers':>7} {'target':>6} {'floor':>5} {'ceiling':>7} "
+             f"{'sessions':>8} {'slots':>7} {'busy':>4} {'draining':>8} {'rss MiB':>8}"]
+    for kind, pool in status["pools"].items():
+        lines.append(f"{kind:<8} {pool['workers']:>7} {pool['target']:>6} {pool['floor']:>5} "
+                     f"{pool['ceiling']:>7} {pool['sessions']:>8} {pool['slots']:>7} "
+                     f"{pool['busy']:>4} {pool['draining']:>8} {pool['rss'] / 2**20:>8.1f}")
+    smtp = status["pools"]["smtp"]["counters"]
+    lines.append(f"messages: accepted {smtp.get('messages_accepted', 0)}, rejected "
+                 f"{smtp.get('messages_rejected', 0)}, deferred "
+                 f"{smtp.get('messages_tempfailed', 0)}; connections "
+                 f"{smtp.get('connections', 0)}")
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    answer = _ask(args, {"cmd": "status"})
+    if args.json:
+        print(json.dumps(answer["status"], indent=2, sort_keys=True))
+    else:
+        print(format_status(answer["status"]))
+    return 0
+
+
+def cmd_ctl(args) -> int:
+    answer = _ask(args, {"cmd": "ctl", "args": [args.pool, args.size]})
+    print(f"poolmgr: {answer.get('message', '')}",
+          file=sys.stdout if answer.get("ok") else sys.stderr)
+    return 0 if answer.get("ok") else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="poolmgr", description=(
+        "Prefork SMTP listener pool manager: an SMTP pool that sheds nuisance connections "
+        "and a content-scanner pool, supervised by one master."))
+    parser.add_argument("--version", action="version", version=f"poolmgr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("-c", "--config", metavar="FILE",
+                       help="configuration file (default: $POOLMGR_CONFIG, else the embedded "
+                            "defaults)")
+        return p
+
+    with_config(sub.add_parser("run", help="run the master in the foreground")).set_defaults(
+        func=cmd_run)
+    with_config(sub.add_parser("check", help="validate a configuration file")).set_defaults(
+        func=cmd_check)
+    sub.add_parser("config", help="print the documented default configuration").set_defaults(
+        func=cmd_config)
+    status = with_config(sub.add_parser("status", help="show pools and counters"))
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--socket", help="control socket path (overrides the config)")
+    status.set_defaults(func=cmd_status)
+    ctl = with_config(sub.add_parser("ctl", help="resize a pool: ctl smtp|scanner N|+N|-N"))
+    ctl.add_argument("pool", choices=("smtp", "scanner"))
+    ctl.add_argument("size", help="N, +N or -N")
+    ctl.add_argument("--socket", help="control socket path (overrides the config)")
+    ctl.set_defaults(func=cmd_ctl)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,372 @@
+"""TOML configuration -> a frozen, validated `Config`.
+
+Reads a file with `tomllib`, checks every key against `settings.SETTINGS` (unknown keys are
+errors), converts values (durations "300s", sizes "25M", addresses, CIDR lists, next hops) and
+runs cross-checks between keys. All errors are collected and raised together as
+`ConfigError`, each naming file, key and reason, so `poolmgr check` can print them all.
+
+Exports: load, ConfigError, Config, Section, NextHop, render_default, parse_duration,
+parse_size, parse_address, format_address.
+"""
+
+import ipaddress
+import os
+import re
+import resource
+import socket
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from .settings import SECTION_HELP, SETTINGS, Setting
+
+EMBEDDED = "(embedded defaults)"
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+RULE_KEYS = {"name", "header", "body", "pattern", "action"}
+RULE_ACTIONS = ("reject", "tag")
+
+
+class ConfigError(Exception):
+    """One or more configuration errors; `errors` holds one line per error."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class NextHop:
+    kind: str  # smtp, lmtp or maildir
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "maildir":
+            return f"maildir:{self.path}"
+        return f"{self.kind}:{format_address((self.host, self.port))}"
+
+
+class Section:
+    """Read-only attribute view of one config section."""
+
+    def __init__(self, values: dict[str, Any]):
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key, value):
+        raise AttributeError("configuration is read-only")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+class Config:
+    """The whole validated configuration: `cfg.smtp.max_workers`, `cfg.path`."""
+
+    def __init__(self, path: str, sections: dict[str, dict[str, Any]]):
+        self.path = path
+        self._sections = {name: Section(values) for name, values in sections.items()}
+
+    def __getattr__(self, name: str) -> Section:
+        try:
+            return self._sections[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def get(self, name: str) -> Any:
+        section, key = name.split(".", 1)
+        return getattr(self._sections[section], key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Config) and all(
+            self._sections[s].as_dict() == other._sections[s].as_dict() for s in self._sections
+        )
+
+
+def parse_duration(value: Any) -> float:
+    """'300s', '5m', '500ms', 2 -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like \"300s\"")
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", str(value))
+    if not match:
+        raise ValueError(f"expected a duration like \"300s\", \"5m\" or \"500ms\", got {value!r}")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def parse_size(value: Any) -> int:
+    """'25M', '10k', 10240000 -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like \"25M\"")
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)[bB]?\s*", str(value))
+    if not match:
+        raise ValueError(f"expected a size like \"25M\", \"10k\" or 10240000, got {value!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def parse_address(value: Any) -> tuple[str, int]:
+    """'127.0.0.1:2525', '[::1]:25', ':25' -> (host, port)."""
+    text = str(value).strip()
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", text)
+    if not match:
+        raise ValueError(f"expected host:port or [ipv6]:port, got {value!r}")
+    host = match.group(1) if match.group(1) is not None else match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be 1..65535, got {port}")
+    return (host or "0.0.0.0", port)
+
+
+def format_address(addr: tuple[str, int]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _parse_cidrs(value: Any) -> tuple:
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    if not isinstance(value, list):
+        raise ValueError("expected a list of networks like [\"127.0.0.0/8\", \"::1/128\"]")
+    nets = []
+    for item in value:
+        text = str(item).strip()
+        bracketed = re.fullmatch(r"\[([^\]]+)\](/\d+)?", text)  # Postfix style [::1]/128
+        if bracketed:
+            text = bracketed.group(1) + (bracketed.group(2) or "")
+        try:
+            nets.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ValueError(f"not a network: {item!r}") from None
+    return tuple(nets)
+
+
+def _parse_nexthop(value: Any) -> NextHop:
+    text = str(value).strip()
+    kind, _, rest = text.partition(":")
+    if kind == "maildir" and rest:
+        return NextHop("maildir", path=os.path.abspath(rest))
+    if kind in ("smtp", "lmtp"):
+        host, port = parse_address(rest)
+        return NextHop(kind, host, port)
+    raise ValueError(f"expected smtp:host:port, lmtp:host:port or maildir:PATH, got {value!r}")
+
+
+def _parse_filter(value: Any) -> NextHop | None:
+    text = str(value).strip()
+    if not text:
+        return None
+    if not text.startswith(("smtp:", "lmtp:")):
+        text = "smtp:" + text
+    return _parse_nexthop(text)
+
+
+def _parse_rules(value: Any) -> tuple:
+    if not isinstance(value, list):
+        raise ValueError("expected an array of tables ([[scanner.rules]])")
+    rules = []
+    for index, rule in enumerate(value):
+        where = f"rule {index + 1}"
+        if not isinstance(rule, dict):
+            raise ValueError(f"{where}: expected a table")
+        unknown = set(rule) - RULE_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        if "pattern" not in rule:
+            raise ValueError(f"{where}: 'pattern' is required")
+        if bool(rule.get("header")) == bool(rule.get("body")):
+            raise ValueError(f"{where}: give exactly one of 'header' or 'body = true'")
+        action = rule.get("action", "reject")
+        if action not in RULE_ACTIONS:
+            raise ValueError(f"{where}: action must be one of {', '.join(RULE_ACTIONS)}")
+        try:
+            pattern = re.compile(str(rule["pattern"]))
+        except re.error as exc:
+            raise ValueError(f"{where}: bad pattern: {exc}") from None
+        rules.append({"name": str(rule.get("name", f"rule{index + 1}")),
+                      "header": str(rule.get("header", "")).lower(), "body": bool(rule.get("body")),
+                      "pattern": pattern, "action": action})
+    return tuple(rules)
+
+
+def _convert(setting: Setting, value: Any) -> Any:
+    kind = setting.kind
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+        result = value
+    elif kind == "path":
+        if not isinstance(value, str):
+            raise ValueError(f"expected a path string, got {value!r}")
+        result = os.path.abspath(value) if value else ""
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        result = value
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        result = value
+    elif kind == "duration":
+        result = parse_duration(value)
+    elif kind == "size":
+        result = parse_size(value)
+    elif kind == "address":
+        result = parse_address(value)
+    elif kind == "cidrs":
+        result = _parse_cidrs(value)
+    elif kind == "strlist":
+        if isinstance(value, str):
+            value = value.replace(",", " ").split()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("expected a list of strings")
+        result = tuple(value)
+    elif kind == "nexthop":
+        result = _parse_nexthop(value)
+    elif kind == "filter":
+        result = _parse_filter(value)
+    elif kind == "rules":
+        result = _parse_rules(value)
+    else:  # pragma: no cover - a programming error in SETTINGS
+        raise AssertionError(kind)
+    if setting.min is not None and isinstance(result, (int, float)) and result < setting.min:
+        raise ValueError(f"must be at least {setting.min:g}, got {value!r}")
+    if setting.max is not None and isinstance(result, (int, float)) and result > setting.max:
+        raise ValueError(f"must be at most {setting.max:g}, got {value!r}")
+    return result
+
+
+def _cross_check(sections: dict[str, dict[str, Any]], err) -> None:
+    smtp, scanner = sections["smtp"], sections["scanner"]
+    for pool in (smtp, scanner):
+        name = "smtp" if pool is smtp else "scanner"
+        if pool["min_workers"] > pool["max_workers"]:
+            err(f"{name}.min_workers", f"{pool['min_workers']} is above "
+                f"{name}.max_workers ({pool['max_workers']})")
+    if scanner["min_workers"] > smtp["min_workers"]:
+        err("scanner.min_workers", f"{scanner['min_workers']} scanner workers would outnumber "
+            f"smtp.min_workers ({smtp['min_workers']}): never fewer SMTP than scanner workers")
+    if scanner["max_workers"] > smtp["max_workers"]:
+        err("scanner.max_workers", f"{scanner['max_workers']} is above smtp.max_workers "
+            f"({smtp['max_workers']}): never fewer SMTP than scanner workers")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if smtp["max_sessions_per_worker"] > limit - 100:
+        err("smtp.max_sessions_per_worker", f"{smtp['max_sessions_per_worker']} sessions need "
+            f"more open files than this host allows (RLIMIT_NOFILE hard limit {limit}); "
+            f"use at most {limit - 100}")
+    if bool(smtp["tls_cert"]) != bool(smtp["tls_key"]):
+        err("smtp.tls_cert", "tls_cert and tls_key must be set together")
+    for key in ("tls_cert", "tls_key"):
+        if smtp[key] and not os.access(smtp[key], os.R_OK):
+            err(f"smtp.{key}", f"cannot read {smtp[key]}")
+    if smtp["proxy_filter"] is None and scanner["timeout"] >= smtp["proxy_timeout"]:
+        err("scanner.timeout", f"{scanner['timeout']:g}s must be below smtp.proxy_timeout "
+            f"({smtp['proxy_timeout']:g}s), or the SMTP worker gives up before the scanner answers")
+    if smtp["listen"] == scanner["listen"]:
+        err("scanner.listen", "must differ from smtp.listen")
+
+
+def _expand(sections: dict[str, dict[str, Any]]) -> None:
+    smtp = sections["smtp"]
+    if not smtp["hostname"]:
+        smtp["hostname"] = socket.gethostname() or "localhost"
+    smtp["mydestination"] = tuple(
+        d.replace("$myhostname", smtp["hostname"]).lower().rstrip(".")
+        for d in smtp["mydestination"])
+    if not sections["scanner"]["hostname"]:
+        sections["scanner"]["hostname"] = smtp["hostname"]
+
+
+def from_dict(data: dict[str, Any], path: str = EMBEDDED) -> Config:
+    errors: list[str] = []
+
+    def err(name: str, reason: str) -> None:
+        section, key = name.split(".", 1)
+        errors.append(f"{path}: [{section}] {key}: {reason}")
+
+    known = {}
+    for setting in SETTINGS:
+        known.setdefault(setting.section, {})[setting.key] = setting
+    sections: dict[str, dict[str, Any]] = {}
+    for name, table in data.items():
+        if name not in known:
+            errors.append(f"{path}: [{name}]: unknown section "
+                          f"(known: {', '.join(known)})")
+        elif not isinstance(table, dict):
+            errors.append(f"{path}: {name}: expected a [{name}] table")
+        else:
+            for key in table:
+                if key not in known[name]:
+                    err(f"{name}.{key}", "unknown key")
+    for setting in SETTINGS:
+        table = data.get(setting.section)
+        table = table if isinstance(table, dict) else {}
+        raw = table.get(setting.key, setting.default)
+        try:
+            value = _convert(setting, raw)
+        except ValueError as exc:
+            err(setting.name, str(exc))
+            value = None
+        sections.setdefault(setting.section, {})[setting.key] = value
+    if not errors:
+        _cross_check(sections, err)
+    if errors:
+        raise ConfigError(errors)
+    _expand(sections)
+    return Config(path, sections)
+
+
+def load(path: str | None) -> Config:
+    """Load and validate `path`; None gives the embedded defaults."""
+    if path is None:
+        return from_dict({})
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    return from_dict(data, path)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def render_default() -> str:
+    """The documented default configuration, as shipped in conf/poolmgr.toml."""
+    lines = ["# poolmgr configuration: every key with its default value.",
+             "# Generated from poolmgr/settings.py by 'poolmgr config'; 'poolmgr check -c FILE'",
+             "# validates a file. Durations: \"300s\", \"5m\", \"500ms\". Sizes: \"25M\", \"10k\".", ""]
+    current = None
+    for setting in SETTINGS:
+        if setting.section != current:
+            current = setting.section
+            lines += [f"[{current}]"] + [f"# {h}" for h in SECTION_HELP[current].splitlines()] + [""]
+        lines += [f"# {h}".rstrip() for h in setting.help.splitlines()]
+        if setting.kind == "rules":
+            lines += [f"# {setting.key} = []", ""]
+        elif setting.key.endswith("_mode"):
+            lines += [f"{setting.key} = 0o{setting.default:o}", ""]
+        else:
+            lines += [f"{setting.key} = {_toml_value(setting.default)}", ""]
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""The embedded maildir next hop: safe local delivery for the default configuration.
+
+A message is written to `tmp/`, fsynced, renamed into `new/` and the directory fsynced, the
+Maildir protocol (https://cr.yp.to/proto/maildir.html): once `deliver` returns, the message
+survives a crash, which is what lets the scanner answer 250.
+
+Exports: prepare, deliver.
+"""
+
+import itertools
+import os
+import socket
+import time
+
+_counter = itertools.count(1)
+
+
+def prepare(path: str) -> None:
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(path, sub), exist_ok=True)
+
+
+def deliver(path: str, data: bytes) -> str:
+    """Write one message; returns its file name in new/. Raises OSError on failure."""
+    now = time.time()
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+    name = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}.{host}"
+    tmp = os.path.join(path, "tmp", name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, os.path.join(path, "new", name))
+    dirfd = os.open(os.path.join(path, "new"), os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+    return name

@@ -1,0 +1,390 @@
+"""The master (arbiter): listening sockets, the event loop, spawning, reaping, heartbeats.
+
+The master binds the SMTP and scanner sockets once and forks the two pools, which inherit
+them. Signal handlers only append to a queue (a burst of TTIN is handled as that many); the
+control socket is read by the same loop; only `Master.loop` changes state. The master never
+imports gevent and never touches a mail byte.
+
+Signals: TERM graceful stop, INT/QUIT fast stop, HUP reload, TTIN/TTOU SMTP pool +1/-1,
+USR1 reopen logs.
+
+Exports: Master.
+"""
+
+import collections
+import os
+import resource
+import selectors
+import signal
+import socket
+import time
+
+import psutil
+
+from . import config, log
+from .board import Board
+from .config import Config, ConfigError, format_address
+from .control import ControlServer
+from .pools import DRAINING, RUNNING, Pool, Worker, resize
+from .process import MASTER_SIGNALS, WorkerContext, child_after_fork, set_title
+from .scanner import worker as scanner_worker
+from .smtp import worker as smtp_worker
+
+LOOP_INTERVAL = 0.5
+KILL_MARGIN = 15.0  # seconds past graceful_timeout before a draining worker is killed
+FAST_STOP_WAIT = 3.0
+SIGNAMES = {s: s.name for s in signal.Signals}
+
+
+def bind(address: tuple[str, int], backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"fatal: bind {format_address(address)}: {exc.strerror}") from None
+    sock.listen(backlog)
+    return sock
+
+
+class Master:
+    def __init__(self, cfg: Config, config_path: str | None):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.log = log.get("master")
+        self.signals: collections.deque[int] = collections.deque()
+        self.generation = 1
+        self.stopping = ""  # "", "graceful" or "fast"
+        self.stop_started = 0.0
+        self.scanners_stopped = False
+        self.started = time.time()
+        self.board = Board()
+        self.pools = {
+            "smtp": Pool("smtp", cfg.smtp.min_workers, cfg.smtp.max_workers, smtp_worker.main),
+            "scanner": Pool("scanner", cfg.scanner.min_workers, cfg.scanner.max_workers,
+                            scanner_worker.main),
+        }
+
+    # -- setup and teardown
+    def setup(self) -> None:
+        cfg = self.cfg
+        self._check_pidfile()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        self.log.info("open files limit: %d (hard limit %d)",
+                      resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)
+        self.sockets = {"smtp": bind(cfg.smtp.listen, cfg.smtp.backlog),
+                        "scanner": bind(cfg.scanner.listen, cfg.scanner.backlog)}
+        self.control = ControlServer(cfg.master.control_socket, cfg.master.control_socket_mode)
+        os.makedirs(os.path.dirname(cfg.master.pidfile), exist_ok=True)
+        with open(cfg.master.pidfile, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+        self.wakeup_r, self.wakeup_w = os.pipe()
+        os.set_blocking(self.wakeup_r, False)
+        os.set_blocking(self.wakeup_w, False)
+        signal.set_wakeup_fd(self.wakeup_w)
+        for sig in MASTER_SIGNALS:
+            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ, "wakeup")
+        self.selector.register(self.control, selectors.EVENT_READ, "control")
+        self.log.info("daemon started -- version %s, configuration %s, smtp %s, scanner %s",
+                      __import__("poolmgr").__version__, cfg.path,
+                      format_address(cfg.smtp.listen), format_address(cfg.scanner.listen))
+
+    def _check_pidfile(self) -> None:
+        try:
+            with open(self.cfg.master.pidfile) as handle:
+                pid = int(handle.read().strip() or 0)
+        except (OSError, ValueError):
+            return
+        if pid and pid != os.getpid() and psutil.pid_exists(pid):
+            try:
+                alive = "poolmgr" in " ".join(psutil.Process(pid).cmdline())
+            except psutil.Error:
+                alive = False
+            if alive:
+                raise SystemExit(f"fatal: poolmgr is already running (pid {pid}, "
+                                 f"pidfile {self.cfg.master.pidfile})")
+
+    def teardown(self) -> None:
+        self.control.close()
+        for sock in self.sockets.values():
+            sock.close()
+        try:
+            os.unlink(self.cfg.master.pidfile)
+        except OSError:
+            pass
+        self.log.info("daemon stopped")
+
+    # -- the loop
+    def run(self) -> int:
+        self.setup()
+        try:
+            while True:
+                for key, _ in self.selector.select(LOOP_INTERVAL):
+                    if key.data == "wakeup":
+                        try:
+                            os.read(self.wakeup_r, 4096)
+                        except BlockingIOError:
+                            pass
+                    else:
+                        self.control.serve(self.handle_request)
+                while self.signals:
+                    self.handle_signal(self.signals.popleft())
+                self.reap()
+                self.murder()
+                if self.stopping:
+                    if self.advance_stop():
+                        break
+                else:
+                    self.manage()
+                self.update_title()
+        finally:
+            self.teardown()
+        return 0
+
+    def handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            return  # reaped right after
+        self.log.info("received SIG%s", SIGNAMES.get(signum, signum).removeprefix("SIG"))
+        if signum == signal.SIGTERM:
+            self.begin_stop("graceful")
+        elif signum in (signal.SIGINT, signal.SIGQUIT):
+            self.begin_stop("fast")
+        elif signum == signal.SIGHUP:
+            self.reload()
+        elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+            self.apply_resize("smtp", "+1" if signum == signal.SIGTTIN else "-1", "signal")
+        elif signum == signal.SIGUSR1:
+            log.reopen()
+            self.signal_all(signal.SIGUSR1)
+
+    def apply_resize(self, kind: str, spec: str, source: str) -> tuple[bool, str]:
+        done, message = resize(self.pools, kind, spec)
+        if self.stopping:
+            done, message = False, "refused: poolmgr is stopping"
+        if done:
+            self.log.info("resize (%s): %s", source, message)
+        else:
+            self.log.warning("resize (%s): %s", source, message)
+        return done, message
+
+    # -- workers
+    def spawn(self, pool: Pool) -> None:
+        number = pool.free_number()
+        index = self.board.alloc(pool.kind, self.generation, number)
+        sock = self.sockets[pool.kind]
+        pid = os.fork()
+        if pid == 0:  # the child never returns from here
+            code = 1
+            try:
+                others = [s.fileno() for k, s in self.sockets.items() if k != pool.kind]
+                child_after_fork([self.wakeup_r, self.wakeup_w, self.control.fileno()] + others)
+                context = WorkerContext(self.cfg, pool.kind, number, self.generation,
+                                        self.board.slot(index), sock)
+                code = pool.main(context) or 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                self.log.exception("%s worker %d failed", pool.kind, number)
+            finally:
+                os._exit(code)
+        pool.workers[pid] = Worker(pid, pool.kind, number, self.generation, index)
+
+    def retire(self, worker: Worker, sig: int = signal.SIGTERM) -> None:
+        if worker.state == RUNNING:
+            worker.state, worker.term_at = DRAINING, time.monotonic()
+        self.kill(worker, sig)
+
+    def kill(self, worker: Worker, sig: int) -> None:
+        try:
+            os.kill(worker.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def signal_all(self, sig: int) -> None:
+        for pool in self.pools.values():
+            for worker in list(pool.workers.values()):
+                self.kill(worker, sig)
+
+    def reap(self) -> None:
+        now = time.monotonic()
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for pool in self.pools.values():
+                worker = pool.workers.pop(pid, None)
+                if worker is not None:
+                    break
+            else:
+                continue
+            pool.totals.update(self.board.free(worker.slot))
+            code = os.waitstatus_to_exitcode(status)
+            how = f"exit status {code}" if code >= 0 else f"killed by signal {-code}"
+            if code != 0:
+                self.log.warning("%s worker %d pid %d %s", pool.kind, worker.number, pid, how)
+            delay = 0.0 if self.stopping else pool.note_exit(worker, code, now)
+            if delay:
+                self.log.warning("%s pool: worker died at start-up -- throttling for %gs",
+                                 pool.kind, delay)
+
+    def murder(self) -> None:
+        """Kill hung workers (stale heartbeat) and draining workers past their grace."""
+        now = time.monotonic()
+        cfg = self.cfg
+        for pool in self.pools.values():
+            for worker in list(pool.workers.values()):
+                if worker.killed_at is not None:
+                    continue
+                info = self.board.read(worker.slot)
+                limit = cfg.master.worker_timeout + (cfg.scanner.timeout if info["busy"] else 0)
+                age = now - info["heartbeat"]
+                overdue = (worker.state == DRAINING and
+                           now - worker.term_at > cfg.master.graceful_timeout + KILL_MARGIN)
+                if age > limit or overdue:
+                    reason = f"no heartbeat for {age:.0f}s" if age > limit else "still draining"
+                    self.log.warning("%s worker %d pid %d: %s -- killing", pool.kind,
+                                     worker.number, worker.pid, reason)
+                    worker.killed_at = now
+                    self.kill(worker, signal.SIGKILL)
+
+    def manage(self) -> None:
+        now = time.monotonic()
+        for pool in self.pools.values():
+            running = pool.running()
+            for worker in running[:max(0, len(running) - pool.target)]:
+                self.log.info("%s pool: retiring worker %d pid %d (target %d)", pool.kind,
+                              worker.number, worker.pid, pool.target)
+                self.retire(worker)
+            missing = pool.target - len(running)
+            while missing > 0 and now >= pool.backoff_until:
+                self.spawn(pool)
+                missing -= 1
+
+    # -- reload and stop
+    def reload(self) -> None:
+        try:
+            new = config.load(self.config_path)
+        except ConfigError as exc:
+            for line in exc.errors:
+                self.log.error("reload: %s", line)
+            self.log.error("reload failed: keeping the running configuration")
+            return
+        old = self.cfg
+        for key in ("smtp.listen", "scanner.listen", "master.control_socket", "master.pidfile"):
+            if new.get(key) != old.get(key):
+                self.log.error("reload refused: %s changed; restart poolmgr to apply it", key)
+                return
+        for kind in ("smtp", "scanner"):
+            pool, was, now = self.pools[kind], getattr(old, kind), getattr(new, kind)
+            floor = now.min_workers if now.min_workers != was.min_workers else pool.floor
+            pool.set_limits(floor, now.max_workers)
+        smtp, scanner = self.pools["smtp"], self.pools["scanner"]
+        if scanner.target > smtp.target:
+            smtp.target = smtp.floor = min(scanner.target, smtp.ceiling)
+            scanner.target = scanner.floor = min(scanner.target, smtp.target)
+        log.setup("poolmgr/master", new.master.log_file)
+        self.cfg = new
+        self.generation += 1
+        self.log.info("reload: configuration %s, generation %d: replacing workers", new.path,
+                      self.generation)
+        for pool in self.pools.values():
+            old_workers = pool.running()
+            pool.backoff_until = 0.0
+            for _ in range(pool.target):
+                self.spawn(pool)
+            for worker in old_workers:
+                self.retire(worker)
+
+    def begin_stop(self, how: str) -> None:
+        if self.stopping == "fast" or self.stopping == how:
+            return
+        self.stopping, self.stop_started = how, time.monotonic()
+        for sock in self.sockets.values():
+            sock.close()  # workers hold their own copies until they drain
+        if how == "fast":
+            self.signal_all(signal.SIGQUIT)
+            return
+        self.log.info("graceful stop: draining SMTP workers (up to %gs)",
+                      self.cfg.master.graceful_timeout)
+        for worker in self.pools["smtp"].workers.values():
+            self.retire(worker)
+
+    def advance_stop(self) -> bool:
+        """One step of stopping; True when every worker is gone."""
+        elapsed = time.monotonic() - self.stop_started
+        if self.stopping == "fast":
+            if elapsed > FAST_STOP_WAIT:
+                self.signal_all(signal.SIGKILL)
+        elif not self.scanners_stopped and (not self.pools["smtp"].workers or
+                                            elapsed > self.cfg.master.graceful_timeout):
+            # Scanner workers keep serving until the SMTP workers' last hand-offs are done.
+            self.scanners_stopped = True
+            for worker in self.pools["scanner"].workers.values():
+                self.retire(worker)
+        return not any(pool.workers for pool in self.pools.values())
+
+    # -- status
+    def handle_request(self, request: dict) -> dict:
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        if cmd == "ctl":
+            args = request.get("args") or []
+            if len(args) == 2 and args[0] in self.pools:
+                done, message = self.apply_resize(str(args[0]), str(args[1]), "ctl")
+                return {"ok": done, "message": message}
+            return {"ok": False, "message": "usage: ctl smtp|scanner N|+N|-N"}
+        return {"ok": False, "message": f"unknown command {cmd!r}"}
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        pools = {}
+        for kind, pool in self.pools.items():
+            counters = collections.Counter(pool.totals)
+            listing, sessions, busy, rss = [], 0, 0, 0
+            for worker in sorted(pool.workers.values(), key=lambda w: (w.state, w.number)):
+                info = self.board.read(worker.slot)
+                counters.update(info["counters"])
+                try:
+                    worker_rss = psutil.Process(worker.pid).memory_info().rss
+                except psutil.Error:
+                    worker_rss = 0
+                sessions += info["sessions"]
+                busy += info["busy"]
+                rss += worker_rss
+                listing.append({"pid": worker.pid, "number": worker.number,
+                                "generation": worker.generation, "state": worker.state,
+                                "age": round(now - worker.started, 1),
+                                "sessions": info["sessions"], "busy": info["busy"],
+                                "heartbeat_age": round(now - info["heartbeat"], 1),
+                                "rss": worker_rss})
+            running = len(pool.running())
+            per_worker = self.cfg.smtp.max_sessions_per_worker if kind == "smtp" else 1
+            pools[kind] = {
+                "workers": running, "draining": len(pool.workers) - running,
+                "target": pool.target, "floor": pool.floor, "ceiling": pool.ceiling,
+                "sessions": sessions, "slots": running * per_worker, "busy": busy,
+                "rss": rss, "throttled": pool.backoff_until > now,
+                "counters": dict(counters), "worker_list": listing,
+            }
+        return {"version": __import__("poolmgr").__version__,
+                "master": {"pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
+                           "config": self.cfg.path, "generation": self.generation,
+                           "state": f"stopping ({self.stopping})" if self.stopping else "running",
+                           "rss": psutil.Process().memory_info().rss},
+                "pools": pools}
+
+    def update_title(self) -> None:
+        smtp, scanner = self.pools["smtp"], self.pools["scanner"]
+        set_title(f"poolmgr: master [smtp {len(smtp.running())}/{smtp.ceiling}, scanner "
+                  f"{len(scanner.running())}/{scanner.ceiling}]"
+                  + (f" -c {self.config_path}" if self.config_path else ""))

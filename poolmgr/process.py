@@ -1,0 +1,61 @@
+"""What a worker process gets from the master, and the worker side of process housekeeping.
+
+`WorkerContext` is built by the master before fork and handed to the worker's `main`. The
+helpers here run in the child right after fork: restore default signal dispositions (the
+master's handlers only enqueue into the master's queue) and set the process title that `ps`
+shows (`poolmgr: smtp worker 3 [412 sessions]`).
+
+Exports: WorkerContext, Limits, child_after_fork, set_title.
+"""
+
+import os
+import signal
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import setproctitle
+
+from .board import Slot
+from .config import Config
+
+MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
+                  signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD)
+
+
+@dataclass
+class WorkerContext:
+    cfg: Config
+    kind: str          # smtp or scanner
+    number: int        # 1..N within the pool, shown in ps
+    generation: int    # bumped by each reload
+    slot: Slot
+    sock: object       # the inherited listening socket
+
+
+class Limits(NamedTuple):
+    line_length_limit: int
+    message_size_limit: int
+    max_recipients: int
+    timeout: float
+
+
+def limits_for(cfg: Config, size_slack: int = 0) -> Limits:
+    return Limits(cfg.smtp.line_length_limit, cfg.smtp.message_size_limit + size_slack,
+                  cfg.smtp.max_recipients, cfg.smtp.timeout)
+
+
+def child_after_fork(close_fds: list[int]) -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in MASTER_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    # Ctrl-C in a terminal reaches the whole process group; the master decides what stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def set_title(title: str) -> None:
+    setproctitle.setproctitle(title)

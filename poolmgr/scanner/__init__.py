@@ -1,0 +1,1 @@
+"""The scanner pool: amavisd-style content-scanner workers."""

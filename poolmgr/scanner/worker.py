@@ -1,0 +1,87 @@
+"""A scanner worker process: one connection, one message at a time (amavisd-style prefork).
+
+Plain blocking sockets, no gevent. All scanner workers wait on the inherited listening socket;
+whoever wins `accept` serves that connection to its end. The heartbeat is kept from the accept
+loop and, while a session waits for its client, from the connection's `tick`. After
+`scanner.max_requests` messages the worker finishes its connection and exits, and the master
+starts a fresh one. SIGTERM: finish the message in hand, say 421 to an idle client, exit.
+SIGQUIT: exit at once.
+
+Exports: main.
+"""
+
+import os
+import select
+import signal
+
+from .. import delivery, log
+from ..process import WorkerContext, limits_for, set_title
+from ..smtp.protocol import Drain
+from .session import ScannerSession
+
+# Room for the Received: header the SMTP worker adds to a message at the size limit.
+SIZE_SLACK = 64 * 1024
+
+
+class ScannerService:
+    def __init__(self, ctx: WorkerContext):
+        self.cfg = ctx.cfg
+        self.slot = ctx.slot
+        self.hostname = ctx.cfg.scanner.hostname
+        self.limits = limits_for(ctx.cfg, SIZE_SLACK)
+        self.tls_context = None
+        self.log = log.get("scanner")
+        self.draining = False
+        self.messages = 0
+        self.current: ScannerSession | None = None
+
+    def tick(self) -> None:
+        """Called about once a second while a session waits for its client."""
+        self.slot.beat()
+        if self.draining and self.current is not None and self.current.idle:
+            raise Drain()
+
+
+def main(ctx: WorkerContext) -> int:
+    log.set_name("poolmgr/scanner")
+    service = ScannerService(ctx)
+    hop = ctx.cfg.scanner.next_hop
+    if hop.kind == "maildir":
+        delivery.prepare(hop.path)
+
+    def stop(signum, frame):
+        service.draining = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGQUIT, lambda s, f: os._exit(0))
+    signal.signal(signal.SIGUSR1, lambda s, f: log.reopen())
+    listener = ctx.sock
+    listener.setblocking(False)
+    max_requests = ctx.cfg.scanner.max_requests
+    title = None
+    while not service.draining and service.messages < max_requests:
+        ctx.slot.beat()
+        new_title = f"poolmgr: scanner worker {ctx.number} [{service.messages} messages]"
+        if new_title != title:
+            set_title(new_title)
+            title = new_title
+        try:
+            ready, _, _ = select.select([listener], [], [], 1.0)
+        except InterruptedError:
+            continue
+        if not ready:
+            continue
+        try:
+            sock, peer = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            continue  # another worker took it
+        sock.setblocking(True)
+        service.current = ScannerSession(service, sock, peer)
+        set_title(f"poolmgr: scanner worker {ctx.number} [busy]")
+        title = None
+        service.current.run()
+        service.current = None
+    if service.messages >= max_requests:
+        service.log.info("scanner worker %d: recycling after %d messages (scanner.max_requests)",
+                         ctx.number, service.messages)
+    return 0

@@ -1,0 +1,154 @@
+"""Every configuration setting, declared once.
+
+Each `Setting` carries its section, key, type, default, bounds and help text. The loader
+(`config.load`), `poolmgr check` and the documented default config (`conf/poolmgr.toml`,
+printed by `poolmgr config`) all follow from this table. Names follow Postfix where Postfix
+has the concept, and amavisd where it has (`max_requests`, ports 10024/10025).
+
+Exports: Setting, SETTINGS, SECTION_HELP.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    kind: str  # str int bool duration size address cidrs strlist nexthop filter path rules
+    default: Any
+    help: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+SECTION_HELP = {
+    "master": "The master process: supervision, control socket, logging.",
+    "smtp": "The SMTP pool: gevent workers that answer the public port.",
+    "timeouts": (
+        "Client-side timeouts used when poolmgr talks SMTP/LMTP to the scanner pool and to the\n"
+        "next hop. Defaults are the minimums of RFC 5321 section 4.5.3.2."
+    ),
+    "scanner": "The scanner pool: amavisd-style content-scanner workers, one message at a time.",
+}
+
+S = Setting
+SETTINGS: tuple[Setting, ...] = (
+    # [master]
+    S("master", "control_socket", "path", "./var/poolmgr.sock",
+      "Unix socket for 'poolmgr status' and 'poolmgr ctl'. Relative paths are taken from the\n"
+      "directory poolmgr was started in."),
+    S("master", "control_socket_mode", "int", 0o600,
+      "Permission bits of the control socket (0o600: only the owner may resize pools).",
+      min=0, max=0o777),
+    S("master", "pidfile", "path", "./var/poolmgr.pid", "Where the master writes its process id."),
+    S("master", "log_file", "path", "",
+      "Log file; empty logs to stderr. SIGUSR1 reopens it (for logrotate)."),
+    S("master", "graceful_timeout", "duration", "30s",
+      "On SIGTERM or a reload, how long workers may finish their sessions before they are killed.",
+      min=0, max=3600),
+    S("master", "worker_timeout", "duration", "30s",
+      "A worker whose heartbeat is older than this is hung: it is killed and replaced.\n"
+      "A busy scanner worker gets scanner.timeout on top.", min=2, max=3600),
+    # [smtp]
+    S("smtp", "listen", "address", "127.0.0.1:2525",
+      "Address of the public SMTP port (host:port, [v6]:port). Use 0.0.0.0:25 in production."),
+    S("smtp", "backlog", "int", 1024,
+      "Listen queue length of the SMTP socket (the kernel caps it at net.core.somaxconn).",
+      min=1, max=65535),
+    S("smtp", "hostname", "str", "",
+      "Name in the banner and Received: headers (Postfix: myhostname). Empty: the system's\n"
+      "host name."),
+    S("smtp", "min_workers", "int", 2,
+      "SMTP workers at start, and the pool's floor.", min=1, max=128),
+    S("smtp", "max_workers", "int", 8,
+      "Ceiling of the SMTP pool.", min=1, max=128),
+    S("smtp", "max_sessions_per_worker", "int", 2000,
+      "Concurrent SMTP sessions one worker holds; further connections wait in the listen queue\n"
+      "for another worker. Must stay below the open-files limit (RLIMIT_NOFILE).",
+      min=1, max=1_000_000),
+    S("smtp", "mydestination", "strlist", ["$myhostname", "localhost"],
+      "Domains this server is the final destination for (Postfix: mydestination). Recipients in\n"
+      "other domains are relayed only for clients in mynetworks. $myhostname is expanded."),
+    S("smtp", "mynetworks", "cidrs", ["127.0.0.1/32", "::1/128"],
+      "Networks of trusted clients that may relay (Postfix: mynetworks). The default trusts\n"
+      "only this host, like Postfix's mynetworks_style = host."),
+    S("smtp", "message_size_limit", "size", "25M",
+      "Largest message accepted, in bytes (or 10k, 25M). Larger ones get 552 5.3.4\n"
+      "(Postfix: message_size_limit).", min=1024),
+    S("smtp", "max_recipients", "int", 1000,
+      "Recipients per message; more get 452 4.5.3 (Postfix: smtpd_recipient_limit; RFC 5321\n"
+      "section 4.5.3.1.8 requires at least 100).", min=100, max=100_000),
+    S("smtp", "line_length_limit", "int", 2048,
+      "Longest command line accepted, in bytes (Postfix: line_length_limit; RFC 5321 section\n"
+      "4.5.3.1.4 asks for at least 512). Longer commands get 500 5.5.2.", min=512, max=65536),
+    S("smtp", "timeout", "duration", "300s",
+      "How long to wait for the client's next command or data line (Postfix: smtpd_timeout;\n"
+      "RFC 5321 section 4.5.3.2.7: at least 5 minutes).", min=1, max=3600),
+    S("smtp", "tls_cert", "path", "",
+      "PEM certificate chain for STARTTLS. STARTTLS is offered only when this and tls_key are set."),
+    S("smtp", "tls_key", "path", "", "PEM private key for STARTTLS."),
+    S("smtp", "proxy_filter", "filter", "",
+      "Where messages go at end of DATA (Postfix: smtpd_proxy_filter): [smtp:|lmtp:]host:port.\n"
+      "Empty: the scanner pool (scanner.listen) over SMTP."),
+    S("smtp", "proxy_timeout", "duration", "300s",
+      "Longest hand-off of one message to the proxy filter, connect to final reply\n"
+      "(Postfix: smtpd_proxy_timeout). On expiry the client gets 451 4.3.0.", min=1, max=3600),
+    # [timeouts]
+    S("timeouts", "connect", "duration", "30s",
+      "Connecting to the scanner pool or the next hop (Postfix: smtp_connect_timeout).",
+      min=0.1, max=600),
+    S("timeouts", "greeting", "duration", "300s", "Waiting for the 220 banner (4.5.3.2.1).",
+      min=0.1, max=3600),
+    S("timeouts", "mail", "duration", "300s", "Reply to EHLO/LHLO, XFORWARD and MAIL (4.5.3.2.2).",
+      min=0.1, max=3600),
+    S("timeouts", "rcpt", "duration", "300s", "Reply to each RCPT (4.5.3.2.3).", min=0.1, max=3600),
+    S("timeouts", "data_init", "duration", "120s", "Reply 354 to DATA (4.5.3.2.4).",
+      min=0.1, max=3600),
+    S("timeouts", "data_block", "duration", "180s", "Sending each block of message data (4.5.3.2.5).",
+      min=0.1, max=3600),
+    S("timeouts", "data_done", "duration", "600s",
+      "Reply to the final dot (4.5.3.2.6). Bounded in practice by smtp.proxy_timeout and\n"
+      "scanner.timeout.", min=0.1, max=3600),
+    # [scanner]
+    S("scanner", "listen", "address", "127.0.0.1:10024",
+      "Address of the scanner pool (amavisd's port 10024). Speaks SMTP and LMTP, so Postfix can\n"
+      "use it directly as content_filter."),
+    S("scanner", "backlog", "int", 128, "Listen queue length of the scanner socket.",
+      min=1, max=65535),
+    S("scanner", "min_workers", "int", 2,
+      "Scanner workers at start, and the pool's floor. Never more than smtp.min_workers.",
+      min=1, max=128),
+    S("scanner", "max_workers", "int", 4,
+      "Ceiling of the scanner pool. Never more than smtp.max_workers.", min=1, max=128),
+    S("scanner", "max_requests", "int", 1000,
+      "A scanner worker is recycled after this many messages (amavisd: max_requests).",
+      min=1, max=10_000_000),
+    S("scanner", "timeout", "duration", "240s",
+      "Longest time one message may take in a scanner worker, checks and re-injection included\n"
+      "(amavisd: child_timeout). On expiry the message gets 451 4.3.0. Keep it below\n"
+      "smtp.proxy_timeout.", min=1, max=3600),
+    S("scanner", "next_hop", "nexthop", "maildir:./var/maildir",
+      "Where scanned mail is re-injected: smtp:host:port (Postfix's 10025 listener),\n"
+      "lmtp:host:port, or the embedded maildir:PATH (fsynced)."),
+    S("scanner", "inet_acl", "cidrs", ["127.0.0.0/8", "::1/128"],
+      "Clients allowed to connect to the scanner pool (amavisd: inet_acl). Others get 554 5.7.1.\n"
+      "These clients may also send XFORWARD (Postfix: smtpd_authorized_xforward_hosts)."),
+    S("scanner", "hostname", "str", "",
+      "Name the scanner uses in its banner and headers. Empty: smtp.hostname."),
+    S("scanner", "eicar", "bool", True,
+      "Reject messages that carry the EICAR anti-virus test string (554 5.7.1)."),
+    S("scanner", "rules", "rules", [],
+      "Built-in header and body rules, checked in order, as an array of tables:\n"
+      "  [[scanner.rules]]\n"
+      "  name = \"no-lottery\"        # shown in the log and the X-Poolmgr-Scan header\n"
+      "  header = \"Subject\"         # a header name; or  body = true  for the body\n"
+      "  pattern = \"(?i)lottery\"    # a Python regular expression\n"
+      "  action = \"reject\"          # reject (554 5.7.1) or tag (header only)"),
+)

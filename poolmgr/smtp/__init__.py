@@ -1,0 +1,1 @@
+"""The SMTP side: protocol, replies, I/O, and the gevent SMTP worker."""

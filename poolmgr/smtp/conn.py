@@ -1,0 +1,181 @@
+"""Buffered line and DATA I/O on one SMTP socket, for both ends of a conversation.
+
+Buffer discipline matters with thousands of idle sessions per worker: an idle connection holds
+an empty `bytes` and no file object. Replies are queued and sent in one write when the reader
+is about to block, which is what makes PIPELINING (RFC 2920) cheap. Works on plain blocking
+sockets (scanner workers, the master-free relay client) and on gevent's cooperative sockets
+(SMTP workers) alike; `tick` lets a blocking caller keep its heartbeat while it waits.
+
+End of DATA is strict: only CRLF.CRLF ends a message (RFC 5321 section 4.1.1.4), and a bare CR
+or LF anywhere in the data is reported, never passed on (the SMTP smuggling class of attack,
+CVE-2023-51764).
+
+Exports: Conn, Timeout, Disconnected, LineTooLong, DataResult.
+"""
+
+import re
+import socket
+import time
+from typing import Callable, NamedTuple
+
+RECV_SIZE = 16384
+_END = b"\r\n.\r\n"
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+
+
+class Timeout(Exception):
+    """The peer sent nothing within the timeout."""
+
+
+class Disconnected(Exception):
+    """The peer closed the connection."""
+
+
+class LineTooLong(Exception):
+    """A line over the limit was read and discarded up to its end."""
+
+
+class DataResult(NamedTuple):
+    data: bytes | None  # unstuffed message, None when too big or malformed
+    size: int           # bytes received, up to the final dot
+    problem: str        # "", "too_big", "bare_lf", "bare_cr"
+
+
+class Conn:
+    __slots__ = ("sock", "buf", "out", "timeout", "tick", "bytes_in")
+
+    def __init__(self, sock, timeout: float, tick: Callable[[], None] | None = None):
+        self.sock = sock
+        self.buf = b""
+        self.out: list[bytes] = []
+        self.timeout = timeout
+        self.tick = tick
+        self.bytes_in = 0
+
+    # -- output
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def flush(self) -> None:
+        if self.out:
+            data = b"".join(self.out)
+            self.out = []
+            self.sock.settimeout(self.timeout)
+            try:
+                self.sock.sendall(data)
+            except socket.timeout:
+                raise Timeout() from None
+            except OSError:
+                raise Disconnected() from None
+
+    # -- input
+    def pending(self) -> bool:
+        """Whether the client has sent more than we have read (pipelined input)."""
+        return bool(self.buf)
+
+    def discard_input(self) -> int:
+        """Forget buffered input (after STARTTLS: CVE-2011-0411); returns bytes dropped."""
+        dropped, self.buf = len(self.buf), b""
+        return dropped
+
+    def _recv(self) -> bytes:
+        self.flush()
+        deadline = time.monotonic() + self.timeout
+        while True:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                raise Timeout()
+            self.sock.settimeout(min(wait, 1.0) if self.tick else wait)
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except socket.timeout:
+                if self.tick:
+                    self.tick()
+                    continue
+                raise Timeout() from None
+            except OSError:
+                raise Disconnected() from None
+            if not data:
+                raise Disconnected()
+            self.bytes_in += len(data)
+            return data
+
+    def readline(self, limit: int) -> bytes:
+        """One line without its line ending (CRLF or LF)."""
+        while True:
+            end = self.buf.find(b"\n")
+            if end >= 0:
+                line, self.buf = self.buf[:end], self.buf[end + 1:]
+                if len(line) > limit:
+                    raise LineTooLong()
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self.buf) > limit:
+                self._skip_line()
+                raise LineTooLong()
+            self.buf += self._recv()
+
+    def _skip_line(self) -> None:
+        while True:
+            end = self.buf.find(b"\n")
+            if end >= 0:
+                self.buf = self.buf[end + 1:]
+                return
+            self.buf = self._recv()
+
+    def read_data(self, size_limit: int) -> DataResult:
+        """Message data up to CRLF.CRLF, dot-unstuffed (RFC 5321 section 4.5.2).
+
+        A message over `size_limit` is read to its end and dropped (problem "too_big"), so
+        the dialogue stays in step and the client gets its 552 after the final dot.
+        """
+        # The DATA command's own CRLF precedes the data: a message may end at once with ".".
+        buf = bytearray(b"\r\n")
+        buf += self.buf
+        self.buf = b""
+        start, dropped = 0, 0
+        while True:
+            end = buf.find(_END, start)
+            if end >= 0:
+                break
+            if len(buf) + dropped > size_limit + 2:
+                dropped += len(buf) - 4  # keep the tail: the end mark may span two reads
+                del buf[:-4]
+            start = max(0, len(buf) - 4)
+            buf += self._recv()
+        self.buf = bytes(buf[end + len(_END):])
+        size = dropped + end
+        if size > size_limit:
+            return DataResult(None, size, "too_big")
+        data = bytes(buf[2:end + 2])
+        if _BARE_LF.search(data):
+            return DataResult(None, size, "bare_lf")
+        if _BARE_CR.search(data):
+            return DataResult(None, size, "bare_cr")
+        if data.startswith(b"."):
+            data = data[1:]
+        return DataResult(data.replace(b"\r\n.", b"\r\n"), size, "")
+
+    def send_data(self, data: bytes, block_timeout: float) -> None:
+        """Dot-stuff and send a message, then the final dot (client side)."""
+        self.flush()
+        if data.startswith(b"."):
+            data = b"." + data
+        data = data.replace(b"\r\n.", b"\r\n..")
+        if data and not data.endswith(b"\r\n"):
+            data += b"\r\n"
+        self.sock.settimeout(block_timeout)
+        view = memoryview(data + b".\r\n")
+        try:
+            for offset in range(0, len(view), 65536):
+                self.sock.sendall(view[offset:offset + 65536])
+        except socket.timeout:
+            raise Timeout() from None
+        except OSError:
+            raise Disconnected() from None
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

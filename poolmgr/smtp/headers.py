@@ -1,0 +1,21 @@
+"""Trace headers: the Received: line each hop adds (RFC 5321 section 4.4).
+
+Exports: received.
+"""
+
+import email.utils
+
+
+def received(*, helo: str | None, addr: str, by: str, software: str, proto: str,
+             queue_id: str, rcpts: list[str]) -> bytes:
+    """`Received: from helo (unknown [addr]) by host (software) with ESMTP id X for <r>; date`."""
+    literal = f"IPv6:{addr}" if ":" in addr else addr
+    lines = [f"Received: from {helo or 'unknown'} (unknown [{literal}])",
+             f"\tby {by} ({software}) with {proto} id {queue_id}"]
+    date = email.utils.formatdate(localtime=True)
+    if len(rcpts) == 1:
+        lines.append(f"\tfor <{rcpts[0]}>; {date}")
+    else:
+        lines[-1] += f";"
+        lines.append(f"\t{date}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")

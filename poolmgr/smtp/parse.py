@@ -1,0 +1,81 @@
+"""Parsing of SMTP command arguments: MAIL/RCPT paths and parameters, XFORWARD xtext.
+
+Exports: parse_path, PathError, domain_of, xtext_encode, xtext_decode, parse_xforward,
+new_queue_id.
+"""
+
+import os
+import re
+
+# RFC 5321 section 4.1.2: "FROM:" / "TO:" then a path in angle brackets. Postfix (and most
+# MTAs) also accept a space after the colon and a bare address without brackets.
+_PATH = re.compile(r"(?i)(FROM|TO):\s*(<[^<>]*>|[^<>\s]+)(.*)")
+_SOURCE_ROUTE = re.compile(r"^@[^:]+:")
+
+
+class PathError(ValueError):
+    """The argument is not a valid path; `kind` is "syntax" or "address"."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+def parse_path(arg: str, keyword: str) -> tuple[str, dict[str, str]]:
+    """'FROM:<a@b> SIZE=10' -> ('a@b', {'SIZE': '10'}); raises PathError."""
+    match = _PATH.fullmatch(arg.strip())
+    if not match or match.group(1).upper() != keyword:
+        raise PathError("syntax")
+    address = match.group(2)
+    if address.startswith("<"):
+        address = address[1:-1]
+    address = _SOURCE_ROUTE.sub("", address)  # RFC 5321 section 4.1.1.3: ignore source routes
+    if any(c in address for c in " \t\r\n") or address.count("@") > 1 and '"' not in address:
+        raise PathError("address")
+    params: dict[str, str] = {}
+    for word in match.group(3).split():
+        key, _, value = word.partition("=")
+        params[key.upper()] = value
+    return address, params
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".") if "@" in address else ""
+
+
+def xtext_encode(value: str) -> str:
+    """RFC 3461 section 4 xtext, as XFORWARD uses it."""
+    out = []
+    for byte in value.encode("utf-8", "surrogateescape"):
+        if 33 <= byte <= 126 and byte not in (ord("+"), ord("=")):
+            out.append(chr(byte))
+        else:
+            out.append(f"+{byte:02X}")
+    return "".join(out)
+
+
+def xtext_decode(value: str) -> str:
+    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+
+
+def parse_xforward(arg: str) -> dict[str, str]:
+    """'NAME=x ADDR=1.2.3.4' -> {'NAME': 'x', 'ADDR': '1.2.3.4'}; ValueError on bad syntax."""
+    attrs = {}
+    words = arg.split()
+    if not words:
+        raise ValueError("empty")
+    for word in words:
+        key, eq, value = word.partition("=")
+        key = key.upper()
+        if not eq or key not in XFORWARD_ATTRS:
+            raise ValueError(word)
+        attrs[key] = xtext_decode(value)
+    return attrs
+
+
+def new_queue_id() -> str:
+    """A Postfix-looking short queue id: 10 upper-case hex digits."""
+    return os.urandom(5).hex().upper()

@@ -1,0 +1,382 @@
+"""The RFC 5321 server dialogue shared by SMTP workers and scanner workers.
+
+`ServerSession` owns one connection: banner, an explicit command table with per-command
+flags, the envelope (replaced whole on RSET and after DATA), strict DATA reading, STARTTLS,
+and Postfix-style logging (`connect from`, `NOQUEUE: reject: ...`, `disconnect from ...
+ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5`). Subclasses decide policy through four hooks:
+`on_connect`, `extensions`, `check_rcpt` and `deliver`.
+
+The `service` passed in is the worker-wide object every session shares: `hostname`, `log`,
+`limits` (line_length_limit, message_size_limit, max_recipients, timeout), `tls_context`,
+`draining`, optional `tick`.
+
+Exports: ServerSession, Envelope, Command, Drain, STAT_ORDER.
+"""
+
+from typing import Callable, NamedTuple
+
+from . import replies as R
+from .conn import Conn, Disconnected, LineTooLong, Timeout
+from .parse import PathError, new_queue_id, parse_path
+
+
+class Drain(Exception):
+    """The worker is stopping: the session says 421 and closes."""
+
+
+class Envelope:
+    """One mail transaction (RFC 5321 section 3.3)."""
+
+    __slots__ = ("mail_from", "rcpts", "queue_id", "smtputf8", "body_8bit", "size_hint")
+
+    def __init__(self, mail_from: str, smtputf8: bool, body_8bit: bool, size_hint: int):
+        self.mail_from = mail_from
+        self.rcpts: list[str] = []
+        self.queue_id = ""
+        self.smtputf8 = smtputf8
+        self.body_8bit = body_8bit
+        self.size_hint = size_hint
+
+
+class Command(NamedTuple):
+    handler: Callable[["ServerSession", str], bool]
+    stat: str                 # name in the disconnect line
+    needs_helo: bool = False  # RFC 5321 section 4.1.4: HELO/EHLO before a transaction
+    needs_tls_offer: bool = False
+
+
+# Order of the counters in the disconnect line, as Postfix's smtpd prints them.
+STAT_ORDER = ("helo", "ehlo", "lhlo", "xforward", "starttls", "mail", "rcpt", "data", "rset",
+              "noop", "vrfy", "help", "quit", "unknown")
+
+
+class ServerSession:
+    __slots__ = ("service", "conn", "peer", "client", "helo", "proto", "env", "tls", "closing",
+                 "idle", "last_cmd", "stats", "xforward", "greenlet")
+    commands: dict[str, Command] = {}
+    lmtp_only = False
+
+    def __init__(self, service, sock, peer):
+        self.service = service
+        self.conn = Conn(sock, service.limits.timeout, getattr(service, "tick", None))
+        self.peer = peer
+        self.client = f"unknown[{peer[0]}]"
+        self.helo: str | None = None
+        self.proto = "SMTP"
+        self.env: Envelope | None = None
+        self.tls = False
+        self.closing = False
+        self.idle = False
+        self.last_cmd = "CONNECT"
+        self.stats: dict[str, list[int]] | None = None
+        self.xforward: dict[str, str] | None = None
+        self.greenlet = None
+
+    # -- hooks for subclasses
+    def on_connect(self) -> R.Reply | None:
+        """A reply here (554, 421) is sent instead of the banner and the session ends."""
+        return None
+
+    def extensions(self) -> list[str]:
+        return []
+
+    def check_rcpt(self, address: str) -> R.Reply | None:
+        return None
+
+    def deliver(self, env: Envelope, data: bytes) -> list[R.Reply]:
+        raise NotImplementedError
+
+    def on_close(self) -> None:
+        pass
+
+    # -- the session
+    def run(self) -> None:
+        log = self.service.log
+        log.info("connect from %s", self.client)
+        try:
+            refusal = self.on_connect()
+            if refusal is not None:
+                self.closing = True
+                self.reply(refusal)
+                self.conn.flush()
+                return
+            self.reply(R.R220_BANNER.format(host=self.service.hostname))
+            limit = self.service.limits.line_length_limit
+            while not self.closing:
+                self.idle = self.env is None
+                if self.idle and self.service.draining and not self.conn.pending():
+                    raise Drain()
+                try:
+                    line = self.conn.readline(limit)
+                except LineTooLong:
+                    self.count("unknown", False)
+                    self.reply(R.R500_LINE_TOO_LONG)
+                    continue
+                finally:
+                    self.idle = False
+                self.dispatch(line)
+            self.conn.flush()
+        except Timeout:
+            log.info("timeout after %s from %s", self.last_cmd, self.client)
+            self.say_last(R.R421_TIMEOUT.format(host=self.service.hostname))
+        except Disconnected:
+            if not self.closing:
+                log.info("lost connection after %s from %s", self.last_cmd, self.client)
+        except Drain:
+            self.say_last(R.R421_SHUTDOWN.format(host=self.service.hostname))
+        except Exception:
+            log.exception("session with %s failed after %s", self.client, self.last_cmd)
+            self.say_last(R.R451_LOCAL_ERROR)
+        finally:
+            self.conn.close()
+            self.on_close()
+            log.info("disconnect from %s%s", self.client, self.stats_text())
+
+    def say_last(self, reply: R.Reply) -> None:
+        """A final reply before closing; the peer may already be gone."""
+        try:
+            self.conn.out = []
+            self.conn.timeout = min(self.conn.timeout, 10.0)
+            self.reply(reply)
+            self.conn.flush()
+        except (Timeout, Disconnected, OSError):
+            pass
+
+    def dispatch(self, line: bytes) -> None:
+        text = line.decode("utf-8", "surrogateescape")
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        command = self.commands.get(verb)
+        if command is None or (command.needs_tls_offer and self.service.tls_context is None):
+            self.last_cmd = "UNKNOWN"
+            self.count("unknown", False)
+            self.reply(R.R502_UNRECOGNIZED)
+            return
+        self.last_cmd = verb
+        if command.needs_helo and self.helo is None:
+            self.count(command.stat, False)
+            self.reply(R.R503_NEED_LHLO if self.lmtp_only else R.R503_NEED_HELO)
+            return
+        self.count(command.stat, command.handler(self, arg.strip()))
+
+    def reply(self, reply: R.Reply) -> None:
+        self.conn.write(reply.encode())
+
+    def count(self, stat: str, ok: bool) -> None:
+        if self.stats is None:
+            self.stats = {}
+        entry = self.stats.setdefault(stat, [0, 0])
+        entry[0] += bool(ok)
+        entry[1] += 1
+
+    def stats_text(self) -> str:
+        if not self.stats:
+            return " commands=0"
+        parts, good, total = [], 0, 0
+        for name in STAT_ORDER:
+            if name in self.stats:
+                ok, n = self.stats[name]
+                parts.append(f"{name}={ok}" if ok == n else f"{name}={ok}/{n}")
+                good, total = good + ok, total + n
+        parts.append(f"commands={good}" if good == total else f"commands={good}/{total}")
+        return " " + " ".join(parts)
+
+    def log_reject(self, stage: str, reply: R.Reply, rcpt: str | None = None) -> None:
+        env = self.env
+        queue_id = env.queue_id if env and env.queue_id else "NOQUEUE"
+        where = f"from=<{env.mail_from}>" if env else ""
+        if rcpt is not None:
+            where += f" to=<{rcpt}>"
+        elif env and env.rcpts:
+            where += f" to=<{env.rcpts[0]}>"
+        self.service.log.info("%s: reject: %s from %s: %s; %s proto=%s helo=<%s>", queue_id, stage,
+                              self.client, reply, where.strip(), self.proto, self.helo or "")
+
+    # -- commands
+    def _greet(self, arg: str, proto: str, syntax: R.Reply) -> bool:
+        if not arg:
+            self.reply(syntax)
+            return False
+        self.helo, self.proto, self.env = arg.split()[0], proto, None
+        if proto == "SMTP":
+            self.reply(R.Reply(250, "", self.service.hostname))
+        else:
+            self.conn.write(R.multiline(250, [self.service.hostname] + self.extensions()))
+        return True
+
+    def do_helo(self, arg: str) -> bool:
+        return self._greet(arg, "SMTP", R.R501_HELO_SYNTAX)
+
+    def do_ehlo(self, arg: str) -> bool:
+        return self._greet(arg, "ESMTP", R.R501_EHLO_SYNTAX)
+
+    def do_mail(self, arg: str) -> bool:
+        if self.env is not None:
+            self.reply(R.R503_NESTED_MAIL)
+            return False
+        try:
+            address, params = parse_path(arg, "FROM")
+        except PathError as exc:
+            self.reply(R.R501_MAIL_SYNTAX if exc.kind == "syntax" else R.R501_BAD_ADDRESS)
+            return False
+        size, body_8bit, smtputf8 = 0, False, "SMTPUTF8" in params
+        for key, value in params.items():
+            if key == "SIZE" and value.isdigit():
+                size = int(value)
+            elif key == "SIZE":
+                self.reply(R.R501_BAD_SIZE)
+                return False
+            elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+                body_8bit = value.upper() == "8BITMIME"
+            elif not (key == "SMTPUTF8" and not value):
+                self.reply(R.R555_UNSUPPORTED_PARAMETER.format(param=key))
+                return False
+        if not smtputf8 and not address.isascii():
+            self.reply(R.R553_SMTPUTF8_REQUIRED)
+            return False
+        if size > self.service.limits.message_size_limit:
+            self.log_reject("MAIL", R.R552_SIZE_EXCEEDED)
+            self.reply(R.R552_SIZE_EXCEEDED)
+            return False
+        self.env = Envelope(address, smtputf8, body_8bit, size)
+        self.reply(R.R250_SENDER_OK)
+        return True
+
+    def do_rcpt(self, arg: str) -> bool:
+        env = self.env
+        if env is None:
+            self.reply(R.R503_NEED_MAIL)
+            return False
+        try:
+            address, params = parse_path(arg, "TO")
+        except PathError as exc:
+            self.reply(R.R501_RCPT_SYNTAX if exc.kind == "syntax" else R.R501_BAD_ADDRESS)
+            return False
+        if params:
+            self.reply(R.R555_UNSUPPORTED_PARAMETER.format(param=next(iter(params))))
+            return False
+        if not address:
+            self.reply(R.R501_BAD_ADDRESS)
+            return False
+        if not env.smtputf8 and not address.isascii():
+            self.reply(R.R553_SMTPUTF8_REQUIRED)
+            return False
+        if len(env.rcpts) >= self.service.limits.max_recipients:
+            self.reply(R.R452_TOO_MANY_RECIPIENTS)
+            return False
+        refusal = self.check_rcpt(address)
+        if refusal is not None:
+            self.log_reject("RCPT", refusal, address)
+            self.reply(refusal)
+            return False
+        if not env.queue_id:
+            forwarded = self.xforward or {}
+            env.queue_id = forwarded.get("IDENT") or new_queue_id()
+            client = (f"{forwarded.get('NAME', 'unknown')}[{forwarded['ADDR']}]"
+                      if "ADDR" in forwarded else self.client)
+            self.service.log.info("%s: client=%s", env.queue_id, client)
+        env.rcpts.append(address)
+        self.reply(R.R250_RCPT_OK)
+        return True
+
+    def do_data(self, arg: str) -> bool:
+        env = self.env
+        if arg:
+            self.reply(R.R501_DATA_SYNTAX)
+            return False
+        if env is None:
+            self.reply(R.R503_NEED_MAIL)
+            return False
+        if not env.rcpts:
+            self.reply(R.R503_NEED_RCPT)
+            return False
+        self.reply(R.R354_DATA)
+        result = self.conn.read_data(self.service.limits.message_size_limit)
+        if result.problem:
+            refusal = {"too_big": R.R552_MESSAGE_TOO_BIG, "bare_lf": R.R550_BARE_LF,
+                       "bare_cr": R.R550_BARE_CR}[result.problem]
+            self.log_reject("END-OF-MESSAGE", refusal)
+            self.env = None
+            self.reply(refusal)
+            return False
+        outcome = self.deliver(env, result.data)
+        self.env = None
+        if self.proto == "LMTP":
+            for reply in outcome:
+                self.reply(reply)
+            return all(r.ok for r in outcome)
+        final = R.combine(outcome)
+        self.reply(final)
+        return final.ok
+
+    def do_rset(self, arg: str) -> bool:
+        self.env = None
+        self.reply(R.R250_OK)
+        return True
+
+    def do_noop(self, arg: str) -> bool:
+        self.reply(R.R250_OK)
+        return True
+
+    def do_quit(self, arg: str) -> bool:
+        self.reply(R.R221_BYE)
+        self.closing = True
+        return True
+
+    def do_vrfy(self, arg: str) -> bool:
+        self.reply(R.R252_VRFY if arg else R.R501_VRFY_SYNTAX)
+        return bool(arg)
+
+    def do_help(self, arg: str) -> bool:
+        self.reply(R.R214_HELP)
+        return True
+
+    def do_not_implemented(self, arg: str) -> bool:
+        self.reply(R.R502_NOT_IMPLEMENTED)
+        return False
+
+    def do_starttls(self, arg: str) -> bool:
+        if arg:
+            self.reply(R.R501_NO_ARGUMENTS.format(verb="STARTTLS"))
+            return False
+        if self.tls:
+            self.reply(R.R554_TLS_ACTIVE)
+            return False
+        dropped = self.conn.discard_input()  # CVE-2011-0411: never act on pre-TLS plaintext
+        if dropped:
+            self.service.log.warning("%s: discarding %d bytes of plaintext sent after STARTTLS",
+                                     self.client, dropped)
+        self.reply(R.R220_TLS_READY)
+        self.conn.flush()
+        try:
+            self.conn.sock.settimeout(self.conn.timeout)
+            self.conn.sock = self.service.tls_context.wrap_socket(self.conn.sock,
+                                                                  server_side=True)
+        except OSError as exc:
+            self.service.log.info("SSL_accept error from %s: %s", self.client,
+                                  getattr(exc, "reason", None) or type(exc).__name__)
+            self.closing = True
+            raise Disconnected() from None
+        # RFC 3207 section 4.2: forget everything learned before TLS.
+        self.tls, self.helo, self.env = True, None, None
+        return True
+
+
+BASE_COMMANDS = {
+    "HELO": Command(ServerSession.do_helo, "helo"),
+    "EHLO": Command(ServerSession.do_ehlo, "ehlo"),
+    "MAIL": Command(ServerSession.do_mail, "mail", needs_helo=True),
+    "RCPT": Command(ServerSession.do_rcpt, "rcpt", needs_helo=True),
+    "DATA": Command(ServerSession.do_data, "data", needs_helo=True),
+    "RSET": Command(ServerSession.do_rset, "rset"),
+    "NOOP": Command(ServerSession.do_noop, "noop"),
+    "QUIT": Command(ServerSession.do_quit, "quit"),
+    "VRFY": Command(ServerSession.do_vrfy, "vrfy"),
+    "HELP": Command(ServerSession.do_help, "help"),
+    "EXPN": Command(ServerSession.do_not_implemented, "unknown"),
+    "ETRN": Command(ServerSession.do_not_implemented, "unknown"),
+    "AUTH": Command(ServerSession.do_not_implemented, "unknown"),
+    "BDAT": Command(ServerSession.do_not_implemented, "unknown"),
+    "TURN": Command(ServerSession.do_not_implemented, "unknown"),
+}
+ServerSession.commands = BASE_COMMANDS

@@ -1,0 +1,109 @@
+"""Every SMTP reply poolmgr sends, as named constants with enhanced status codes.
+
+A constant's name starts with its reply code (`R554_RELAY_DENIED`); a test checks this. Texts
+follow Postfix's smtpd where Postfix has the reply. Replies that carry a value use `{}` fields,
+filled with `Reply.format(...)`. Exception text is never sent to a client.
+
+Exports: Reply, combine, and the R### constants.
+"""
+
+from typing import NamedTuple
+
+
+class Reply(NamedTuple):
+    code: int
+    status: str  # enhanced status code (RFC 3463), "" where RFC 2034 has none (220, 354)
+    text: str
+
+    def format(self, **fields) -> "Reply":
+        return self._replace(text=self.text.format(**fields))
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
+
+    def encode(self) -> bytes:
+        return (str(self) + "\r\n").encode("utf-8", "surrogateescape")
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+
+def multiline(code: int, lines: list[str]) -> bytes:
+    """`250-first`, `250-...`, `250 last` (RFC 5321 section 4.2.1)."""
+    out = [f"{code}-{line}\r\n" for line in lines[:-1]] + [f"{code} {lines[-1]}\r\n"]
+    return "".join(out).encode("utf-8", "surrogateescape")
+
+
+def combine(replies: list[Reply]) -> Reply:
+    """One reply for the client from per-recipient results downstream.
+
+    All accepted -> the first 2xx. Any temporary failure -> that 4xx, so the sender retries
+    (nothing is lost; accepted recipients may see a duplicate). All permanent -> the first 5xx.
+    Accepted beside permanent rejects -> 2xx: the rejects are logged by the caller.
+    """
+    for wanted in (lambda r: r.temporary, lambda r: r.ok, lambda r: True):
+        for reply in replies:
+            if wanted(reply):
+                return reply
+    return R451_LOCAL_ERROR
+
+
+R220_BANNER = Reply(220, "", "{host} ESMTP poolmgr")
+R220_TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+R221_BYE = Reply(221, "2.0.0", "Bye")
+R214_HELP = Reply(214, "2.0.0",
+                  "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS")
+R250_OK = Reply(250, "2.0.0", "Ok")
+R250_SENDER_OK = Reply(250, "2.1.0", "Ok")
+R250_RCPT_OK = Reply(250, "2.1.5", "Ok")
+R250_QUEUED = Reply(250, "2.0.0", "Ok: queued as {queue_id}")
+R252_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+R354_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
+R421_SHUTDOWN = Reply(421, "4.3.2", "{host} Service shutting down, closing transmission channel")
+R421_TIMEOUT = Reply(421, "4.4.2", "{host} Error: timeout exceeded")
+R451_LOCAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
+R451_FILTER_UNAVAILABLE = Reply(451, "4.3.0",
+                                "Error: content filter unavailable, try again later")
+R451_NEXT_HOP_UNAVAILABLE = Reply(451, "4.4.1", "Error: next hop unavailable, try again later")
+R451_SCAN_TIMEOUT = Reply(451, "4.3.0", "Error: content scan timed out, try again later")
+R452_TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+R454_TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available due to local problem")
+
+R500_LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+R501_EHLO_SYNTAX = Reply(501, "5.5.4", "Syntax: EHLO hostname")
+R501_HELO_SYNTAX = Reply(501, "5.5.4", "Syntax: HELO hostname")
+R501_LHLO_SYNTAX = Reply(501, "5.5.4", "Syntax: LHLO hostname")
+R501_MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+R501_RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+R501_DATA_SYNTAX = Reply(501, "5.5.4", "Syntax: DATA")
+R501_VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address")
+R501_NO_ARGUMENTS = Reply(501, "5.5.4", "Syntax: {verb}")
+R501_BAD_ADDRESS = Reply(501, "5.1.3", "Bad address syntax")
+R501_BAD_SIZE = Reply(501, "5.5.4", "Bad message size syntax")
+R501_XFORWARD_SYNTAX = Reply(501, "5.5.4", "Syntax: XFORWARD attribute=value...")
+R502_NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+R502_UNRECOGNIZED = Reply(502, "5.5.2", "Error: command not recognized")
+R503_NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+R503_NEED_LHLO = Reply(503, "5.5.1", "Error: send LHLO first")
+R503_NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+R503_NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+R503_NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+R503_XFORWARD_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+R550_BARE_LF = Reply(550, "5.5.2", "Error: bare <LF> received")
+R550_BARE_CR = Reply(550, "5.5.2", "Error: bare <CR> received")
+R550_XFORWARD_DENIED = Reply(550, "5.7.0", "Error: insufficient authorization")
+R552_SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+R552_MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")
+R553_SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
+R554_ACCESS_DENIED = Reply(554, "5.7.1", "Error: access denied for {client}")
+R554_RELAY_DENIED = Reply(554, "5.7.1", "<{rcpt}>: Relay access denied")
+R554_TLS_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")
+R554_VIRUS = Reply(554, "5.7.1", "Rejected: virus found: {name}")
+R554_CONTENT_RULE = Reply(554, "5.7.1", "Rejected by content rule {name}")
+R555_UNSUPPORTED_PARAMETER = Reply(555, "5.5.4", "Unsupported option: {param}")

@@ -1,0 +1,109 @@
+"""An SMTP worker process: one gevent hub, thousands of SMTP sessions.
+
+gevent is imported and monkey-patched here, after the fork, and nowhere in the master. The
+listening socket the master bound is re-wrapped as a gevent socket (otherwise accept() would
+block the whole worker). A `StreamServer` with a pool of `smtp.max_sessions_per_worker`
+greenlets accepts; when the pool is full the worker stops accepting and the kernel's listen
+queue feeds the other workers.
+
+Signals: SIGTERM drains (stop accepting, close idle sessions with 421, let transactions finish
+for `master.graceful_timeout`, then 421 to the rest and exit 0); SIGQUIT exits at once; SIGUSR1
+reopens the log file.
+
+Exports: main.
+"""
+
+import os
+import signal
+
+from .. import log
+from ..process import WorkerContext, set_title
+
+
+def _tls_context(cfg, logger):
+    if not cfg.smtp.tls_cert:
+        return None
+    import ssl  # the gevent-patched module: imported after monkey-patching
+
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cfg.smtp.tls_cert, cfg.smtp.tls_key)
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot load TLS certificate %s or key %s: %s -- STARTTLS disabled",
+                       cfg.smtp.tls_cert, cfg.smtp.tls_key, exc)
+        return None
+    return context
+
+
+def main(ctx: WorkerContext) -> int:
+    from gevent import monkey
+
+    monkey.patch_all()
+    import socket
+
+    import gevent
+    import gevent.event
+    import gevent.pool
+    import gevent.server
+
+    from .front import FrontService, FrontSession
+    from .protocol import Drain
+
+    log.set_name("poolmgr/smtpd")
+    cfg = ctx.cfg
+    logger = log.get("smtpd")
+    service = FrontService(ctx, _tls_context(cfg, logger))
+    listener = socket.socket(fileno=ctx.sock.detach())
+    sessions = gevent.pool.Pool(cfg.smtp.max_sessions_per_worker)
+    stopped = gevent.event.Event()
+
+    def handle(sock, peer):
+        session = FrontSession(service, sock, peer)
+        session.greenlet = gevent.getcurrent()
+        service.sessions.add(session)
+        try:
+            session.run()
+        finally:
+            service.sessions.discard(session)
+
+    server = gevent.server.StreamServer(listener, handle, spawn=sessions)
+
+    def close_sessions(idle_only: bool) -> None:
+        for session in list(service.sessions):
+            if session.greenlet is not None and (session.idle or not idle_only):
+                session.greenlet.kill(Drain, block=False)
+
+    def finish() -> None:
+        sessions.join(timeout=cfg.master.graceful_timeout)
+        close_sessions(idle_only=False)
+        sessions.join(timeout=10)
+        stopped.set()
+
+    def drain() -> None:
+        if service.draining:
+            return
+        service.draining = True
+        server.close()
+        close_sessions(idle_only=True)
+        gevent.spawn(finish)
+
+    def heartbeat() -> None:
+        title = None
+        while True:
+            ctx.slot.beat()
+            ctx.slot.set_sessions(len(sessions))
+            state = " draining" if service.draining else ""
+            new_title = f"poolmgr: smtp worker {ctx.number} [{len(sessions)} sessions{state}]"
+            if new_title != title:
+                set_title(new_title)
+                title = new_title
+            gevent.sleep(1.0)
+
+    gevent.signal_handler(signal.SIGTERM, drain)
+    gevent.signal_handler(signal.SIGQUIT, lambda: os._exit(0))
+    gevent.signal_handler(signal.SIGUSR1, log.reopen)
+    server.start()
+    beat = gevent.spawn(heartbeat)
+    stopped.wait()
+    beat.kill()
+    return 0
