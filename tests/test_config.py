@@ -1,0 +1,140 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from poolmgr import config
+from poolmgr.config import ConfigError, parse_duration, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "poolmgr", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_embedded_defaults():
+    cfg = config.load(None)
+    assert cfg.smtp.listen == ("127.0.0.1", 2525)
+    assert cfg.scanner.listen == ("127.0.0.1", 10024)
+    assert cfg.scanner.next_hop.kind == "maildir"
+    assert cfg.scanner.next_hop.path.endswith("/var/maildir")
+    assert cfg.smtp.timeout == 300.0  # RFC 5321 section 4.5.3.2.7
+    assert cfg.timeouts.data_init == 120.0 and cfg.timeouts.data_done == 600.0
+    assert "localhost" in cfg.smtp.mydestination
+    assert cfg.master.control_socket_mode == 0o600
+
+
+def test_shipped_config_is_the_documented_default():
+    shipped = (ROOT / "conf" / "poolmgr.toml").read_text()
+    assert shipped == config.render_default(), "regenerate with: poolmgr config > conf/poolmgr.toml"
+    assert config.load(str(ROOT / "conf" / "poolmgr.toml")) == config.load(None)
+
+
+def test_every_key_is_commented_in_the_default():
+    lines = config.render_default().splitlines()
+    for index, line in enumerate(lines):
+        if " = " in line and not line.startswith("#"):
+            assert lines[index - 1].startswith("# "), f"no comment above {line!r}"
+
+
+@pytest.mark.parametrize("text,seconds", [("300s", 300), ("5m", 300), ("500ms", 0.5),
+                                          (7, 7), ("1h", 3600), ("2d", 172800)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text,size", [("25M", 25 * 2**20), ("10k", 10240), (10240000, 10240000),
+                                       ("1G", 2**30)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+def test_all_errors_are_reported_with_file_and_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[smtp]\nmax_workers = 0\ntimeout = "soon"\nfrobnicate = 1\n'
+                    '[scanner]\nnext_hop = "carrier-pigeon:x"\n[nonsense]\nx = 1\n')
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path))
+    errors = info.value.errors
+    text = "\n".join(errors)
+    assert f"{path}: [smtp] max_workers: must be at least 1" in text
+    assert f"{path}: [smtp] timeout: expected a duration" in text
+    assert f"{path}: [smtp] frobnicate: unknown key" in text
+    assert f"{path}: [scanner] next_hop: expected smtp:host:port" in text
+    assert f"{path}: [nonsense]: unknown section" in text
+    assert len(errors) == 5
+
+
+def test_cross_checks(tmp_path):
+    path = tmp_path / "rule.toml"
+    path.write_text("[smtp]\nmin_workers = 2\nmax_workers = 3\n"
+                    "[scanner]\nmin_workers = 3\nmax_workers = 4\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path))
+    text = "\n".join(info.value.errors)
+    assert "[scanner] min_workers: 3 scanner workers would outnumber smtp.min_workers" in text
+    assert "[scanner] max_workers: 4 is above smtp.max_workers" in text
+
+
+def test_too_many_sessions_for_the_open_files_limit(tmp_path):
+    path = tmp_path / "files.toml"
+    path.write_text("[smtp]\nmax_sessions_per_worker = 999999\n")
+    with pytest.raises(ConfigError, match="max_sessions_per_worker: .*RLIMIT_NOFILE"):
+        config.load(str(path))
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[smtp\n")
+    with pytest.raises(ConfigError, match=f"{path}: invalid TOML"):
+        config.load(str(path))
+
+
+def test_rules_are_validated(tmp_path):
+    path = tmp_path / "rules.toml"
+    path.write_text('[[scanner.rules]]\nheader = "Subject"\npattern = "(unclosed"\n')
+    with pytest.raises(ConfigError, match=r"\[scanner\] rules: rule 1: bad pattern"):
+        config.load(str(path))
+    path.write_text('[[scanner.rules]]\nname = "x"\nheader = "Subject"\npattern = "a"\n'
+                    'action = "tag"\n')
+    (rule,) = config.load(str(path)).scanner.rules
+    assert rule["action"] == "tag" and rule["header"] == "subject"
+
+
+def test_postfix_style_networks_and_hostname_expansion(tmp_path):
+    path = tmp_path / "nets.toml"
+    path.write_text('[smtp]\nhostname = "mx.example.test"\nmynetworks = ["[::1]/128", '
+                    '"10.0.0.0/8"]\nmydestination = ["$myhostname", "Example.TEST."]\n')
+    cfg = config.load(str(path))
+    assert [str(n) for n in cfg.smtp.mynetworks] == ["::1/128", "10.0.0.0/8"]
+    assert cfg.smtp.mydestination == ("mx.example.test", "example.test")
+
+
+def test_check_command(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text("[smtp]\nmin_workers = 3\n")
+    result = run_cli("check", "-c", str(good))
+    assert result.returncode == 0 and "configuration OK" in result.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[smtp]\nmax_recipients = 5\n[scanner]\nmax_requests = -1\n")
+    result = run_cli("check", "-c", str(bad))
+    assert result.returncode == 2
+    assert f"poolmgr: error: {bad}: [smtp] max_recipients: must be at least 100" in result.stderr
+    assert f"poolmgr: error: {bad}: [scanner] max_requests: must be at least 1" in result.stderr
+
+
+def test_run_refuses_an_invalid_config_with_the_same_message(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[smtp]\nlisten = \"nowhere\"\n")
+    checked, ran = run_cli("check", "-c", str(bad)), run_cli("run", "-c", str(bad))
+    assert ran.returncode == checked.returncode == 2
+    assert ran.stderr == checked.stderr
+    assert "[smtp] listen: expected host:port" in ran.stderr
+
+
+def test_config_command_prints_the_default():
+    result = run_cli("config")
+    assert result.returncode == 0 and result.stdout == config.render_default()

@@ -1,0 +1,43 @@
+import pytest
+
+from poolmgr.smtp.parse import (PathError, domain_of, parse_path, parse_xforward, xtext_decode,
+                                xtext_encode)
+
+
+@pytest.mark.parametrize("arg,address,params", [
+    ("FROM:<a@b.c>", "a@b.c", {}),
+    ("from: <a@b.c> SIZE=10 body=8bitmime", "a@b.c", {"SIZE": "10", "BODY": "8bitmime"}),
+    ("FROM:<>", "", {}),
+    ("FROM:a@b.c", "a@b.c", {}),
+    ("FROM:<@relay.example,@r2.example:a@b.c>", "a@b.c", {}),
+    ("FROM:<a@b.c> SMTPUTF8", "a@b.c", {"SMTPUTF8": ""}),
+])
+def test_mail_paths(arg, address, params):
+    assert parse_path(arg, "FROM") == (address, params)
+
+
+@pytest.mark.parametrize("arg,kind", [("TO:<a@b>", "syntax"), ("FROM a@b", "syntax"),
+                                      ("FROM:<a b@c>", "address"), ("FROM:<a@b@c>", "address")])
+def test_bad_paths(arg, kind):
+    with pytest.raises(PathError) as info:
+        parse_path(arg, "FROM")
+    assert info.value.kind == kind
+
+
+def test_domain_of():
+    assert domain_of("Bob@Example.TEST.") == "example.test"
+    assert domain_of("postmaster") == ""
+
+
+def test_xtext_round_trip():
+    for text in ["plain", "a+b=c", "sp ace", "[UNAVAILABLE]"]:
+        assert xtext_decode(xtext_encode(text)) == text
+    assert xtext_encode("a+b=c d") == "a+2Bb+3Dc+20d"
+
+
+def test_xforward_parsing():
+    assert parse_xforward("NAME=x ADDR=127.0.0.2 helo=a+2Bb") == \
+        {"NAME": "x", "ADDR": "127.0.0.2", "HELO": "a+b"}
+    for bad in ["", "NAME", "COLOR=red"]:
+        with pytest.raises(ValueError):
+            parse_xforward(bad)
