@@ -11,6 +11,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -140,10 +141,8 @@ class Poolmgr:
         return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
 
     def smtp(self, source: str = "127.0.0.1", timeout: float = 30) -> smtplib.SMTP:
-        client = smtplib.SMTP(timeout=timeout, local_hostname=HELO,
-                              source_address=(source, 0))
-        client.connect("127.0.0.1", self.smtp_port)
-        return client
+        return smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=timeout, local_hostname=HELO,
+                            source_address=(source, 0))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc is None or self.proc.poll() is not None:
@@ -184,9 +183,10 @@ class Sink:
 
     def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None):
         self.port = port or free_port()
-        self.dir = workdir / f"sink-{self.port}"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o777)  # smtp-sink drops privileges to nobody when run as root
+        # smtp-sink drops privileges to nobody when run as root: pytest's tmp dirs are 0700,
+        # so the dumps go to a directory of their own that nobody can reach.
+        self.dir = Path(tempfile.mkdtemp(prefix=f"poolmgr-sink-{self.port}-"))
+        os.chmod(self.dir, 0o777)
         self.extra = extra or []
         self.proc: subprocess.Popen | None = None
 
@@ -215,6 +215,7 @@ class Sink:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Raw:
