@@ -56,9 +56,17 @@ def cmd_config(args) -> int:
 
 
 def _socket_path(args) -> str:
+    """The control socket; a config with errors (mid-edit) still names it."""
     if args.socket:
         return args.socket
-    return _load(_config_path(args)).master.control_socket
+    path = _config_path(args)
+    try:
+        return config.load(path).master.control_socket
+    except config.ConfigError as exc:
+        socket_path = config.control_socket_of(path)
+        print(f"poolmgr: warning: {path} has {len(exc.errors)} error(s), see 'poolmgr check'; "
+              f"using control socket {socket_path}", file=sys.stderr)
+        return socket_path
 
 
 def _ask(args, payload: dict) -> dict:

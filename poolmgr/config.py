@@ -5,8 +5,8 @@ errors), converts values (durations "300s", sizes "25M", addresses, CIDR lists, 
 runs cross-checks between keys. All errors are collected and raised together as
 `ConfigError`, each naming file, key and reason, so `poolmgr check` can print them all.
 
-Exports: load, ConfigError, Config, Section, NextHop, render_default, parse_duration,
-parse_size, parse_address, format_address.
+Exports: load, ConfigError, Config, Section, NextHop, render_default, control_socket_of,
+parse_duration, parse_size, parse_address, format_address.
 """
 
 import ipaddress
@@ -338,6 +338,17 @@ def load(path: str | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
     return from_dict(data, path)
+
+
+def control_socket_of(path: str | None) -> str:
+    """Best effort for `status`/`ctl` when the file does not validate."""
+    default = next(s.default for s in SETTINGS if s.name == "master.control_socket")
+    try:
+        with open(path or "", "rb") as handle:
+            value = tomllib.load(handle).get("master", {}).get("control_socket", default)
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        value = default
+    return os.path.abspath(str(value))
 
 
 def _toml_value(value: Any) -> str:

@@ -1,7 +1,8 @@
 """The master (arbiter): listening sockets, the event loop, spawning, reaping, heartbeats.
 
 The master binds the SMTP and scanner sockets once and forks the two pools, which inherit
-them. Signal handlers only append to a queue (a burst of TTIN is handled as that many); the
+them. Signals are queued through the wakeup fd, one byte per delivery (three TTINs are three
+workers, unless the kernel merged them while pending); the
 control socket is read by the same loop; only `Master.loop` changes state. The master never
 imports gevent and never touches a mail byte.
 
@@ -86,8 +87,10 @@ class Master:
         os.set_blocking(self.wakeup_r, False)
         os.set_blocking(self.wakeup_w, False)
         signal.set_wakeup_fd(self.wakeup_w)
+        # Python runs a handler once for several deliveries of one signal, but its C handler
+        # writes one byte per delivery to the wakeup fd: those bytes are the signal queue.
         for sig in MASTER_SIGNALS:
-            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+            signal.signal(sig, lambda signum, frame: None)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, "wakeup")
         self.selector.register(self.control, selectors.EVENT_READ, "control")
@@ -128,7 +131,7 @@ class Master:
                 for key, _ in self.selector.select(LOOP_INTERVAL):
                     if key.data == "wakeup":
                         try:
-                            os.read(self.wakeup_r, 4096)
+                            self.signals.extend(os.read(self.wakeup_r, 4096))
                         except BlockingIOError:
                             pass
                     else:

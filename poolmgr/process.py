@@ -5,7 +5,7 @@ helpers here run in the child right after fork: restore default signal dispositi
 master's handlers only enqueue into the master's queue) and set the process title that `ps`
 shows (`poolmgr: smtp worker 3 [412 sessions]`).
 
-Exports: WorkerContext, Limits, child_after_fork, set_title.
+Exports: WorkerContext, Limits, limits_for, child_after_fork, set_title, DRAIN_IDLE_GRACE.
 """
 
 import os
@@ -18,6 +18,9 @@ import setproctitle
 from .board import Slot
 from .config import Config
 
+# A stopping worker closes a session only after it has been idle this long, so that a session
+# just accepted, or one whose QUIT is on the way, is still served.
+DRAIN_IDLE_GRACE = 2.0
 MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
                   signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD)
 

@@ -4,7 +4,8 @@ Plain blocking sockets, no gevent. All scanner workers wait on the inherited lis
 whoever wins `accept` serves that connection to its end. The heartbeat is kept from the accept
 loop and, while a session waits for its client, from the connection's `tick`. After
 `scanner.max_requests` messages the worker finishes its connection and exits, and the master
-starts a fresh one. SIGTERM: finish the message in hand, say 421 to an idle client, exit.
+starts a fresh one. SIGTERM: accept nothing more, finish the connection in hand (a client idle
+for DRAIN_IDLE_GRACE seconds with no transaction gets 421), exit.
 SIGQUIT: exit at once.
 
 Exports: main.
@@ -13,9 +14,10 @@ Exports: main.
 import os
 import select
 import signal
+import time
 
 from .. import delivery, log
-from ..process import WorkerContext, limits_for, set_title
+from ..process import DRAIN_IDLE_GRACE, WorkerContext, limits_for, set_title
 from ..smtp.protocol import Drain
 from .session import ScannerSession
 
@@ -38,7 +40,8 @@ class ScannerService:
     def tick(self) -> None:
         """Called about once a second while a session waits for its client."""
         self.slot.beat()
-        if self.draining and self.current is not None and self.current.idle:
+        if self.draining and self.current is not None and \
+                self.current.drainable(time.monotonic(), DRAIN_IDLE_GRACE):
             raise Drain()
 
 
@@ -69,7 +72,7 @@ def main(ctx: WorkerContext) -> int:
             ready, _, _ = select.select([listener], [], [], 1.0)
         except InterruptedError:
             continue
-        if not ready:
+        if not ready or service.draining:
             continue
         try:
             sock, peer = listener.accept()

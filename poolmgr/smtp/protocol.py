@@ -13,6 +13,7 @@ The `service` passed in is the worker-wide object every session shares: `hostnam
 Exports: ServerSession, Envelope, Command, Drain, STAT_ORDER.
 """
 
+import time
 from typing import Callable, NamedTuple
 
 from . import replies as R
@@ -52,7 +53,7 @@ STAT_ORDER = ("helo", "ehlo", "lhlo", "xforward", "starttls", "mail", "rcpt", "d
 
 class ServerSession:
     __slots__ = ("service", "conn", "peer", "client", "helo", "proto", "env", "tls", "closing",
-                 "idle", "last_cmd", "stats", "xforward", "greenlet")
+                 "idle_since", "last_cmd", "stats", "xforward", "greenlet")
     commands: dict[str, Command] = {}
     lmtp_only = False
 
@@ -66,7 +67,7 @@ class ServerSession:
         self.env: Envelope | None = None
         self.tls = False
         self.closing = False
-        self.idle = False
+        self.idle_since = 0.0  # when it began waiting for a command with no transaction open
         self.last_cmd = "CONNECT"
         self.stats: dict[str, list[int]] | None = None
         self.xforward: dict[str, str] | None = None
@@ -103,9 +104,7 @@ class ServerSession:
             self.reply(R.R220_BANNER.format(host=self.service.hostname))
             limit = self.service.limits.line_length_limit
             while not self.closing:
-                self.idle = self.env is None
-                if self.idle and self.service.draining and not self.conn.pending():
-                    raise Drain()
+                self.idle_since = time.monotonic() if self.env is None else 0.0
                 try:
                     line = self.conn.readline(limit)
                 except LineTooLong:
@@ -113,7 +112,7 @@ class ServerSession:
                     self.reply(R.R500_LINE_TOO_LONG)
                     continue
                 finally:
-                    self.idle = False
+                    self.idle_since = 0.0
                 self.dispatch(line)
             self.conn.flush()
         except Timeout:
@@ -132,10 +131,17 @@ class ServerSession:
             self.on_close()
             log.info("disconnect from %s%s", self.client, self.stats_text())
 
+    def drainable(self, now: float, grace: float) -> bool:
+        """Idle, with no transaction, for `grace` seconds: a stopping worker may close it.
+
+        The grace keeps a stop or reload from closing a session that was just accepted or
+        whose QUIT is on its way.
+        """
+        return bool(self.idle_since) and now - self.idle_since >= grace
+
     def say_last(self, reply: R.Reply) -> None:
-        """A final reply before closing; the peer may already be gone."""
+        """A final reply before closing, after any reply still queued; the peer may be gone."""
         try:
-            self.conn.out = []
             self.conn.timeout = min(self.conn.timeout, 10.0)
             self.reply(reply)
             self.conn.flush()
@@ -272,7 +278,8 @@ class ServerSession:
         if not env.queue_id:
             forwarded = self.xforward or {}
             env.queue_id = forwarded.get("IDENT") or new_queue_id()
-            client = (f"{forwarded.get('NAME', 'unknown')}[{forwarded['ADDR']}]"
+            name = forwarded.get("NAME", "[UNAVAILABLE]")
+            client = (f"{'unknown' if name.startswith('[') else name}[{forwarded['ADDR']}]"
                       if "ADDR" in forwarded else self.client)
             self.service.log.info("%s: client=%s", env.queue_id, client)
         env.rcpts.append(address)

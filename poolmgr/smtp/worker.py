@@ -6,18 +6,20 @@ block the whole worker). A `StreamServer` with a pool of `smtp.max_sessions_per_
 greenlets accepts; when the pool is full the worker stops accepting and the kernel's listen
 queue feeds the other workers.
 
-Signals: SIGTERM drains (stop accepting, close idle sessions with 421, let transactions finish
-for `master.graceful_timeout`, then 421 to the rest and exit 0); SIGQUIT exits at once; SIGUSR1
-reopens the log file.
+Signals: SIGTERM drains (stop accepting; a session idle with no transaction for
+DRAIN_IDLE_GRACE seconds gets 421 and is closed; transactions finish; after
+`master.graceful_timeout` the rest get 421) and exits 0; SIGQUIT exits at once; SIGUSR1 reopens
+the log file.
 
 Exports: main.
 """
 
 import os
 import signal
+import time
 
 from .. import log
-from ..process import WorkerContext, set_title
+from ..process import DRAIN_IDLE_GRACE, WorkerContext, set_title
 
 
 def _tls_context(cfg, logger):
@@ -69,23 +71,25 @@ def main(ctx: WorkerContext) -> int:
     server = gevent.server.StreamServer(listener, handle, spawn=sessions)
 
     def close_sessions(idle_only: bool) -> None:
+        now = time.monotonic()
         for session in list(service.sessions):
-            if session.greenlet is not None and (session.idle or not idle_only):
+            if session.greenlet is not None and (
+                    not idle_only or session.drainable(now, DRAIN_IDLE_GRACE)):
                 session.greenlet.kill(Drain, block=False)
 
-    def finish() -> None:
-        sessions.join(timeout=cfg.master.graceful_timeout)
-        close_sessions(idle_only=False)
-        sessions.join(timeout=10)
-        stopped.set()
-
     def drain() -> None:
+        """Stop accepting; close sessions as they fall idle; after the grace, close all."""
         if service.draining:
             return
         service.draining = True
         server.close()
-        close_sessions(idle_only=True)
-        gevent.spawn(finish)
+        deadline = time.monotonic() + cfg.master.graceful_timeout
+        while len(sessions) and time.monotonic() < deadline:
+            close_sessions(idle_only=True)
+            sessions.join(timeout=0.5)
+        close_sessions(idle_only=False)
+        sessions.join(timeout=10)
+        stopped.set()
 
     def heartbeat() -> None:
         title = None
@@ -99,7 +103,7 @@ def main(ctx: WorkerContext) -> int:
                 title = new_title
             gevent.sleep(1.0)
 
-    gevent.signal_handler(signal.SIGTERM, drain)
+    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(drain))
     gevent.signal_handler(signal.SIGQUIT, lambda: os._exit(0))
     gevent.signal_handler(signal.SIGUSR1, log.reopen)
     server.start()

@@ -1,0 +1,262 @@
+"""The master with real processes: status, signals, ctl, supervision, stopping."""
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+
+from helpers import Raw, message, wait_until
+
+
+def titles(pm) -> list[str]:
+    out = []
+    for child in psutil.Process(pm.proc.pid).children():
+        try:
+            out.append(" ".join(child.cmdline()))
+        except psutil.Error:
+            pass
+    return out
+
+
+def smtp_titles(pm) -> list[str]:
+    return [t for t in titles(pm) if t.startswith("poolmgr: smtp worker") and "draining" not in t]
+
+
+def test_status_json_contract(make_poolmgr):
+    pm = make_poolmgr()
+    status = pm.status()
+    smtp, scanner = status["pools"]["smtp"], status["pools"]["scanner"]
+    assert smtp["workers"] == 2 and scanner["workers"] == 2
+    assert smtp["slots"] == 2 * 2000 and smtp["sessions"] == 0
+    assert scanner["busy"] == 0
+    assert (smtp["floor"], smtp["ceiling"], scanner["floor"], scanner["ceiling"]) == (2, 6, 2, 4)
+    assert status["master"]["pid"] == pm.proc.pid
+    table = pm.run_cli("status").stdout
+    assert re.search(r"^smtp\s+2\s+2\s+2\s+6\s+0\s+4000", table, re.M), table
+
+
+def test_process_titles_show_role_and_sessions(make_poolmgr):
+    pm = make_poolmgr()
+    assert any(t.startswith("poolmgr: master [smtp 2/6, scanner 2/4]") for t in
+               [" ".join(psutil.Process(pm.proc.pid).cmdline())])
+    clients = [Raw(pm.smtp_port, f"127.0.1.{n}") for n in range(1, 6)]
+    for client in clients:
+        client.reply()
+    wait_until(lambda: pm.status()["pools"]["smtp"]["sessions"] == 5, what="5 sessions")
+
+    def sessions_in_titles():
+        found = [re.search(r"\[(\d+) sessions\]", t) for t in smtp_titles(pm)]
+        return sum(int(m.group(1)) for m in found if m) == 5
+    wait_until(sessions_in_titles, what="titles adding up to 5 sessions")
+    assert sorted(t.split(" [")[0] for t in smtp_titles(pm)) == \
+        ["poolmgr: smtp worker 1", "poolmgr: smtp worker 2"]
+    for client in clients:
+        client.close()
+
+
+def test_ttin_ttou_resize_the_smtp_pool(make_poolmgr):
+    pm = make_poolmgr()
+    # A pending signal that arrives again is merged by the kernel: space them like a person.
+    pm.send_signal(signal.SIGTTIN)
+    time.sleep(0.3)
+    pm.send_signal(signal.SIGTTIN)
+    status = pm.wait_workers(4, 2)
+    assert status["pools"]["smtp"]["floor"] == 4
+    wait_until(lambda: len(smtp_titles(pm)) == 4, what="4 smtp worker titles in ps")
+    pm.send_signal(signal.SIGTTOU)
+    pm.wait_workers(3, 2)
+    wait_until(lambda: len(smtp_titles(pm)) == 3, what="3 smtp worker titles in ps")
+    for _ in range(2):
+        pm.send_signal(signal.SIGTTOU)
+        time.sleep(0.3)
+    wait_until(lambda: "fewer than the 2 scanner workers" in pm.log(), what="refusal")
+    pm.wait_workers(2, 2)
+    time.sleep(1)
+    assert pm.status()["pools"]["smtp"]["workers"] == 2  # the rule held
+
+
+def test_ctl_resizes_and_enforces_the_rule(make_poolmgr):
+    pm = make_poolmgr()
+    result = pm.run_cli("ctl", "smtp", "4")
+    assert result.returncode == 0 and "smtp pool 2 -> 4 workers" in result.stdout
+    pm.wait_workers(4, 2)
+    result = pm.run_cli("ctl", "scanner", "+3")
+    assert result.returncode == 1
+    assert "refused: scanner 5 is above the pool's ceiling 4 (scanner.max_workers)" in result.stderr
+    result = pm.run_cli("ctl", "scanner", "4")
+    assert result.returncode == 0 and "scanner pool 2 -> 4 workers" in result.stdout
+    pm.wait_workers(4, 4)
+    result = pm.run_cli("ctl", "smtp", "-1")
+    assert result.returncode == 1
+    assert "refused: 3 SMTP workers would be fewer than the 4 scanner workers" in result.stderr
+    result = pm.run_cli("ctl", "smtp", "7")
+    assert result.returncode == 1 and "above the pool's ceiling 6" in result.stderr
+    pm.run_cli("ctl", "scanner", "1", check=True)
+    pm.run_cli("ctl", "smtp", "1", check=True)
+    pm.wait_workers(1, 1)
+    result = pm.run_cli("ctl", "scanner", "3")  # raises the SMTP pool with it
+    assert result.returncode == 0 and "smtp pool raised 1 -> 3 with it" in result.stdout
+    pm.wait_workers(3, 3)
+
+
+def test_killed_worker_is_replaced(make_poolmgr):
+    pm = make_poolmgr()
+    victim = pm.worker_pids("smtp")[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in pm.worker_pids("smtp") and
+               len(pm.worker_pids("smtp")) == 2, what="a replacement worker")
+    assert f"pid {victim} killed by signal 9" in pm.log()
+    with pm.smtp() as client:
+        assert client.sendmail("a@example.org", ["bob@example.test"], message()) == {}
+
+
+def test_hung_worker_is_found_by_heartbeat_and_replaced(make_poolmgr):
+    pm = make_poolmgr({"master": {"worker_timeout": "2s"}})
+    victim = pm.worker_pids("scanner")[0]
+    os.kill(victim, signal.SIGSTOP)
+    wait_until(lambda: f"pid {victim}: no heartbeat for" in pm.log(), timeout=15,
+               what="the hung worker to be noticed")
+    wait_until(lambda: victim not in pm.worker_pids("scanner") and
+               len(pm.worker_pids("scanner")) == 2, what="a replacement scanner worker")
+
+
+def test_crash_loop_is_throttled(make_poolmgr, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("x")
+    pm = make_poolmgr({"scanner": {"next_hop": f"maildir:{blocker}/maildir"}}, start=False)
+    pm.start(wait=False)
+    wait_until(pm.accepting, what="the SMTP pool")
+    time.sleep(6)
+    log = pm.log()
+    failures = len(re.findall(r"scanner worker \d+ pid \d+ exit status 1", log))
+    assert "scanner pool: worker died at start-up -- throttling for" in log
+    assert 2 <= failures <= 10, failures  # without back-off: about 12 forks a second
+    assert pm.accepting()  # the SMTP pool is unaffected
+
+
+def test_master_never_imports_gevent(make_poolmgr):
+    pm = make_poolmgr()
+    with open(f"/proc/{pm.proc.pid}/maps") as maps:
+        assert "gevent" not in maps.read()
+    with open(f"/proc/{pm.worker_pids('smtp')[0]}/maps") as maps:
+        assert "gevent" in maps.read()  # the SMTP worker has it, after its fork
+
+
+def test_control_socket_mode_and_pidfile(make_poolmgr):
+    pm = make_poolmgr()
+    sock = pm.dir / "ctl.sock"
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    assert (pm.dir / "poolmgr.pid").read_text().strip() == str(pm.proc.pid)
+    assert pm.stop() == 0
+    assert not sock.exists() and not (pm.dir / "poolmgr.pid").exists()
+
+
+def test_second_instance_is_refused(make_poolmgr):
+    pm = make_poolmgr()
+    result = subprocess.run([sys.executable, "-m", "poolmgr", "run", "-c", str(pm.config)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"poolmgr is already running (pid {pm.proc.pid}" in result.stderr
+
+
+def test_term_lets_in_flight_messages_finish_and_exits_0(make_poolmgr, make_sink):
+    sink = make_sink(extra=["-w", "3"])  # the next hop takes 3 s to answer DATA
+    pm = make_poolmgr({"scanner": {"next_hop": f"smtp:127.0.0.1:{sink.port}"}})
+    outcome = {}
+
+    def send():
+        with pm.smtp() as client:
+            outcome["refused"] = client.sendmail("a@example.org", ["bob@example.test"],
+                                                 message("in flight"))
+    sender = threading.Thread(target=send)
+    sender.start()
+    wait_until(lambda: pm.status()["pools"]["scanner"]["busy"] == 1, what="a busy scanner")
+    pm.send_signal(signal.SIGTERM)
+    assert pm.proc.wait(30) == 0
+    sender.join(10)
+    assert outcome == {"refused": {}}
+    assert len(sink.messages()) == 1
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                   for p in psutil.process_iter() if p.ppid() == pm.proc.pid)
+
+
+def test_int_is_a_fast_stop(make_poolmgr):
+    pm = make_poolmgr()
+    workers = pm.worker_pids("smtp") + pm.worker_pids("scanner")
+    idle = Raw(pm.smtp_port)
+    idle.reply()
+    started = time.monotonic()
+    pm.send_signal(signal.SIGINT)
+    assert pm.proc.wait(15) == 0
+    assert time.monotonic() - started < 5
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() !=
+                   psutil.STATUS_ZOMBIE for pid in workers)
+    idle.close()
+
+
+def test_hup_replaces_workers_without_losing_or_refusing(make_poolmgr):
+    pm = make_poolmgr()
+    before = set(pm.worker_pids("smtp") + pm.worker_pids("scanner"))
+    results, errors = [], []
+
+    def stream():
+        for n in range(40):
+            try:
+                with pm.smtp() as client:
+                    results.append(client.sendmail("a@example.org", ["bob@example.test"],
+                                                   message(f"hup {n}")))
+            except Exception as exc:  # any refusal or failure is what this test looks for
+                errors.append(repr(exc))
+            time.sleep(0.05)
+    sender = threading.Thread(target=stream)
+    sender.start()
+    time.sleep(0.5)
+    pm.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    pm.send_signal(signal.SIGHUP)
+    sender.join(120)
+    assert errors == []
+    assert results == [{}] * 40
+    assert len(pm.delivered()) == 40
+    status = pm.wait_workers(2, 2)
+    assert status["master"]["generation"] == 3
+    after = set(pm.worker_pids("smtp") + pm.worker_pids("scanner"))
+    assert not before & after
+
+
+def test_hup_with_a_bad_config_keeps_running(make_poolmgr):
+    pm = make_poolmgr()
+    good = pm.config.read_text()
+    pm.config.write_text(good + "\n[bogus]\n")
+    pm.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload failed: keeping the running configuration" in pm.log(),
+               what="the reload error")
+    assert "[bogus]: unknown section" in pm.log()
+    assert pm.status()["master"]["generation"] == 1
+    pm.config.write_text(good.replace("min_workers = 2\nmax_workers = 6",
+                                      "min_workers = 3\nmax_workers = 6"))
+    pm.send_signal(signal.SIGHUP)
+    pm.wait_workers(3, 2)
+
+
+def test_usr1_reopens_the_log_file(make_poolmgr, tmp_path):
+    logfile = tmp_path / "mail.log"
+    pm = make_poolmgr({"master": {"log_file": str(logfile)}})
+    wait_until(lambda: logfile.exists() and "daemon started" in logfile.read_text(),
+               what="the log file")
+    rotated = tmp_path / "mail.log.1"
+    logfile.rename(rotated)
+    pm.send_signal(signal.SIGUSR1)
+    wait_until(logfile.exists, what="a new log file")
+    time.sleep(0.5)  # the workers reopen on their own signal
+    with pm.smtp() as client:
+        client.noop()
+    wait_until(lambda: "noop=1 quit=1" in logfile.read_text(),
+               what="a worker's line in the new file")
+    assert "noop=1" not in rotated.read_text()
