@@ -16,6 +16,6 @@ def received(*, helo: str | None, addr: str, by: str, software: str, proto: str,
     if len(rcpts) == 1:
         lines.append(f"\tfor <{rcpts[0]}>; {date}")
     else:
-        lines[-1] += f";"
+        lines[-1] += ";"
         lines.append(f"\t{date}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")

@@ -1,0 +1,213 @@
+"""Start real poolmgr and smtp-sink processes on free loopback ports (tests and bench).
+
+Every process started here is stopped by its PID. Clients pass an explicit local hostname
+(smtplib would otherwise ask the system resolver, which is off on these machines).
+
+Exports: Poolmgr, Sink, free_port, wait_until, write_config, HELO.
+"""
+
+import json
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HELO = "client.test"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_config(path: Path, sections: dict) -> Path:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {toml_value(value)}")
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+class Poolmgr:
+    """A `poolmgr run` subprocess with its own config, ports and directory."""
+
+    def __init__(self, workdir: Path, overrides: dict | None = None):
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.smtp_port = free_port()
+        self.scanner_port = free_port()
+        self.maildir = self.dir / "maildir"
+        self.sections = {
+            "master": {"control_socket": str(self.dir / "ctl.sock"),
+                       "pidfile": str(self.dir / "poolmgr.pid"), "graceful_timeout": "10s"},
+            "smtp": {"listen": f"127.0.0.1:{self.smtp_port}", "hostname": "mx.example.test",
+                     "mydestination": ["example.test", "localhost"],
+                     "mynetworks": ["127.0.0.1/32"], "min_workers": 2, "max_workers": 6},
+            "scanner": {"listen": f"127.0.0.1:{self.scanner_port}", "min_workers": 2,
+                        "max_workers": 4, "next_hop": f"maildir:{self.maildir}"},
+        }
+        for section, values in (overrides or {}).items():
+            self.sections.setdefault(section, {}).update(values)
+        self.config = write_config(self.dir / "poolmgr.toml", self.sections)
+        self.log_path = self.dir / "poolmgr.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> "Poolmgr":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "poolmgr", "run", "-c",
+                                      str(self.config)], stdout=self._log, stderr=self._log,
+                                     cwd=self.dir)
+        if wait:
+            smtp = self.sections["smtp"]["min_workers"]
+            scanner = self.sections["scanner"]["min_workers"]
+            self.wait_workers(smtp, scanner)
+            wait_until(lambda: self.accepting(), what="SMTP banner")
+        return self
+
+    def accepting(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.smtp_port), timeout=5) as sock:
+                sock.settimeout(5)
+                return sock.recv(100).startswith(b"220")
+        except OSError:
+            return False
+
+    def run_cli(self, *args, check=False) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "poolmgr", *args, "-c", str(self.config)],
+                              capture_output=True, text=True, timeout=30, check=check)
+
+    def status(self) -> dict:
+        result = self.run_cli("status", "--json", check=True)
+        return json.loads(result.stdout)
+
+    def try_status(self) -> dict | None:
+        try:
+            return self.status()
+        except subprocess.CalledProcessError:
+            return None
+
+    def wait_workers(self, smtp: int, scanner: int, timeout: float = 20.0) -> dict:
+        def ready():
+            status = self.try_status()
+            if status and status["pools"]["smtp"]["workers"] == smtp and \
+                    status["pools"]["scanner"]["workers"] == scanner and \
+                    status["pools"]["smtp"]["draining"] == 0 and \
+                    status["pools"]["scanner"]["draining"] == 0:
+                return status
+            return None
+        return wait_until(ready, timeout, 0.2, f"{smtp} smtp and {scanner} scanner workers")
+
+    def worker_pids(self, kind: str) -> list[int]:
+        return [w["pid"] for w in self.status()["pools"][kind]["worker_list"]
+                if w["state"] == "running"]
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def delivered(self) -> list[bytes]:
+        new = self.maildir / "new"
+        return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
+
+    def smtp(self, source: str = "127.0.0.1", timeout: float = 30) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=timeout, local_hostname=HELO,
+                            source_address=(source, 0))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            raise
+
+    def kill_all(self) -> None:
+        """Last resort in teardown: kill the master and its workers by PID."""
+        if self.proc is None:
+            return
+        try:
+            import psutil
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except Exception:
+            children = []
+        for proc in [self.proc, *children]:
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.proc.wait(10)
+
+
+class Sink:
+    """Postfix's smtp-sink on a loopback port, dumping each message to a file."""
+
+    def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None):
+        self.port = port or free_port()
+        # smtp-sink drops privileges to nobody when run as root: pytest's tmp dirs are 0700,
+        # so the dumps go to a directory of their own that nobody can reach.
+        self.dir = Path(tempfile.mkdtemp(prefix=f"poolmgr-sink-{self.port}-"))
+        os.chmod(self.dir, 0o777)
+        self.extra = extra or []
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Sink":
+        command = [shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"]
+        if os.geteuid() == 0:
+            command += ["-u", "nobody"]
+        command += ["-d", str(self.dir / "%Y%m%d%H%M%S."), *self.extra,
+                    f"127.0.0.1:{self.port}", "256"]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_until(self._up, what="smtp-sink")
+        return self
+
+    def _up(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+            return True
+        except OSError:
+            return False
+
+    def messages(self) -> list[bytes]:
+        return [p.read_bytes() for p in sorted(self.dir.iterdir()) if p.is_file()]
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
