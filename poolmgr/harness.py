@@ -83,6 +83,12 @@ class Poolmgr:
         self.log_path = self.dir / "poolmgr.log"
         self.proc: subprocess.Popen | None = None
 
+    def configure(self, section: str, **values) -> "Poolmgr":
+        """Change settings before start (for values that need this instance's own ports)."""
+        self.sections.setdefault(section, {}).update(values)
+        write_config(self.config, self.sections)
+        return self
+
     def start(self, wait: bool = True) -> "Poolmgr":
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "poolmgr", "run", "-c",

@@ -37,6 +37,7 @@ def test_status_json_contract(make_poolmgr):
     assert scanner["busy"] == 0
     assert (smtp["floor"], smtp["ceiling"], scanner["floor"], scanner["ceiling"]) == (2, 6, 2, 4)
     assert status["master"]["pid"] == pm.proc.pid
+    assert re.search(r"open files limit: \d+ \(hard limit \d+\)", pm.log())
     table = pm.run_cli("status").stdout
     assert re.search(r"^smtp\s+2\s+2\s+2\s+6\s+0\s+4000", table, re.M), table
 

@@ -10,7 +10,7 @@ import smtplib
 
 import pytest
 
-from helpers import HELO, message, wait_until, write_config
+from helpers import HELO, message, wait_until
 from postfix import Postfix
 
 
@@ -18,8 +18,7 @@ from postfix import Postfix
 def postfix_and_poolmgr(make_poolmgr):
     pm = make_poolmgr(start=False)
     postfix = Postfix(pm.scanner_port)
-    pm.sections["scanner"]["next_hop"] = f"smtp:127.0.0.1:{postfix.reinject_port}"
-    write_config(pm.config, pm.sections)
+    pm.configure("scanner", next_hop=f"smtp:127.0.0.1:{postfix.reinject_port}")
     try:
         postfix.start()
         pm.start()

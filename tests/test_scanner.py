@@ -1,0 +1,90 @@
+"""The scanner pool on its own: LMTP both ways, recycling, access control, XFORWARD."""
+
+import smtplib
+
+import pytest
+
+from helpers import HELO, Raw, message, wait_until
+
+
+def test_lmtp_next_hop_and_lmtp_hand_off(make_poolmgr):
+    """poolmgr A re-injects over LMTP into poolmgr B's scanner pool, a real LMTP server."""
+    downstream = make_poolmgr(name="downstream")
+    upstream = make_poolmgr({"scanner": {
+        "next_hop": f"lmtp:127.0.0.1:{downstream.scanner_port}"}}, start=False, name="upstream")
+    upstream.configure("smtp", proxy_filter=f"lmtp:127.0.0.1:{upstream.scanner_port}").start()
+    with upstream.smtp() as client:
+        assert client.sendmail("alice@example.org", ["bob@example.test", "carol@example.test"],
+                               message("over lmtp")) == {}
+    (delivered,) = downstream.delivered()
+    assert b"Subject: over lmtp" in delivered
+    assert delivered.count(b"X-Poolmgr-Scan: clean") == 2  # scanned by both scanner pools
+    assert "lhlo=1" in downstream.log() and "lhlo=1" in upstream.log()
+
+
+def test_lmtp_gives_one_reply_per_recipient(make_poolmgr):
+    pm = make_poolmgr()
+    raw = Raw(pm.scanner_port)
+    assert raw.reply()[0] == 220
+    raw.send(b"LHLO upstream.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\n"
+             b"RCPT TO:<c@example.test>\r\nDATA\r\n")
+    code, lines = raw.reply()
+    assert code == 250 and "250-PIPELINING" in lines
+    assert [raw.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+    raw.send(b"Subject: two\r\n\r\nhi\r\n.\r\n")
+    assert [raw.reply()[0] for _ in range(2)] == [250, 250]
+    raw.close()
+
+
+def test_xforward_names_the_real_client(make_poolmgr):
+    pm = make_poolmgr()
+    raw = Raw(pm.scanner_port)
+    raw.reply()
+    raw.send(b"EHLO mx.test\r\n")
+    code, lines = raw.reply()
+    assert any(line[4:].startswith("XFORWARD NAME ADDR") for line in lines)
+    raw.send(b"XFORWARD NAME=spike.example ADDR=192.0.2.55 PROTO=ESMTP HELO=spike\r\n"
+             b"XFORWARD IDENT=ABCDEF1234 SOURCE=REMOTE\r\n"
+             b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+    assert [raw.reply()[0] for _ in range(5)] == [250, 250, 250, 250, 354]
+    raw.send(b"Subject: forwarded\r\n\r\nhi\r\n.\r\nXFORWARD FROB=1\r\nQUIT\r\n")
+    assert raw.reply()[0] == 250
+    assert raw.reply()[1][-1].startswith("501 5.5.4")
+    assert raw.reply()[0] == 221
+    assert "ABCDEF1234: client=spike.example[192.0.2.55]" in pm.log()
+
+
+def test_scanner_refuses_clients_outside_inet_acl(make_poolmgr):
+    pm = make_poolmgr({"scanner": {"inet_acl": ["127.0.0.1/32"]}})
+    raw = Raw(pm.scanner_port, source="127.0.0.9")
+    code, lines = raw.reply()
+    assert code == 554 and lines[-1] == "554 5.7.1 Error: access denied for 127.0.0.9"
+    assert raw.closed()
+
+
+def test_scanner_workers_are_recycled_after_max_requests(make_poolmgr):
+    pm = make_poolmgr({"scanner": {"max_requests": 2}})
+    first = set(pm.worker_pids("scanner"))
+    with pm.smtp() as client:
+        for n in range(6):
+            assert client.sendmail("a@example.org", ["bob@example.test"],
+                                   message(f"recycle {n}")) == {}
+    assert len(pm.delivered()) == 6
+    wait_until(lambda: "recycling after 2 messages (scanner.max_requests)" in pm.log(),
+               what="a recycled scanner worker")
+    status = pm.wait_workers(2, 2)
+    assert first - {w["pid"] for w in status["pools"]["scanner"]["worker_list"]}
+    assert status["pools"]["scanner"]["counters"]["scanned"] == 6  # counters outlive workers
+
+
+def test_scanner_as_a_plain_smtp_content_filter(make_poolmgr):
+    """What Postfix's smtp client does with content_filter: SMTP, no XFORWARD needed."""
+    pm = make_poolmgr()
+    with smtplib.SMTP("127.0.0.1", pm.scanner_port, local_hostname=HELO, timeout=30) as client:
+        assert client.sendmail("a@example.org", ["x@anywhere.example"], message("filter")) == {}
+        with pytest.raises(smtplib.SMTPDataError) as info:
+            client.sendmail("a@example.org", ["x@anywhere.example"], message(
+                "v", "X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*\r\n"))
+        assert info.value.smtp_code == 554
+    (delivered,) = pm.delivered()
+    assert b"Subject: filter" in delivered and b"X-Poolmgr-Scan: clean" in delivered
