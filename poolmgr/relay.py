@@ -115,9 +115,13 @@ def _transaction(conn: Conn, hop: NextHop, msg: Outgoing, helo: str, timeouts,
         reply, lines = _read_reply(conn, deadline, timeouts.mail)
     if not reply.ok:
         raise RelayError("helo", f"server said {reply}")
-    extensions = {line.split()[0].upper() for line in lines[1:] if line.split()}
-    if msg.xforward and "XFORWARD" in extensions:
-        for line in _xforward_lines(msg.xforward):
+    extensions = {words[0].upper(): [w.upper() for w in words[1:]]
+                  for words in (line.split() for line in lines[1:]) if words}
+    # Send only the attributes the server named: an unknown one would get 501 (XFORWARD_README).
+    xforward = {key: value or "[UNAVAILABLE]" for key, value in msg.xforward.items()
+                if key in extensions.get("XFORWARD", ())}
+    if xforward:
+        for line in _xforward_lines(xforward):
             _command(conn, line)
             reply, _ = _read_reply(conn, deadline, timeouts.mail)
             if not reply.ok:

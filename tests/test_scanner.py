@@ -88,3 +88,56 @@ def test_scanner_as_a_plain_smtp_content_filter(make_poolmgr):
         assert info.value.smtp_code == 554
     (delivered,) = pm.delivered()
     assert b"Subject: filter" in delivered and b"X-Poolmgr-Scan: clean" in delivered
+
+
+def test_relay_sends_only_the_xforward_attributes_the_server_offers():
+    """An older next hop that offers fewer attributes must not get a 501 (and 451 forever)."""
+    import socket
+    import threading
+    import time
+
+    from poolmgr import config, relay
+    from poolmgr.config import NextHop
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    seen = []
+
+    def serve():
+        conn, _ = server.accept()
+        reader = conn.makefile("rb")
+        conn.sendall(b"220 old.example ESMTP\r\n")
+        in_data = False
+        for raw in reader:
+            line = raw.rstrip(b"\r\n")
+            seen.append(line)
+            if in_data:
+                if line == b".":
+                    in_data = False
+                    conn.sendall(b"250 2.0.0 Ok: queued\r\n")
+            elif line.startswith(b"EHLO"):
+                conn.sendall(b"250-old.example\r\n250 XFORWARD NAME ADDR\r\n")
+            elif line.startswith(b"XFORWARD") and (b"PORT=" in line or b"HELO=" in line):
+                conn.sendall(b"501 5.5.4 Bad XFORWARD attribute name\r\n")
+            elif line == b"DATA":
+                in_data = True
+                conn.sendall(b"354 go ahead\r\n")
+            elif line == b"QUIT":
+                conn.sendall(b"221 Bye\r\n")
+                break
+            else:
+                conn.sendall(b"250 2.0.0 Ok\r\n")
+        conn.close()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    message = relay.Outgoing("a@example.org", ["b@example.test"], b"Subject: x\r\n\r\nhi\r\n",
+                             xforward={"NAME": "[UNAVAILABLE]", "ADDR": "192.0.2.1",
+                                       "PORT": "2525", "HELO": ""})
+    replies = relay.send(NextHop("smtp", "127.0.0.1", server.getsockname()[1]), message,
+                         helo="mx.test", timeouts=config.load(None).timeouts,
+                         deadline=time.monotonic() + 10)
+    thread.join(5)
+    server.close()
+    assert [r.code for r in replies] == [250]
+    assert b"XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.1" in seen
