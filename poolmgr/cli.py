@@ -46,6 +46,8 @@ def cmd_run(args) -> int:
 
 def cmd_check(args) -> int:
     cfg = _load(_config_path(args))
+    for warning in cfg.warnings:
+        print(f"poolmgr: warning: {warning}", file=sys.stderr)
     print(f"poolmgr: {cfg.path}: configuration OK")
     return 0
 

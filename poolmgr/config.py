@@ -68,10 +68,12 @@ class Section:
 
 
 class Config:
-    """The whole validated configuration: `cfg.smtp.max_workers`, `cfg.path`."""
+    """The whole validated configuration: `cfg.smtp.max_workers`, `cfg.path`, `cfg.warnings`."""
 
-    def __init__(self, path: str, sections: dict[str, dict[str, Any]]):
+    def __init__(self, path: str, sections: dict[str, dict[str, Any]],
+                 warnings: list[str] | None = None):
         self.path = path
+        self.warnings = warnings or []  # mended problems, logged at start and by check
         self._sections = {name: Section(values) for name, values in sections.items()}
 
     def __getattr__(self, name: str) -> Section:
@@ -79,6 +81,13 @@ class Config:
             return self._sections[name]
         except KeyError:
             raise AttributeError(name) from None
+
+    def pool_limits(self, kind: str) -> tuple[int, int]:
+        """(floor, ceiling) of a pool at start, with the pools' rule applied."""
+        smtp, scanner = self._sections["smtp"], self._sections["scanner"]
+        if kind == "smtp":
+            return max(smtp.min_workers, scanner.min_workers), smtp.max_workers
+        return scanner.min_workers, min(scanner.max_workers, smtp.max_workers)
 
     def get(self, name: str) -> Any:
         section, key = name.split(".", 1)
@@ -245,19 +254,24 @@ def _convert(setting: Setting, value: Any) -> Any:
     return result
 
 
-def _cross_check(sections: dict[str, dict[str, Any]], err) -> None:
+def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
     smtp, scanner = sections["smtp"], sections["scanner"]
     for pool in (smtp, scanner):
         name = "smtp" if pool is smtp else "scanner"
         if pool["min_workers"] > pool["max_workers"]:
             err(f"{name}.min_workers", f"{pool['min_workers']} is above "
                 f"{name}.max_workers ({pool['max_workers']})")
-    if scanner["min_workers"] > smtp["min_workers"]:
-        err("scanner.min_workers", f"{scanner['min_workers']} scanner workers would outnumber "
-            f"smtp.min_workers ({smtp['min_workers']}): never fewer SMTP than scanner workers")
+    # Never fewer SMTP than scanner workers: what can be mended is mended, and said.
+    if scanner["min_workers"] > smtp["max_workers"]:
+        err("scanner.min_workers", f"{scanner['min_workers']} scanner workers need as many SMTP "
+            f"workers, above smtp.max_workers ({smtp['max_workers']})")
+    elif scanner["min_workers"] > smtp["min_workers"]:
+        warn("scanner.min_workers", f"{scanner['min_workers']} is above smtp.min_workers "
+             f"({smtp['min_workers']}); the SMTP pool starts at {scanner['min_workers']} so that "
+             f"scanner workers never outnumber SMTP workers")
     if scanner["max_workers"] > smtp["max_workers"]:
-        err("scanner.max_workers", f"{scanner['max_workers']} is above smtp.max_workers "
-            f"({smtp['max_workers']}): never fewer SMTP than scanner workers")
+        warn("scanner.max_workers", f"{scanner['max_workers']} is above smtp.max_workers "
+             f"({smtp['max_workers']}); the scanner pool's ceiling is {smtp['max_workers']}")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
     if smtp["max_sessions_per_worker"] > limit - 100:
@@ -270,8 +284,9 @@ def _cross_check(sections: dict[str, dict[str, Any]], err) -> None:
         if smtp[key] and not os.access(smtp[key], os.R_OK):
             err(f"smtp.{key}", f"cannot read {smtp[key]}")
     if smtp["proxy_filter"] is None and scanner["timeout"] >= smtp["proxy_timeout"]:
-        err("scanner.timeout", f"{scanner['timeout']:g}s must be below smtp.proxy_timeout "
-            f"({smtp['proxy_timeout']:g}s), or the SMTP worker gives up before the scanner answers")
+        warn("scanner.timeout", f"{scanner['timeout']:g}s is not below smtp.proxy_timeout "
+             f"({smtp['proxy_timeout']:g}s): a slow scan gets 451 from the SMTP worker and may be "
+             f"delivered twice when the client retries")
     if smtp["listen"] == scanner["listen"]:
         err("scanner.listen", "must differ from smtp.listen")
 
@@ -289,10 +304,14 @@ def _expand(sections: dict[str, dict[str, Any]]) -> None:
 
 def from_dict(data: dict[str, Any], path: str = EMBEDDED) -> Config:
     errors: list[str] = []
+    warnings: list[str] = []
 
-    def err(name: str, reason: str) -> None:
+    def err(name: str, reason: str, into: list[str] = errors) -> None:
         section, key = name.split(".", 1)
-        errors.append(f"{path}: [{section}] {key}: {reason}")
+        into.append(f"{path}: [{section}] {key}: {reason}")
+
+    def warn(name: str, reason: str) -> None:
+        err(name, reason, warnings)
 
     known = {}
     for setting in SETTINGS:
@@ -319,11 +338,11 @@ def from_dict(data: dict[str, Any], path: str = EMBEDDED) -> Config:
             value = None
         sections.setdefault(setting.section, {})[setting.key] = value
     if not errors:
-        _cross_check(sections, err)
+        _cross_check(sections, err, warn)
     if errors:
         raise ConfigError(errors)
     _expand(sections)
-    return Config(path, sections)
+    return Config(path, sections, warnings)
 
 
 def load(path: str | None) -> Config:

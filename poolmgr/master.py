@@ -63,9 +63,8 @@ class Master:
         self.started = time.time()
         self.board = Board()
         self.pools = {
-            "smtp": Pool("smtp", cfg.smtp.min_workers, cfg.smtp.max_workers, smtp_worker.main),
-            "scanner": Pool("scanner", cfg.scanner.min_workers, cfg.scanner.max_workers,
-                            scanner_worker.main),
+            "smtp": Pool("smtp", *cfg.pool_limits("smtp"), smtp_worker.main),
+            "scanner": Pool("scanner", *cfg.pool_limits("scanner"), scanner_worker.main),
         }
 
     # -- setup and teardown
@@ -94,6 +93,8 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, "wakeup")
         self.selector.register(self.control, selectors.EVENT_READ, "control")
+        for warning in cfg.warnings:
+            self.log.warning("%s", warning)
         self.log.info("daemon started -- version %s, configuration %s, smtp %s, scanner %s",
                       __import__("poolmgr").__version__, cfg.path,
                       format_address(cfg.smtp.listen), format_address(cfg.scanner.listen))
@@ -286,10 +287,12 @@ class Master:
             if new.get(key) != old.get(key):
                 self.log.error("reload refused: %s changed; restart poolmgr to apply it", key)
                 return
+        for warning in new.warnings:
+            self.log.warning("reload: %s", warning)
         for kind in ("smtp", "scanner"):
-            pool, was, now = self.pools[kind], getattr(old, kind), getattr(new, kind)
-            floor = now.min_workers if now.min_workers != was.min_workers else pool.floor
-            pool.set_limits(floor, now.max_workers)
+            pool = self.pools[kind]
+            (was_floor, _), (floor, ceiling) = old.pool_limits(kind), new.pool_limits(kind)
+            pool.set_limits(floor if floor != was_floor else pool.floor, ceiling)
         smtp, scanner = self.pools["smtp"], self.pools["scanner"]
         if scanner.target > smtp.target:
             smtp.target = smtp.floor = min(scanner.target, smtp.ceiling)

@@ -68,15 +68,27 @@ def test_all_errors_are_reported_with_file_and_key(tmp_path):
     assert len(errors) == 5
 
 
-def test_cross_checks(tmp_path):
+def test_pool_rule_in_config_is_mended_with_a_warning(tmp_path):
+    path = tmp_path / "rule.toml"
+    path.write_text("[smtp]\nmin_workers = 1\nmax_workers = 3\n"
+                    "[scanner]\nmin_workers = 2\nmax_workers = 4\ntimeout = \"400s\"\n")
+    cfg = config.load(str(path))
+    text = "\n".join(cfg.warnings)
+    assert "[scanner] min_workers: 2 is above smtp.min_workers (1); the SMTP pool starts at 2" in text
+    assert "[scanner] max_workers: 4 is above smtp.max_workers (3)" in text
+    assert "[scanner] timeout: 400s is not below smtp.proxy_timeout (300s)" in text
+    assert cfg.pool_limits("smtp") == (2, 3) and cfg.pool_limits("scanner") == (2, 3)
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0 and "poolmgr: warning:" in result.stderr
+
+
+def test_impossible_pool_rule_is_an_error(tmp_path):
     path = tmp_path / "rule.toml"
     path.write_text("[smtp]\nmin_workers = 2\nmax_workers = 3\n"
-                    "[scanner]\nmin_workers = 3\nmax_workers = 4\n")
-    with pytest.raises(ConfigError) as info:
+                    "[scanner]\nmin_workers = 4\nmax_workers = 4\n")
+    with pytest.raises(ConfigError, match=r"\[scanner\] min_workers: 4 scanner workers need as "
+                                          r"many SMTP workers, above smtp.max_workers \(3\)"):
         config.load(str(path))
-    text = "\n".join(info.value.errors)
-    assert "[scanner] min_workers: 3 scanner workers would outnumber smtp.min_workers" in text
-    assert "[scanner] max_workers: 4 is above smtp.max_workers" in text
 
 
 def test_too_many_sessions_for_the_open_files_limit(tmp_path):

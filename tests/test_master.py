@@ -261,3 +261,11 @@ def test_usr1_reopens_the_log_file(make_poolmgr, tmp_path):
     wait_until(lambda: "noop=1 quit=1" in logfile.read_text(),
                what="a worker's line in the new file")
     assert "noop=1" not in rotated.read_text()
+
+
+def test_config_with_fewer_smtp_than_scanner_workers_starts_with_the_rule_applied(make_poolmgr):
+    pm = make_poolmgr({"smtp": {"min_workers": 1}, "scanner": {"min_workers": 2}}, start=False)
+    pm.start(wait=False)
+    status = pm.wait_workers(2, 2)
+    assert status["pools"]["smtp"]["floor"] == 2
+    assert "warning: " in pm.log() and "the SMTP pool starts at 2" in pm.log()
