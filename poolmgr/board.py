@@ -12,6 +12,8 @@ import mmap
 import struct
 import time
 
+from .defence.policy import REASONS
+
 # Cumulative per-worker counters, by index. Append only: the layout is shared by all processes.
 COUNTERS = (
     "connections",          # SMTP sessions accepted
@@ -22,7 +24,8 @@ COUNTERS = (
     "handoff_wait_ms",      # total time spent in hand-offs, milliseconds
     "scanned",              # messages a scanner worker finished
     "scan_ms",              # total scanner time, milliseconds
-)
+    "legit",                # sessions classified legit when they closed
+) + tuple("nuisance_" + reason for reason in REASONS)  # ... or with one nuisance reason
 _NCOUNTERS = 32
 SLOTS = 1024  # generous: pools of up to 128 workers each, plus workers still draining
 # pid, kind, generation, number, heartbeat, started, sessions, busy, counters[32]

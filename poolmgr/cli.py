@@ -53,7 +53,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_config(args) -> int:
-    sys.stdout.write(config.render_default())
+    sys.stdout.write(config.render_reference() if args.markdown else config.render_default())
     return 0
 
 
@@ -130,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_run)
     with_config(sub.add_parser("check", help="validate a configuration file")).set_defaults(
         func=cmd_check)
-    sub.add_parser("config", help="print the documented default configuration").set_defaults(
-        func=cmd_config)
+    conf = sub.add_parser("config", help="print the documented default configuration")
+    conf.add_argument("--markdown", action="store_true",
+                      help="print the configuration reference as Markdown (README)")
+    conf.set_defaults(func=cmd_config)
     status = with_config(sub.add_parser("status", help="show pools and counters"))
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--socket", help="control socket path (overrides the config)")

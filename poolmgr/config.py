@@ -207,6 +207,28 @@ def _parse_rules(value: Any) -> tuple:
     return tuple(rules)
 
 
+def _parse_nameserver(text: str) -> tuple[str, int]:
+    """'127.0.0.1:5353', '[::1]:53', '::1', '10.0.0.1' -> (host, port); port 53 by default."""
+    text = text.strip()
+    if text.startswith("[") or text.count(":") == 1:
+        return parse_address(text)
+    ipaddress.ip_address(text)  # a bare IPv4 or IPv6 address
+    return (text, 53)
+
+
+def _read_cidr_file(path: str) -> tuple:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError as exc:
+        raise OSError(f"cannot read {path}: {exc.strerror}") from None
+    words = [line.split("#", 1)[0].strip() for line in lines]
+    try:
+        return _parse_cidrs([w for w in words if w])
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
 def _convert(setting: Setting, value: Any) -> Any:
     kind = setting.kind
     if kind == "str":
@@ -245,8 +267,21 @@ def _convert(setting: Setting, value: Any) -> Any:
         result = _parse_filter(value)
     elif kind == "rules":
         result = _parse_rules(value)
-    else:  # pragma: no cover - a programming error in SETTINGS
-        raise AssertionError(kind)
+    elif kind == "sites":
+        from .defence.dnsbl import parse_site
+        if isinstance(value, str):
+            value = value.replace(",", " ").split()
+        if not isinstance(value, list):
+            raise ValueError("expected a list like [\"zen.example*3\"]")
+        result = tuple(parse_site(str(v)) for v in value)
+    elif kind == "addresses":
+        if isinstance(value, str):
+            value = value.replace(",", " ").split()
+        if not isinstance(value, list):
+            raise ValueError("expected a list like [\"127.0.0.1:5353\"]")
+        result = tuple(_parse_nameserver(str(v)) for v in value)
+    if setting.choices and result not in setting.choices:
+        raise ValueError(f"must be one of {', '.join(setting.choices)}, got {value!r}")
     if setting.min is not None and isinstance(result, (int, float)) and result < setting.min:
         raise ValueError(f"must be at least {setting.min:g}, got {value!r}")
     if setting.max is not None and isinstance(result, (int, float)) and result > setting.max:
@@ -261,6 +296,13 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
         if pool["min_workers"] > pool["max_workers"]:
             err(f"{name}.min_workers", f"{pool['min_workers']} is above "
                 f"{name}.max_workers ({pool['max_workers']})")
+    defence = sections["defence"]
+    for kind in ("allowlist", "denylist"):
+        if defence[f"{kind}_file"]:
+            try:
+                defence[kind] = defence[kind] + _read_cidr_file(defence[f"{kind}_file"])
+            except (OSError, ValueError) as exc:
+                err(f"defence.{kind}_file", str(exc))
     # Never fewer SMTP than scanner workers: what can be mended is mended, and said.
     if scanner["min_workers"] > smtp["max_workers"]:
         err("scanner.min_workers", f"{scanner['min_workers']} scanner workers need as many SMTP "
@@ -400,3 +442,21 @@ def render_default() -> str:
         else:
             lines += [f"{setting.key} = {_toml_value(setting.default)}", ""]
     return "\n".join(lines)
+
+
+def render_reference() -> str:
+    """The configuration reference of the README, as Markdown tables."""
+    lines, current = [], None
+    for setting in SETTINGS:
+        if setting.section != current:
+            current = setting.section
+            lines += ["", f"**[{current}]** {SECTION_HELP[current].splitlines()[0]}", "",
+                      "| key | default | meaning |", "|---|---|---|"]
+        if setting.key.endswith("_mode"):
+            default = f"0o{setting.default:o}"
+        else:
+            default = _toml_value(setting.default)
+        text = " ".join(line.strip() for line in setting.help.splitlines()
+                        if not line.startswith("  ")).replace("|", "\\|")
+        lines.append(f"| `{setting.key}` | `{default}` | {text} |")
+    return "\n".join(lines) + "\n"

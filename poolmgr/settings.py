@@ -36,7 +36,12 @@ SECTION_HELP = {
         "next hop. Defaults are the minimums of RFC 5321 section 4.5.3.2."
     ),
     "scanner": "The scanner pool: amavisd-style content-scanner workers, one message at a time.",
+    "defence": (
+        "Storm defences in the SMTP pool (postscreen and anvil class). Actions: ignore (log only),\n"
+        "enforce (answer, but reject every RCPT with 550 5.7.1 and the reason), drop (521, close)."
+    ),
 }
+ACTIONS = ("ignore", "enforce", "drop")
 
 S = Setting
 SETTINGS: tuple[Setting, ...] = (
@@ -151,4 +156,51 @@ SETTINGS: tuple[Setting, ...] = (
       "  header = \"Subject\"         # a header name; or  body = true  for the body\n"
       "  pattern = \"(?i)lottery\"    # a Python regular expression\n"
       "  action = \"reject\"          # reject (554 5.7.1) or tag (header only)"),
+    # [defence]
+    S("defence", "allowlist", "cidrs", [],
+      "Networks that skip every test below (Postfix: postscreen_access_list permit)."),
+    S("defence", "allowlist_file", "path", "",
+      "A file of allowlisted networks, one CIDR per line, # comments."),
+    S("defence", "denylist", "cidrs", [],
+      "Networks that get denylist_action (Postfix: postscreen_access_list reject)."),
+    S("defence", "denylist_file", "path", "",
+      "A file of denylisted networks, one CIDR per line, # comments."),
+    S("defence", "denylist_action", "str", "drop",
+      "Action for denylisted clients (Postfix: postscreen_blacklist_action).", choices=ACTIONS),
+    S("defence", "greet_wait", "duration", "2s",
+      "The banner is sent in two parts ('220-' at once, '220 ' after this pause); a client that\n"
+      "talks before the end is a bot (Postfix: postscreen_greet_wait). 0 turns the test off.",
+      min=0, max=60),
+    S("defence", "greet_action", "str", "enforce",
+      "Action for clients that talk before the banner (Postfix: postscreen_greet_action).",
+      choices=ACTIONS),
+    S("defence", "greet_ttl", "duration", "1d",
+      "A client that passed the greet test skips it for this long (Postfix: postscreen_greet_ttl).",
+      min=0),
+    S("defence", "dnsbl_sites", "sites", [],
+      "DNS blocklists with optional reply filter and weight (Postfix: postscreen_dnsbl_sites),\n"
+      "e.g. [\"zen.example*3\", \"bl.example=127.0.0.[2..11]*2\", \"allow.example=127.0.0.2*-2\"]."),
+    S("defence", "dnsbl_threshold", "int", 1,
+      "A client whose summed DNSBL weight reaches this gets dnsbl_action\n"
+      "(Postfix: postscreen_dnsbl_threshold).", min=1),
+    S("defence", "dnsbl_allowlist_threshold", "int", 0,
+      "A client whose summed weight is at or below this negative number skips the other tests\n"
+      "(Postfix: postscreen_dnsbl_allowlist_threshold); 0 turns it off.", max=0),
+    S("defence", "dnsbl_action", "str", "enforce",
+      "Action for clients at or above dnsbl_threshold (Postfix: postscreen_dnsbl_action).",
+      choices=ACTIONS),
+    S("defence", "dnsbl_timeout", "duration", "5s",
+      "How long to wait for DNSBL answers, counted from connect; a site that has not answered\n"
+      "by then scores nothing and the session goes on (Postfix: postscreen_dnsbl_timeout).",
+      min=0.1, max=60),
+    S("defence", "dnsbl_min_ttl", "duration", "60s",
+      "Shortest time a DNSBL answer is cached (Postfix: postscreen_dnsbl_min_ttl).", min=0),
+    S("defence", "dnsbl_max_ttl", "duration", "1h",
+      "Longest time a DNSBL answer is cached (Postfix: postscreen_dnsbl_max_ttl).", min=0),
+    S("defence", "nameservers", "addresses", [],
+      "Resolvers for DNSBL queries, \"127.0.0.1:5353\" style (port 53 when left out). Empty: the\n"
+      "nameservers in /etc/resolv.conf."),
+    S("defence", "suspicious_timeout", "duration", "60s",
+      "smtp.timeout for suspicious clients: DNSBL score above zero, pregreet, enforced.",
+      min=1, max=3600),
 )

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from poolmgr.config import render_reference
 from poolmgr.settings import SETTINGS
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -10,6 +11,10 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 def test_every_setting_is_in_the_reference():
     missing = [s.name for s in SETTINGS if f"| `{s.key}` |" not in README]
     assert missing == []
+
+
+def test_readme_reference_is_generated_from_the_settings():
+    assert render_reference() in README, "regenerate with: poolmgr config --markdown"
 
 
 def test_signals_and_commands_are_documented():

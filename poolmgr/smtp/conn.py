@@ -74,6 +74,24 @@ class Conn:
         """Whether the client has sent more than we have read (pipelined input)."""
         return bool(self.buf)
 
+    def wait_input(self, timeout: float) -> int:
+        """Wait up to `timeout` for the peer to send anything; returns bytes now buffered."""
+        if self.buf or timeout <= 0:
+            return len(self.buf)
+        self.flush()
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except socket.timeout:
+            return 0
+        except OSError:
+            raise Disconnected() from None
+        if not data:
+            raise Disconnected()
+        self.bytes_in += len(data)
+        self.buf += data
+        return len(self.buf)
+
     def discard_input(self) -> int:
         """Forget buffered input (after STARTTLS: CVE-2011-0411); returns bytes dropped."""
         dropped, self.buf = len(self.buf), b""

@@ -53,7 +53,7 @@ STAT_ORDER = ("helo", "ehlo", "lhlo", "xforward", "starttls", "mail", "rcpt", "d
 
 class ServerSession:
     __slots__ = ("service", "conn", "peer", "client", "helo", "proto", "env", "tls", "closing",
-                 "idle_since", "last_cmd", "stats", "xforward", "greenlet")
+                 "idle_since", "last_cmd", "stats", "xforward", "greenlet", "ended", "transactions")
     commands: dict[str, Command] = {}
     lmtp_only = False
 
@@ -72,11 +72,17 @@ class ServerSession:
         self.stats: dict[str, list[int]] | None = None
         self.xforward: dict[str, str] | None = None
         self.greenlet = None
+        self.ended = ""  # quit, timeout, lost, drain, error, refused: how the session ended
+        self.transactions = 0  # MAIL + accepted RCPT seen
 
     # -- hooks for subclasses
     def on_connect(self) -> R.Reply | None:
         """A reply here (554, 421) is sent instead of the banner and the session ends."""
         return None
+
+    def greet(self) -> None:
+        """Send the banner; a subclass may test the client first and set `closing`."""
+        self.reply(R.R220_BANNER.format(host=self.service.hostname))
 
     def extensions(self) -> list[str]:
         return []
@@ -97,11 +103,11 @@ class ServerSession:
         try:
             refusal = self.on_connect()
             if refusal is not None:
-                self.closing = True
+                self.closing, self.ended = True, "refused"
                 self.reply(refusal)
                 self.conn.flush()
                 return
-            self.reply(R.R220_BANNER.format(host=self.service.hostname))
+            self.greet()
             limit = self.service.limits.line_length_limit
             while not self.closing:
                 self.idle_since = time.monotonic() if self.env is None else 0.0
@@ -116,14 +122,18 @@ class ServerSession:
                 self.dispatch(line)
             self.conn.flush()
         except Timeout:
+            self.ended = "timeout"
             log.info("timeout after %s from %s", self.last_cmd, self.client)
             self.say_last(R.R421_TIMEOUT.format(host=self.service.hostname))
         except Disconnected:
             if not self.closing:
+                self.ended = "lost"
                 log.info("lost connection after %s from %s", self.last_cmd, self.client)
         except Drain:
+            self.ended = "drain"
             self.say_last(R.R421_SHUTDOWN.format(host=self.service.hostname))
         except Exception:
+            self.ended = "error"
             log.exception("session with %s failed after %s", self.client, self.last_cmd)
             self.say_last(R.R451_LOCAL_ERROR)
         finally:
@@ -275,6 +285,8 @@ class ServerSession:
             self.log_reject("RCPT", refusal, address)
             self.reply(refusal)
             return False
+        if not env.rcpts:
+            self.transactions += 1
         if not env.queue_id:
             forwarded = self.xforward or {}
             env.queue_id = forwarded.get("IDENT") or new_queue_id()
@@ -327,7 +339,7 @@ class ServerSession:
 
     def do_quit(self, arg: str) -> bool:
         self.reply(R.R221_BYE)
-        self.closing = True
+        self.closing, self.ended = True, "quit"
         return True
 
     def do_vrfy(self, arg: str) -> bool:
@@ -362,7 +374,7 @@ class ServerSession:
         except OSError as exc:
             self.service.log.info("SSL_accept error from %s: %s", self.client,
                                   getattr(exc, "reason", None) or type(exc).__name__)
-            self.closing = True
+            self.closing, self.ended = True, "tls_failure"
             raise Disconnected() from None
         # RFC 3207 section 4.2: forget everything learned before TLS.
         self.tls, self.helo, self.env = True, None, None

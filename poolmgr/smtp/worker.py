@@ -48,13 +48,14 @@ def main(ctx: WorkerContext) -> int:
     import gevent.pool
     import gevent.server
 
+    from ..defence.policy import Defence
     from .front import FrontService, FrontSession
     from .protocol import Drain
 
     log.set_name("poolmgr/smtpd")
     cfg = ctx.cfg
     logger = log.get("smtpd")
-    service = FrontService(ctx, _tls_context(cfg, logger))
+    service = FrontService(ctx, _tls_context(cfg, logger), Defence(cfg, gevent.spawn))
     listener = socket.socket(fileno=ctx.sock.detach())
     sessions = gevent.pool.Pool(cfg.smtp.max_sessions_per_worker)
     stopped = gevent.event.Event()

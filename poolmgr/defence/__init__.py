@@ -1,0 +1,1 @@
+"""Storm defences of the SMTP pool: access lists, pregreet, DNSBL scoring, nuisance verdicts."""

@@ -1,0 +1,148 @@
+"""DNSBL scoring, postscreen style.
+
+A site is written as in Postfix's postscreen_dnsbl_sites: `domain[=filter][*weight]`, where the
+filter matches the A record of the reply octet by octet (`127.0.0.2`, `127.0.0.[2..11]`,
+`127.0.0.[2;4;6]`) and the weight (default 1, may be negative) is added once per site that
+answers with a matching address. `Dnsbl.score(ip)` asks every site in parallel (the caller's
+`spawn`, gevent's in the SMTP worker: it returns a greenlet-like object with join, ready,
+successful, value and kill) and waits at most `timeout`; a site that has not answered
+scores nothing. Answers are cached per (site, client) for their TTL, clamped to
+[min_ttl, max_ttl]; NXDOMAIN is cached for min_ttl.
+
+Exports: Site, parse_site, Dnsbl, Score.
+"""
+
+import ipaddress
+import re
+import time
+from typing import Callable, NamedTuple
+
+_SITE = re.compile(r"([A-Za-z0-9._-]+?)(?:=([0-9.;\[\]]+))?(?:\*(-?\d+))?")
+_OCTET = re.compile(r"(\d{1,3})|\[([0-9;.]+)\]")
+
+
+class Site(NamedTuple):
+    domain: str
+    filter: tuple[frozenset[int], ...] | None  # four sets of allowed octet values
+    weight: int
+    text: str
+
+    def matches(self, address: str) -> bool:
+        if self.filter is None:
+            return True
+        octets = address.split(".")
+        return len(octets) == 4 and all(int(o) in allowed for o, allowed in zip(octets,
+                                                                                  self.filter))
+
+
+def _octet_set(text: str) -> frozenset[int]:
+    match = _OCTET.fullmatch(text)
+    if not match:
+        raise ValueError(f"bad octet {text!r}")
+    if match.group(1):
+        values = {int(match.group(1))}
+    else:
+        values = set()
+        for part in match.group(2).split(";"):
+            low, sep, high = part.partition("..")
+            values.update(range(int(low), int(high) + 1) if sep else [int(low)])
+    if not values or max(values) > 255:
+        raise ValueError(f"bad octet {text!r}")
+    return frozenset(values)
+
+
+def parse_site(text: str) -> Site:
+    match = _SITE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"bad DNSBL site {text!r}: use domain[=filter][*weight]")
+    domain, filter_text, weight = match.groups()
+    octet_filter = None
+    if filter_text:
+        parts = re.findall(r"\[[^\]]*\]|[^.]+", filter_text)
+        if len(parts) != 4:
+            raise ValueError(f"bad DNSBL reply filter {filter_text!r}: four octets, e.g. "
+                             f"127.0.0.[2..11]")
+        octet_filter = tuple(_octet_set(p) for p in parts)
+    return Site(domain.lower().rstrip("."), octet_filter, int(weight or 1), text.strip())
+
+
+def query_name(ip: str, domain: str) -> str:
+    """1.2.3.4 -> 4.3.2.1.domain; IPv6 -> its 32 reversed nibbles (RFC 5782)."""
+    address = ipaddress.ip_address(ip)
+    reverse = address.reverse_pointer.rsplit(".", 2)[0]  # drop in-addr.arpa / ip6.arpa
+    return f"{reverse}.{domain}"
+
+
+class Score(NamedTuple):
+    total: int
+    hits: tuple[str, ...]        # "domain(weight)" of each matching site
+    unanswered: tuple[str, ...]  # sites that timed out or failed
+
+    def describe(self) -> str:
+        return ",".join(self.hits) or "none"
+
+
+class Dnsbl:
+    def __init__(self, sites: tuple[Site, ...], nameservers: tuple, timeout: float,
+                 min_ttl: float, max_ttl: float, spawn: Callable, max_entries: int = 100_000):
+        import dns.nameserver
+        import dns.resolver
+
+        self.sites = sites
+        self.timeout = timeout
+        self.min_ttl, self.max_ttl = min_ttl, max(min_ttl, max_ttl)
+        self.spawn = spawn
+        self.max_entries = max_entries
+        self.cache: dict[tuple[str, str], tuple[float, bool]] = {}
+        self.queries = 0
+        if nameservers:
+            self.resolver = dns.resolver.Resolver(configure=False)
+            self.resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)
+                                         for host, port in nameservers]
+        else:
+            self.resolver = dns.resolver.Resolver()
+        self.resolver.timeout = min(2.0, timeout)  # per try; dnspython retries within lifetime
+        self.resolver.lifetime = timeout
+
+    def _lookup(self, site: Site, ip: str, deadline: float) -> bool:
+        """Whether `site` lists `ip`; raises on timeout or server failure."""
+        import dns.exception
+        import dns.resolver
+
+        key = (site.domain, ip)
+        cached = self.cache.get(key)
+        now = time.monotonic()
+        if cached and cached[0] > now:
+            return cached[1]
+        self.queries += 1
+        try:
+            answer = self.resolver.resolve(query_name(ip, site.domain), "A",
+                                           lifetime=max(0.05, deadline - now), search=False,
+                                           raise_on_no_answer=False)
+            addresses = [r.address for r in answer] if answer.rrset else []
+            ttl = answer.rrset.ttl if answer.rrset else self.min_ttl
+            listed = any(site.matches(a) for a in addresses)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            listed, ttl = False, self.min_ttl
+        except dns.exception.DNSException as exc:
+            raise TimeoutError(type(exc).__name__) from None
+        if len(self.cache) >= self.max_entries:
+            self.cache.clear()  # crude, but bounded: a storm of distinct clients cannot grow it
+        self.cache[key] = (time.monotonic() + min(self.max_ttl, max(self.min_ttl, ttl)), listed)
+        return listed
+
+    def score(self, ip: str) -> Score:
+        deadline = time.monotonic() + self.timeout
+        jobs = [(site, self.spawn(self._lookup, site, ip, deadline)) for site in self.sites]
+        total, hits, unanswered = 0, [], []
+        for site, job in jobs:
+            job.join(max(0.0, deadline - time.monotonic()))
+            if not job.successful():  # timeout, SERVFAIL, refused: the site scores nothing
+                if not job.ready():
+                    job.kill(block=False)
+                unanswered.append(site.domain)
+                continue
+            if job.value:
+                total += site.weight
+                hits.append(f"{site.domain}({site.weight:+d})")
+        return Score(total, tuple(hits), tuple(unanswered))
