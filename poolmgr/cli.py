@@ -94,6 +94,12 @@ def format_status(status: dict) -> str:
                  f"{smtp.get('messages_rejected', 0)}, deferred "
                  f"{smtp.get('messages_tempfailed', 0)}; connections "
                  f"{smtp.get('connections', 0)}")
+    nuisance = status.get("nuisance")
+    if nuisance:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(nuisance["by_reason"].items(),
+                                                         key=lambda kv: -kv[1])) or "none"
+        lines.append(f"nuisance ratio {nuisance['ratio']:.2f} over {nuisance['window']:g}s "
+                     f"(legit {nuisance['legit']}, nuisance {nuisance['nuisance']}: {reasons})")
     return "\n".join(lines)
 
 

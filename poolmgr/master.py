@@ -28,6 +28,7 @@ from .config import Config, ConfigError, format_address
 from .control import ControlServer
 from .pools import DRAINING, RUNNING, Pool, Worker, resize
 from .process import MASTER_SIGNALS, WorkerContext, child_after_fork, set_title
+from .stats import NuisanceWindow
 from .scanner import worker as scanner_worker
 from .smtp import worker as smtp_worker
 
@@ -62,6 +63,8 @@ class Master:
         self.scanners_stopped = False
         self.started = time.time()
         self.board = Board()
+        self.nuisance = NuisanceWindow(cfg.defence.nuisance_window)
+        self.sampled_at = 0.0
         self.pools = {
             "smtp": Pool("smtp", *cfg.pool_limits("smtp"), smtp_worker.main),
             "scanner": Pool("scanner", *cfg.pool_limits("scanner"), scanner_worker.main),
@@ -146,6 +149,7 @@ class Master:
                         break
                 else:
                     self.manage()
+                self.sample()
                 self.update_title()
         finally:
             self.teardown()
@@ -339,6 +343,20 @@ class Master:
         return not any(pool.workers for pool in self.pools.values())
 
     # -- status
+    def pool_counters(self, pool: Pool) -> collections.Counter:
+        """Cumulative counters of a pool: exited workers' totals plus the live slots."""
+        counters = collections.Counter(pool.totals)
+        for worker in pool.workers.values():
+            counters.update(self.board.read(worker.slot)["counters"])
+        return counters
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        if now - self.sampled_at >= 1.0:
+            self.sampled_at = now
+            self.nuisance.window = self.cfg.defence.nuisance_window
+            self.nuisance.add(now, dict(self.pool_counters(self.pools["smtp"])))
+
     def handle_request(self, request: dict) -> dict:
         cmd = request.get("cmd")
         if cmd == "status":
@@ -355,11 +373,10 @@ class Master:
         now = time.monotonic()
         pools = {}
         for kind, pool in self.pools.items():
-            counters = collections.Counter(pool.totals)
+            counters = self.pool_counters(pool)
             listing, sessions, busy, rss = [], 0, 0, 0
             for worker in sorted(pool.workers.values(), key=lambda w: (w.state, w.number)):
                 info = self.board.read(worker.slot)
-                counters.update(info["counters"])
                 try:
                     worker_rss = psutil.Process(worker.pid).memory_info().rss
                 except psutil.Error:
@@ -387,7 +404,15 @@ class Master:
                            "config": self.cfg.path, "generation": self.generation,
                            "state": f"stopping ({self.stopping})" if self.stopping else "running",
                            "rss": psutil.Process().memory_info().rss},
-                "pools": pools}
+                "pools": pools, "nuisance": self.nuisance_status(pools["smtp"]["counters"])}
+
+    def nuisance_status(self, counters: dict) -> dict:
+        """The sliding-window ratio, plus all-time counts by reason since start."""
+        summary = self.nuisance.summary()
+        summary["total"] = {"legit": counters.get("legit", 0), "by_reason": {
+            key.removeprefix("nuisance_"): value for key, value in counters.items()
+            if key.startswith("nuisance_") and value}}
+        return summary
 
     def update_title(self) -> None:
         smtp, scanner = self.pools["smtp"], self.pools["scanner"]

@@ -200,6 +200,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("defence", "nameservers", "addresses", [],
       "Resolvers for DNSBL queries, \"127.0.0.1:5353\" style (port 53 when left out). Empty: the\n"
       "nameservers in /etc/resolv.conf."),
+    S("defence", "nuisance_window", "duration", "60s",
+      "The sliding window of the nuisance ratio shown by 'poolmgr status'.", min=1, max=3600),
     S("defence", "suspicious_timeout", "duration", "60s",
       "smtp.timeout for suspicious clients: DNSBL score above zero, pregreet, enforced.",
       min=1, max=3600),
