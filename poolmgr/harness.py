@@ -3,7 +3,7 @@
 Every process started here is stopped by its PID. Clients pass an explicit local hostname
 (smtplib would otherwise ask the system resolver, which is off on these machines).
 
-Exports: Poolmgr, Sink, free_port, wait_until, write_config, HELO.
+Exports: Poolmgr, Sink, DnsServer, SilentDns, free_port, wait_until, write_config, HELO.
 """
 
 import json
@@ -219,3 +219,72 @@ class Sink:
             self.proc.terminate()
             self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class DnsServer:
+    """A real DNS server on a loopback UDP port (dnslib), serving DNSBL-style A records.
+
+    `records` maps a name ("2.0.0.127.zen.test") to its addresses; other names are NXDOMAIN.
+    `queries` lists every name asked, for cache tests.
+    """
+
+    def __init__(self, records: dict[str, list[str]], ttl: int = 300,
+                 host: str = "127.0.0.1", port: int | None = None):
+        from dnslib import QTYPE, RCODE, RR, A
+        from dnslib.server import BaseResolver, DNSLogger
+        from dnslib.server import DNSServer as LibServer
+
+        server = self
+        self.records = {name.lower().rstrip("."): list(addrs) for name, addrs in records.items()}
+        self.queries: list[str] = []
+        self.host, self.port = host, port or free_udp_port(host)
+
+        class Resolver(BaseResolver):
+            def resolve(self, request, handler):
+                reply = request.reply()
+                name = str(request.q.qname).rstrip(".").lower()
+                server.queries.append(name)
+                addresses = server.records.get(name)
+                if addresses is None:
+                    reply.header.rcode = RCODE.NXDOMAIN
+                elif request.q.qtype == QTYPE.A:
+                    for address in addresses:
+                        reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(address), ttl=ttl))
+                return reply
+
+        self._server = LibServer(Resolver(), address=host, port=self.port,
+                                 logger=DNSLogger(logf=lambda *args: None))
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def list(self, ip: str, zone: str, *addresses: str) -> None:
+        reverse = ".".join(reversed(ip.split(".")))
+        self.records[f"{reverse}.{zone}"] = list(addresses or ["127.0.0.2"])
+
+    def start(self) -> "DnsServer":
+        self._server.start_thread()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+        self._server.server.server_close()
+
+
+class SilentDns:
+    """A bound UDP port that never answers: a DNS server that is down."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.address = f"{host}:{self.sock.getsockname()[1]}"
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
