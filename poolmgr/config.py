@@ -141,13 +141,18 @@ def format_address(addr: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _parse_cidrs(value: Any) -> tuple:
+def _words(value: Any, example: str) -> list:
+    """A TOML list, or a Postfix-style string of words separated by commas or spaces."""
     if isinstance(value, str):
         value = value.replace(",", " ").split()
     if not isinstance(value, list):
-        raise ValueError("expected a list of networks like [\"127.0.0.0/8\", \"::1/128\"]")
+        raise ValueError(f"expected a list like {example}")
+    return value
+
+
+def _parse_cidrs(value: Any) -> tuple:
     nets = []
-    for item in value:
+    for item in _words(value, '["127.0.0.0/8", "::1/128"]'):
         text = str(item).strip()
         bracketed = re.fullmatch(r"\[([^\]]+)\](/\d+)?", text)  # Postfix style [::1]/128
         if bracketed:
@@ -256,11 +261,7 @@ def _convert(setting: Setting, value: Any) -> Any:
     elif kind == "cidrs":
         result = _parse_cidrs(value)
     elif kind == "strlist":
-        if isinstance(value, str):
-            value = value.replace(",", " ").split()
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError("expected a list of strings")
-        result = tuple(value)
+        result = tuple(str(v) for v in _words(value, '["example.com", "localhost"]'))
     elif kind == "nexthop":
         result = _parse_nexthop(value)
     elif kind == "filter":
@@ -269,17 +270,9 @@ def _convert(setting: Setting, value: Any) -> Any:
         result = _parse_rules(value)
     elif kind == "sites":
         from .defence.dnsbl import parse_site
-        if isinstance(value, str):
-            value = value.replace(",", " ").split()
-        if not isinstance(value, list):
-            raise ValueError("expected a list like [\"zen.example*3\"]")
-        result = tuple(parse_site(str(v)) for v in value)
+        result = tuple(parse_site(str(v)) for v in _words(value, '["zen.example*3"]'))
     elif kind == "addresses":
-        if isinstance(value, str):
-            value = value.replace(",", " ").split()
-        if not isinstance(value, list):
-            raise ValueError("expected a list like [\"127.0.0.1:5353\"]")
-        result = tuple(_parse_nameserver(str(v)) for v in value)
+        result = tuple(_parse_nameserver(str(v)) for v in _words(value, '["127.0.0.1:5353"]'))
     if setting.choices and result not in setting.choices:
         raise ValueError(f"must be one of {', '.join(setting.choices)}, got {value!r}")
     if setting.min is not None and isinstance(result, (int, float)) and result < setting.min:
