@@ -5,7 +5,7 @@ errors), converts values (durations "300s", sizes "25M", addresses, CIDR lists, 
 runs cross-checks between keys. All errors are collected and raised together as
 `ConfigError`, each naming file, key and reason, so `poolmgr check` can print them all.
 
-Exports: load, ConfigError, Config, Section, NextHop, render_default, control_socket_of,
+Exports: load, ConfigError, Config, Section, NextHop, render_default, control_socket_of, in_networks,
 parse_duration, parse_size, parse_address, format_address.
 """
 
@@ -210,6 +210,12 @@ def _parse_rules(value: Any) -> tuple:
                       "header": str(rule.get("header", "")).lower(), "body": bool(rule.get("body")),
                       "pattern": pattern, "action": action})
     return tuple(rules)
+
+
+def in_networks(address: str, networks) -> bool:
+    """Whether an IP address string lies in any of the parsed networks of a setting."""
+    ip = ipaddress.ip_address(address)
+    return any(ip in net for net in networks)
 
 
 def _parse_nameserver(text: str) -> tuple[str, int]:

@@ -25,10 +25,12 @@ def test_smtplib_message_arrives_once_with_trace_headers(make_poolmgr):
     assert b"Received: from client.test (unknown [127.0.0.1])\r\n\tby mx.example.test (poolmgr)" \
         in headers
     assert body == b"hello\r\n.leading dot\r\n"
+    # The worker writes its disconnect line after the client has its 221: wait for it.
+    disconnect = "disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5"
+    wait_until(lambda: disconnect in pm.log(), what="the disconnect line")
     log = pm.log()
     assert "connect from unknown[127.0.0.1]" in log
     assert "proxy-accept: END-OF-MESSAGE: 250 2.0.0" in log
-    assert "disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5" in log
 
 
 def test_pipelined_transactions(make_poolmgr):

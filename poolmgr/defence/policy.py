@@ -8,10 +8,10 @@ them into the nuisance ratio.
 Exports: Defence, classify, REASONS, ACTIONS.
 """
 
-import ipaddress
 import time
 from typing import Callable
 
+from ..config import in_networks
 from .dnsbl import Dnsbl
 
 ACTIONS = ("ignore", "enforce", "drop")
@@ -59,15 +59,11 @@ class Defence:
         self.spawn = spawn
         self.greet_passed: dict[str, float] = {}
 
-    @staticmethod
-    def _listed(ip, networks) -> bool:
-        return any(ip in net for net in networks)
-
     def allowlisted(self, ip: str) -> bool:
-        return bool(self.allowlist) and self._listed(ipaddress.ip_address(ip), self.allowlist)
+        return bool(self.allowlist) and in_networks(ip, self.allowlist)
 
     def denylisted(self, ip: str) -> bool:
-        return bool(self.denylist) and self._listed(ipaddress.ip_address(ip), self.denylist)
+        return bool(self.denylist) and in_networks(ip, self.denylist)
 
     def needs_greet_test(self, ip: str) -> bool:
         if self.cfg.greet_wait <= 0:

@@ -8,10 +8,10 @@ Accepts SMTP (EHLO) and LMTP (LHLO) on the same port, XFORWARD from the clients 
 Exports: ScannerSession.
 """
 
-import ipaddress
 import time
 
 from .. import delivery, relay
+from ..config import in_networks
 from ..smtp import replies as R
 from ..smtp.headers import received
 from ..smtp.parse import parse_xforward
@@ -23,8 +23,7 @@ class ScannerSession(ServerSession):
     __slots__ = ()
 
     def on_connect(self):
-        address = ipaddress.ip_address(self.peer[0])
-        if not any(address in net for net in self.service.cfg.scanner.inet_acl):
+        if not in_networks(self.peer[0], self.service.cfg.scanner.inet_acl):
             self.service.log.warning("reject: connect from %s: not in scanner.inet_acl",
                                      self.client)
             return R.R554_ACCESS_DENIED.format(client=self.peer[0])

@@ -43,7 +43,7 @@ class DataResult(NamedTuple):
 
 
 class Conn:
-    __slots__ = ("sock", "buf", "out", "timeout", "tick", "bytes_in")
+    __slots__ = ("sock", "buf", "out", "timeout", "tick")
 
     def __init__(self, sock, timeout: float, tick: Callable[[], None] | None = None):
         self.sock = sock
@@ -51,7 +51,6 @@ class Conn:
         self.out: list[bytes] = []
         self.timeout = timeout
         self.tick = tick
-        self.bytes_in = 0
 
     # -- output
     def write(self, data: bytes) -> None:
@@ -70,10 +69,6 @@ class Conn:
                 raise Disconnected() from None
 
     # -- input
-    def pending(self) -> bool:
-        """Whether the client has sent more than we have read (pipelined input)."""
-        return bool(self.buf)
-
     def wait_input(self, timeout: float) -> int:
         """Wait up to `timeout` for the peer to send anything; returns bytes now buffered."""
         if self.buf or timeout <= 0:
@@ -88,7 +83,6 @@ class Conn:
             raise Disconnected() from None
         if not data:
             raise Disconnected()
-        self.bytes_in += len(data)
         self.buf += data
         return len(self.buf)
 
@@ -116,7 +110,6 @@ class Conn:
                 raise Disconnected() from None
             if not data:
                 raise Disconnected()
-            self.bytes_in += len(data)
             return data
 
     def readline(self, limit: int) -> bytes:

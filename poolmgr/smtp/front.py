@@ -12,11 +12,10 @@ once as legit or with one nuisance reason.
 Exports: FrontSession, FrontService.
 """
 
-import ipaddress
 import time
 
 from .. import log, relay
-from ..config import NextHop
+from ..config import NextHop, in_networks
 from ..defence.policy import Defence, classify
 from ..process import WorkerContext, limits_for
 from . import replies as R
@@ -162,8 +161,7 @@ class FrontSession(ServerSession):
         domain = domain_of(address)
         if not domain or domain in self.service.mydestination:
             return None
-        client = ipaddress.ip_address(self.peer[0])
-        if any(client in net for net in self.service.cfg.smtp.mynetworks):
+        if in_networks(self.peer[0], self.service.cfg.smtp.mynetworks):
             return None
         self.verdict = self.verdict or "relay_denied"
         return R.R554_RELAY_DENIED.format(rcpt=address)

@@ -28,15 +28,14 @@ class Drain(Exception):
 class Envelope:
     """One mail transaction (RFC 5321 section 3.3)."""
 
-    __slots__ = ("mail_from", "rcpts", "queue_id", "smtputf8", "body_8bit", "size_hint")
+    __slots__ = ("mail_from", "rcpts", "queue_id", "smtputf8", "body_8bit")
 
-    def __init__(self, mail_from: str, smtputf8: bool, body_8bit: bool, size_hint: int):
+    def __init__(self, mail_from: str, smtputf8: bool, body_8bit: bool):
         self.mail_from = mail_from
         self.rcpts: list[str] = []
         self.queue_id = ""
         self.smtputf8 = smtputf8
         self.body_8bit = body_8bit
-        self.size_hint = size_hint
 
 
 class Command(NamedTuple):
@@ -254,7 +253,7 @@ class ServerSession:
             self.log_reject("MAIL", R.R552_SIZE_EXCEEDED)
             self.reply(R.R552_SIZE_EXCEEDED)
             return False
-        self.env = Envelope(address, smtputf8, body_8bit, size)
+        self.env = Envelope(address, smtputf8, body_8bit)
         self.reply(R.R250_SENDER_OK)
         return True
 
