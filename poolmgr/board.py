@@ -3,7 +3,8 @@
 An anonymous shared mmap created by the master before it forks; each worker owns one slot and
 writes its heartbeat, live gauges and cumulative counters there; the master only reads, and
 folds a dead worker's counters into its pool's totals when it frees the slot. Each field is an
-aligned 4- or 8-byte store, so a reader never sees a torn value.
+aligned 4- or 8-byte store, so a reader never sees a torn value. After the slots, one word of
+host-wide flags that only the master writes: stress mode.
 
 Exports: Board, Slot, COUNTERS, SLOTS.
 """
@@ -45,6 +46,7 @@ class Slot:
         self._mm = board._mm
         self.index = index
         self._base = index * _SLOT_SIZE
+        self._flags = board.flags_offset
 
     def beat(self) -> None:
         struct.pack_into("=d", self._mm, self._base + _OFF_HEARTBEAT, time.monotonic())
@@ -54,6 +56,10 @@ class Slot:
 
     def set_busy(self, value: int) -> None:
         struct.pack_into("=I", self._mm, self._base + _OFF_BUSY, value)
+
+    def stress(self) -> bool:
+        """Stress mode, as the master set it for every worker."""
+        return bool(struct.unpack_from("=I", self._mm, self._flags)[0])
 
     def add(self, counter: str, amount: int = 1) -> None:
         offset = self._base + _OFF_COUNTERS + 8 * COUNTERS.index(counter)
@@ -65,7 +71,8 @@ class Board:
     """The master's view: allocates slots before fork, reads them, frees them on reap."""
 
     def __init__(self, slots: int = SLOTS):
-        self._mm = mmap.mmap(-1, slots * _SLOT_SIZE)
+        self.flags_offset = slots * _SLOT_SIZE
+        self._mm = mmap.mmap(-1, self.flags_offset + 8)
         self._free = list(range(slots - 1, -1, -1))
 
     def alloc(self, kind: str, generation: int, number: int) -> int:
@@ -76,6 +83,9 @@ class Board:
         self._mm[index * _SLOT_SIZE + _OFF_COUNTERS:(index + 1) * _SLOT_SIZE] = \
             bytes(8 * _NCOUNTERS)
         return index
+
+    def set_stress(self, on: bool) -> None:
+        struct.pack_into("=I", self._mm, self.flags_offset, int(on))
 
     def slot(self, index: int) -> Slot:
         return Slot(self, index)

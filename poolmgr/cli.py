@@ -100,6 +100,10 @@ def format_status(status: dict) -> str:
                                                          key=lambda kv: -kv[1])) or "none"
         lines.append(f"nuisance ratio {nuisance['ratio']:.2f} over {nuisance['window']:g}s "
                      f"(legit {nuisance['legit']}, nuisance {nuisance['nuisance']}: {reasons})")
+    stress, anvil = status.get("stress") or {}, status.get("anvil") or {}
+    lines.append(f"stress mode {'on (' + stress.get('source', '') + ')' if stress.get('on') else 'off'}"
+                 f"; anvil: {anvil.get('connections', 0)} connections from "
+                 f"{anvil.get('clients', 0)} clients")
     return "\n".join(lines)
 
 
@@ -144,9 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--socket", help="control socket path (overrides the config)")
     status.set_defaults(func=cmd_status)
-    ctl = with_config(sub.add_parser("ctl", help="resize a pool: ctl smtp|scanner N|+N|-N"))
-    ctl.add_argument("pool", choices=("smtp", "scanner"))
-    ctl.add_argument("size", help="N, +N or -N")
+    ctl = with_config(sub.add_parser(
+        "ctl", help="resize a pool (ctl smtp|scanner N|+N|-N) or switch stress mode "
+                    "(ctl stress on|off)"))
+    ctl.add_argument("pool", choices=("smtp", "scanner", "stress"))
+    ctl.add_argument("size", help="N, +N or -N; on or off for stress")
     ctl.add_argument("--socket", help="control socket path (overrides the config)")
     ctl.set_defaults(func=cmd_ctl)
     return parser

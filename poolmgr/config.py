@@ -302,6 +302,13 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
                 defence[kind] = defence[kind] + _read_cidr_file(defence[f"{kind}_file"])
             except (OSError, ValueError) as exc:
                 err(f"defence.{kind}_file", str(exc))
+    defence["recipient_table"] = None
+    if defence["recipients"]:
+        from .defence.recipients import RecipientTable
+        try:
+            defence["recipient_table"] = RecipientTable.load(defence["recipients"])
+        except (OSError, ValueError) as exc:
+            err("defence.recipients", str(exc))
     # Never fewer SMTP than scanner workers: what can be mended is mended, and said.
     if scanner["min_workers"] > smtp["max_workers"]:
         err("scanner.min_workers", f"{scanner['min_workers']} scanner workers need as many SMTP "

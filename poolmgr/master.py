@@ -9,6 +9,10 @@ imports gevent and never touches a mail byte.
 Signals: TERM graceful stop, INT/QUIT fast stop, HUP reload, TTIN/TTOU SMTP pool +1/-1,
 USR1 reopen logs.
 
+The master also serves anvil, the per-client counters of the whole host: each SMTP worker gets
+one end of a socketpair at fork, and the loop answers its requests (see `anvil`). Stress mode
+is a flag on the scoreboard that every SMTP worker reads.
+
 Exports: Master.
 """
 
@@ -23,6 +27,7 @@ import time
 import psutil
 
 from . import config, log
+from .anvil import Anvil, AnvilServer
 from .board import Board
 from .config import Config, ConfigError, format_address
 from .control import ControlServer
@@ -65,6 +70,10 @@ class Master:
         self.board = Board()
         self.nuisance = NuisanceWindow(cfg.defence.nuisance_window)
         self.sampled_at = 0.0
+        self.anvil = Anvil(cfg.defence.anvil_rate_time_unit)
+        self.anvil_server = AnvilServer(self.anvil, time.monotonic)
+        self.anvil_socks: dict[int, socket.socket] = {}  # SMTP worker pid -> master's end
+        self.stress: dict = {"on": False, "source": "", "since": None}
         self.pools = {
             "smtp": Pool("smtp", *cfg.pool_limits("smtp"), smtp_worker.main),
             "scanner": Pool("scanner", *cfg.pool_limits("scanner"), scanner_worker.main),
@@ -138,8 +147,10 @@ class Master:
                             self.signals.extend(os.read(self.wakeup_r, 4096))
                         except BlockingIOError:
                             pass
-                    else:
+                    elif key.data == "control":
                         self.control.serve(self.handle_request)
+                    elif not self.anvil_server.serve(key.fileobj, key.data):
+                        self.close_anvil(key.data)
                 while self.signals:
                     self.handle_signal(self.signals.popleft())
                 self.reap()
@@ -186,14 +197,18 @@ class Master:
         number = pool.free_number()
         index = self.board.alloc(pool.kind, self.generation, number)
         sock = self.sockets[pool.kind]
+        mine, theirs = (socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                        if pool.kind == "smtp" else (None, None))
         pid = os.fork()
         if pid == 0:  # the child never returns from here
             code = 1
             try:
                 others = [s.fileno() for k, s in self.sockets.items() if k != pool.kind]
+                others += [s.fileno() for s in self.anvil_socks.values()]
+                others += [mine.fileno()] if mine is not None else []
                 child_after_fork([self.wakeup_r, self.wakeup_w, self.control.fileno()] + others)
                 context = WorkerContext(self.cfg, pool.kind, number, self.generation,
-                                        self.board.slot(index), sock)
+                                        self.board.slot(index), sock, theirs)
                 code = pool.main(context) or 0
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
@@ -202,6 +217,22 @@ class Master:
             finally:
                 os._exit(code)
         pool.workers[pid] = Worker(pid, pool.kind, number, self.generation, index)
+        if mine is not None:
+            theirs.close()
+            mine.setblocking(False)
+            self.anvil_socks[pid] = mine
+            self.selector.register(mine, selectors.EVENT_READ, pid)
+
+    def close_anvil(self, pid: int) -> None:
+        """A worker's anvil socket is closed or the worker exited: drop what it held."""
+        sock = self.anvil_socks.pop(pid, None)
+        if sock is not None:
+            self.selector.unregister(sock)
+            sock.close()
+        released = self.anvil.release(pid)
+        if released:
+            self.log.info("anvil: released %d connection(s) held by exited worker pid %d",
+                          released, pid)
 
     def retire(self, worker: Worker, sig: int = signal.SIGTERM) -> None:
         if worker.state == RUNNING:
@@ -235,6 +266,7 @@ class Master:
             else:
                 continue
             pool.totals.update(self.board.free(worker.slot))
+            self.close_anvil(pid)
             code = os.waitstatus_to_exitcode(status)
             how = f"exit status {code}" if code >= 0 else f"killed by signal {-code}"
             if code != 0:
@@ -303,6 +335,7 @@ class Master:
             scanner.target = scanner.floor = min(scanner.target, smtp.target)
         log.setup("poolmgr/master", new.master.log_file)
         self.cfg = new
+        self.anvil.time_unit = new.defence.anvil_rate_time_unit
         self.generation += 1
         self.log.info("reload: configuration %s, generation %d: replacing workers", new.path,
                       self.generation)
@@ -366,8 +399,19 @@ class Master:
             if len(args) == 2 and args[0] in self.pools:
                 done, message = self.apply_resize(str(args[0]), str(args[1]), "ctl")
                 return {"ok": done, "message": message}
-            return {"ok": False, "message": "usage: ctl smtp|scanner N|+N|-N"}
+            if len(args) == 2 and args[0] == "stress" and args[1] in ("on", "off"):
+                return {"ok": True, "message": self.set_stress(args[1] == "on", "ctl")}
+            return {"ok": False, "message": "usage: ctl smtp|scanner N|+N|-N, ctl stress on|off"}
         return {"ok": False, "message": f"unknown command {cmd!r}"}
+
+    def set_stress(self, on: bool, source: str) -> str:
+        """Switch stress mode for every SMTP worker (ctl now, the autoscaler later)."""
+        was = self.stress["on"]
+        if on != was:
+            self.stress = {"on": on, "source": source, "since": time.time() if on else None}
+            self.board.set_stress(on)
+            self.log.info("stress mode %s (%s)", "on" if on else "off", source)
+        return f"stress mode {'on' if on else 'off'}" + ("" if on != was else " (unchanged)")
 
     def status(self) -> dict:
         now = time.monotonic()
@@ -404,7 +448,10 @@ class Master:
                            "config": self.cfg.path, "generation": self.generation,
                            "state": f"stopping ({self.stopping})" if self.stopping else "running",
                            "rss": psutil.Process().memory_info().rss},
-                "pools": pools, "nuisance": self.nuisance_status(pools["smtp"]["counters"])}
+                "pools": pools, "nuisance": self.nuisance_status(pools["smtp"]["counters"]),
+                "stress": dict(self.stress),
+                "anvil": {"clients": len(self.anvil.clients),
+                          "connections": sum(c.count for c in self.anvil.clients.values())}}
 
     def nuisance_status(self, counters: dict) -> dict:
         """The sliding-window ratio, plus all-time counts by reason since start."""

@@ -33,6 +33,7 @@ class WorkerContext:
     generation: int    # bumped by each reload
     slot: Slot
     sock: object       # the inherited listening socket
+    anvil: object = None  # SMTP workers: their end of the socketpair to the master's anvil
 
 
 class Limits(NamedTuple):

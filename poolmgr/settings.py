@@ -38,7 +38,8 @@ SECTION_HELP = {
     "scanner": "The scanner pool: amavisd-style content-scanner workers, one message at a time.",
     "defence": (
         "Storm defences in the SMTP pool (postscreen and anvil class). Actions: ignore (log only),\n"
-        "enforce (answer, but reject every RCPT with 550 5.7.1 and the reason), drop (521, close)."
+        "enforce (answer, but reject every RCPT with 550 5.7.1 and the reason), drop (521, close).\n"
+        "Stress mode ('poolmgr ctl stress on|off') gives every client the stress_* limits."
     ),
 }
 ACTIONS = ("ignore", "enforce", "drop")
@@ -203,6 +204,54 @@ SETTINGS: tuple[Setting, ...] = (
     S("defence", "nuisance_window", "duration", "60s",
       "The sliding window of the nuisance ratio shown by 'poolmgr status'.", min=1, max=3600),
     S("defence", "suspicious_timeout", "duration", "60s",
-      "smtp.timeout for suspicious clients: DNSBL score above zero, pregreet, enforced.",
+      "smtp.timeout for suspicious clients: DNSBL score above zero, pregreet, enforced,\n"
+      "improper pipelining, more than soft_error_limit errors.", min=1, max=3600),
+    S("defence", "tarpit_delay", "duration", "0s",
+      "Delay before every reply to a suspicious client (a tarpit); 0 turns it off.",
+      min=0, max=60),
+    S("defence", "client_connection_count_limit", "int", 50,
+      "Simultaneous connections one client may hold, counted over all SMTP workers; over it\n"
+      "gets 421 4.7.0 (Postfix: smtpd_client_connection_count_limit). 0: no limit.", min=0),
+    S("defence", "client_connection_rate_limit", "int", 0,
+      "Connections one client may open per anvil_rate_time_unit; over it gets 421 4.7.0\n"
+      "(Postfix: smtpd_client_connection_rate_limit). 0: no limit.", min=0),
+    S("defence", "client_message_rate_limit", "int", 0,
+      "MAIL FROM commands one client may send per anvil_rate_time_unit; over it gets\n"
+      "450 4.7.1 (Postfix: smtpd_client_message_rate_limit). 0: no limit.", min=0),
+    S("defence", "client_recipient_rate_limit", "int", 0,
+      "RCPT TO commands one client may send per anvil_rate_time_unit; over it gets 450 4.7.1\n"
+      "(Postfix: smtpd_client_recipient_rate_limit). 0: no limit.", min=0),
+    S("defence", "anvil_rate_time_unit", "duration", "60s",
+      "The time unit of the rate limits above (Postfix: anvil_rate_time_unit). The counters\n"
+      "are kept by the master for the whole host; smtp.mynetworks and the allowlist are exempt.",
+      min=1, max=86400),
+    S("defence", "soft_error_limit", "int", 10,
+      "After this many errors (replies 4xx/5xx) a client waits error_sleep_time before each\n"
+      "reply and gets the suspicious timeout (Postfix: smtpd_soft_error_limit).", min=0),
+    S("defence", "error_sleep_time", "duration", "1s",
+      "Delay before each reply once soft_error_limit is passed (Postfix:\n"
+      "smtpd_error_sleep_time).", min=0, max=60),
+    S("defence", "hard_error_limit", "int", 20,
+      "After this many errors without delivering mail the client gets '421 4.7.0 Error: too\n"
+      "many errors' and is disconnected (Postfix: smtpd_hard_error_limit).", min=1),
+    S("defence", "junk_command_limit", "int", 100,
+      "NOOP, RSET, VRFY and ETRN commands a client may send before each one counts as an\n"
+      "error (Postfix: smtpd_junk_command_limit). Reset when mail is delivered.", min=1),
+    S("defence", "reject_unauth_pipelining", "bool", False,
+      "Refuse commands sent ahead of a reply where that is not allowed (before the banner,\n"
+      "after HELO/EHLO/DATA, or without PIPELINING offered) with 503 5.5.0 (Postfix:\n"
+      "reject_unauth_pipelining). Improper pipelining is logged, and makes the client\n"
+      "suspicious, in any case."),
+    S("defence", "recipients", "path", "",
+      "A file of valid recipient addresses, one per line ('@example.com' accepts the whole\n"
+      "domain), # comments. Mail for a domain that appears in it, to an address not in it,\n"
+      "gets 550 5.1.1 at RCPT (Postfix: local_recipient_maps). Empty: no check."),
+    S("defence", "stress_timeout", "duration", "10s",
+      "smtp.timeout for every client in stress mode (Postfix: smtpd_timeout = ${stress?10}).",
       min=1, max=3600),
+    S("defence", "stress_hard_error_limit", "int", 1,
+      "hard_error_limit in stress mode (Postfix: smtpd_hard_error_limit = ${stress?1}).", min=1),
+    S("defence", "stress_junk_command_limit", "int", 1,
+      "junk_command_limit in stress mode (Postfix: smtpd_junk_command_limit = ${stress?1}).",
+      min=1),
 )

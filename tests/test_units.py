@@ -1,11 +1,14 @@
-"""Unit tests for the scoreboard, the maildir next hop and the built-in content check."""
+"""Unit tests: scoreboard, maildir next hop, content check, anvil store, recipient table."""
 
 import os
 import re
+import socket
 
 import pytest
 
 from poolmgr import delivery
+from poolmgr.anvil import Anvil, AnvilServer
+from poolmgr.defence.recipients import RecipientTable
 from poolmgr.board import COUNTERS, Board
 from poolmgr.scanner.checks import EICAR, scan
 
@@ -67,3 +70,59 @@ def test_checks_decode_quoted_printable_bodies():
     body = (b"Subject: qp\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
             b"Content-Transfer-Encoding: quoted-printable\r\n\r\nch=\r\neap\r\n")
     assert scan(body, [rule("cheap", "cheap", body=True)], eicar=False).result == "rejected"
+
+
+def test_anvil_counts_connections_and_rates_per_client():
+    anvil = Anvil(time_unit=60)
+    assert anvil.connect("w1", "192.0.2.1", now=0) == (1, 1)
+    assert anvil.connect("w2", "192.0.2.1", now=1) == (2, 2)  # another worker, same client
+    assert anvil.connect("w2", "192.0.2.2", now=1) == (1, 1)
+    anvil.disconnect("w1", "192.0.2.1")
+    anvil.disconnect("w1", "192.0.2.1")  # not held by w1 any more: ignored
+    assert anvil.connect("w1", "192.0.2.1", now=2) == (2, 3)
+    assert [anvil.message("192.0.2.1", now=3) for _ in range(2)] == [1, 2]
+    assert anvil.recipient("192.0.2.1", now=3) == 1
+    # A new window starts one time unit after the first event; live connections stay.
+    assert anvil.connect("w1", "192.0.2.1", now=61) == (3, 1)
+    assert anvil.message("192.0.2.1", now=61) == 1
+
+
+def test_anvil_releases_an_exited_workers_connections_and_forgets_idle_clients():
+    anvil = Anvil(time_unit=10)
+    for _ in range(3):
+        anvil.connect("w1", "192.0.2.1", now=0)
+    anvil.connect("w2", "192.0.2.1", now=0)
+    anvil.connect("w1", "192.0.2.3", now=0)
+    assert anvil.release("w1") == 4 and anvil.release("w1") == 0
+    assert anvil.clients["192.0.2.1"].count == 1
+    anvil.purge(now=20)
+    assert list(anvil.clients) == ["192.0.2.1"]  # still has a live connection
+
+
+def test_anvil_server_answers_over_a_seqpacket_pair():
+    master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    master_end.setblocking(False)
+    server = AnvilServer(Anvil(time_unit=60), clock=lambda: 5.0)
+    for packet in (b"7 C 192.0.2.9", b"8 C 192.0.2.9", b"garbage", b"9 M 192.0.2.9",
+                   b"0 D 192.0.2.9", b"10 R 192.0.2.9"):
+        worker_end.send(packet)
+    assert server.serve(master_end, owner=1) is True
+    answers = [worker_end.recv(64) for _ in range(4)]
+    assert answers == [b"7 1 1", b"8 2 2", b"9 1", b"10 1"]
+    assert server.anvil.clients["192.0.2.9"].count == 1
+    worker_end.close()
+    assert server.serve(master_end, owner=1) is False
+
+
+def test_recipient_table(tmp_path):
+    path = tmp_path / "recipients"
+    path.write_text("Bob@Example.test  OK  # trailing words are ignored\n\n@Catchall.test\n")
+    table = RecipientTable.load(str(path))
+    assert table.verdict("bob@example.TEST") is True
+    assert table.verdict("eve@example.test") is False
+    assert table.verdict("anyone@catchall.test") is True
+    assert table.verdict("bob@elsewhere.test") is None  # not a local domain: not ours to say
+    assert len(table) == 2
+    path.write_text("bob@example.test\nbob\n")
+    with pytest.raises(ValueError, match="line 2: 'bob' is not an address"):
+        RecipientTable.load(str(path))

@@ -70,14 +70,15 @@ class Conn:
 
     # -- input
     def wait_input(self, timeout: float) -> int:
-        """Wait up to `timeout` for the peer to send anything; returns bytes now buffered."""
-        if self.buf or timeout <= 0:
+        """Wait up to `timeout` (0: just look) for the peer to send anything; returns bytes
+        now buffered."""
+        if self.buf or timeout < 0:
             return len(self.buf)
         self.flush()
         self.sock.settimeout(timeout)
         try:
             data = self.sock.recv(RECV_SIZE)
-        except socket.timeout:
+        except (socket.timeout, BlockingIOError):
             return 0
         except OSError:
             raise Disconnected() from None

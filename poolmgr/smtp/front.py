@@ -1,8 +1,10 @@
 """The SMTP worker's session: the public side of poolmgr.
 
 Policy on top of the shared dialogue: the storm defences at connect and around the banner
-(allow/deny lists, the pregreet test with a two-part banner, DNSBL score; each verdict logged in
-one line with client, test and action), relay control (recipients only in `smtp.mydestination`
+(allow/deny lists, per-client limits kept by the master's anvil, the pregreet test with a
+two-part banner, DNSBL score; each verdict logged in one line with client, test and action),
+error and junk-command limits, improper pipelining, recipient validation, short timeouts and
+a tarpit for suspicious clients, stress mode, relay control (recipients only in `smtp.mydestination`
 unless the client is in `smtp.mynetworks`, else 554 5.7.1), STARTTLS when a certificate is
 configured, a `Received:` header, and at end of DATA the hand-off to the proxy filter (the
 scanner pool) with XFORWARD, whose reply is passed to the client: 250 only when the next hop
@@ -15,6 +17,7 @@ Exports: FrontSession, FrontService.
 import time
 
 from .. import log, relay
+from ..anvil import AnvilClient
 from ..config import NextHop, in_networks
 from ..defence.policy import Defence, classify
 from ..process import WorkerContext, limits_for
@@ -27,7 +30,8 @@ from .protocol import BASE_COMMANDS, Command, Envelope, ServerSession
 class FrontService:
     """Everything the sessions of one SMTP worker share."""
 
-    def __init__(self, ctx: WorkerContext, tls_context, defence: Defence):
+    def __init__(self, ctx: WorkerContext, tls_context, defence: Defence,
+                 anvil: AnvilClient | None = None):
         cfg = ctx.cfg
         self.cfg = cfg
         self.slot = ctx.slot
@@ -39,23 +43,47 @@ class FrontService:
         self.sessions: set[ServerSession] = set()
         self.mydestination = frozenset(cfg.smtp.mydestination)
         self.defence = defence
+        self.anvil = anvil
+        d = cfg.defence
+        self.rate_limited = anvil is not None and any(
+            (d.client_connection_count_limit, d.client_connection_rate_limit,
+             d.client_message_rate_limit, d.client_recipient_rate_limit))
+        self.recipients = d.recipient_table
         host, port = cfg.scanner.listen
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1" if host != "::" else "::1"
         self.proxy_filter: NextHop = cfg.smtp.proxy_filter or NextHop("smtp", host, port)
 
 
+JUNK_COMMANDS = frozenset(("NOOP", "RSET", "VRFY", "ETRN"))
+# Commands that must end a pipelined group (RFC 2920 section 3.1). QUIT needs no answer, and
+# input sent after STARTTLS is discarded (CVE-2011-0411) rather than refused.
+GROUP_ENDERS = frozenset(("HELO", "EHLO", "DATA"))
+ANVIL_TIMEOUT = 2.0
+
+
 class FrontSession(ServerSession):
-    __slots__ = ("verdict", "blocked", "trusted", "dnsbl_job", "accepted", "rejected")
+    __slots__ = ("verdict", "blocked", "trusted", "exempt", "dnsbl_job", "accepted", "rejected",
+                 "suspicious", "errors", "junk", "bad_rcpts", "anvil_held", "early", "stress")
 
     def __init__(self, service, sock, peer):
         super().__init__(service, sock, peer)
         self.verdict = ""       # the first nuisance test that fired
         self.blocked = ""       # why every RCPT is refused (enforce action), "" when not
         self.trusted = False    # allowlisted: skips every test
+        self.exempt = False     # allowlisted or in mynetworks: no anvil limits
         self.dnsbl_job = None
         self.accepted = 0
         self.rejected = 0
+        self.suspicious = False
+        self.errors = 0         # 4xx/5xx replies (and junk commands past the limit)
+        self.junk = 0
+        self.bad_rcpts = 0      # recipients unknown in the recipient table
+        self.anvil_held = False
+        self.early = False      # talked before the banner (greet test not run)
+        self.stress = service.slot.stress()
+        if self.stress:
+            self.conn.timeout = min(self.conn.timeout, service.defence.cfg.stress_timeout)
 
     # -- defences
     def flag(self, test: str, action: str, what: str, reason: str):
@@ -72,23 +100,69 @@ class FrontSession(ServerSession):
         return None
 
     def suspect(self) -> None:
+        """Short timeout, and the tarpit if configured."""
+        self.suspicious = True
         self.conn.timeout = min(self.conn.timeout, self.service.defence.cfg.suspicious_timeout)
+
+    def limits(self) -> tuple[int, int]:
+        """(hard_error_limit, junk_command_limit), stress mode applied."""
+        d = self.service.defence.cfg
+        if self.stress:
+            return d.stress_hard_error_limit, d.stress_junk_command_limit
+        return d.hard_error_limit, d.junk_command_limit
 
     def on_connect(self):
         service, ip = self.service, self.peer[0]
         service.slot.add("connections")
         defence = service.defence
         if defence.allowlisted(ip):
-            self.trusted = True
+            self.trusted = self.exempt = True
             service.log.info("ALLOWLISTED [%s]:%s", ip, self.peer[1])
             return None
         if defence.denylisted(ip):
             refusal = self.flag("denylist", defence.cfg.denylist_action, "DENYLISTED", "denylist")
             if refusal is not None:
                 return refusal
+        self.exempt = in_networks(ip, service.cfg.smtp.mynetworks)
+        if service.rate_limited and not self.exempt:
+            refusal = self.check_anvil_connect()
+            if refusal is not None:
+                return refusal
         if defence.dnsbl is not None:
             self.dnsbl_job = defence.spawn(defence.dnsbl.score, ip)
         return None
+
+    def check_anvil_connect(self):
+        d, ip = self.service.defence.cfg, self.peer[0]
+        usage = self.service.anvil.connect(ip)
+        if usage is None:
+            return None
+        self.anvil_held = True
+        for limit, value, what in ((d.client_connection_count_limit, usage.count, "concurrency"),
+                                   (d.client_connection_rate_limit, usage.rate, "rate")):
+            if limit and value > limit:
+                self.service.log.warning("Connection %s limit exceeded: %d from %s for service "
+                                         "smtp", what, value, self.client)
+                self.verdict = "rate_limit"
+                return R.R421_TOO_MANY_CONNECTIONS.format(host=self.service.hostname, ip=ip)
+        return None
+
+    def check_anvil_rate(self, limit: int, ask, what: str, refusal: R.Reply):
+        if not limit or self.exempt or not self.service.rate_limited:
+            return None
+        rate = ask(self.peer[0])
+        if rate is None or rate <= limit:
+            return None
+        self.service.log.warning("%s rate limit exceeded: %d from %s for service smtp", what,
+                                 rate, self.client)
+        self.verdict = self.verdict or "rate_limit"
+        return refusal.format(ip=self.peer[0])
+
+    def check_mail(self, address: str):
+        anvil = self.service.anvil
+        return self.check_anvil_rate(self.service.defence.cfg.client_message_rate_limit,
+                                     anvil and anvil.message, "Message delivery",
+                                     R.R450_MESSAGE_RATE)
 
     def greet(self) -> None:
         service, ip = self.service, self.peer[0]
@@ -110,6 +184,8 @@ class FrontSession(ServerSession):
                     return
             else:
                 defence.greet_test_passed(ip)
+        elif not self.trusted:
+            self.early = bool(self.conn.wait_input(0))
         if self.dnsbl_job is not None and not self.trusted:
             refusal = self.settle_dnsbl()
             if refusal is not None:
@@ -142,7 +218,65 @@ class FrontSession(ServerSession):
             self.suspect()
         return None
 
+    # -- the dialogue: pipelining, junk and error limits, tarpit
+    def dispatch(self, line: bytes) -> None:
+        verb = line.split(b" ", 1)[0].strip().upper().decode("ascii", "replace")
+        if not self.trusted and (self.early or (self.conn.buf and verb != "QUIT" and (
+                verb in GROUP_ENDERS or self.helo is None or self.proto != "ESMTP"))):
+            if self.improper_pipelining(verb):
+                return
+        if verb in JUNK_COMMANDS:
+            self.junk += 1
+            if self.junk > self.limits()[1]:
+                self.errors += 1
+        super().dispatch(line)
+        if self.errors >= self.limits()[0] and not self.closing and not self.trusted:
+            self.service.log.info("too many errors after %s from %s", self.last_cmd, self.client)
+            if not self.verdict:
+                self.verdict = ("bad_recipients" if self.bad_rcpts and not self.transactions else
+                                "junk_commands" if self.junk > self.limits()[1] else
+                                "hard_errors")
+            self.closing, self.ended = True, "hard_errors"
+            self.reply(R.R421_TOO_MANY_ERRORS.format(host=self.service.hostname))
+
+    def improper_pipelining(self, verb: str) -> bool:
+        """Log improper pipelining; True when the command was refused (503 5.5.0)."""
+        early, self.early = self.early, False
+        sample = self.conn.buf[:40].decode("ascii", "replace").rstrip()
+        where = "before the banner" if early else f"after {verb}"
+        self.service.log.info("improper command pipelining %s from %s: %s", where, self.client,
+                              sample if not early else verb)
+        self.verdict = self.verdict or "unauth_pipelining"
+        self.suspect()
+        if not self.service.defence.cfg.reject_unauth_pipelining:
+            return False
+        command = self.commands.get(verb)
+        self.last_cmd = verb if command else "UNKNOWN"
+        self.count(command.stat if command else "unknown", False)
+        self.log_reject(verb if command else "UNKNOWN", R.R503_PIPELINING)
+        self.reply(R.R503_PIPELINING)
+        return True
+
+    def reply(self, reply: R.Reply) -> None:
+        d = self.service.defence.cfg
+        delay = d.tarpit_delay if self.suspicious else 0.0
+        if reply.code >= 400:
+            self.errors += 1
+            if self.errors > d.soft_error_limit and not self.trusted:
+                self.suspect()
+                delay = max(delay, d.error_sleep_time)
+        if delay and not self.closing and reply.code not in (421, 521):
+            self.conn.flush()
+            time.sleep(delay)  # gevent-patched in SMTP workers: only this session waits
+        self.conn.write(reply.encode())
+
     def on_close(self) -> None:
+        if self.anvil_held:
+            self.service.anvil.disconnect(self.peer[0])
+        if not self.verdict and self.bad_rcpts and not self.transactions and not self.accepted:
+            self.verdict = "bad_recipients"
+            self.service.log.info("DICTIONARY %d unknown recipient(s), none valid, from %s",
+                                  self.bad_rcpts, self.client)
         commands = sum(total for _, total in (self.stats or {}).values())
         label = classify(self.verdict, self.accepted, self.rejected, self.transactions,
                          self.ended, commands)
@@ -156,8 +290,17 @@ class FrontSession(ServerSession):
         return ext + ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
 
     def check_rcpt(self, address: str):
+        service = self.service
         if self.blocked:
             return R.R550_BLOCKED.format(ip=self.peer[0], reason=self.blocked)
+        refusal = self.check_anvil_rate(service.defence.cfg.client_recipient_rate_limit,
+                                        service.anvil and service.anvil.recipient, "Recipient",
+                                        R.R450_RECIPIENT_RATE)
+        if refusal is not None:
+            return refusal
+        if service.recipients is not None and service.recipients.verdict(address) is False:
+            self.bad_rcpts += 1
+            return R.R550_UNKNOWN_USER.format(rcpt=address)
         domain = domain_of(address)
         if not domain or domain in self.service.mydestination:
             return None
@@ -193,6 +336,7 @@ class FrontSession(ServerSession):
         service.slot.add(counter)
         if final.ok:
             self.accepted += 1
+            self.errors = self.junk = 0  # Postfix: the limits count errors without delivery
         elif not final.temporary:
             self.rejected += 1
         service.log.info("%s: %s: END-OF-MESSAGE: %s; from=<%s> to=<%s> proto=%s helo=<%s>",

@@ -4,7 +4,7 @@
 flags, the envelope (replaced whole on RSET and after DATA), strict DATA reading, STARTTLS,
 and Postfix-style logging (`connect from`, `NOQUEUE: reject: ...`, `disconnect from ...
 ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5`). Subclasses decide policy through four hooks:
-`on_connect`, `extensions`, `check_rcpt` and `deliver`.
+`on_connect`, `greet`, `extensions`, `check_mail`, `check_rcpt`, `deliver` and `on_close`.
 
 The `service` passed in is the worker-wide object every session shares: `hostname`, `log`,
 `limits` (line_length_limit, message_size_limit, max_recipients, timeout), `tls_context`,
@@ -85,6 +85,9 @@ class ServerSession:
 
     def extensions(self) -> list[str]:
         return []
+
+    def check_mail(self, address: str) -> R.Reply | None:
+        return None
 
     def check_rcpt(self, address: str) -> R.Reply | None:
         return None
@@ -196,16 +199,20 @@ class ServerSession:
         parts.append(f"commands={good}" if good == total else f"commands={good}/{total}")
         return " " + " ".join(parts)
 
-    def log_reject(self, stage: str, reply: R.Reply, rcpt: str | None = None) -> None:
+    def log_reject(self, stage: str, reply: R.Reply, rcpt: str | None = None,
+                   sender: str | None = None) -> None:
         env = self.env
         queue_id = env.queue_id if env and env.queue_id else "NOQUEUE"
-        where = f"from=<{env.mail_from}>" if env else ""
+        where = []
+        if env or sender is not None:
+            where.append(f"from=<{env.mail_from if env else sender}>")
         if rcpt is not None:
-            where += f" to=<{rcpt}>"
+            where.append(f"to=<{rcpt}>")
         elif env and env.rcpts:
-            where += f" to=<{env.rcpts[0]}>"
-        self.service.log.info("%s: reject: %s from %s: %s; %s proto=%s helo=<%s>", queue_id, stage,
-                              self.client, reply, where.strip(), self.proto, self.helo or "")
+            where.append(f"to=<{env.rcpts[0]}>")
+        where.append(f"proto={self.proto} helo=<{self.helo or ''}>")
+        self.service.log.info("%s: reject: %s from %s: %s; %s", queue_id, stage, self.client,
+                              reply, " ".join(where))
 
     # -- commands
     def _greet(self, arg: str, proto: str, syntax: R.Reply) -> bool:
@@ -249,9 +256,11 @@ class ServerSession:
         if not smtputf8 and not address.isascii():
             self.reply(R.R553_SMTPUTF8_REQUIRED)
             return False
-        if size > self.service.limits.message_size_limit:
-            self.log_reject("MAIL", R.R552_SIZE_EXCEEDED)
-            self.reply(R.R552_SIZE_EXCEEDED)
+        refusal = (R.R552_SIZE_EXCEEDED if size > self.service.limits.message_size_limit
+                   else self.check_mail(address))
+        if refusal is not None:
+            self.log_reject("MAIL", refusal, sender=address)
+            self.reply(refusal)
             return False
         self.env = Envelope(address, smtputf8, body_8bit)
         self.reply(R.R250_SENDER_OK)

@@ -55,7 +55,13 @@ def main(ctx: WorkerContext) -> int:
     log.set_name("poolmgr/smtpd")
     cfg = ctx.cfg
     logger = log.get("smtpd")
-    service = FrontService(ctx, _tls_context(cfg, logger), Defence(cfg, gevent.spawn))
+    anvil = None
+    if ctx.anvil is not None:
+        from ..anvil import AnvilClient
+        from .front import ANVIL_TIMEOUT
+
+        anvil = AnvilClient(socket.socket(fileno=ctx.anvil.detach()), ANVIL_TIMEOUT, logger)
+    service = FrontService(ctx, _tls_context(cfg, logger), Defence(cfg, gevent.spawn), anvil)
     listener = socket.socket(fileno=ctx.sock.detach())
     sessions = gevent.pool.Pool(cfg.smtp.max_sessions_per_worker)
     stopped = gevent.event.Event()

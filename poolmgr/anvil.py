@@ -1,0 +1,213 @@
+"""Per-client connection and rate counters for the whole host (Postfix's anvil).
+
+`Anvil` is the store: plain counters and no I/O, with the clock passed in, so that it is
+unit-testable and a shared store (Redis) can later implement the same methods. The master owns
+one and serves every SMTP worker over a SOCK_SEQPACKET socketpair made at fork
+(`AnvilServer`); a worker's sessions ask through one `AnvilClient`, which tags each request
+with a sequence number so that thousands of sessions share the socket. Limits are applied by
+the caller, as Postfix's smtpd does with anvil's counts.
+
+Rates are counted in fixed windows of `anvil_rate_time_unit` per client from its first event,
+as Postfix's anvil does. The connection count is of live sessions: a session releases its
+count when it ends, and the master releases all of a worker's counts when the worker exits, so
+a crashed worker leaves nothing behind.
+
+Wire format (ASCII, one request per packet): `SEQ C IP` connect -> `SEQ COUNT RATE`,
+`SEQ M IP` message -> `SEQ RATE`, `SEQ R IP` recipient -> `SEQ RATE`, `0 D IP` disconnect
+(no answer).
+
+Exports: Anvil, AnvilServer, AnvilClient, Usage.
+"""
+
+import socket
+from collections import Counter
+from typing import NamedTuple
+
+_PURGE_EVERY = 1024  # requests between sweeps of idle clients
+
+
+class Usage(NamedTuple):
+    count: int  # live connections of the client, this one included
+    rate: int   # events of the asked kind in the client's current window, this one included
+
+
+class _Client:
+    __slots__ = ("count", "window_start", "connections", "messages", "recipients")
+
+    def __init__(self, now: float):
+        self.count = 0
+        self.window_start = now
+        self.connections = self.messages = self.recipients = 0
+
+
+class Anvil:
+    """The counters of every client, for the whole host."""
+
+    def __init__(self, time_unit: float):
+        self.time_unit = time_unit
+        self.clients: dict[str, _Client] = {}
+        self.owners: dict[object, Counter] = {}  # worker -> live connections by client
+        self.requests = 0
+
+    def _client(self, ip: str, now: float) -> _Client:
+        self.requests += 1
+        if self.requests % _PURGE_EVERY == 0:
+            self.purge(now)
+        client = self.clients.get(ip)
+        if client is None:
+            client = self.clients[ip] = _Client(now)
+        elif now - client.window_start >= self.time_unit:
+            client.window_start = now
+            client.connections = client.messages = client.recipients = 0
+        return client
+
+    def connect(self, owner, ip: str, now: float) -> Usage:
+        client = self._client(ip, now)
+        client.count += 1
+        client.connections += 1
+        self.owners.setdefault(owner, Counter())[ip] += 1
+        return Usage(client.count, client.connections)
+
+    def disconnect(self, owner, ip: str) -> None:
+        held = self.owners.get(owner)
+        if not held or held[ip] <= 0:
+            return
+        held[ip] -= 1
+        if not held[ip]:
+            del held[ip]
+        client = self.clients.get(ip)
+        if client is not None and client.count > 0:
+            client.count -= 1
+
+    def message(self, ip: str, now: float) -> int:
+        client = self._client(ip, now)
+        client.messages += 1
+        return client.messages
+
+    def recipient(self, ip: str, now: float) -> int:
+        client = self._client(ip, now)
+        client.recipients += 1
+        return client.recipients
+
+    def release(self, owner) -> int:
+        """A worker has exited: drop the connections it held; returns how many."""
+        held = self.owners.pop(owner, None) or Counter()
+        for ip, n in held.items():
+            client = self.clients.get(ip)
+            if client is not None:
+                client.count = max(0, client.count - n)
+        return sum(held.values())
+
+    def purge(self, now: float) -> None:
+        """Forget clients with no live connection whose window has ended."""
+        self.clients = {ip: c for ip, c in self.clients.items()
+                        if c.count or now - c.window_start < self.time_unit}
+
+
+class AnvilServer:
+    """The master's side: answers the packets of one worker's socket."""
+
+    def __init__(self, anvil: Anvil, clock):
+        self.anvil = anvil
+        self.clock = clock
+
+    def serve(self, sock: socket.socket, owner) -> bool:
+        """Answer every pending request; False when the worker's end is closed."""
+        anvil = self.anvil
+        while True:
+            try:
+                packet = sock.recv(256)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not packet:
+                return False
+            try:
+                seq, op, ip = packet.decode("ascii").split()
+            except (UnicodeDecodeError, ValueError):
+                continue
+            now = self.clock()
+            if op == "C":
+                answer = "%s %d %d" % ((seq,) + tuple(anvil.connect(owner, ip, now)))
+            elif op == "M":
+                answer = f"{seq} {anvil.message(ip, now)}"
+            elif op == "R":
+                answer = f"{seq} {anvil.recipient(ip, now)}"
+            elif op == "D":
+                anvil.disconnect(owner, ip)
+                continue
+            else:
+                continue
+            try:
+                sock.send(answer.encode("ascii"))
+            except BlockingIOError:
+                pass  # the worker is not reading: it will time out and carry on
+            except OSError:
+                return False
+
+
+class AnvilClient:
+    """A worker's side (gevent): one socket shared by all sessions, answers matched by seq.
+
+    When the master does not answer within `timeout`, the request fails open (None) and a
+    warning is logged: a slow master must not stop mail.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float, logger):
+        import gevent
+        import gevent.event
+
+        self.sock = sock
+        self.timeout = timeout
+        self.log = logger
+        self.seq = 0
+        self.pending: dict[int, "gevent.event.AsyncResult"] = {}
+        self.result_type = gevent.event.AsyncResult
+        self.failures = (gevent.Timeout, OSError)
+        self.reader = gevent.spawn(self._read)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                packet = self.sock.recv(256)
+            except OSError:
+                return
+            if not packet:
+                return
+            seq, _, rest = packet.decode("ascii").partition(" ")
+            waiter = self.pending.pop(int(seq), None)
+            if waiter is not None:
+                waiter.set(tuple(int(v) for v in rest.split()))
+
+    def _ask(self, op: str, ip: str):
+        self.seq += 1
+        seq = self.seq
+        waiter = self.pending[seq] = self.result_type()
+        try:
+            self.sock.send(f"{seq} {op} {ip}".encode("ascii"))
+            return waiter.get(timeout=self.timeout)
+        except self.failures as exc:  # fail open
+            self.log.warning("anvil: no answer from the master for %s %s: %s -- not limiting",
+                             op, ip, type(exc).__name__)
+            return None
+        finally:
+            self.pending.pop(seq, None)
+
+    def connect(self, ip: str) -> Usage | None:
+        answer = self._ask("C", ip)
+        return Usage(*answer) if answer else None
+
+    def disconnect(self, ip: str) -> None:
+        try:
+            self.sock.send(f"0 D {ip}".encode("ascii"))
+        except OSError:
+            pass
+
+    def message(self, ip: str) -> int | None:
+        answer = self._ask("M", ip)
+        return answer[0] if answer else None
+
+    def recipient(self, ip: str) -> int | None:
+        answer = self._ask("R", ip)
+        return answer[0] if answer else None
