@@ -17,7 +17,7 @@ from .defence.policy import REASONS
 
 # Cumulative per-worker counters, by index. Append only: the layout is shared by all processes.
 COUNTERS = (
-    "connections",          # SMTP sessions accepted
+    "connections",          # sessions accepted (SMTP pool: clients; scanner pool: hand-offs)
     "messages_accepted",    # 250 after DATA (next hop accepted)
     "messages_rejected",    # 5xx after DATA
     "messages_tempfailed",  # 4xx after DATA

@@ -242,6 +242,7 @@ def test_recipient_validation_and_dictionary_attack(make_poolmgr, tmp_path):
     status = pm.status()
     assert status["nuisance"]["total"]["legit"] == 1
     assert status["pools"]["smtp"]["counters"]["handoffs"] == 1  # only the valid message
+    assert status["pools"]["scanner"]["counters"]["connections"] == 1
     assert "DICTIONARY 3 unknown recipient(s), none valid, from unknown[127.0.4.20]" in pm.log()
 
 

@@ -79,6 +79,7 @@ def main(ctx: WorkerContext) -> int:
         except (BlockingIOError, InterruptedError):
             continue  # another worker took it
         sock.setblocking(True)
+        ctx.slot.add("connections")
         service.current = ScannerSession(service, sock, peer)
         set_title(f"poolmgr: scanner worker {ctx.number} [busy]")
         title = None
