@@ -162,6 +162,7 @@ class AnvilClient:
         self.timeout = timeout
         self.log = logger
         self.seq = 0
+        self.closed = False  # the master's end is gone: stop asking
         self.pending: dict[int, "gevent.event.AsyncResult"] = {}
         self.result_type = gevent.event.AsyncResult
         self.failures = (gevent.Timeout, OSError)
@@ -172,15 +173,21 @@ class AnvilClient:
             try:
                 packet = self.sock.recv(256)
             except OSError:
-                return
+                break
             if not packet:
-                return
+                break
             seq, _, rest = packet.decode("ascii").partition(" ")
             waiter = self.pending.pop(int(seq), None)
             if waiter is not None:
                 waiter.set(tuple(int(v) for v in rest.split()))
+        self.closed = True
+        self.log.warning("anvil: the master closed the connection -- not limiting")
+        for waiter in self.pending.values():
+            waiter.set(())
 
     def _ask(self, op: str, ip: str):
+        if self.closed:
+            return None
         self.seq += 1
         seq = self.seq
         waiter = self.pending[seq] = self.result_type()

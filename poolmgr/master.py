@@ -38,6 +38,7 @@ from .scanner import worker as scanner_worker
 from .smtp import worker as smtp_worker
 
 LOOP_INTERVAL = 0.5
+HOUSEKEEPING_INTERVAL = 0.1
 KILL_MARGIN = 15.0  # seconds past graceful_timeout before a draining worker is killed
 FAST_STOP_WAIT = 3.0
 SIGNAMES = {s: s.name for s in signal.Signals}
@@ -140,17 +141,27 @@ class Master:
     def run(self) -> int:
         self.setup()
         try:
+            housekept = 0.0
             while True:
+                urgent = False
                 for key, _ in self.selector.select(LOOP_INTERVAL):
                     if key.data == "wakeup":
+                        urgent = True
                         try:
                             self.signals.extend(os.read(self.wakeup_r, 4096))
                         except BlockingIOError:
                             pass
                     elif key.data == "control":
+                        urgent = True
                         self.control.serve(self.handle_request)
                     elif not self.anvil_server.serve(key.fileobj, key.data):
                         self.close_anvil(key.data)
+                # Anvil requests wake the loop thousands of times a second in a storm; the
+                # housekeeping below runs on signals, control requests, and every 0.1s.
+                now = time.monotonic()
+                if not urgent and now - housekept < HOUSEKEEPING_INTERVAL:
+                    continue
+                housekept = now
                 while self.signals:
                     self.handle_signal(self.signals.popleft())
                 self.reap()
