@@ -29,12 +29,14 @@ COUNTERS = (
 ) + tuple("nuisance_" + reason for reason in REASONS)  # ... or with one nuisance reason
 _NCOUNTERS = 32
 SLOTS = 1024  # generous: pools of up to 128 workers each, plus workers still draining
-# pid, kind, generation, number, heartbeat, started, sessions, busy, counters[32]
-_HEAD = struct.Struct("=iiiiddII")
+# pid, kind, generation, number, heartbeat, started, sessions, busy, suspect, transacting,
+# counters[32]
+_HEAD = struct.Struct("=iiiiddIIII")
 _SLOT_SIZE = _HEAD.size + 8 * _NCOUNTERS
 _OFF_HEARTBEAT = 16
 _OFF_SESSIONS = 32
 _OFF_BUSY = 36
+_OFF_SUSPECT = 40
 _OFF_COUNTERS = _HEAD.size
 KINDS = {"smtp": 1, "scanner": 2}
 
@@ -56,6 +58,11 @@ class Slot:
 
     def set_busy(self, value: int) -> None:
         struct.pack_into("=I", self._mm, self._base + _OFF_BUSY, value)
+
+    def set_states(self, suspect: int, transacting: int) -> None:
+        """SMTP sessions by state: suspect (a test fired, or silent too long), in a mail
+        transaction."""
+        struct.pack_into("=II", self._mm, self._base + _OFF_SUSPECT, suspect, transacting)
 
     def stress(self) -> bool:
         """Stress mode, as the master set it for every worker."""
@@ -79,7 +86,7 @@ class Board:
         index = self._free.pop()
         now = time.monotonic()
         _HEAD.pack_into(self._mm, index * _SLOT_SIZE, 0, KINDS[kind], generation, number,
-                        now, now, 0, 0)
+                        now, now, 0, 0, 0, 0)
         self._mm[index * _SLOT_SIZE + _OFF_COUNTERS:(index + 1) * _SLOT_SIZE] = \
             bytes(8 * _NCOUNTERS)
         return index
@@ -92,10 +99,11 @@ class Board:
 
     def read(self, index: int) -> dict:
         base = index * _SLOT_SIZE
-        pid, kind, generation, number, heartbeat, started, sessions, busy = \
-            _HEAD.unpack_from(self._mm, base)
+        pid, kind, generation, number, heartbeat, started, sessions, busy, suspect, \
+            transacting = _HEAD.unpack_from(self._mm, base)
         counters = struct.unpack_from(f"={_NCOUNTERS}Q", self._mm, base + _OFF_COUNTERS)
-        return {"heartbeat": heartbeat, "sessions": sessions, "busy": busy,
+        return {"heartbeat": heartbeat, "sessions": sessions, "busy": busy, "suspect": suspect,
+                "transacting": transacting,
                 "counters": dict(zip(COUNTERS, counters))}
 
     def free(self, index: int) -> dict:

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from . import __version__, config, control, log
 
@@ -101,9 +102,20 @@ def format_status(status: dict) -> str:
         lines.append(f"nuisance ratio {nuisance['ratio']:.2f} over {nuisance['window']:g}s "
                      f"(legit {nuisance['legit']}, nuisance {nuisance['nuisance']}: {reasons})")
     stress, anvil = status.get("stress") or {}, status.get("anvil") or {}
-    lines.append(f"stress mode {'on (' + stress.get('source', '') + ')' if stress.get('on') else 'off'}"
-                 f"; anvil: {anvil.get('connections', 0)} connections from "
-                 f"{anvil.get('clients', 0)} clients")
+    stress_text = f"on ({stress.get('source', '')})" if stress.get("on") else "off"
+    lines.append(f"stress mode {stress_text}; anvil: {anvil.get('connections', 0)} connections "
+                 f"from {anvil.get('clients', 0)} clients")
+    auto = status.get("autoscale") or {}
+    if auto:
+        since = time.strftime("%H:%M:%S", time.localtime(auto["since"]))
+        state = auto["phase"] if auto["enabled"] else "off"
+        lines.append(f"autoscale {state} since {since}; pressure {auto.get('pressure', 0):.2f} "
+                     f"(occupancy {auto.get('occupancy', 0):.2f}, accept queue "
+                     f"{auto.get('backlog', 0)}/{auto.get('backlog_max', 0)}), nuisance "
+                     f"{auto.get('nuisance_ratio', 0):.2f}")
+        for entry in auto.get("decisions", [])[-5:]:
+            stamp = time.strftime("%H:%M:%S", time.localtime(entry["time"]))
+            lines.append(f"  {stamp} {entry['decision']}")
     return "\n".join(lines)
 
 
@@ -149,10 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--socket", help="control socket path (overrides the config)")
     status.set_defaults(func=cmd_status)
     ctl = with_config(sub.add_parser(
-        "ctl", help="resize a pool (ctl smtp|scanner N|+N|-N) or switch stress mode "
-                    "(ctl stress on|off)"))
-    ctl.add_argument("pool", choices=("smtp", "scanner", "stress"))
-    ctl.add_argument("size", help="N, +N or -N; on or off for stress")
+        "ctl", help="resize a pool (ctl smtp|scanner N|+N|-N), switch stress mode or the "
+                    "autoscaler (ctl stress|autoscale on|off)"))
+    ctl.add_argument("pool", choices=("smtp", "scanner", "stress", "autoscale"))
+    ctl.add_argument("size", help="N, +N or -N; on or off for stress and autoscale")
     ctl.add_argument("--socket", help="control socket path (overrides the config)")
     ctl.set_defaults(func=cmd_ctl)
     return parser

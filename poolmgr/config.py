@@ -254,6 +254,10 @@ def _convert(setting: Setting, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected an integer, got {value!r}")
         result = value
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {value!r}")
+        result = float(value)
     elif kind == "bool":
         if not isinstance(value, bool):
             raise ValueError(f"expected true or false, got {value!r}")
@@ -309,6 +313,13 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
             defence["recipient_table"] = RecipientTable.load(defence["recipients"])
         except (OSError, ValueError) as exc:
             err("defence.recipients", str(exc))
+    auto = sections["autoscale"]
+    if auto["storm_exit_occupancy"] >= auto["storm_enter_occupancy"]:
+        err("autoscale.storm_exit_occupancy", f"{auto['storm_exit_occupancy']:g} must be below "
+            f"autoscale.storm_enter_occupancy ({auto['storm_enter_occupancy']:g})")
+    if auto["scanner_busy_low"] >= auto["scanner_busy_high"]:
+        err("autoscale.scanner_busy_low", f"{auto['scanner_busy_low']:g} must be below "
+            f"autoscale.scanner_busy_high ({auto['scanner_busy_high']:g})")
     # Never fewer SMTP than scanner workers: what can be mended is mended, and said.
     if scanner["min_workers"] > smtp["max_workers"]:
         err("scanner.min_workers", f"{scanner['min_workers']} scanner workers need as many SMTP "
@@ -421,8 +432,8 @@ def control_socket_of(path: str | None) -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):

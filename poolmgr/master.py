@@ -9,6 +9,10 @@ imports gevent and never touches a mail byte.
 Signals: TERM graceful stop, INT/QUIT fast stop, HUP reload, TTIN/TTOU SMTP pool +1/-1,
 USR1 reopen logs.
 
+Every `autoscale.interval` the master takes a snapshot (scoreboard, accept queue from
+TCP_INFO, nuisance ratio) and applies what `autoscale.decide` returns; every decision is logged
+with its reason and kept for `poolmgr status`.
+
 The master also serves anvil, the per-client counters of the whole host: each SMTP worker gets
 one end of a socketpair at fork, and the loop answers its requests (see `anvil`). Stress mode
 is a flag on the scoreboard that every SMTP worker reads.
@@ -22,11 +26,12 @@ import resource
 import selectors
 import signal
 import socket
+import struct
 import time
 
 import psutil
 
-from . import config, log
+from . import autoscale, config, log
 from .anvil import Anvil, AnvilServer
 from .board import Board
 from .config import Config, ConfigError, format_address
@@ -75,6 +80,13 @@ class Master:
         self.anvil_server = AnvilServer(self.anvil, time.monotonic)
         self.anvil_socks: dict[int, socket.socket] = {}  # SMTP worker pid -> master's end
         self.stress: dict = {"on": False, "source": "", "since": None}
+        self.autoscale_on = cfg.autoscale.enabled
+        self.scaler = autoscale.State()
+        self.scaled_at = 0.0
+        self.phase_since = time.time()  # wall clock: when the storm phase last changed
+        self.handoff_mark = (0, 0)  # hand-offs and their wait (ms) at the last snapshot
+        self.decisions: collections.deque = collections.deque(maxlen=20)
+        self.last_snapshot: autoscale.Snapshot | None = None
         self.pools = {
             "smtp": Pool("smtp", *cfg.pool_limits("smtp"), smtp_worker.main),
             "scanner": Pool("scanner", *cfg.pool_limits("scanner"), scanner_worker.main),
@@ -170,6 +182,7 @@ class Master:
                     if self.advance_stop():
                         break
                 else:
+                    self.autoscale()
                     self.manage()
                 self.sample()
                 self.update_title()
@@ -347,6 +360,8 @@ class Master:
         log.setup("poolmgr/master", new.master.log_file)
         self.cfg = new
         self.anvil.time_unit = new.defence.anvil_rate_time_unit
+        if new.autoscale.enabled != old.autoscale.enabled:
+            self.set_autoscale(new.autoscale.enabled, "reload")
         self.generation += 1
         self.log.info("reload: configuration %s, generation %d: replacing workers", new.path,
                       self.generation)
@@ -412,8 +427,60 @@ class Master:
                 return {"ok": done, "message": message}
             if len(args) == 2 and args[0] == "stress" and args[1] in ("on", "off"):
                 return {"ok": True, "message": self.set_stress(args[1] == "on", "ctl")}
-            return {"ok": False, "message": "usage: ctl smtp|scanner N|+N|-N, ctl stress on|off"}
+            if len(args) == 2 and args[0] == "autoscale" and args[1] in ("on", "off"):
+                return {"ok": True, "message": self.set_autoscale(args[1] == "on")}
+            return {"ok": False, "message": "usage: ctl smtp|scanner N|+N|-N, ctl stress on|off, "
+                                            "ctl autoscale on|off"}
         return {"ok": False, "message": f"unknown command {cmd!r}"}
+
+    # -- autoscaling
+    def accept_queue(self) -> tuple[int, int]:
+        """(connections waiting in the SMTP accept queue, listen backlog): Linux TCP_INFO."""
+        try:
+            info = self.sockets["smtp"].getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            queued, backlog = struct.unpack_from("=II", info, 24)  # tcpi_unacked, tcpi_sacked
+            return queued, max(1, backlog)
+        except (OSError, struct.error):
+            return 0, max(1, self.cfg.smtp.backlog)
+
+    def snapshot(self, now: float) -> autoscale.Snapshot:
+        smtp, scanner = self.pools["smtp"], self.pools["scanner"]
+        running = smtp.running()
+        infos = [self.board.read(w.slot) for w in running]
+        sessions = sum(i["sessions"] for i in infos)
+        suspect = sum(i["suspect"] for i in infos)
+        live_ratio = suspect / sessions if sessions else 0.0
+        counters = self.pool_counters(smtp)
+        handoffs, wait_ms = counters.get("handoffs", 0), counters.get("handoff_wait_ms", 0)
+        (old_handoffs, old_wait_ms), self.handoff_mark = self.handoff_mark, (handoffs, wait_ms)
+        done = handoffs - old_handoffs
+        queued, backlog = self.accept_queue()
+        return autoscale.Snapshot(
+            now=now, smtp=smtp.target, scanner=scanner.target, smtp_floor=smtp.floor,
+            smtp_ceiling=smtp.ceiling, scanner_floor=scanner.floor,
+            scanner_ceiling=scanner.ceiling, sessions=sessions,
+            slots=len(running) * self.cfg.smtp.max_sessions_per_worker, backlog=queued,
+            backlog_max=backlog,
+            nuisance_ratio=max(self.nuisance.summary()["ratio"], live_ratio),
+            scanner_busy=sum(self.board.read(w.slot)["busy"] for w in scanner.running()),
+            handoff_wait=(wait_ms - old_wait_ms) / 1000 / done if done > 0 else 0.0)
+
+    def autoscale(self) -> None:
+        now = time.monotonic()
+        if not self.autoscale_on or now - self.scaled_at < self.cfg.autoscale.interval:
+            return
+        self.scaled_at = now
+        snap = self.last_snapshot = self.snapshot(now)
+        before = self.scaler
+        smtp, scanner, self.scaler, decisions = autoscale.decide(snap, before, self.cfg.autoscale)
+        if self.scaler.phase != before.phase:
+            self.phase_since = time.time()
+        for decision in decisions:
+            self.log.info("autoscale: %s", decision)
+            self.decisions.append({"time": round(time.time(), 1), "decision": decision})
+        self.pools["smtp"].target, self.pools["scanner"].target = smtp, scanner
+        if self.scaler.stress != before.stress:
+            self.set_stress(self.scaler.stress, "autoscale")
 
     def set_stress(self, on: bool, source: str) -> str:
         """Switch stress mode for every SMTP worker (ctl now, the autoscaler later)."""
@@ -423,6 +490,30 @@ class Master:
             self.board.set_stress(on)
             self.log.info("stress mode %s (%s)", "on" if on else "off", source)
         return f"stress mode {'on' if on else 'off'}" + ("" if on != was else " (unchanged)")
+
+    def set_autoscale(self, on: bool, source: str = "ctl") -> str:
+        if on != self.autoscale_on:
+            self.autoscale_on = on
+            self.log.info("autoscale %s (%s)", "on" if on else "off", source)
+            if not on:  # back to the floors; a storm's workers are retired
+                for pool in self.pools.values():
+                    pool.target = pool.floor
+                self.scaler = autoscale.State(since=time.monotonic())
+                self.phase_since = time.time()
+                if self.stress["source"] == "autoscale" and self.stress["on"]:
+                    self.set_stress(False, "autoscale")
+        return f"autoscale {'on' if on else 'off'}"
+
+    def autoscale_status(self) -> dict:
+        snap = self.last_snapshot
+        figures = {} if snap is None else {
+            "pressure": round(snap.pressure, 3), "occupancy": round(snap.occupancy, 3),
+            "backlog": snap.backlog, "backlog_max": snap.backlog_max,
+            "nuisance_ratio": round(snap.nuisance_ratio, 3),
+            "handoff_wait": round(snap.handoff_wait, 3)}
+        return {"enabled": self.autoscale_on, "phase": self.scaler.phase,
+                "since": round(self.phase_since, 1), **figures,
+                "decisions": list(self.decisions)}
 
     def status(self) -> dict:
         now = time.monotonic()
@@ -461,6 +552,9 @@ class Master:
                            "rss": psutil.Process().memory_info().rss},
                 "pools": pools, "nuisance": self.nuisance_status(pools["smtp"]["counters"]),
                 "stress": dict(self.stress),
+                "storm": {"active": self.scaler.phase == autoscale.STORM,
+                          "phase": self.scaler.phase, "since": round(self.phase_since, 1)},
+                "autoscale": self.autoscale_status(),
                 "anvil": {"clients": len(self.anvil.clients),
                           "connections": sum(c.count for c in self.anvil.clients.values())}}
 

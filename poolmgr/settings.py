@@ -16,7 +16,8 @@ from typing import Any
 class Setting:
     section: str
     key: str
-    kind: str  # str int bool duration size address cidrs strlist nexthop filter path rules
+    kind: str  # str int float bool duration size address cidrs strlist nexthop filter path
+    #            rules sites addresses
     default: Any
     help: str
     min: float | None = None
@@ -40,6 +41,11 @@ SECTION_HELP = {
         "Storm defences in the SMTP pool (postscreen and anvil class). Actions: ignore (log only),\n"
         "enforce (answer, but reject every RCPT with 550 5.7.1 and the reason), drop (521, close).\n"
         "Stress mode ('poolmgr ctl stress on|off') gives every client the stress_* limits."
+    ),
+    "autoscale": (
+        "The autoscaler: every interval the master sizes the SMTP pool by the storm (occupancy,\n"
+        "accept queue, nuisance ratio) and the scanner pool by legitimate volume, above the\n"
+        "floors that min_workers and manual resizes set. 'poolmgr ctl autoscale off|on'."
     ),
 }
 ACTIONS = ("ignore", "enforce", "drop")
@@ -253,5 +259,50 @@ SETTINGS: tuple[Setting, ...] = (
       "hard_error_limit in stress mode (Postfix: smtpd_hard_error_limit = ${stress?1}).", min=1),
     S("defence", "stress_junk_command_limit", "int", 1,
       "junk_command_limit in stress mode (Postfix: smtpd_junk_command_limit = ${stress?1}).",
+      min=1),
+    # [autoscale]
+    S("autoscale", "enabled", "bool", True,
+      "Run the autoscaler. Off: pools stay at their floors (min_workers and manual resizes)."),
+    S("autoscale", "interval", "duration", "1s",
+      "How often the master takes a snapshot and decides.", min=0.1, max=60),
+    S("autoscale", "storm_enter_occupancy", "float", 0.75,
+      "A storm begins when pressure (live SMTP sessions / slots, or the accept queue / listen\n"
+      "backlog, whichever is higher) reaches this while the nuisance ratio is at least\n"
+      "storm_nuisance_ratio. During a storm the SMTP pool grows while pressure stays here.",
+      min=0.01, max=1),
+    S("autoscale", "storm_exit_occupancy", "float", 0.3,
+      "A storm ends when pressure stays under this for cooldown; below storm_enter_occupancy.",
+      min=0, max=1),
+    S("autoscale", "storm_nuisance_ratio", "float", 0.5,
+      "Nuisance share that makes high pressure a storm: the larger of the ratio over\n"
+      "defence.nuisance_window and the share of live sessions that look like nuisance\n"
+      "(a test fired, or silent since the banner).", min=0, max=1),
+    S("autoscale", "step", "int", 1,
+      "SMTP workers added per interval during a storm (twice as many while the accept queue\n"
+      "keeps growing).", min=1, max=64),
+    S("autoscale", "cooldown", "duration", "30s",
+      "How long pressure must stay under storm_exit_occupancy before the storm is over and\n"
+      "the extra SMTP workers are retired, one per interval, oldest first.", min=0),
+    S("autoscale", "min_worker_lifetime", "duration", "10s",
+      "A pool is not shrunk sooner than this after it last changed (no flapping).", min=0),
+    S("autoscale", "calm_ratio", "float", 2.0,
+      "When calm, at most this many SMTP workers per scanner worker, unless smtp's floor is\n"
+      "higher.", min=1, max=100),
+    S("autoscale", "stress", "bool", True,
+      "Switch stress mode on when a storm holds the SMTP pool at its ceiling, and off when\n"
+      "pressure falls under storm_exit_occupancy."),
+    S("autoscale", "scanner_busy_high", "float", 0.8,
+      "The scanner pool grows by one when this share of its workers has been busy for\n"
+      "scanner_grow_after ...", min=0.01, max=1),
+    S("autoscale", "handoff_wait_high", "duration", "2s",
+      "... or when the mean hand-off (SMTP worker to next hop, through the scanner) took this\n"
+      "long for scanner_grow_after.", min=0.01),
+    S("autoscale", "scanner_grow_after", "duration", "5s",
+      "How long scanner load must stay high before the scanner pool grows.", min=0),
+    S("autoscale", "scanner_busy_low", "float", 0.2,
+      "The scanner pool shrinks by one after scanner_shrink_after with at most this share of\n"
+      "its workers busy.", min=0, max=1),
+    S("autoscale", "scanner_shrink_after", "duration", "300s",
+      "How long the scanner pool must be idle before it shrinks: slow, so that it does not flap.",
       min=1),
 )

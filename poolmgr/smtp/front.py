@@ -64,7 +64,8 @@ ANVIL_TIMEOUT = 2.0
 
 class FrontSession(ServerSession):
     __slots__ = ("verdict", "blocked", "trusted", "exempt", "dnsbl_job", "accepted", "rejected",
-                 "suspicious", "errors", "junk", "bad_rcpts", "anvil_held", "early", "stress")
+                 "suspicious", "errors", "junk", "bad_rcpts", "anvil_held", "early", "stress",
+                 "started")
 
     def __init__(self, service, sock, peer):
         super().__init__(service, sock, peer)
@@ -82,6 +83,7 @@ class FrontSession(ServerSession):
         self.anvil_held = False
         self.early = False      # talked before the banner (greet test not run)
         self.stress = service.slot.stress()
+        self.started = time.monotonic()
         if self.stress:
             self.conn.timeout = min(self.conn.timeout, service.defence.cfg.stress_timeout)
 
@@ -103,6 +105,11 @@ class FrontSession(ServerSession):
         """Short timeout, and the tarpit if configured."""
         self.suspicious = True
         self.conn.timeout = min(self.conn.timeout, self.service.defence.cfg.suspicious_timeout)
+
+    def looks_like_nuisance(self, silent_since: float) -> bool:
+        """For the autoscaler's live nuisance ratio: a test fired, or silent since connect."""
+        return bool(self.verdict) or self.suspicious or (
+            self.stats is None and self.started < silent_since)
 
     def limits(self) -> tuple[int, int]:
         """(hard_error_limit, junk_command_limit), stress mode applied."""

@@ -21,6 +21,10 @@ import time
 from .. import log
 from ..process import DRAIN_IDLE_GRACE, WorkerContext, set_title
 
+# A session that has sent no command this long after the banner counts as nuisance for the
+# autoscaler while it lives (bots that connect and never speak).
+SILENT_NUISANCE = 5.0
+
 
 def _tls_context(cfg, logger):
     if not cfg.smtp.tls_cert:
@@ -98,11 +102,19 @@ def main(ctx: WorkerContext) -> int:
         sessions.join(timeout=10)
         stopped.set()
 
+    silent = cfg.defence.greet_wait + SILENT_NUISANCE
+
     def heartbeat() -> None:
         title = None
         while True:
             ctx.slot.beat()
             ctx.slot.set_sessions(len(sessions))
+            silent_since = time.monotonic() - silent
+            suspect = transacting = 0
+            for session in service.sessions:
+                suspect += session.looks_like_nuisance(silent_since)
+                transacting += session.env is not None
+            ctx.slot.set_states(suspect, transacting)
             state = " draining" if service.draining else ""
             new_title = f"poolmgr: smtp worker {ctx.number} [{len(sessions)} sessions{state}]"
             if new_title != title:

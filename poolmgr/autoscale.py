@@ -1,0 +1,179 @@
+"""The autoscaler: a pure function from a stats snapshot and the config to pool targets.
+
+`decide(snapshot, state, cfg)` returns new targets for both pools, the new `State` and the
+decisions taken, each with its reason; it does no I/O and reads no clock, so it is tested over
+synthetic traces. The master calls it every `autoscale.interval` and applies the targets.
+
+SMTP pool, by storm phase:
+- calm: a storm is entered when pressure (the larger of session occupancy and accept-queue
+  fill) reaches `storm_enter_occupancy` while the nuisance ratio is at least
+  `storm_nuisance_ratio`;
+- storm: while pressure stays at or above `storm_enter_occupancy` the pool grows by `step`
+  workers per interval (twice that while the accept queue keeps growing), up to its ceiling; at
+  the ceiling stress mode is asked for, and given back once pressure falls under
+  `storm_exit_occupancy`. Pressure under `storm_exit_occupancy` for `cooldown` ends the storm;
+- retreat: one worker is retired per interval (the master retires the oldest), no sooner than
+  `min_worker_lifetime` after the pool last changed, until the pool is at its calm size: its
+  floor, and at least as many workers as the scanner pool. A new storm interrupts the retreat.
+Scanner pool, by legitimate volume: +1 when busyness or the hand-off wait has stayed high for
+`scanner_grow_after`, -1 after `scanner_shrink_after` of low busyness; slow to shrink, since
+a load-driven pool that flaps "goes bad all the way".
+
+Rules, checked after every decision (`check_rules`): each pool within its floor and ceiling;
+scanner <= SMTP; when calm, SMTP <= max(SMTP floor, `calm_ratio` x scanner).
+
+Exports: Snapshot, State, decide, check_rules, CALM, STORM, RETREAT.
+"""
+
+from dataclasses import dataclass
+
+CALM, STORM, RETREAT = "calm", "storm", "retreat"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now: float
+    smtp: int                 # SMTP pool target (what the master converges to)
+    scanner: int              # scanner pool target
+    smtp_floor: int
+    smtp_ceiling: int
+    scanner_floor: int
+    scanner_ceiling: int
+    sessions: int = 0         # live SMTP sessions
+    slots: int = 0            # running SMTP workers x max_sessions_per_worker
+    backlog: int = 0          # connections waiting in the SMTP accept queue
+    backlog_max: int = 1      # the listen backlog
+    nuisance_ratio: float = 0.0
+    scanner_busy: int = 0     # scanner workers busy with a message now
+    handoff_wait: float = 0.0  # mean hand-off wait over the last interval, seconds
+
+    @property
+    def occupancy(self) -> float:
+        return self.sessions / self.slots if self.slots else 0.0
+
+    @property
+    def pressure(self) -> float:
+        return max(self.occupancy, self.backlog / max(1, self.backlog_max))
+
+
+@dataclass(frozen=True)
+class State:
+    phase: str = CALM
+    since: float = 0.0              # when the phase began
+    quiet_since: float | None = None  # pressure under the exit mark since
+    last_backlog: int = 0
+    smtp_changed: float = float("-inf")
+    scanner_changed: float = float("-inf")
+    scanner_high_since: float | None = None
+    scanner_low_since: float | None = None
+    stress: bool = False            # stress mode asked for by the autoscaler
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(value, high))
+
+
+def calm_size(snap: Snapshot, scanner: int, cfg) -> int:
+    """The SMTP pool's size when calm: its floor, and never fewer than the scanner pool."""
+    return _clamp(max(snap.smtp_floor, scanner), 1, snap.smtp_ceiling)
+
+
+def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str]]:
+    """(smtp target, scanner target, new state, decisions) for one interval."""
+    now, pressure, nuisance = snap.now, snap.pressure, snap.nuisance_ratio
+    smtp = _clamp(snap.smtp, snap.smtp_floor, snap.smtp_ceiling)
+    scanner = _clamp(snap.scanner, snap.scanner_floor, snap.scanner_ceiling)
+    phase, since, quiet_since, stress = state.phase, state.since, state.quiet_since, state.stress
+    smtp_changed, scanner_changed = state.smtp_changed, state.scanner_changed
+    decisions: list[str] = []
+    why = (f"occupancy {snap.occupancy:.2f}, backlog {snap.backlog}/{snap.backlog_max}, "
+           f"nuisance {nuisance:.2f}")
+    hot = pressure >= cfg.storm_enter_occupancy
+    quiet = pressure < cfg.storm_exit_occupancy
+
+    # -- storm phases
+    if phase != STORM and hot and nuisance >= cfg.storm_nuisance_ratio:
+        decisions.append(f"storm begins: {why}")
+        phase, since, quiet_since = STORM, now, None
+    elif phase == STORM:
+        quiet_since = (quiet_since if quiet_since is not None else now) if quiet else None
+        if quiet_since is not None and now - quiet_since >= cfg.cooldown:
+            decisions.append(f"storm over after {now - since:.0f}s: pressure under "
+                             f"{cfg.storm_exit_occupancy:g} for {cfg.cooldown:g}s; {why}")
+            phase, since, quiet_since = RETREAT, now, None
+
+    # -- SMTP pool
+    old_smtp = smtp
+    if phase == STORM and hot and smtp < snap.smtp_ceiling:
+        step = cfg.step * (2 if snap.backlog > state.last_backlog > 0 else 1)
+        smtp = min(snap.smtp_ceiling, smtp + step)
+        decisions.append(f"smtp {old_smtp} -> {smtp}: {why}")
+    elif phase == RETREAT:
+        target = calm_size(snap, scanner, cfg)
+        if smtp > target and now - smtp_changed >= cfg.min_worker_lifetime:
+            smtp -= 1
+            decisions.append(f"smtp {old_smtp} -> {smtp}: retiring surplus workers; {why}")
+        if smtp <= target:
+            decisions.append(f"calm: smtp pool back at {smtp}")
+            phase, since = CALM, now
+    if smtp != old_smtp:
+        smtp_changed = now
+
+    # -- stress mode: at the ceiling under pressure; given back when pressure falls
+    want_stress = stress
+    if phase == STORM and hot and smtp >= snap.smtp_ceiling:
+        want_stress = True
+    elif quiet or phase != STORM:
+        want_stress = False
+    if want_stress != stress and cfg.stress:
+        decisions.append(f"stress mode {'on' if want_stress else 'off'}: {why}")
+        stress = want_stress
+
+    # -- scanner pool: legitimate volume only
+    busy = snap.scanner_busy / scanner if scanner else 0.0
+    high = busy >= cfg.scanner_busy_high or snap.handoff_wait >= cfg.handoff_wait_high
+    high_since = (state.scanner_high_since if state.scanner_high_since is not None else now) \
+        if high else None
+    low_since = (state.scanner_low_since if state.scanner_low_since is not None else now) \
+        if busy <= cfg.scanner_busy_low and not high else None
+    old_scanner = scanner
+    scanner_why = f"busy {snap.scanner_busy}/{scanner}, hand-off wait {snap.handoff_wait:.2f}s"
+    if high_since is not None and now - high_since >= cfg.scanner_grow_after and \
+            scanner < snap.scanner_ceiling:
+        if scanner + 1 <= smtp or smtp < snap.smtp_ceiling:
+            scanner += 1
+            high_since = now
+            if scanner > smtp:
+                smtp = scanner
+                smtp_changed = now
+                decisions.append(f"smtp {old_smtp} -> {smtp}: to keep scanner <= smtp")
+            decisions.append(f"scanner {old_scanner} -> {scanner}: {scanner_why}")
+    elif low_since is not None and now - low_since >= cfg.scanner_shrink_after and \
+            scanner > snap.scanner_floor and now - scanner_changed >= cfg.min_worker_lifetime:
+        scanner -= 1
+        low_since = now
+        decisions.append(f"scanner {old_scanner} -> {scanner}: idle for "
+                         f"{cfg.scanner_shrink_after:g}s ({scanner_why})")
+    if scanner != old_scanner:
+        scanner_changed = now
+    if phase == CALM and smtp > calm_size(snap, scanner, cfg):
+        phase, since = RETREAT, now  # e.g. the scanner pool shrank: walk the SMTP pool down
+
+    new = State(phase, since, quiet_since, snap.backlog, smtp_changed, scanner_changed,
+                high_since, low_since, stress)
+    return smtp, scanner, new, decisions
+
+
+def check_rules(snap: Snapshot, smtp: int, scanner: int, phase: str, cfg) -> list[str]:
+    """The rules a decision must keep; returns the broken ones (empty when all hold)."""
+    broken = []
+    if not snap.smtp_floor <= smtp <= snap.smtp_ceiling:
+        broken.append(f"smtp {smtp} outside [{snap.smtp_floor}, {snap.smtp_ceiling}]")
+    if not snap.scanner_floor <= scanner <= snap.scanner_ceiling:
+        broken.append(f"scanner {scanner} outside [{snap.scanner_floor}, {snap.scanner_ceiling}]")
+    if scanner > smtp:
+        broken.append(f"scanner {scanner} > smtp {smtp}")
+    if phase == CALM and smtp > max(snap.smtp_floor, cfg.calm_ratio * scanner):
+        broken.append(f"calm with smtp {smtp} > {cfg.calm_ratio:g} x scanner {scanner}")
+    return broken
+

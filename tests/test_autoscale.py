@@ -1,0 +1,206 @@
+"""The autoscaler as a pure function, over synthetic traces and random event sequences."""
+
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from poolmgr import config
+from poolmgr.autoscale import CALM, RETREAT, STORM, Snapshot, State, check_rules, decide
+
+CFG = config.from_dict({"autoscale": {"cooldown": "5s", "min_worker_lifetime": "2s",
+                                      "scanner_grow_after": "3s",
+                                      "scanner_shrink_after": "10s"}}).autoscale
+PER_WORKER = 100
+
+
+class Run:
+    """Feeds snapshots one interval (1s) apart and applies the targets, as the master does."""
+
+    def __init__(self, smtp=2, scanner=2, smtp_ceiling=8, scanner_ceiling=4, cfg=CFG):
+        self.cfg = cfg
+        self.now = 0.0
+        self.state = State()
+        self.smtp, self.scanner = smtp, scanner
+        self.smtp_floor, self.scanner_floor = smtp, scanner
+        self.smtp_ceiling, self.scanner_ceiling = smtp_ceiling, scanner_ceiling
+        self.log: list[str] = []
+        self.sizes: list[tuple[int, int, str]] = []
+
+    def step(self, sessions=0, backlog=0, nuisance=0.0, busy=0, wait=0.0):
+        self.now += 1
+        snap = Snapshot(self.now, self.smtp, self.scanner, self.smtp_floor, self.smtp_ceiling,
+                        self.scanner_floor, self.scanner_ceiling, sessions=sessions,
+                        slots=self.smtp * PER_WORKER, backlog=backlog, backlog_max=100,
+                        nuisance_ratio=nuisance, scanner_busy=min(busy, self.scanner),
+                        handoff_wait=wait)
+        self.smtp, self.scanner, self.state, decisions = decide(snap, self.state, self.cfg)
+        broken = check_rules(snap, self.smtp, self.scanner, self.state.phase, self.cfg)
+        assert broken == [], (self.now, broken, decisions)
+        self.log += decisions
+        self.sizes.append((self.smtp, self.scanner, self.state.phase))
+        return decisions
+
+    def storm(self, seconds, occupancy=0.95, nuisance=0.9, backlog=0):
+        for _ in range(seconds):
+            self.step(sessions=int(occupancy * self.smtp * PER_WORKER), nuisance=nuisance,
+                      backlog=backlog)
+
+
+def test_calm_stays_put():
+    run = Run()
+    for _ in range(30):
+        run.step(sessions=40, nuisance=0.1, busy=1)
+    assert run.sizes[-1] == (2, 2, CALM) and run.log == []
+
+
+def test_sudden_storm_grows_one_worker_per_interval_then_retreats_to_the_floor():
+    run = Run()
+    run.storm(3)
+    assert [s[0] for s in run.sizes] == [3, 4, 5]
+    assert run.log[0].startswith("storm begins: occupancy 0.95")
+    assert run.log[1] == "smtp 2 -> 3: occupancy 0.95, backlog 0/100, nuisance 0.90"
+    for _ in range(4):  # quiet, but not yet for the cooldown (5s)
+        run.step(sessions=10, nuisance=0.9)
+    assert run.sizes[-1] == (5, 2, STORM)
+    for _ in range(2):
+        run.step(sessions=10, nuisance=0.9)
+    assert run.state.phase == RETREAT
+    for _ in range(10):
+        run.step(sessions=10, nuisance=0.2)
+    # One worker per interval, no sooner than min_worker_lifetime (2s) after the last change.
+    assert [s[0] for s in run.sizes[7:]] == [5, 4, 4, 3, 3, 2, 2, 2, 2, 2, 2, 2]
+    assert run.sizes[-1] == (2, 2, CALM)
+    assert "calm: smtp pool back at 2" in run.log
+
+
+def test_high_occupancy_without_nuisance_is_not_a_storm():
+    run = Run()
+    for _ in range(10):
+        run.step(sessions=190, nuisance=0.1)
+    assert run.sizes[-1] == (2, 2, CALM)
+
+
+def test_storm_past_the_ceiling_switches_stress_mode_and_gives_it_back():
+    run = Run(smtp_ceiling=4)
+    run.storm(6)
+    assert run.sizes[-1] == (4, 2, STORM)
+    assert any(d.startswith("stress mode on") for d in run.log) and run.state.stress
+    run.storm(3)  # plateau at the ceiling: no more growth, stress stays
+    assert run.sizes[-1][0] == 4 and run.state.stress
+    run.step(sessions=20, nuisance=0.9)
+    assert not run.state.stress and run.log[-1].startswith("stress mode off")
+
+
+def test_a_growing_accept_queue_doubles_the_step():
+    run = Run()
+    for backlog in (10, 30, 60):
+        run.step(sessions=95 * run.smtp, backlog=backlog, nuisance=0.9)
+    assert [s[0] for s in run.sizes] == [3, 5, 7]
+
+
+def test_accept_queue_alone_is_pressure():
+    run = Run()
+    run.step(sessions=0, backlog=90, nuisance=1.0)
+    assert run.state.phase == STORM and run.smtp == 3
+
+
+def test_slow_decay_waits_for_the_cooldown():
+    run = Run()
+    run.storm(4)
+    for occupancy in (0.7, 0.6, 0.5, 0.4, 0.35, 0.32):  # falling, but above the exit mark
+        run.step(sessions=int(occupancy * run.smtp * PER_WORKER), nuisance=0.9)
+    assert run.state.phase == STORM and run.smtp == 6
+
+
+def test_flapping_around_the_thresholds_does_not_flap_the_pool():
+    run = Run()
+    run.storm(2)
+    for n in range(20):  # alternately hot and quiet: never quiet for the cooldown
+        hot = n % 2 == 0
+        run.step(sessions=int((0.9 if hot else 0.1) * run.smtp * PER_WORKER), nuisance=0.9)
+    shrinks = sum(1 for a, b in zip(run.sizes, run.sizes[1:]) if b[0] < a[0])
+    assert shrinks == 0 and run.state.phase == STORM
+
+
+def test_scanner_grows_with_legitimate_load_and_shrinks_slowly():
+    run = Run()
+    for _ in range(4):  # every scanner busy for scanner_grow_after (3s), no nuisance
+        run.step(sessions=20, busy=2)
+    assert run.sizes[-1] == (3, 3, CALM)
+    assert run.log == ["smtp 2 -> 3: to keep scanner <= smtp",
+                       "scanner 2 -> 3: busy 2/2, hand-off wait 0.00s"]
+    for _ in range(3):
+        run.step(sessions=20, busy=3)
+    assert run.sizes[-1][:2] == (4, 4)
+    for _ in range(9):
+        run.step(sessions=5)
+    assert run.sizes[-1][1] == 4  # idle, but not yet for scanner_shrink_after (10s)
+    for _ in range(40):
+        run.step(sessions=5)
+    assert run.sizes[-1] == (2, 2, CALM)
+
+
+def test_slow_hand_offs_grow_the_scanner_pool():
+    run = Run()
+    for _ in range(4):
+        run.step(sessions=10, busy=0, wait=5.0)
+    assert run.scanner == 3 and run.smtp == 3
+
+
+def test_manual_floor_during_a_storm_is_kept():
+    run = Run()
+    run.storm(2)
+    run.smtp_floor = run.smtp = 6  # the sysadmin: poolmgr ctl smtp 6
+    run.storm(1)
+    assert run.smtp == 7
+    for _ in range(30):
+        run.step(sessions=10, nuisance=0.5)
+    assert run.sizes[-1] == (6, 2, CALM)  # back to the sysadmin's floor, not below
+
+
+def test_scanner_floor_above_calm_ratio_keeps_smtp_floor():
+    run = Run(smtp=5, scanner=2)
+    for _ in range(5):
+        run.step(sessions=10)
+    assert run.sizes[-1] == (5, 2, CALM)  # the floor says otherwise than calm_ratio
+
+
+events = st.lists(st.tuples(
+    st.floats(0, 1.2),                  # occupancy
+    st.integers(0, 120),                # accept queue
+    st.floats(0, 1),                    # nuisance
+    st.integers(0, 8),                  # busy scanners
+    st.floats(0, 5),                    # hand-off wait
+    st.sampled_from(["", "smtp+", "smtp-", "scanner+", "scanner-"]),  # a sysadmin's resize
+), min_size=1, max_size=120)
+
+
+@settings(max_examples=150, deadline=None)
+@given(events, st.integers(1, 4), st.integers(4, 12))
+def test_rules_hold_after_every_step(trace, scanner_floor, smtp_ceiling):
+    run = Run(smtp=max(2, scanner_floor), scanner=scanner_floor, smtp_ceiling=smtp_ceiling,
+              scanner_ceiling=min(smtp_ceiling, 6))
+    for occupancy, backlog, nuisance, busy, wait, manual in trace:
+        if manual:  # what pools.resize allows: floors move, the rule scanner <= smtp holds
+            kind, sign = manual[:-1], 1 if manual[-1] == "+" else -1
+            if kind == "smtp":
+                new = run.smtp + sign
+                if run.scanner <= new <= run.smtp_ceiling and new >= 1:
+                    run.smtp_floor = run.smtp = new
+            else:
+                new = run.scanner + sign
+                if 1 <= new <= run.scanner_ceiling and new <= run.smtp_ceiling:
+                    run.scanner_floor = run.scanner = new
+                    if new > run.smtp:
+                        run.smtp_floor = run.smtp = new
+        run.step(sessions=int(occupancy * run.smtp * PER_WORKER), backlog=backlog,
+                 nuisance=nuisance, busy=busy, wait=wait)  # step() asserts check_rules
+
+
+def test_rules_are_checked():
+    snap = Snapshot(0, 4, 2, 2, 8, 1, 4)
+    assert check_rules(snap, 9, 2, STORM, CFG) == ["smtp 9 outside [2, 8]"]
+    assert check_rules(snap, 2, 3, STORM, CFG) == ["scanner 3 > smtp 2"]
+    assert check_rules(snap, 6, 2, CALM, CFG) == ["calm with smtp 6 > 2 x scanner 2"]
+    assert check_rules(replace(snap, smtp_floor=6), 6, 2, CALM, CFG) == []
