@@ -1,4 +1,4 @@
-"""Command line: `poolmgr run|check|config|status|ctl`.
+"""Command line: `poolmgr run|check|config|status|ctl|top`.
 
 Exit codes: 0 success, 1 a runtime failure (cannot bind, master unreachable, request
 refused), 2 an invalid configuration or usage.
@@ -135,6 +135,20 @@ def cmd_ctl(args) -> int:
     return 0 if answer.get("ok") else 1
 
 
+def cmd_top(args) -> int:
+    from . import top
+
+    def fetch() -> dict:
+        return _ask(args, {"cmd": "status"})["status"]
+
+    if args.once or not sys.stdout.isatty():
+        first = fetch()
+        time.sleep(1.0)
+        print("\n".join(top.frame(fetch(), first, 1.0)))
+        return 0
+    return top.run(fetch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poolmgr", description=(
         "Prefork SMTP listener pool manager: an SMTP pool that sheds nuisance connections "
@@ -167,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("size", help="N, +N or -N; on or off for stress and autoscale")
     ctl.add_argument("--socket", help="control socket path (overrides the config)")
     ctl.set_defaults(func=cmd_ctl)
+    top = with_config(sub.add_parser("top", help="live view of the pools, refreshed every "
+                                                 "second; q quits"))
+    top.add_argument("--once", action="store_true",
+                     help="print one frame and exit (also when not on a terminal)")
+    top.add_argument("--socket", help="control socket path (overrides the config)")
+    top.set_defaults(func=cmd_top)
     return parser
 
 

@@ -268,6 +268,8 @@ def _convert(setting: Setting, value: Any) -> Any:
         result = parse_size(value)
     elif kind == "address":
         result = parse_address(value)
+    elif kind == "optaddress":
+        result = parse_address(value) if str(value).strip() else None
     elif kind == "cidrs":
         result = _parse_cidrs(value)
     elif kind == "strlist":

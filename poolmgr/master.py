@@ -31,7 +31,7 @@ import time
 
 import psutil
 
-from . import autoscale, config, log
+from . import autoscale, config, log, metrics
 from .anvil import Anvil, AnvilServer
 from .board import Board
 from .config import Config, ConfigError, format_address
@@ -44,6 +44,7 @@ from .smtp import worker as smtp_worker
 
 LOOP_INTERVAL = 0.5
 HOUSEKEEPING_INTERVAL = 0.1
+RSS_CHECK_INTERVAL = 5.0
 KILL_MARGIN = 15.0  # seconds past graceful_timeout before a draining worker is killed
 FAST_STOP_WAIT = 3.0
 SIGNAMES = {s: s.name for s in signal.Signals}
@@ -87,6 +88,10 @@ class Master:
         self.handoff_mark = (0, 0)  # hand-offs and their wait (ms) at the last snapshot
         self.decisions: collections.deque = collections.deque(maxlen=20)
         self.last_snapshot: autoscale.Snapshot | None = None
+        self.decision_count = 0
+        self.metrics = metrics.StatusCollector() if cfg.metrics.listen else None
+        self.metrics_server = None
+        self.rss_checked = 0.0
         self.pools = {
             "smtp": Pool("smtp", *cfg.pool_limits("smtp"), smtp_worker.main),
             "scanner": Pool("scanner", *cfg.pool_limits("scanner"), scanner_worker.main),
@@ -104,6 +109,14 @@ class Master:
         self.sockets = {"smtp": bind(cfg.smtp.listen, cfg.smtp.backlog),
                         "scanner": bind(cfg.scanner.listen, cfg.scanner.backlog)}
         self.control = ControlServer(cfg.master.control_socket, cfg.master.control_socket_mode)
+        if self.metrics is not None:
+            try:
+                self.metrics_server = metrics.start(cfg.metrics.listen, self.metrics)
+            except OSError as exc:
+                raise SystemExit(f"fatal: metrics endpoint {format_address(cfg.metrics.listen)}:"
+                                 f" {exc.strerror}") from None
+            self.log.info("metrics endpoint on http://%s/metrics",
+                          format_address(cfg.metrics.listen))
         os.makedirs(os.path.dirname(cfg.master.pidfile), exist_ok=True)
         with open(cfg.master.pidfile, "w") as handle:
             handle.write(f"{os.getpid()}\n")
@@ -230,6 +243,8 @@ class Master:
                 others = [s.fileno() for k, s in self.sockets.items() if k != pool.kind]
                 others += [s.fileno() for s in self.anvil_socks.values()]
                 others += [mine.fileno()] if mine is not None else []
+                if self.metrics_server is not None:
+                    others.append(self.metrics_server.socket.fileno())
                 child_after_fork([self.wakeup_r, self.wakeup_w, self.control.fileno()] + others)
                 context = WorkerContext(self.cfg, pool.kind, number, self.generation,
                                         self.board.slot(index), sock, theirs)
@@ -343,7 +358,8 @@ class Master:
             self.log.error("reload failed: keeping the running configuration")
             return
         old = self.cfg
-        for key in ("smtp.listen", "scanner.listen", "master.control_socket", "master.pidfile"):
+        for key in ("smtp.listen", "scanner.listen", "master.control_socket", "master.pidfile",
+                    "metrics.listen"):
             if new.get(key) != old.get(key):
                 self.log.error("reload refused: %s changed; restart poolmgr to apply it", key)
                 return
@@ -415,6 +431,28 @@ class Master:
             self.sampled_at = now
             self.nuisance.window = self.cfg.defence.nuisance_window
             self.nuisance.add(now, dict(self.pool_counters(self.pools["smtp"])))
+            if self.metrics is not None:
+                self.metrics.publish(self.status(), self.decision_count)
+        if now - self.rss_checked >= RSS_CHECK_INTERVAL and not self.stopping:
+            self.rss_checked = now
+            self.recycle_fat_workers()
+
+    def recycle_fat_workers(self) -> None:
+        """Retire workers over their pool's max_rss; manage() starts fresh ones."""
+        for kind, pool in self.pools.items():
+            limit = getattr(self.cfg, kind).max_rss
+            if not limit:
+                continue
+            for worker in pool.running():
+                try:
+                    rss = psutil.Process(worker.pid).memory_info().rss
+                except psutil.Error:
+                    continue
+                if rss > limit:
+                    self.log.warning("%s worker %d pid %d: RSS %.1f MiB over max_rss %.1f MiB -- "
+                                     "recycling", kind, worker.number, worker.pid, rss / 2**20,
+                                     limit / 2**20)
+                    self.retire(worker)
 
     def handle_request(self, request: dict) -> dict:
         cmd = request.get("cmd")
@@ -475,6 +513,7 @@ class Master:
         smtp, scanner, self.scaler, decisions = autoscale.decide(snap, before, self.cfg.autoscale)
         if self.scaler.phase != before.phase:
             self.phase_since = time.time()
+        self.decision_count += len(decisions)
         for decision in decisions:
             self.log.info("autoscale: %s", decision)
             self.decisions.append({"time": round(time.time(), 1), "decision": decision})

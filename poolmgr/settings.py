@@ -42,6 +42,7 @@ SECTION_HELP = {
         "enforce (answer, but reject every RCPT with 550 5.7.1 and the reason), drop (521, close).\n"
         "Stress mode ('poolmgr ctl stress on|off') gives every client the stress_* limits."
     ),
+    "metrics": "The Prometheus metrics endpoint (prometheus_client), served by the master.",
     "autoscale": (
         "The autoscaler: every interval the master sizes the SMTP pool by the storm (occupancy,\n"
         "accept queue, nuisance ratio) and the scanner pool by legitimate volume, above the\n"
@@ -85,6 +86,9 @@ SETTINGS: tuple[Setting, ...] = (
       "Concurrent SMTP sessions one worker holds; further connections wait in the listen queue\n"
       "for another worker. Must stay below the open-files limit (RLIMIT_NOFILE).",
       min=1, max=1_000_000),
+    S("smtp", "max_rss", "size", "0",
+      "An SMTP worker whose resident memory grows past this is recycled gracefully: it stops\n"
+      "accepting, finishes its sessions, and a fresh worker takes its place. 0: no limit."),
     S("smtp", "mydestination", "strlist", ["$myhostname", "localhost"],
       "Domains this server is the final destination for (Postfix: mydestination). Recipients in\n"
       "other domains are relayed only for clients in mynetworks. $myhostname is expanded."),
@@ -142,6 +146,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("scanner", "max_requests", "int", 1000,
       "A scanner worker is recycled after this many messages (amavisd: max_requests).",
       min=1, max=10_000_000),
+    S("scanner", "max_rss", "size", "0",
+      "A scanner worker whose resident memory grows past this is recycled after its current\n"
+      "message. 0: no limit."),
     S("scanner", "timeout", "duration", "240s",
       "Longest time one message may take in a scanner worker, checks and re-injection included\n"
       "(amavisd: child_timeout). On expiry the message gets 451 4.3.0. Keep it below\n"
@@ -260,6 +267,10 @@ SETTINGS: tuple[Setting, ...] = (
     S("defence", "stress_junk_command_limit", "int", 1,
       "junk_command_limit in stress mode (Postfix: smtpd_junk_command_limit = ${stress?1}).",
       min=1),
+    # [metrics]
+    S("metrics", "listen", "optaddress", "",
+      "Address of the Prometheus metrics endpoint (http://ADDRESS/metrics), e.g.\n"
+      "\"127.0.0.1:9425\". Empty: no endpoint. Changing it needs a restart."),
     # [autoscale]
     S("autoscale", "enabled", "bool", True,
       "Run the autoscaler. Off: pools stay at their floors (min_workers and manual resizes)."),

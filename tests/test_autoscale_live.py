@@ -1,13 +1,22 @@
-"""The autoscaler with real processes: a bounded swarm of idle bots raises the SMTP pool, and
-it goes back to its floor after the storm."""
+"""The autoscaler and observability with real processes: a bounded swarm of idle bots raises
+the SMTP pool and it goes back to its floor after the storm; metrics over HTTP; max_rss;
+`poolmgr top` in a pseudo-terminal."""
 
+import os
+import pty
+import re
 import resource
+import select
 import socket
+import subprocess
+import sys
 import time
+from urllib.request import urlopen
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import message, wait_until
+from helpers import free_port, message, wait_until
 
 BOTS = 1000
 
@@ -104,3 +113,72 @@ def test_ctl_autoscale_off_returns_to_the_floors_and_manual_floors_hold(make_poo
     assert sizes(pm)[1] == 5  # the floor holds with the autoscaler off, storm or not
     assert "autoscale on" in pm.run_cli("ctl", "autoscale", "on", check=True).stdout
     assert "autoscale off (ctl)" in pm.log() and "autoscale on (ctl)" in pm.log()
+
+
+def test_metrics_endpoint_is_scraped_over_http(make_poolmgr):
+    port = free_port()
+    pm = make_poolmgr({"metrics": {"listen": f"127.0.0.1:{port}"}})
+    with pm.smtp(source="127.0.52.1") as client:
+        client.sendmail("alice@example.org", ["bob@example.test"], message("metrics"))
+
+    def scrape():
+        with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            assert response.status == 200
+            text = response.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    samples = wait_until(lambda: (lambda m: m.get(
+        ("poolmgr_messages_total", (("outcome", "accepted"),))) == 1 and m)(scrape()),
+        timeout=10, what="the accepted message in the metrics")
+    assert samples[("poolmgr_pool_workers", (("pool", "smtp"),))] == 2
+    assert samples[("poolmgr_pool_ceiling", (("pool", "scanner"),))] == 4
+    assert samples[("poolmgr_sessions_total", (("verdict", "legit"),))] == 1
+    assert samples[("poolmgr_handoffs_total", ())] == 1
+    assert samples[("poolmgr_storm", ())] == 0 and samples[("poolmgr_stress", ())] == 0
+    assert samples[("poolmgr_smtp_slots", ())] == 2 * 2000
+    rss = [v for (name, labels), v in samples.items() if name == "poolmgr_worker_rss_bytes"]
+    assert len(rss) == 4 and all(v > 1_000_000 for v in rss)
+    assert f"metrics endpoint on http://127.0.0.1:{port}/metrics" in pm.log()
+
+
+def test_workers_over_max_rss_are_recycled(make_poolmgr):
+    pm = make_poolmgr({"smtp": {"max_rss": "1M"}})
+    before = set(pm.worker_pids("smtp"))
+    wait_until(lambda: "over max_rss 1.0 MiB -- recycling" in pm.log(), timeout=15,
+               what="a recycling log line")
+    wait_until(lambda: set(pm.worker_pids("smtp")) - before, timeout=15,
+               what="a fresh SMTP worker")
+    assert set(pm.worker_pids("scanner"))  # the scanner pool has no limit: untouched
+    with pm.smtp(source="127.0.52.2") as client:  # mail goes on while workers are replaced
+        assert client.sendmail("alice@example.org", ["bob@example.test"], message("rss")) == {}
+
+
+def test_top_shows_the_pools_live_and_quits_with_q(make_poolmgr):
+    pm = make_poolmgr()
+    once = pm.run_cli("top", "--once", check=True).stdout
+    assert "autoscale calm" in once and "last decisions:" in once
+    assert re_line("smtp", once) and re_line("scanner", once)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "poolmgr", "top", "-c", str(pm.config)],
+                            stdin=follower, stdout=follower, stderr=follower,
+                            env={**os.environ, "TERM": "xterm", "LINES": "30", "COLUMNS": "120"})
+    os.close(follower)
+    screen = b""
+    try:
+        deadline = time.monotonic() + 15
+        while b"last decisions" not in screen and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                screen += os.read(leader, 65536)
+        assert b"poolmgr top" in screen and b"occupancy" in screen
+        os.write(leader, b"q")
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+
+
+def re_line(pool: str, text: str) -> bool:
+    return re.search(rf"^{pool}\s+\d+\+\d+\s+\d+\s+\d+\s+\d+\s+\d+\s+\[[#.]+\]", text, re.M) \
+        is not None

@@ -1,0 +1,97 @@
+"""The Prometheus metrics endpoint (`[metrics] listen`), served by prometheus_client.
+
+prometheus_client's HTTP server runs in a daemon thread of the master. The master's loop
+publishes a copy of its status once a second (`StatusCollector.publish`); the collector reads
+only that latest copy, so the HTTP thread never touches the master's live state. Workers close
+the endpoint's socket right after fork.
+
+Metrics (prefix `poolmgr_`): pool sizes (`pool_workers`, `pool_target`, `pool_floor`,
+`pool_ceiling`, `pool_draining`), `pool_rss_bytes`, `worker_rss_bytes`, `smtp_sessions`,
+`smtp_slots`, `smtp_accept_queue`, `scanner_busy`, `sessions_total{verdict}` (legit or a
+nuisance reason), `messages_total{outcome}`, `connections_total{pool}`, `handoffs_total`,
+`handoff_wait_seconds_total`, `nuisance_ratio`, `storm`, `stress`,
+`autoscale_decisions_total`.
+
+Exports: StatusCollector, start.
+"""
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+
+
+class StatusCollector:
+    def __init__(self):
+        self.status: dict | None = None
+        self.decisions = 0
+
+    def publish(self, status: dict, decisions: int) -> None:
+        self.status, self.decisions = status, decisions  # replaced whole: readers see one copy
+
+    def collect(self):
+        status, decisions = self.status, self.decisions
+        if status is None:
+            return
+        pools = status["pools"]
+        per_pool = {name: GaugeMetricFamily(f"poolmgr_pool_{name}", help_text, labels=["pool"])
+                    for name, help_text in (
+                        ("workers", "Running workers of the pool"),
+                        ("target", "Workers the master converges to"),
+                        ("floor", "The pool's floor (min_workers and manual resizes)"),
+                        ("ceiling", "The pool's ceiling (max_workers)"),
+                        ("draining", "Workers finishing their sessions before they exit"),
+                        ("rss_bytes", "Resident memory of the pool's workers"))}
+        worker_rss = GaugeMetricFamily("poolmgr_worker_rss_bytes", "Resident memory per worker",
+                                       labels=["pool", "number", "pid"])
+        connections = CounterMetricFamily("poolmgr_connections", "Connections accepted",
+                                          labels=["pool"])
+        for kind, pool in pools.items():
+            for name, family in per_pool.items():
+                family.add_metric([kind], pool["rss" if name == "rss_bytes" else name])
+            for worker in pool["worker_list"]:
+                worker_rss.add_metric([kind, str(worker["number"]), str(worker["pid"])],
+                                      worker["rss"])
+            connections.add_metric([kind], pool["counters"].get("connections", 0))
+        yield from per_pool.values()
+        yield worker_rss
+        yield connections
+        smtp = pools["smtp"]
+        counters = smtp["counters"]
+        auto = status.get("autoscale") or {}
+        for name, help_text, value in (
+                ("smtp_sessions", "Live SMTP sessions", smtp["sessions"]),
+                ("smtp_slots", "SMTP session slots of the running workers", smtp["slots"]),
+                ("smtp_accept_queue", "Connections waiting in the SMTP accept queue",
+                 auto.get("backlog", 0)),
+                ("scanner_busy", "Scanner workers busy with a message", pools["scanner"]["busy"]),
+                ("nuisance_ratio", "Nuisance share of closed sessions over the window",
+                 status["nuisance"]["ratio"]),
+                ("storm", "1 while the autoscaler is in a storm", int(status["storm"]["active"])),
+                ("stress", "1 while stress mode is on", int(status["stress"]["on"]))):
+            yield GaugeMetricFamily(f"poolmgr_{name}", help_text, value=value)
+        sessions = CounterMetricFamily("poolmgr_sessions", "Closed SMTP sessions by verdict",
+                                       labels=["verdict"])
+        sessions.add_metric(["legit"], counters.get("legit", 0))
+        for key, value in counters.items():
+            if key.startswith("nuisance_"):
+                sessions.add_metric([key.removeprefix("nuisance_")], value)
+        yield sessions
+        messages = CounterMetricFamily("poolmgr_messages", "Messages by outcome after DATA",
+                                       labels=["outcome"])
+        for outcome in ("accepted", "rejected", "tempfailed"):
+            messages.add_metric([outcome], counters.get(f"messages_{outcome}", 0))
+        yield messages
+        yield CounterMetricFamily("poolmgr_handoffs", "Hand-offs to the proxy filter",
+                                  value=counters.get("handoffs", 0))
+        yield CounterMetricFamily("poolmgr_handoff_wait_seconds",
+                                  "Time spent in hand-offs",
+                                  value=counters.get("handoff_wait_ms", 0) / 1000)
+        yield CounterMetricFamily("poolmgr_autoscale_decisions", "Decisions the autoscaler took",
+                                  value=decisions)
+
+
+def start(address: tuple[str, int], collector: StatusCollector):
+    """Serve /metrics; returns the HTTP server (its socket is closed in workers)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    started = start_http_server(address[1], addr=address[0], registry=registry)
+    return started[0] if isinstance(started, tuple) else None
