@@ -12,8 +12,8 @@ SMTP pool, by storm phase:
   workers per interval (twice that while the accept queue keeps growing), up to its ceiling; at
   the ceiling stress mode is asked for, and given back once pressure falls under
   `storm_exit_occupancy`. Pressure under `storm_exit_occupancy` for `cooldown` ends the storm;
-- retreat: one worker is retired per interval (the master retires the oldest), no sooner than
-  `min_worker_lifetime` after the pool last changed, until the pool is at its calm size: its
+- retreat: one worker is retired per interval (the master retires the oldest), none sooner than
+  `min_worker_lifetime` after the pool last grew, until the pool is at its calm size: its
   floor, and at least as many workers as the scanner pool. A new storm interrupts the retreat.
 Scanner pool, by legitimate volume: +1 when busyness or the hand-off wait has stayed high for
 `scanner_grow_after`, -1 after `scanner_shrink_after` of low busyness; slow to shrink, since
@@ -62,7 +62,7 @@ class State:
     since: float = 0.0              # when the phase began
     quiet_since: float | None = None  # pressure under the exit mark since
     last_backlog: int = 0
-    smtp_changed: float = float("-inf")
+    smtp_grown: float = float("-inf")
     scanner_changed: float = float("-inf")
     scanner_high_since: float | None = None
     scanner_low_since: float | None = None
@@ -84,7 +84,7 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
     smtp = _clamp(snap.smtp, snap.smtp_floor, snap.smtp_ceiling)
     scanner = _clamp(snap.scanner, snap.scanner_floor, snap.scanner_ceiling)
     phase, since, quiet_since, stress = state.phase, state.since, state.quiet_since, state.stress
-    smtp_changed, scanner_changed = state.smtp_changed, state.scanner_changed
+    smtp_grown, scanner_changed = state.smtp_grown, state.scanner_changed
     decisions: list[str] = []
     why = (f"occupancy {snap.occupancy:.2f}, backlog {snap.backlog}/{snap.backlog_max}, "
            f"nuisance {nuisance:.2f}")
@@ -110,14 +110,14 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
         decisions.append(f"smtp {old_smtp} -> {smtp}: {why}")
     elif phase == RETREAT:
         target = calm_size(snap, scanner, cfg)
-        if smtp > target and now - smtp_changed >= cfg.min_worker_lifetime:
+        if smtp > target and now - smtp_grown >= cfg.min_worker_lifetime:
             smtp -= 1
             decisions.append(f"smtp {old_smtp} -> {smtp}: retiring surplus workers; {why}")
         if smtp <= target:
             decisions.append(f"calm: smtp pool back at {smtp}")
             phase, since = CALM, now
-    if smtp != old_smtp:
-        smtp_changed = now
+    if smtp > old_smtp:
+        smtp_grown = now
 
     # -- stress mode: at the ceiling under pressure; given back when pressure falls
     want_stress = stress
@@ -145,7 +145,7 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
             high_since = now
             if scanner > smtp:
                 smtp = scanner
-                smtp_changed = now
+                smtp_grown = now
                 decisions.append(f"smtp {old_smtp} -> {smtp}: to keep scanner <= smtp")
             decisions.append(f"scanner {old_scanner} -> {scanner}: {scanner_why}")
     elif low_since is not None and now - low_since >= cfg.scanner_shrink_after and \
@@ -159,7 +159,7 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
     if phase == CALM and smtp > calm_size(snap, scanner, cfg):
         phase, since = RETREAT, now  # e.g. the scanner pool shrank: walk the SMTP pool down
 
-    new = State(phase, since, quiet_since, snap.backlog, smtp_changed, scanner_changed,
+    new = State(phase, since, quiet_since, snap.backlog, smtp_grown, scanner_changed,
                 high_since, low_since, stress)
     return smtp, scanner, new, decisions
 

@@ -45,6 +45,7 @@ from .smtp import worker as smtp_worker
 LOOP_INTERVAL = 0.5
 HOUSEKEEPING_INTERVAL = 0.1
 RSS_CHECK_INTERVAL = 5.0
+MIN_CLOSED_FOR_RATIO = 20  # fewer closed sessions in the window: their ratio is noise
 KILL_MARGIN = 15.0  # seconds past graceful_timeout before a draining worker is killed
 FAST_STOP_WAIT = 3.0
 SIGNAMES = {s: s.name for s in signal.Signals}
@@ -499,9 +500,15 @@ class Master:
             scanner_ceiling=scanner.ceiling, sessions=sessions,
             slots=len(running) * self.cfg.smtp.max_sessions_per_worker, backlog=queued,
             backlog_max=backlog,
-            nuisance_ratio=max(self.nuisance.summary()["ratio"], live_ratio),
+            nuisance_ratio=max(self.window_ratio(), live_ratio),
             scanner_busy=sum(self.board.read(w.slot)["busy"] for w in scanner.running()),
             handoff_wait=(wait_ms - old_wait_ms) / 1000 / done if done > 0 else 0.0)
+
+    def window_ratio(self) -> float:
+        """The closed sessions' nuisance ratio, once enough sessions closed to mean anything."""
+        window = self.nuisance.summary()
+        closed = window["legit"] + window["nuisance"]
+        return window["ratio"] if closed >= MIN_CLOSED_FOR_RATIO else 0.0
 
     def autoscale(self) -> None:
         now = time.monotonic()

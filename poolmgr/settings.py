@@ -295,7 +295,8 @@ SETTINGS: tuple[Setting, ...] = (
       "How long pressure must stay under storm_exit_occupancy before the storm is over and\n"
       "the extra SMTP workers are retired, one per interval, oldest first.", min=0),
     S("autoscale", "min_worker_lifetime", "duration", "10s",
-      "A pool is not shrunk sooner than this after it last changed (no flapping).", min=0),
+      "No SMTP worker is retired sooner than this after the pool last grew, and the scanner\n"
+      "pool does not shrink sooner than this after it last changed (no flapping).", min=0),
     S("autoscale", "calm_ratio", "float", 2.0,
       "When calm, at most this many SMTP workers per scanner worker, unless smtp's floor is\n"
       "higher.", min=1, max=100),

@@ -68,10 +68,19 @@ def test_sudden_storm_grows_one_worker_per_interval_then_retreats_to_the_floor()
     assert run.state.phase == RETREAT
     for _ in range(10):
         run.step(sessions=10, nuisance=0.2)
-    # One worker per interval, no sooner than min_worker_lifetime (2s) after the last change.
-    assert [s[0] for s in run.sizes[7:]] == [5, 4, 4, 3, 3, 2, 2, 2, 2, 2, 2, 2]
+    # One worker per interval, oldest first (the master picks), down to the floor.
+    assert [s[0] for s in run.sizes[7:]] == [5, 4, 3, 2, 2, 2, 2, 2, 2, 2, 2, 2]
     assert run.sizes[-1] == (2, 2, CALM)
     assert "calm: smtp pool back at 2" in run.log
+
+
+def test_no_worker_is_retired_sooner_than_min_worker_lifetime_after_growth():
+    cfg = config.from_dict({"autoscale": {"cooldown": "0s", "min_worker_lifetime": "3s"}})
+    run = Run(cfg=cfg.autoscale)
+    run.storm(1)
+    for _ in range(4):
+        run.step(sessions=0, nuisance=0.9)
+    assert [s[0] for s in run.sizes] == [3, 3, 3, 2, 2]
 
 
 def test_high_occupancy_without_nuisance_is_not_a_storm():
