@@ -567,6 +567,7 @@ class Master:
         for kind, pool in self.pools.items():
             counters = self.pool_counters(pool)
             listing, sessions, busy, rss = [], 0, 0, 0
+            by_state = collections.Counter()
             for worker in sorted(pool.workers.values(), key=lambda w: (w.state, w.number)):
                 info = self.board.read(worker.slot)
                 try:
@@ -575,6 +576,7 @@ class Master:
                     worker_rss = 0
                 sessions += info["sessions"]
                 busy += info["busy"]
+                by_state.update(suspect=info["suspect"], transacting=info["transacting"])
                 rss += worker_rss
                 listing.append({"pid": worker.pid, "number": worker.number,
                                 "generation": worker.generation, "state": worker.state,
@@ -591,6 +593,10 @@ class Master:
                 "rss": rss, "throttled": pool.backoff_until > now,
                 "counters": dict(counters), "worker_list": listing,
             }
+            if kind == "smtp":  # live sessions by state (see FrontSession.looks_like_nuisance)
+                pools[kind]["sessions_by_state"] = {
+                    "suspect": by_state["suspect"], "transaction": by_state["transacting"],
+                    "other": max(0, sessions - by_state["suspect"] - by_state["transacting"])}
         return {"version": __import__("poolmgr").__version__,
                 "master": {"pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
                            "config": self.cfg.path, "generation": self.generation,
