@@ -441,7 +441,7 @@ class Master:
     def recycle_fat_workers(self) -> None:
         """Retire workers over their pool's max_rss; manage() starts fresh ones."""
         for kind, pool in self.pools.items():
-            limit = getattr(self.cfg, kind).max_rss
+            limit = getattr(self.cfg, kind).max_rss or self.cfg.master.max_rss
             if not limit:
                 continue
             for worker in pool.running():

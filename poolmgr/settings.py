@@ -69,6 +69,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("master", "worker_timeout", "duration", "30s",
       "A worker whose heartbeat is older than this is hung: it is killed and replaced.\n"
       "A busy scanner worker gets scanner.timeout on top.", min=2, max=3600),
+    S("master", "max_rss", "size", "0",
+      "Any worker whose resident memory grows past this is recycled gracefully, unless its\n"
+      "pool sets its own smtp.max_rss or scanner.max_rss. 0: no limit."),
     # [smtp]
     S("smtp", "listen", "address", "127.0.0.1:2525",
       "Address of the public SMTP port (host:port, [v6]:port). Use 0.0.0.0:25 in production."),

@@ -145,7 +145,7 @@ def test_metrics_endpoint_is_scraped_over_http(make_poolmgr):
 
 
 def test_workers_over_max_rss_are_recycled(make_poolmgr):
-    pm = make_poolmgr({"smtp": {"max_rss": "1M"}})
+    pm = make_poolmgr({"smtp": {"max_rss": "1M"}, "master": {"max_rss": "4G"}})
     before = set(pm.worker_pids("smtp"))
     wait_until(lambda: "over max_rss 1.0 MiB -- recycling" in pm.log(), timeout=15,
                what="a recycling log line")
