@@ -73,7 +73,7 @@ def _clamp(value: int, low: int, high: int) -> int:
     return max(low, min(value, high))
 
 
-def calm_size(snap: Snapshot, scanner: int, cfg) -> int:
+def calm_size(snap: Snapshot, scanner: int) -> int:
     """The SMTP pool's size when calm: its floor, and never fewer than the scanner pool."""
     return _clamp(max(snap.smtp_floor, scanner), 1, snap.smtp_ceiling)
 
@@ -109,7 +109,7 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
         smtp = min(snap.smtp_ceiling, smtp + step)
         decisions.append(f"smtp {old_smtp} -> {smtp}: {why}")
     elif phase == RETREAT:
-        target = calm_size(snap, scanner, cfg)
+        target = calm_size(snap, scanner)
         if smtp > target and now - smtp_grown >= cfg.min_worker_lifetime:
             smtp -= 1
             decisions.append(f"smtp {old_smtp} -> {smtp}: retiring surplus workers; {why}")
@@ -156,7 +156,7 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
                          f"{cfg.scanner_shrink_after:g}s ({scanner_why})")
     if scanner != old_scanner:
         scanner_changed = now
-    if phase == CALM and smtp > calm_size(snap, scanner, cfg):
+    if phase == CALM and smtp > calm_size(snap, scanner):
         phase, since = RETREAT, now  # e.g. the scanner pool shrank: walk the SMTP pool down
 
     new = State(phase, since, quiet_since, snap.backlog, smtp_grown, scanner_changed,

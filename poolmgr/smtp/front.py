@@ -64,8 +64,8 @@ ANVIL_TIMEOUT = 2.0
 
 class FrontSession(ServerSession):
     __slots__ = ("verdict", "blocked", "trusted", "exempt", "dnsbl_job", "accepted", "rejected",
-                 "suspicious", "errors", "junk", "bad_rcpts", "anvil_held", "early", "stress",
-                 "started")
+                 "suspicious", "errors", "junk", "bad_rcpts", "anvil_held", "early", "started",
+                 "hard_limit", "junk_limit")
 
     def __init__(self, service, sock, peer):
         super().__init__(service, sock, peer)
@@ -82,10 +82,13 @@ class FrontSession(ServerSession):
         self.bad_rcpts = 0      # recipients unknown in the recipient table
         self.anvil_held = False
         self.early = False      # talked before the banner (greet test not run)
-        self.stress = service.slot.stress()
         self.started = time.monotonic()
-        if self.stress:
-            self.conn.timeout = min(self.conn.timeout, service.defence.cfg.stress_timeout)
+        d = service.defence.cfg
+        self.hard_limit, self.junk_limit = d.hard_error_limit, d.junk_command_limit
+        if service.slot.stress():  # as Postfix's ${stress?...}: read when the session starts
+            self.conn.timeout = min(self.conn.timeout, d.stress_timeout)
+            self.hard_limit, self.junk_limit = (d.stress_hard_error_limit,
+                                                d.stress_junk_command_limit)
 
     # -- defences
     def flag(self, test: str, action: str, what: str, reason: str):
@@ -110,13 +113,6 @@ class FrontSession(ServerSession):
         """For the autoscaler's live nuisance ratio: a test fired, or silent since connect."""
         return bool(self.verdict) or self.suspicious or (
             self.stats is None and self.started < silent_since)
-
-    def limits(self) -> tuple[int, int]:
-        """(hard_error_limit, junk_command_limit), stress mode applied."""
-        d = self.service.defence.cfg
-        if self.stress:
-            return d.stress_hard_error_limit, d.stress_junk_command_limit
-        return d.hard_error_limit, d.junk_command_limit
 
     def on_connect(self):
         service, ip = self.service, self.peer[0]
@@ -234,14 +230,14 @@ class FrontSession(ServerSession):
                 return
         if verb in JUNK_COMMANDS:
             self.junk += 1
-            if self.junk > self.limits()[1]:
+            if self.junk > self.junk_limit:
                 self.errors += 1
         super().dispatch(line)
-        if self.errors >= self.limits()[0] and not self.closing and not self.trusted:
+        if self.errors >= self.hard_limit and not self.closing and not self.trusted:
             self.service.log.info("too many errors after %s from %s", self.last_cmd, self.client)
             if not self.verdict:
                 self.verdict = ("bad_recipients" if self.bad_rcpts and not self.transactions else
-                                "junk_commands" if self.junk > self.limits()[1] else
+                                "junk_commands" if self.junk > self.junk_limit else
                                 "hard_errors")
             self.closing, self.ended = True, "hard_errors"
             self.reply(R.R421_TOO_MANY_ERRORS.format(host=self.service.hostname))
