@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from . import __version__, config, control, log
 
@@ -149,6 +150,24 @@ def cmd_top(args) -> int:
     return top.run(fetch)
 
 
+def cmd_bench_run(args) -> int:
+    from .benchmark import run, scenario
+
+    try:
+        plan = scenario.load(args.scenario)
+    except scenario.ScenarioError as exc:
+        print(f"poolmgr: error: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("bench", "out", f"{plan.name}-{args.target}")
+    result = run.run(plan, args.target, Path(out))
+    f = result["figures"]
+    print(f"poolmgr bench: {plan.name} against {args.target}: legitimate delivered "
+          f"{f['legit_delivered_pct']}%, p99 {f['latency_p99_s']}s; bots shed before DATA "
+          f"{f['bots_shed_before_data_pct']}%, spam accepted {f['spam_accepted']}; peak "
+          f"sessions {f['peak_sessions_held']}; CPU {f['cpu_seconds']}s; report {out}/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poolmgr", description=(
         "Prefork SMTP listener pool manager: an SMTP pool that sheds nuisance connections "
@@ -187,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print one frame and exit (also when not on a terminal)")
     top.add_argument("--socket", help="control socket path (overrides the config)")
     top.set_defaults(func=cmd_top)
+    bench = sub.add_parser("bench", help="benchmark harness: replay a storm scenario")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bench_run = bench_sub.add_parser("run", help="run one scenario against one target")
+    bench_run.add_argument("scenario", help="a scenario file, e.g. bench/scenarios/smoke.toml")
+    bench_run.add_argument("--target", default="poolmgr", help="poolmgr (default)")
+    bench_run.add_argument("--out", help="output directory (default bench/out/NAME-TARGET)")
+    bench_run.set_defaults(func=cmd_bench_run)
     return parser
 
 

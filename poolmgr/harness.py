@@ -237,6 +237,7 @@ class DnsServer:
         server = self
         self.records = {name.lower().rstrip("."): list(addrs) for name, addrs in records.items()}
         self.queries: list[str] = []
+        self.networks: dict[str, list[str]] = {}  # reversed-prefix suffix -> addresses
         self.host, self.port = host, port or free_udp_port(host)
 
         class Resolver(BaseResolver):
@@ -245,6 +246,9 @@ class DnsServer:
                 name = str(request.q.qname).rstrip(".").lower()
                 server.queries.append(name)
                 addresses = server.records.get(name)
+                if addresses is None and server.networks:
+                    addresses = next((a for suffix, a in server.networks.items()
+                                      if name.endswith(suffix)), None)
                 if addresses is None:
                     reply.header.rcode = RCODE.NXDOMAIN
                 elif request.q.qtype == QTYPE.A:
@@ -262,6 +266,12 @@ class DnsServer:
     def list(self, ip: str, zone: str, *addresses: str) -> None:
         reverse = ".".join(reversed(ip.split(".")))
         self.records[f"{reverse}.{zone}"] = list(addresses or ["127.0.0.2"])
+
+    def list_network(self, prefix: str, zone: str, *addresses: str) -> None:
+        """List every address that starts with `prefix` ("127.61."): a whole network."""
+        octets = [o for o in prefix.split(".") if o]
+        suffix = "." + ".".join(reversed(octets)) + f".{zone}"
+        self.networks[suffix] = list(addresses or ["127.0.0.2"])
 
     def start(self) -> "DnsServer":
         self._server.start_thread()

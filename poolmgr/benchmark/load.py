@@ -1,0 +1,289 @@
+"""The load generator: one process of client arrivals for a scenario (asyncio).
+
+    python -m poolmgr.benchmark.load SPEC.json RESULT.json
+
+SPEC (written by `poolmgr bench run`) holds the scenario, the target's address, this process's
+index among `processes`, and the wall-clock start. Arrivals follow each phase's rates (this
+process takes 1/processes of each); every client comes from its own 127.x.y.z address (see
+`address`), and stops by itself: bots after their hold or give-up time, everyone at the end of
+the drain. RESULT gets a per-second series (open connections by profile; legitimate messages
+sent, accepted, deferred, refused) and one record per bot connection and per legitimate
+message.
+
+Exports: address, LISTED_PROFILE, main.
+"""
+
+import asyncio
+import json
+import random
+import resource
+import sys
+import time
+from collections import Counter
+
+from .scenario import PROFILES
+
+LISTED_PROFILE = "listed"
+_ORDER = tuple(PROFILES)
+SPAM = (b"From: <offer@bot.example>\r\nTo: <bob@example.test>\r\nSubject: cheap pills\r\n\r\n"
+        b"Buy now.\r\n")
+
+
+def address(profile: str, index: int, n: int) -> str:
+    """Client n of a profile in generator process `index`: 127.(60+8k+index).x.y."""
+    second = 60 + 8 * _ORDER.index(profile) + index
+    return f"127.{second}.{(n // 250) % 256}.{n % 250 + 1}"
+
+
+def listed_prefixes(processes: int) -> list[str]:
+    k = _ORDER.index(LISTED_PROFILE)
+    return [f"127.{60 + 8 * k + i}." for i in range(processes)]
+
+
+class Stalled(Exception):
+    """No progress within the client's patience."""
+
+
+class Client:
+    """A minimal SMTP client conversation with a deadline per reply."""
+
+    def __init__(self, reader, writer, patience: float):
+        self.reader, self.writer, self.patience = reader, writer, patience
+
+    async def reply(self) -> tuple[int, str]:
+        while True:
+            try:
+                line = await asyncio.wait_for(self.reader.readline(), self.patience)
+            except asyncio.TimeoutError:
+                raise Stalled() from None
+            if not line:
+                raise ConnectionError("closed")
+            if line[3:4] != b"-":
+                text = line.decode("utf-8", "replace").strip()
+                return int(text[:3]) if text[:3].isdigit() else 0, text
+
+    async def command(self, line: bytes) -> tuple[int, str]:
+        self.writer.write(line + b"\r\n")
+        await self.writer.drain()
+        return await self.reply()
+
+    async def message(self, data: bytes) -> tuple[int, str]:
+        body = data.replace(b"\r\n.", b"\r\n..")
+        self.writer.write(body + (b"" if body.endswith(b"\r\n") else b"\r\n") + b".\r\n")
+        await self.writer.drain()
+        return await self.reply()
+
+
+class Generator:
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.scenario = spec["scenario"]
+        self.profiles = self.scenario["profiles"]
+        self.index, self.processes = spec["index"], spec["processes"]
+        self.host, self.port = spec["host"], spec["port"]
+        self.open = Counter()
+        self.legit = Counter()
+        self.bots: list[dict] = []
+        self.messages: list[dict] = []
+        self.series: list[dict] = []
+        self.numbers = Counter()
+        self.t0 = spec["t0"]
+        self.random = random.Random(spec.get("seed", 1) * 1000 + self.index)
+
+    def rel(self) -> float:
+        return round(time.time() - self.t0, 3)
+
+    async def connect(self, profile: str, source: str):
+        return await asyncio.wait_for(asyncio.open_connection(
+            self.host, self.port, local_addr=(source, 0)), 30)
+
+    # -- bots
+    async def bot(self, profile: str) -> None:
+        n = self.numbers[profile]
+        self.numbers[profile] += 1
+        source = address(profile, self.index, n)
+        knobs = self.profiles[profile]
+        tries = 1 + (int(knobs.get("reconnects", 0)) if profile == "reconnector" else 0)
+        for attempt in range(tries):
+            record = {"profile": profile, "t": self.rel(), "ended": "", "data": False,
+                      "attempt": attempt}
+            self.bots.append(record)
+            self.open[profile] += 1
+            started = time.monotonic()
+            try:
+                reader, writer = await self.connect(profile, source)
+            except (OSError, asyncio.TimeoutError):
+                record["ended"] = "connect_failed"
+                self.open[profile] -= 1
+                continue
+            try:
+                record["ended"] = await self.behave(profile, knobs, reader, writer, record)
+            except Stalled:
+                record["ended"] = "gave_up" if profile not in ("idle", "slowloris",
+                                                               "pregreet") else "held"
+            except (ConnectionError, OSError):
+                record["ended"] = record["ended"] or "closed"
+            finally:
+                writer.close()
+                self.open[profile] -= 1
+                record["held"] = round(time.monotonic() - started, 3)
+            if record["ended"] not in ("closed", "421", "521", "554") or \
+                    profile != "reconnector":
+                break
+
+    async def behave(self, profile, knobs, reader, writer, record) -> str:
+        if profile in ("idle", "slowloris", "pregreet"):
+            hold = knobs["hold"]
+            deadline = time.monotonic() + hold
+            if profile == "pregreet":
+                writer.write(b"EHLO bot.example\r\n")
+                await writer.drain()
+            client = Client(reader, writer, hold)
+            last = ""
+            while time.monotonic() < deadline:
+                client.patience = max(0.01, min(deadline - time.monotonic(),
+                                                 knobs.get("interval", hold)))
+                try:
+                    code, text = await client.reply()
+                    last = str(code)
+                    if code in (421, 521, 554):
+                        return last
+                except Stalled:
+                    if profile == "slowloris":
+                        writer.write(b"X")
+                        await writer.drain()
+                except ConnectionError:
+                    return last or "closed"
+            return "held"
+        client = Client(reader, writer, knobs["give_up"])
+        code, _ = await client.reply()
+        if code != 220:
+            return str(code)
+        code, _ = await client.command(b"EHLO bot.example")
+        if code != 250:
+            return str(code)
+        code, _ = await client.command(b"MAIL FROM:<offer@bot.example>")
+        if code != 250:
+            return str(code)
+        names = ([f"u{self.random.randrange(10**6)}" for _ in range(knobs["recipients"])]
+                 if profile == "dictionary" else ["bob"])
+        accepted, last = 0, ""
+        for name in names:
+            code, text = await client.command(f"RCPT TO:<{name}@example.test>".encode())
+            last = text[:9]
+            if code == 250:
+                accepted += 1
+            elif code in (421, 521):
+                return str(code)
+        if not accepted:
+            await client.command(b"QUIT")
+            return last[:3]
+        code, _ = await client.command(b"DATA")
+        if code != 354:
+            return str(code)
+        record["data"] = True
+        code, _ = await client.message(SPAM)
+        await client.command(b"QUIT")
+        return "spam_accepted" if code == 250 else str(code)
+
+    # -- legitimate mail
+    async def legit_message(self) -> None:
+        n = self.numbers["legit"]
+        self.numbers["legit"] += 1
+        knobs = self.profiles["legit"]
+        size = self.random.choice(knobs["sizes"])
+        rcpt = self.random.choice(knobs["recipients"])
+        mid = f"<bench-{self.index}-{n}@partner.example>"
+        head = (f"From: <sender{n}@partner.example>\r\nTo: <{rcpt}>\r\nSubject: bench {n}\r\n"
+                f"Message-ID: {mid}\r\n\r\n").encode()
+        body = (b"x" * 76 + b"\r\n") * max(1, (size - len(head)) // 78)
+        record = {"t": self.rel(), "size": len(head) + len(body), "id": mid, "outcome": "",
+                  "reply": "", "latency": None}
+        self.messages.append(record)
+        self.legit["sent"] += 1
+        self.open["legit"] += 1
+        started = time.monotonic()
+        writer = None
+        try:
+            reader, writer = await self.connect("legit", address("legit", self.index, n))
+            client = Client(reader, writer, knobs["timeout"])
+            steps = [None, b"EHLO partner.example", f"MAIL FROM:<sender{n}@partner.example> "
+                     f"SIZE={len(head) + len(body)}".encode(), f"RCPT TO:<{rcpt}>".encode(),
+                     b"DATA"]
+            for step in steps:
+                code, text = await (client.reply() if step is None else client.command(step))
+                if code >= 400 or code == 0:
+                    break
+            else:
+                code, text = await client.message(head + body)
+            record["reply"] = text[:60]
+            record["outcome"] = ("accepted" if 200 <= code < 300 else
+                                 "deferred" if 400 <= code < 500 else "refused")
+            if record["outcome"] == "accepted":
+                await client.command(b"QUIT")
+        except (Stalled, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            record["outcome"], record["reply"] = "failed", type(exc).__name__
+        finally:
+            if writer is not None:
+                writer.close()
+            self.open["legit"] -= 1
+            record["latency"] = round(time.monotonic() - started, 4)
+            self.legit[record["outcome"]] += 1
+
+    # -- the run
+    async def ticker(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.series.append({"t": self.rel(), "open": dict(self.open),
+                                "legit": dict(self.legit)})
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    async def run(self) -> None:
+        await asyncio.sleep(max(0.0, self.t0 - time.time()))
+        stop = asyncio.Event()
+        ticker = asyncio.ensure_future(self.ticker(stop))
+        tasks: list[asyncio.Task] = []
+        start = time.monotonic()
+        offset = 0.0
+        for phase in self.scenario["phases"]:
+            arrivals = []
+            for profile, rate in phase["rates"].items():
+                rate /= self.processes
+                if rate <= 0:
+                    continue
+                count = int(rate * phase["duration"])
+                first = self.random.random() / rate
+                arrivals += [(offset + first + i / rate, profile) for i in range(count)]
+            for due, profile in sorted(arrivals):
+                await asyncio.sleep(max(0.0, start + due - time.monotonic()))
+                coro = self.legit_message() if profile == "legit" else self.bot(profile)
+                tasks.append(asyncio.ensure_future(coro))
+            offset += phase["duration"]
+            await asyncio.sleep(max(0.0, start + offset - time.monotonic()))
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=self.scenario["drain"])
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        stop.set()
+        await ticker
+
+
+def main(argv: list[str]) -> int:
+    spec_path, out_path = argv
+    with open(spec_path) as handle:
+        spec = json.load(handle)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    generator = Generator(spec)
+    asyncio.run(generator.run())
+    with open(out_path, "w") as handle:
+        json.dump({"series": generator.series, "bots": generator.bots,
+                   "messages": generator.messages}, handle)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,64 @@
+"""The benchmark harness: scenario files, and the smoke scenario run against poolmgr."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from poolmgr.benchmark import scenario
+from poolmgr.benchmark.load import address, listed_prefixes
+from poolmgr.cli import main as cli_main
+
+SMOKE = str(Path(__file__).resolve().parents[1] / "bench" / "scenarios" / "smoke.toml")
+
+
+def test_scenario_files_are_validated_with_readable_errors(tmp_path):
+    plan = scenario.load(SMOKE)
+    assert plan.name == "smoke" and plan.duration == 12 and plan.drain == 25
+    assert plan.profiles["impatient"]["give_up"] == 5.0
+    assert plan.profiles["legit"]["sizes"] == [2048, 20480, 61440]
+    bad = tmp_path / "bad.toml"
+    for text, message in (
+            ('[[phases]]\nduration = "5s"\nrates = { zombie = 3 }\n',
+             "phase 1: unknown profile(s) zombie"),
+            ('[[phases]]\nduration = "forever"\nrates = { idle = 3 }\n', "phase 1: duration"),
+            ('name = "x"\n', "no [[phases]]"),
+            ('[[phases]]\nduration = "5s"\nrates = { idle = 3 }\n[profiles.idle]\nwait = 3\n',
+             "profiles.idle: unknown key(s) wait")):
+        bad.write_text(text)
+        with pytest.raises(scenario.ScenarioError, match=re.escape(message)):
+            scenario.load(str(bad))
+    assert cli_main(["bench", "run", str(bad)]) == 2
+
+
+def test_client_addresses_are_distinct_per_profile_and_process():
+    seen = {address(p, i, n) for p in scenario.PROFILES for i in range(2) for n in range(600)}
+    assert len(seen) == len(scenario.PROFILES) * 2 * 600
+    assert address("listed", 1, 0).startswith(listed_prefixes(2)[1])
+
+
+def test_smoke_scenario_against_poolmgr(tmp_path, capsys):
+    out = tmp_path / "smoke"
+    assert cli_main(["bench", "run", SMOKE, "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    f = result["figures"]
+    assert f["legit_sent"] >= 20
+    assert f["legit_outcomes"] == {"accepted": f["legit_sent"]}
+    assert f["legit_delivered_pct"] == 100.0  # every message at smtp-sink, by Message-ID
+    assert 0 < f["latency_p50_s"] <= f["latency_p99_s"] < 30
+    assert f["bot_connections"] >= 200 and f["bots_shed_before_data_pct"] > 80
+    for reason in ("pregreet", "dnsbl", "bad_recipients"):
+        assert f["server_verdicts"].get(reason, 0) > 0, reason
+    assert f["peak_sessions_held"] >= 50 and f["rss_peak_bytes"] > f["rss_baseline_bytes"] > 0
+    assert f["cpu_seconds"] > 0
+    assert len(result["server_series"]) >= 10 and len(result["client_series"]) >= 10
+    assert {p for point in result["client_series"] for p in point["open"]} >= {"idle", "legit"}
+    report = (out / "report.md").read_text()
+    assert "| legitimate delivered (at the next hop) | 100.0% |" in report
+    for image in ("connections.png", "latency.png"):
+        assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![{image}]({image})" in report
+    assert "legitimate delivered 100.0%" in capsys.readouterr().out
+    assert sys.modules.get("gevent") is None  # the harness never runs clients in-process
