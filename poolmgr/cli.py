@@ -168,6 +168,27 @@ def cmd_bench_run(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from . import plan
+
+    if bool(args.maillog) == bool(args.bench):
+        print("poolmgr: error: give one of --maillog FILE or --bench result.json", file=sys.stderr)
+        return 2
+    try:
+        if args.maillog:
+            with open(args.maillog, encoding="utf-8", errors="replace") as handle:
+                sessions = plan.parse_maillog(handle, args.year)
+        else:
+            with open(args.bench) as handle:
+                sessions = plan.sessions_from_bench(json.load(handle))
+    except (OSError, ValueError) as exc:
+        print(f"poolmgr: error: {exc}", file=sys.stderr)
+        return 1
+    result = plan.recommend(sessions, args.sessions_per_worker, args.scan_seconds)
+    print(json.dumps(result, indent=2) if args.json else plan.render(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poolmgr", description=(
         "Prefork SMTP listener pool manager: an SMTP pool that sheds nuisance connections "
@@ -213,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench_run.add_argument("--target", default="poolmgr", help="poolmgr (default)")
     bench_run.add_argument("--out", help="output directory (default bench/out/NAME-TARGET)")
     bench_run.set_defaults(func=cmd_bench_run)
+    planner = sub.add_parser("plan", help="capacity planning from a Postfix mail log or a bench "
+                                          "result: pool sizes by Little's law")
+    planner.add_argument("--maillog", metavar="FILE", help="a Postfix (or poolmgr) mail log")
+    planner.add_argument("--bench", metavar="RESULT", help="a result.json of poolmgr bench run")
+    planner.add_argument("--sessions-per-worker", type=int, default=2000,
+                         help="smtp.max_sessions_per_worker (default 2000)")
+    planner.add_argument("--scan-seconds", type=float, default=1.0,
+                         help="time one scanner worker spends on a message (default 1s)")
+    planner.add_argument("--year", type=int, help="year of syslog timestamps (default: this one)")
+    planner.add_argument("--json", action="store_true", help="machine-readable output")
+    planner.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -279,7 +279,10 @@ def run(scenario: Scenario, target_name: str, out: Path) -> dict:
     result = {"scenario": scenario.as_dict(), "target": target_name, "started": t0,
               "duration_s": round(time.time() - t0, 1),
               "figures": figures(load, samples, baseline_rss, cpu, delivered, verdicts),
-              "server_series": samples, "client_series": load["series"]}
+              "server_series": samples, "client_series": load["series"],
+              # [start (s from t0), held (s), legitimate]: input of `poolmgr plan --bench`
+              "connections": [[b["t"], b.get("held", 0.0), False] for b in load["bots"]] +
+                             [[m["t"], m["latency"] or 0.0, True] for m in load["messages"]]}
     images = plots(out, load, samples, f"{scenario.name} / {target_name}")
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     report(out, result, images)

@@ -1,0 +1,213 @@
+"""`poolmgr plan`: capacity planning from a Postfix mail log or a bench result.
+
+`parse_maillog` reads smtpd and postscreen lines (Postfix's, or poolmgr's own, which follow
+the same format) into sessions: start, end, and whether the session was legitimate (it
+delivered: `data=N` accepted in the disconnect line) or nuisance, with a reason. `per_minute`
+reports arrivals, nuisance ratio, hold times and peak concurrency per minute; `recommend`
+sizes the pools with the arithmetic shown, by Little's law: concurrency = arrival rate x hold
+time.
+
+Exports: Session, parse_maillog, sessions_from_bench, per_minute, recommend, render.
+"""
+
+import math
+import re
+import statistics
+from dataclasses import dataclass
+from datetime import datetime
+
+_SYSLOG = re.compile(r"^(?P<ts>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d(?:\.\d+)?) \S+ "
+                     r"(?P<prog>[\w/.-]+)\[(?P<pid>\d+)\]: (?P<msg>.*)$")
+_ISO = re.compile(r"^(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:[+-]\d\d:?\d\d|Z)?) \S+ "
+                  r"(?P<prog>[\w/.-]+)\[(?P<pid>\d+)\]: (?P<msg>.*)$")
+_CLIENT = r"(?:[^\s\[]*)\[(?P<ip>[^\]]+)\]"
+_SMTPD_CONNECT = re.compile(r"^connect from " + _CLIENT)
+_SMTPD_DISCONNECT = re.compile(r"^disconnect from " + _CLIENT + r"(?P<stats>.*)$")
+_SMTPD_LOST = re.compile(r"^(?:lost connection|timeout) after (?P<cmd>\S+) from " + _CLIENT)
+_SMTPD_REJECT = re.compile(r"^NOQUEUE: reject: \S+ from " + _CLIENT + r": (?P<code>\d{3})")
+_PS_CONNECT = re.compile(r"^CONNECT from \[(?P<ip>[^\]]+)\]:(?P<port>\d+)")
+_PS_END = re.compile(r"^(?:DISCONNECT|PASS (?:NEW|OLD)) \[(?P<ip>[^\]]+)\]:(?P<port>\d+)")
+_PS_EVENT = re.compile(r"^(?P<what>PREGREET|DNSBL rank|HANGUP|COMMAND PIPELINING|"
+                       r"COMMAND COUNT LIMIT|BARE NEWLINE|NON-SMTP COMMAND|DENYLISTED|"
+                       r"BLACKLISTED)\b.*?\[(?P<ip>[^\]]+)\]:(?P<port>\d+)")
+_DATA = re.compile(r"\bdata=(\d+)(?:/(\d+))?")
+_COMMANDS = re.compile(r"\bcommands=(\d+)(?:/(\d+))?")
+
+
+@dataclass
+class Session:
+    start: float
+    end: float
+    legit: bool
+    reason: str = ""   # nuisance reason; "" for legit
+    source: str = "smtpd"
+
+    @property
+    def hold(self) -> float:
+        return max(0.0, self.end - self.start)
+
+
+def _timestamp(text: str, year: int) -> float:
+    if text[:4].isdigit():
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    stamp = datetime.strptime(f"{year} {text.split('.')[0]}", "%Y %b %d %H:%M:%S")
+    fraction = float("0." + text.split(".")[1]) if "." in text else 0.0
+    return stamp.timestamp() + fraction
+
+
+def parse_maillog(lines, year: int | None = None) -> list[Session]:
+    """Sessions from smtpd and postscreen lines; other lines are ignored."""
+    year = year or datetime.now().year
+    open_smtpd: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    open_ps: dict[tuple[str, str], tuple[float, str]] = {}
+    sessions: list[Session] = []
+    for line in lines:
+        match = _SYSLOG.match(line) or _ISO.match(line)
+        if not match:
+            continue
+        prog, pid, msg = match["prog"], match["pid"], match["msg"]
+        try:
+            when = _timestamp(match["ts"], year)
+        except ValueError:
+            continue
+        if prog.endswith("/smtpd"):
+            if m := _SMTPD_CONNECT.match(msg):
+                open_smtpd.setdefault((pid, m["ip"]), []).append((when, ""))
+            elif m := _SMTPD_REJECT.match(msg):
+                stack = open_smtpd.get((pid, m["ip"]))
+                if stack:
+                    stack[-1] = (stack[-1][0], stack[-1][1] or f"reject_{m['code']}")
+            elif m := _SMTPD_LOST.match(msg):
+                stack = open_smtpd.get((pid, m["ip"]))
+                if stack and not stack[-1][1]:
+                    kind = "lost" if msg.startswith("lost") else "timeout"
+                    reason = ("lost_after_connect" if m["cmd"] == "CONNECT" and kind == "lost"
+                              else f"{kind}_after_{m['cmd'].lower()}")
+                    stack[-1] = (stack[-1][0], reason)
+            elif m := _SMTPD_DISCONNECT.match(msg):
+                stack = open_smtpd.get((pid, m["ip"]))
+                if not stack:
+                    continue
+                started, reason = stack.pop(0)
+                data = _DATA.search(m["stats"])
+                delivered = bool(data) and int(data[1]) > 0
+                commands = _COMMANDS.search(m["stats"])
+                if not delivered and not reason:
+                    reason = ("lost_after_connect" if commands and commands[1] == "0" and
+                              not commands[2] else "no_delivery")
+                sessions.append(Session(started, when, delivered, "" if delivered else reason))
+        elif prog.endswith("/postscreen"):
+            if m := _PS_CONNECT.match(msg):
+                open_ps[(m["ip"], m["port"])] = (when, "")
+            elif m := _PS_EVENT.match(msg):
+                key = (m["ip"], m["port"])
+                if key in open_ps and not open_ps[key][1]:
+                    reason = m["what"].lower().replace(" rank", "").replace(" ", "_")
+                    open_ps[key] = (open_ps[key][0], reason)
+            elif m := _PS_END.match(msg):
+                entry = open_ps.pop((m["ip"], m["port"]), None)
+                if entry and entry[1]:  # passed clients go on to smtpd, counted there
+                    sessions.append(Session(entry[0], when, False, entry[1], "postscreen"))
+    return sorted(sessions, key=lambda s: s.start)
+
+
+def sessions_from_bench(result: dict) -> list[Session]:
+    """Sessions as a bench run's clients saw them (`connections` in result.json)."""
+    base = result.get("started", 0.0)
+    return [Session(base + t, base + t + held, legit, "" if legit else "bot", "bench")
+            for t, held, legit in result.get("connections", [])]
+
+
+def per_minute(sessions: list[Session]) -> list[dict]:
+    if not sessions:
+        return []
+    first = math.floor(sessions[0].start / 60) * 60
+    last = max(s.end for s in sessions)
+    minutes = []
+    events = sorted([(s.start, 1) for s in sessions] + [(s.end, -1) for s in sessions])
+    buckets: dict[int, list[Session]] = {}
+    for session in sessions:
+        buckets.setdefault(int((session.start - first) // 60), []).append(session)
+    i, live = 0, 0
+    t = first
+    while t <= last:
+        inside = buckets.get(int((t - first) // 60), [])
+        peak = live
+        while i < len(events) and events[i][0] < t + 60:
+            live += events[i][1]
+            peak = max(peak, live)
+            i += 1
+        nuisance = sum(1 for s in inside if not s.legit)
+        holds = [s.hold for s in inside]
+        minutes.append({
+            "minute": t, "connections": len(inside), "legit": len(inside) - nuisance,
+            "nuisance_ratio": round(nuisance / len(inside), 3) if inside else 0.0,
+            "hold_mean_s": round(statistics.fmean(holds), 2) if holds else 0.0,
+            "hold_p95_s": round(sorted(holds)[int(0.95 * (len(holds) - 1))], 2) if holds else 0.0,
+            "peak_concurrency": peak})
+        t += 60
+    return minutes
+
+
+def recommend(sessions: list[Session], sessions_per_worker: int = 2000,
+              scan_seconds: float = 1.0, headroom: float = 2.0) -> dict:
+    """Pool sizes from the busiest and the typical minute, with the arithmetic."""
+    minutes = per_minute(sessions)
+    if not minutes:
+        return {"minutes": [], "lines": ["no smtpd or postscreen sessions found"]}
+    busiest = max(minutes, key=lambda m: m["connections"])
+    typical = sorted(minutes, key=lambda m: m["connections"])[len(minutes) // 2]
+    lines = []
+
+    def concurrency(minute: dict, label: str) -> float:
+        rate = minute["connections"] / 60
+        value = rate * minute["hold_mean_s"]
+        lines.append(f"{label} minute: {minute['connections']} connections = {rate:.2f}/s x "
+                     f"mean hold {minute['hold_mean_s']:.1f}s = {value:.1f} concurrent sessions "
+                     f"(Little's law; peak seen {minute['peak_concurrency']})")
+        return max(value, minute["peak_concurrency"])
+
+    peak = concurrency(busiest, "busiest")
+    calm = concurrency(typical, "typical")
+    ceiling = max(2, math.ceil(peak * headroom / sessions_per_worker))
+    floor = max(2, math.ceil(calm * headroom / sessions_per_worker))
+    lines.append(f"SMTP pool: ceiling = ceil({peak:.1f} x {headroom:g} headroom / "
+                 f"{sessions_per_worker} sessions per worker) = {ceiling} (at least 2); floor "
+                 f"= ceil({calm:.1f} x {headroom:g} / {sessions_per_worker}) = {floor}")
+    legit_rate = busiest["legit"] / 60
+    scanners = max(2, math.ceil(legit_rate * scan_seconds * headroom))
+    lines.append(f"scanner pool: {busiest['legit']} legitimate sessions in the busiest minute = "
+                 f"{legit_rate:.2f}/s x {scan_seconds:g}s per scan x {headroom:g} headroom = "
+                 f"{legit_rate * scan_seconds * headroom:.1f} -> {scanners} workers "
+                 f"(at least 2)")
+    floor = max(floor, scanners)
+    ceiling = max(ceiling, floor)
+    lines.append(f"rule: scanner <= SMTP, so the SMTP floor is at least {scanners}")
+    total = len(sessions)
+    nuisance = sum(1 for s in sessions if not s.legit)
+    return {"minutes": minutes, "sessions": total,
+            "nuisance_ratio": round(nuisance / total, 3) if total else 0.0,
+            "smtp": {"min_workers": floor, "max_workers": ceiling},
+            "scanner": {"min_workers": scanners, "max_workers": max(scanners, 2 * scanners)},
+            "lines": lines}
+
+
+def render(plan: dict) -> str:
+    out = []
+    if plan.get("minutes"):
+        out.append(f"{plan['sessions']} sessions, nuisance ratio {plan['nuisance_ratio']:.2f}")
+        out.append(f"{'minute':<17} {'conns':>6} {'legit':>6} {'nuisance':>8} "
+                   f"{'hold mean':>9} {'hold p95':>8} {'peak conc.':>10}")
+        for m in plan["minutes"]:
+            stamp = datetime.fromtimestamp(m["minute"]).strftime("%Y-%m-%d %H:%M")
+            out.append(f"{stamp:<17} {m['connections']:>6} {m['legit']:>6} "
+                       f"{m['nuisance_ratio']:>8.2f} {m['hold_mean_s']:>8.1f}s "
+                       f"{m['hold_p95_s']:>7.1f}s {m['peak_concurrency']:>10}")
+        out.append("")
+    out += plan["lines"]
+    if "smtp" in plan:
+        out += ["", "recommended:", "[smtp]", f"min_workers = {plan['smtp']['min_workers']}",
+                f"max_workers = {plan['smtp']['max_workers']}", "[scanner]",
+                f"min_workers = {plan['scanner']['min_workers']}",
+                f"max_workers = {plan['scanner']['max_workers']}"]
+    return "\n".join(out)

@@ -1,0 +1,77 @@
+"""`poolmgr plan`: the mail log parser on real-format Postfix lines, and the arithmetic."""
+
+import json
+
+from poolmgr import plan
+from poolmgr.cli import main as cli_main
+
+# Lines in the format Postfix 3.7 writes (smtpd, postscreen, cleanup/qmgr lines ignored).
+MAILLOG = """\
+Nov 25 10:00:01 mx postfix/postscreen[900]: CONNECT from [192.0.2.10]:40001 to [198.51.100.1]:25
+Nov 25 10:00:01 mx postfix/postscreen[900]: PREGREET 11 after 0.12 from [192.0.2.10]:40001: EHLO bot\\r\\n
+Nov 25 10:00:02 mx postfix/postscreen[900]: DISCONNECT [192.0.2.10]:40001
+Nov 25 10:00:03 mx postfix/postscreen[900]: CONNECT from [192.0.2.11]:40002 to [198.51.100.1]:25
+Nov 25 10:00:03 mx postfix/postscreen[900]: DNSBL rank 3 for [192.0.2.11]:40002
+Nov 25 10:00:04 mx postfix/postscreen[900]: NOQUEUE: reject: RCPT from [192.0.2.11]:40002: 550 5.7.1 Service unavailable; client [192.0.2.11] blocked using zen.spamhaus.org; from=<a@b.example>, to=<c@example.com>, proto=ESMTP, helo=<bot>
+Nov 25 10:00:05 mx postfix/postscreen[900]: DISCONNECT [192.0.2.11]:40002
+Nov 25 10:00:05 mx postfix/postscreen[900]: CONNECT from [203.0.113.5]:40003 to [198.51.100.1]:25
+Nov 25 10:00:05 mx postfix/postscreen[900]: PASS NEW [203.0.113.5]:40003
+Nov 25 10:00:05 mx postfix/smtpd[1001]: connect from mail.partner.example[203.0.113.5]
+Nov 25 10:00:06 mx postfix/smtpd[1001]: 4F2A81C0E2: client=mail.partner.example[203.0.113.5]
+Nov 25 10:00:06 mx postfix/cleanup[1002]: 4F2A81C0E2: message-id=<1@partner.example>
+Nov 25 10:00:07 mx postfix/smtpd[1001]: disconnect from mail.partner.example[203.0.113.5] ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5
+Nov 25 10:00:10 mx postfix/smtpd[1003]: connect from unknown[192.0.2.20]
+Nov 25 10:00:30 mx postfix/smtpd[1003]: lost connection after CONNECT from unknown[192.0.2.20]
+Nov 25 10:00:30 mx postfix/smtpd[1003]: disconnect from unknown[192.0.2.20] commands=0/0
+Nov 25 10:00:40 mx postfix/smtpd[1004]: connect from unknown[192.0.2.21]
+Nov 25 10:00:41 mx postfix/smtpd[1004]: NOQUEUE: reject: RCPT from unknown[192.0.2.21]: 550 5.1.1 <nobody@example.com>: Recipient address rejected: User unknown in local recipient table; from=<x@y.example> to=<nobody@example.com> proto=ESMTP helo=<y>
+Nov 25 10:00:42 mx postfix/smtpd[1004]: disconnect from unknown[192.0.2.21] ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4
+Nov 25 10:01:10 mx postfix/smtpd[1005]: connect from unknown[192.0.2.22]
+Nov 25 10:06:10 mx postfix/smtpd[1005]: timeout after EHLO from unknown[192.0.2.22]
+Nov 25 10:06:10 mx postfix/smtpd[1005]: disconnect from unknown[192.0.2.22] ehlo=1 commands=1
+2026-11-25T10:01:20.500000+00:00 mx postfix/smtpd[1006]: connect from a.example[203.0.113.6]
+2026-11-25T10:01:21.000000+00:00 mx postfix/smtpd[1006]: disconnect from a.example[203.0.113.6] ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5
+this line is not from postfix
+"""
+
+
+def test_parse_real_format_lines():
+    sessions = plan.parse_maillog(MAILLOG.splitlines(), year=2026)
+    reasons = [(s.source, s.legit, s.reason, round(s.hold, 1)) for s in sessions]
+    assert reasons == [
+        ("postscreen", False, "pregreet", 1.0),
+        ("postscreen", False, "dnsbl", 2.0),
+        ("smtpd", True, "", 2.0),
+        ("smtpd", False, "lost_after_connect", 20.0),
+        ("smtpd", False, "reject_550", 2.0),
+        ("smtpd", False, "timeout_after_ehlo", 300.0),
+        ("smtpd", True, "", 0.5),
+    ]
+
+
+def test_per_minute_and_recommendation_show_the_arithmetic():
+    sessions = plan.parse_maillog(MAILLOG.splitlines(), year=2026)
+    result = plan.recommend(sessions, sessions_per_worker=2, scan_seconds=1.0)
+    first, second = result["minutes"][:2]
+    assert (first["connections"], first["legit"], first["nuisance_ratio"]) == (5, 1, 0.8)
+    assert first["peak_concurrency"] == 1 and second["connections"] == 2
+    assert result["nuisance_ratio"] == round(5 / 7, 3)
+    text = plan.render(result)
+    assert "busiest minute: 5 connections = 0.08/s x mean hold 5.4s" in text
+    assert "Little's law" in text and "[smtp]" in text and "min_workers = 2" in text
+    assert result["scanner"]["min_workers"] >= 2
+    assert result["smtp"]["min_workers"] >= result["scanner"]["min_workers"]
+
+
+def test_plan_command_reads_a_maillog_and_a_bench_result(tmp_path, capsys):
+    log = tmp_path / "maillog"
+    log.write_text(MAILLOG)
+    assert cli_main(["plan", "--maillog", str(log), "--year", "2026", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sessions"] == 7
+    result = tmp_path / "result.json"
+    result.write_text(json.dumps({"started": 1_790_000_000.0, "connections": [
+        [0.5, 30.0, False], [1.0, 30.0, False], [2.0, 0.4, True]]}))
+    assert cli_main(["plan", "--bench", str(result)]) == 0
+    out = capsys.readouterr().out
+    assert "3 sessions, nuisance ratio 0.67" in out
+    assert cli_main(["plan"]) == 2
