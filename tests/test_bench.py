@@ -33,6 +33,15 @@ def test_scenario_files_are_validated_with_readable_errors(tmp_path):
     assert cli_main(["bench", "run", str(bad)]) == 2
 
 
+def test_shipped_scenarios_load_and_are_bounded():
+    names = sorted(p.stem for p in Path(SMOKE).parent.glob("*.toml"))
+    assert names == ["flood", "smoke", "throughput", "wave"]
+    for name in names:
+        plan = scenario.load(str(Path(SMOKE).parent / f"{name}.toml"))
+        assert 0 < plan.duration + plan.drain <= 900, name
+        assert all(p.rates for p in plan.phases), name
+
+
 def test_client_addresses_are_distinct_per_profile_and_process():
     seen = {address(p, i, n) for p in scenario.PROFILES for i in range(2) for n in range(600)}
     assert len(seen) == len(scenario.PROFILES) * 2 * 600
