@@ -189,6 +189,21 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_bench_compare(args) -> int:
+    from .benchmark import run, scenario
+
+    try:
+        plan = scenario.load(args.scenario)
+    except scenario.ScenarioError as exc:
+        print(f"poolmgr: error: {exc}", file=sys.stderr)
+        return 2
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    out = Path(args.out or os.path.join("bench", "out", f"{plan.name}-compare"))
+    run.compare(plan, targets, out)
+    print((out / "compare.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poolmgr", description=(
         "Prefork SMTP listener pool manager: an SMTP pool that sheds nuisance connections "
@@ -231,9 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     bench_run = bench_sub.add_parser("run", help="run one scenario against one target")
     bench_run.add_argument("scenario", help="a scenario file, e.g. bench/scenarios/smoke.toml")
-    bench_run.add_argument("--target", default="poolmgr", help="poolmgr (default)")
+    bench_run.add_argument("--target", default="poolmgr",
+                           help="poolmgr (default), postfix, postfix-postscreen or aiosmtpd")
     bench_run.add_argument("--out", help="output directory (default bench/out/NAME-TARGET)")
     bench_run.set_defaults(func=cmd_bench_run)
+    bench_compare = bench_sub.add_parser("compare", help="run one scenario against several "
+                                                         "targets, side by side")
+    bench_compare.add_argument("scenario")
+    bench_compare.add_argument("--targets", default="poolmgr,postfix,postfix-postscreen,aiosmtpd",
+                               help="comma-separated: poolmgr, postfix, postfix-postscreen, "
+                                    "aiosmtpd (default: all)")
+    bench_compare.add_argument("--out", help="output directory (default bench/out/NAME-compare)")
+    bench_compare.set_defaults(func=cmd_bench_compare)
     planner = sub.add_parser("plan", help="capacity planning from a Postfix mail log or a bench "
                                           "result: pool sizes by Little's law")
     planner.add_argument("--maillog", metavar="FILE", help="a Postfix (or poolmgr) mail log")

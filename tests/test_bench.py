@@ -71,3 +71,27 @@ def test_smoke_scenario_against_poolmgr(tmp_path, capsys):
         assert f"![{image}]({image})" in report
     assert "legitimate delivered 100.0%" in capsys.readouterr().out
     assert sys.modules.get("gevent") is None  # the harness never runs clients in-process
+
+
+def test_compare_smoke_against_postfix_and_aiosmtpd(tmp_path, capsys):
+    out = tmp_path / "compare"
+    assert cli_main(["bench", "compare", SMOKE, "--targets", "postfix-postscreen,aiosmtpd",
+                     "--out", str(out)]) == 0
+    table = json.loads((out / "compare.json").read_text())
+    assert sorted(table) == ["aiosmtpd", "postfix-postscreen"]
+    for target, f in table.items():
+        assert f["legit_sent"] >= 20, target
+        # What a target accepted reached smtp-sink; Postfix may defer some legitimate mail
+        # (postscreen: "421 4.3.2 All server ports are busy" while bots hold the smtpd slots).
+        accepted = f["legit_outcomes"].get("accepted", 0)
+        assert accepted + f["legit_outcomes"].get("deferred", 0) == f["legit_sent"], target
+        assert f["legit_delivered_pct"] == round(100 * accepted / f["legit_sent"], 2), target
+        assert f["peak_sessions_held"] > 0 and f["rss_peak_bytes"] > 0, target
+    # postscreen saw the scenario's DNSBL through the harness's DNS server, and the pregreets.
+    verdicts = table["postfix-postscreen"]["server_verdicts"]
+    assert verdicts.get("dnsbl", 0) > 0 and verdicts.get("pregreet", 0) > 0
+    assert table["aiosmtpd"]["spam_accepted"] > table["postfix-postscreen"]["spam_accepted"]
+    text = capsys.readouterr().out
+    assert "| figure | postfix-postscreen | aiosmtpd |" in text
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "postfix-postscreen" / "report.md").exists()

@@ -15,6 +15,7 @@ Exports: run, figures, TARGETS.
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,12 +25,13 @@ from pathlib import Path
 
 import psutil
 
-from ..harness import DnsServer, Poolmgr, Sink
+from ..harness import DnsServer, Poolmgr, Postfix, Sink, free_port, wait_until
 from . import load as loadgen
 from .scenario import Scenario
 
-TARGETS = ("poolmgr",)
+TARGETS = ("poolmgr", "postfix", "postfix-postscreen", "aiosmtpd")
 DNSBL_ZONE = "zen.bench.test"
+RESOLVER = "127.53.53.53"
 SAMPLE_EVERY = 1.0
 MESSAGE_ID = re.compile(rb"<bench-\d+-\d+@partner\.example>")
 
@@ -42,17 +44,20 @@ def tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def tree_usage(pid: int) -> tuple[int, float]:
-    """(RSS bytes, CPU seconds) of a process and its descendants."""
-    rss, cpu = 0, 0.0
+def tree_usage(pid: int) -> tuple[int, int, float]:
+    """(RSS bytes, PSS bytes, CPU seconds) of a process and its descendants. RSS counts the
+    pages forked processes share once per process; PSS divides them among the sharers."""
+    rss, pss, cpu = 0, 0, 0.0
     for proc in tree(pid):
         try:
-            rss += proc.memory_info().rss
+            memory = proc.memory_full_info()
+            rss += memory.rss
+            pss += getattr(memory, "pss", memory.rss)
             times = proc.cpu_times()
             cpu += times.user + times.system + times.children_user + times.children_system
         except psutil.Error:
             pass
-    return rss, cpu
+    return rss, pss, cpu
 
 
 class PoolmgrTarget:
@@ -107,6 +112,118 @@ class PoolmgrTarget:
         self.pm.stop()
 
 
+def held_sessions(pids: set[int], port: int) -> int:
+    """Established connections to `port` held by the server's processes (not the ones still
+    waiting in the kernel's accept queue, which no process owns yet)."""
+    try:
+        return sum(1 for c in psutil.net_connections("tcp4")
+                   if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port
+                   and c.pid in pids)
+    except psutil.Error:
+        return 0
+
+
+class ProcessTarget:
+    """A target whose sessions are counted from its sockets (Postfix, aiosmtpd)."""
+
+    def sample(self) -> dict:
+        return {"sessions": held_sessions({p.pid for p in tree(self.pid)}, self.port)}
+
+    def verdicts(self) -> dict:
+        return {}
+
+
+POSTFIX_MAIN = """\
+mynetworks = 127.0.0.1/32
+relayhost = [127.0.0.1]:{sink}
+relay_domains = example.test
+relay_recipient_maps = inline:{{ {recipients} }}
+smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination
+default_process_limit = 100
+"""
+POSTSCREEN_MAIN = """\
+postscreen_dnsbl_sites = {zone}*2
+postscreen_dnsbl_threshold = 2
+postscreen_dnsbl_action = enforce
+postscreen_greet_action = enforce
+postscreen_greet_wait = 2s
+"""
+
+
+class PostfixTarget(ProcessTarget):
+    """Postfix from Debian: plain smtpd (process limit 100), or postscreen in front of it with
+    the same DNSBL; relays to the same smtp-sink as poolmgr."""
+
+    def __init__(self, scenario: Scenario, work: Path, sink: Sink, dns: DnsServer,
+                 postscreen: bool):
+        self.name = "postfix-postscreen" if postscreen else "postfix"
+        self.port = free_port()
+        recipients = ", ".join(f"{r}=ok" for r in scenario.profiles["legit"]["recipients"])
+        main = POSTFIX_MAIN.format(sink=sink.port, recipients=recipients).replace("{", "{{") \
+            .replace("}", "}}")
+        if postscreen:
+            main += POSTSCREEN_MAIN.format(zone=DNSBL_ZONE)
+            master = (f"127.0.0.1:{self.port} inet n - n - 1 postscreen\n"
+                      f"smtpd pass - - n - - smtpd\n"
+                      f"dnsblog unix - - n - 0 dnsblog\n"
+                      f"tlsproxy unix - - n - 0 tlsproxy\n")
+        else:
+            master = f"127.0.0.1:{self.port} inet n - n - - smtpd\n"
+        self.postfix = Postfix(main, master, resolver=dns.host if postscreen else None)
+
+    @property
+    def pid(self) -> int:
+        return self.postfix.master_pid
+
+    def start(self) -> None:
+        self.postfix.start()
+
+    def verdicts(self) -> dict:
+        from ..plan import parse_maillog
+
+        sessions = parse_maillog(self.postfix.maillog().splitlines())
+        return dict(Counter(s.reason for s in sessions if not s.legit))
+
+    def stop(self) -> None:
+        self.postfix.stop()
+
+
+class AiosmtpdTarget(ProcessTarget):
+    """aiosmtpd's stock server and Proxy handler (`benchmark.aiosmtpd_relay`)."""
+
+    name = "aiosmtpd"
+
+    def __init__(self, scenario: Scenario, work: Path, sink: Sink, dns: DnsServer):
+        self.port = free_port()
+        self.sink = sink
+        self.proc: subprocess.Popen | None = None
+        self.log = open(work / "aiosmtpd.log", "ab")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "poolmgr.benchmark.aiosmtpd_relay", str(self.port),
+             str(self.sink.port)],
+            stdout=self.log, stderr=self.log)
+        wait_until(lambda: _listening(self.port), what="aiosmtpd")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -114,8 +231,8 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
 
 
-def figures(load: dict, samples: list[dict], baseline_rss: int, cpu: float, delivered: int,
-            verdicts: dict) -> dict:
+def figures(load: dict, samples: list[dict], baseline: tuple[int, int], cpu: float,
+            delivered: int, verdicts: dict) -> dict:
     messages, bots = load["messages"], load["bots"]
     outcomes = Counter(m["outcome"] or "failed" for m in messages)
     latencies = [m["latency"] for m in messages if m["outcome"] == "accepted"]
@@ -125,6 +242,8 @@ def figures(load: dict, samples: list[dict], baseline_rss: int, cpu: float, deli
     peak_open = max((sum(v for k, v in p["open"].items() if k != "legit")
                      for p in load["series"]), default=0)
     peak_rss = max((s["rss"] for s in samples), default=0)
+    peak_pss = max((s["pss"] for s in samples), default=0)
+    baseline_rss, baseline_pss = baseline
     held = peak_sessions or peak_open
     return {
         "legit_sent": len(messages), "legit_outcomes": dict(outcomes),
@@ -142,6 +261,8 @@ def figures(load: dict, samples: list[dict], baseline_rss: int, cpu: float, deli
         "peak_sessions_held": peak_sessions, "peak_client_connections": peak_open,
         "rss_baseline_bytes": baseline_rss, "rss_peak_bytes": peak_rss,
         "rss_per_held_session_bytes": round((peak_rss - baseline_rss) / held) if held else None,
+        "pss_baseline_bytes": baseline_pss, "pss_peak_bytes": peak_pss,
+        "pss_per_held_session_bytes": round((peak_pss - baseline_pss) / held) if held else None,
         "cpu_seconds": round(cpu, 2),
     }
 
@@ -216,10 +337,26 @@ def report(out: Path, result: dict, images: list[str]) -> None:
             ("peak sessions held", f["peak_sessions_held"]),
             ("peak RSS of the server tree", f"{f['rss_peak_bytes'] / 2**20:.1f} MiB"),
             ("RSS per held session", f"{(f['rss_per_held_session_bytes'] or 0) / 1024:.1f} KiB"),
+            ("peak PSS of the server tree", f"{f['pss_peak_bytes'] / 2**20:.1f} MiB"),
+            ("PSS per held session", f"{(f['pss_per_held_session_bytes'] or 0) / 1024:.1f} KiB"),
             ("CPU seconds (server tree)", f["cpu_seconds"])]
     lines += [f"| {name} | {value} |" for name, value in rows]
     lines += [""] + [f"![{name}]({name})" for name in images]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def settled(sink: Sink, quiet: float = 3.0, limit: float = 90.0) -> list[bytes]:
+    """The next hop's messages once none has arrived for `quiet` seconds (a queueing target
+    such as Postfix delivers after it answered 250)."""
+    deadline, count, since = time.time() + limit, -1, time.time()
+    while time.time() < deadline:
+        now = len(list(sink.dir.iterdir()))
+        if now != count:
+            count, since = now, time.time()
+        elif time.time() - since >= quiet:
+            break
+        time.sleep(0.5)
+    return sink.messages()
 
 
 def run(scenario: Scenario, target_name: str, out: Path) -> dict:
@@ -228,17 +365,25 @@ def run(scenario: Scenario, target_name: str, out: Path) -> dict:
                          f"known: {', '.join(TARGETS)}")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"poolmgr-bench-{target_name}-"))
-    dns = DnsServer({}, ttl=300).start()
+    # Postfix asks the system resolver: the DNS server then listens on port 53 of an address
+    # of its own, named in the resolv.conf of Postfix's mount namespace.
+    dns = (DnsServer({}, ttl=300, host=RESOLVER, port=53) if target_name.startswith("postfix")
+           else DnsServer({}, ttl=300)).start()
     for prefix in loadgen.listed_prefixes(scenario.processes):
         dns.list_network(prefix, DNSBL_ZONE)
     sink = Sink(work).start()
-    target = PoolmgrTarget(scenario, work, sink, dns)
+    if target_name == "poolmgr":
+        target = PoolmgrTarget(scenario, work, sink, dns)
+    elif target_name == "aiosmtpd":
+        target = AiosmtpdTarget(scenario, work, sink, dns)
+    else:
+        target = PostfixTarget(scenario, work, sink, dns, target_name == "postfix-postscreen")
     samples: list[dict] = []
     procs: list[subprocess.Popen] = []
     try:
         target.start()
         time.sleep(1.0)
-        baseline_rss, cpu_before = tree_usage(target.pid)
+        baseline_rss, baseline_pss, cpu_before = tree_usage(target.pid)
         t0 = time.time() + 1.0
         for index in range(scenario.processes):
             spec = work / f"load{index}.json"
@@ -249,19 +394,18 @@ def run(scenario: Scenario, target_name: str, out: Path) -> dict:
                                            str(spec), str(work / f"result{index}.json")]))
         limit = time.time() + scenario.duration + scenario.drain + 60
         while any(p.poll() is None for p in procs) and time.time() < limit:
-            rss, cpu = tree_usage(target.pid)
-            samples.append({"t": round(time.time() - t0, 2), "rss": rss,
+            rss, pss, cpu = tree_usage(target.pid)
+            samples.append({"t": round(time.time() - t0, 2), "rss": rss, "pss": pss,
                             "cpu": round(cpu - cpu_before, 2), **target.sample()})
             time.sleep(SAMPLE_EVERY)
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-        rss, cpu = tree_usage(target.pid)
+        _, _, cpu = tree_usage(target.pid)
         cpu -= cpu_before
         verdicts = target.verdicts()
-        time.sleep(1.0)
-        arrived = sink.messages()
+        arrived = settled(sink)
     finally:
         target.stop()
         sink.stop()
@@ -278,7 +422,8 @@ def run(scenario: Scenario, target_name: str, out: Path) -> dict:
     delivered = sum(1 for m in load["messages"] if m["id"] in found)
     result = {"scenario": scenario.as_dict(), "target": target_name, "started": t0,
               "duration_s": round(time.time() - t0, 1),
-              "figures": figures(load, samples, baseline_rss, cpu, delivered, verdicts),
+              "figures": figures(load, samples, (baseline_rss, baseline_pss), cpu, delivered,
+                                 verdicts),
               "server_series": samples, "client_series": load["series"],
               # [start (s from t0), held (s), legitimate]: input of `poolmgr plan --bench`
               "connections": [[b["t"], b.get("held", 0.0), False] for b in load["bots"]] +
@@ -300,3 +445,69 @@ def merge_series(series: list[dict]) -> list[dict]:
         merged["legit"].update(point["legit"])
     return [{"t": p["t"], "open": dict(p["open"]), "legit": dict(p["legit"])}
             for _, p in sorted(by_second.items())]
+
+
+COMPARE_ROWS = (("legitimate delivered %", "legit_delivered_pct", "{}"),
+                ("latency p50 s", "latency_p50_s", "{}"),
+                ("latency p99 s", "latency_p99_s", "{}"),
+                ("bots shed before DATA %", "bots_shed_before_data_pct", "{}"),
+                ("spam accepted", "spam_accepted", "{}"),
+                ("peak sessions held", "peak_sessions_held", "{}"),
+                ("peak RSS MiB", "rss_peak_bytes", "{:.1f}"),
+                ("RSS per held session KiB", "rss_per_held_session_bytes", "{:.1f}"),
+                ("peak PSS MiB", "pss_peak_bytes", "{:.1f}"),
+                ("PSS per held session KiB", "pss_per_held_session_bytes", "{:.1f}"),
+                ("CPU seconds", "cpu_seconds", "{}"))
+
+
+def compare(scenario: Scenario, targets: list[str], out: Path) -> dict:
+    """The same scenario against each target in turn; one table and one plot side by side."""
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise SystemExit(f"poolmgr bench: unknown target(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(TARGETS)}")
+    results = {t: run(scenario, t, out / t) for t in targets}
+    table = {t: r["figures"] for t, r in results.items()}
+
+    def cell(figures: dict, key: str, fmt: str) -> str:
+        value = figures.get(key)
+        if value is None:
+            return "-"
+        if key in ("rss_peak_bytes", "pss_peak_bytes"):
+            value = value / 2**20
+        elif key.endswith("_per_held_session_bytes"):
+            value = value / 1024
+        return fmt.format(value)
+
+    lines = [f"# poolmgr bench compare: {scenario.name}", "", scenario.description, "",
+             "| figure | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+    lines += [f"| {label} | " + " | ".join(cell(table[t], key, fmt) for t in targets) + " |"
+              for label, key, fmt in COMPARE_ROWS]
+    image = compare_plot(out, scenario.name, table, targets)
+    lines += ["", f"![{image}]({image})", ""]
+    lines += [f"Each target's report: [{t}]({t}/report.md)" for t in targets]
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    (out / "compare.json").write_text(json.dumps(table, indent=1) + "\n")
+    return table
+
+
+def compare_plot(out: Path, name: str, table: dict, targets: list[str]) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("legit_delivered_pct", "legitimate delivered %"), ("latency_p99_s", "p99 s"),
+            ("peak_sessions_held", "peak sessions"), ("rss_per_held_session_bytes",
+                                                      "RSS / session, bytes"),
+            ("cpu_seconds", "CPU s")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.6))
+    for ax, (key, label) in zip(axes, keys):
+        values = [table[t].get(key) or 0 for t in targets]
+        ax.bar(range(len(targets)), values, color=[f"C{i}" for i in range(len(targets))])
+        ax.set_xticks(range(len(targets)), targets, rotation=30, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(f"{name}: side by side")
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=90)
+    plt.close(fig)
+    return "compare.png"
