@@ -187,48 +187,67 @@ class Generator:
         return "spam_accepted" if code == 250 else str(code)
 
     # -- legitimate mail
-    async def legit_message(self) -> None:
-        n = self.numbers["legit"]
-        self.numbers["legit"] += 1
+    def legit_record(self, connection: int, k: int) -> tuple[dict, bytes, str]:
         knobs = self.profiles["legit"]
         size = self.random.choice(knobs["sizes"])
         rcpt = self.random.choice(knobs["recipients"])
-        mid = f"<bench-{self.index}-{n}@partner.example>"
-        head = (f"From: <sender{n}@partner.example>\r\nTo: <{rcpt}>\r\nSubject: bench {n}\r\n"
-                f"Message-ID: {mid}\r\n\r\n").encode()
-        body = (b"x" * 76 + b"\r\n") * max(1, (size - len(head)) // 78)
-        record = {"t": self.rel(), "size": len(head) + len(body), "id": mid, "outcome": "",
-                  "reply": "", "latency": None}
+        mid = f"<bench-{self.index}-{connection * 1000 + k}@partner.example>"
+        head = (f"From: <sender{connection}@partner.example>\r\nTo: <{rcpt}>\r\n"
+                f"Subject: bench {connection}.{k}\r\nMessage-ID: {mid}\r\n\r\n").encode()
+        data = head + (b"x" * 76 + b"\r\n") * max(1, (size - len(head)) // 78)
+        record = {"t": self.rel(), "size": len(data), "id": mid, "outcome": "", "reply": "",
+                  "latency": None}
         self.messages.append(record)
         self.legit["sent"] += 1
+        return record, data, rcpt
+
+    async def legit_message(self) -> None:
+        """One legitimate connection: `messages` messages, each timed from its MAIL (the
+        first from the connect) to the reply after its final dot."""
+        n = self.numbers["legit"]
+        self.numbers["legit"] += 1
+        knobs = self.profiles["legit"]
         self.open["legit"] += 1
         started = time.monotonic()
-        writer = None
+        writer, record = None, None
         try:
             reader, writer = await self.connect("legit", address("legit", self.index, n))
             client = Client(reader, writer, knobs["timeout"])
-            steps = [None, b"EHLO partner.example", f"MAIL FROM:<sender{n}@partner.example> "
-                     f"SIZE={len(head) + len(body)}".encode(), f"RCPT TO:<{rcpt}>".encode(),
-                     b"DATA"]
-            for step in steps:
-                code, text = await (client.reply() if step is None else client.command(step))
-                if code >= 400 or code == 0:
+            record, data, rcpt = self.legit_record(n, 0)
+            code, text = await client.reply()
+            if code == 220:
+                code, text = await client.command(b"EHLO partner.example")
+            for k in range(int(knobs["messages"])):
+                if k:
+                    record, data, rcpt = self.legit_record(n, k)
+                    started = time.monotonic()
+                for step in (f"MAIL FROM:<sender{n}@partner.example> SIZE={len(data)}",
+                             f"RCPT TO:<{rcpt}>", "DATA"):
+                    if code >= 400 or code == 0:
+                        break
+                    code, text = await client.command(step.encode())
+                else:
+                    code, text = await client.message(data)
+                self.finish(record, code, text, started)
+                if record["outcome"] != "accepted":
                     break
-            else:
-                code, text = await client.message(head + body)
-            record["reply"] = text[:60]
-            record["outcome"] = ("accepted" if 200 <= code < 300 else
-                                 "deferred" if 400 <= code < 500 else "refused")
             if record["outcome"] == "accepted":
                 await client.command(b"QUIT")
         except (Stalled, ConnectionError, OSError, asyncio.TimeoutError) as exc:
-            record["outcome"], record["reply"] = "failed", type(exc).__name__
+            if record is not None and not record["outcome"]:
+                record["reply"] = type(exc).__name__
+                self.finish(record, 0, record["reply"], started)
         finally:
             if writer is not None:
                 writer.close()
             self.open["legit"] -= 1
-            record["latency"] = round(time.monotonic() - started, 4)
-            self.legit[record["outcome"]] += 1
+
+    def finish(self, record: dict, code: int, text: str, started: float) -> None:
+        record["reply"] = text[:60]
+        record["outcome"] = ("accepted" if 200 <= code < 300 else "deferred"
+                             if 400 <= code < 500 else "refused" if code >= 500 else "failed")
+        record["latency"] = round(time.monotonic() - started, 4)
+        self.legit[record["outcome"]] += 1
 
     # -- the run
     async def ticker(self, stop: asyncio.Event) -> None:

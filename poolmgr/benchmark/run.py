@@ -234,8 +234,13 @@ def percentile(values: list[float], q: float) -> float | None:
 def figures(load: dict, samples: list[dict], baseline: tuple[int, int], cpu: float,
             delivered: int, verdicts: dict) -> dict:
     messages, bots = load["messages"], load["bots"]
-    outcomes = Counter(m["outcome"] or "failed" for m in messages)
-    latencies = [m["latency"] for m in messages if m["outcome"] == "accepted"]
+    outcomes = Counter(m["outcome"] or "unfinished" for m in messages)
+    accepted = [m for m in messages if m["outcome"] == "accepted"]
+    latencies = [m["latency"] for m in accepted]
+    span = (max(m["t"] + m["latency"] for m in accepted) - min(m["t"] for m in accepted)
+            if accepted else 0.0)
+    problems = Counter(f"{m['outcome'] or 'unfinished'}: {m['reply'][:40] or '-'}"
+                       for m in messages if m["outcome"] != "accepted")
     ended = Counter(b["ended"] or "cancelled" for b in bots)
     shed = [b for b in bots if not b["data"]]
     peak_sessions = max((s.get("sessions", 0) for s in samples), default=0)
@@ -247,6 +252,8 @@ def figures(load: dict, samples: list[dict], baseline: tuple[int, int], cpu: flo
     held = peak_sessions or peak_open
     return {
         "legit_sent": len(messages), "legit_outcomes": dict(outcomes),
+        "legit_problems": dict(problems.most_common(8)),
+        "legit_accepted_per_s": round(len(accepted) / span, 1) if span > 0 else None,
         "legit_delivered_pct": round(100 * delivered / len(messages), 2) if messages else None,
         "legit_accepted_pct": round(100 * outcomes["accepted"] / len(messages), 2)
         if messages else None,
@@ -327,6 +334,8 @@ def report(out: Path, result: dict, images: list[str]) -> None:
     rows = [("legitimate messages sent", f["legit_sent"]),
             ("legitimate delivered (at the next hop)", f"{f['legit_delivered_pct']}%"),
             ("legitimate outcomes", f["legit_outcomes"]),
+            ("legitimate accepted per second", f["legit_accepted_per_s"]),
+            ("why not accepted", f["legit_problems"] or "-"),
             ("latency p50 / p95 / p99", f"{f['latency_p50_s']} / {f['latency_p95_s']} / "
                                         f"{f['latency_p99_s']} s"),
             ("bot connections", f["bot_connections"]),
@@ -448,6 +457,7 @@ def merge_series(series: list[dict]) -> list[dict]:
 
 
 COMPARE_ROWS = (("legitimate delivered %", "legit_delivered_pct", "{}"),
+                ("legitimate accepted / s", "legit_accepted_per_s", "{}"),
                 ("latency p50 s", "latency_p50_s", "{}"),
                 ("latency p99 s", "latency_p99_s", "{}"),
                 ("bots shed before DATA %", "bots_shed_before_data_pct", "{}"),

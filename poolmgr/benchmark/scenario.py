@@ -42,7 +42,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "dictionary": {"recipients": 5, "give_up": "60s"},  # random recipients
     "reconnector": {"reconnects": 5, "give_up": "60s"},  # reconnects at once when dropped
     "legit": {"timeout": "300s", "sizes": ["2k", "20k", "100k"],
-              "recipients": ["bob@example.test"]},
+              "recipients": ["bob@example.test"], "messages": 1},  # messages per connection
 }
 BOTS = tuple(p for p in PROFILES if p != "legit")
 DURATION_KNOBS = ("hold", "interval", "give_up", "timeout")
