@@ -150,7 +150,8 @@ def cmd_top(args) -> int:
     return top.run(fetch)
 
 
-def cmd_bench_run(args) -> int:
+def cmd_bench(args) -> int:
+    """`bench run` and `bench compare`: one scenario against one target, or several."""
     from .benchmark import run, scenario
 
     try:
@@ -158,9 +159,14 @@ def cmd_bench_run(args) -> int:
     except scenario.ScenarioError as exc:
         print(f"poolmgr: error: {exc}", file=sys.stderr)
         return 2
-    out = args.out or os.path.join("bench", "out", f"{plan.name}-{args.target}")
-    result = run.run(plan, args.target, Path(out))
-    f = result["figures"]
+    if args.bench_command == "compare":
+        targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+        out = Path(args.out or os.path.join("bench", "out", f"{plan.name}-compare"))
+        run.compare(plan, targets, out)
+        print((out / "compare.md").read_text())
+        return 0
+    out = Path(args.out or os.path.join("bench", "out", f"{plan.name}-{args.target}"))
+    f = run.run(plan, args.target, out)["figures"]
     print(f"poolmgr bench: {plan.name} against {args.target}: legitimate delivered "
           f"{f['legit_delivered_pct']}%, p99 {f['latency_p99_s']}s; bots shed before DATA "
           f"{f['bots_shed_before_data_pct']}%, spam accepted {f['spam_accepted']}; peak "
@@ -186,21 +192,6 @@ def cmd_plan(args) -> int:
         return 1
     result = plan.recommend(sessions, args.sessions_per_worker, args.scan_seconds)
     print(json.dumps(result, indent=2) if args.json else plan.render(result))
-    return 0
-
-
-def cmd_bench_compare(args) -> int:
-    from .benchmark import run, scenario
-
-    try:
-        plan = scenario.load(args.scenario)
-    except scenario.ScenarioError as exc:
-        print(f"poolmgr: error: {exc}", file=sys.stderr)
-        return 2
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    out = Path(args.out or os.path.join("bench", "out", f"{plan.name}-compare"))
-    run.compare(plan, targets, out)
-    print((out / "compare.md").read_text())
     return 0
 
 
@@ -249,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_run.add_argument("--target", default="poolmgr",
                            help="poolmgr (default), postfix, postfix-postscreen or aiosmtpd")
     bench_run.add_argument("--out", help="output directory (default bench/out/NAME-TARGET)")
-    bench_run.set_defaults(func=cmd_bench_run)
+    bench_run.set_defaults(func=cmd_bench)
     bench_compare = bench_sub.add_parser("compare", help="run one scenario against several "
                                                          "targets, side by side")
     bench_compare.add_argument("scenario")
@@ -257,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                                help="comma-separated: poolmgr, postfix, postfix-postscreen, "
                                     "aiosmtpd (default: all)")
     bench_compare.add_argument("--out", help="output directory (default bench/out/NAME-compare)")
-    bench_compare.set_defaults(func=cmd_bench_compare)
+    bench_compare.set_defaults(func=cmd_bench)
     planner = sub.add_parser("plan", help="capacity planning from a Postfix mail log or a bench "
                                           "result: pool sizes by Little's law")
     planner.add_argument("--maillog", metavar="FILE", help="a Postfix (or poolmgr) mail log")
