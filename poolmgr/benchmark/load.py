@@ -209,11 +209,11 @@ class Generator:
         knobs = self.profiles["legit"]
         self.open["legit"] += 1
         started = time.monotonic()
-        writer, record = None, None
+        writer = None
+        record, data, rcpt = self.legit_record(n, 0)  # counted even if the connect fails
         try:
             reader, writer = await self.connect("legit", address("legit", self.index, n))
             client = Client(reader, writer, knobs["timeout"])
-            record, data, rcpt = self.legit_record(n, 0)
             code, text = await client.reply()
             if code == 220:
                 code, text = await client.command(b"EHLO partner.example")
@@ -234,9 +234,8 @@ class Generator:
             if record["outcome"] == "accepted":
                 await client.command(b"QUIT")
         except (Stalled, ConnectionError, OSError, asyncio.TimeoutError) as exc:
-            if record is not None and not record["outcome"]:
-                record["reply"] = type(exc).__name__
-                self.finish(record, 0, record["reply"], started)
+            if not record["outcome"]:
+                self.finish(record, 0, f"{type(exc).__name__} {exc}".strip(), started)
         finally:
             if writer is not None:
                 writer.close()
