@@ -129,7 +129,8 @@ class AnvilServer:
                 continue
             now = self.clock()
             if op == "C":
-                answer = "%s %d %d" % ((seq,) + tuple(anvil.connect(owner, ip, now)))
+                count, rate = anvil.connect(owner, ip, now)
+                answer = f"{seq} {count} {rate}"
             elif op == "M":
                 answer = f"{seq} {anvil.message(ip, now)}"
             elif op == "R":

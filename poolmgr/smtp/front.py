@@ -222,17 +222,18 @@ class FrontSession(ServerSession):
         return None
 
     # -- the dialogue: pipelining, junk and error limits, tarpit
-    def dispatch(self, line: bytes) -> None:
-        verb = line.split(b" ", 1)[0].strip().upper().decode("ascii", "replace")
+    def screen(self, verb: str):
         if not self.trusted and (self.early or (self.conn.buf and verb != "QUIT" and (
                 verb in GROUP_ENDERS or self.helo is None or self.proto != "ESMTP"))):
             if self.improper_pipelining(verb):
-                return
+                return R.R503_PIPELINING
         if verb in JUNK_COMMANDS:
             self.junk += 1
             if self.junk > self.junk_limit:
                 self.errors += 1
-        super().dispatch(line)
+        return None
+
+    def after_command(self) -> None:
         if self.errors >= self.hard_limit and not self.closing and not self.trusted:
             self.service.log.info("too many errors after %s from %s", self.last_cmd, self.client)
             if not self.verdict:
@@ -243,7 +244,7 @@ class FrontSession(ServerSession):
             self.reply(R.R421_TOO_MANY_ERRORS.format(host=self.service.hostname))
 
     def improper_pipelining(self, verb: str) -> bool:
-        """Log improper pipelining; True when the command was refused (503 5.5.0)."""
+        """Log improper pipelining; True when the command is to be refused (503 5.5.0)."""
         early, self.early = self.early, False
         sample = self.conn.buf[:40].decode("ascii", "replace").rstrip()
         where = "before the banner" if early else f"after {verb}"
@@ -251,14 +252,7 @@ class FrontSession(ServerSession):
                               sample if not early else verb)
         self.verdict = self.verdict or "unauth_pipelining"
         self.suspect()
-        if not self.service.defence.cfg.reject_unauth_pipelining:
-            return False
-        command = self.commands.get(verb)
-        self.last_cmd = verb if command else "UNKNOWN"
-        self.count(command.stat if command else "unknown", False)
-        self.log_reject(verb if command else "UNKNOWN", R.R503_PIPELINING)
-        self.reply(R.R503_PIPELINING)
-        return True
+        return self.service.defence.cfg.reject_unauth_pipelining
 
     def reply(self, reply: R.Reply) -> None:
         d = self.service.defence.cfg

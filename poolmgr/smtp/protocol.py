@@ -3,8 +3,9 @@
 `ServerSession` owns one connection: banner, an explicit command table with per-command
 flags, the envelope (replaced whole on RSET and after DATA), strict DATA reading, STARTTLS,
 and Postfix-style logging (`connect from`, `NOQUEUE: reject: ...`, `disconnect from ...
-ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5`). Subclasses decide policy through four hooks:
-`on_connect`, `greet`, `extensions`, `check_mail`, `check_rcpt`, `deliver` and `on_close`.
+ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5`). Subclasses decide policy through hooks:
+`on_connect`, `greet`, `extensions`, `screen` and `after_command` around each command,
+`check_mail`, `check_rcpt`, `deliver` and `on_close`.
 
 The `service` passed in is the worker-wide object every session shares: `hostname`, `log`,
 `limits` (line_length_limit, message_size_limit, max_recipients, timeout), `tls_context`,
@@ -160,11 +161,29 @@ class ServerSession:
         except (Timeout, Disconnected, OSError):
             pass
 
+    def screen(self, verb: str) -> R.Reply | None:
+        """Before a command runs: a reply here refuses it (the command is not run)."""
+        return None
+
+    def after_command(self) -> None:
+        """After a command ran (not after one that `screen` refused)."""
+
     def dispatch(self, line: bytes) -> None:
         text = line.decode("utf-8", "surrogateescape")
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
         command = self.commands.get(verb)
+        refusal = self.screen(verb)
+        if refusal is not None:
+            self.last_cmd = verb if command else "UNKNOWN"
+            self.count(command.stat if command else "unknown", False)
+            self.log_reject(self.last_cmd, refusal)
+            self.reply(refusal)
+            return
+        self.run_command(verb, command, arg)
+        self.after_command()
+
+    def run_command(self, verb: str, command: Command | None, arg: str) -> None:
         if command is None or (command.needs_tls_offer and self.service.tls_context is None):
             self.last_cmd = "UNKNOWN"
             self.count("unknown", False)
