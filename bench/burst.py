@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
-import os
 import resource
 import smtplib
 import statistics
@@ -35,10 +34,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from poolmgr.benchmark.run import tree_usage  # noqa: E402
 from poolmgr.harness import HELO, DnsServer, Poolmgr, wait_until  # noqa: E402
 
 KINDS = ("idle", "pregreet", "listed", "dictionary")
@@ -47,18 +45,6 @@ HOLD = 120.0  # longest a bot waits for poolmgr to act
 
 def address(kind_index: int, n: int) -> str:
     return f"127.{20 + kind_index}.{n // 250}.{n % 250 + 1}"
-
-
-def cpu_seconds(pid: int) -> float:
-    root = psutil.Process(pid)
-    total = 0.0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
 
 
 async def bot(kind: str, source: str, port: int) -> str:
@@ -210,14 +196,14 @@ def main() -> int:
         if not args.no_stress:
             pm.run_cli("ctl", "stress", "on", check=True)
         time.sleep(1)
-        cpu_before = cpu_seconds(pm.proc.pid)
+        cpu_before = tree_usage(pm.proc.pid)[2]
         before = pm.status()["nuisance"]["total"]  # start-up probes, not part of the burst
         wall = time.monotonic()
         seen, results = asyncio.run(storm(args, pm.smtp_port))
         wall = time.monotonic() - wall
         wait_until(lambda: pm.status()["pools"]["smtp"]["sessions"] == 0, timeout=60,
                    what="every session closed")
-        cpu = cpu_seconds(pm.proc.pid) - cpu_before
+        cpu = tree_usage(pm.proc.pid)[2] - cpu_before
         status = pm.status()
         delivered = pm.delivered()
         ids = {f"<burst-legit-{n}@partner.example>".encode() for n in range(args.legit)}

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(postfix swaks dnsmasq-base openssl procps)
+# util-linux (unshare), mount and bsdutils (script) run the private Postfix instances.
+debs=(postfix swaks dnsmasq-base openssl procps util-linux mount bsdutils)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
