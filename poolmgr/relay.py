@@ -1,17 +1,23 @@
 """SMTP/LMTP client for the hand-off to the scanner pool and the re-injection to the next hop.
 
-One connection per message: banner, EHLO (LHLO for LMTP), XFORWARD when the server offers it
-(Postfix's XFORWARD_README), MAIL/RCPT/DATA pipelined when PIPELINING is offered, the data
-dot-stuffed, then the final reply: one for SMTP, one per accepted recipient for LMTP. Every
-step has its RFC 5321 section 4.5.3.2 timeout (config [timeouts]) and the whole exchange is
-bounded by `deadline`. Any network failure raises `RelayError` so the caller can answer 4xx:
-a message is never reported accepted unless the server said so.
+Banner, EHLO (LHLO for LMTP), XFORWARD when the server offers it (Postfix's XFORWARD_README),
+then XFORWARD, MAIL, RCPT and DATA in one group when PIPELINING is offered (as Postfix's smtp
+client does), the data dot-stuffed, then the final reply: one for SMTP, one per accepted
+recipient for LMTP. Every step has its RFC 5321 section 4.5.3.2 timeout (config [timeouts]) and
+the whole exchange is bounded by `deadline`. Any network failure raises `RelayError` so the
+caller can answer 4xx: a message is never reported accepted unless the server said so.
+
+With a `Cache`, a connection whose transaction ended cleanly is kept for the next message to
+the same hop (Postfix's smtp connection cache: smtp_connection_cache_time_limit and
+smtp_connection_reuse_time_limit). A cached connection the server has meanwhile closed is
+noticed before the message data is sent, and the message goes over a new connection instead.
 
 Works on blocking sockets (scanner workers) and gevent sockets (SMTP workers).
 
-Exports: send, RelayError, Outgoing.
+Exports: send, Cache, RelayError, Outgoing.
 """
 
+import ipaddress
 import re
 import socket
 import time
@@ -35,6 +41,10 @@ class RelayError(Exception):
         self.detail = detail
 
 
+class _Stale(Exception):
+    """A cached connection turned out closed before any of the message was sent."""
+
+
 @dataclass
 class Outgoing:
     mail_from: str
@@ -43,6 +53,73 @@ class Outgoing:
     smtputf8: bool = False
     body_8bit: bool = False
     xforward: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Link:
+    """One open connection that has been greeted (EHLO/LHLO) and is between transactions."""
+    hop: NextHop
+    conn: Conn
+    extensions: dict[str, list[str]]
+    opened: float
+    idle_since: float = 0.0
+
+
+def _quit(conn: Conn) -> None:
+    try:
+        conn.timeout = 1.0
+        _command(conn, "QUIT")
+        conn.flush()
+    except (Timeout, Disconnected):
+        pass
+    conn.close()
+
+
+class Cache:
+    """Greeted connections kept between messages, per hop, in one process."""
+
+    def __init__(self, time_limit: float, reuse_time_limit: float = 300.0):
+        self.time_limit = time_limit  # longest idle time of a cached connection
+        self.reuse_time_limit = reuse_time_limit  # a connection older than this is not cached
+        self.idle: dict[NextHop, list[_Link]] = {}
+
+    def take(self, hop: NextHop) -> _Link | None:
+        links = self.idle.get(hop)
+        now = time.monotonic()
+        while links:
+            link = links.pop()
+            if now - link.idle_since <= self.time_limit and _quiet(link.conn):
+                return link
+            _quit(link.conn)
+        return None
+
+    def put(self, link: _Link) -> None:
+        now = time.monotonic()
+        if self.time_limit <= 0 or now - link.opened >= self.reuse_time_limit:
+            _quit(link.conn)
+            return
+        link.idle_since = now
+        self.idle.setdefault(link.hop, []).append(link)
+
+    def expire(self) -> None:
+        """Close connections idle for longer than the time limit (call about once a second)."""
+        now = time.monotonic()
+        for links in self.idle.values():
+            while links and now - links[0].idle_since > self.time_limit:
+                _quit(links.pop(0).conn)
+
+    def close(self) -> None:
+        for links in self.idle.values():
+            while links:
+                _quit(links.pop().conn)
+
+
+def _quiet(conn: Conn) -> bool:
+    """True when an idle connection has neither been closed nor sent anything (a 421)."""
+    try:
+        return conn.wait_input(0) == 0
+    except Disconnected:
+        return False
 
 
 def _left(deadline: float, timeout: float) -> float:
@@ -83,49 +160,96 @@ def _xforward_lines(attrs: dict[str, str]) -> list[str]:
     return lines + [current]
 
 
-def send(hop: NextHop, msg: Outgoing, *, helo: str, timeouts, deadline: float) -> list[Reply]:
-    """Deliver `msg` to `hop`; one final Reply per recipient, in order."""
-    stage = "connect"
+def _connect(hop: NextHop, timeout: float) -> socket.socket:
+    """Connect without a resolver round trip when the host is an address literal (gevent
+    would otherwise hand every lookup of "127.0.0.1" to its thread pool)."""
     try:
-        sock = socket.create_connection((hop.host, hop.port), _left(deadline, timeouts.connect))
+        family = socket.AF_INET6 if ipaddress.ip_address(hop.host).version == 6 \
+            else socket.AF_INET
+    except ValueError:
+        return socket.create_connection((hop.host, hop.port), timeout)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((hop.host, hop.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _open(hop: NextHop, helo: str, timeouts, deadline: float) -> _Link:
+    """Connect, read the banner and greet; RelayError on any failure."""
+    try:
+        sock = _connect(hop, _left(deadline, timeouts.connect))
     except (OSError, Timeout) as exc:
-        raise RelayError(stage, getattr(exc, "strerror", None) or type(exc).__name__) from None
+        raise RelayError("connect", getattr(exc, "strerror", None) or type(exc).__name__) \
+            from None
     conn = Conn(sock, timeouts.greeting)
     try:
-        stage = "greeting"
         banner, _ = _read_reply(conn, deadline, timeouts.greeting)
         if banner.code != 220:
-            raise RelayError(stage, f"server said {banner}")
-        return _transaction(conn, hop, msg, helo, timeouts, deadline)
+            raise RelayError("greeting", f"server said {banner}")
+        lmtp = hop.kind == "lmtp"
+        _command(conn, f"{'LHLO' if lmtp else 'EHLO'} {helo}")
+        reply, lines = _read_reply(conn, deadline, timeouts.mail)
+        if not reply.ok and not lmtp:
+            _command(conn, f"HELO {helo}")
+            reply, lines = _read_reply(conn, deadline, timeouts.mail)
+        if not reply.ok:
+            raise RelayError("helo", f"server said {reply}")
+    except BaseException as exc:
+        conn.close()
+        if isinstance(exc, Timeout):
+            raise RelayError("timeout", "no reply in time") from None
+        if isinstance(exc, Disconnected):
+            raise RelayError("lost connection", "server closed the connection") from None
+        raise
+    extensions = {words[0].upper(): [w.upper() for w in words[1:]]
+                  for words in (line.split() for line in lines[1:]) if words}
+    return _Link(hop, conn, extensions, time.monotonic())
+
+
+def send(hop: NextHop, msg: Outgoing, *, helo: str, timeouts, deadline: float,
+         cache: Cache | None = None) -> list[Reply]:
+    """Deliver `msg` to `hop`; one final Reply per recipient, in order."""
+    link = cache.take(hop) if cache is not None else None
+    if link is not None:
+        try:
+            return _send_on(link, msg, timeouts, deadline, cache, reused=True)
+        except _Stale:
+            pass  # the server closed it while it sat in the cache: nothing was sent
+    return _send_on(_open(hop, helo, timeouts, deadline), msg, timeouts, deadline, cache,
+                    reused=False)
+
+
+def _send_on(link: _Link, msg: Outgoing, timeouts, deadline: float, cache: Cache | None,
+             reused: bool) -> list[Reply]:
+    clean = False
+    try:
+        finals, clean = _transaction(link, msg, timeouts, deadline, reused)
+        return finals
     except Timeout:
         raise RelayError("timeout", "no reply in time") from None
     except Disconnected:
         raise RelayError("lost connection", "server closed the connection") from None
     finally:
-        conn.close()
+        if clean and cache is not None:
+            cache.put(link)
+        elif clean:
+            _quit(link.conn)
+        else:
+            link.conn.close()
 
 
-def _transaction(conn: Conn, hop: NextHop, msg: Outgoing, helo: str, timeouts,
-                 deadline: float) -> list[Reply]:
-    lmtp = hop.kind == "lmtp"
-    _command(conn, f"{'LHLO' if lmtp else 'EHLO'} {helo}")
-    reply, lines = _read_reply(conn, deadline, timeouts.mail)
-    if not reply.ok and not lmtp:
-        _command(conn, f"HELO {helo}")
-        reply, lines = _read_reply(conn, deadline, timeouts.mail)
-    if not reply.ok:
-        raise RelayError("helo", f"server said {reply}")
-    extensions = {words[0].upper(): [w.upper() for w in words[1:]]
-                  for words in (line.split() for line in lines[1:]) if words}
+def _transaction(link: _Link, msg: Outgoing, timeouts, deadline: float,
+                 reused: bool) -> tuple[list[Reply], bool]:
+    """One mail transaction; the replies, and whether the connection may carry another."""
+    conn, extensions = link.conn, link.extensions
+    lmtp = link.hop.kind == "lmtp"
     # Send only the attributes the server named: an unknown one would get 501 (XFORWARD_README).
     xforward = {key: value or "[UNAVAILABLE]" for key, value in msg.xforward.items()
                 if key in extensions.get("XFORWARD", ())}
-    if xforward:
-        for line in _xforward_lines(xforward):
-            _command(conn, line)
-            reply, _ = _read_reply(conn, deadline, timeouts.mail)
-            if not reply.ok:
-                raise RelayError("xforward", f"server said {reply}")
     params = ""
     if "SIZE" in extensions:
         params += f" SIZE={len(msg.data)}"
@@ -133,43 +257,54 @@ def _transaction(conn: Conn, hop: NextHop, msg: Outgoing, helo: str, timeouts,
         params += " BODY=8BITMIME"
     if msg.smtputf8 and "SMTPUTF8" in extensions:
         params += " SMTPUTF8"
-    pipelining = "PIPELINING" in extensions
-    # RFC 2920: MAIL, RCPT and DATA may go in one group; replies come back in order.
-    steps = [(f"MAIL FROM:<{msg.mail_from}>{params}", timeouts.mail)]
+    # RFC 2920: XFORWARD, MAIL, RCPT and DATA may go in one group; replies come back in order.
+    steps = [(line, timeouts.mail) for line in _xforward_lines(xforward)] if xforward else []
+    steps.append((f"MAIL FROM:<{msg.mail_from}>{params}", timeouts.mail))
     steps += [(f"RCPT TO:<{rcpt}>", timeouts.rcpt) for rcpt in msg.rcpts]
     steps.append(("DATA", timeouts.data_init))
     results = []
-    if pipelining:
-        for line, _ in steps:
-            _command(conn, line)
-        results = [_read_reply(conn, deadline, timeout)[0] for _, timeout in steps]
-    else:
-        for line, timeout in steps:
-            _command(conn, line)
-            results.append(_read_reply(conn, deadline, timeout)[0])
-            if line.startswith("MAIL") and not results[-1].ok:
-                return [results[-1]] * len(msg.rcpts)
-            if line == "DATA" and not results[-1].ok:
-                break
-    mail_reply, rcpt_replies, data_reply = results[0], results[1:-1], results[-1]
+    try:
+        if "PIPELINING" in extensions:
+            for line, _ in steps:
+                _command(conn, line)
+            for _, timeout in steps:
+                results.append(_read_reply(conn, deadline, timeout)[0])
+                if reused and len(results) == 1 and results[0].code == 421:
+                    raise _Stale()
+        else:
+            for line, timeout in steps:
+                _command(conn, line)
+                results.append(_read_reply(conn, deadline, timeout)[0])
+                if reused and len(results) == 1 and results[0].code == 421:
+                    raise _Stale()
+                if line.startswith(("XFORWARD", "MAIL")) and not results[-1].ok:
+                    break
+                if line == "DATA" and not results[-1].ok:
+                    break
+    except Disconnected:
+        if reused and not results:
+            raise _Stale() from None
+        raise
+    xforward_replies = results[:len(steps) - len(msg.rcpts) - 2]
+    for reply in xforward_replies:
+        if not reply.ok:
+            raise RelayError("xforward", f"server said {reply}")
+    results = results[len(xforward_replies):]
+    mail_reply = results[0]
     if not mail_reply.ok:
-        return [mail_reply] * len(msg.rcpts)
-    accepted = [i for i, r in enumerate(rcpt_replies) if r.ok]
+        return [mail_reply] * len(msg.rcpts), False
+    rcpt_replies, data_reply = results[1:1 + len(msg.rcpts)], results[-1]
     if data_reply.code != 354:
-        return [r if not r.ok else data_reply for r in rcpt_replies]
+        return [r if not r.ok else data_reply for r in rcpt_replies], False
+    accepted = [i for i, r in enumerate(rcpt_replies) if r.ok]
     conn.send_data(msg.data if accepted else b"", _left(deadline, timeouts.data_block))
     if not accepted:
         _read_reply(conn, deadline, timeouts.data_done)
-        return rcpt_replies
+        return rcpt_replies, False
     finals = rcpt_replies[:]
     first = None
     for index in accepted:
         if lmtp or first is None:
             first, _ = _read_reply(conn, deadline, timeouts.data_done)
         finals[index] = first
-    try:
-        _command(conn, "QUIT")
-        conn.flush()
-    except (Timeout, Disconnected):
-        pass
-    return finals
+    return finals, True

@@ -135,6 +135,14 @@ SETTINGS: tuple[Setting, ...] = (
     S("timeouts", "data_done", "duration", "600s",
       "Reply to the final dot (4.5.3.2.6). Bounded in practice by smtp.proxy_timeout and\n"
       "scanner.timeout.", min=0.1, max=3600),
+    S("timeouts", "connection_cache_time_limit", "duration", "2s",
+      "After a clean transaction the connection is kept this long for the next message to the\n"
+      "same place, then closed with QUIT (Postfix: smtp_connection_cache_time_limit). The\n"
+      "scanner workers cache their connection to the next hop. 0: one connection per message.",
+      min=0, max=300),
+    S("timeouts", "connection_reuse_time_limit", "duration", "300s",
+      "A connection older than this is not cached again (Postfix:\n"
+      "smtp_connection_reuse_time_limit).", min=1, max=3600),
     # [scanner]
     S("scanner", "listen", "address", "127.0.0.1:10024",
       "Address of the scanner pool (amavisd's port 10024). Speaks SMTP and LMTP, so Postfix can\n"

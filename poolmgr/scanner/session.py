@@ -106,7 +106,8 @@ class ScannerSession(ServerSession):
             try:
                 replies = relay.send(hop, outgoing, helo=service.hostname,
                                      timeouts=service.cfg.timeouts,
-                                     deadline=started + service.cfg.scanner.timeout)
+                                     deadline=started + service.cfg.scanner.timeout,
+                                     cache=service.relay_cache)
             except relay.RelayError as exc:
                 service.log.warning("%s: next hop %s failed at %s: %s", env.queue_id, hop,
                                     exc.stage, exc.detail)

@@ -16,7 +16,7 @@ import select
 import signal
 import time
 
-from .. import delivery, log
+from .. import delivery, log, relay
 from ..process import DRAIN_IDLE_GRACE, WorkerContext, limits_for, set_title
 from ..smtp.protocol import Drain
 from .session import ScannerSession
@@ -36,6 +36,9 @@ class ScannerService:
         self.draining = False
         self.messages = 0
         self.current: ScannerSession | None = None
+        timeouts = ctx.cfg.timeouts
+        self.relay_cache = relay.Cache(timeouts.connection_cache_time_limit,
+                                       timeouts.connection_reuse_time_limit)
 
     def tick(self) -> None:
         """Called about once a second while a session waits for its client."""
@@ -64,6 +67,7 @@ def main(ctx: WorkerContext) -> int:
     title = None
     while not service.draining and service.messages < max_requests:
         ctx.slot.beat()
+        service.relay_cache.expire()
         new_title = f"poolmgr: scanner worker {ctx.number} [{service.messages} messages]"
         if new_title != title:
             set_title(new_title)
@@ -85,6 +89,7 @@ def main(ctx: WorkerContext) -> int:
         title = None
         service.current.run()
         service.current = None
+    service.relay_cache.close()
     if service.messages >= max_requests:
         service.log.info("scanner worker %d: recycling after %d messages (scanner.max_requests)",
                          ctx.number, service.messages)

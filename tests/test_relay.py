@@ -1,0 +1,196 @@
+"""The relay client's connection cache: reuse, a cached connection the server closed, expiry."""
+
+import socket
+import threading
+import time
+
+import pytest
+
+from poolmgr import config, relay
+from poolmgr.config import NextHop
+
+TIMEOUTS = config.load(None).timeouts
+
+
+class Server:
+    """A small pipelining SMTP server on loopback that records every connection's commands.
+
+    `close_idle_after` > 0: after that many messages on a connection, say 421 and close it
+    while it sits idle, as a server does on its idle timeout. `refuse_after` > 0: after that
+    many messages, answer the next command with 421 and close (a server shutting down).
+    """
+
+    def __init__(self, close_idle_after: int = 0, refuse_after: int = 0, ehlo: bytes = b"250-PIPELINING\r\n"
+                 b"250-XFORWARD NAME ADDR\r\n250 SIZE 1000000\r\n"):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(10)
+        self.hop = NextHop("smtp", "127.0.0.1", self.sock.getsockname()[1])
+        self.close_idle_after = close_idle_after
+        self.refuse_after = refuse_after
+        self.ehlo = ehlo
+        self.connections: list[list[bytes]] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            seen: list[bytes] = []
+            with self.lock:
+                self.connections.append(seen)
+            threading.Thread(target=self._serve, args=(conn, seen), daemon=True).start()
+
+    def _serve(self, conn, seen):
+        conn.settimeout(10)
+        conn.sendall(b"220 test.example ESMTP\r\n")
+        reader = conn.makefile("rb")
+        in_data, messages = False, 0
+        try:
+            for raw in reader:
+                line = raw.rstrip(b"\r\n")
+                if in_data:
+                    if line == b".":
+                        in_data = False
+                        messages += 1
+                        conn.sendall(b"250 2.0.0 Ok: queued\r\n")
+                        if messages == self.close_idle_after:
+                            time.sleep(0.2)
+                            conn.sendall(b"421 4.4.2 test.example Error: timeout exceeded\r\n")
+                            break
+                    continue
+                seen.append(line)
+                if messages and messages == self.refuse_after:
+                    conn.sendall(b"421 4.3.2 test.example Service shutting down\r\n")
+                    break
+                if line.startswith(b"EHLO"):
+                    conn.sendall(b"250-test.example\r\n" + self.ehlo)
+                elif line.startswith(b"MAIL") and b"reject" in line:
+                    conn.sendall(b"550 5.1.0 Sender rejected\r\n")
+                elif line == b"DATA":
+                    in_data = True
+                    conn.sendall(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                elif line == b"QUIT":
+                    conn.sendall(b"221 2.0.0 Bye\r\n")
+                    break
+                else:
+                    conn.sendall(b"250 2.0.0 Ok\r\n")
+        except OSError:
+            pass
+        conn.close()
+
+    def commands(self) -> list[list[bytes]]:
+        with self.lock:
+            return [list(c) for c in self.connections]
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def server():
+    servers = []
+
+    def make(**kwargs) -> Server:
+        servers.append(Server(**kwargs))
+        return servers[-1]
+    yield make
+    for s in servers:
+        s.close()
+
+
+def send(hop, cache, sender="a@example.org", ident="Q1"):
+    msg = relay.Outgoing(sender, ["b@example.test"], b"Subject: x\r\n\r\nhi\r\n",
+                         xforward={"NAME": "", "ADDR": "192.0.2.1", "IDENT": ident})
+    return relay.send(hop, msg, helo="mx.test", timeouts=TIMEOUTS,
+                      deadline=time.monotonic() + 10, cache=cache)
+
+
+def test_cached_connection_carries_the_next_message_with_its_own_xforward(server):
+    srv = server()
+    cache = relay.Cache(2.0)
+    assert [r.code for r in send(srv.hop, cache)] == [250]
+    assert [r.code for r in send(srv.hop, cache, sender="c@example.org")] == [250]
+    (commands,) = srv.commands()  # one connection, one greeting, two transactions
+    assert commands == [b"EHLO mx.test",
+                        b"XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.1",
+                        b"MAIL FROM:<a@example.org> SIZE=18", b"RCPT TO:<b@example.test>",
+                        b"DATA",
+                        b"XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.1",
+                        b"MAIL FROM:<c@example.org> SIZE=18", b"RCPT TO:<b@example.test>",
+                        b"DATA"]
+    cache.close()
+    deadline = time.monotonic() + 5
+    while srv.commands()[0][-1] != b"QUIT" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.commands()[0][-1] == b"QUIT"
+
+
+def test_a_cached_connection_the_server_closed_is_replaced(server):
+    srv = server(close_idle_after=1)
+    cache = relay.Cache(5.0)
+    assert [r.code for r in send(srv.hop, cache)] == [250]
+    time.sleep(0.5)  # the server says 421 and closes while the connection sits in the cache
+    assert [r.code for r in send(srv.hop, cache)] == [250]
+    first, second = srv.commands()
+    assert [c for c in first if c.startswith(b"MAIL")] == [b"MAIL FROM:<a@example.org> SIZE=18"]
+    assert [c for c in second if c.startswith(b"MAIL")] == [b"MAIL FROM:<a@example.org> SIZE=18"]
+
+
+def test_a_421_on_reuse_sends_the_message_over_a_new_connection(server):
+    """The server closes as the next message starts: 421 is the answer to its first command."""
+    srv = server(refuse_after=1)
+    cache = relay.Cache(5.0)
+    assert [r.code for r in send(srv.hop, cache)] == [250]
+    assert [r.code for r in send(srv.hop, cache, sender="c@example.org")] == [250]
+    first, second = srv.commands()
+    assert first[-1].startswith(b"XFORWARD")  # refused with 421: the message was not sent
+    assert b"MAIL FROM:<c@example.org> SIZE=18" in second
+
+
+def test_failed_transactions_and_old_connections_are_not_cached(server):
+    srv = server()
+    cache = relay.Cache(2.0)
+    assert [r.code for r in send(srv.hop, cache, sender="reject@example.org")] == [550]
+    assert cache.idle.get(srv.hop, []) == []
+    no_cache = relay.Cache(0)
+    assert [r.code for r in send(srv.hop, no_cache)] == [250]
+    assert no_cache.idle.get(srv.hop, []) == []
+    old = relay.Cache(2.0, reuse_time_limit=0.001)
+    time.sleep(0.01)
+    assert [r.code for r in send(srv.hop, old)] == [250]
+    assert old.idle.get(srv.hop, []) == []
+    assert len(srv.commands()) == 3
+
+
+def test_idle_connections_expire_with_quit(server):
+    srv = server()
+    cache = relay.Cache(0.2)
+    send(srv.hop, cache)
+    cache.expire()
+    assert len(cache.idle[srv.hop]) == 1
+    time.sleep(0.3)
+    cache.expire()
+    assert cache.idle[srv.hop] == []
+    deadline = time.monotonic() + 5
+    while srv.commands()[0][-1] != b"QUIT" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.commands()[0][-1] == b"QUIT"
+    send(srv.hop, cache)
+    assert len(srv.commands()) == 2
+
+
+def test_without_pipelining_each_command_waits_for_its_reply(server):
+    srv = server(ehlo=b"250 XFORWARD ADDR\r\n")
+    cache = relay.Cache(2.0)
+    assert [r.code for r in send(srv.hop, cache)] == [250]
+    assert [r.code for r in send(srv.hop, cache, sender="reject@example.org")] == [550]
+    (commands,) = srv.commands()
+    assert commands[:5] == [b"EHLO mx.test", b"XFORWARD ADDR=192.0.2.1",
+                            b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.test>", b"DATA"]
+    # after the rejected MAIL nothing more of that transaction is sent
+    assert commands[5:] == [b"XFORWARD ADDR=192.0.2.1", b"MAIL FROM:<reject@example.org>"]
