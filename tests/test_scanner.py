@@ -1,5 +1,6 @@
 """The scanner pool on its own: LMTP both ways, recycling, access control, XFORWARD."""
 
+import re
 import smtplib
 
 import pytest
@@ -23,6 +24,32 @@ def test_lmtp_next_hop_and_lmtp_hand_off(make_poolmgr):
     # The upstream scanner keeps its next-hop connection for the next message
     # (timeouts.connection_cache_time_limit), then says QUIT.
     wait_until(lambda: "lhlo=1 xforward=1 mail=1 rcpt=2 data=1 quit=1" in downstream.log(), timeout=10)
+
+
+
+@pytest.mark.parametrize("time_limit, expected", [
+    ("5s", ["ehlo=1 xforward=2 mail=2 rcpt=2 data=2 quit=1"]),
+    ("0s", ["ehlo=1 xforward=1 mail=1 rcpt=1 data=1 quit=1"] * 2),
+])
+def test_scanner_reuses_its_next_hop_connection(make_poolmgr, time_limit, expected):
+    """timeouts.connection_cache_time_limit: two messages in a row share one connection to the
+    next hop (here another poolmgr's scanner pool), or take one each when it is 0."""
+    downstream = make_poolmgr(name="downstream")
+    upstream = make_poolmgr({"scanner": {"min_workers": 1,
+                                         "next_hop": f"smtp:127.0.0.1:{downstream.scanner_port}"},
+                             "timeouts": {"connection_cache_time_limit": time_limit}},
+                            name="upstream")
+    for subject in ("first", "second"):
+        with upstream.smtp() as client:
+            assert client.sendmail("alice@example.org", ["bob@example.test"],
+                                   message(subject)) == {}
+    wait_until(lambda: len(downstream.delivered()) == 2, timeout=10)
+
+    def sessions():
+        return re.findall(r"poolmgr/scanner\[\d+\]: disconnect from \S+ (.*) commands=",
+                          downstream.log())
+    wait_until(lambda: len(sessions()) == len(expected), timeout=20)
+    assert sessions() == expected
 
 
 def test_lmtp_gives_one_reply_per_recipient(make_poolmgr):
