@@ -52,6 +52,30 @@ def test_scanner_reuses_its_next_hop_connection(make_poolmgr, time_limit, expect
     assert sessions() == expected
 
 
+def test_idle_next_hop_connection_is_closed_while_the_client_stays(make_poolmgr):
+    """Postfix keeps its content_filter connection open between messages; meanwhile the
+    scanner's own idle connection to the next hop is closed after the time limit."""
+    downstream = make_poolmgr(name="downstream")
+    upstream = make_poolmgr({"scanner": {"min_workers": 1,
+                                         "next_hop": f"smtp:127.0.0.1:{downstream.scanner_port}"},
+                             "timeouts": {"connection_cache_time_limit": "1s"}},
+                            name="upstream")
+    raw = Raw(upstream.scanner_port)
+    raw.reply()
+    raw.send(b"EHLO postfix.test\r\n")
+    raw.reply()
+    for n in (1, 2):
+        raw.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+        assert [raw.reply()[0] for _ in range(3)] == [250, 250, 354]
+        raw.send(b"Subject: %d\r\n\r\nhi\r\n.\r\n" % n)
+        assert raw.reply()[0] == 250
+        wait_until(lambda: downstream.log().count("data=1 quit=1") == n, timeout=10)
+    raw.send(b"QUIT\r\n")
+    assert raw.reply()[0] == 221
+    raw.close()
+    assert len(downstream.delivered()) == 2
+
+
 def test_lmtp_gives_one_reply_per_recipient(make_poolmgr):
     pm = make_poolmgr()
     raw = Raw(pm.scanner_port)

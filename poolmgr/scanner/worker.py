@@ -43,6 +43,7 @@ class ScannerService:
     def tick(self) -> None:
         """Called about once a second while a session waits for its client."""
         self.slot.beat()
+        self.relay_cache.expire()
         if self.draining and self.current is not None and \
                 self.current.drainable(time.monotonic(), DRAIN_IDLE_GRACE):
             raise Drain()
