@@ -1,4 +1,5 @@
-"""The relay client's connection cache: reuse, a cached connection the server closed, expiry."""
+"""The relay client: its connection cache (reuse, a cached connection the server closed, expiry)
+and XFORWARD to a next hop that offers fewer attributes."""
 
 import socket
 import threading
@@ -194,3 +195,16 @@ def test_without_pipelining_each_command_waits_for_its_reply(server):
                             b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.test>", b"DATA"]
     # after the rejected MAIL nothing more of that transaction is sent
     assert commands[5:] == [b"XFORWARD ADDR=192.0.2.1", b"MAIL FROM:<reject@example.org>"]
+
+
+def test_relay_sends_only_the_xforward_attributes_the_server_offers(server):
+    """An older next hop that offers fewer attributes must not get a 501 (and 451 forever)."""
+    srv = server(ehlo=b"250 XFORWARD NAME ADDR\r\n")
+    msg = relay.Outgoing("a@example.org", ["b@example.test"], b"Subject: x\r\n\r\nhi\r\n",
+                         xforward={"NAME": "[UNAVAILABLE]", "ADDR": "192.0.2.1", "PORT": "2525",
+                                   "HELO": ""})
+    replies = relay.send(srv.hop, msg, helo="mx.test", timeouts=TIMEOUTS,
+                         deadline=time.monotonic() + 10)
+    assert [r.code for r in replies] == [250]
+    (commands,) = srv.commands()
+    assert commands[1] == b"XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.1"
