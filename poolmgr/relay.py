@@ -21,6 +21,7 @@ import ipaddress
 import re
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .config import NextHop
@@ -43,6 +44,17 @@ class RelayError(Exception):
 
 class _Stale(Exception):
     """A cached connection turned out closed before any of the message was sent."""
+
+
+@contextmanager
+def _network_errors():
+    """The connection's own exceptions, as the RelayError the callers handle."""
+    try:
+        yield
+    except Timeout:
+        raise RelayError("timeout", "no reply in time") from None
+    except Disconnected:
+        raise RelayError("lost connection", "server closed the connection") from None
 
 
 @dataclass
@@ -187,23 +199,20 @@ def _open(hop: NextHop, helo: str, timeouts, deadline: float) -> _Link:
             from None
     conn = Conn(sock, timeouts.greeting)
     try:
-        banner, _ = _read_reply(conn, deadline, timeouts.greeting)
-        if banner.code != 220:
-            raise RelayError("greeting", f"server said {banner}")
-        lmtp = hop.kind == "lmtp"
-        _command(conn, f"{'LHLO' if lmtp else 'EHLO'} {helo}")
-        reply, lines = _read_reply(conn, deadline, timeouts.mail)
-        if not reply.ok and not lmtp:
-            _command(conn, f"HELO {helo}")
+        with _network_errors():
+            banner, _ = _read_reply(conn, deadline, timeouts.greeting)
+            if banner.code != 220:
+                raise RelayError("greeting", f"server said {banner}")
+            lmtp = hop.kind == "lmtp"
+            _command(conn, f"{'LHLO' if lmtp else 'EHLO'} {helo}")
             reply, lines = _read_reply(conn, deadline, timeouts.mail)
-        if not reply.ok:
-            raise RelayError("helo", f"server said {reply}")
-    except BaseException as exc:
+            if not reply.ok and not lmtp:
+                _command(conn, f"HELO {helo}")
+                reply, lines = _read_reply(conn, deadline, timeouts.mail)
+            if not reply.ok:
+                raise RelayError("helo", f"server said {reply}")
+    except BaseException:
         conn.close()
-        if isinstance(exc, Timeout):
-            raise RelayError("timeout", "no reply in time") from None
-        if isinstance(exc, Disconnected):
-            raise RelayError("lost connection", "server closed the connection") from None
         raise
     extensions = {words[0].upper(): [w.upper() for w in words[1:]]
                   for words in (line.split() for line in lines[1:]) if words}
@@ -227,12 +236,9 @@ def _send_on(link: _Link, msg: Outgoing, timeouts, deadline: float, cache: Cache
              reused: bool) -> list[Reply]:
     clean = False
     try:
-        finals, clean = _transaction(link, msg, timeouts, deadline, reused)
+        with _network_errors():
+            finals, clean = _transaction(link, msg, timeouts, deadline, reused)
         return finals
-    except Timeout:
-        raise RelayError("timeout", "no reply in time") from None
-    except Disconnected:
-        raise RelayError("lost connection", "server closed the connection") from None
     finally:
         if clean and cache is not None:
             cache.put(link)
@@ -262,29 +268,31 @@ def _transaction(link: _Link, msg: Outgoing, timeouts, deadline: float,
     steps.append((f"MAIL FROM:<{msg.mail_from}>{params}", timeouts.mail))
     steps += [(f"RCPT TO:<{rcpt}>", timeouts.rcpt) for rcpt in msg.rcpts]
     steps.append(("DATA", timeouts.data_init))
-    results = []
-    try:
-        if "PIPELINING" in extensions:
-            for line, _ in steps:
-                _command(conn, line)
-            for _, timeout in steps:
-                results.append(_read_reply(conn, deadline, timeout)[0])
-                if reused and len(results) == 1 and results[0].code == 421:
-                    raise _Stale()
-        else:
-            for line, timeout in steps:
-                _command(conn, line)
-                results.append(_read_reply(conn, deadline, timeout)[0])
-                if reused and len(results) == 1 and results[0].code == 421:
-                    raise _Stale()
-                if line.startswith(("XFORWARD", "MAIL")) and not results[-1].ok:
-                    break
-                if line == "DATA" and not results[-1].ok:
-                    break
-    except Disconnected:
-        if reused and not results:
-            raise _Stale() from None
-        raise
+    results: list[Reply] = []
+
+    def read(timeout: float) -> Reply:
+        """The next reply; on a reused connection a first 421 or none at all means stale."""
+        try:
+            reply = _read_reply(conn, deadline, timeout)[0]
+        except Disconnected:
+            if reused and not results:
+                raise _Stale() from None
+            raise
+        if reused and not results and reply.code == 421:
+            raise _Stale()
+        results.append(reply)
+        return reply
+
+    if "PIPELINING" in extensions:
+        for line, _ in steps:
+            _command(conn, line)
+        for _, timeout in steps:
+            read(timeout)
+    else:
+        for line, timeout in steps:
+            _command(conn, line)
+            if not read(timeout).ok and line.startswith(("XFORWARD", "MAIL", "DATA")):
+                break
     xforward_replies = results[:len(steps) - len(msg.rcpts) - 2]
     for reply in xforward_replies:
         if not reply.ok:
