@@ -6,7 +6,8 @@ loop and, while a session waits for its client, from the connection's `tick`. Af
 `scanner.max_requests` messages the worker finishes its connection and exits, and the master
 starts a fresh one. SIGTERM: accept nothing more, finish the connection in hand (a client idle
 for DRAIN_IDLE_GRACE seconds with no transaction gets 421), exit.
-SIGQUIT: exit at once.
+SIGQUIT: exit at once. The connection to the next hop is kept between messages (`relay.Cache`,
+timeouts.connection_cache_time_limit) and expired from the accept loop and from `tick`.
 
 Exports: main.
 """
