@@ -38,5 +38,7 @@ def test_encoding():
     assert R.R554_RELAY_DENIED.format(rcpt="a@b").encode() == \
         b"554 5.7.1 <a@b>: Relay access denied\r\n"
     assert R.R354_DATA.encode() == b"354 End data with <CR><LF>.<CR><LF>\r\n"
-    assert R.multiline(250, ["mx", "PIPELINING", "SIZE 10"]) == \
+    assert R.Reply(250, "", "mx\nPIPELINING\nSIZE 10").encode() == \
         b"250-mx\r\n250-PIPELINING\r\n250 SIZE 10\r\n"
+    assert R.Reply(550, "5.7.1", "first\nsecond").encode() == \
+        b"550-5.7.1 first\r\n550 5.7.1 second\r\n"

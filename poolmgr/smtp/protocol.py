@@ -242,7 +242,7 @@ class ServerSession:
         if proto == "SMTP":
             self.reply(R.Reply(250, "", self.service.hostname))
         else:
-            self.conn.write(R.multiline(250, [self.service.hostname] + self.extensions()))
+            self.reply(R.Reply(250, "", "\n".join([self.service.hostname] + self.extensions())))
         return True
 
     def do_helo(self, arg: str) -> bool:

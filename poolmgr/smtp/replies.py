@@ -22,7 +22,14 @@ class Reply(NamedTuple):
         return f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
 
     def encode(self) -> bytes:
-        return (str(self) + "\r\n").encode("utf-8", "surrogateescape")
+        """The reply on the wire; a text of several lines ("\n") becomes `250-first`, ...,
+        `250 last` (RFC 5321 section 4.2.1), the enhanced code on each line (RFC 2034)."""
+        if "\n" not in self.text:
+            return (str(self) + "\r\n").encode("utf-8", "surrogateescape")
+        prefix = f"{self.code}-{self.status} " if self.status else f"{self.code}-"
+        *lines, last = self.text.split("\n")
+        text = "".join(f"{prefix}{line}\r\n" for line in lines) + str(self._replace(text=last))
+        return (text + "\r\n").encode("utf-8", "surrogateescape")
 
     @property
     def ok(self) -> bool:
@@ -31,12 +38,6 @@ class Reply(NamedTuple):
     @property
     def temporary(self) -> bool:
         return 400 <= self.code < 500
-
-
-def multiline(code: int, lines: list[str]) -> bytes:
-    """`250-first`, `250-...`, `250 last` (RFC 5321 section 4.2.1)."""
-    out = [f"{code}-{line}\r\n" for line in lines[:-1]] + [f"{code} {lines[-1]}\r\n"]
-    return "".join(out).encode("utf-8", "surrogateescape")
 
 
 def combine(replies: list[Reply]) -> Reply:
