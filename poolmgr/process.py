@@ -5,7 +5,8 @@ helpers here run in the child right after fork: restore default signal dispositi
 master's handlers only enqueue into the master's queue) and set the process title that `ps`
 shows (`poolmgr: smtp worker 3 [412 sessions]`).
 
-Exports: WorkerContext, Limits, limits_for, child_after_fork, set_title, DRAIN_IDLE_GRACE.
+Exports: WorkerContext, Limits, limits_for, child_after_fork, replay_early_stop, set_title,
+DRAIN_IDLE_GRACE.
 """
 
 import os
@@ -48,17 +49,30 @@ def limits_for(cfg: Config, size_slack: int = 0) -> Limits:
                   cfg.smtp.max_recipients, cfg.smtp.timeout)
 
 
+_early_stop: list[int] = []
+
+
 def child_after_fork(close_fds: list[int]) -> None:
     signal.set_wakeup_fd(-1)
     for sig in MASTER_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     # Ctrl-C in a terminal reaches the whole process group; the master decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A worker retired before its own handlers are in place (a reload or a max_rss check just
+    # after the fork) still stops gracefully: SIGTERM is kept for replay_early_stop.
+    signal.signal(signal.SIGTERM, lambda signum, frame: _early_stop.append(signum))
+    signal.signal(signal.SIGQUIT, lambda signum, frame: os._exit(0))
     for fd in close_fds:
         try:
             os.close(fd)
         except OSError:
             pass
+
+
+def replay_early_stop() -> None:
+    """Called by a worker once its own SIGTERM handler is installed."""
+    if _early_stop:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def set_title(title: str) -> None:

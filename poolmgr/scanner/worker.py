@@ -18,7 +18,7 @@ import signal
 import time
 
 from .. import delivery, log, relay
-from ..process import DRAIN_IDLE_GRACE, WorkerContext, limits_for, set_title
+from ..process import DRAIN_IDLE_GRACE, WorkerContext, limits_for, replay_early_stop, set_title
 from ..smtp.protocol import Drain
 from .session import ScannerSession
 
@@ -63,6 +63,7 @@ def main(ctx: WorkerContext) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGQUIT, lambda s, f: os._exit(0))
     signal.signal(signal.SIGUSR1, lambda s, f: log.reopen())
+    replay_early_stop()
     listener = ctx.sock
     listener.setblocking(False)
     max_requests = ctx.cfg.scanner.max_requests

@@ -19,7 +19,7 @@ import signal
 import time
 
 from .. import log
-from ..process import DRAIN_IDLE_GRACE, WorkerContext, set_title
+from ..process import DRAIN_IDLE_GRACE, WorkerContext, replay_early_stop, set_title
 
 # A session that has sent no command this long after the banner counts as nuisance for the
 # autoscaler while it lives (bots that connect and never speak).
@@ -125,6 +125,7 @@ def main(ctx: WorkerContext) -> int:
     gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(drain))
     gevent.signal_handler(signal.SIGQUIT, lambda: os._exit(0))
     gevent.signal_handler(signal.SIGUSR1, log.reopen)
+    replay_early_stop()
     server.start()
     beat = gevent.spawn(heartbeat)
     stopped.wait()
