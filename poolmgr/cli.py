@@ -180,10 +180,14 @@ def cmd_plan(args) -> int:
     if bool(args.maillog) == bool(args.bench):
         print("poolmgr: error: give one of --maillog FILE or --bench result.json", file=sys.stderr)
         return 2
+    tz = None
     try:
         if args.maillog:
+            tz = plan.zone(args.tz)
+            print(f"poolmgr plan: syslog timestamps read in time zone "
+                  f"{args.tz if tz else 'local (' + time.strftime('%Z') + ')'}", file=sys.stderr)
             with open(args.maillog, encoding="utf-8", errors="replace") as handle:
-                sessions = plan.parse_maillog(handle, args.year)
+                sessions = plan.parse_maillog(handle, args.year, tz)
         else:
             with open(args.bench) as handle:
                 sessions = plan.sessions_from_bench(json.load(handle))
@@ -191,7 +195,7 @@ def cmd_plan(args) -> int:
         print(f"poolmgr: error: {exc}", file=sys.stderr)
         return 1
     result = plan.recommend(sessions, args.sessions_per_worker, args.scan_seconds)
-    print(json.dumps(result, indent=2) if args.json else plan.render(result))
+    print(json.dumps(result, indent=2) if args.json else plan.render(result, tz))
     return 0
 
 
@@ -258,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     planner.add_argument("--scan-seconds", type=float, default=1.0,
                          help="time one scanner worker spends on a message (default 1s)")
     planner.add_argument("--year", type=int, help="year of syslog timestamps (default: this one)")
+    planner.add_argument("--tz", default="local", metavar="ZONE",
+                         help="time zone of syslog timestamps, e.g. Europe/Berlin (default: "
+                              "local; ISO timestamps carry their own)")
     planner.add_argument("--json", action="store_true", help="machine-readable output")
     planner.set_defaults(func=cmd_plan)
     return parser

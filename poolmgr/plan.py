@@ -1,20 +1,23 @@
 """`poolmgr plan`: capacity planning from a Postfix mail log or a bench result.
 
 `parse_maillog` reads smtpd and postscreen lines (Postfix's, or poolmgr's own, which follow
-the same format) into sessions: start, end, and whether the session was legitimate (it
+the same format) into sessions. Classic syslog timestamps carry neither year nor zone: they are
+read in the zone given (`--tz`, default the local one) and the year given; ISO timestamps
+(rsyslog's RFC 3339 format) carry their own offset. Each session has: start, end, and whether the session was legitimate (it
 delivered: `data=N` accepted in the disconnect line) or nuisance, with a reason. `per_minute`
 reports arrivals, nuisance ratio, hold times and peak concurrency per minute; `recommend`
 sizes the pools with the arithmetic shown, by Little's law: concurrency = arrival rate x hold
 time.
 
-Exports: Session, parse_maillog, sessions_from_bench, per_minute, recommend, render.
+Exports: Session, zone, parse_maillog, sessions_from_bench, per_minute, recommend, render.
 """
 
 import math
 import re
 import statistics
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _SYSLOG = re.compile(r"^(?P<ts>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d(?:\.\d+)?) \S+ "
                      r"(?P<prog>[\w/.-]+)\[(?P<pid>\d+)\]: (?P<msg>.*)$")
@@ -47,17 +50,32 @@ class Session:
         return max(0.0, self.end - self.start)
 
 
-def _timestamp(text: str, year: int) -> float:
+def zone(name: str | None) -> tzinfo | None:
+    """The time zone called `name` (IANA, e.g. "Europe/Berlin"); None for "" or "local"."""
+    if not name or name == "local":
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r}") from None
+
+
+def _timestamp(text: str, year: int, tz: tzinfo | None) -> float:
     if text[:4].isdigit():
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    stamp = datetime.strptime(f"{year} {text.split('.')[0]}", "%Y %b %d %H:%M:%S")
-    fraction = float("0." + text.split(".")[1]) if "." in text else 0.0
-    return stamp.timestamp() + fraction
+        stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    else:
+        stamp = datetime.strptime(f"{year} {text}", "%Y %b %d %H:%M:%S" +
+                                  (".%f" if "." in text else ""))
+    if stamp.tzinfo is None and tz is not None:
+        stamp = stamp.replace(tzinfo=tz)
+    return stamp.timestamp()  # naive: local time, as the syslog daemon wrote it
 
 
-def parse_maillog(lines, year: int | None = None) -> list[Session]:
-    """Sessions from smtpd and postscreen lines; other lines are ignored."""
-    year = year or datetime.now().year
+def parse_maillog(lines, year: int | None = None, tz: tzinfo | None = None) -> list[Session]:
+    """Sessions from smtpd and postscreen lines; other lines are ignored.
+
+    Timestamps without a zone are read in `tz` (None: the local zone)."""
+    year = year or datetime.now(tz).year
     open_smtpd: dict[tuple[str, str], list[tuple[float, str]]] = {}
     open_ps: dict[tuple[str, str], tuple[float, str]] = {}
     sessions: list[Session] = []
@@ -67,7 +85,7 @@ def parse_maillog(lines, year: int | None = None) -> list[Session]:
             continue
         prog, pid, msg = match["prog"], match["pid"], match["msg"]
         try:
-            when = _timestamp(match["ts"], year)
+            when = _timestamp(match["ts"], year, tz)
         except ValueError:
             continue
         if prog.endswith("/smtpd"):
@@ -192,14 +210,14 @@ def recommend(sessions: list[Session], sessions_per_worker: int = 2000,
             "lines": lines}
 
 
-def render(plan: dict) -> str:
+def render(plan: dict, tz: tzinfo | None = None) -> str:
     out = []
     if plan.get("minutes"):
         out.append(f"{plan['sessions']} sessions, nuisance ratio {plan['nuisance_ratio']:.2f}")
         out.append(f"{'minute':<17} {'conns':>6} {'legit':>6} {'nuisance':>8} "
                    f"{'hold mean':>9} {'hold p95':>8} {'peak conc.':>10}")
         for m in plan["minutes"]:
-            stamp = datetime.fromtimestamp(m["minute"]).strftime("%Y-%m-%d %H:%M")
+            stamp = datetime.fromtimestamp(m["minute"], tz).strftime("%Y-%m-%d %H:%M")
             out.append(f"{stamp:<17} {m['connections']:>6} {m['legit']:>6} "
                        f"{m['nuisance_ratio']:>8.2f} {m['hold_mean_s']:>8.1f}s "
                        f"{m['hold_p95_s']:>7.1f}s {m['peak_concurrency']:>10}")

@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# util-linux (unshare), mount and bsdutils (script) run the private Postfix instances.
-debs=(postfix swaks dnsmasq-base openssl procps util-linux mount bsdutils)
+# util-linux (unshare), mount and bsdutils (script) run the private Postfix instances; tzdata
+# gives the plan tests their time zones.
+debs=(postfix swaks dnsmasq-base openssl procps util-linux mount bsdutils tzdata)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -1,11 +1,31 @@
-"""`poolmgr plan`: the mail log parser on real-format Postfix lines, and the arithmetic."""
+"""`poolmgr plan`: the mail log parser on real-format Postfix lines, and the arithmetic.
+
+Every test runs under three local time zones (TZ set for the process): the results must not
+depend on the zone of the machine that reads the log, only on the zone the log was written in.
+"""
 
 import json
+import time
+from datetime import datetime
+
+import pytest
 
 from poolmgr import plan
 from poolmgr.cli import main as cli_main
 
-# Lines in the format Postfix 3.7 writes (smtpd, postscreen, cleanup/qmgr lines ignored).
+UTC = plan.zone("UTC")
+
+
+@pytest.fixture(autouse=True, params=["UTC", "America/New_York", "Asia/Tokyo"])
+def local_zone(request, monkeypatch):
+    monkeypatch.setenv("TZ", request.param)
+    time.tzset()
+    yield request.param
+    monkeypatch.undo()
+    time.tzset()
+
+# Lines in the format Postfix 3.7 writes (smtpd, postscreen, cleanup/qmgr lines ignored), by a
+# syslog daemon running in UTC: the two ISO lines at the end say +00:00.
 MAILLOG = """\
 Nov 25 10:00:01 mx postfix/postscreen[900]: CONNECT from [192.0.2.10]:40001 to [198.51.100.1]:25
 Nov 25 10:00:01 mx postfix/postscreen[900]: PREGREET 11 after 0.12 from [192.0.2.10]:40001: EHLO bot\\r\\n
@@ -36,7 +56,8 @@ this line is not from postfix
 
 
 def test_parse_real_format_lines():
-    sessions = plan.parse_maillog(MAILLOG.splitlines(), year=2026)
+    sessions = plan.parse_maillog(MAILLOG.splitlines(), year=2026, tz=UTC)
+    assert sessions[0].start == datetime(2026, 11, 25, 10, 0, 1, tzinfo=UTC).timestamp()
     reasons = [(s.source, s.legit, s.reason, round(s.hold, 1)) for s in sessions]
     assert reasons == [
         ("postscreen", False, "pregreet", 1.0),
@@ -50,7 +71,7 @@ def test_parse_real_format_lines():
 
 
 def test_per_minute_and_recommendation_show_the_arithmetic():
-    sessions = plan.parse_maillog(MAILLOG.splitlines(), year=2026)
+    sessions = plan.parse_maillog(MAILLOG.splitlines(), year=2026, tz=UTC)
     result = plan.recommend(sessions, sessions_per_worker=2, scan_seconds=1.0)
     first, second = result["minutes"][:2]
     assert (first["connections"], first["legit"], first["nuisance_ratio"]) == (5, 1, 0.8)
@@ -59,15 +80,56 @@ def test_per_minute_and_recommendation_show_the_arithmetic():
     text = plan.render(result)
     assert "busiest minute: 5 connections = 0.08/s x mean hold 5.4s" in text
     assert "Little's law" in text and "[smtp]" in text and "min_workers = 2" in text
-    assert result["scanner"]["min_workers"] >= 2
-    assert result["smtp"]["min_workers"] >= result["scanner"]["min_workers"]
+    assert "2026-11-25 10:00 " in plan.render(result, UTC)
+
+
+def test_syslog_timestamps_are_read_in_the_zone_given(local_zone):
+    line = ["Nov 25 10:00:01.250 mx postfix/smtpd[1]: connect from unknown[192.0.2.1]",
+            "Nov 25 10:00:03 mx postfix/smtpd[1]: disconnect from unknown[192.0.2.1] commands=0"]
+    berlin = plan.zone("Europe/Berlin")
+    (session,) = plan.parse_maillog(line, year=2026, tz=berlin)
+    assert session.start == datetime(2026, 11, 25, 9, 0, 1, 250000, tzinfo=UTC).timestamp()
+    (local,) = plan.parse_maillog(line, year=2026)  # default: the local zone
+    wall = datetime(2026, 11, 25, 10, 0, 1, 250000, tzinfo=plan.zone(local_zone))
+    assert local.start == wall.timestamp() and local.hold == pytest.approx(1.75)
+    with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
+        plan.zone("Mars/Olympus")
+
+
+def test_recommendation_follows_littles_law():
+    """Figures well above the minimum of 2, so the formula itself is what is checked."""
+    base = datetime(2026, 11, 25, 10, 0, tzinfo=UTC).timestamp()
+    sessions = []
+    for second in range(60):  # busiest minute: 6,000 bots held 30 s, 120 legitimate senders
+        sessions += [plan.Session(base + second, base + second + 30, False, "idle")] * 100
+        if second % 30 == 0:
+            sessions += [plan.Session(base + second, base + second + 2, True)] * 60
+    for minute in (1, 2):  # two calm minutes: 600 connections held 10 s
+        start = base + 60 * minute
+        sessions += [plan.Session(start + s, start + s + 10, False, "idle")
+                     for s in range(60) for _ in range(10)]
+    result = plan.recommend(sessions, sessions_per_worker=500, scan_seconds=1.5, headroom=2.0)
+    # busiest: 6,120/60 = 102/s x mean hold (6000x30 + 120x2)/6120 = 29.45 s = 3004 concurrent
+    # -> ceil(3004 x 2 / 500) = 13; typical: 10/s x 10 s = 100 -> ceil(100 x 2 / 500) = 1,
+    # raised to the scanner pool: 120/60 = 2 legit/s x 1.5 s x 2 = 6 scanner workers.
+    assert result["smtp"] == {"min_workers": 6, "max_workers": 13}
+    assert result["scanner"] == {"min_workers": 6, "max_workers": 12}
+    text = "\n".join(result["lines"])
+    assert "busiest minute: 6120 connections = 102.00/s x mean hold 29.4s" in text
+    assert "= 13 (at least 2)" in text and "-> 6 workers" in text
 
 
 def test_plan_command_reads_a_maillog_and_a_bench_result(tmp_path, capsys):
     log = tmp_path / "maillog"
     log.write_text(MAILLOG)
-    assert cli_main(["plan", "--maillog", str(log), "--year", "2026", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["sessions"] == 7
+    assert cli_main(["plan", "--maillog", str(log), "--year", "2026", "--json",
+                     "--tz", "UTC"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["sessions"] == 7
+    assert "syslog timestamps read in time zone UTC" in err
+    assert cli_main(["plan", "--maillog", str(log), "--year", "2026"]) == 0
+    assert "syslog timestamps read in time zone local (" in capsys.readouterr().err
+    assert cli_main(["plan", "--maillog", str(log), "--tz", "Nowhere/Land"]) == 1
     result = tmp_path / "result.json"
     result.write_text(json.dumps({"started": 1_790_000_000.0, "connections": [
         [0.5, 30.0, False], [1.0, 30.0, False], [2.0, 0.4, True]]}))
