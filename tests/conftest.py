@@ -1,17 +1,69 @@
+import re
 import shutil
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import Poolmgr, Sink  # noqa: E402
 
+# Log lines that mean something in poolmgr went wrong: an exception caught and logged by a
+# session, a worker or the master (`error:`/`fatal:`), a Python traceback on stderr, or a worker
+# that died. A test that provokes one on purpose says which with @pytest.mark.log_allows.
+LOG_PROBLEM = re.compile(r"Traceback \(most recent call last\)|: (?:error|fatal|panic): "
+                         r"|session with .* failed after"
+                         r"|worker \d+ pid \d+ (?:exit status [1-9]|killed by signal)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "log_allows(*patterns): poolmgr log lines matching one "
+                                       "of these regular expressions do not fail the test")
+
+
+def log_problems(text: str, allowed: list[str]) -> list[str]:
+    return [line for line in text.splitlines()
+            if LOG_PROBLEM.search(line) and not any(re.search(a, line) for a in allowed)]
+
+
+def stop_cleanly(instance: Poolmgr, allowed: list[str]) -> list[str]:
+    """Stop one poolmgr; what went wrong: a bad exit, a leftover process, a bad log line."""
+    if instance.proc is None:
+        return []
+    problems = []
+    try:
+        children = psutil.Process(instance.proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    try:
+        code = instance.stop()
+        if code != 0:
+            problems.append(f"poolmgr exited with status {code}")
+    except Exception as exc:
+        instance.kill_all()
+        problems.append(f"poolmgr did not stop: {exc!r}")
+    left = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    if left:
+        problems.append(f"worker processes left running: {left}")
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+    problems += log_problems(instance.log(), allowed)
+    return [f"{instance.dir.name}: {p}" for p in problems]
+
+
+def allowed_patterns(node) -> list[str]:
+    return [p for marker in node.iter_markers("log_allows") for p in marker.args]
+
 
 @pytest.fixture
-def make_poolmgr(tmp_path):
-    """Factory: start a poolmgr with config overrides; all are stopped after the test."""
+def make_poolmgr(tmp_path, request):
+    """Factory: start a poolmgr with config overrides; all are stopped after the test, which
+    fails if one did not stop cleanly or logged an error (see LOG_PROBLEM)."""
     started = []
 
     def make(overrides=None, start=True, name="pm"):
@@ -20,11 +72,11 @@ def make_poolmgr(tmp_path):
         return instance.start() if start else instance
 
     yield make
+    problems = []
     for instance in started:
-        try:
-            instance.stop()
-        except Exception:
-            instance.kill_all()
+        problems += stop_cleanly(instance, allowed_patterns(request.node))
+    if problems:
+        pytest.fail("poolmgr did not end cleanly:\n" + "\n".join(problems), pytrace=False)
 
 
 @pytest.fixture
@@ -44,7 +96,7 @@ def make_sink(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def shared_poolmgr(tmp_path_factory):
+def shared_poolmgr(tmp_path_factory, request):
     """One poolmgr for a module's read-mostly tests (transcripts, protocol checks)."""
     instance = Poolmgr(tmp_path_factory.mktemp("shared"), {
         "smtp": {"message_size_limit": "64k", "max_recipients": 100,
@@ -53,7 +105,6 @@ def shared_poolmgr(tmp_path_factory):
     })
     instance.start()
     yield instance
-    try:
-        instance.stop()
-    except Exception:
-        instance.kill_all()
+    problems = stop_cleanly(instance, allowed_patterns(request.node))
+    if problems:
+        pytest.fail("poolmgr did not end cleanly:\n" + "\n".join(problems), pytrace=False)

@@ -1,7 +1,11 @@
 """Test-only helpers on top of poolmgr.harness: a raw SMTP client and test messages."""
 
+import os
+import re
+import signal
 import socket
 import time
+from contextlib import contextmanager
 
 from poolmgr.harness import HELO, Poolmgr, Sink, free_port, wait_until, write_config  # noqa: F401
 
@@ -39,11 +43,45 @@ class Raw:
             if text[3:4] != "-":
                 return int(text[:3]), lines
 
-    def closed(self) -> bool:
+    def closed(self, timeout: float = 10) -> bool:
+        """True when the server hung up (end of file or reset) within `timeout` seconds.
+
+        A server that leaves the connection open and silent, or sends more, has not hung up:
+        a receive timeout is False, not an error that looks like a close.
+        """
+        if self.buf:
+            return False  # unread replies: the server spoke after the last one we read
+        self.sock.settimeout(timeout)
         try:
             return self.sock.recv(1) == b""
-        except OSError:
+        except (TimeoutError, socket.timeout):
+            return False
+        except (ConnectionResetError, BrokenPipeError):
             return True
 
     def close(self) -> None:
         self.sock.close()
+
+
+@contextmanager
+def stopped(pids: list[int]):
+    """Processes stopped with SIGSTOP for a moment: they accept and answer nothing meanwhile."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def only_worker(pm: Poolmgr, pid: int):
+    """Steer new connections to one SMTP worker: the others are stopped meanwhile."""
+    return stopped([p for p in pm.worker_pids("smtp") if p != pid])
+
+
+def served_by(pm: Poolmgr, source: str) -> list[int]:
+    """PIDs of the SMTP workers whose log says `connect from unknown[source]`, in order."""
+    pattern = re.compile(r"poolmgr/smtpd\[(\d+)\]: connect from unknown\[" + re.escape(source)
+                         + r"\]")
+    return [int(pid) for pid in pattern.findall(pm.log())]
