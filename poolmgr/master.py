@@ -552,7 +552,9 @@ class Master:
 
     def autoscale_status(self) -> dict:
         snap = self.last_snapshot
-        figures = {} if snap is None else {
+        figures = {"pressure": 0.0, "occupancy": 0.0, "backlog": 0,  # before the first snapshot
+                   "backlog_max": self.cfg.smtp.backlog, "nuisance_ratio": 0.0,
+                   "handoff_wait": 0.0} if snap is None else {
             "pressure": round(snap.pressure, 3), "occupancy": round(snap.occupancy, 3),
             "backlog": snap.backlog, "backlog_max": snap.backlog_max,
             "nuisance_ratio": round(snap.nuisance_ratio, 3),

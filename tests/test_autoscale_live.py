@@ -94,26 +94,42 @@ def test_idle_swarm_raises_the_smtp_pool_and_it_falls_back_after(make_poolmgr, m
 
 
 def test_ctl_autoscale_off_returns_to_the_floors_and_manual_floors_hold(make_poolmgr, many_files):
+    """In a storm that keeps going: `ctl smtp 3` moves the floor, `ctl autoscale off` takes the
+    pool down to that floor and keeps it there although the storm would raise it, and
+    `ctl autoscale on` lets the storm raise it again."""
     pm = make_poolmgr({
-        "smtp": {"min_workers": 2, "max_workers": 5, "max_sessions_per_worker": 100},
+        "smtp": {"min_workers": 2, "max_workers": 6, "max_sessions_per_worker": 100},
         "autoscale": {"interval": "0.5s", "storm_enter_occupancy": 0.5, "cooldown": "2s",
                       "min_worker_lifetime": "1s"},
     })
-    bots = swarm(pm.smtp_port, 300, 51)
+    bots = swarm(pm.smtp_port, 450, 51)
     try:
         wait_until(lambda: sizes(pm)[1] >= 4, timeout=40, what="the pool raised by the storm")
-        result = pm.run_cli("ctl", "smtp", "5", check=True)  # the sysadmin's floor, in a storm
+        result = pm.run_cli("ctl", "smtp", "3", check=True)  # the sysadmin's floor, in a storm
         assert "smtp pool" in result.stdout
+        assert pm.status()["pools"]["smtp"]["floor"] == 3
         assert "autoscale off" in pm.run_cli("ctl", "autoscale", "off", check=True).stdout
-        status = pm.status()
+        status = pm.wait_workers(3, 2, timeout=30)  # the storm's extra workers are retired
         assert status["autoscale"]["enabled"] is False
-        assert status["pools"]["smtp"]["target"] == 5 and status["pools"]["smtp"]["floor"] == 5
+        assert status["pools"]["smtp"]["target"] == 3 and status["pools"]["smtp"]["floor"] == 3
+        # The retired workers' bots are gone; a second wave fills the three workers. The
+        # autoscaler, were it still running, would raise the pool again: it stays at the
+        # floor and decides nothing.
+        bots += swarm(pm.smtp_port, 250, 52)
+        wait_until(lambda: pm.status()["pools"]["smtp"]["sessions"] >= 250, timeout=20,
+                   what="the second wave held")
+        decisions = pm.status()["autoscale"]["decisions"]
+        for _ in range(6):
+            time.sleep(0.5)
+            status = pm.status()
+            assert status["pools"]["smtp"]["workers"] == 3
+        assert status["autoscale"]["decisions"] == decisions
+        assert "autoscale on" in pm.run_cli("ctl", "autoscale", "on", check=True).stdout
+        wait_until(lambda: sizes(pm)[1] > 3, timeout=30, what="the storm raising the pool again")
     finally:
         for sock in bots:
             sock.close()
-    time.sleep(3)
-    assert sizes(pm)[1] == 5  # the floor holds with the autoscaler off, storm or not
-    assert "autoscale on" in pm.run_cli("ctl", "autoscale", "on", check=True).stdout
+    assert pm.status()["pools"]["smtp"]["floor"] == 3  # the manual floor outlived it all
     assert "autoscale off (ctl)" in pm.log() and "autoscale on (ctl)" in pm.log()
 
 
@@ -147,13 +163,16 @@ def test_metrics_endpoint_is_scraped_over_http(make_poolmgr):
 def test_workers_over_max_rss_are_recycled(make_poolmgr):
     pm = make_poolmgr({"smtp": {"max_rss": "1M"}, "master": {"max_rss": "4G"}})
     before = set(pm.worker_pids("smtp"))
+    scanners = set(pm.worker_pids("scanner"))
     wait_until(lambda: "over max_rss 1.0 MiB -- recycling" in pm.log(), timeout=15,
                what="a recycling log line")
     wait_until(lambda: set(pm.worker_pids("smtp")) - before, timeout=15,
                what="a fresh SMTP worker")
-    assert set(pm.worker_pids("scanner"))  # the scanner pool has no limit: untouched
     with pm.smtp(source="127.0.52.2") as client:  # mail goes on while workers are replaced
         assert client.sendmail("alice@example.org", ["bob@example.test"], message("rss")) == {}
+    time.sleep(6)  # past the next check (every 5 s): master.max_rss 4G spares the scanners
+    assert set(pm.worker_pids("scanner")) == scanners  # the scanner pool: untouched
+    assert "scanner worker" not in "".join(l for l in pm.log().splitlines() if "max_rss" in l)
 
 
 def test_top_shows_the_pools_live_and_quits_with_q(make_poolmgr):

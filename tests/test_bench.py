@@ -58,6 +58,10 @@ def test_smoke_scenario_against_poolmgr(tmp_path, capsys):
     assert f["legit_delivered_pct"] == 100.0  # every message at smtp-sink, by Message-ID
     assert 0 < f["latency_p50_s"] <= f["latency_p99_s"] < 30
     assert f["bot_connections"] >= 200 and f["bots_shed_before_data_pct"] > 80
+    # The bots that try to send (a listed client, a dictionary attack) all stop before DATA;
+    # the others never try, so the overall share alone would hold with the defences off.
+    by_profile = f["bots_shed_before_data_pct_by_profile"]
+    assert by_profile["listed"] == 100.0 and by_profile["dictionary"] == 100.0, by_profile
     for reason in ("pregreet", "dnsbl", "bad_recipients"):
         assert f["server_verdicts"].get(reason, 0) > 0, reason
     assert f["peak_sessions_held"] >= 50 and f["rss_peak_bytes"] > f["rss_baseline_bytes"] > 0

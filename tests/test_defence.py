@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from helpers import Raw, message, wait_until
+from helpers import Raw, message, only_worker, served_by, wait_until
 from poolmgr.harness import DnsServer, SilentDns
 
 
@@ -78,23 +78,52 @@ def test_dnsbl_drop_answers_521_and_closes(make_poolmgr, dns):
 
 
 def test_dnsbl_reply_filters_and_weights(make_poolmgr, dns):
-    dns.list("127.0.4.1", "bl.test", "127.0.0.5")   # inside [2..11]: weight 2
+    dns.list("127.0.4.1", "bl.test", "127.0.0.5")   # inside [2..11]: weight 2, blocked
     dns.list("127.0.4.2", "bl.test", "127.0.0.12")  # outside the filter: no score
     dns.list("127.0.4.3", "weak.test")               # weight 1 alone: under the threshold
-    pm = make_poolmgr({"defence": {"dnsbl_sites": ["bl.test=127.0.0.[2..11]*2", "weak.test"],
-                                   "dnsbl_threshold": 2, "nameservers": [dns.address]}})
+    dns.list("127.0.4.4", "weak.test")               # 1 + 1 on two sites: at the threshold
+    dns.list("127.0.4.4", "other.test")
+    pm = make_poolmgr({"defence": {"dnsbl_sites": ["bl.test=127.0.0.[2..11]*2", "weak.test",
+                                                   "other.test"],
+                                   "dnsbl_threshold": 2, "nameservers": [dns.address],
+                                   "suspicious_timeout": "1s"}})
     assert talk(pm, "127.0.4.1")[1].startswith("550 5.7.1")
+    assert talk(pm, "127.0.4.4")[1] == ("550 5.7.1 Service unavailable; client [127.0.4.4] "
+                                        "blocked using weak.test,other.test")
     assert send(pm, "127.0.4.2") == {}
     assert send(pm, "127.0.4.3") == {}  # scored 1: suspicious (short timeouts), not blocked
+    log = pm.log()
+    assert "DNSBL score 2 (weak.test(+1),other.test(+1)) for [127.0.4.4]" in log
+    assert "DNSBL score" not in "".join(line for line in log.splitlines() if "127.0.4.2]" in line)
+    # Suspicious: an idle moment longer than suspicious_timeout ends its session; the client
+    # listed only outside the filter keeps the normal timeout.
+    suspicious, clean = Raw(pm.smtp_port, "127.0.4.3"), Raw(pm.smtp_port, "127.0.4.2")
+    for raw in (suspicious, clean):
+        raw.reply()
+        raw.send(b"EHLO client.test\r\n")
+        raw.reply()
+    time.sleep(2)
+    assert suspicious.reply()[1][-1].startswith("421 4.4.2")
+    clean.send(b"NOOP\r\n")
+    assert clean.reply()[0] == 250
+    suspicious.close(), clean.close()
 
 
-def test_dnsbl_answers_are_cached(make_poolmgr, dns):
+def test_dnsbl_answers_are_cached_per_worker(make_poolmgr, dns):
+    """With the default two SMTP workers: each worker asks once and answers from its cache
+    after that (the README: the caches live in each SMTP worker)."""
     dns.list("127.0.4.9", "zen.test")
-    pm = make_poolmgr({"smtp": {"min_workers": 1}, "scanner": {"min_workers": 1},
-                       "defence": {"dnsbl_sites": ["zen.test"], "nameservers": [dns.address]}})
-    for _ in range(3):
-        assert talk(pm, "127.0.4.9")[1].startswith("550 5.7.1")
+    pm = make_poolmgr({"defence": {"dnsbl_sites": ["zen.test"], "nameservers": [dns.address]}})
+    first, second = pm.worker_pids("smtp")
+    with only_worker(pm, first):
+        for _ in range(3):
+            assert talk(pm, "127.0.4.9")[1].startswith("550 5.7.1")
     assert dns.queries.count("9.4.0.127.zen.test") == 1
+    with only_worker(pm, second):
+        for _ in range(2):
+            assert talk(pm, "127.0.4.9")[1].startswith("550 5.7.1")
+    assert dns.queries.count("9.4.0.127.zen.test") == 2
+    assert served_by(pm, "127.0.4.9") == [first] * 3 + [second] * 2
 
 
 def test_dns_server_that_does_not_answer(make_poolmgr):
@@ -126,15 +155,26 @@ def test_pregreet_enforce_drop_and_ignore(make_poolmgr):
     assert "action=ignore" in ignore.log()
 
 
-def test_greet_test_passed_clients_skip_the_pause(make_poolmgr):
-    pm = make_poolmgr({"smtp": {"min_workers": 1}, "scanner": {"min_workers": 1},
-                       "defence": {"greet_wait": "1s"}})
-    first = Raw(pm.smtp_port, "127.0.6.9")
-    assert len(first.reply()[1]) == 2  # "220-" then "220 " after the pause
-    first.close()
-    again = Raw(pm.smtp_port, "127.0.6.9")
-    assert len(again.reply()[1]) == 1  # passed: the banner comes whole
-    again.close()
+def test_greet_test_passed_clients_skip_the_pause_on_the_same_worker(make_poolmgr):
+    """With the default two SMTP workers, as the README says: a client that passed skips the
+    pause on the worker that saw it pass; the other worker, whose cache is its own, makes it
+    wait once more."""
+    pm = make_poolmgr({"defence": {"greet_wait": "1s"}})
+    first, second = pm.worker_pids("smtp")
+
+    def banner_parts():
+        raw = Raw(pm.smtp_port, "127.0.6.9")
+        lines = raw.reply()[1]  # "220-" then "220 " after the pause; one line when passed
+        raw.send(b"QUIT\r\n")
+        raw.reply()
+        raw.close()
+        return len(lines)
+
+    with only_worker(pm, first):
+        assert [banner_parts() for _ in range(3)] == [2, 1, 1]
+    with only_worker(pm, second):
+        assert [banner_parts() for _ in range(2)] == [2, 1]
+    assert served_by(pm, "127.0.6.9") == [first] * 3 + [second] * 2
 
 
 def test_allowlist_skips_every_test_and_denylist_actions(make_poolmgr, tmp_path):

@@ -243,6 +243,9 @@ def figures(load: dict, samples: list[dict], baseline: tuple[int, int], cpu: flo
                        for m in messages if m["outcome"] != "accepted")
     ended = Counter(b["ended"] or "cancelled" for b in bots)
     shed = [b for b in bots if not b["data"]]
+    by_profile: dict[str, list[dict]] = {}
+    for bot in bots:
+        by_profile.setdefault(bot["profile"], []).append(bot)
     peak_sessions = max((s.get("sessions", 0) for s in samples), default=0)
     peak_open = max((sum(v for k, v in p["open"].items() if k != "legit")
                      for p in load["series"]), default=0)
@@ -262,6 +265,11 @@ def figures(load: dict, samples: list[dict], baseline: tuple[int, int], cpu: flo
         "latency_p99_s": percentile(latencies, 0.99),
         "bot_connections": len(bots),
         "bots_shed_before_data_pct": round(100 * len(shed) / len(bots), 2) if bots else None,
+        # Idle, slowloris, pregreet and impatient bots never try DATA: the profiles that do
+        # (listed, dictionary, reconnector) show whether the defences shed them.
+        "bots_shed_before_data_pct_by_profile": {
+            profile: round(100 * sum(1 for b in group if not b["data"]) / len(group), 2)
+            for profile, group in sorted(by_profile.items())},
         "bots_ended": dict(ended.most_common()),
         "spam_accepted": ended["spam_accepted"],
         "server_verdicts": verdicts,
