@@ -19,13 +19,16 @@ Scanner pool, by legitimate volume: +1 when busyness or the hand-off wait has st
 `scanner_grow_after`, -1 after `scanner_shrink_after` of low busyness; slow to shrink, since
 a load-driven pool that flaps "goes bad all the way".
 
-Rules, checked after every decision (`check_rules`): each pool within its floor and ceiling;
-scanner <= SMTP; when calm, SMTP <= max(SMTP floor, `calm_ratio` x scanner).
+Every size goes through the one sizing rule, `pools.fit` (each pool within its floor and
+ceiling, scanner <= SMTP), and `check_rules` checks each decision against it plus, when calm,
+SMTP <= max(SMTP floor, `calm_ratio` x scanner).
 
 Exports: Snapshot, State, decide, check_rules, CALM, STORM, RETREAT.
 """
 
 from dataclasses import dataclass
+
+from .pools import Bounds, broken, calm_size, fit
 
 CALM, STORM, RETREAT = "calm", "storm", "retreat"
 
@@ -55,6 +58,11 @@ class Snapshot:
     def pressure(self) -> float:
         return max(self.occupancy, self.backlog / max(1, self.backlog_max))
 
+    @property
+    def bounds(self) -> Bounds:
+        return Bounds(self.smtp_floor, self.smtp_ceiling, self.scanner_floor,
+                      self.scanner_ceiling)
+
 
 @dataclass(frozen=True)
 class State:
@@ -69,20 +77,10 @@ class State:
     stress: bool = False            # stress mode asked for by the autoscaler
 
 
-def _clamp(value: int, low: int, high: int) -> int:
-    return max(low, min(value, high))
-
-
-def calm_size(snap: Snapshot, scanner: int) -> int:
-    """The SMTP pool's size when calm: its floor, and never fewer than the scanner pool."""
-    return _clamp(max(snap.smtp_floor, scanner), 1, snap.smtp_ceiling)
-
-
 def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str]]:
     """(smtp target, scanner target, new state, decisions) for one interval."""
-    now, pressure, nuisance = snap.now, snap.pressure, snap.nuisance_ratio
-    smtp = _clamp(snap.smtp, snap.smtp_floor, snap.smtp_ceiling)
-    scanner = _clamp(snap.scanner, snap.scanner_floor, snap.scanner_ceiling)
+    now, pressure, nuisance, bounds = snap.now, snap.pressure, snap.nuisance_ratio, snap.bounds
+    smtp, scanner = fit(snap.smtp, snap.scanner, bounds)
     phase, since, quiet_since, stress = state.phase, state.since, state.quiet_since, state.stress
     smtp_grown, scanner_changed = state.smtp_grown, state.scanner_changed
     decisions: list[str] = []
@@ -109,7 +107,7 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
         smtp = min(snap.smtp_ceiling, smtp + step)
         decisions.append(f"smtp {old_smtp} -> {smtp}: {why}")
     elif phase == RETREAT:
-        target = calm_size(snap, scanner)
+        target = calm_size(scanner, bounds)
         if smtp > target and now - smtp_grown >= cfg.min_worker_lifetime:
             smtp -= 1
             decisions.append(f"smtp {old_smtp} -> {smtp}: retiring surplus workers; {why}")
@@ -139,15 +137,13 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
     old_scanner = scanner
     scanner_why = f"busy {snap.scanner_busy}/{scanner}, hand-off wait {snap.handoff_wait:.2f}s"
     if high_since is not None and now - high_since >= cfg.scanner_grow_after and \
-            scanner < snap.scanner_ceiling:
-        if scanner + 1 <= smtp or smtp < snap.smtp_ceiling:
-            scanner += 1
-            high_since = now
-            if scanner > smtp:
-                smtp = scanner
-                smtp_grown = now
-                decisions.append(f"smtp {old_smtp} -> {smtp}: to keep scanner <= smtp")
-            decisions.append(f"scanner {old_scanner} -> {scanner}: {scanner_why}")
+            fit(smtp, scanner + 1, bounds)[1] > scanner:
+        raised, scanner = fit(smtp, scanner + 1, bounds)
+        high_since = now
+        if raised > smtp:
+            decisions.append(f"smtp {smtp} -> {raised}: to keep scanner <= smtp")
+            smtp, smtp_grown = raised, now
+        decisions.append(f"scanner {old_scanner} -> {scanner}: {scanner_why}")
     elif low_since is not None and now - low_since >= cfg.scanner_shrink_after and \
             scanner > snap.scanner_floor and now - scanner_changed >= cfg.min_worker_lifetime:
         scanner -= 1
@@ -156,7 +152,7 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
                          f"{cfg.scanner_shrink_after:g}s ({scanner_why})")
     if scanner != old_scanner:
         scanner_changed = now
-    if phase == CALM and smtp > calm_size(snap, scanner):
+    if phase == CALM and smtp > calm_size(scanner, bounds):
         phase, since = RETREAT, now  # e.g. the scanner pool shrank: walk the SMTP pool down
 
     new = State(phase, since, quiet_since, snap.backlog, smtp_grown, scanner_changed,
@@ -166,14 +162,5 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
 
 def check_rules(snap: Snapshot, smtp: int, scanner: int, phase: str, cfg) -> list[str]:
     """The rules a decision must keep; returns the broken ones (empty when all hold)."""
-    broken = []
-    if not snap.smtp_floor <= smtp <= snap.smtp_ceiling:
-        broken.append(f"smtp {smtp} outside [{snap.smtp_floor}, {snap.smtp_ceiling}]")
-    if not snap.scanner_floor <= scanner <= snap.scanner_ceiling:
-        broken.append(f"scanner {scanner} outside [{snap.scanner_floor}, {snap.scanner_ceiling}]")
-    if scanner > smtp:
-        broken.append(f"scanner {scanner} > smtp {smtp}")
-    if phase == CALM and smtp > max(snap.smtp_floor, cfg.calm_ratio * scanner):
-        broken.append(f"calm with smtp {smtp} > {cfg.calm_ratio:g} x scanner {scanner}")
-    return broken
+    return broken(smtp, scanner, snap.bounds, cfg.calm_ratio if phase == CALM else 0.0)
 

@@ -18,6 +18,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from .pools import Bounds, configured_bounds
 from .settings import SECTION_HELP, SETTINGS, Setting
 
 EMBEDDED = "(embedded defaults)"
@@ -82,12 +83,11 @@ class Config:
         except KeyError:
             raise AttributeError(name) from None
 
-    def pool_limits(self, kind: str) -> tuple[int, int]:
-        """(floor, ceiling) of a pool at start, with the pools' rule applied."""
+    def bounds(self) -> Bounds:
+        """Both pools' floors and ceilings at start, fitted to the sizing rule."""
         smtp, scanner = self._sections["smtp"], self._sections["scanner"]
-        if kind == "smtp":
-            return max(smtp.min_workers, scanner.min_workers), smtp.max_workers
-        return scanner.min_workers, min(scanner.max_workers, smtp.max_workers)
+        return configured_bounds(smtp.min_workers, smtp.max_workers, scanner.min_workers,
+                                 scanner.max_workers)
 
     def get(self, name: str) -> Any:
         section, key = name.split(".", 1)
@@ -322,17 +322,19 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
     if auto["scanner_busy_low"] >= auto["scanner_busy_high"]:
         err("autoscale.scanner_busy_low", f"{auto['scanner_busy_low']:g} must be below "
             f"autoscale.scanner_busy_high ({auto['scanner_busy_high']:g})")
-    # Never fewer SMTP than scanner workers: what can be mended is mended, and said.
-    if scanner["min_workers"] > smtp["max_workers"]:
+    # Never fewer SMTP than scanner workers (pools.fit): what can be mended is mended, and said.
+    bounds = configured_bounds(smtp["min_workers"], smtp["max_workers"], scanner["min_workers"],
+                               scanner["max_workers"])
+    if bounds.scanner_floor > bounds.smtp_ceiling:
         err("scanner.min_workers", f"{scanner['min_workers']} scanner workers need as many SMTP "
             f"workers, above smtp.max_workers ({smtp['max_workers']})")
-    elif scanner["min_workers"] > smtp["min_workers"]:
+    elif bounds.smtp_floor > smtp["min_workers"]:
         warn("scanner.min_workers", f"{scanner['min_workers']} is above smtp.min_workers "
-             f"({smtp['min_workers']}); the SMTP pool starts at {scanner['min_workers']} so that "
+             f"({smtp['min_workers']}); the SMTP pool starts at {bounds.smtp_floor} so that "
              f"scanner workers never outnumber SMTP workers")
-    if scanner["max_workers"] > smtp["max_workers"]:
+    if bounds.scanner_ceiling < scanner["max_workers"]:
         warn("scanner.max_workers", f"{scanner['max_workers']} is above smtp.max_workers "
-             f"({smtp['max_workers']}); the scanner pool's ceiling is {smtp['max_workers']}")
+             f"({smtp['max_workers']}); the scanner pool's ceiling is {bounds.scanner_ceiling}")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
     if smtp["max_sessions_per_worker"] > limit - 100:

@@ -36,7 +36,7 @@ from .anvil import Anvil, AnvilServer
 from .board import Board
 from .config import Config, ConfigError, format_address
 from .control import ControlServer
-from .pools import DRAINING, RUNNING, Pool, Worker, resize
+from .pools import DRAINING, RUNNING, Pool, Worker, resize, set_bounds
 from .process import MASTER_SIGNALS, WorkerContext, child_after_fork, set_title
 from .stats import NuisanceWindow
 from .scanner import worker as scanner_worker
@@ -93,9 +93,11 @@ class Master:
         self.metrics = metrics.StatusCollector() if cfg.metrics.listen else None
         self.metrics_server = None
         self.rss_checked = 0.0
+        bounds = cfg.bounds()
         self.pools = {
-            "smtp": Pool("smtp", *cfg.pool_limits("smtp"), smtp_worker.main),
-            "scanner": Pool("scanner", *cfg.pool_limits("scanner"), scanner_worker.main),
+            "smtp": Pool("smtp", bounds.smtp_floor, bounds.smtp_ceiling, smtp_worker.main),
+            "scanner": Pool("scanner", bounds.scanner_floor, bounds.scanner_ceiling,
+                            scanner_worker.main),
         }
 
     # -- setup and teardown
@@ -366,14 +368,7 @@ class Master:
                 return
         for warning in new.warnings:
             self.log.warning("reload: %s", warning)
-        for kind in ("smtp", "scanner"):
-            pool = self.pools[kind]
-            (was_floor, _), (floor, ceiling) = old.pool_limits(kind), new.pool_limits(kind)
-            pool.set_limits(floor if floor != was_floor else pool.floor, ceiling)
-        smtp, scanner = self.pools["smtp"], self.pools["scanner"]
-        if scanner.target > smtp.target:
-            smtp.target = smtp.floor = min(scanner.target, smtp.ceiling)
-            scanner.target = scanner.floor = min(scanner.target, smtp.target)
+        set_bounds(self.pools, new.bounds(), old.bounds())
         log.setup("poolmgr/master", new.master.log_file)
         self.cfg = new
         self.anvil.time_unit = new.defence.anvil_rate_time_unit

@@ -1,11 +1,18 @@
-"""A pool of one kind of worker, and the sizing rule between the two pools.
+"""A pool of one kind of worker, and the one sizing rule between the two pools.
 
 One `Pool` class serves both pools; they differ only by kind, the worker's `main` and config.
 A pool has a floor (where manual resizes and `min_workers` put it), a ceiling (`max_workers`)
-and a target the master converges to. `resize` applies `N`, `+N` or `-N` to a pool while
-keeping the rule: never more scanner workers than SMTP workers.
+and a target the master converges to.
 
-Exports: Pool, Worker, resize, RUNNING, DRAINING.
+The sizing rule lives in `fit` and nowhere else: each pool within its floor and ceiling, and
+never more scanner workers than SMTP workers (the SMTP pool rises to the scanner pool; the
+scanner pool's ceiling is the SMTP pool's). Every path that sizes the pools goes through it:
+the config's start-up floors (`Config.bounds`), `resize` (ctl and TTIN/TTOU), reload, and the
+autoscaler (`autoscale.decide`, whose calm size is `calm_size`); `broken` names what a pair of
+sizes breaks, for the autoscaler's self-check and the bench.
+
+Exports: Pool, Worker, Bounds, fit, calm_size, broken, configured_bounds, bounds_of, set_bounds,
+resize, RUNNING, DRAINING.
 """
 
 import re
@@ -70,8 +77,83 @@ class Pool:
         self.target = max(self.floor, min(self.target, ceiling))
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """Floors and ceilings of both pools."""
+    smtp_floor: int
+    smtp_ceiling: int
+    scanner_floor: int
+    scanner_ceiling: int
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(value, high))
+
+
+def fit(smtp: int, scanner: int, bounds: Bounds) -> tuple[int, int]:
+    """THE sizing rule: the sizes nearest to (smtp, scanner) that keep it.
+
+    Each pool stays within its floor and ceiling; scanner workers never outnumber SMTP workers
+    (every hand-off needs an SMTP worker to wait on it): the scanner pool is capped at the SMTP
+    ceiling and the SMTP pool rises to the scanner pool, never the other way round.
+    """
+    scanner = _clamp(scanner, bounds.scanner_floor,
+                     min(bounds.scanner_ceiling, bounds.smtp_ceiling))
+    return _clamp(max(smtp, scanner), bounds.smtp_floor, bounds.smtp_ceiling), scanner
+
+
+def calm_size(scanner: int, bounds: Bounds) -> int:
+    """The SMTP pool's size when calm: its floor, and never fewer than the scanner pool."""
+    return fit(bounds.smtp_floor, scanner, bounds)[0]
+
+
+def broken(smtp: int, scanner: int, bounds: Bounds, calm_ratio: float = 0.0) -> list[str]:
+    """What (smtp, scanner) breaks of the rule, empty when it holds; with `calm_ratio` also
+    the calm limit: SMTP <= max(SMTP floor, calm_ratio x scanner)."""
+    out = []
+    if not bounds.smtp_floor <= smtp <= bounds.smtp_ceiling:
+        out.append(f"smtp {smtp} outside [{bounds.smtp_floor}, {bounds.smtp_ceiling}]")
+    if not bounds.scanner_floor <= scanner <= bounds.scanner_ceiling:
+        out.append(f"scanner {scanner} outside "
+                   f"[{bounds.scanner_floor}, {bounds.scanner_ceiling}]")
+    if fit(smtp, scanner, bounds)[0] > smtp:
+        out.append(f"scanner {scanner} > smtp {smtp}")
+    if calm_ratio and smtp > max(bounds.smtp_floor, calm_ratio * scanner):
+        out.append(f"calm with smtp {smtp} > {calm_ratio:g} x scanner {scanner}")
+    return out
+
+
+def configured_bounds(smtp_min: int, smtp_max: int, scanner_min: int,
+                      scanner_max: int) -> Bounds:
+    """The bounds at start from min_workers and max_workers as configured, fitted to the rule
+    (the SMTP floor raised to the scanner floor, the scanner ceiling capped at the SMTP one)."""
+    asked = Bounds(smtp_min, smtp_max, scanner_min, scanner_max)
+    smtp_floor, scanner_floor = fit(smtp_min, scanner_min, asked)
+    return Bounds(smtp_floor, smtp_max, scanner_floor, fit(smtp_max, scanner_max, asked)[1])
+
+
+def bounds_of(pools: dict[str, "Pool"]) -> Bounds:
+    smtp, scanner = pools["smtp"], pools["scanner"]
+    return Bounds(smtp.floor, smtp.ceiling, scanner.floor, scanner.ceiling)
+
+
+def set_bounds(pools: dict[str, "Pool"], new: Bounds, old: Bounds) -> None:
+    """New bounds (a reload): a floor the config changed is taken, a manual one is kept; then
+    floors and targets are fitted to the rule."""
+    for kind in ("smtp", "scanner"):
+        pool = pools[kind]
+        floor, was = getattr(new, f"{kind}_floor"), getattr(old, f"{kind}_floor")
+        pool.set_limits(floor if floor != was else pool.floor, getattr(new, f"{kind}_ceiling"))
+    smtp, scanner = pools["smtp"], pools["scanner"]
+    smtp.floor, scanner.floor = fit(smtp.floor, scanner.floor, bounds_of(pools))
+    smtp.target, scanner.target = fit(smtp.target, scanner.target, bounds_of(pools))
+
+
 def resize(pools: dict[str, Pool], kind: str, spec: str) -> tuple[bool, str]:
-    """Apply `N`, `+N` or `-N` to a pool's floor and target; (done, message)."""
+    """Apply `N`, `+N` or `-N` to a pool's floor and target; (done, message).
+
+    A manual size moves the floor, so only the ceilings and the rule limit it: a size that
+    `fit` would change is refused, except that a scanner raise takes the SMTP pool with it."""
     if kind not in pools:
         return False, f"unknown pool {kind!r}: use smtp or scanner"
     match = re.fullmatch(r"\s*([+-]?)(\d+)\s*", spec)
@@ -86,16 +168,21 @@ def resize(pools: dict[str, Pool], kind: str, spec: str) -> tuple[bool, str]:
     if new > pool.ceiling:
         return False, (f"refused: {kind} {new} is above the pool's ceiling {pool.ceiling} "
                        f"({kind}.max_workers)")
-    extra = ""
-    if kind == "smtp" and new < scanner.target:
-        return False, (f"refused: {new} SMTP workers would be fewer than the {scanner.target} "
-                       f"scanner workers (rule: scanner workers <= SMTP workers); "
-                       f"lower the scanner pool first")
-    if kind == "scanner" and new > smtp.target:
-        if new > smtp.ceiling:
-            return False, (f"refused: scanner {new} needs as many SMTP workers, above the SMTP "
-                           f"ceiling {smtp.ceiling} (smtp.max_workers)")
-        extra = f"; smtp pool raised {smtp.target} -> {new} with it (rule: scanner <= smtp)"
+    manual = Bounds(1, smtp.ceiling, 1, scanner.ceiling)
+    if kind == "smtp":
+        if fit(new, scanner.target, manual)[0] != new:
+            return False, (f"refused: {new} SMTP workers would be fewer than the "
+                           f"{scanner.target} scanner workers (rule: scanner workers <= SMTP "
+                           f"workers); lower the scanner pool first")
         smtp.floor = smtp.target = new
-    pool.floor = pool.target = new
-    return True, f"{kind} pool {old} -> {new} workers{extra}"
+        return True, f"smtp pool {old} -> {new} workers"
+    new_smtp, fitted = fit(smtp.target, new, manual)
+    if fitted != new:
+        return False, (f"refused: scanner {new} needs as many SMTP workers, above the SMTP "
+                       f"ceiling {smtp.ceiling} (smtp.max_workers)")
+    extra = ""
+    if new_smtp != smtp.target:
+        extra = f"; smtp pool raised {smtp.target} -> {new_smtp} with it (rule: scanner <= smtp)"
+        smtp.floor = smtp.target = new_smtp
+    scanner.floor = scanner.target = new
+    return True, f"scanner pool {old} -> {new} workers{extra}"

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from poolmgr import config
 from poolmgr.autoscale import CALM, RETREAT, STORM, Snapshot, State, check_rules, decide
+from poolmgr.pools import Pool, resize
 
 CFG = config.from_dict({"autoscale": {"cooldown": "5s", "min_worker_lifetime": "2s",
                                       "scanner_grow_after": "3s",
@@ -191,18 +192,13 @@ def test_rules_hold_after_every_step(trace, scanner_floor, smtp_ceiling):
     run = Run(smtp=max(2, scanner_floor), scanner=scanner_floor, smtp_ceiling=smtp_ceiling,
               scanner_ceiling=min(smtp_ceiling, 6))
     for occupancy, backlog, nuisance, busy, wait, manual in trace:
-        if manual:  # what pools.resize allows: floors move, the rule scanner <= smtp holds
-            kind, sign = manual[:-1], 1 if manual[-1] == "+" else -1
-            if kind == "smtp":
-                new = run.smtp + sign
-                if run.scanner <= new <= run.smtp_ceiling and new >= 1:
-                    run.smtp_floor = run.smtp = new
-            else:
-                new = run.scanner + sign
-                if 1 <= new <= run.scanner_ceiling and new <= run.smtp_ceiling:
-                    run.scanner_floor = run.scanner = new
-                    if new > run.smtp:
-                        run.smtp_floor = run.smtp = new
+        if manual:  # a sysadmin's resize, through pools.resize as ctl and TTIN/TTOU do
+            pools = {"smtp": Pool("smtp", run.smtp_floor, run.smtp_ceiling, None),
+                     "scanner": Pool("scanner", run.scanner_floor, run.scanner_ceiling, None)}
+            pools["smtp"].target, pools["scanner"].target = run.smtp, run.scanner
+            resize(pools, manual[:-1], manual[-1] + "1")
+            run.smtp_floor, run.smtp = pools["smtp"].floor, pools["smtp"].target
+            run.scanner_floor, run.scanner = pools["scanner"].floor, pools["scanner"].target
         run.step(sessions=int(occupancy * run.smtp * PER_WORKER), backlog=backlog,
                  nuisance=nuisance, busy=busy, wait=wait)  # step() asserts check_rules
 

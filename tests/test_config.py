@@ -6,6 +6,7 @@ import pytest
 
 from poolmgr import config
 from poolmgr.config import ConfigError, parse_duration, parse_size
+from poolmgr.pools import Bounds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +78,7 @@ def test_pool_rule_in_config_is_mended_with_a_warning(tmp_path):
     assert "[scanner] min_workers: 2 is above smtp.min_workers (1); the SMTP pool starts at 2" in text
     assert "[scanner] max_workers: 4 is above smtp.max_workers (3)" in text
     assert "[scanner] timeout: 400s is not below smtp.proxy_timeout (300s)" in text
-    assert cfg.pool_limits("smtp") == (2, 3) and cfg.pool_limits("scanner") == (2, 3)
+    assert cfg.bounds() == Bounds(smtp_floor=2, smtp_ceiling=3, scanner_floor=2, scanner_ceiling=3)
     result = run_cli("check", "-c", str(path))
     assert result.returncode == 0 and "poolmgr: warning:" in result.stderr
 

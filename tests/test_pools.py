@@ -1,6 +1,10 @@
-"""The sizing rule for manual resizes: scanner workers never outnumber SMTP workers."""
+"""The one sizing rule (`fit`) and the manual resizes that go through it: scanner workers
+never outnumber SMTP workers, each pool within its floor and ceiling."""
 
-from poolmgr.pools import Pool, resize
+from hypothesis import given
+from hypothesis import strategies as st
+
+from poolmgr.pools import Bounds, Pool, broken, calm_size, fit, resize
 
 
 def pools(smtp=2, scanner=2, smtp_max=8, scanner_max=4):
@@ -46,3 +50,30 @@ def test_startup_failures_back_off():
     delays = [pool.note_exit(worker, 1, 100.5) for _ in range(4)]
     assert delays == sorted(delays) and delays[0] > 0 and delays[-1] > delays[0]
     assert pool.note_exit(worker, 0, 100.5) == 0 and pool.failures == 0
+
+
+def test_fit_is_the_one_rule():
+    b = Bounds(smtp_floor=2, smtp_ceiling=8, scanner_floor=1, scanner_ceiling=4)
+    assert fit(2, 2, b) == (2, 2)
+    assert fit(2, 3, b) == (3, 3)      # the SMTP pool rises to the scanner pool
+    assert fit(1, 0, b) == (2, 1)      # floors
+    assert fit(9, 9, b) == (8, 4)      # ceilings
+    assert fit(2, 6, Bounds(2, 3, 1, 6)) == (3, 3)  # the scanner ceiling is the SMTP ceiling
+    assert calm_size(3, b) == 3 and calm_size(1, b) == 2
+    assert broken(2, 3, b) == ["scanner 3 > smtp 2"]
+    assert broken(6, 2, b, calm_ratio=2) == ["calm with smtp 6 > 2 x scanner 2"]
+    assert broken(9, 0, b) == ["smtp 9 outside [2, 8]", "scanner 0 outside [1, 4]"]
+
+
+@given(st.integers(1, 6), st.integers(0, 10), st.integers(1, 6), st.integers(0, 10),
+       st.integers(0, 20), st.integers(0, 20))
+def test_whatever_is_asked_fit_keeps_the_rule(smtp_floor, smtp_room, scanner_floor,
+                                             scanner_room, smtp, scanner):
+    smtp_ceiling = max(smtp_floor, scanner_floor) + smtp_room
+    b = Bounds(smtp_floor, smtp_ceiling, scanner_floor,
+               min(scanner_floor + scanner_room, smtp_ceiling))
+    fitted = fit(smtp, scanner, b)
+    assert broken(*fitted, b) == []
+    assert fit(*fitted, b) == fitted  # settled: fitting again changes nothing
+    if broken(smtp, scanner, b) == []:
+        assert fitted == (smtp, scanner)  # sizes that keep the rule are left alone
