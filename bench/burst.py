@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from poolmgr.benchmark.run import tree_usage  # noqa: E402
-from poolmgr.harness import HELO, DnsServer, Poolmgr, wait_until  # noqa: E402
+from poolmgr.testing import HELO, DnsServer, Poolmgr, wait_until  # noqa: E402
 
 KINDS = ("idle", "pregreet", "listed", "dictionary")
 HOLD = 120.0  # longest a bot waits for poolmgr to act

@@ -22,7 +22,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from poolmgr.harness import HELO, Poolmgr, Sink, wait_until  # noqa: E402
+from poolmgr.testing import HELO, Poolmgr, Sink, wait_until  # noqa: E402
 
 
 def tree_rss(pid: int) -> int:

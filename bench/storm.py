@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from poolmgr import config  # noqa: E402
 from poolmgr.autoscale import Snapshot, check_rules  # noqa: E402
-from poolmgr.harness import Poolmgr  # noqa: E402
+from poolmgr.testing import Poolmgr  # noqa: E402
 
 FLOOR, CEILING = 2, 8
 

@@ -1,4 +1,4 @@
-"""Test-only helpers on top of poolmgr.harness: a raw SMTP client and test messages."""
+"""Test-only helpers on top of poolmgr.testing: a raw SMTP client and test messages."""
 
 import os
 import re
@@ -7,7 +7,10 @@ import socket
 import time
 from contextlib import contextmanager
 
-from poolmgr.harness import HELO, Poolmgr, Sink, free_port, wait_until, write_config  # noqa: F401
+from poolmgr.testing import HELO, Poolmgr, Sink, free_port, wait_until, write_config
+
+__all__ = ["HELO", "Poolmgr", "Sink", "free_port", "wait_until", "write_config", "message",
+           "Raw", "stopped", "only_worker", "served_by"]
 
 
 def message(subject: str = "test", body: str = "hello\r\n", sender: str = "alice@example.org",

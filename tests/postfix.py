@@ -6,7 +6,7 @@ content filter (`scan` transport, SMTP with XFORWARD) and `reinject_port` takes 
 """
 
 from helpers import free_port
-from poolmgr import harness
+from poolmgr.testing import Postfix as PrivatePostfix
 
 MAIN_CF = """\
 mynetworks = 127.0.0.0/8
@@ -32,7 +32,7 @@ scan      unix  -       -       n       -       2       smtp
 """
 
 
-class Postfix(harness.Postfix):
+class Postfix(PrivatePostfix):
     def __init__(self, scanner_port: int):
         self.inbound_port = free_port()
         self.reinject_port = free_port()

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from helpers import Raw, message, only_worker, served_by, wait_until
-from poolmgr.harness import DnsServer, SilentDns
+from poolmgr.testing import DnsServer, SilentDns
 
 
 @pytest.fixture

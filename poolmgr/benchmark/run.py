@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from ..harness import DnsServer, Poolmgr, Postfix, Sink, free_port, wait_until
+from ..testing import DnsServer, Poolmgr, Postfix, Sink, free_port, wait_until
 from . import load as loadgen
 from .scenario import Scenario
 
