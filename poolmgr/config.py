@@ -6,10 +6,11 @@ runs cross-checks between keys. All errors are collected and raised together as
 `ConfigError`, each naming file, key and reason, so `poolmgr check` can print them all.
 
 Exports: load, ConfigError, Config, Section, NextHop, render_default, control_socket_of, in_networks,
-parse_duration, parse_size, parse_address, format_address.
+parse_duration, parse_size, parse_address, format_address, toml_value.
 """
 
 import ipaddress
+import json
 import os
 import re
 import resource
@@ -433,16 +434,24 @@ def control_socket_of(path: str | None) -> str:
     return os.path.abspath(str(value))
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """One value as TOML: bool, int, float, str (or a path), list or tuple, dict (an inline
+    table). The one TOML writer: the default config and the test harness's configs use it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, (str, os.PathLike)):
+        return json.dumps(os.fspath(value), ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k if _BARE_KEY.fullmatch(k) else toml_value(k)} = "
+                                f"{toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(value)
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def render_default() -> str:
@@ -461,7 +470,7 @@ def render_default() -> str:
         elif setting.key.endswith("_mode"):
             lines += [f"{setting.key} = 0o{setting.default:o}", ""]
         else:
-            lines += [f"{setting.key} = {_toml_value(setting.default)}", ""]
+            lines += [f"{setting.key} = {toml_value(setting.default)}", ""]
     return "\n".join(lines)
 
 
@@ -476,7 +485,7 @@ def render_reference() -> str:
         if setting.key.endswith("_mode"):
             default = f"0o{setting.default:o}"
         else:
-            default = _toml_value(setting.default)
+            default = toml_value(setting.default)
         text = " ".join(line.strip() for line in setting.help.splitlines()
                         if not line.startswith("  ")).replace("|", "\\|")
         lines.append(f"| `{setting.key}` | `{default}` | {text} |")
