@@ -1,12 +1,20 @@
 """Test support shared by the test suite and the bench's targets: real poolmgr, Postfix,
 smtp-sink and DNS server processes on loopback ports. Not used by poolmgr at run time.
 
-Exports: Poolmgr, Sink, Postfix, DnsServer, SilentDns, free_port, wait_until, write_config,
-HELO (see harness).
+- `poolmgr`: Poolmgr (a `poolmgr run` subprocess), write_config, HELO
+- `sink`: Sink (Postfix's smtp-sink)
+- `postfix`: Postfix (a private Postfix instance)
+- `nameserver`: DnsServer (dnslib, DNSBL records), SilentDns (a server that is down)
+- `wait`: free_port, free_udp_port, listening, wait_until, WaitTimeout
+
+Exports all of the above.
 """
 
-from .harness import (HELO, DnsServer, Poolmgr, Postfix, SilentDns, Sink, free_port,
-                      wait_until, write_config)
+from .nameserver import DnsServer, SilentDns
+from .poolmgr import HELO, Poolmgr, write_config
+from .postfix import Postfix
+from .sink import Sink
+from .wait import WaitTimeout, free_port, free_udp_port, listening, wait_until
 
-__all__ = ["HELO", "DnsServer", "Poolmgr", "Postfix", "SilentDns", "Sink", "free_port",
-           "wait_until", "write_config"]
+__all__ = ["HELO", "DnsServer", "Poolmgr", "Postfix", "SilentDns", "Sink", "WaitTimeout",
+           "free_port", "free_udp_port", "listening", "wait_until", "write_config"]

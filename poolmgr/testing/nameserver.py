@@ -1,0 +1,82 @@
+"""DNS servers for DNSBL tests: a real one on a loopback UDP port (dnslib), and one that is
+down.
+
+Exports: DnsServer, SilentDns.
+"""
+
+import socket
+
+from .wait import free_udp_port
+
+
+class DnsServer:
+    """A real DNS server on a loopback UDP port (dnslib), serving DNSBL-style A records.
+
+    `records` maps a name ("2.0.0.127.zen.test") to its addresses; other names are NXDOMAIN.
+    `queries` lists every name asked, for cache tests.
+    """
+
+    def __init__(self, records: dict[str, list[str]], ttl: int = 300,
+                 host: str = "127.0.0.1", port: int | None = None):
+        from dnslib import QTYPE, RCODE, RR, A
+        from dnslib.server import BaseResolver, DNSLogger
+        from dnslib.server import DNSServer as LibServer
+
+        server = self
+        self.records = {name.lower().rstrip("."): list(addrs) for name, addrs in records.items()}
+        self.queries: list[str] = []
+        self.networks: dict[str, list[str]] = {}  # reversed-prefix suffix -> addresses
+        self.host, self.port = host, port or free_udp_port(host)
+
+        class Resolver(BaseResolver):
+            def resolve(self, request, handler):
+                reply = request.reply()
+                name = str(request.q.qname).rstrip(".").lower()
+                server.queries.append(name)
+                addresses = server.records.get(name)
+                if addresses is None and server.networks:
+                    addresses = next((a for suffix, a in server.networks.items()
+                                      if name.endswith(suffix)), None)
+                if addresses is None:
+                    reply.header.rcode = RCODE.NXDOMAIN
+                elif request.q.qtype == QTYPE.A:
+                    for address in addresses:
+                        reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(address), ttl=ttl))
+                return reply
+
+        self._server = LibServer(Resolver(), address=host, port=self.port,
+                                 logger=DNSLogger(logf=lambda *args: None))
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def list(self, ip: str, zone: str, *addresses: str) -> None:
+        reverse = ".".join(reversed(ip.split(".")))
+        self.records[f"{reverse}.{zone}"] = list(addresses or ["127.0.0.2"])
+
+    def list_network(self, prefix: str, zone: str, *addresses: str) -> None:
+        """List every address that starts with `prefix` ("127.61."): a whole network."""
+        octets = [o for o in prefix.split(".") if o]
+        suffix = "." + ".".join(reversed(octets)) + f".{zone}"
+        self.networks[suffix] = list(addresses or ["127.0.0.2"])
+
+    def start(self) -> "DnsServer":
+        self._server.start_thread()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+        self._server.server.server_close()
+
+
+class SilentDns:
+    """A bound UDP port that never answers: a DNS server that is down."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.address = f"{host}:{self.sock.getsockname()[1]}"
+
+    def stop(self) -> None:
+        self.sock.close()

@@ -1,0 +1,47 @@
+"""Free loopback ports, and waiting for a process to be ready or a condition to hold.
+
+`wait_until` raises `WaitTimeout` (a TimeoutError), never AssertionError: the bench's targets
+use it outside tests too.
+
+Exports: free_port, free_udp_port, listening, wait_until, WaitTimeout.
+"""
+
+import socket
+import time
+
+
+class WaitTimeout(TimeoutError):
+    """What `wait_until` waited for did not happen in time."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on the port."""
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.1, what: str = "condition"):
+    """Call `predicate` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise WaitTimeout(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
