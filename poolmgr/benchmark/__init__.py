@@ -1,4 +1,6 @@
-"""The benchmark harness: scenarios, the load generator, runs against a target, reports.
+"""The benchmark harness (`poolmgr bench`): scenarios, the load generator, targets, reports.
 
-Exports nothing at package level: see `scenario`, `load`, `run`.
+`scenario` reads scenario files, `load` is the load generator, `targets` starts the servers
+measured (poolmgr, Postfix, aiosmtpd) with their peers, `run` runs a scenario against them,
+`report` turns a run into figures, plots and Markdown. Exports nothing at package level.
 """

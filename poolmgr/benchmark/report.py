@@ -1,0 +1,216 @@
+"""The bench's figures and reports: what one run measured, as numbers, plots and Markdown.
+
+`figures` turns the load generator's records and the server samples into the figures of
+`result.json`; `plots` and `report` write `connections.png`, `latency.png` and `report.md`;
+`compare_report` puts several targets' figures side by side (`compare.md`, `compare.json`,
+`compare.png`).
+
+Exports: figures, plots, report, compare_report.
+"""
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+
+from .scenario import Scenario
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+def figures(load: dict, samples: list[dict], baseline: tuple[int, int], cpu: float,
+            delivered: int, verdicts: dict) -> dict:
+    messages, bots = load["messages"], load["bots"]
+    outcomes = Counter(m["outcome"] or "unfinished" for m in messages)
+    accepted = [m for m in messages if m["outcome"] == "accepted"]
+    latencies = [m["latency"] for m in accepted]
+    span = (max(m["t"] + m["latency"] for m in accepted) - min(m["t"] for m in accepted)
+            if accepted else 0.0)
+    problems = Counter(f"{m['outcome'] or 'unfinished'}: {m['reply'][:40] or '-'}"
+                       for m in messages if m["outcome"] != "accepted")
+    ended = Counter(b["ended"] or "cancelled" for b in bots)
+    shed = [b for b in bots if not b["data"]]
+    by_profile: dict[str, list[dict]] = {}
+    for bot in bots:
+        by_profile.setdefault(bot["profile"], []).append(bot)
+    peak_sessions = max((s.get("sessions", 0) for s in samples), default=0)
+    peak_open = max((sum(v for k, v in p["open"].items() if k != "legit")
+                     for p in load["series"]), default=0)
+    peak_rss = max((s["rss"] for s in samples), default=0)
+    peak_pss = max((s["pss"] for s in samples), default=0)
+    baseline_rss, baseline_pss = baseline
+    held = peak_sessions or peak_open
+    return {
+        "legit_sent": len(messages), "legit_outcomes": dict(outcomes),
+        "legit_problems": dict(problems.most_common(8)),
+        "legit_accepted_per_s": round(len(accepted) / span, 1) if span > 0 else None,
+        "legit_delivered_pct": round(100 * delivered / len(messages), 2) if messages else None,
+        "legit_accepted_pct": round(100 * outcomes["accepted"] / len(messages), 2)
+        if messages else None,
+        "latency_p50_s": percentile(latencies, 0.50),
+        "latency_p95_s": percentile(latencies, 0.95),
+        "latency_p99_s": percentile(latencies, 0.99),
+        "bot_connections": len(bots),
+        "bots_shed_before_data_pct": round(100 * len(shed) / len(bots), 2) if bots else None,
+        # Idle, slowloris, pregreet and impatient bots never try DATA: the profiles that do
+        # (listed, dictionary, reconnector) show whether the defences shed them.
+        "bots_shed_before_data_pct_by_profile": {
+            profile: round(100 * sum(1 for b in group if not b["data"]) / len(group), 2)
+            for profile, group in sorted(by_profile.items())},
+        "bots_ended": dict(ended.most_common()),
+        "spam_accepted": ended["spam_accepted"],
+        "server_verdicts": verdicts,
+        "peak_sessions_held": peak_sessions, "peak_client_connections": peak_open,
+        "rss_baseline_bytes": baseline_rss, "rss_peak_bytes": peak_rss,
+        "rss_per_held_session_bytes": round((peak_rss - baseline_rss) / held) if held else None,
+        "pss_baseline_bytes": baseline_pss, "pss_peak_bytes": peak_pss,
+        "pss_per_held_session_bytes": round((peak_pss - baseline_pss) / held) if held else None,
+        "cpu_seconds": round(cpu, 2),
+    }
+
+
+def plots(out: Path, load: dict, samples: list[dict], title: str) -> list[str]:
+    """connections.png and latency.png; returns the file names written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    profiles = sorted({k for p in load["series"] for k in p["open"]})
+    t = [p["t"] for p in load["series"]]
+    for profile in profiles:
+        ax.plot(t, [p["open"].get(profile, 0) for p in load["series"]], label=profile)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("open client connections")
+    if any("smtp_workers" in s for s in samples):
+        right = ax.twinx()
+        right.step([s["t"] for s in samples], [s.get("smtp_workers", 0) for s in samples],
+                   "k--", where="post", label="SMTP workers")
+        right.step([s["t"] for s in samples], [s.get("scanner_workers", 0) for s in samples],
+                   "k:", where="post", label="scanner workers")
+        right.set_ylabel("workers")
+        top = max(max(s.get("smtp_workers", 0), s.get("scanner_workers", 0)) for s in samples)
+        right.set_ylim(0, top + 1)
+        right.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    ax.set_title(f"{title}: connections and pool sizes")
+    fig.tight_layout()
+    fig.savefig(out / "connections.png", dpi=90)
+    plt.close(fig)
+    names.append("connections.png")
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    done = [m for m in load["messages"] if m["latency"] is not None]
+    for outcome, marker in (("accepted", "o"), ("deferred", "x"), ("refused", "s"),
+                            ("failed", "^")):
+        points = [m for m in done if (m["outcome"] or "failed") == outcome]
+        if points:
+            ax.scatter([m["t"] for m in points], [m["latency"] for m in points], s=10,
+                       marker=marker, label=outcome)
+    ax.set_xlabel("seconds (message start)")
+    ax.set_ylabel("latency, seconds")
+    ax.set_title(f"{title}: legitimate latency")
+    if done:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=90)
+    plt.close(fig)
+    names.append("latency.png")
+    return names
+
+
+def report(out: Path, result: dict, images: list[str]) -> None:
+    f = result["figures"]
+    lines = [f"# poolmgr bench: {result['scenario']['name']} against {result['target']}", "",
+             result["scenario"]["description"], "",
+             f"Run {time.strftime('%Y-%m-%d %H:%M', time.localtime(result['started']))}, "
+             f"{result['duration_s']:.0f}s, {psutil.cpu_count()} cores.", "",
+             "| figure | value |", "|---|---|"]
+    rows = [("legitimate messages sent", f["legit_sent"]),
+            ("legitimate delivered (at the next hop)", f"{f['legit_delivered_pct']}%"),
+            ("legitimate outcomes", f["legit_outcomes"]),
+            ("legitimate accepted per second", f["legit_accepted_per_s"]),
+            ("why not accepted", f["legit_problems"] or "-"),
+            ("latency p50 / p95 / p99", f"{f['latency_p50_s']} / {f['latency_p95_s']} / "
+                                        f"{f['latency_p99_s']} s"),
+            ("bot connections", f["bot_connections"]),
+            ("bots shed before DATA", f"{f['bots_shed_before_data_pct']}%"),
+            ("how bot connections ended", f["bots_ended"]),
+            ("spam accepted", f["spam_accepted"]),
+            ("server verdicts", f["server_verdicts"] or "-"),
+            ("peak sessions held", f["peak_sessions_held"]),
+            ("peak RSS of the server tree", f"{f['rss_peak_bytes'] / 2**20:.1f} MiB"),
+            ("RSS per held session", f"{(f['rss_per_held_session_bytes'] or 0) / 1024:.1f} KiB"),
+            ("peak PSS of the server tree", f"{f['pss_peak_bytes'] / 2**20:.1f} MiB"),
+            ("PSS per held session", f"{(f['pss_per_held_session_bytes'] or 0) / 1024:.1f} KiB"),
+            ("CPU seconds (server tree)", f["cpu_seconds"])]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    lines += [""] + [f"![{name}]({name})" for name in images]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+COMPARE_ROWS = (("legitimate delivered %", "legit_delivered_pct", "{}"),
+                ("legitimate accepted / s", "legit_accepted_per_s", "{}"),
+                ("latency p50 s", "latency_p50_s", "{}"),
+                ("latency p99 s", "latency_p99_s", "{}"),
+                ("bots shed before DATA %", "bots_shed_before_data_pct", "{}"),
+                ("spam accepted", "spam_accepted", "{}"),
+                ("peak sessions held", "peak_sessions_held", "{}"),
+                ("peak RSS MiB", "rss_peak_bytes", "{:.1f}"),
+                ("RSS per held session KiB", "rss_per_held_session_bytes", "{:.1f}"),
+                ("peak PSS MiB", "pss_peak_bytes", "{:.1f}"),
+                ("PSS per held session KiB", "pss_per_held_session_bytes", "{:.1f}"),
+                ("CPU seconds", "cpu_seconds", "{}"))
+
+
+def compare_report(out: Path, scenario: Scenario, table: dict, targets: list[str]) -> None:
+    """compare.md (one table), compare.json and compare.png for figures by target."""
+
+    def cell(figures: dict, key: str, fmt: str) -> str:
+        value = figures.get(key)
+        if value is None:
+            return "-"
+        if key in ("rss_peak_bytes", "pss_peak_bytes"):
+            value = value / 2**20
+        elif key.endswith("_per_held_session_bytes"):
+            value = value / 1024
+        return fmt.format(value)
+
+    lines = [f"# poolmgr bench compare: {scenario.name}", "", scenario.description, "",
+             "| figure | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+    lines += [f"| {label} | " + " | ".join(cell(table[t], key, fmt) for t in targets) + " |"
+              for label, key, fmt in COMPARE_ROWS]
+    image = compare_plot(out, scenario.name, table, targets)
+    lines += ["", f"![{image}]({image})", ""]
+    lines += [f"Each target's report: [{t}]({t}/report.md)" for t in targets]
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    (out / "compare.json").write_text(json.dumps(table, indent=1) + "\n")
+
+
+def compare_plot(out: Path, name: str, table: dict, targets: list[str]) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("legit_delivered_pct", "legitimate delivered %"), ("latency_p99_s", "p99 s"),
+            ("peak_sessions_held", "peak sessions"), ("rss_per_held_session_bytes",
+                                                      "RSS / session, bytes"),
+            ("cpu_seconds", "CPU s")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.6))
+    for ax, (key, label) in zip(axes, keys):
+        values = [table[t].get(key) or 0 for t in targets]
+        ax.bar(range(len(targets)), values, color=[f"C{i}" for i in range(len(targets))])
+        ax.set_xticks(range(len(targets)), targets, rotation=30, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(f"{name}: side by side")
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=90)
+    plt.close(fig)
+    return "compare.png"

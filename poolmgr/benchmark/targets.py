@@ -1,0 +1,242 @@
+"""The bench's targets: the servers a run measures, each started beside the same peers.
+
+Every target relays to the same `smtp-sink` next hop, so that the next hop costs the same for
+all, and checks the same recipients; a DNS server on a loopback address serves the DNSBL zone.
+Targets: `poolmgr` (both pools), `postfix` (Debian's Postfix, plain smtpd), `postfix-postscreen`
+(postscreen in front of it) and `aiosmtpd` (its stock server and `Proxy` handler). Each
+target's whole process tree is measured the same way (`tree_usage`: RSS, PSS, CPU seconds).
+
+Exports: started, tree_usage, TARGETS, DNSBL_ZONE.
+"""
+
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+
+from ..testing import DnsServer, Poolmgr, Postfix, Sink, free_port, listening, wait_until
+
+TARGETS = ("poolmgr", "postfix", "postfix-postscreen", "aiosmtpd")
+DNSBL_ZONE = "zen.bench.test"
+RESOLVER = "127.53.53.53"
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def tree_usage(pid: int) -> tuple[int, int, float]:
+    """(RSS bytes, PSS bytes, CPU seconds) of a process and its descendants. RSS counts the
+    pages forked processes share once per process; PSS divides them among the sharers."""
+    rss, pss, cpu = 0, 0, 0.0
+    for proc in tree(pid):
+        try:
+            memory = proc.memory_full_info()
+            rss += memory.rss
+            pss += getattr(memory, "pss", memory.rss)
+            times = proc.cpu_times()
+            cpu += times.user + times.system + times.children_user + times.children_system
+        except psutil.Error:
+            pass
+    return rss, pss, cpu
+
+
+class PoolmgrTarget:
+    """poolmgr, both pools, with the greet test, DNSBL scoring and recipient validation."""
+
+    name = "poolmgr"
+
+    def __init__(self, s: dict, recipients: list[str], work: Path, sink: Sink,
+                 dns: DnsServer):
+        self.pm = Poolmgr(work / "poolmgr", {
+            "smtp": {"min_workers": s["smtp_workers"],
+                     "max_workers": max(s["smtp_workers"], s["smtp_max_workers"]),
+                     "max_sessions_per_worker": s["max_sessions_per_worker"]},
+            "scanner": {"min_workers": s["scanner_workers"],
+                        "max_workers": max(s["scanner_workers"], s["scanner_max_workers"]),
+                        "next_hop": f"smtp:127.0.0.1:{sink.port}", "max_requests": 1_000_000},
+            "defence": {"greet_wait": "2s", "dnsbl_sites": [f"{DNSBL_ZONE}*2"],
+                        "dnsbl_threshold": 2, "nameservers": [dns.address],
+                        "recipients": str(self._recipients(work, recipients))},
+        })
+
+    @staticmethod
+    def _recipients(work: Path, recipients: list[str]) -> Path:
+        path = work / "recipients"
+        path.write_text("".join(f"{r}\n" for r in recipients) + "postmaster@example.test\n")
+        return path
+
+    @property
+    def port(self) -> int:
+        return self.pm.smtp_port
+
+    @property
+    def pid(self) -> int:
+        return self.pm.proc.pid
+
+    def start(self) -> None:
+        self.pm.start()
+
+    def sample(self) -> dict:
+        status = self.pm.try_status()
+        if not status:
+            return {}
+        smtp, scanner = status["pools"]["smtp"], status["pools"]["scanner"]
+        return {"sessions": smtp["sessions"], "smtp_workers": smtp["workers"],
+                "scanner_workers": scanner["workers"], "phase": status["autoscale"]["phase"],
+                "stress": status["stress"]["on"]}
+
+    def verdicts(self) -> dict:
+        status = self.pm.try_status() or {}
+        return (status.get("nuisance") or {}).get("total", {}).get("by_reason", {})
+
+    def stop(self) -> None:
+        self.pm.stop()
+
+
+def held_sessions(pids: set[int], port: int) -> int:
+    """Established connections to `port` held by the server's processes (not the ones still
+    waiting in the kernel's accept queue, which no process owns yet)."""
+    try:
+        return sum(1 for c in psutil.net_connections("tcp4")
+                   if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port
+                   and c.pid in pids)
+    except psutil.Error:
+        return 0
+
+
+class ProcessTarget:
+    """A target whose sessions are counted from its sockets (Postfix, aiosmtpd)."""
+
+    def sample(self) -> dict:
+        return {"sessions": held_sessions({p.pid for p in tree(self.pid)}, self.port)}
+
+    def verdicts(self) -> dict:
+        return {}
+
+
+POSTFIX_MAIN = """\
+mynetworks = 127.0.0.1/32
+relayhost = [127.0.0.1]:{sink}
+relay_domains = example.test
+relay_recipient_maps = inline:{{ {recipients} }}
+smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination
+default_process_limit = 100
+"""
+POSTSCREEN_MAIN = """\
+postscreen_dnsbl_sites = {zone}*2
+postscreen_dnsbl_threshold = 2
+postscreen_dnsbl_action = enforce
+postscreen_greet_action = enforce
+postscreen_greet_wait = 2s
+"""
+
+
+class PostfixTarget(ProcessTarget):
+    """Postfix from Debian: plain smtpd (process limit 100), or postscreen in front of it with
+    the same DNSBL; relays to the same smtp-sink as poolmgr."""
+
+    def __init__(self, recipients: list[str], sink: Sink, dns: DnsServer, postscreen: bool):
+        self.name = "postfix-postscreen" if postscreen else "postfix"
+        self.port = free_port()
+        valid = ", ".join(f"{r}=ok" for r in recipients)
+        main = POSTFIX_MAIN.format(sink=sink.port, recipients=valid).replace("{", "{{") \
+            .replace("}", "}}")
+        if postscreen:
+            main += POSTSCREEN_MAIN.format(zone=DNSBL_ZONE)
+            master = (f"127.0.0.1:{self.port} inet n - n - 1 postscreen\n"
+                      f"smtpd pass - - n - - smtpd\n"
+                      f"dnsblog unix - - n - 0 dnsblog\n"
+                      f"tlsproxy unix - - n - 0 tlsproxy\n")
+        else:
+            master = f"127.0.0.1:{self.port} inet n - n - - smtpd\n"
+        self.postfix = Postfix(main, master, resolver=dns.host if postscreen else None)
+
+    @property
+    def pid(self) -> int:
+        return self.postfix.master_pid
+
+    def start(self) -> None:
+        self.postfix.start()
+
+    def verdicts(self) -> dict:
+        from ..plan import parse_maillog
+
+        sessions = parse_maillog(self.postfix.maillog().splitlines())
+        return dict(Counter(s.reason for s in sessions if not s.legit))
+
+    def stop(self) -> None:
+        self.postfix.stop()
+
+
+class AiosmtpdTarget(ProcessTarget):
+    """aiosmtpd's stock server and Proxy handler (`benchmark.aiosmtpd_relay`)."""
+
+    name = "aiosmtpd"
+
+    def __init__(self, work: Path, sink: Sink):
+        self.port = free_port()
+        self.sink = sink
+        self.proc: subprocess.Popen | None = None
+        self.log = open(work / "aiosmtpd.log", "ab")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "poolmgr.benchmark.aiosmtpd_relay", str(self.port),
+             str(self.sink.port)],
+            stdout=self.log, stderr=self.log)
+        wait_until(lambda: listening(self.port), what="aiosmtpd")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@contextmanager
+def started(target_name: str, server: dict, recipients: list[str],
+            listed: list[str] = ()) -> Iterator[tuple[object, Sink, DnsServer, Path]]:
+    """A target running with its peers: (target, sink, dns, work directory); all stopped at
+    the end. `server` sizes it (scenario.SERVER_DEFAULTS), `recipients` are the valid ones,
+    `listed` address prefixes are in the DNSBL zone."""
+    if target_name not in TARGETS:
+        raise SystemExit(f"poolmgr bench: unknown target {target_name!r}; "
+                         f"known: {', '.join(TARGETS)}")
+    work = Path(tempfile.mkdtemp(prefix=f"poolmgr-bench-{target_name}-"))
+    # Postfix asks the system resolver: the DNS server then listens on port 53 of an address
+    # of its own, named in the resolv.conf of Postfix's mount namespace.
+    dns = (DnsServer({}, ttl=300, host=RESOLVER, port=53) if target_name.startswith("postfix")
+           else DnsServer({}, ttl=300)).start()
+    for prefix in listed:
+        dns.list_network(prefix, DNSBL_ZONE)
+    sink = None
+    target = None
+    try:
+        sink = Sink(work).start()
+        if target_name == "poolmgr":
+            target = PoolmgrTarget(server, recipients, work, sink, dns)
+        elif target_name == "aiosmtpd":
+            target = AiosmtpdTarget(work, sink)
+        else:
+            target = PostfixTarget(recipients, sink, dns, target_name == "postfix-postscreen")
+        target.start()
+        yield target, sink, dns, work
+    finally:
+        if target is not None:
+            target.stop()
+        if sink is not None:
+            sink.stop()
+        dns.stop()
