@@ -6,8 +6,14 @@ workers, unless the kernel merged them while pending); the
 control socket is read by the same loop; only `Master.loop` changes state. The master never
 imports gevent and never touches a mail byte.
 
-Signals: TERM graceful stop, INT/QUIT fast stop, HUP reload, TTIN/TTOU SMTP pool +1/-1,
-USR1 reopen logs.
+Signals and control verbs are dispatched through tables: signal SIGxxx to `handle_xxx`,
+control request `{"cmd": "ctl", "args": [verb, value]}` to `ctl_<verb>` (smtp, scanner, stress,
+autoscale), each request's shape checked first. TERM graceful stop, INT/QUIT fast stop, HUP
+reload, TTIN/TTOU SMTP pool +1/-1, USR1 reopen logs.
+
+The loop, each round: signals, reap, murder (stale heartbeats, overdue drains), then stop or
+autoscale + manage, then the once-a-second sample (nuisance window, metrics) and
+`recycle_fat_workers` (max_rss). What `status` reports is assembled in `status`.
 
 Every `autoscale.interval` the master takes a snapshot (scoreboard, accept queue from
 TCP_INFO, nuisance ratio) and applies what `autoscale.decide` returns; every decision is logged
@@ -26,16 +32,16 @@ import resource
 import selectors
 import signal
 import socket
-import struct
 import time
 
 import psutil
 
-from . import autoscale, config, log, metrics
+from . import autoscale, config, log, metrics, status
 from .anvil import Anvil, AnvilServer
 from .board import Board
 from .config import Config, ConfigError, format_address
 from .control import ControlServer
+from .listen import bind
 from .pools import DRAINING, RUNNING, Pool, Worker, resize, set_bounds
 from .process import MASTER_SIGNALS, WorkerContext, child_after_fork, set_title
 from .stats import NuisanceWindow
@@ -45,23 +51,11 @@ from .smtp import worker as smtp_worker
 LOOP_INTERVAL = 0.5
 HOUSEKEEPING_INTERVAL = 0.1
 RSS_CHECK_INTERVAL = 5.0
-MIN_CLOSED_FOR_RATIO = 20  # fewer closed sessions in the window: their ratio is noise
 KILL_MARGIN = 15.0  # seconds past graceful_timeout before a draining worker is killed
 FAST_STOP_WAIT = 3.0
-SIGNAMES = {s: s.name for s in signal.Signals}
-
-
-def bind(address: tuple[str, int], backlog: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise SystemExit(f"fatal: bind {format_address(address)}: {exc.strerror}") from None
-    sock.listen(backlog)
-    return sock
+# handle_<name> for each signal the master takes (gunicorn's SIG_NAMES).
+SIG_NAMES = {sig: sig.name.removeprefix("SIG").lower() for sig in MASTER_SIGNALS}
+CTL_USAGE = "usage: ctl smtp|scanner N|+N|-N, ctl stress on|off, ctl autoscale on|off"
 
 
 class Master:
@@ -181,7 +175,7 @@ class Master:
                             pass
                     elif key.data == "control":
                         urgent = True
-                        self.control.serve(self.handle_request)
+                        self.control.serve(self.serve_request)
                     elif not self.anvil_server.serve(key.fileobj, key.data):
                         self.close_anvil(key.data)
                 # Anvil requests wake the loop thousands of times a second in a storm; the
@@ -201,26 +195,43 @@ class Master:
                     self.autoscale()
                     self.manage()
                 self.sample()
+                self.recycle_fat_workers()
                 self.update_title()
         finally:
             self.teardown()
         return 0
 
     def handle_signal(self, signum: int) -> None:
-        if signum == signal.SIGCHLD:
-            return  # reaped right after
-        self.log.info("received SIG%s", SIGNAMES.get(signum, signum).removeprefix("SIG"))
-        if signum == signal.SIGTERM:
-            self.begin_stop("graceful")
-        elif signum in (signal.SIGINT, signal.SIGQUIT):
-            self.begin_stop("fast")
-        elif signum == signal.SIGHUP:
-            self.reload()
-        elif signum in (signal.SIGTTIN, signal.SIGTTOU):
-            self.apply_resize("smtp", "+1" if signum == signal.SIGTTIN else "-1", "signal")
-        elif signum == signal.SIGUSR1:
-            log.reopen()
-            self.signal_all(signal.SIGUSR1)
+        name = SIG_NAMES.get(signum)
+        if name is None:
+            return
+        if name != "chld":
+            self.log.info("received SIG%s", name.upper())
+        getattr(self, f"handle_{name}")()
+
+    def handle_chld(self) -> None:
+        pass  # reaped right after
+
+    def handle_term(self) -> None:
+        self.begin_stop("graceful")
+
+    def handle_int(self) -> None:
+        self.begin_stop("fast")
+
+    handle_quit = handle_int
+
+    def handle_hup(self) -> None:
+        self.reload()
+
+    def handle_ttin(self) -> None:
+        self.apply_resize("smtp", "+1", "signal")
+
+    def handle_ttou(self) -> None:
+        self.apply_resize("smtp", "-1", "signal")
+
+    def handle_usr1(self) -> None:
+        log.reopen()
+        self.signal_all(signal.SIGUSR1)
 
     def apply_resize(self, kind: str, spec: str, source: str) -> tuple[bool, str]:
         done, message = resize(self.pools, kind, spec)
@@ -413,28 +424,25 @@ class Master:
                 self.retire(worker)
         return not any(pool.workers for pool in self.pools.values())
 
-    # -- status
-    def pool_counters(self, pool: Pool) -> collections.Counter:
-        """Cumulative counters of a pool: exited workers' totals plus the live slots."""
-        counters = collections.Counter(pool.totals)
-        for worker in pool.workers.values():
-            counters.update(self.board.read(worker.slot)["counters"])
-        return counters
-
+    # -- sampling and memory
     def sample(self) -> None:
+        """Once a second: the nuisance window, and the copy of the status metrics serve."""
         now = time.monotonic()
-        if now - self.sampled_at >= 1.0:
-            self.sampled_at = now
-            self.nuisance.window = self.cfg.defence.nuisance_window
-            self.nuisance.add(now, dict(self.pool_counters(self.pools["smtp"])))
-            if self.metrics is not None:
-                self.metrics.publish(self.status(), self.decision_count)
-        if now - self.rss_checked >= RSS_CHECK_INTERVAL and not self.stopping:
-            self.rss_checked = now
-            self.recycle_fat_workers()
+        if now - self.sampled_at < 1.0:
+            return
+        self.sampled_at = now
+        self.nuisance.window = self.cfg.defence.nuisance_window
+        self.nuisance.add(now, dict(status.pool_counters(self, self.pools["smtp"])))
+        if self.metrics is not None:
+            self.metrics.publish(status.collect(self), self.decision_count)
 
     def recycle_fat_workers(self) -> None:
-        """Retire workers over their pool's max_rss; manage() starts fresh ones."""
+        """Every RSS_CHECK_INTERVAL: retire workers over their pool's max_rss; manage() starts
+        fresh ones."""
+        now = time.monotonic()
+        if now - self.rss_checked < RSS_CHECK_INTERVAL or self.stopping:
+            return
+        self.rss_checked = now
         for kind, pool in self.pools.items():
             limit = getattr(self.cfg, kind).max_rss or self.cfg.master.max_rss
             if not limit:
@@ -450,67 +458,56 @@ class Master:
                                      limit / 2**20)
                     self.retire(worker)
 
+    # -- control requests
+    def serve_request(self, request: dict) -> dict:
+        """A control request must never take the master down: a handler's failure is logged
+        and answered."""
+        try:
+            return self.handle_request(request)
+        except Exception:
+            self.log.exception("control request %.80r failed", request)
+            return {"ok": False, "message": "internal error, see the log"}
+
     def handle_request(self, request: dict) -> dict:
-        cmd = request.get("cmd")
+        """One control request; a wrong shape gets an error answer, never an exception."""
+        cmd, args = request.get("cmd"), request.get("args", [])
         if cmd == "status":
-            return {"ok": True, "status": self.status()}
-        if cmd == "ctl":
-            args = request.get("args") or []
-            if len(args) == 2 and args[0] in self.pools:
-                done, message = self.apply_resize(str(args[0]), str(args[1]), "ctl")
-                return {"ok": done, "message": message}
-            if len(args) == 2 and args[0] == "stress" and args[1] in ("on", "off"):
-                return {"ok": True, "message": self.set_stress(args[1] == "on", "ctl")}
-            if len(args) == 2 and args[0] == "autoscale" and args[1] in ("on", "off"):
-                return {"ok": True, "message": self.set_autoscale(args[1] == "on")}
-            return {"ok": False, "message": "usage: ctl smtp|scanner N|+N|-N, ctl stress on|off, "
-                                            "ctl autoscale on|off"}
-        return {"ok": False, "message": f"unknown command {cmd!r}"}
+            return {"ok": True, "status": status.collect(self).to_json()}
+        if cmd != "ctl":
+            return {"ok": False, "message": f"unknown command {str(cmd)[:40]!r}"}
+        handler = (getattr(self, f"ctl_{args[0]}", None) if isinstance(args, list) and
+                   len(args) == 2 and all(isinstance(a, str) for a in args) and
+                   args[0].isalpha() else None)
+        if handler is None:
+            return {"ok": False, "message": CTL_USAGE}
+        return handler(args[1])
+
+    def ctl_smtp(self, size: str) -> dict:
+        done, message = self.apply_resize("smtp", size, "ctl")
+        return {"ok": done, "message": message}
+
+    def ctl_scanner(self, size: str) -> dict:
+        done, message = self.apply_resize("scanner", size, "ctl")
+        return {"ok": done, "message": message}
+
+    def ctl_stress(self, word: str) -> dict:
+        if word not in ("on", "off"):
+            return {"ok": False, "message": CTL_USAGE}
+        return {"ok": True, "message": self.set_stress(word == "on", "ctl")}
+
+    def ctl_autoscale(self, word: str) -> dict:
+        if word not in ("on", "off"):
+            return {"ok": False, "message": CTL_USAGE}
+        return {"ok": True, "message": self.set_autoscale(word == "on")}
 
     # -- autoscaling
-    def accept_queue(self) -> tuple[int, int]:
-        """(connections waiting in the SMTP accept queue, listen backlog): Linux TCP_INFO."""
-        try:
-            info = self.sockets["smtp"].getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-            queued, backlog = struct.unpack_from("=II", info, 24)  # tcpi_unacked, tcpi_sacked
-            return queued, max(1, backlog)
-        except (OSError, struct.error):
-            return 0, max(1, self.cfg.smtp.backlog)
-
-    def snapshot(self, now: float) -> autoscale.Snapshot:
-        smtp, scanner = self.pools["smtp"], self.pools["scanner"]
-        running = smtp.running()
-        infos = [self.board.read(w.slot) for w in running]
-        sessions = sum(i["sessions"] for i in infos)
-        suspect = sum(i["suspect"] for i in infos)
-        live_ratio = suspect / sessions if sessions else 0.0
-        counters = self.pool_counters(smtp)
-        handoffs, wait_ms = counters.get("handoffs", 0), counters.get("handoff_wait_ms", 0)
-        (old_handoffs, old_wait_ms), self.handoff_mark = self.handoff_mark, (handoffs, wait_ms)
-        done = handoffs - old_handoffs
-        queued, backlog = self.accept_queue()
-        return autoscale.Snapshot(
-            now=now, smtp=smtp.target, scanner=scanner.target, smtp_floor=smtp.floor,
-            smtp_ceiling=smtp.ceiling, scanner_floor=scanner.floor,
-            scanner_ceiling=scanner.ceiling, sessions=sessions,
-            slots=len(running) * self.cfg.smtp.max_sessions_per_worker, backlog=queued,
-            backlog_max=backlog,
-            nuisance_ratio=max(self.window_ratio(), live_ratio),
-            scanner_busy=sum(self.board.read(w.slot)["busy"] for w in scanner.running()),
-            handoff_wait=(wait_ms - old_wait_ms) / 1000 / done if done > 0 else 0.0)
-
-    def window_ratio(self) -> float:
-        """The closed sessions' nuisance ratio, once enough sessions closed to mean anything."""
-        window = self.nuisance.summary()
-        closed = window["legit"] + window["nuisance"]
-        return window["ratio"] if closed >= MIN_CLOSED_FOR_RATIO else 0.0
-
     def autoscale(self) -> None:
         now = time.monotonic()
         if not self.autoscale_on or now - self.scaled_at < self.cfg.autoscale.interval:
             return
         self.scaled_at = now
-        snap = self.last_snapshot = self.snapshot(now)
+        snap, self.handoff_mark = status.snapshot(self, now, self.handoff_mark)
+        self.last_snapshot = snap
         before = self.scaler
         smtp, scanner, self.scaler, decisions = autoscale.decide(snap, before, self.cfg.autoscale)
         if self.scaler.phase != before.phase:
@@ -544,76 +541,6 @@ class Master:
                 if self.stress["source"] == "autoscale" and self.stress["on"]:
                     self.set_stress(False, "autoscale")
         return f"autoscale {'on' if on else 'off'}"
-
-    def autoscale_status(self) -> dict:
-        snap = self.last_snapshot
-        figures = {"pressure": 0.0, "occupancy": 0.0, "backlog": 0,  # before the first snapshot
-                   "backlog_max": self.cfg.smtp.backlog, "nuisance_ratio": 0.0,
-                   "handoff_wait": 0.0} if snap is None else {
-            "pressure": round(snap.pressure, 3), "occupancy": round(snap.occupancy, 3),
-            "backlog": snap.backlog, "backlog_max": snap.backlog_max,
-            "nuisance_ratio": round(snap.nuisance_ratio, 3),
-            "handoff_wait": round(snap.handoff_wait, 3)}
-        return {"enabled": self.autoscale_on, "phase": self.scaler.phase,
-                "since": round(self.phase_since, 1), **figures,
-                "decisions": list(self.decisions)}
-
-    def status(self) -> dict:
-        now = time.monotonic()
-        pools = {}
-        for kind, pool in self.pools.items():
-            counters = self.pool_counters(pool)
-            listing, sessions, busy, rss = [], 0, 0, 0
-            by_state = collections.Counter()
-            for worker in sorted(pool.workers.values(), key=lambda w: (w.state, w.number)):
-                info = self.board.read(worker.slot)
-                try:
-                    worker_rss = psutil.Process(worker.pid).memory_info().rss
-                except psutil.Error:
-                    worker_rss = 0
-                sessions += info["sessions"]
-                busy += info["busy"]
-                by_state.update(suspect=info["suspect"], transacting=info["transacting"])
-                rss += worker_rss
-                listing.append({"pid": worker.pid, "number": worker.number,
-                                "generation": worker.generation, "state": worker.state,
-                                "age": round(now - worker.started, 1),
-                                "sessions": info["sessions"], "busy": info["busy"],
-                                "heartbeat_age": round(now - info["heartbeat"], 1),
-                                "rss": worker_rss})
-            running = len(pool.running())
-            per_worker = self.cfg.smtp.max_sessions_per_worker if kind == "smtp" else 1
-            pools[kind] = {
-                "workers": running, "draining": len(pool.workers) - running,
-                "target": pool.target, "floor": pool.floor, "ceiling": pool.ceiling,
-                "sessions": sessions, "slots": running * per_worker, "busy": busy,
-                "rss": rss, "throttled": pool.backoff_until > now,
-                "counters": dict(counters), "worker_list": listing,
-            }
-            if kind == "smtp":  # live sessions by state (see FrontSession.looks_like_nuisance)
-                pools[kind]["sessions_by_state"] = {
-                    "suspect": by_state["suspect"], "transaction": by_state["transacting"],
-                    "other": max(0, sessions - by_state["suspect"] - by_state["transacting"])}
-        return {"version": __import__("poolmgr").__version__,
-                "master": {"pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
-                           "config": self.cfg.path, "generation": self.generation,
-                           "state": f"stopping ({self.stopping})" if self.stopping else "running",
-                           "rss": psutil.Process().memory_info().rss},
-                "pools": pools, "nuisance": self.nuisance_status(pools["smtp"]["counters"]),
-                "stress": dict(self.stress),
-                "storm": {"active": self.scaler.phase == autoscale.STORM,
-                          "phase": self.scaler.phase, "since": round(self.phase_since, 1)},
-                "autoscale": self.autoscale_status(),
-                "anvil": {"clients": len(self.anvil.clients),
-                          "connections": sum(c.count for c in self.anvil.clients.values())}}
-
-    def nuisance_status(self, counters: dict) -> dict:
-        """The sliding-window ratio, plus all-time counts by reason since start."""
-        summary = self.nuisance.summary()
-        summary["total"] = {"legit": counters.get("legit", 0), "by_reason": {
-            key.removeprefix("nuisance_"): value for key, value in counters.items()
-            if key.startswith("nuisance_") and value}}
-        return summary
 
     def update_title(self) -> None:
         smtp, scanner = self.pools["smtp"], self.pools["scanner"]

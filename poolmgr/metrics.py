@@ -18,20 +18,22 @@ Exports: StatusCollector, start.
 from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 
+from .status import Status
+
 
 class StatusCollector:
     def __init__(self):
-        self.status: dict | None = None
+        self.status: Status | None = None
         self.decisions = 0
 
-    def publish(self, status: dict, decisions: int) -> None:
+    def publish(self, status: Status, decisions: int) -> None:
         self.status, self.decisions = status, decisions  # replaced whole: readers see one copy
 
     def collect(self):
         status, decisions = self.status, self.decisions
         if status is None:
             return
-        pools = status["pools"]
+        pools = status.pools
         per_pool = {name: GaugeMetricFamily(f"poolmgr_pool_{name}", help_text, labels=["pool"])
                     for name, help_text in (
                         ("workers", "Running workers of the pool"),
@@ -46,27 +48,25 @@ class StatusCollector:
                                           labels=["pool"])
         for kind, pool in pools.items():
             for name, family in per_pool.items():
-                family.add_metric([kind], pool["rss" if name == "rss_bytes" else name])
-            for worker in pool["worker_list"]:
-                worker_rss.add_metric([kind, str(worker["number"]), str(worker["pid"])],
-                                      worker["rss"])
-            connections.add_metric([kind], pool["counters"].get("connections", 0))
+                family.add_metric([kind], getattr(pool, "rss" if name == "rss_bytes" else name))
+            for worker in pool.worker_list:
+                worker_rss.add_metric([kind, str(worker.number), str(worker.pid)], worker.rss)
+            connections.add_metric([kind], pool.counters.get("connections", 0))
         yield from per_pool.values()
         yield worker_rss
         yield connections
         smtp = pools["smtp"]
-        counters = smtp["counters"]
-        auto = status.get("autoscale") or {}
+        counters = smtp.counters
         for name, help_text, value in (
-                ("smtp_sessions", "Live SMTP sessions", smtp["sessions"]),
-                ("smtp_slots", "SMTP session slots of the running workers", smtp["slots"]),
+                ("smtp_sessions", "Live SMTP sessions", smtp.sessions),
+                ("smtp_slots", "SMTP session slots of the running workers", smtp.slots),
                 ("smtp_accept_queue", "Connections waiting in the SMTP accept queue",
-                 auto.get("backlog", 0)),
-                ("scanner_busy", "Scanner workers busy with a message", pools["scanner"]["busy"]),
+                 status.autoscale.backlog),
+                ("scanner_busy", "Scanner workers busy with a message", pools["scanner"].busy),
                 ("nuisance_ratio", "Nuisance share of closed sessions over the window",
-                 status["nuisance"]["ratio"]),
-                ("storm", "1 while the autoscaler is in a storm", int(status["storm"]["active"])),
-                ("stress", "1 while stress mode is on", int(status["stress"]["on"]))):
+                 status.nuisance.ratio),
+                ("storm", "1 while the autoscaler is in a storm", int(status.storm.active)),
+                ("stress", "1 while stress mode is on", int(status.stress.on))):
             yield GaugeMetricFamily(f"poolmgr_{name}", help_text, value=value)
         sessions = CounterMetricFamily("poolmgr_sessions", "Closed SMTP sessions by verdict",
                                        labels=["verdict"])

@@ -317,3 +317,18 @@ def test_config_with_fewer_smtp_than_scanner_workers_starts_with_the_rule_applie
     status = pm.wait_workers(2, 2)
     assert status["pools"]["smtp"]["floor"] == 2
     assert "warning: " in pm.log() and "the SMTP pool starts at 2" in pm.log()
+
+
+def test_malformed_control_requests_are_answered_and_the_master_stays_up(make_poolmgr):
+    from poolmgr import control
+
+    pm = make_poolmgr()
+    sock = str(pm.dir / "ctl.sock")
+    for request in ({"cmd": "ctl", "args": [["smtp"], "+1"]}, {"cmd": "ctl", "args": 5},
+                    {"cmd": "ctl", "args": ["smtp"]}, {"cmd": "ctl", "args": ["smtp", 3]},
+                    {"cmd": "ctl", "args": ["__init__", "x"]}, {"cmd": "ctl", "args": ["a", "b"]},
+                    {"cmd": 7}, {"cmd": ["status"]}, {}, {"cmd": "ctl", "args": None}):
+        answer = control.request(sock, request)
+        assert answer["ok"] is False and answer["message"], (request, answer)
+    assert pm.status()["pools"]["smtp"]["workers"] == 2
+    assert pm.run_cli("ctl", "smtp", "3").returncode == 0

@@ -1,0 +1,270 @@
+"""What `poolmgr status` reports, as typed records, and how the master assembles them.
+
+The records (dataclasses) are the one description of the status: the master builds a `Status`
+(`collect`), the control socket carries it as JSON (`Status.to_json`, the documented
+`status --json` shape), and every reader (`cli`, `top`, `metrics`, the bench) turns the JSON
+back into records (`Status.from_json`) and reads attributes, so a renamed field fails where it
+is read, not at run time in another process. `snapshot` assembles the autoscaler's input from
+the same sources.
+
+Exports: Status, PoolStatus, WorkerStatus, MasterStatus, NuisanceStatus, StressStatus,
+StormStatus, AutoscaleStatus, Decision, AnvilStatus, collect, snapshot.
+"""
+
+import dataclasses
+import os
+import time
+import types
+import typing
+from collections import Counter
+from dataclasses import dataclass, field
+
+import psutil
+
+from . import autoscale
+from .listen import accept_queue
+
+MIN_CLOSED_FOR_RATIO = 20  # fewer closed sessions in the window: their ratio is noise
+
+
+@dataclass
+class WorkerStatus:
+    pid: int
+    number: int
+    generation: int
+    state: str            # running or draining
+    age: float            # seconds since it was started
+    sessions: int
+    busy: int
+    heartbeat_age: float
+    rss: int
+
+
+@dataclass
+class PoolStatus:
+    workers: int          # running
+    draining: int
+    target: int
+    floor: int
+    ceiling: int
+    sessions: int
+    slots: int            # SMTP: running workers x max_sessions_per_worker; scanner: workers
+    busy: int
+    rss: int
+    throttled: bool       # a start-up crash loop is being backed off
+    counters: dict[str, int]
+    worker_list: list[WorkerStatus]
+    sessions_by_state: dict[str, int] | None = None  # SMTP: suspect, transaction, other
+
+
+@dataclass
+class MasterStatus:
+    pid: int
+    uptime: float
+    config: str
+    generation: int
+    state: str
+    rss: int
+
+
+@dataclass
+class NuisanceTotal:
+    legit: int
+    by_reason: dict[str, int]
+
+
+@dataclass
+class NuisanceStatus:
+    window: float
+    ratio: float
+    legit: int
+    nuisance: int
+    by_reason: dict[str, int]
+    total: NuisanceTotal
+
+
+@dataclass
+class StressStatus:
+    on: bool = False
+    source: str = ""
+    since: float | None = None
+
+
+@dataclass
+class StormStatus:
+    active: bool
+    phase: str
+    since: float
+
+
+@dataclass
+class Decision:
+    time: float
+    decision: str
+
+
+@dataclass
+class AutoscaleStatus:
+    enabled: bool
+    phase: str
+    since: float
+    pressure: float = 0.0
+    occupancy: float = 0.0
+    backlog: int = 0          # connections waiting in the SMTP accept queue
+    backlog_max: int = 0      # the listen backlog
+    nuisance_ratio: float = 0.0
+    handoff_wait: float = 0.0
+    decisions: list[Decision] = field(default_factory=list)
+
+
+@dataclass
+class AnvilStatus:
+    clients: int
+    connections: int
+
+
+@dataclass
+class Status:
+    version: str
+    master: MasterStatus
+    pools: dict[str, PoolStatus]
+    nuisance: NuisanceStatus
+    stress: StressStatus
+    storm: StormStatus
+    autoscale: AutoscaleStatus
+    anvil: AnvilStatus
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Status":
+        return _load(cls, data)
+
+
+def _load(kind, value):
+    """Records from their JSON form, by the type hints; unknown keys (newer masters) skipped."""
+    if dataclasses.is_dataclass(kind):
+        hints = typing.get_type_hints(kind)
+        return kind(**{f.name: _load(hints[f.name], value[f.name])
+                       for f in dataclasses.fields(kind) if f.name in value})
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if value is None:
+        return None
+    if origin is list:
+        return [_load(args[0], item) for item in value]
+    if origin is dict:
+        return {key: _load(args[1], item) for key, item in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return _load(next(a for a in args if a is not type(None)), value)
+    return value
+
+
+def _rss(pid: int) -> int:
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return 0
+
+
+def pool_counters(master, pool) -> Counter:
+    """Cumulative counters of a pool: exited workers' totals plus the live slots."""
+    counters = Counter(pool.totals)
+    for worker in pool.workers.values():
+        counters.update(master.board.read(worker.slot)["counters"])
+    return counters
+
+
+def _pool(master, kind: str, pool, now: float) -> PoolStatus:
+    listing, by_state = [], Counter()
+    for worker in sorted(pool.workers.values(), key=lambda w: (w.state, w.number)):
+        info = master.board.read(worker.slot)
+        by_state.update(suspect=info["suspect"], transacting=info["transacting"])
+        listing.append(WorkerStatus(worker.pid, worker.number, worker.generation, worker.state,
+                                    round(now - worker.started, 1), info["sessions"],
+                                    info["busy"], round(now - info["heartbeat"], 1),
+                                    _rss(worker.pid)))
+    running = len(pool.running())
+    sessions = sum(w.sessions for w in listing)
+    per_worker = master.cfg.smtp.max_sessions_per_worker if kind == "smtp" else 1
+    result = PoolStatus(running, len(pool.workers) - running, pool.target, pool.floor,
+                        pool.ceiling, sessions, running * per_worker,
+                        sum(w.busy for w in listing), sum(w.rss for w in listing),
+                        pool.backoff_until > now, dict(pool_counters(master, pool)), listing)
+    if kind == "smtp":  # live sessions by state (see FrontSession.looks_like_nuisance)
+        result.sessions_by_state = {
+            "suspect": by_state["suspect"], "transaction": by_state["transacting"],
+            "other": max(0, sessions - by_state["suspect"] - by_state["transacting"])}
+    return result
+
+
+def _nuisance(master, counters: dict) -> NuisanceStatus:
+    """The sliding-window ratio, plus all-time counts by reason since start."""
+    window = master.nuisance.summary()
+    total = NuisanceTotal(counters.get("legit", 0), {
+        key.removeprefix("nuisance_"): value for key, value in counters.items()
+        if key.startswith("nuisance_") and value})
+    return NuisanceStatus(window["window"], window["ratio"], window["legit"],
+                          window["nuisance"], window["by_reason"], total)
+
+
+def _autoscale(master) -> AutoscaleStatus:
+    snap = master.last_snapshot
+    result = AutoscaleStatus(master.autoscale_on, master.scaler.phase,
+                             round(master.phase_since, 1), backlog_max=master.cfg.smtp.backlog,
+                             decisions=[Decision(**d) for d in master.decisions])
+    if snap is not None:
+        result.pressure, result.occupancy = round(snap.pressure, 3), round(snap.occupancy, 3)
+        result.backlog, result.backlog_max = snap.backlog, snap.backlog_max
+        result.nuisance_ratio = round(snap.nuisance_ratio, 3)
+        result.handoff_wait = round(snap.handoff_wait, 3)
+    return result
+
+
+def collect(master) -> Status:
+    now = time.monotonic()
+    pools = {kind: _pool(master, kind, pool, now) for kind, pool in master.pools.items()}
+    return Status(
+        version=__import__("poolmgr").__version__,
+        master=MasterStatus(os.getpid(), round(time.time() - master.started, 1),
+                            master.cfg.path, master.generation,
+                            f"stopping ({master.stopping})" if master.stopping else "running",
+                            _rss(os.getpid())),
+        pools=pools, nuisance=_nuisance(master, pools["smtp"].counters),
+        stress=StressStatus(**master.stress),
+        storm=StormStatus(master.scaler.phase == autoscale.STORM, master.scaler.phase,
+                          round(master.phase_since, 1)),
+        autoscale=_autoscale(master),
+        anvil=AnvilStatus(len(master.anvil.clients),
+                          sum(c.count for c in master.anvil.clients.values())))
+
+
+def window_ratio(master) -> float:
+    """The closed sessions' nuisance ratio, once enough sessions closed to mean anything."""
+    window = master.nuisance.summary()
+    closed = window["legit"] + window["nuisance"]
+    return window["ratio"] if closed >= MIN_CLOSED_FOR_RATIO else 0.0
+
+
+def snapshot(master, now: float, handoff_mark: tuple[int, int]) -> tuple[autoscale.Snapshot,
+                                                                         tuple[int, int]]:
+    """The autoscaler's input, and the hand-off mark for the next interval's differences."""
+    smtp, scanner = master.pools["smtp"], master.pools["scanner"]
+    running = smtp.running()
+    infos = [master.board.read(w.slot) for w in running]
+    sessions = sum(i["sessions"] for i in infos)
+    suspect = sum(i["suspect"] for i in infos)
+    live_ratio = suspect / sessions if sessions else 0.0
+    counters = pool_counters(master, smtp)
+    handoffs, wait_ms = counters.get("handoffs", 0), counters.get("handoff_wait_ms", 0)
+    done = handoffs - handoff_mark[0]
+    queued, backlog = accept_queue(master.sockets["smtp"], master.cfg.smtp.backlog)
+    snap = autoscale.Snapshot(
+        now=now, smtp=smtp.target, scanner=scanner.target, smtp_floor=smtp.floor,
+        smtp_ceiling=smtp.ceiling, scanner_floor=scanner.floor,
+        scanner_ceiling=scanner.ceiling, sessions=sessions,
+        slots=len(running) * master.cfg.smtp.max_sessions_per_worker, backlog=queued,
+        backlog_max=backlog, nuisance_ratio=max(window_ratio(master), live_ratio),
+        scanner_busy=sum(master.board.read(w.slot)["busy"] for w in scanner.running()),
+        handoff_wait=(wait_ms - handoff_mark[1]) / 1000 / done if done > 0 else 0.0)
+    return snap, (handoffs, wait_ms)
