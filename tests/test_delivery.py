@@ -73,6 +73,7 @@ def test_starttls(make_poolmgr, certificate):
         client.starttls(context=context)
         client.ehlo()
         assert not client.has_extn("starttls")  # RFC 3207: not offered again
+        assert client.docmd("HELP")[1].decode().endswith(" HELP STARTTLS")
         client.sendmail("alice@example.org", ["bob@example.test"], message("over tls"))
     (delivered,) = pm.delivered()
     assert b"with ESMTPS id" in delivered

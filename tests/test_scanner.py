@@ -143,3 +143,19 @@ def test_scanner_as_a_plain_smtp_content_filter(make_poolmgr):
     (delivered,) = pm.delivered()
     assert b"Subject: filter" in delivered and b"X-Poolmgr-Scan: clean" in delivered
 
+
+
+def test_help_lists_each_listeners_own_commands(make_poolmgr):
+    """HELP comes from the listener's command table: the scanner speaks LHLO and XFORWARD and
+    offers no STARTTLS; the SMTP pool without a certificate offers no STARTTLS either."""
+    pm = make_poolmgr()
+    for port, expected in (
+            (pm.scanner_port, "214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY "
+                              "HELP LHLO XFORWARD"),
+            (pm.smtp_port, "214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY "
+                           "HELP")):
+        raw = Raw(port)
+        raw.reply()
+        raw.send(b"HELP\r\n")
+        assert raw.reply()[1] == [expected]
+        raw.close()

@@ -55,10 +55,6 @@ class FrontService:
         self.proxy_filter: NextHop = cfg.smtp.proxy_filter or NextHop("smtp", host, port)
 
 
-JUNK_COMMANDS = frozenset(("NOOP", "RSET", "VRFY", "ETRN"))
-# Commands that must end a pipelined group (RFC 2920 section 3.1). QUIT needs no answer, and
-# input sent after STARTTLS is discarded (CVE-2011-0411) rather than refused.
-GROUP_ENDERS = frozenset(("HELO", "EHLO", "DATA"))
 ANVIL_TIMEOUT = 2.0
 
 
@@ -222,12 +218,14 @@ class FrontSession(ServerSession):
         return None
 
     # -- the dialogue: pipelining, junk and error limits, tarpit
-    def screen(self, verb: str):
+    def screen(self, verb: str, command: Command | None):
+        # Input after a command flagged `last` is improper pipelining (QUIT needs no answer;
+        # input sent after STARTTLS is discarded, CVE-2011-0411, rather than refused).
         if not self.trusted and (self.early or (self.conn.buf and verb != "QUIT" and (
-                verb in GROUP_ENDERS or self.helo is None or self.proto != "ESMTP"))):
+                (command and command.last) or self.helo is None or self.proto != "ESMTP"))):
             if self.improper_pipelining(verb):
                 return R.R503_PIPELINING
-        if verb in JUNK_COMMANDS:
+        if command and command.junk:
             self.junk += 1
             if self.junk > self.junk_limit:
                 self.errors += 1

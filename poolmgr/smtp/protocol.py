@@ -40,10 +40,15 @@ class Envelope:
 
 
 class Command(NamedTuple):
+    """One row of a listener's command table, with its policy flags (Postfix's
+    smtpd_cmd_table: LIMIT is `junk`, LAST is `last`)."""
     handler: Callable[["ServerSession", str], bool]
     stat: str                 # name in the disconnect line
     needs_helo: bool = False  # RFC 5321 section 4.1.4: HELO/EHLO before a transaction
-    needs_tls_offer: bool = False
+    needs_tls_offer: bool = False  # exists only where STARTTLS is offered
+    junk: bool = False        # counts against junk_command_limit (Postfix: LIMIT)
+    last: bool = False        # must end a pipelined group (RFC 2920 section 3.1; Postfix: LAST)
+    implemented: bool = True  # False: known, answered 502, and not listed by HELP
 
 
 # Order of the counters in the disconnect line, as Postfix's smtpd prints them.
@@ -161,7 +166,7 @@ class ServerSession:
         except (Timeout, Disconnected, OSError):
             pass
 
-    def screen(self, verb: str) -> R.Reply | None:
+    def screen(self, verb: str, command: Command | None) -> R.Reply | None:
         """Before a command runs: a reply here refuses it (the command is not run)."""
         return None
 
@@ -173,7 +178,7 @@ class ServerSession:
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
         command = self.commands.get(verb)
-        refusal = self.screen(verb)
+        refusal = self.screen(verb, command)
         if refusal is not None:
             self.last_cmd = verb if command else "UNKNOWN"
             self.count(command.stat if command else "unknown", False)
@@ -374,7 +379,10 @@ class ServerSession:
         return bool(arg)
 
     def do_help(self, arg: str) -> bool:
-        self.reply(R.R214_HELP)
+        """HELP lists this listener's own command table, so it names what exists."""
+        offered = [verb for verb, command in self.commands.items() if command.implemented and
+                   (not command.needs_tls_offer or self.service.tls_context is not None)]
+        self.reply(R.R214_HELP.format(commands=" ".join(offered)))
         return True
 
     def do_not_implemented(self, arg: str) -> bool:
@@ -409,20 +417,20 @@ class ServerSession:
 
 
 BASE_COMMANDS = {
-    "HELO": Command(ServerSession.do_helo, "helo"),
-    "EHLO": Command(ServerSession.do_ehlo, "ehlo"),
+    "HELO": Command(ServerSession.do_helo, "helo", last=True),
+    "EHLO": Command(ServerSession.do_ehlo, "ehlo", last=True),
     "MAIL": Command(ServerSession.do_mail, "mail", needs_helo=True),
     "RCPT": Command(ServerSession.do_rcpt, "rcpt", needs_helo=True),
-    "DATA": Command(ServerSession.do_data, "data", needs_helo=True),
-    "RSET": Command(ServerSession.do_rset, "rset"),
-    "NOOP": Command(ServerSession.do_noop, "noop"),
+    "DATA": Command(ServerSession.do_data, "data", needs_helo=True, last=True),
+    "RSET": Command(ServerSession.do_rset, "rset", junk=True),
+    "NOOP": Command(ServerSession.do_noop, "noop", junk=True),
     "QUIT": Command(ServerSession.do_quit, "quit"),
-    "VRFY": Command(ServerSession.do_vrfy, "vrfy"),
+    "VRFY": Command(ServerSession.do_vrfy, "vrfy", junk=True),
     "HELP": Command(ServerSession.do_help, "help"),
-    "EXPN": Command(ServerSession.do_not_implemented, "unknown"),
-    "ETRN": Command(ServerSession.do_not_implemented, "unknown"),
-    "AUTH": Command(ServerSession.do_not_implemented, "unknown"),
-    "BDAT": Command(ServerSession.do_not_implemented, "unknown"),
-    "TURN": Command(ServerSession.do_not_implemented, "unknown"),
+    "EXPN": Command(ServerSession.do_not_implemented, "unknown", implemented=False),
+    "ETRN": Command(ServerSession.do_not_implemented, "unknown", junk=True, implemented=False),
+    "AUTH": Command(ServerSession.do_not_implemented, "unknown", implemented=False),
+    "BDAT": Command(ServerSession.do_not_implemented, "unknown", implemented=False),
+    "TURN": Command(ServerSession.do_not_implemented, "unknown", implemented=False),
 }
 ServerSession.commands = BASE_COMMANDS

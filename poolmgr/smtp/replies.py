@@ -57,8 +57,7 @@ def combine(replies: list[Reply]) -> Reply:
 R220_BANNER = Reply(220, "", "{host} ESMTP poolmgr")
 R220_TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
 R221_BYE = Reply(221, "2.0.0", "Bye")
-R214_HELP = Reply(214, "2.0.0",
-                  "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS")
+R214_HELP = Reply(214, "2.0.0", "Commands: {commands}")  # from the listener's command table
 R250_OK = Reply(250, "2.0.0", "Ok")
 R250_SENDER_OK = Reply(250, "2.1.0", "Ok")
 R250_RCPT_OK = Reply(250, "2.1.5", "Ok")
