@@ -43,7 +43,7 @@ from .config import Config, ConfigError, format_address
 from .control import ControlServer
 from .listen import bind
 from .pools import DRAINING, RUNNING, Pool, Worker, resize, set_bounds
-from .process import MASTER_SIGNALS, WorkerContext, child_after_fork, set_title
+from .worker import MASTER_SIGNALS, WorkerContext, child_after_fork, set_title
 from .stats import NuisanceWindow
 from .scanner import worker as scanner_worker
 from .smtp import worker as smtp_worker

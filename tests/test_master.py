@@ -332,3 +332,22 @@ def test_malformed_control_requests_are_answered_and_the_master_stays_up(make_po
         assert answer["ok"] is False and answer["message"], (request, answer)
     assert pm.status()["pools"]["smtp"]["workers"] == 2
     assert pm.run_cli("ctl", "smtp", "3").returncode == 0
+
+
+def test_workers_exit_when_the_master_dies_and_a_new_master_binds_the_ports(make_poolmgr):
+    pm = make_poolmgr()
+    workers = pm.worker_pids("smtp") + pm.worker_pids("scanner")
+    pm.send_signal(signal.SIGKILL)
+    pm.proc.wait(10)
+
+    def alive(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+    wait_until(lambda: not any(alive(pid) for pid in workers), timeout=10,
+               what="the orphaned workers to exit")
+    assert "the master is gone -- draining and exiting" in pm.log()
+    pm.start()  # the same config, the same ports: nothing holds them any more
+    with pm.smtp() as client:
+        assert client.sendmail("a@example.org", ["bob@example.test"], message("again")) == {}

@@ -9,16 +9,14 @@ for DRAIN_IDLE_GRACE seconds with no transaction gets 421), exit.
 SIGQUIT: exit at once. The connection to the next hop is kept between messages (`relay.Cache`,
 timeouts.connection_cache_time_limit) and expired from the accept loop and from `tick`.
 
-Exports: main.
+Exports: ScannerWorker, main.
 """
 
-import os
 import select
-import signal
 import time
 
 from .. import delivery, log, relay
-from ..process import DRAIN_IDLE_GRACE, WorkerContext, limits_for, replay_early_stop, set_title
+from ..worker import DRAIN_IDLE_GRACE, WorkerProcess, limits_for
 from ..smtp.protocol import Drain
 from .session import ScannerSession
 
@@ -27,9 +25,11 @@ SIZE_SLACK = 64 * 1024
 
 
 class ScannerService:
-    def __init__(self, ctx: WorkerContext):
+    def __init__(self, worker: "ScannerWorker"):
+        ctx = worker.ctx
         self.cfg = ctx.cfg
         self.slot = ctx.slot
+        self.worker = worker
         self.hostname = ctx.cfg.scanner.hostname
         self.limits = limits_for(ctx.cfg, SIZE_SLACK)
         self.tls_context = None
@@ -43,57 +43,57 @@ class ScannerService:
 
     def tick(self) -> None:
         """Called about once a second while a session waits for its client."""
-        self.slot.beat()
+        self.worker.notify()
         self.relay_cache.expire()
         if self.draining and self.current is not None and \
                 self.current.drainable(time.monotonic(), DRAIN_IDLE_GRACE):
             raise Drain()
 
 
-def main(ctx: WorkerContext) -> int:
-    log.set_name("poolmgr/scanner")
-    service = ScannerService(ctx)
-    hop = ctx.cfg.scanner.next_hop
-    if hop.kind == "maildir":
-        delivery.prepare(hop.path)
+class ScannerWorker(WorkerProcess):
+    kind = "scanner worker"
 
-    def stop(signum, frame):
-        service.draining = True
+    def init_process(self) -> None:
+        log.set_name("poolmgr/scanner")
+        self.log = log.get("scanner")
+        self.service = ScannerService(self)
+        hop = self.cfg.scanner.next_hop
+        if hop.kind == "maildir":
+            delivery.prepare(hop.path)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGQUIT, lambda s, f: os._exit(0))
-    signal.signal(signal.SIGUSR1, lambda s, f: log.reopen())
-    replay_early_stop()
-    listener = ctx.sock
-    listener.setblocking(False)
-    max_requests = ctx.cfg.scanner.max_requests
-    title = None
-    while not service.draining and service.messages < max_requests:
-        ctx.slot.beat()
-        service.relay_cache.expire()
-        new_title = f"poolmgr: scanner worker {ctx.number} [{service.messages} messages]"
-        if new_title != title:
-            set_title(new_title)
-            title = new_title
-        try:
-            ready, _, _ = select.select([listener], [], [], 1.0)
-        except InterruptedError:
-            continue
-        if not ready or service.draining:
-            continue
-        try:
-            sock, peer = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            continue  # another worker took it
-        sock.setblocking(True)
-        ctx.slot.add("connections")
-        service.current = ScannerSession(service, sock, peer)
-        set_title(f"poolmgr: scanner worker {ctx.number} [busy]")
-        title = None
-        service.current.run()
-        service.current = None
-    service.relay_cache.close()
-    if service.messages >= max_requests:
-        service.log.info("scanner worker %d: recycling after %d messages (scanner.max_requests)",
-                         ctx.number, service.messages)
-    return 0
+    def handle_term(self) -> None:
+        self.service.draining = True
+
+    def serve(self) -> int:
+        ctx, service = self.ctx, self.service
+        listener = ctx.sock
+        listener.setblocking(False)
+        max_requests = self.cfg.scanner.max_requests
+        while not service.draining and service.messages < max_requests:
+            self.notify()
+            service.relay_cache.expire()
+            self.show(f"{service.messages} messages")
+            try:
+                ready, _, _ = select.select([listener], [], [], 1.0)
+            except InterruptedError:
+                continue
+            if not ready or service.draining:
+                continue
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # another worker took it
+            sock.setblocking(True)
+            ctx.slot.add("connections")
+            service.current = ScannerSession(service, sock, peer)
+            self.show("busy")
+            service.current.run()
+            service.current = None
+        service.relay_cache.close()
+        if service.messages >= max_requests:
+            self.log.info("scanner worker %d: recycling after %d messages "
+                          "(scanner.max_requests)", ctx.number, service.messages)
+        return 0
+
+
+main = ScannerWorker.main

@@ -20,7 +20,7 @@ from .. import log, relay
 from ..anvil import AnvilClient
 from ..config import NextHop, in_networks
 from ..defence.policy import Defence, classify
-from ..process import WorkerContext, limits_for
+from ..worker import WorkerContext, limits_for
 from . import replies as R
 from .headers import received
 from .parse import domain_of

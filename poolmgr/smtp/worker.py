@@ -11,15 +11,13 @@ DRAIN_IDLE_GRACE seconds gets 421 and is closed; transactions finish; after
 `master.graceful_timeout` the rest get 421) and exits 0; SIGQUIT exits at once; SIGUSR1 reopens
 the log file.
 
-Exports: main.
+Exports: SmtpWorker, main.
 """
 
-import os
-import signal
 import time
 
 from .. import log
-from ..process import DRAIN_IDLE_GRACE, WorkerContext, replay_early_stop, set_title
+from ..worker import DRAIN_IDLE_GRACE, WorkerProcess
 
 # A session that has sent no command this long after the banner counts as nuisance for the
 # autoscaler while it lives (bots that connect and never speak).
@@ -41,93 +39,100 @@ def _tls_context(cfg, logger):
     return context
 
 
-def main(ctx: WorkerContext) -> int:
-    from gevent import monkey
+class SmtpWorker(WorkerProcess):
+    kind = "smtp worker"
 
-    monkey.patch_all()
-    import socket
+    def init_process(self) -> None:
+        from gevent import monkey
 
-    import gevent
-    import gevent.event
-    import gevent.pool
-    import gevent.server
+        monkey.patch_all()
+        import socket
 
-    from ..defence.policy import Defence
-    from .front import FrontService, FrontSession
-    from .protocol import Drain
+        import gevent
+        import gevent.event
+        import gevent.pool
+        import gevent.server
 
-    log.set_name("poolmgr/smtpd")
-    cfg = ctx.cfg
-    logger = log.get("smtpd")
-    anvil = None
-    if ctx.anvil is not None:
-        from ..anvil import AnvilClient
-        from .front import ANVIL_TIMEOUT
+        from ..defence.policy import Defence
+        from .front import ANVIL_TIMEOUT, FrontService, FrontSession
+        from .protocol import Drain
 
-        anvil = AnvilClient(socket.socket(fileno=ctx.anvil.detach()), ANVIL_TIMEOUT, logger)
-    service = FrontService(ctx, _tls_context(cfg, logger), Defence(cfg, gevent.spawn), anvil)
-    listener = socket.socket(fileno=ctx.sock.detach())
-    sessions = gevent.pool.Pool(cfg.smtp.max_sessions_per_worker)
-    stopped = gevent.event.Event()
+        self.gevent, self.session_class, self.drain_exc = gevent, FrontSession, Drain
 
-    def handle(sock, peer):
-        session = FrontSession(service, sock, peer)
-        session.greenlet = gevent.getcurrent()
-        service.sessions.add(session)
+        log.set_name("poolmgr/smtpd")
+        ctx, cfg = self.ctx, self.cfg
+        self.log = log.get("smtpd")
+        anvil = None
+        if ctx.anvil is not None:
+            from ..anvil import AnvilClient
+
+            anvil = AnvilClient(socket.socket(fileno=ctx.anvil.detach()), ANVIL_TIMEOUT,
+                                self.log)
+        self.service = FrontService(ctx, _tls_context(cfg, self.log),
+                                    Defence(cfg, gevent.spawn), anvil)
+        listener = socket.socket(fileno=ctx.sock.detach())
+        self.sessions = gevent.pool.Pool(cfg.smtp.max_sessions_per_worker)
+        self.stopped = gevent.event.Event()
+        self.server = gevent.server.StreamServer(listener, self.handle, spawn=self.sessions)
+
+    def on_signal(self, signum: int, handler) -> None:
+        self.gevent.signal_handler(signum, handler)
+
+    def handle(self, sock, peer) -> None:
+        session = self.session_class(self.service, sock, peer)
+        session.greenlet = self.gevent.getcurrent()
+        self.service.sessions.add(session)
         try:
             session.run()
         finally:
-            service.sessions.discard(session)
+            self.service.sessions.discard(session)
 
-    server = gevent.server.StreamServer(listener, handle, spawn=sessions)
-
-    def close_sessions(idle_only: bool) -> None:
+    def close_sessions(self, idle_only: bool) -> None:
         now = time.monotonic()
-        for session in list(service.sessions):
+        for session in list(self.service.sessions):
             if session.greenlet is not None and (
                     not idle_only or session.drainable(now, DRAIN_IDLE_GRACE)):
-                session.greenlet.kill(Drain, block=False)
+                session.greenlet.kill(self.drain_exc, block=False)
 
-    def drain() -> None:
+    def handle_term(self) -> None:
+        self.gevent.spawn(self.drain)
+
+    def drain(self) -> None:
         """Stop accepting; close sessions as they fall idle; after the grace, close all."""
-        if service.draining:
+        if self.service.draining:
             return
-        service.draining = True
-        server.close()
-        deadline = time.monotonic() + cfg.master.graceful_timeout
-        while len(sessions) and time.monotonic() < deadline:
-            close_sessions(idle_only=True)
-            sessions.join(timeout=0.5)
-        close_sessions(idle_only=False)
-        sessions.join(timeout=10)
-        stopped.set()
+        self.service.draining = True
+        self.server.close()
+        deadline = time.monotonic() + self.cfg.master.graceful_timeout
+        while len(self.sessions) and time.monotonic() < deadline:
+            self.close_sessions(idle_only=True)
+            self.sessions.join(timeout=0.5)
+        self.close_sessions(idle_only=False)
+        self.sessions.join(timeout=10)
+        self.stopped.set()
 
-    silent = cfg.defence.greet_wait + SILENT_NUISANCE
-
-    def heartbeat() -> None:
-        title = None
+    def heartbeat(self) -> None:
+        silent = self.cfg.defence.greet_wait + SILENT_NUISANCE
+        slot = self.ctx.slot
         while True:
-            ctx.slot.beat()
-            ctx.slot.set_sessions(len(sessions))
+            self.notify()
+            slot.set_sessions(len(self.sessions))
             silent_since = time.monotonic() - silent
             suspect = transacting = 0
-            for session in service.sessions:
+            for session in self.service.sessions:
                 suspect += session.looks_like_nuisance(silent_since)
                 transacting += session.env is not None
-            ctx.slot.set_states(suspect, transacting)
-            state = " draining" if service.draining else ""
-            new_title = f"poolmgr: smtp worker {ctx.number} [{len(sessions)} sessions{state}]"
-            if new_title != title:
-                set_title(new_title)
-                title = new_title
-            gevent.sleep(1.0)
+            slot.set_states(suspect, transacting)
+            self.show(f"{len(self.sessions)} sessions"
+                      + (" draining" if self.service.draining else ""))
+            self.gevent.sleep(1.0)
 
-    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(drain))
-    gevent.signal_handler(signal.SIGQUIT, lambda: os._exit(0))
-    gevent.signal_handler(signal.SIGUSR1, log.reopen)
-    replay_early_stop()
-    server.start()
-    beat = gevent.spawn(heartbeat)
-    stopped.wait()
-    beat.kill()
-    return 0
+    def serve(self) -> int:
+        self.server.start()
+        beat = self.gevent.spawn(self.heartbeat)
+        self.stopped.wait()
+        beat.kill()
+        return 0
+
+
+main = SmtpWorker.main

@@ -1,0 +1,133 @@
+"""The worker base class both pools' workers share, and what a worker gets from the master.
+
+`WorkerContext` is built by the master before fork and handed to the worker. Right after the
+fork `child_after_fork` restores default signal dispositions (the master's handlers only
+enqueue into the master's queue). `WorkerProcess.run` is the lifecycle (gunicorn's
+workers/base.py): `init_process` (what must happen after the fork, such as gevent's
+monkey-patching), the signals (TERM `handle_term` drains, QUIT exits at once, USR1 reopens the
+log), then `serve` until the worker is done. `notify` is the heartbeat, called about once a
+second: it stamps the scoreboard slot and, when the master is gone (our parent pid changed),
+drains, which closes the listening socket at once. `show` sets the process title `ps` shows
+(`poolmgr: smtp worker 3 [412 sessions]`). A pool's worker overrides only what differs.
+
+Exports: WorkerProcess, WorkerContext, Limits, limits_for, child_after_fork, set_title,
+DRAIN_IDLE_GRACE, MASTER_SIGNALS.
+"""
+
+import os
+import signal
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import setproctitle
+
+from . import log
+from .board import Slot
+from .config import Config
+
+# A stopping worker closes a session only after it has been idle this long, so that a session
+# just accepted, or one whose QUIT is on the way, is still served.
+DRAIN_IDLE_GRACE = 2.0
+MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
+                  signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD)
+
+
+@dataclass
+class WorkerContext:
+    cfg: Config
+    kind: str          # smtp or scanner
+    number: int        # 1..N within the pool, shown in ps
+    generation: int    # bumped by each reload
+    slot: Slot
+    sock: object       # the inherited listening socket
+    anvil: object = None  # SMTP workers: their end of the socketpair to the master's anvil
+
+
+class Limits(NamedTuple):
+    line_length_limit: int
+    message_size_limit: int
+    max_recipients: int
+    timeout: float
+
+
+def limits_for(cfg: Config, size_slack: int = 0) -> Limits:
+    return Limits(cfg.smtp.line_length_limit, cfg.smtp.message_size_limit + size_slack,
+                  cfg.smtp.max_recipients, cfg.smtp.timeout)
+
+
+_early_stop: list[int] = []
+
+
+def child_after_fork(close_fds: list[int]) -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in MASTER_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    # Ctrl-C in a terminal reaches the whole process group; the master decides what stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A worker retired before its own handlers are in place (a reload or a max_rss check just
+    # after the fork) still stops gracefully: SIGTERM is kept, WorkerProcess.run replays it.
+    signal.signal(signal.SIGTERM, lambda signum, frame: _early_stop.append(signum))
+    signal.signal(signal.SIGQUIT, lambda signum, frame: os._exit(0))
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def set_title(title: str) -> None:
+    setproctitle.setproctitle(title)
+
+
+class WorkerProcess:
+    """One worker's life; subclasses set `kind` and override `init_process`, `on_signal`,
+    `handle_term` and `serve`."""
+
+    kind = ""
+
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.master_pid = os.getppid()
+        self.log = log.get(ctx.kind)
+        self.title = ""
+
+    @classmethod
+    def main(cls, ctx: WorkerContext) -> int:
+        return cls(ctx).run()
+
+    def run(self) -> int:
+        self.init_process()
+        self.on_signal(signal.SIGTERM, self.handle_term)
+        self.on_signal(signal.SIGQUIT, lambda *_: os._exit(0))
+        self.on_signal(signal.SIGUSR1, lambda *_: log.reopen())
+        if _early_stop:  # a SIGTERM before our own handler was in place
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.serve() or 0
+
+    def init_process(self) -> None:
+        """What must happen in the child, after the fork."""
+
+    def on_signal(self, signum: int, handler) -> None:
+        signal.signal(signum, lambda s, f: handler())
+
+    def handle_term(self) -> None:
+        raise NotImplementedError
+
+    def serve(self) -> int:
+        raise NotImplementedError
+
+    def notify(self) -> None:
+        """The heartbeat: stamp the slot; a worker whose master died drains and exits."""
+        self.ctx.slot.beat()
+        if os.getppid() != self.master_pid:
+            self.master_pid = os.getppid()
+            self.log.warning("%s %d: the master is gone -- draining and exiting", self.kind,
+                             self.ctx.number)
+            self.handle_term()
+
+    def show(self, load: str) -> None:
+        title = f"poolmgr: {self.kind} {self.ctx.number} [{load}]"
+        if title != self.title:
+            set_title(title)
+            self.title = title
