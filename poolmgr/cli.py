@@ -152,7 +152,7 @@ def cmd_top(args) -> int:
 
 def cmd_bench(args) -> int:
     """`bench run` and `bench compare`: one scenario against one target, or several."""
-    from .benchmark import run, scenario
+    from .benchmark import report, run, scenario
 
     try:
         plan = scenario.load(args.scenario)
@@ -171,6 +171,8 @@ def cmd_bench(args) -> int:
           f"{f['legit_delivered_pct']}%, p99 {f['latency_p99_s']}s; bots shed before DATA "
           f"{f['bots_shed_before_data_pct']}%, spam accepted {f['spam_accepted']}; peak "
           f"sessions {f['peak_sessions_held']}; CPU {f['cpu_seconds']}s; report {out}/report.md")
+    if report.reaction_line(f):
+        print(f"poolmgr bench: {report.reaction_line(f)}")
     return 0
 
 

@@ -35,7 +35,7 @@ def test_scenario_files_are_validated_with_readable_errors(tmp_path):
 
 def test_shipped_scenarios_load_and_are_bounded():
     names = sorted(p.stem for p in Path(SMOKE).parent.glob("*.toml"))
-    assert names == ["flood", "smoke", "throughput", "wave"]
+    assert names == ["burst", "flood", "smoke", "storm", "throughput", "wave"]
     for name in names:
         plan = scenario.load(str(Path(SMOKE).parent / f"{name}.toml"))
         assert 0 < plan.duration + plan.drain <= 900, name
@@ -66,6 +66,10 @@ def test_smoke_scenario_against_poolmgr(tmp_path, capsys):
         assert f["server_verdicts"].get(reason, 0) > 0, reason
     assert f["peak_sessions_held"] >= 50 and f["rss_peak_bytes"] > f["rss_baseline_bytes"] > 0
     assert f["cpu_seconds"] > 0
+    # The autoscaler's figures: every sampled status kept the pool rules.
+    assert f["samples_checked"] >= 10 and f["samples_breaking_rules"] == 0, f["rule_breaks"]
+    assert 2 <= f["peak_smtp_workers"] <= 4 and f["storm_onset_s"] == 0
+    assert f["handoffs_to_scanner"] >= f["legit_sent"]
     assert len(result["server_series"]) >= 10 and len(result["client_series"]) >= 10
     assert {p for point in result["client_series"] for p in point["open"]} >= {"idle", "legit"}
     report = (out / "report.md").read_text()

@@ -1,14 +1,17 @@
 """The bench's figures and reports: what one run measured, as numbers, plots and Markdown.
 
 `figures` turns the load generator's records and the server samples into the figures of
-`result.json`; `plots` and `report` write `connections.png`, `latency.png` and `report.md`;
+`result.json`, and `reaction` adds the autoscaler's reaction to the storm (poolmgr: when the
+SMTP pool grew, how far, stress mode, when it was back at its floor, samples that broke a pool
+rule); `reaction_line` says it in one line; `plots` and `report` write `connections.png`, `latency.png` and `report.md`;
 `compare_report` puts several targets' figures side by side (`compare.md`, `compare.json`,
 `compare.png`).
 
-Exports: figures, plots, report, compare_report.
+Exports: figures, reaction, reaction_line, plots, report, compare_report.
 """
 
 import json
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -57,6 +60,7 @@ def figures(load: dict, samples: list[dict], baseline: tuple[int, int], cpu: flo
         "latency_p50_s": percentile(latencies, 0.50),
         "latency_p95_s": percentile(latencies, 0.95),
         "latency_p99_s": percentile(latencies, 0.99),
+        "latency_max_s": percentile(latencies, 1.0),
         "bot_connections": len(bots),
         "bots_shed_before_data_pct": round(100 * len(shed) / len(bots), 2) if bots else None,
         # Idle, slowloris, pregreet and impatient bots never try DATA: the profiles that do
@@ -74,6 +78,59 @@ def figures(load: dict, samples: list[dict], baseline: tuple[int, int], cpu: flo
         "pss_per_held_session_bytes": round((peak_pss - baseline_pss) / held) if held else None,
         "cpu_seconds": round(cpu, 2),
     }
+
+
+SMTP_GROWS = re.compile(r"smtp (\d+) -> (\d+)")
+
+
+def reaction(samples: list[dict], decisions: list[dict], series: list[dict], onset: float | None,
+             t0: float) -> dict:
+    """The autoscaler's reaction, from poolmgr's samples and decisions (times in seconds from
+    t0): all None for a target without pools. `onset` is when the first bots were due (None:
+    no bots); the storm ends when the last bot connection has closed (the client series);
+    the pool is back at its floor at the first sample after that with no worker above the
+    floor, none draining and the autoscaler calm."""
+    pooled = [s for s in samples if "smtp_workers" in s]
+    if not pooled:
+        return dict.fromkeys(("storm_onset_s", "storm_end_s", "onset_to_first_smtp_worker_s",
+                              "first_smtp_grow", "peak_smtp_workers", "stress_on_s",
+                              "storm_end_to_floor_s", "samples_checked",
+                              "samples_breaking_rules", "rule_breaks"))
+    grows = [(round(d["time"] - t0, 1), d["decision"]) for d in decisions
+             if (m := SMTP_GROWS.match(d["decision"])) and int(m[2]) > int(m[1])]
+    busy = [p["t"] for p in series if any(v for k, v in p["open"].items() if k != "legit")]
+    end = max(busy) + 1 if busy else None
+    floor = next((s["t"] for s in pooled if end is not None and s["t"] >= end and
+                  s["smtp_workers"] == s["smtp_floor"] and not s["smtp_draining"] and
+                  s["phase"] == "calm"), None)
+    stress = [s["t"] for s in pooled if s["stress"]]
+    broken = [s for s in pooled if s["rule_breaks"]]
+    return {
+        "storm_onset_s": onset, "storm_end_s": end,
+        "onset_to_first_smtp_worker_s": round(grows[0][0] - onset, 1)
+        if grows and onset is not None else None,
+        "first_smtp_grow": grows[0][1] if grows else None,
+        "peak_smtp_workers": max(s["smtp_workers"] for s in pooled),
+        "stress_on_s": [stress[0], stress[-1]] if stress else None,
+        "storm_end_to_floor_s": round(floor - end, 1) if grows and floor is not None else None,
+        "samples_checked": len(pooled), "samples_breaking_rules": len(broken),
+        "rule_breaks": [f"t={s['t']}s: {'; '.join(s['rule_breaks'])}" for s in broken[:5]],
+    }
+
+
+def reaction_line(f: dict) -> str | None:
+    """The autoscaler's reaction in one line, or None for a target without pools."""
+    if f.get("peak_smtp_workers") is None:
+        return None
+    grew = (f"first SMTP worker added {f['onset_to_first_smtp_worker_s']}s after the storm "
+            f"began, peak {f['peak_smtp_workers']} SMTP workers, back at the floor "
+            f"{f['storm_end_to_floor_s']}s after it ended" if f["first_smtp_grow"]
+            else f"SMTP pool never grew (peak {f['peak_smtp_workers']} workers)")
+    stress = (f"stress mode on t={f['stress_on_s'][0]}s..{f['stress_on_s'][1]}s"
+              if f["stress_on_s"] else "stress mode off")
+    return (f"autoscaler: {grew}; {stress}; {f['samples_breaking_rules']} of "
+            f"{f['samples_checked']} samples broke a pool rule; hand-offs to the scanner pool "
+            f"{f.get('handoffs_to_scanner')}")
 
 
 def plots(out: Path, load: dict, samples: list[dict], title: str) -> list[str]:
@@ -150,10 +207,30 @@ def report(out: Path, result: dict, images: list[str]) -> None:
             ("RSS per held session", f"{(f['rss_per_held_session_bytes'] or 0) / 1024:.1f} KiB"),
             ("peak PSS of the server tree", f"{f['pss_peak_bytes'] / 2**20:.1f} MiB"),
             ("PSS per held session", f"{(f['pss_per_held_session_bytes'] or 0) / 1024:.1f} KiB"),
-            ("CPU seconds (server tree)", f["cpu_seconds"])]
+            ("CPU seconds (server tree)", f["cpu_seconds"]),
+            ("DNS queries answered", f["dns_queries"])]
+    if f.get("peak_smtp_workers") is not None:
+        rows += [("storm onset / end (t)",
+                  f"{_seconds(f['storm_onset_s'])} / {_seconds(f['storm_end_s'])}"),
+                 ("onset to the first added SMTP worker",
+                  f"{_seconds(f['onset_to_first_smtp_worker_s'])} "
+                  f"({f['first_smtp_grow'] or 'the pool never grew'})"),
+                 ("peak SMTP workers", f["peak_smtp_workers"]),
+                 ("stress mode on (t from, to)", " .. ".join(map(_seconds, f["stress_on_s"]))
+                  if f["stress_on_s"] else "-"),
+                 ("storm end to the SMTP floor", _seconds(f["storm_end_to_floor_s"])),
+                 ("samples that broke a pool rule",
+                  f"{f['samples_breaking_rules']} of {f['samples_checked']}"
+                  + (f": {'; '.join(f['rule_breaks'])}" if f["rule_breaks"] else "")),
+                 ("hand-offs to the scanner pool / scanned",
+                  f"{f['handoffs_to_scanner']} / {f['scanned']}")]
     lines += [f"| {name} | {value} |" for name, value in rows]
     lines += [""] + [f"![{name}]({name})" for name in images]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}s"
 
 
 COMPARE_ROWS = (("legitimate delivered %", "legit_delivered_pct", "{}"),

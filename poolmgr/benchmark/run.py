@@ -10,7 +10,7 @@ Output in OUT: `result.json` (figures and the time series), `connections.png` (o
 connections by profile and pool sizes over time), `latency.png` (legitimate latency over
 time) and `report.md`, which embeds them (`benchmark.report`).
 
-Exports: run, compare, settled.
+Exports: run, compare.
 """
 
 import json
@@ -21,28 +21,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ..testing import Sink
 from . import load as loadgen
-from .report import compare_report, figures, plots, report
+from .report import compare_report, figures, plots, reaction, report
 from .scenario import Scenario
-from .targets import TARGETS, started, tree_usage
+from .targets import TARGETS, settled, started, tree_usage
 
 SAMPLE_EVERY = 1.0
 MESSAGE_ID = re.compile(rb"<bench-\d+-\d+@partner\.example>")
-
-
-def settled(sink: Sink, quiet: float = 3.0, limit: float = 90.0) -> list[bytes]:
-    """The next hop's messages once none has arrived for `quiet` seconds (a queueing target
-    such as Postfix delivers after it answered 250)."""
-    deadline, count, since = time.time() + limit, -1, time.time()
-    while time.time() < deadline:
-        now = len(list(sink.dir.iterdir()))
-        if now != count:
-            count, since = now, time.time()
-        elif time.time() - since >= quiet:
-            break
-        time.sleep(0.5)
-    return sink.messages()
 
 
 def run(scenario: Scenario, target_name: str, out: Path) -> dict:
@@ -73,6 +58,7 @@ def run(scenario: Scenario, target_name: str, out: Path) -> dict:
         _, _, cpu = tree_usage(target.pid)
         cpu -= cpu_before
         verdicts = target.verdicts()
+        extra = {**target.counters(), "dns_queries": len(dns.queries)}
         arrived = settled(sink)
     load = {"series": [], "bots": [], "messages": []}
     for index in range(scenario.processes):
@@ -85,10 +71,15 @@ def run(scenario: Scenario, target_name: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     found = {m.group(0).decode() for data in arrived for m in MESSAGE_ID.finditer(data)}
     delivered = sum(1 for m in load["messages"] if m["id"] in found)
+    onset = next((sum((p.duration for p in scenario.phases[:n]), 0.0)
+                  for n, phase in enumerate(scenario.phases)
+                  if any(r > 0 for k, r in phase.rates.items() if k != "legit")), None)
     result = {"scenario": scenario.as_dict(), "target": target_name, "started": t0,
               "duration_s": round(time.time() - t0, 1),
-              "figures": figures(load, samples, (baseline_rss, baseline_pss), cpu, delivered,
-                                 verdicts),
+              "figures": {**figures(load, samples, (baseline_rss, baseline_pss), cpu,
+                                    delivered, verdicts),
+                          **reaction(samples, target.decisions, load["series"], onset, t0),
+                          **extra},
               "server_series": samples, "client_series": load["series"],
               # [start (s from t0), held (s), legitimate]: input of `poolmgr plan --bench`
               "connections": [[b["t"], b.get("held", 0.0), False] for b in load["bots"]] +

@@ -12,6 +12,7 @@ A scenario is a TOML file (see bench/scenarios/):
     smtp_max_workers = 4
     scanner_workers = 2
     max_sessions_per_worker = 2000
+    stress = false             # poolmgr: stress mode switched on once started
 
     [[phases]]
     name = "storm"
@@ -65,7 +66,7 @@ class Scenario:
     description: str
     phases: list[Phase]
     profiles: dict[str, dict[str, Any]]
-    server: dict[str, int]
+    server: dict[str, int | bool]
     processes: int = 1
     drain: float = 20.0
     path: str = ""
@@ -84,7 +85,7 @@ class Scenario:
 
 
 SERVER_DEFAULTS = {"smtp_workers": 2, "smtp_max_workers": 8, "scanner_workers": 2,
-                   "scanner_max_workers": 4, "max_sessions_per_worker": 2000}
+                   "scanner_max_workers": 4, "max_sessions_per_worker": 2000, "stress": False}
 
 
 def from_dict(data: dict, path: str = "") -> Scenario:
@@ -134,6 +135,9 @@ def from_dict(data: dict, path: str = "") -> Scenario:
     if unknown:
         fail(f"server: unknown key(s) {', '.join(unknown)}")
     server.update(data.get("server") or {})
+    for key, value in server.items():
+        if type(value) is not type(SERVER_DEFAULTS[key]):
+            fail(f"server.{key}: {value!r} is not {type(SERVER_DEFAULTS[key]).__name__}")
     processes = int(data.get("processes", 1))
     if not 1 <= processes <= 16:
         fail("processes must be 1..16")

@@ -6,12 +6,18 @@ Targets: `poolmgr` (both pools), `postfix` (Debian's Postfix, plain smtpd), `pos
 (postscreen in front of it) and `aiosmtpd` (its stock server and `Proxy` handler). Each
 target's whole process tree is measured the same way (`tree_usage`: RSS, PSS, CPU seconds).
 
-Exports: started, tree_usage, TARGETS, DNSBL_ZONE.
+A target answers `sample()` each second (sessions held; poolmgr: its pools, storm phase,
+stress mode and the pool rules each sample breaks), and at the end `verdicts()` (why sessions
+were shed), `decisions` (poolmgr's autoscaler decisions seen, with their times) and
+`counters()` (poolmgr: hand-offs to the scanner pool, messages scanned).
+
+Exports: started, settled, tree_usage, rule_breaks, TARGETS, DNSBL_ZONE.
 """
 
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +25,8 @@ from typing import Iterator
 
 import psutil
 
+from .. import config
+from ..autoscale import Snapshot, check_rules
 from ..testing import DnsServer, Poolmgr, Postfix, Sink, free_port, listening, wait_until
 
 TARGETS = ("poolmgr", "postfix", "postfix-postscreen", "aiosmtpd")
@@ -57,6 +65,9 @@ class PoolmgrTarget:
 
     def __init__(self, s: dict, recipients: list[str], work: Path, sink: Sink,
                  dns: DnsServer):
+        self.stress = s["stress"]
+        self.rules = None
+        self.decisions: list[dict] = []
         self.pm = Poolmgr(work / "poolmgr", {
             "smtp": {"min_workers": s["smtp_workers"],
                      "max_workers": max(s["smtp_workers"], s["smtp_max_workers"]),
@@ -64,7 +75,9 @@ class PoolmgrTarget:
             "scanner": {"min_workers": s["scanner_workers"],
                         "max_workers": max(s["scanner_workers"], s["scanner_max_workers"]),
                         "next_hop": f"smtp:127.0.0.1:{sink.port}", "max_requests": 1_000_000},
-            "defence": {"greet_wait": "2s", "dnsbl_sites": [f"{DNSBL_ZONE}*2"],
+            # 127.0.0.1 skips the tests as Postfix's mynetworks does in the Postfix targets
+            # (postscreen's access list permits it): smtp-source's client, never a bot's.
+            "defence": {"allowlist": ["127.0.0.1/32"], "greet_wait": "2s", "dnsbl_sites": [f"{DNSBL_ZONE}*2"],
                         "dnsbl_threshold": 2, "nameservers": [dns.address],
                         "recipients": str(self._recipients(work, recipients))},
         })
@@ -85,19 +98,36 @@ class PoolmgrTarget:
 
     def start(self) -> None:
         self.pm.start()
+        self.rules = config.load(str(self.pm.config)).autoscale
+        if self.stress:
+            self.pm.run_cli("ctl", "stress", "on", check=True)
 
     def sample(self) -> dict:
         status = self.pm.try_status()
         if not status:
             return {}
         smtp, scanner = status["pools"]["smtp"], status["pools"]["scanner"]
+        # The master keeps its last 20 decisions: gather them as they come.
+        self.decisions += [d for d in status["autoscale"]["decisions"]
+                           if d not in self.decisions]
         return {"sessions": smtp["sessions"], "smtp_workers": smtp["workers"],
+                "smtp_draining": smtp["draining"], "smtp_floor": smtp["floor"],
                 "scanner_workers": scanner["workers"], "phase": status["autoscale"]["phase"],
-                "stress": status["stress"]["on"]}
+                "stress": status["stress"]["on"], "rule_breaks": rule_breaks(status, self.rules)}
 
     def verdicts(self) -> dict:
         status = self.pm.try_status() or {}
         return (status.get("nuisance") or {}).get("total", {}).get("by_reason", {})
+
+    def counters(self) -> dict:
+        status = self.pm.try_status() or {"pools": {"smtp": {}, "scanner": {}}}
+        smtp = status["pools"]["smtp"].get("counters", {})
+        scanner = status["pools"]["scanner"].get("counters", {})
+        return {"handoffs_to_scanner": smtp.get("handoffs", 0),
+                "scanned": scanner.get("scanned", 0),
+                "messages_accepted": smtp.get("messages_accepted", 0),
+                "messages_deferred": smtp.get("messages_tempfailed", 0),
+                "messages_rejected": smtp.get("messages_rejected", 0)}
 
     def stop(self) -> None:
         self.pm.stop()
@@ -114,13 +144,36 @@ def held_sessions(pids: set[int], port: int) -> int:
         return 0
 
 
+def rule_breaks(status: dict, rules) -> list[str]:
+    """The pool rules a `poolmgr status` breaks: the autoscaler's rules on the targets
+    (`autoscale.check_rules`), running workers above a ceiling, scanner workers above SMTP
+    workers."""
+    smtp, scanner = status["pools"]["smtp"], status["pools"]["scanner"]
+    snap = Snapshot(now=0.0, smtp=smtp["target"], scanner=scanner["target"],
+                    smtp_floor=smtp["floor"], smtp_ceiling=smtp["ceiling"],
+                    scanner_floor=scanner["floor"], scanner_ceiling=scanner["ceiling"])
+    broken = check_rules(snap, smtp["target"], scanner["target"], status["autoscale"]["phase"],
+                         rules)
+    for name, pool in (("smtp", smtp), ("scanner", scanner)):
+        if pool["workers"] > pool["ceiling"]:
+            broken.append(f"{name} workers {pool['workers']} above the ceiling")
+    if scanner["workers"] > smtp["workers"] + smtp["draining"]:
+        broken.append(f"scanner workers {scanner['workers']} > smtp {smtp['workers']}")
+    return broken
+
+
 class ProcessTarget:
     """A target whose sessions are counted from its sockets (Postfix, aiosmtpd)."""
+
+    decisions: tuple = ()  # no autoscaler
 
     def sample(self) -> dict:
         return {"sessions": held_sessions({p.pid for p in tree(self.pid)}, self.port)}
 
     def verdicts(self) -> dict:
+        return {}
+
+    def counters(self) -> dict:
         return {}
 
 
@@ -240,3 +293,20 @@ def started(target_name: str, server: dict, recipients: list[str],
         if sink is not None:
             sink.stop()
         dns.stop()
+
+
+def settled(sink: Sink, quiet: float = 3.0, limit: float = 90.0,
+            expect: int | None = None) -> list[bytes]:
+    """The next hop's messages once `expect` of them have arrived, or none has for `quiet`
+    seconds (a queueing target such as Postfix delivers after it answered 250)."""
+    deadline, count, since = time.time() + limit, -1, time.time()
+    while time.time() < deadline:
+        now = len(list(sink.dir.iterdir()))
+        if expect is not None and now >= expect:
+            break
+        if now != count:
+            count, since = now, time.time()
+        elif time.time() - since >= quiet:
+            break
+        time.sleep(0.5)
+    return sink.messages()
