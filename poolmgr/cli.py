@@ -176,6 +176,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_source(args) -> int:
+    """`bench source`: Postfix's smtp-source through a target to smtp-sink."""
+    from .benchmark import source
+
+    out = Path(args.out or os.path.join("bench", "out", f"source-{args.target}"))
+    f = source.source(args.target, args.sessions, args.messages, args.size, out)
+    print(f"poolmgr bench source: {f['messages']} messages in {f['seconds']}s through "
+          f"{args.target}: {f['messages_per_second']} messages/second; {f['arrived_at_sink']} "
+          f"at smtp-sink; result {out}/result.json")
+    for key, value in f.items():
+        print(f"{key:>24}: {value}")
+    ok = f["smtp_source_exit"] == 0 and f["arrived_at_sink"] == f["messages"]
+    return 0 if ok else 1
+
+
 def cmd_plan(args) -> int:
     from . import plan
 
@@ -239,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print one frame and exit (also when not on a terminal)")
     top.add_argument("--socket", help="control socket path (overrides the config)")
     top.set_defaults(func=cmd_top)
-    bench = sub.add_parser("bench", help="benchmark harness: replay a storm scenario")
+    bench = sub.add_parser("bench", help="benchmark harness: replay a storm scenario, or "
+                                         "measure throughput with smtp-source")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     bench_run = bench_sub.add_parser("run", help="run one scenario against one target")
     bench_run.add_argument("scenario", help="a scenario file, e.g. bench/scenarios/smoke.toml")
@@ -255,6 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
                                     "aiosmtpd (default: all)")
     bench_compare.add_argument("--out", help="output directory (default bench/out/NAME-compare)")
     bench_compare.set_defaults(func=cmd_bench)
+    bench_source = bench_sub.add_parser("source", help="Postfix's smtp-source through a target "
+                                                       "to smtp-sink: messages/second")
+    bench_source.add_argument("--sessions", type=int, default=20,
+                              help="sessions in parallel (smtp-source -s, default 20)")
+    bench_source.add_argument("--messages", type=int, default=2000,
+                              help="messages in all (smtp-source -m, default 2000)")
+    bench_source.add_argument("--size", type=int, default=0,
+                              help="message payload bytes (smtp-source -l; default: "
+                                   "smtp-source's own)")
+    bench_source.add_argument("--target", default="poolmgr",
+                              help="poolmgr (default), postfix, postfix-postscreen or aiosmtpd")
+    bench_source.add_argument("--out", help="output directory (default bench/out/source-TARGET)")
+    bench_source.set_defaults(func=cmd_bench_source)
     planner = sub.add_parser("plan", help="capacity planning from a Postfix mail log or a bench "
                                           "result: pool sizes by Little's law")
     planner.add_argument("--maillog", metavar="FILE", help="a Postfix (or poolmgr) mail log")

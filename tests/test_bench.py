@@ -1,4 +1,5 @@
-"""The benchmark harness: scenario files, and the smoke scenario run against poolmgr."""
+"""The benchmark harness: scenario files, the smoke scenario run against poolmgr, and
+`bench source` (smtp-source through poolmgr)."""
 
 import json
 import re
@@ -103,3 +104,15 @@ def test_compare_smoke_against_postfix_and_aiosmtpd(tmp_path, capsys):
     assert "| figure | postfix-postscreen | aiosmtpd |" in text
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "postfix-postscreen" / "report.md").exists()
+
+
+def test_source_mode_against_poolmgr(tmp_path, capsys):
+    """`bench source`: Postfix's smtp-source through both pools; every message at smtp-sink."""
+    out = tmp_path / "source"
+    assert cli_main(["bench", "source", "--messages", "300", "--sessions", "10",
+                     "--out", str(out)]) == 0
+    f = json.loads((out / "result.json").read_text())
+    assert f["smtp_source_exit"] == 0 and f["target"] == "poolmgr"
+    assert f["messages_accepted"] == f["scanned"] == f["arrived_at_sink"] == 300
+    assert f["messages_per_second"] > 0 and f["pss_at_rest_mib"] > 0
+    assert "messages/second" in capsys.readouterr().out
