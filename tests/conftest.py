@@ -52,7 +52,10 @@ def stop_cleanly(instance: Poolmgr, allowed: list[str]) -> list[str]:
                 child.kill()
             except psutil.Error:
                 pass
-    problems += log_problems(instance.log(), allowed)
+    log_file = instance.sections["master"].get("log_file")  # a test's own log file
+    text = instance.log() + (Path(log_file).read_text(errors="replace")
+                             if log_file and Path(log_file).exists() else "")
+    problems += log_problems(text, allowed)
     return [f"{instance.dir.name}: {p}" for p in problems]
 
 

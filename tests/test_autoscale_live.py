@@ -108,6 +108,10 @@ def test_ctl_autoscale_off_returns_to_the_floors_and_manual_floors_hold(make_poo
         result = pm.run_cli("ctl", "smtp", "3", check=True)  # the sysadmin's floor, in a storm
         assert "smtp pool" in result.stdout
         assert pm.status()["pools"]["smtp"]["floor"] == 3
+        # The autoscaler works above the floor: the storm raises the pool again ...
+        wait_until(lambda: pm.status()["pools"]["smtp"]["target"] > 3, timeout=30,
+                   what="the autoscaler raising the pool above the new floor")
+        # ... until it is switched off, which puts the pool back at its floor.
         assert "autoscale off" in pm.run_cli("ctl", "autoscale", "off", check=True).stdout
         status = pm.wait_workers(3, 2, timeout=30)  # the storm's extra workers are retired
         assert status["autoscale"]["enabled"] is False
