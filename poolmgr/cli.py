@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from . import __version__, config, control, log
+from .status import Status
 
 EXIT_CONFIG = 2
 
@@ -81,42 +82,38 @@ def _ask(args, payload: dict) -> dict:
         raise SystemExit(1) from None
 
 
-def format_status(status: dict) -> str:
-    master = status["master"]
-    lines = [f"poolmgr {status['version']}  master pid {master['pid']}  {master['state']}  "
-             f"up {master['uptime']:.0f}s  generation {master['generation']}",
+def format_status(status: Status) -> str:
+    master = status.master
+    lines = [f"poolmgr {status.version}  master pid {master.pid}  {master.state}  "
+             f"up {master.uptime:.0f}s  generation {master.generation}",
              f"{'pool':<8} {'workers':>7} {'target':>6} {'floor':>5} {'ceiling':>7} "
              f"{'sessions':>8} {'slots':>7} {'busy':>4} {'draining':>8} {'rss MiB':>8}"]
-    for kind, pool in status["pools"].items():
-        lines.append(f"{kind:<8} {pool['workers']:>7} {pool['target']:>6} {pool['floor']:>5} "
-                     f"{pool['ceiling']:>7} {pool['sessions']:>8} {pool['slots']:>7} "
-                     f"{pool['busy']:>4} {pool['draining']:>8} {pool['rss'] / 2**20:>8.1f}")
-    smtp = status["pools"]["smtp"]["counters"]
+    for kind, pool in status.pools.items():
+        lines.append(f"{kind:<8} {pool.workers:>7} {pool.target:>6} {pool.floor:>5} "
+                     f"{pool.ceiling:>7} {pool.sessions:>8} {pool.slots:>7} "
+                     f"{pool.busy:>4} {pool.draining:>8} {pool.rss / 2**20:>8.1f}")
+    smtp = status.pools["smtp"].counters
     lines.append(f"messages: accepted {smtp.get('messages_accepted', 0)}, rejected "
                  f"{smtp.get('messages_rejected', 0)}, deferred "
                  f"{smtp.get('messages_tempfailed', 0)}; connections "
                  f"{smtp.get('connections', 0)}")
-    nuisance = status.get("nuisance")
-    if nuisance:
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(nuisance["by_reason"].items(),
-                                                         key=lambda kv: -kv[1])) or "none"
-        lines.append(f"nuisance ratio {nuisance['ratio']:.2f} over {nuisance['window']:g}s "
-                     f"(legit {nuisance['legit']}, nuisance {nuisance['nuisance']}: {reasons})")
-    stress, anvil = status.get("stress") or {}, status.get("anvil") or {}
-    stress_text = f"on ({stress.get('source', '')})" if stress.get("on") else "off"
-    lines.append(f"stress mode {stress_text}; anvil: {anvil.get('connections', 0)} connections "
-                 f"from {anvil.get('clients', 0)} clients")
-    auto = status.get("autoscale") or {}
-    if auto:
-        since = time.strftime("%H:%M:%S", time.localtime(auto["since"]))
-        state = auto["phase"] if auto["enabled"] else "off"
-        lines.append(f"autoscale {state} since {since}; pressure {auto.get('pressure', 0):.2f} "
-                     f"(occupancy {auto.get('occupancy', 0):.2f}, accept queue "
-                     f"{auto.get('backlog', 0)}/{auto.get('backlog_max', 0)}), nuisance "
-                     f"{auto.get('nuisance_ratio', 0):.2f}")
-        for entry in auto.get("decisions", [])[-5:]:
-            stamp = time.strftime("%H:%M:%S", time.localtime(entry["time"]))
-            lines.append(f"  {stamp} {entry['decision']}")
+    nuisance = status.nuisance
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(nuisance.by_reason.items(),
+                                                     key=lambda kv: -kv[1])) or "none"
+    lines.append(f"nuisance ratio {nuisance.ratio:.2f} over {nuisance.window:g}s "
+                 f"(legit {nuisance.legit}, nuisance {nuisance.nuisance}: {reasons})")
+    stress, anvil = status.stress, status.anvil
+    stress_text = f"on ({stress.source})" if stress.on else "off"
+    lines.append(f"stress mode {stress_text}; anvil: {anvil.connections} connections "
+                 f"from {anvil.clients} clients")
+    auto = status.autoscale
+    since = time.strftime("%H:%M:%S", time.localtime(auto.since))
+    lines.append(f"autoscale {auto.phase if auto.enabled else 'off'} since {since}; pressure "
+                 f"{auto.pressure:.2f} (occupancy {auto.occupancy:.2f}, accept queue "
+                 f"{auto.backlog}/{auto.backlog_max}), nuisance {auto.nuisance_ratio:.2f}")
+    for entry in auto.decisions[-5:]:
+        stamp = time.strftime("%H:%M:%S", time.localtime(entry.time))
+        lines.append(f"  {stamp} {entry.decision}")
     return "\n".join(lines)
 
 
@@ -125,7 +122,7 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(answer["status"], indent=2, sort_keys=True))
     else:
-        print(format_status(answer["status"]))
+        print(format_status(Status.from_json(answer["status"])))
     return 0
 
 
@@ -139,8 +136,8 @@ def cmd_ctl(args) -> int:
 def cmd_top(args) -> int:
     from . import top
 
-    def fetch() -> dict:
-        return _ask(args, {"cmd": "status"})["status"]
+    def fetch() -> Status:
+        return Status.from_json(_ask(args, {"cmd": "status"})["status"])
 
     if args.once or not sys.stdout.isatty():
         first = fetch()

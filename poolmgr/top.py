@@ -10,6 +10,8 @@ import curses
 import time
 from typing import Callable
 
+from .status import Status
+
 BAR = 20
 
 
@@ -19,56 +21,53 @@ def _bar(fraction: float) -> str:
 
 
 def _rate(now: dict, before: dict | None, key: str, seconds: float) -> float:
-    if not before or seconds <= 0:
+    if before is None or seconds <= 0:
         return 0.0
     return max(0, now.get(key, 0) - before.get(key, 0)) / seconds
 
 
-def frame(status: dict, before: dict | None = None, seconds: float = 1.0) -> list[str]:
-    master, pools = status["master"], status["pools"]
+def frame(status: Status, before: Status | None = None, seconds: float = 1.0) -> list[str]:
+    master, pools = status.master, status.pools
     smtp, scanner = pools["smtp"], pools["scanner"]
-    auto, stress = status.get("autoscale") or {}, status.get("stress") or {}
+    auto, stress = status.autoscale, status.stress
     clock = time.strftime("%H:%M:%S")
-    lines = [f"poolmgr top -- master pid {master['pid']}, up {master['uptime']:.0f}s, "
-             f"generation {master['generation']}, {master['state']}    {clock}   (q quits)"]
-    phase = auto.get("phase", "calm") if auto.get("enabled", True) else "off"
-    since = time.strftime("%H:%M:%S", time.localtime(auto.get("since", time.time())))
-    lines.append(f"autoscale {phase} since {since}; pressure {auto.get('pressure', 0):.2f}, "
-                 f"accept queue {auto.get('backlog', 0)}/{auto.get('backlog_max', 0)}; stress "
-                 + (f"on ({stress.get('source')})" if stress.get("on") else "off"))
+    lines = [f"poolmgr top -- master pid {master.pid}, up {master.uptime:.0f}s, "
+             f"generation {master.generation}, {master.state}    {clock}   (q quits)"]
+    phase = auto.phase if auto.enabled else "off"
+    since = time.strftime("%H:%M:%S", time.localtime(auto.since))
+    lines.append(f"autoscale {phase} since {since}; pressure {auto.pressure:.2f}, "
+                 f"accept queue {auto.backlog}/{auto.backlog_max}; stress "
+                 + (f"on ({stress.source})" if stress.on else "off"))
     lines.append("")
     lines.append(f"{'pool':<8} {'workers':>9} {'target':>6} {'floor':>5} {'ceiling':>7} "
                  f"{'load':>9}  occupancy")
-    slots = smtp["slots"] or 1
-    lines.append(f"{'smtp':<8} {smtp['workers']:>4}+{smtp['draining']:<4} {smtp['target']:>6} "
-                 f"{smtp['floor']:>5} {smtp['ceiling']:>7} {smtp['sessions']:>9}  "
-                 f"{_bar(smtp['sessions'] / slots)}")
-    workers = scanner["workers"] or 1
-    lines.append(f"{'scanner':<8} {scanner['workers']:>4}+{scanner['draining']:<4} "
-                 f"{scanner['target']:>6} {scanner['floor']:>5} {scanner['ceiling']:>7} "
-                 f"{scanner['busy']:>9}  {_bar(scanner['busy'] / workers)}")
+    lines.append(f"{'smtp':<8} {smtp.workers:>4}+{smtp.draining:<4} {smtp.target:>6} "
+                 f"{smtp.floor:>5} {smtp.ceiling:>7} {smtp.sessions:>9}  "
+                 f"{_bar(smtp.sessions / (smtp.slots or 1))}")
+    lines.append(f"{'scanner':<8} {scanner.workers:>4}+{scanner.draining:<4} "
+                 f"{scanner.target:>6} {scanner.floor:>5} {scanner.ceiling:>7} "
+                 f"{scanner.busy:>9}  {_bar(scanner.busy / (scanner.workers or 1))}")
     lines.append("")
-    counters = smtp["counters"]
-    old = before["pools"]["smtp"]["counters"] if before else None
+    counters = smtp.counters
+    old = before.pools["smtp"].counters if before else None
     lines.append(f"connections/s {_rate(counters, old, 'connections', seconds):7.1f}   "
                  f"messages/s {_rate(counters, old, 'messages_accepted', seconds):6.1f}   "
                  f"accepted {counters.get('messages_accepted', 0)}, rejected "
                  f"{counters.get('messages_rejected', 0)}, deferred "
                  f"{counters.get('messages_tempfailed', 0)}")
-    nuisance = status.get("nuisance") or {}
+    nuisance = status.nuisance
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(
-        nuisance.get("by_reason", {}).items(), key=lambda kv: -kv[1])[:6]) or "none"
-    lines.append(f"nuisance ratio {nuisance.get('ratio', 0):.2f} over "
-                 f"{nuisance.get('window', 0):g}s ({reasons})")
+        nuisance.by_reason.items(), key=lambda kv: -kv[1])[:6]) or "none"
+    lines.append(f"nuisance ratio {nuisance.ratio:.2f} over {nuisance.window:g}s ({reasons})")
     lines.append("")
     lines.append("last decisions:")
-    for entry in (auto.get("decisions") or [])[-8:]:
-        stamp = time.strftime("%H:%M:%S", time.localtime(entry["time"]))
-        lines.append(f"  {stamp} {entry['decision']}")
+    for entry in auto.decisions[-8:]:
+        stamp = time.strftime("%H:%M:%S", time.localtime(entry.time))
+        lines.append(f"  {stamp} {entry.decision}")
     return lines
 
 
-def run(fetch: Callable[[], dict], interval: float = 1.0) -> int:
+def run(fetch: Callable[[], Status], interval: float = 1.0) -> int:
     """The live view; `fetch` returns a status snapshot."""
     def loop(screen) -> int:
         curses.curs_set(0)
