@@ -13,7 +13,7 @@ import mmap
 import struct
 import time
 
-from .defence.policy import REASONS
+from .defence.verdicts import REASONS
 
 # Cumulative per-worker counters, by index. Append only: the layout is shared by all processes.
 COUNTERS = (

@@ -5,7 +5,7 @@ errors), converts values (durations "300s", sizes "25M", addresses, CIDR lists, 
 runs cross-checks between keys. All errors are collected and raised together as
 `ConfigError`, each naming file, key and reason, so `poolmgr check` can print them all.
 
-Exports: load, ConfigError, Config, Section, NextHop, render_default, control_socket_of, in_networks,
+Exports: load, ConfigError, Config, Section, NextHop, render_default, control_socket_of,
 parse_duration, parse_size, parse_address, format_address, toml_value.
 """
 
@@ -19,6 +19,9 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from .defence.dnsbl import parse_site
+from .defence.networks import parse_cidrs, read_cidr_file
+from .defence.recipients import RecipientTable
 from .pools import Bounds, configured_bounds
 from .settings import SECTION_HELP, SETTINGS, Setting
 
@@ -151,20 +154,6 @@ def _words(value: Any, example: str) -> list:
     return value
 
 
-def _parse_cidrs(value: Any) -> tuple:
-    nets = []
-    for item in _words(value, '["127.0.0.0/8", "::1/128"]'):
-        text = str(item).strip()
-        bracketed = re.fullmatch(r"\[([^\]]+)\](/\d+)?", text)  # Postfix style [::1]/128
-        if bracketed:
-            text = bracketed.group(1) + (bracketed.group(2) or "")
-        try:
-            nets.append(ipaddress.ip_network(text, strict=False))
-        except ValueError:
-            raise ValueError(f"not a network: {item!r}") from None
-    return tuple(nets)
-
-
 def _parse_nexthop(value: Any) -> NextHop:
     text = str(value).strip()
     kind, _, rest = text.partition(":")
@@ -213,12 +202,6 @@ def _parse_rules(value: Any) -> tuple:
     return tuple(rules)
 
 
-def in_networks(address: str, networks) -> bool:
-    """Whether an IP address string lies in any of the parsed networks of a setting."""
-    ip = ipaddress.ip_address(address)
-    return any(ip in net for net in networks)
-
-
 def _parse_nameserver(text: str) -> tuple[str, int]:
     """'127.0.0.1:5353', '[::1]:53', '::1', '10.0.0.1' -> (host, port); port 53 by default."""
     text = text.strip()
@@ -226,19 +209,6 @@ def _parse_nameserver(text: str) -> tuple[str, int]:
         return parse_address(text)
     ipaddress.ip_address(text)  # a bare IPv4 or IPv6 address
     return (text, 53)
-
-
-def _read_cidr_file(path: str) -> tuple:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError as exc:
-        raise OSError(f"cannot read {path}: {exc.strerror}") from None
-    words = [line.split("#", 1)[0].strip() for line in lines]
-    try:
-        return _parse_cidrs([w for w in words if w])
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
 
 
 def _convert(setting: Setting, value: Any) -> Any:
@@ -272,7 +242,7 @@ def _convert(setting: Setting, value: Any) -> Any:
     elif kind == "optaddress":
         result = parse_address(value) if str(value).strip() else None
     elif kind == "cidrs":
-        result = _parse_cidrs(value)
+        result = parse_cidrs(_words(value, '["127.0.0.0/8", "::1/128"]'))
     elif kind == "strlist":
         result = tuple(str(v) for v in _words(value, '["example.com", "localhost"]'))
     elif kind == "nexthop":
@@ -282,7 +252,6 @@ def _convert(setting: Setting, value: Any) -> Any:
     elif kind == "rules":
         result = _parse_rules(value)
     elif kind == "sites":
-        from .defence.dnsbl import parse_site
         result = tuple(parse_site(str(v)) for v in _words(value, '["zen.example*3"]'))
     elif kind == "addresses":
         result = tuple(_parse_nameserver(str(v)) for v in _words(value, '["127.0.0.1:5353"]'))
@@ -306,12 +275,11 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
     for kind in ("allowlist", "denylist"):
         if defence[f"{kind}_file"]:
             try:
-                defence[kind] = defence[kind] + _read_cidr_file(defence[f"{kind}_file"])
+                defence[kind] = defence[kind] + read_cidr_file(defence[f"{kind}_file"])
             except (OSError, ValueError) as exc:
                 err(f"defence.{kind}_file", str(exc))
     defence["recipient_table"] = None
     if defence["recipients"]:
-        from .defence.recipients import RecipientTable
         try:
             defence["recipient_table"] = RecipientTable.load(defence["recipients"])
         except (OSError, ValueError) as exc:
@@ -480,7 +448,8 @@ def render_reference() -> str:
     for setting in SETTINGS:
         if setting.section != current:
             current = setting.section
-            lines += ["", f"**[{current}]** {SECTION_HELP[current].splitlines()[0]}", "",
+            intro = " ".join(line.strip() for line in SECTION_HELP[current].splitlines())
+            lines += ["", f"**[{current}]** {intro}", "",
                       "| key | default | meaning |", "|---|---|---|"]
         if setting.key.endswith("_mode"):
             default = f"0o{setting.default:o}"

@@ -37,7 +37,7 @@ import time
 import psutil
 
 from . import autoscale, config, log, metrics, status
-from .anvil import Anvil, AnvilServer
+from .defence.anvil import Anvil, AnvilServer
 from .board import Board
 from .config import Config, ConfigError, format_address
 from .control import ControlServer

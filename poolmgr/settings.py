@@ -11,6 +11,8 @@ Exports: Setting, SETTINGS, SECTION_HELP.
 from dataclasses import dataclass
 from typing import Any
 
+from .defence.verdicts import Action
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -49,7 +51,7 @@ SECTION_HELP = {
         "floors that min_workers and manual resizes set. 'poolmgr ctl autoscale off|on'."
     ),
 }
-ACTIONS = ("ignore", "enforce", "drop")
+ACTIONS = tuple(action.value for action in Action)
 
 S = Setting
 SETTINGS: tuple[Setting, ...] = (

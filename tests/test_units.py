@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from poolmgr import delivery
-from poolmgr.anvil import Anvil, AnvilServer
+from poolmgr.defence.anvil import Anvil, AnvilServer
 from poolmgr.defence.recipients import RecipientTable
 from poolmgr.board import COUNTERS, Board
 from poolmgr.scanner.checks import EICAR, scan

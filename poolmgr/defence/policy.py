@@ -1,49 +1,19 @@
-"""The SMTP worker's defence policy and the nuisance verdict of each session.
+"""What the sessions of one SMTP worker share about defences.
 
 `Defence` is built once per SMTP worker from the `[defence]` config: access lists, the DNSBL
-scorer, the greet-test pass cache. `classify` turns how a session went into exactly one label,
-`legit` or a nuisance reason; the worker counts labels on the scoreboard and the master turns
-them into the nuisance ratio.
+scorer, the greet-test pass cache (per worker: a client that passed waits again on another
+worker).
 
-Exports: Defence, classify, REASONS, ACTIONS.
+Exports: Defence.
 """
 
 import time
 from typing import Callable
 
-from ..config import in_networks
 from .dnsbl import Dnsbl
+from .networks import in_networks
 
-ACTIONS = ("ignore", "enforce", "drop")
-# Every nuisance label a session can get; append only (scoreboard counters follow this list).
-REASONS = ("pregreet", "dnsbl", "denylist", "rate_limit", "idle_timeout", "lost_after_connect",
-           "lost_connection", "no_transaction", "bad_recipients", "hard_errors", "junk_commands",
-           "unauth_pipelining", "tls_failure", "relay_denied", "content_rejected")
 _MAX_PASSED = 200_000
-
-
-def classify(verdict: str, accepted: int, rejected: int, transactions: int, ended: str,
-             commands: int) -> str:
-    """One label per closed session: `legit` or a reason from REASONS.
-
-    Legit: a message was accepted, or a clean QUIT after a valid transaction (a sender
-    verification probe). A test that fired names the nuisance; otherwise how it ended does.
-    """
-    if accepted:
-        return "legit"
-    if verdict:
-        return verdict
-    if rejected:
-        return "content_rejected"
-    if ended == "tls_failure":
-        return "tls_failure"
-    if ended == "timeout":
-        return "idle_timeout"
-    if ended in ("lost", "refused"):
-        return "lost_after_connect" if commands == 0 else "lost_connection"
-    if transactions and ended == "quit":
-        return "legit"
-    return "no_transaction"
 
 
 class Defence:

@@ -11,7 +11,7 @@ Exports: ScannerSession.
 import time
 
 from .. import delivery, relay
-from ..config import in_networks
+from ..defence.networks import in_networks
 from ..smtp import replies as R
 from ..smtp.headers import received
 from ..smtp.parse import parse_xforward

@@ -64,7 +64,7 @@ class SmtpWorker(WorkerProcess):
         self.log = log.get("smtpd")
         anvil = None
         if ctx.anvil is not None:
-            from ..anvil import AnvilClient
+            from ..defence.anvil import AnvilClient
 
             anvil = AnvilClient(socket.socket(fileno=ctx.anvil.detach()), ANVIL_TIMEOUT,
                                 self.log)

@@ -1,0 +1,43 @@
+"""Network lists (mynetworks, allowlist, denylist, inet_acl): parsing and lookup.
+
+Entries are CIDR networks, IPv4 or IPv6, written inline or one per line in a file (`#`
+comments), Postfix's `[::1]/128` style accepted.
+
+Exports: parse_cidrs, read_cidr_file, in_networks.
+"""
+
+import ipaddress
+import re
+
+
+def parse_cidrs(items) -> tuple:
+    nets = []
+    for item in items:
+        text = str(item).strip()
+        bracketed = re.fullmatch(r"\[([^\]]+)\](/\d+)?", text)  # Postfix style [::1]/128
+        if bracketed:
+            text = bracketed.group(1) + (bracketed.group(2) or "")
+        try:
+            nets.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ValueError(f"not a network: {item!r}") from None
+    return tuple(nets)
+
+
+def read_cidr_file(path: str) -> tuple:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError as exc:
+        raise OSError(f"cannot read {path}: {exc.strerror}") from None
+    words = [line.split("#", 1)[0].strip() for line in lines]
+    try:
+        return parse_cidrs([w for w in words if w])
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def in_networks(address: str, networks) -> bool:
+    """Whether an IP address string lies in any of the parsed networks of a setting."""
+    ip = ipaddress.ip_address(address)
+    return any(ip in net for net in networks)

@@ -1,0 +1,49 @@
+"""The defence layer's state and verdicts, without sockets: Screening's verbs and classify."""
+
+import logging
+
+from poolmgr import config
+from poolmgr.defence.screening import Screening
+from poolmgr.defence.verdicts import REASONS, Action, Reason, classify
+from poolmgr.smtp import replies as R
+
+CFG = config.from_dict({"defence": {"suspicious_timeout": "7s", "stress_timeout": "9s",
+                                    "stress_hard_error_limit": 1}}).defence
+
+
+class Conn:
+    timeout = 300.0
+
+
+def screening(stress=False):
+    return Screening(CFG, Conn(), ("192.0.2.1", 4000), logging.getLogger("test"), stress)
+
+
+def test_flag_applies_each_action_in_one_place():
+    ignore = screening()
+    assert ignore.flag(Reason.PREGREET, Action.IGNORE, "PREGREET", "pregreet test") is None
+    assert ignore.verdict == "pregreet" and not ignore.suspicious and not ignore.blocked
+    enforce = screening()
+    assert enforce.flag(Reason.DNSBL, "enforce", "DNSBL", "zen.test") is None
+    assert enforce.blocked == "zen.test" and enforce.suspicious
+    assert enforce.conn.timeout == 7.0  # suspicious_timeout
+    drop = screening()
+    assert drop.flag(Reason.DENYLIST, "drop", "DENYLISTED", "denylist") == \
+        R.R521_BLOCKED.format(ip="192.0.2.1", reason="denylist")
+    drop.flag(Reason.PREGREET, "enforce", "PREGREET", "pregreet test")
+    assert drop.verdict == "denylist"  # the first test that fired names the session
+
+
+def test_stress_mode_is_read_when_the_session_starts():
+    stressed = screening(stress=True)
+    assert stressed.conn.timeout == 9.0 and stressed.hard_limit == 1
+
+
+def test_classify_gives_one_label():
+    assert classify("", 1, 0, 1, "quit", 5) == "legit"
+    assert classify("dnsbl", 0, 0, 0, "lost", 3) == "dnsbl"
+    assert classify("", 0, 0, 0, "lost", 0) == "lost_after_connect"
+    assert classify("", 0, 0, 1, "quit", 4) == "legit"  # a sender verification probe
+    assert classify("", 0, 1, 1, "quit", 5) == "content_rejected"
+    assert classify("", 0, 0, 0, "timeout", 1) == "idle_timeout"
+    assert REASONS[:3] == ("pregreet", "dnsbl", "denylist")  # scoreboard order: append only
