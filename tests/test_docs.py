@@ -27,3 +27,11 @@ def test_signals_and_commands_are_documented():
 def test_ci_runs_the_readme_test_command():
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert "scripts/test.sh" in ci
+
+
+def test_reference_keeps_whole_section_introductions():
+    from poolmgr.settings import SECTION_HELP
+
+    for section, text in SECTION_HELP.items():
+        intro = " ".join(line.strip() for line in text.splitlines())
+        assert f"**[{section}]** {intro}\n" in README, section
