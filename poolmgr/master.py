@@ -44,7 +44,7 @@ from .control import ControlServer
 from .listen import bind
 from .pools import DRAINING, RUNNING, Pool, Worker, resize, set_bounds
 from .worker import MASTER_SIGNALS, WorkerContext, child_after_fork, set_title
-from .stats import NuisanceWindow
+from .nuisance import NuisanceWindow
 from .scanner import worker as scanner_worker
 from .smtp import worker as smtp_worker
 

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from poolmgr import config, relay
+from poolmgr import config
+from poolmgr.smtp import relay
 from poolmgr.config import NextHop
 
 TIMEOUTS = config.load(None).timeouts

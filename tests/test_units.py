@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from poolmgr import delivery
+from poolmgr import maildir
 from poolmgr.defence.anvil import Anvil, AnvilServer
 from poolmgr.defence.recipients import RecipientTable
 from poolmgr.board import COUNTERS, Board
@@ -34,8 +34,8 @@ def test_board_slots_are_shared_across_fork():
 
 
 def test_maildir_delivery_is_atomic_and_unique(tmp_path):
-    delivery.prepare(str(tmp_path))
-    names = {delivery.deliver(str(tmp_path), b"Subject: %d\r\n\r\nx\r\n" % n) for n in range(3)}
+    maildir.prepare(str(tmp_path))
+    names = {maildir.deliver(str(tmp_path), b"Subject: %d\r\n\r\nx\r\n" % n) for n in range(3)}
     assert len(names) == 3
     assert sorted(os.listdir(tmp_path / "new")) == sorted(names)
     assert os.listdir(tmp_path / "tmp") == []
@@ -44,7 +44,7 @@ def test_maildir_delivery_is_atomic_and_unique(tmp_path):
 
 def test_maildir_delivery_failure_raises(tmp_path):
     with pytest.raises(OSError):
-        delivery.deliver(str(tmp_path / "missing"), b"x")
+        maildir.deliver(str(tmp_path / "missing"), b"x")
 
 
 def rule(name, pattern, header="", body=False, action="reject"):

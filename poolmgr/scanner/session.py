@@ -10,7 +10,8 @@ Exports: ScannerSession.
 
 import time
 
-from .. import delivery, relay
+from .. import maildir
+from ..smtp import relay
 from ..defence.networks import in_networks
 from ..smtp import replies as R
 from ..smtp.headers import received
@@ -87,7 +88,7 @@ class ScannerSession(ServerSession):
         if hop.kind == "maildir":
             relay_name = "maildir"
             try:
-                name = delivery.deliver(hop.path, f"Return-Path: <{env.mail_from}>\r\n".encode()
+                name = maildir.deliver(hop.path, f"Return-Path: <{env.mail_from}>\r\n".encode()
                                         + data)
                 replies = [R.R250_QUEUED.format(queue_id=name)] * len(env.rcpts)
             except OSError as exc:

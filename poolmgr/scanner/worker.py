@@ -15,7 +15,8 @@ Exports: ScannerWorker, main.
 import select
 import time
 
-from .. import delivery, log, relay
+from .. import log, maildir
+from ..smtp import relay
 from ..worker import DRAIN_IDLE_GRACE, WorkerProcess, limits_for
 from ..smtp.protocol import Drain
 from .session import ScannerSession
@@ -59,7 +60,7 @@ class ScannerWorker(WorkerProcess):
         self.service = ScannerService(self)
         hop = self.cfg.scanner.next_hop
         if hop.kind == "maildir":
-            delivery.prepare(hop.path)
+            maildir.prepare(hop.path)
 
     def handle_term(self) -> None:
         self.service.draining = True

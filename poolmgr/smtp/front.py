@@ -13,7 +13,8 @@ Exports: FrontSession, FrontService.
 
 import time
 
-from .. import log, relay
+from .. import log
+from . import relay
 from ..defence.anvil import AnvilClient
 from ..config import NextHop
 from ..defence import early, limits

@@ -24,10 +24,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .config import NextHop
-from .smtp.conn import Conn, Disconnected, Timeout
-from .smtp.parse import xtext_encode
-from .smtp.replies import Reply
+from ..config import NextHop
+from .conn import Conn, Disconnected, Timeout
+from .parse import xtext_encode
+from .replies import Reply
 
 _STATUS = re.compile(r"([245]\.\d{1,3}\.\d{1,3})\s+(.*)")
 _XFORWARD_LINE = 400  # Postfix keeps XFORWARD lines well under the 512-octet command limit
