@@ -44,8 +44,8 @@ class Snapshot:
     scanner_ceiling: int
     sessions: int = 0         # live SMTP sessions
     slots: int = 0            # running SMTP workers x max_sessions_per_worker
-    backlog: int = 0          # connections waiting in the SMTP accept queue
-    backlog_max: int = 1      # the listen backlog
+    accept_queue: int = 0     # connections waiting in the SMTP accept queue
+    listen_backlog: int = 1   # the accept queue's length limit
     nuisance_ratio: float = 0.0
     scanner_busy: int = 0     # scanner workers busy with a message now
     handoff_wait: float = 0.0  # mean hand-off wait over the last interval, seconds
@@ -56,7 +56,7 @@ class Snapshot:
 
     @property
     def pressure(self) -> float:
-        return max(self.occupancy, self.backlog / max(1, self.backlog_max))
+        return max(self.occupancy, self.accept_queue / max(1, self.listen_backlog))
 
     @property
     def bounds(self) -> Bounds:
@@ -69,7 +69,7 @@ class State:
     phase: str = CALM
     since: float = 0.0              # when the phase began
     quiet_since: float | None = None  # pressure under the exit mark since
-    last_backlog: int = 0
+    last_accept_queue: int = 0
     smtp_grown: float = float("-inf")
     scanner_changed: float = float("-inf")
     scanner_high_since: float | None = None
@@ -84,7 +84,7 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
     phase, since, quiet_since, stress = state.phase, state.since, state.quiet_since, state.stress
     smtp_grown, scanner_changed = state.smtp_grown, state.scanner_changed
     decisions: list[str] = []
-    why = (f"occupancy {snap.occupancy:.2f}, backlog {snap.backlog}/{snap.backlog_max}, "
+    why = (f"occupancy {snap.occupancy:.2f}, backlog {snap.accept_queue}/{snap.listen_backlog}, "
            f"nuisance {nuisance:.2f}")
     hot = pressure >= cfg.storm_enter_occupancy
     quiet = pressure < cfg.storm_exit_occupancy
@@ -103,7 +103,7 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
     # -- SMTP pool
     old_smtp = smtp
     if phase == STORM and hot and smtp < snap.smtp_ceiling:
-        step = cfg.step * (2 if snap.backlog > state.last_backlog > 0 else 1)
+        step = cfg.step * (2 if snap.accept_queue > state.last_accept_queue > 0 else 1)
         smtp = min(snap.smtp_ceiling, smtp + step)
         decisions.append(f"smtp {old_smtp} -> {smtp}: {why}")
     elif phase == RETREAT:
@@ -155,7 +155,7 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
     if phase == CALM and smtp > calm_size(scanner, bounds):
         phase, since = RETREAT, now  # e.g. the scanner pool shrank: walk the SMTP pool down
 
-    new = State(phase, since, quiet_since, snap.backlog, smtp_grown, scanner_changed,
+    new = State(phase, since, quiet_since, snap.accept_queue, smtp_grown, scanner_changed,
                 high_since, low_since, stress)
     return smtp, scanner, new, decisions
 

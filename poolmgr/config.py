@@ -356,13 +356,17 @@ def from_dict(data: dict[str, Any], path: str = EMBEDDED) -> Config:
         elif not isinstance(table, dict):
             errors.append(f"{path}: {name}: expected a [{name}] table")
         else:
+            former = {a for s in known[name].values() for a in s.aliases}
             for key in table:
-                if key not in known[name]:
+                if key not in known[name] and key not in former:
                     err(f"{name}.{key}", "unknown key")
     for setting in SETTINGS:
         table = data.get(setting.section)
         table = table if isinstance(table, dict) else {}
-        raw = table.get(setting.key, setting.default)
+        given = [k for k in (setting.key, *setting.aliases) if k in table]
+        if len(given) > 1:
+            err(setting.name, f"set only one of {' and '.join(given)} (a former name)")
+        raw = table[given[0]] if given else setting.default
         try:
             value = _convert(setting, raw)
         except ValueError as exc:

@@ -103,8 +103,8 @@ class Master:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.log.info("open files limit: %d (hard limit %d)",
                       resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)
-        self.sockets = {"smtp": bind(cfg.smtp.listen, cfg.smtp.backlog),
-                        "scanner": bind(cfg.scanner.listen, cfg.scanner.backlog)}
+        self.sockets = {"smtp": bind(cfg.smtp.listen, cfg.smtp.listen_backlog),
+                        "scanner": bind(cfg.scanner.listen, cfg.scanner.listen_backlog)}
         self.control = ControlServer(cfg.master.control_socket, cfg.master.control_socket_mode)
         if self.metrics is not None:
             try:

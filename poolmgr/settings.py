@@ -25,6 +25,7 @@ class Setting:
     min: float | None = None
     max: float | None = None
     choices: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()  # former names, still read (a config written for them works)
 
     @property
     def name(self) -> str:
@@ -77,9 +78,9 @@ SETTINGS: tuple[Setting, ...] = (
     # [smtp]
     S("smtp", "listen", "address", "127.0.0.1:2525",
       "Address of the public SMTP port (host:port, [v6]:port). Use 0.0.0.0:25 in production."),
-    S("smtp", "backlog", "int", 1024,
-      "Listen queue length of the SMTP socket (the kernel caps it at net.core.somaxconn).",
-      min=1, max=65535),
+    S("smtp", "listen_backlog", "int", 1024,
+      "Listen queue length of the SMTP socket (the kernel caps it at net.core.somaxconn). Former\n"
+      "name: backlog.", min=1, max=65535, aliases=("backlog",)),
     S("smtp", "hostname", "str", "",
       "Name in the banner and Received: headers (Postfix: myhostname). Empty: the system's\n"
       "host name."),
@@ -149,8 +150,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("scanner", "listen", "address", "127.0.0.1:10024",
       "Address of the scanner pool (amavisd's port 10024). Speaks SMTP and LMTP, so Postfix can\n"
       "use it directly as content_filter."),
-    S("scanner", "backlog", "int", 128, "Listen queue length of the scanner socket.",
-      min=1, max=65535),
+    S("scanner", "listen_backlog", "int", 128,
+      "Listen queue length of the scanner socket. Former name: backlog.", min=1, max=65535,
+      aliases=("backlog",)),
     S("scanner", "min_workers", "int", 2,
       "Scanner workers at start, and the pool's floor. Never more than smtp.min_workers.",
       min=1, max=128),

@@ -110,8 +110,8 @@ class AutoscaleStatus:
     since: float
     pressure: float = 0.0
     occupancy: float = 0.0
-    backlog: int = 0          # connections waiting in the SMTP accept queue
-    backlog_max: int = 0      # the listen backlog
+    backlog: int = 0          # connections waiting in the SMTP accept queue (a contract name)
+    backlog_max: int = 0      # the accept queue's limit, smtp.listen_backlog
     nuisance_ratio: float = 0.0
     handoff_wait: float = 0.0
     decisions: list[Decision] = field(default_factory=list)
@@ -211,11 +211,12 @@ def _nuisance(master, counters: dict) -> NuisanceStatus:
 def _autoscale(master) -> AutoscaleStatus:
     snap = master.last_snapshot
     result = AutoscaleStatus(master.autoscale_on, master.scaler.phase,
-                             round(master.phase_since, 1), backlog_max=master.cfg.smtp.backlog,
+                             round(master.phase_since, 1),
+                             backlog_max=master.cfg.smtp.listen_backlog,
                              decisions=[Decision(**d) for d in master.decisions])
     if snap is not None:
         result.pressure, result.occupancy = round(snap.pressure, 3), round(snap.occupancy, 3)
-        result.backlog, result.backlog_max = snap.backlog, snap.backlog_max
+        result.backlog, result.backlog_max = snap.accept_queue, snap.listen_backlog
         result.nuisance_ratio = round(snap.nuisance_ratio, 3)
         result.handoff_wait = round(snap.handoff_wait, 3)
     return result
@@ -258,13 +259,13 @@ def snapshot(master, now: float, handoff_mark: tuple[int, int]) -> tuple[autosca
     counters = pool_counters(master, smtp)
     handoffs, wait_ms = counters.get("handoffs", 0), counters.get("handoff_wait_ms", 0)
     done = handoffs - handoff_mark[0]
-    queued, backlog = accept_queue(master.sockets["smtp"], master.cfg.smtp.backlog)
+    queued, limit = accept_queue(master.sockets["smtp"], master.cfg.smtp.listen_backlog)
     snap = autoscale.Snapshot(
         now=now, smtp=smtp.target, scanner=scanner.target, smtp_floor=smtp.floor,
         smtp_ceiling=smtp.ceiling, scanner_floor=scanner.floor,
         scanner_ceiling=scanner.ceiling, sessions=sessions,
-        slots=len(running) * master.cfg.smtp.max_sessions_per_worker, backlog=queued,
-        backlog_max=backlog, nuisance_ratio=max(window_ratio(master), live_ratio),
+        slots=len(running) * master.cfg.smtp.max_sessions_per_worker, accept_queue=queued,
+        listen_backlog=limit, nuisance_ratio=max(window_ratio(master), live_ratio),
         scanner_busy=sum(master.board.read(w.slot)["busy"] for w in scanner.running()),
         handoff_wait=(wait_ms - handoff_mark[1]) / 1000 / done if done > 0 else 0.0)
     return snap, (handoffs, wait_ms)

@@ -32,7 +32,7 @@ class Run:
         self.now += 1
         snap = Snapshot(self.now, self.smtp, self.scanner, self.smtp_floor, self.smtp_ceiling,
                         self.scanner_floor, self.scanner_ceiling, sessions=sessions,
-                        slots=self.smtp * PER_WORKER, backlog=backlog, backlog_max=100,
+                        slots=self.smtp * PER_WORKER, accept_queue=backlog, listen_backlog=100,
                         nuisance_ratio=nuisance, scanner_busy=min(busy, self.scanner),
                         handoff_wait=wait)
         self.smtp, self.scanner, self.state, decisions = decide(snap, self.state, self.cfg)

@@ -151,3 +151,12 @@ def test_run_refuses_an_invalid_config_with_the_same_message(tmp_path):
 def test_config_command_prints_the_default():
     result = run_cli("config")
     assert result.returncode == 0 and result.stdout == config.render_default()
+
+
+def test_former_names_still_work():
+    """smtp.backlog is now smtp.listen_backlog: a config written with the old name works."""
+    assert config.from_dict({"smtp": {"backlog": 64}}).smtp.listen_backlog == 64
+    assert config.from_dict({"scanner": {"backlog": 32}}).scanner.listen_backlog == 32
+    with pytest.raises(ConfigError, match=r"\[smtp\] listen_backlog: set only one of "
+                                          r"listen_backlog and backlog"):
+        config.from_dict({"smtp": {"backlog": 64, "listen_backlog": 128}})

@@ -65,7 +65,7 @@ README_STATUS_KEYS = [
 def test_accept_queue_is_read_from_the_listening_socket(make_poolmgr):
     """The autoscaler's backlog figure is the kernel's accept queue (TCP_INFO): with every
     SMTP worker stopped, connections wait there and status counts them."""
-    pm = make_poolmgr({"smtp": {"backlog": 64}, "autoscale": {"interval": "0.2s"}})
+    pm = make_poolmgr({"smtp": {"listen_backlog": 64}, "autoscale": {"interval": "0.2s"}})
     with stopped(pm.worker_pids("smtp")):  # no SMTP worker accepts
         clients = [socket.create_connection(("127.0.0.1", pm.smtp_port), timeout=5,
                                             source_address=(f"127.0.2.{n}", 0))

@@ -83,7 +83,7 @@ def figures(load: dict, samples: list[dict], baseline: tuple[int, int], cpu: flo
 SMTP_GROWS = re.compile(r"smtp (\d+) -> (\d+)")
 
 
-def reaction(samples: list[dict], decisions: list[dict], series: list[dict], onset: float | None,
+def reaction(samples: list[dict], decisions: list, series: list[dict], onset: float | None,
              t0: float) -> dict:
     """The autoscaler's reaction, from poolmgr's samples and decisions (times in seconds from
     t0): all None for a target without pools. `onset` is when the first bots were due (None:
@@ -96,8 +96,8 @@ def reaction(samples: list[dict], decisions: list[dict], series: list[dict], ons
                               "first_smtp_grow", "peak_smtp_workers", "stress_on_s",
                               "storm_end_to_floor_s", "samples_checked",
                               "samples_breaking_rules", "rule_breaks"))
-    grows = [(round(d["time"] - t0, 1), d["decision"]) for d in decisions
-             if (m := SMTP_GROWS.match(d["decision"])) and int(m[2]) > int(m[1])]
+    grows = [(round(d.time - t0, 1), d.decision) for d in decisions
+             if (m := SMTP_GROWS.match(d.decision)) and int(m[2]) > int(m[1])]
     busy = [p["t"] for p in series if any(v for k, v in p["open"].items() if k != "legit")]
     end = max(busy) + 1 if busy else None
     floor = next((s["t"] for s in pooled if end is not None and s["t"] >= end and

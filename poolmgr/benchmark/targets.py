@@ -27,6 +27,7 @@ import psutil
 
 from .. import config
 from ..autoscale import Snapshot, check_rules
+from ..status import Decision, Status
 from ..testing import DnsServer, Poolmgr, Postfix, Sink, free_port, listening, wait_until
 
 TARGETS = ("poolmgr", "postfix", "postfix-postscreen", "aiosmtpd")
@@ -67,7 +68,7 @@ class PoolmgrTarget:
                  dns: DnsServer):
         self.stress = s["stress"]
         self.rules = None
-        self.decisions: list[dict] = []
+        self.decisions: list[Decision] = []
         self.pm = Poolmgr(work / "poolmgr", {
             "smtp": {"min_workers": s["smtp_workers"],
                      "max_workers": max(s["smtp_workers"], s["smtp_max_workers"]),
@@ -102,27 +103,30 @@ class PoolmgrTarget:
         if self.stress:
             self.pm.run_cli("ctl", "stress", "on", check=True)
 
+    def status(self) -> Status | None:
+        data = self.pm.try_status()
+        return Status.from_json(data) if data else None
+
     def sample(self) -> dict:
-        status = self.pm.try_status()
-        if not status:
+        status = self.status()
+        if status is None:
             return {}
-        smtp, scanner = status["pools"]["smtp"], status["pools"]["scanner"]
+        smtp, scanner = status.pools["smtp"], status.pools["scanner"]
         # The master keeps its last 20 decisions: gather them as they come.
-        self.decisions += [d for d in status["autoscale"]["decisions"]
-                           if d not in self.decisions]
-        return {"sessions": smtp["sessions"], "smtp_workers": smtp["workers"],
-                "smtp_draining": smtp["draining"], "smtp_floor": smtp["floor"],
-                "scanner_workers": scanner["workers"], "phase": status["autoscale"]["phase"],
-                "stress": status["stress"]["on"], "rule_breaks": rule_breaks(status, self.rules)}
+        self.decisions += [d for d in status.autoscale.decisions if d not in self.decisions]
+        return {"sessions": smtp.sessions, "smtp_workers": smtp.workers,
+                "smtp_draining": smtp.draining, "smtp_floor": smtp.floor,
+                "scanner_workers": scanner.workers, "phase": status.autoscale.phase,
+                "stress": status.stress.on, "rule_breaks": rule_breaks(status, self.rules)}
 
     def verdicts(self) -> dict:
-        status = self.pm.try_status() or {}
-        return (status.get("nuisance") or {}).get("total", {}).get("by_reason", {})
+        status = self.status()
+        return status.nuisance.total.by_reason if status else {}
 
     def counters(self) -> dict:
-        status = self.pm.try_status() or {"pools": {"smtp": {}, "scanner": {}}}
-        smtp = status["pools"]["smtp"].get("counters", {})
-        scanner = status["pools"]["scanner"].get("counters", {})
+        status = self.status()
+        smtp = status.pools["smtp"].counters if status else {}
+        scanner = status.pools["scanner"].counters if status else {}
         return {"handoffs_to_scanner": smtp.get("handoffs", 0),
                 "scanned": scanner.get("scanned", 0),
                 "messages_accepted": smtp.get("messages_accepted", 0),
@@ -144,21 +148,20 @@ def held_sessions(pids: set[int], port: int) -> int:
         return 0
 
 
-def rule_breaks(status: dict, rules) -> list[str]:
-    """The pool rules a `poolmgr status` breaks: the autoscaler's rules on the targets
-    (`autoscale.check_rules`), running workers above a ceiling, scanner workers above SMTP
-    workers."""
-    smtp, scanner = status["pools"]["smtp"], status["pools"]["scanner"]
-    snap = Snapshot(now=0.0, smtp=smtp["target"], scanner=scanner["target"],
-                    smtp_floor=smtp["floor"], smtp_ceiling=smtp["ceiling"],
-                    scanner_floor=scanner["floor"], scanner_ceiling=scanner["ceiling"])
-    broken = check_rules(snap, smtp["target"], scanner["target"], status["autoscale"]["phase"],
-                         rules)
+def rule_breaks(status: Status, rules) -> list[str]:
+    """The pool rules a status breaks: the autoscaler's rules on the targets
+    (`autoscale.check_rules`, through the one sizing rule), running workers above a ceiling,
+    scanner workers above SMTP workers."""
+    smtp, scanner = status.pools["smtp"], status.pools["scanner"]
+    snap = Snapshot(now=0.0, smtp=smtp.target, scanner=scanner.target,
+                    smtp_floor=smtp.floor, smtp_ceiling=smtp.ceiling,
+                    scanner_floor=scanner.floor, scanner_ceiling=scanner.ceiling)
+    broken = check_rules(snap, smtp.target, scanner.target, status.autoscale.phase, rules)
     for name, pool in (("smtp", smtp), ("scanner", scanner)):
-        if pool["workers"] > pool["ceiling"]:
-            broken.append(f"{name} workers {pool['workers']} above the ceiling")
-    if scanner["workers"] > smtp["workers"] + smtp["draining"]:
-        broken.append(f"scanner workers {scanner['workers']} > smtp {smtp['workers']}")
+        if pool.workers > pool.ceiling:
+            broken.append(f"{name} workers {pool.workers} above the ceiling")
+    if scanner.workers > smtp.workers + smtp.draining:
+        broken.append(f"scanner workers {scanner.workers} > smtp {smtp.workers}")
     return broken
 
 
