@@ -211,50 +211,43 @@ def _parse_nameserver(text: str) -> tuple[str, int]:
     return (text, 53)
 
 
+def _typed(kinds, what: str, convert=lambda v: v):
+    """A converter that accepts only values of the TOML types `kinds` (bool is not a number)."""
+    def check(value: Any) -> Any:
+        if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
+            raise ValueError(f"expected {what}, got {value!r}")
+        return convert(value)
+    return check
+
+
+def _each(parse, example: str):
+    """A converter for a list setting: `parse` applied to every item."""
+    return lambda value: tuple(parse(str(v)) for v in _words(value, example))
+
+
+# One converter per setting kind (settings.Setting.kind).
+CONVERTERS = {
+    "str": _typed((str,), "a string"),
+    "path": _typed((str,), "a path string", lambda v: os.path.abspath(v) if v else ""),
+    "int": _typed((int,), "an integer"),
+    "float": _typed((int, float), "a number", float),
+    "bool": _typed((bool,), "true or false"),
+    "duration": parse_duration,
+    "size": parse_size,
+    "address": parse_address,
+    "optaddress": lambda v: parse_address(v) if str(v).strip() else None,
+    "cidrs": lambda v: parse_cidrs(_words(v, '["127.0.0.0/8", "::1/128"]')),
+    "strlist": _each(str, '["example.com", "localhost"]'),
+    "nexthop": _parse_nexthop,
+    "filter": _parse_filter,
+    "rules": _parse_rules,
+    "sites": _each(parse_site, '["zen.example*3"]'),
+    "addresses": _each(_parse_nameserver, '["127.0.0.1:5353"]'),
+}
+
+
 def _convert(setting: Setting, value: Any) -> Any:
-    kind = setting.kind
-    if kind == "str":
-        if not isinstance(value, str):
-            raise ValueError(f"expected a string, got {value!r}")
-        result = value
-    elif kind == "path":
-        if not isinstance(value, str):
-            raise ValueError(f"expected a path string, got {value!r}")
-        result = os.path.abspath(value) if value else ""
-    elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"expected an integer, got {value!r}")
-        result = value
-    elif kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"expected a number, got {value!r}")
-        result = float(value)
-    elif kind == "bool":
-        if not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {value!r}")
-        result = value
-    elif kind == "duration":
-        result = parse_duration(value)
-    elif kind == "size":
-        result = parse_size(value)
-    elif kind == "address":
-        result = parse_address(value)
-    elif kind == "optaddress":
-        result = parse_address(value) if str(value).strip() else None
-    elif kind == "cidrs":
-        result = parse_cidrs(_words(value, '["127.0.0.0/8", "::1/128"]'))
-    elif kind == "strlist":
-        result = tuple(str(v) for v in _words(value, '["example.com", "localhost"]'))
-    elif kind == "nexthop":
-        result = _parse_nexthop(value)
-    elif kind == "filter":
-        result = _parse_filter(value)
-    elif kind == "rules":
-        result = _parse_rules(value)
-    elif kind == "sites":
-        result = tuple(parse_site(str(v)) for v in _words(value, '["zen.example*3"]'))
-    elif kind == "addresses":
-        result = tuple(_parse_nameserver(str(v)) for v in _words(value, '["127.0.0.1:5353"]'))
+    result = CONVERTERS[setting.kind](value)
     if setting.choices and result not in setting.choices:
         raise ValueError(f"must be one of {', '.join(setting.choices)}, got {value!r}")
     if setting.min is not None and isinstance(result, (int, float)) and result < setting.min:

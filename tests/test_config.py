@@ -160,3 +160,16 @@ def test_former_names_still_work():
     with pytest.raises(ConfigError, match=r"\[smtp\] listen_backlog: set only one of "
                                           r"listen_backlog and backlog"):
         config.from_dict({"smtp": {"backlog": 64, "listen_backlog": 128}})
+
+
+@pytest.mark.parametrize("section, key, value, reason", [
+    ("smtp", "max_workers", True, "expected an integer, got True"),
+    ("smtp", "max_workers", 2.5, "expected an integer, got 2.5"),
+    ("smtp", "hostname", 5, "expected a string, got 5"),
+    ("autoscale", "enabled", 1, "expected true or false, got 1"),
+    ("autoscale", "calm_ratio", True, "expected a number, got True"),
+])
+def test_values_of_the_wrong_type_name_the_key(section, key, value, reason):
+    with pytest.raises(ConfigError) as info:
+        config.from_dict({section: {key: value}})
+    assert info.value.errors == [f"(embedded defaults): [{section}] {key}: {reason}"]
