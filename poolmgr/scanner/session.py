@@ -16,7 +16,7 @@ from ..defence.networks import in_networks
 from ..smtp import replies as R
 from ..smtp.headers import received
 from ..smtp.parse import parse_xforward
-from ..smtp.protocol import BASE_COMMANDS, Command, Envelope, ServerSession
+from ..smtp.protocol import BASE_COMMANDS, Command, Envelope, Refused, ServerSession
 from . import checks
 
 
@@ -40,13 +40,11 @@ class ScannerSession(ServerSession):
 
     def do_xforward(self, arg: str) -> bool:
         if self.env is not None:
-            self.reply(R.R503_XFORWARD_IN_TRANSACTION)
-            return False
+            raise Refused(R.R503_XFORWARD_IN_TRANSACTION)
         try:
             attrs = parse_xforward(arg)
         except ValueError:
-            self.reply(R.R501_XFORWARD_SYNTAX)
-            return False
+            raise Refused(R.R501_XFORWARD_SYNTAX) from None
         self.xforward = {**(self.xforward or {}), **attrs}
         self.reply(R.R250_OK)
         return True

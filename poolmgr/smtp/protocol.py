@@ -11,7 +11,7 @@ The `service` passed in is the worker-wide object every session shares: `hostnam
 `limits` (line_length_limit, message_size_limit, max_recipients, timeout), `tls_context`,
 `draining`, optional `tick`.
 
-Exports: ServerSession, Envelope, Command, Drain, STAT_ORDER.
+Exports: ServerSession, Envelope, Command, Drain, Refused, STAT_ORDER.
 """
 
 import time
@@ -24,6 +24,14 @@ from .parse import PathError, new_queue_id, parse_path
 
 class Drain(Exception):
     """The worker is stopping: the session says 421 and closes."""
+
+
+class Refused(Exception):
+    """A command handler refuses its command with this reply; the session goes on."""
+
+    def __init__(self, reply: R.Reply):
+        super().__init__(reply)
+        self.reply = reply
 
 
 class Envelope:
@@ -199,7 +207,12 @@ class ServerSession:
             self.count(command.stat, False)
             self.reply(R.R503_NEED_LHLO if self.lmtp_only else R.R503_NEED_HELO)
             return
-        self.count(command.stat, command.handler(self, arg.strip()))
+        try:
+            ok = command.handler(self, arg.strip())
+        except Refused as refusal:
+            self.reply(refusal.reply)
+            ok = False
+        self.count(command.stat, ok)
 
     def reply(self, reply: R.Reply) -> None:
         self.conn.write(reply.encode())
@@ -256,36 +269,37 @@ class ServerSession:
     def do_ehlo(self, arg: str) -> bool:
         return self._greet(arg, "ESMTP", R.R501_EHLO_SYNTAX)
 
+    def _path(self, arg: str, keyword: str, syntax: R.Reply) -> tuple[str, dict[str, str]]:
+        try:
+            return parse_path(arg, keyword)
+        except PathError as exc:
+            raise Refused(syntax if exc.kind == "syntax" else R.R501_BAD_ADDRESS) from None
+
+    def _checked(self, stage: str, refusal: R.Reply | None, **where) -> None:
+        """A policy hook's refusal is logged (NOQUEUE: reject) and answered."""
+        if refusal is not None:
+            self.log_reject(stage, refusal, **where)
+            raise Refused(refusal)
+
     def do_mail(self, arg: str) -> bool:
         if self.env is not None:
-            self.reply(R.R503_NESTED_MAIL)
-            return False
-        try:
-            address, params = parse_path(arg, "FROM")
-        except PathError as exc:
-            self.reply(R.R501_MAIL_SYNTAX if exc.kind == "syntax" else R.R501_BAD_ADDRESS)
-            return False
+            raise Refused(R.R503_NESTED_MAIL)
+        address, params = self._path(arg, "FROM", R.R501_MAIL_SYNTAX)
         size, body_8bit, smtputf8 = 0, False, "SMTPUTF8" in params
         for key, value in params.items():
             if key == "SIZE" and value.isdigit():
                 size = int(value)
             elif key == "SIZE":
-                self.reply(R.R501_BAD_SIZE)
-                return False
+                raise Refused(R.R501_BAD_SIZE)
             elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
                 body_8bit = value.upper() == "8BITMIME"
             elif not (key == "SMTPUTF8" and not value):
-                self.reply(R.R555_UNSUPPORTED_PARAMETER.format(param=key))
-                return False
+                raise Refused(R.R555_UNSUPPORTED_PARAMETER.format(param=key))
         if not smtputf8 and not address.isascii():
-            self.reply(R.R553_SMTPUTF8_REQUIRED)
-            return False
-        refusal = (R.R552_SIZE_EXCEEDED if size > self.service.limits.message_size_limit
-                   else self.check_mail(address))
-        if refusal is not None:
-            self.log_reject("MAIL", refusal, sender=address)
-            self.reply(refusal)
-            return False
+            raise Refused(R.R553_SMTPUTF8_REQUIRED)
+        self._checked("MAIL", R.R552_SIZE_EXCEEDED
+                      if size > self.service.limits.message_size_limit
+                      else self.check_mail(address), sender=address)
         self.env = Envelope(address, smtputf8, body_8bit)
         self.reply(R.R250_SENDER_OK)
         return True
@@ -293,30 +307,17 @@ class ServerSession:
     def do_rcpt(self, arg: str) -> bool:
         env = self.env
         if env is None:
-            self.reply(R.R503_NEED_MAIL)
-            return False
-        try:
-            address, params = parse_path(arg, "TO")
-        except PathError as exc:
-            self.reply(R.R501_RCPT_SYNTAX if exc.kind == "syntax" else R.R501_BAD_ADDRESS)
-            return False
+            raise Refused(R.R503_NEED_MAIL)
+        address, params = self._path(arg, "TO", R.R501_RCPT_SYNTAX)
         if params:
-            self.reply(R.R555_UNSUPPORTED_PARAMETER.format(param=next(iter(params))))
-            return False
+            raise Refused(R.R555_UNSUPPORTED_PARAMETER.format(param=next(iter(params))))
         if not address:
-            self.reply(R.R501_BAD_ADDRESS)
-            return False
+            raise Refused(R.R501_BAD_ADDRESS)
         if not env.smtputf8 and not address.isascii():
-            self.reply(R.R553_SMTPUTF8_REQUIRED)
-            return False
+            raise Refused(R.R553_SMTPUTF8_REQUIRED)
         if len(env.rcpts) >= self.service.limits.max_recipients:
-            self.reply(R.R452_TOO_MANY_RECIPIENTS)
-            return False
-        refusal = self.check_rcpt(address)
-        if refusal is not None:
-            self.log_reject("RCPT", refusal, address)
-            self.reply(refusal)
-            return False
+            raise Refused(R.R452_TOO_MANY_RECIPIENTS)
+        self._checked("RCPT", self.check_rcpt(address), rcpt=address)
         if not env.rcpts:
             self.transactions += 1
         if not env.queue_id:
@@ -333,14 +334,11 @@ class ServerSession:
     def do_data(self, arg: str) -> bool:
         env = self.env
         if arg:
-            self.reply(R.R501_DATA_SYNTAX)
-            return False
+            raise Refused(R.R501_DATA_SYNTAX)
         if env is None:
-            self.reply(R.R503_NEED_MAIL)
-            return False
+            raise Refused(R.R503_NEED_MAIL)
         if not env.rcpts:
-            self.reply(R.R503_NEED_RCPT)
-            return False
+            raise Refused(R.R503_NEED_RCPT)
         self.reply(R.R354_DATA)
         result = self.conn.read_data(self.service.limits.message_size_limit)
         if result.problem:
