@@ -220,69 +220,65 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"poolmgr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_config(p):
-        p.add_argument("-c", "--config", metavar="FILE",
-                       help="configuration file (default: $POOLMGR_CONFIG, else the embedded "
-                            "defaults)")
+    def command(parent, name: str, help_text: str, func, config: bool = False,
+                socket: bool = False):
+        """A sub-command; `config` adds -c FILE, `socket` adds --socket PATH."""
+        p = parent.add_parser(name, help=help_text)
+        if config:
+            p.add_argument("-c", "--config", metavar="FILE",
+                           help="configuration file (default: $POOLMGR_CONFIG, else the "
+                                "embedded defaults)")
+        if socket:
+            p.add_argument("--socket", help="control socket path (overrides the config)")
+        p.set_defaults(func=func)
         return p
 
-    with_config(sub.add_parser("run", help="run the master in the foreground")).set_defaults(
-        func=cmd_run)
-    with_config(sub.add_parser("check", help="validate a configuration file")).set_defaults(
-        func=cmd_check)
-    conf = sub.add_parser("config", help="print the documented default configuration")
+    command(sub, "run", "run the master in the foreground", cmd_run, config=True)
+    command(sub, "check", "validate a configuration file", cmd_check, config=True)
+    conf = command(sub, "config", "print the documented default configuration", cmd_config)
     conf.add_argument("--markdown", action="store_true",
                       help="print the configuration reference as Markdown (README)")
-    conf.set_defaults(func=cmd_config)
-    status = with_config(sub.add_parser("status", help="show pools and counters"))
+    status = command(sub, "status", "show pools and counters", cmd_status, True, True)
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--socket", help="control socket path (overrides the config)")
-    status.set_defaults(func=cmd_status)
-    ctl = with_config(sub.add_parser(
-        "ctl", help="resize a pool (ctl smtp|scanner N|+N|-N), switch stress mode or the "
-                    "autoscaler (ctl stress|autoscale on|off)"))
+    ctl = command(sub, "ctl", "resize a pool (ctl smtp|scanner N|+N|-N), switch stress mode or "
+                  "the autoscaler (ctl stress|autoscale on|off)", cmd_ctl, True, True)
     ctl.add_argument("pool", choices=("smtp", "scanner", "stress", "autoscale"))
     ctl.add_argument("size", help="N, +N or -N; on or off for stress and autoscale")
-    ctl.add_argument("--socket", help="control socket path (overrides the config)")
-    ctl.set_defaults(func=cmd_ctl)
-    top = with_config(sub.add_parser("top", help="live view of the pools, refreshed every "
-                                                 "second; q quits"))
+    top = command(sub, "top", "live view of the pools, refreshed every second; q quits",
+                  cmd_top, True, True)
     top.add_argument("--once", action="store_true",
                      help="print one frame and exit (also when not on a terminal)")
-    top.add_argument("--socket", help="control socket path (overrides the config)")
-    top.set_defaults(func=cmd_top)
+
     bench = sub.add_parser("bench", help="benchmark harness: replay a storm scenario, or "
                                          "measure throughput with smtp-source")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    bench_run = bench_sub.add_parser("run", help="run one scenario against one target")
-    bench_run.add_argument("scenario", help="a scenario file, e.g. bench/scenarios/smoke.toml")
-    bench_run.add_argument("--target", default="poolmgr",
-                           help="poolmgr (default), postfix, postfix-postscreen or aiosmtpd")
-    bench_run.add_argument("--out", help="output directory (default bench/out/NAME-TARGET)")
-    bench_run.set_defaults(func=cmd_bench)
-    bench_compare = bench_sub.add_parser("compare", help="run one scenario against several "
-                                                         "targets, side by side")
-    bench_compare.add_argument("scenario")
-    bench_compare.add_argument("--targets", default="poolmgr,postfix,postfix-postscreen,aiosmtpd",
-                               help="comma-separated: poolmgr, postfix, postfix-postscreen, "
-                                    "aiosmtpd (default: all)")
-    bench_compare.add_argument("--out", help="output directory (default bench/out/NAME-compare)")
-    bench_compare.set_defaults(func=cmd_bench)
-    bench_source = bench_sub.add_parser("source", help="Postfix's smtp-source through a target "
-                                                       "to smtp-sink: messages/second")
-    bench_source.add_argument("--sessions", type=int, default=20,
-                              help="sessions in parallel (smtp-source -s, default 20)")
-    bench_source.add_argument("--messages", type=int, default=2000,
-                              help="messages in all (smtp-source -m, default 2000)")
-    bench_source.add_argument("--size", type=int, default=0,
-                              help="message payload bytes (smtp-source -l; default: "
-                                   "smtp-source's own)")
-    bench_source.add_argument("--target", default="poolmgr",
-                              help="poolmgr (default), postfix, postfix-postscreen or aiosmtpd")
-    bench_source.add_argument("--out", help="output directory (default bench/out/source-TARGET)")
-    bench_source.set_defaults(func=cmd_bench_source)
-    planner = sub.add_parser("plan", help="capacity planning from a Postfix mail log or a bench "
-                                          "result: pool sizes by Little's law")
+    targets = "poolmgr, postfix, postfix-postscreen, aiosmtpd"
+    for name, help_text, func in (
+            ("run", "run one scenario against one target", cmd_bench),
+            ("compare", "run one scenario against several targets, side by side", cmd_bench),
+            ("source", "Postfix's smtp-source through a target to smtp-sink: messages/second",
+             cmd_bench_source)):
+        p = command(bench_sub, name, help_text, func)
+        if name == "compare":
+            p.add_argument("--targets", default=targets.replace(" ", ""),
+                           help=f"comma-separated: {targets} (default: all)")
+        else:
+            p.add_argument("--target", default="poolmgr", help=f"one of {targets}")
+        default_out = {"run": "NAME-TARGET", "compare": "NAME-compare", "source": "source-TARGET"}
+        p.add_argument("--out", help=f"output directory (default bench/out/{default_out[name]})")
+        if name == "source":
+            p.add_argument("--sessions", type=int, default=20,
+                           help="sessions in parallel (smtp-source -s, default 20)")
+            p.add_argument("--messages", type=int, default=2000,
+                           help="messages in all (smtp-source -m, default 2000)")
+            p.add_argument("--size", type=int, default=0,
+                           help="message payload bytes (smtp-source -l; default: smtp-source's "
+                                "own)")
+        else:
+            p.add_argument("scenario", help="a scenario file, e.g. bench/scenarios/smoke.toml")
+
+    planner = command(sub, "plan", "capacity planning from a Postfix mail log or a bench "
+                      "result: pool sizes by Little's law", cmd_plan)
     planner.add_argument("--maillog", metavar="FILE", help="a Postfix (or poolmgr) mail log")
     planner.add_argument("--bench", metavar="RESULT", help="a result.json of poolmgr bench run")
     planner.add_argument("--sessions-per-worker", type=int, default=2000,
@@ -294,7 +290,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="time zone of syslog timestamps, e.g. Europe/Berlin (default: "
                               "local; ISO timestamps carry their own)")
     planner.add_argument("--json", action="store_true", help="machine-readable output")
-    planner.set_defaults(func=cmd_plan)
     return parser
 
 
