@@ -47,3 +47,12 @@ def test_classify_gives_one_label():
     assert classify("", 0, 1, 1, "quit", 5) == "content_rejected"
     assert classify("", 0, 0, 0, "timeout", 1) == "idle_timeout"
     assert REASONS[:3] == ("pregreet", "dnsbl", "denylist")  # scoreboard order: append only
+
+
+def test_the_defence_actions_settings_offer_are_the_actions_applied():
+    from poolmgr.settings import SETTINGS
+
+    actions = {s.name: s.choices for s in SETTINGS if s.key in
+               ("denylist_action", "greet_action", "dnsbl_action")}
+    assert len(actions) == 3
+    assert all(choices == tuple(a.value for a in Action) for choices in actions.values())
