@@ -1,8 +1,10 @@
 """A private Postfix instance for tests: its own config and queue in a temp directory.
 
-Two smtpd listeners on loopback, the amavisd way: `inbound_port` hands every message to a
+Three smtpd listeners on loopback. The amavisd way: `inbound_port` hands every message to a
 content filter (`scan` transport, SMTP with XFORWARD) and `reinject_port` takes it back (the
 10025 listener) and delivers it with Postfix's virtual agent into `mail/inbox/` (a maildir).
+poolmgr in front: `front_port` is the README's 10025 listener for that recipe, which refuses
+relaying on its own too (reject_unauth_destination), so that both layers hold.
 """
 
 from helpers import free_port
@@ -26,6 +28,11 @@ MASTER_CF = """\
   -o content_filter=
   -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks,no_milters
   -o smtpd_authorized_xforward_hosts=127.0.0.0/8
+127.0.0.1:{front} inet n - n - - smtpd
+  -o content_filter=
+  -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks,no_milters
+  -o smtpd_authorized_xforward_hosts=127.0.0.0/8
+  -o smtpd_recipient_restrictions=reject_unauth_destination
 scan      unix  -       -       n       -       2       smtp
   -o smtp_send_xforward_command=yes
   -o disable_mime_output_conversion=yes
@@ -36,8 +43,10 @@ class Postfix(PrivatePostfix):
     def __init__(self, scanner_port: int):
         self.inbound_port = free_port()
         self.reinject_port = free_port()
+        self.front_port = free_port()
         super().__init__(MAIN_CF, MASTER_CF.format(
-            inbound=self.inbound_port, reinject=self.reinject_port, scanner=scanner_port))
+            inbound=self.inbound_port, reinject=self.reinject_port, front=self.front_port,
+            scanner=scanner_port))
 
     def delivered(self) -> list[bytes]:
         new = self.dir / "mail" / "inbox" / "new"

@@ -299,3 +299,48 @@ def test_ctl_stress_refuses_other_words(make_poolmgr, bad):
     result = pm.run_cli("ctl", "stress", bad)
     assert result.returncode != 0
     assert "usage: ctl smtp|scanner N|+N|-N, ctl stress on|off" in result.stderr + result.stdout
+
+
+RELAY_BATTERY = [
+    "user%evil.test@example.test",       # the percent hack
+    "evil.test!user@example.test",       # a bang path
+    '"user@evil.test"@example.test',     # a quoted @
+    "victim%evil.test",                  # percent hack, no domain
+    "victim",                            # no domain at all
+    "USER%EVIL.TEST@EXAMPLE.TEST",       # mixed case
+    "user%evil.test@example.test.",      # trailing dot
+    "user@[192.0.2.1]",                  # an address literal
+    "victim@evil.test.",                 # a foreign domain with a trailing dot
+]
+
+
+def test_relay_battery_is_refused_for_untrusted_clients(make_poolmgr, make_sink):
+    sink = make_sink()
+    pm = make_poolmgr({"scanner": {"next_hop": f"smtp:127.0.0.1:{sink.port}"}})
+    raw, _ = banner(pm, "127.0.5.50")  # outside smtp.mynetworks
+    raw.send(b"EHLO client.test\r\n")
+    raw.reply()
+    raw.send(b"MAIL FROM:<alice@example.org>\r\n")
+    assert raw.reply()[0] == 250
+    for rcpt in RELAY_BATTERY:
+        raw.send(f"RCPT TO:<{rcpt}>\r\n".encode())
+        assert raw.reply()[1] == [f"554 5.7.1 <{rcpt}>: Relay access denied"], rcpt
+    for rcpt in ("Postmaster", "bob@Example.TEST."):  # RFC 5321 section 4.5.1; local domain
+        raw.send(f"RCPT TO:<{rcpt}>\r\n".encode())
+        assert raw.reply()[0] == 250, rcpt
+    raw.send(b"DATA\r\n")
+    assert raw.reply()[0] == 354
+    raw.send(b"Subject: battery\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+    assert raw.reply()[0] == 250 and raw.reply()[0] == 221
+    wait_until(lambda: sink.messages(), what="the message at the next hop")
+    (arrived,) = sink.messages()
+    assert b"Subject: battery" in arrived and b"evil" not in arrived.lower()
+    log = pm.log()
+    for rcpt in RELAY_BATTERY:
+        assert (f"NOQUEUE: reject: RCPT from unknown[127.0.5.50]: 554 5.7.1 <{rcpt}>: Relay "
+                f"access denied") in log, rcpt
+    # A client in mynetworks may route as it likes, as Postfix lets trusted clients.
+    with pm.smtp() as client:
+        client.ehlo()
+        client.mail("alice@example.org")
+        assert client.rcpt("user%elsewhere.test@example.test")[0] == 250

@@ -1,7 +1,7 @@
 import pytest
 
-from poolmgr.smtp.parse import (PathError, domain_of, parse_path, parse_xforward, xtext_decode,
-                                xtext_encode)
+from poolmgr.smtp.parse import (PathError, canonical, domain_of, parse_path, parse_xforward,
+                                split_mailbox, xtext_decode, xtext_encode)
 
 
 @pytest.mark.parametrize("arg,address,params", [
@@ -41,3 +41,23 @@ def test_xforward_parsing():
     for bad in ["", "NAME", "COLOR=red"]:
         with pytest.raises(ValueError):
             parse_xforward(bad)
+
+
+@pytest.mark.parametrize("address, local, domain", [
+    ("user@Example.TEST.", "user", "example.test"),
+    ('"user@evil.test"@example.test', "user@evil.test", "example.test"),
+    ('"a\\"b"@example.test', 'a"b', "example.test"),
+    ("user%evil.test@example.test", "user%evil.test", "example.test"),
+    ("evil.test!user@example.test", "evil.test!user", "example.test"),
+    ("victim%evil.test", "victim%evil.test", ""),
+    ("Postmaster", "Postmaster", ""),
+    ("user@[192.0.2.1]", "user", "[192.0.2.1]"),
+])
+def test_split_mailbox_unquotes_and_normalises(address, local, domain):
+    assert split_mailbox(address) == (local, domain)
+
+
+def test_canonical_is_the_lookup_key():
+    assert canonical("Bob@Example.TEST.") == "bob@example.test"
+    assert canonical('"Bob"@example.test') == "bob@example.test"
+    assert canonical("PostMaster") == "postmaster"

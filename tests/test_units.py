@@ -11,6 +11,7 @@ from poolmgr.defence.anvil import Anvil, AnvilServer
 from poolmgr.defence.recipients import RecipientTable
 from poolmgr.board import COUNTERS, Board
 from poolmgr.scanner.checks import EICAR, scan
+from poolmgr.smtp.parse import canonical
 
 
 def test_board_slots_are_shared_across_fork():
@@ -118,7 +119,7 @@ def test_recipient_table(tmp_path):
     path = tmp_path / "recipients"
     path.write_text("Bob@Example.test  OK  # trailing words are ignored\n\n@Catchall.test\n")
     table = RecipientTable.load(str(path))
-    assert table.verdict("bob@example.TEST") is True
+    assert table.verdict(canonical("Bob@Example.TEST.")) is True
     assert table.verdict("eve@example.test") is False
     assert table.verdict("anyone@catchall.test") is True
     assert table.verdict("bob@elsewhere.test") is None  # not a local domain: not ours to say

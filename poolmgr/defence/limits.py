@@ -10,9 +10,13 @@ Exports: screen, after_command, reply_delay, check_mail, check_rcpt.
 """
 
 from ..smtp import replies as R
-from ..smtp.parse import domain_of
+from ..smtp.parse import canonical, split_mailbox
 from .networks import in_networks
 from .verdicts import Reason
+
+# Characters of a local part that route mail elsewhere: user%host (the percent hack),
+# host!user (a UUCP bang path), "user@host" (a quoted @).
+ROUTING_CHARACTERS = "%!@"
 
 
 def screen(session, verb: str, command) -> R.Reply | None:
@@ -98,13 +102,19 @@ def check_rcpt(session, address: str) -> R.Reply | None:
                           R.R450_RECIPIENT_RATE)
     if refusal is not None:
         return refusal
-    if service.recipients is not None and service.recipients.verdict(address) is False:
+    local, domain = split_mailbox(address)
+    trusted = in_networks(session.peer[0], service.cfg.smtp.mynetworks)
+    # Postfix's allow_untrusted_routing = no: a next hop that rewrites the percent hack, a
+    # bang path or a quoted @ (Postfix does, by default) would relay for an untrusted client.
+    if not trusted and (any(c in local for c in ROUTING_CHARACTERS) or
+                        (not domain and local.lower() != "postmaster")):
+        screening.note(Reason.RELAY_DENIED)
+        return R.R554_RELAY_DENIED.format(rcpt=address)
+    if service.recipients is not None and \
+            service.recipients.verdict(canonical(address)) is False:
         screening.bad_rcpts += 1
         return R.R550_UNKNOWN_USER.format(rcpt=address)
-    domain = domain_of(address)
-    if not domain or domain in service.mydestination:
+    if not domain or domain in service.mydestination or trusted:
         return None
-    if in_networks(session.peer[0], service.cfg.smtp.mynetworks):
-        return None
-    screening.note(Reason.RELAY_DENIED)
+    screening.note(Reason.RELAY_DENIED)  # Postfix's reject_unauth_destination
     return R.R554_RELAY_DENIED.format(rcpt=address)

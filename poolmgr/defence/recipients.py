@@ -40,10 +40,10 @@ class RecipientTable:
                 catchall.append(domain)
         return cls(path, addresses, catchall)
 
-    def verdict(self, address: str) -> bool | None:
-        """True: a known recipient; False: unknown in a local domain; None: not ours to say."""
-        key = address.lower()
-        domain = key.rpartition("@")[2]
+    def verdict(self, key: str) -> bool | None:
+        """True: a known recipient; False: unknown in a local domain; None: not ours to say.
+        `key` is the address's lower-case normal form (`smtp.parse.canonical`)."""
+        domain = key.rpartition("@")[2] if "@" in key else ""
         if domain not in self.domains:
             return None
         return domain in self.catchall or key in self.addresses

@@ -39,7 +39,7 @@ class LineTooLong(Exception):
 class DataResult(NamedTuple):
     data: bytes | None  # unstuffed message, None when too big or malformed
     size: int           # bytes received, up to the final dot
-    problem: str        # "", "too_big", "bare_lf", "bare_cr"
+    problem: str        # "", "too_big", "bare_lf", "bare_cr", "nul"
 
 
 class Conn:
@@ -164,6 +164,8 @@ class Conn:
             return DataResult(None, size, "bare_lf")
         if _BARE_CR.search(data):
             return DataResult(None, size, "bare_cr")
+        if b"\0" in data:  # "\r\n\0.\r\n" ends a message for a next hop that strips NULs
+            return DataResult(None, size, "nul")
         if data.startswith(b"."):
             data = data[1:]
         return DataResult(data.replace(b"\r\n.", b"\r\n"), size, "")

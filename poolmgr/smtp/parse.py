@@ -1,7 +1,7 @@
 """Parsing of SMTP command arguments: MAIL/RCPT paths and parameters, XFORWARD xtext.
 
-Exports: parse_path, PathError, domain_of, xtext_encode, xtext_decode, parse_xforward,
-new_queue_id.
+Exports: parse_path, PathError, split_mailbox, domain_of, canonical, xtext_encode, xtext_decode,
+parse_xforward, new_queue_id.
 """
 
 import os
@@ -39,8 +39,35 @@ def parse_path(arg: str, keyword: str) -> tuple[str, dict[str, str]]:
     return address, params
 
 
+def split_mailbox(address: str) -> tuple[str, str]:
+    """(local part, domain) of a mailbox: the local part unquoted (RFC 5321 section 4.1.2
+    quoted-string: `"a@b"@c` has the local part `a@b`), the domain lower-cased without a
+    trailing dot; "" when there is no domain. The normal form for every rule about
+    recipients: relay control and the recipient table see the same address."""
+    at, quoted, escaped = -1, False, False
+    for index, char in enumerate(address):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "@" and not quoted:
+            at = index
+    local, domain = (address, "") if at < 0 else (address[:at], address[at + 1:])
+    if local.startswith('"') and local.endswith('"') and len(local) > 1:
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])
+    return local, domain.lower().rstrip(".")
+
+
 def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower().rstrip(".") if "@" in address else ""
+    return split_mailbox(address)[1]
+
+
+def canonical(address: str) -> str:
+    """`local@domain` in lower case, unquoted, without a trailing dot: the lookup key."""
+    local, domain = split_mailbox(address)
+    return f"{local}@{domain}".lower() if domain else local.lower()
 
 
 def xtext_encode(value: str) -> str:

@@ -343,7 +343,7 @@ class ServerSession:
         result = self.conn.read_data(self.service.limits.message_size_limit)
         if result.problem:
             refusal = {"too_big": R.R552_MESSAGE_TOO_BIG, "bare_lf": R.R550_BARE_LF,
-                       "bare_cr": R.R550_BARE_CR}[result.problem]
+                       "bare_cr": R.R550_BARE_CR, "nul": R.R550_NUL}[result.problem]
             self.log_reject("END-OF-MESSAGE", refusal)
             self.env = None
             self.reply(refusal)
