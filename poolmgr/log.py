@@ -10,9 +10,13 @@ Exports: setup, reopen, get.
 
 import logging
 import os
+import re
 import socket
 import time
 
+# As Postfix's printable(): control characters, invalid bytes (surrogate escapes) and
+# undecodable input never reach the log as they came.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffd]")
 _PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
 _state = {"path": "", "fd": 2, "name": "poolmgr/master", "host": socket.gethostname()}
 
@@ -21,7 +25,7 @@ class _LineHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             stamp = time.strftime("%b %d %H:%M:%S", time.localtime(record.created))
-            text = record.getMessage().replace("\n", " ")
+            text = _UNPRINTABLE.sub("?", record.getMessage().replace("\n", " "))
             if record.exc_info and record.levelno >= logging.ERROR:
                 text += " (" + repr(record.exc_info[1]) + ")"
             line = (f"{stamp} {_state['host']} {_state['name']}[{os.getpid()}]: "

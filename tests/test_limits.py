@@ -204,6 +204,12 @@ def test_unauth_pipelining_is_only_logged_by_default(make_poolmgr):
     raw.send(b"EHLO client.test\r\nQUIT\r\n")
     assert raw.reply()[0] == 250 and raw.reply()[0] == 221
     assert "improper command pipelining after EHLO from unknown[127.0.4.18]: QUIT" in pm.log()
+    # Client text reaches the log printable only, as Postfix logs it: no bare CR, no 8-bit.
+    raw, _ = banner(pm, "127.0.4.27")
+    raw.send(b"EHLO client.test\r\nNOOP \x1b[2J\rx\xff\r\nQUIT\r\n")
+    assert [raw.reply()[0] for _ in range(3)] == [250, 250, 221]
+    line = next(l for l in pm.log().splitlines() if "127.0.4.27]: NOOP" in l)
+    assert "127.0.4.27]: NOOP ?[2J?x?" in line and line.isprintable(), repr(line)
 
 
 def test_recipient_validation_and_dictionary_attack(make_poolmgr, tmp_path):

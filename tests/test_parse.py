@@ -61,3 +61,19 @@ def test_canonical_is_the_lookup_key():
     assert canonical("Bob@Example.TEST.") == "bob@example.test"
     assert canonical('"Bob"@example.test') == "bob@example.test"
     assert canonical("PostMaster") == "postmaster"
+
+
+def test_xforward_values_with_control_characters_or_too_long_are_refused():
+    for bad in ["IDENT=abc+0Adef", "HELO=a+0Db", "NAME=x+00", "NAME=" + "a" * 256]:
+        with pytest.raises(ValueError):
+            parse_xforward(bad)
+    assert parse_xforward("NAME=" + "a" * 255)["NAME"] == "a" * 255
+
+
+def test_received_header_takes_only_printable_helo_text():
+    from poolmgr.smtp.headers import received
+
+    header = received(helo="bad\x00helo\xff\r\n" + "x" * 3000, addr="192.0.2.1", by="mx",
+                      software="poolmgr", proto="ESMTP", queue_id="Q", rcpts=["a@b.test"])
+    assert header.isascii() and all(len(line) <= 998 for line in header.split(b"\r\n"))
+    assert header.startswith(b"Received: from bad?helo???xxx")

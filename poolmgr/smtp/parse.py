@@ -86,6 +86,8 @@ def xtext_decode(value: str) -> str:
 
 
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+XFORWARD_MAX = 255  # Postfix's xforward attribute values: a hostname or an address at most
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def parse_xforward(arg: str) -> dict[str, str]:
@@ -99,7 +101,10 @@ def parse_xforward(arg: str) -> dict[str, str]:
         key = key.upper()
         if not eq or key not in XFORWARD_ATTRS:
             raise ValueError(word)
-        attrs[key] = xtext_decode(value)
+        value = xtext_decode(value)
+        if _CONTROL.search(value) or len(value) > XFORWARD_MAX:
+            raise ValueError(word)  # it would end up in a Received: header and the log
+        attrs[key] = value
     return attrs
 
 
