@@ -10,6 +10,7 @@ parse_duration, parse_size, parse_address, format_address, toml_value.
 """
 
 import ipaddress
+import math
 import json
 import os
 import re
@@ -248,6 +249,10 @@ CONVERTERS = {
 
 def _convert(setting: Setting, value: Any) -> Any:
     result = CONVERTERS[setting.kind](value)
+    if isinstance(result, float) and not math.isfinite(result):
+        raise ValueError(f"must be a finite number, got {value!r}")
+    if setting.kind in ("duration", "size") and result < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
     if setting.choices and result not in setting.choices:
         raise ValueError(f"must be one of {', '.join(setting.choices)}, got {value!r}")
     if setting.min is not None and isinstance(result, (int, float)) and result < setting.min:

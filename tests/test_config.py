@@ -168,6 +168,10 @@ def test_former_names_still_work():
     ("smtp", "hostname", 5, "expected a string, got 5"),
     ("autoscale", "enabled", 1, "expected true or false, got 1"),
     ("autoscale", "calm_ratio", True, "expected a number, got True"),
+    ("autoscale", "calm_ratio", float("nan"), "must be a finite number, got nan"),
+    ("smtp", "timeout", float("inf"), "must be a finite number, got inf"),
+    ("smtp", "max_rss", -1, "must not be negative, got -1"),
+    ("defence", "greet_wait", -0.5, "must not be negative, got -0.5"),
 ])
 def test_values_of_the_wrong_type_name_the_key(section, key, value, reason):
     with pytest.raises(ConfigError) as info:

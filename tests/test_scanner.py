@@ -101,9 +101,11 @@ def test_xforward_names_the_real_client(make_poolmgr):
              b"XFORWARD IDENT=ABCDEF1234 SOURCE=REMOTE\r\n"
              b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
     assert [raw.reply()[0] for _ in range(5)] == [250, 250, 250, 250, 354]
-    raw.send(b"Subject: forwarded\r\n\r\nhi\r\n.\r\nXFORWARD FROB=1\r\nQUIT\r\n")
+    raw.send(b"Subject: forwarded\r\n\r\nhi\r\n.\r\nXFORWARD FROB=1\r\n"
+             b"XFORWARD IDENT=AB+0AReceived:+20forged\r\nQUIT\r\n")
     assert raw.reply()[0] == 250
     assert raw.reply()[1][-1].startswith("501 5.5.4")
+    assert raw.reply()[1][-1].startswith("501 5.5.4")  # a line feed in a value: refused
     assert raw.reply()[0] == 221
     assert "ABCDEF1234: client=spike.example[192.0.2.55]" in pm.log()
 
@@ -159,3 +161,29 @@ def test_help_lists_each_listeners_own_commands(make_poolmgr):
         raw.send(b"HELP\r\n")
         assert raw.reply()[1] == [expected]
         raw.close()
+
+
+def test_scanner_worker_survives_accept_failures(make_poolmgr):
+    """Out of file descriptors (EMFILE) at accept: the scanner worker logs, waits and goes on
+    serving once descriptors are free again."""
+    import os
+
+    import psutil
+
+    pm = make_poolmgr({"scanner": {"min_workers": 1}})
+    (pid,) = pm.worker_pids("scanner")
+    worker = psutil.Process(pid)
+    limit = worker.rlimit(psutil.RLIMIT_NOFILE)
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = next(n for n in range(len(used) + 1) if n not in used)
+    worker.rlimit(psutil.RLIMIT_NOFILE, (lowest_free, limit[1]))  # the next accept: EMFILE
+    raw = Raw(pm.scanner_port)
+    try:
+        wait_until(lambda: "accept failed: Too many open files" in pm.log(), timeout=10,
+                   what="the failed accept logged")
+        assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
+    finally:
+        worker.rlimit(psutil.RLIMIT_NOFILE, limit)
+    assert raw.reply()[0] == 220  # served by the same worker, once it could accept
+    raw.close()
+    assert pm.worker_pids("scanner") == [pid]
