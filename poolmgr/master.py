@@ -340,8 +340,10 @@ class Master:
                 info = self.board.read(worker.slot)
                 limit = cfg.master.worker_timeout + (cfg.scanner.timeout if info["busy"] else 0)
                 age = now - info["heartbeat"]
-                overdue = (worker.state == DRAINING and
-                           now - worker.term_at > cfg.master.graceful_timeout + KILL_MARGIN)
+                # A draining scanner worker may be inside a message: it gets scanner.timeout.
+                grace = max(cfg.master.graceful_timeout, cfg.scanner.timeout
+                            if pool.kind == "scanner" else 0) + KILL_MARGIN
+                overdue = worker.state == DRAINING and now - worker.term_at > grace
                 if age > limit or overdue:
                     reason = f"no heartbeat for {age:.0f}s" if age > limit else "still draining"
                     self.log.warning("%s worker %d pid %d: %s -- killing", pool.kind,

@@ -3,6 +3,7 @@
 import os
 import re
 import signal
+import smtplib
 import socket
 import stat
 import subprocess
@@ -228,6 +229,31 @@ def test_term_lets_in_flight_messages_finish_and_exits_0(make_poolmgr, make_sink
     assert len(sink.messages()) == 1
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                    for p in psutil.process_iter() if p.ppid() == pm.proc.pid)
+
+
+def test_a_draining_scanner_gets_scanner_timeout_for_its_message(make_poolmgr, make_sink):
+    """Postfix's content_filter hands a message to the scanner pool, whose next hop takes
+    20 s, longer than graceful_timeout plus the kill margin (16 s): the stopping master does
+    not kill the scanner in the middle of that message, and the message is delivered."""
+    sink = make_sink(extra=["-w", "20"])
+    pm = make_poolmgr({"master": {"graceful_timeout": "1s"},
+                       "smtp": {"proxy_timeout": "60s"},
+                       "scanner": {"next_hop": f"smtp:127.0.0.1:{sink.port}", "timeout": "40s"}})
+    outcome = {}
+
+    def send():
+        with smtplib.SMTP("127.0.0.1", pm.scanner_port, local_hostname="postfix.test",
+                          timeout=60) as client:
+            outcome["refused"] = client.sendmail("a@example.org", ["bob@example.test"],
+                                                 message("slow next hop"))
+    sender = threading.Thread(target=send)
+    sender.start()
+    wait_until(lambda: pm.status()["pools"]["scanner"]["busy"] == 1, what="a busy scanner")
+    pm.send_signal(signal.SIGTERM)
+    assert pm.proc.wait(60) == 0
+    sender.join(10)
+    assert outcome == {"refused": {}}
+    assert len(sink.messages()) == 1 and "killing" not in pm.log()
 
 
 def test_int_is_a_fast_stop(make_poolmgr):

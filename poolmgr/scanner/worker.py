@@ -21,6 +21,7 @@ from ..worker import DRAIN_IDLE_GRACE, WorkerProcess, limits_for
 from ..smtp.protocol import Drain
 from .session import ScannerSession
 
+ACCEPT_BACKOFF = 0.5  # seconds between accept attempts after a failure (out of files, ...)
 # Room for the Received: header the SMTP worker adds to a message at the size limit.
 SIZE_SLACK = 64 * 1024
 
@@ -84,6 +85,11 @@ class ScannerWorker(WorkerProcess):
                 sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 continue  # another worker took it
+            except OSError as exc:  # EMFILE, ENFILE, ECONNABORTED, ENOBUFS: not fatal
+                self.log.warning("scanner worker %d: accept failed: %s -- retrying in %gs",
+                                 ctx.number, exc.strerror or exc, ACCEPT_BACKOFF)
+                time.sleep(ACCEPT_BACKOFF)
+                continue
             sock.setblocking(True)
             ctx.slot.add("connections")
             service.current = ScannerSession(service, sock, peer)
