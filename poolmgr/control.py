@@ -3,17 +3,23 @@
 One JSON object per line each way: the client sends a request (`{"cmd": "status"}`,
 `{"cmd": "ctl", "args": ["smtp", "+2"]}`), the master answers with `{"ok": ..., ...}` and
 closes. The master serves it from its main loop (no thread), so a request is handled like a
-signal: between two iterations, by the only code that changes state.
+signal: between two iterations, by the only code that changes state. A client's bytes are
+read as they arrive, with one deadline for the whole request: a slow or silent client never
+holds up the loop.
 
 Exports: ControlServer, request, ControlError.
 """
 
 import json
 import os
+import selectors
 import socket
+import time
 from typing import Callable
 
 MAX_REQUEST = 65536
+REQUEST_DEADLINE = 2.0  # seconds for a client to send its whole request
+ANSWER_TIMEOUT = 1.0    # seconds to hand the answer over (a few KB on a local socket)
 
 
 class ControlError(Exception):
@@ -21,11 +27,17 @@ class ControlError(Exception):
 
 
 class ControlServer:
-    def __init__(self, path: str, mode: int):
+    """The master's end. Registered in the master's selector: the listening socket as
+    "control", each client as "control-conn"; a client is read as its bytes arrive, never
+    waited for, and must send its whole request within REQUEST_DEADLINE."""
+
+    def __init__(self, path: str, mode: int, selector: selectors.BaseSelector):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if os.path.exists(path):
             os.unlink(path)  # stale: the pidfile check already ruled out a live master
         self.path = path
+        self.selector = selector
+        self.clients: dict[socket.socket, tuple[bytearray, float]] = {}
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
@@ -35,37 +47,71 @@ class ControlServer:
         os.chmod(path, mode)
         self.sock.listen(16)
         self.sock.setblocking(False)
+        selector.register(self.sock, selectors.EVENT_READ, "control")
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def serve(self, handler: Callable[[dict], dict]) -> None:
-        """Answer every waiting client; each gets one request and one reply."""
+    def fds(self) -> list[int]:
+        """The listening socket and the clients in hand: a forked worker closes them."""
+        return [self.sock.fileno(), *(conn.fileno() for conn in self.clients)]
+
+    def accept(self) -> None:
         while True:
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            with conn:
-                conn.settimeout(2.0)
-                try:
-                    data = b""
-                    while b"\n" not in data and len(data) < MAX_REQUEST:
-                        chunk = conn.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                    try:
-                        request = json.loads(data.decode("utf-8"))
-                        answer = handler(request) if isinstance(request, dict) else None
-                    except ValueError:
-                        answer = None
-                    answer = answer or {"ok": False, "message": "bad request"}
-                    conn.sendall(json.dumps(answer).encode() + b"\n")
-                except OSError:
-                    pass
+            except OSError:  # out of files: the client is refused, the master goes on
+                return
+            conn.setblocking(False)
+            self.clients[conn] = (bytearray(), time.monotonic() + REQUEST_DEADLINE)
+            self.selector.register(conn, selectors.EVENT_READ, "control-conn")
+
+    def read(self, conn: socket.socket, handler: Callable[[dict], dict]) -> None:
+        """What the client sent so far; a whole line (or the end) is answered."""
+        data, deadline = self.clients[conn]
+        try:
+            chunk = conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        data += chunk
+        if chunk and b"\n" not in data and len(data) < MAX_REQUEST:
+            return
+        answer = None
+        try:
+            request = json.loads(data.decode("utf-8"))
+            answer = handler(request) if isinstance(request, dict) else None
+        except ValueError:
+            pass
+        self._answer(conn, answer or {"ok": False, "message": "bad request"})
+
+    def expire(self) -> None:
+        """Close clients that did not send a whole request in time."""
+        now = time.monotonic()
+        for conn, (_, deadline) in list(self.clients.items()):
+            if now > deadline:
+                self._answer(conn, {"ok": False, "message": "request timed out"})
+
+    def _answer(self, conn: socket.socket, answer: dict) -> None:
+        self.selector.unregister(conn)
+        del self.clients[conn]
+        try:
+            conn.settimeout(ANSWER_TIMEOUT)  # the answer fits the socket buffer: no real wait
+            conn.sendall(json.dumps(answer).encode() + b"\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
 
     def close(self) -> None:
+        for conn in list(self.clients):
+            self.selector.unregister(conn)
+            conn.close()
+        self.clients.clear()
+        self.selector.unregister(self.sock)
         self.sock.close()
         try:
             os.unlink(self.path)

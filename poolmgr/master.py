@@ -105,7 +105,6 @@ class Master:
                       resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)
         self.sockets = {"smtp": bind(cfg.smtp.listen, cfg.smtp.listen_backlog),
                         "scanner": bind(cfg.scanner.listen, cfg.scanner.listen_backlog)}
-        self.control = ControlServer(cfg.master.control_socket, cfg.master.control_socket_mode)
         if self.metrics is not None:
             try:
                 self.metrics_server = metrics.start(cfg.metrics.listen, self.metrics)
@@ -127,7 +126,8 @@ class Master:
             signal.signal(sig, lambda signum, frame: None)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, "wakeup")
-        self.selector.register(self.control, selectors.EVENT_READ, "control")
+        self.control = ControlServer(cfg.master.control_socket, cfg.master.control_socket_mode,
+                                     self.selector)
         for warning in cfg.warnings:
             self.log.warning("%s", warning)
         self.log.info("daemon started -- version %s, configuration %s, smtp %s, scanner %s",
@@ -174,8 +174,10 @@ class Master:
                         except BlockingIOError:
                             pass
                     elif key.data == "control":
+                        self.control.accept()
+                    elif key.data == "control-conn":
                         urgent = True
-                        self.control.serve(self.serve_request)
+                        self.control.read(key.fileobj, self.serve_request)
                     elif not self.anvil_server.serve(key.fileobj, key.data):
                         self.close_anvil(key.data)
                 # Anvil requests wake the loop thousands of times a second in a storm; the
@@ -184,6 +186,7 @@ class Master:
                 if not urgent and now - housekept < HOUSEKEEPING_INTERVAL:
                     continue
                 housekept = now
+                self.control.expire()
                 while self.signals:
                     self.handle_signal(self.signals.popleft())
                 self.reap()
@@ -259,7 +262,7 @@ class Master:
                 others += [mine.fileno()] if mine is not None else []
                 if self.metrics_server is not None:
                     others.append(self.metrics_server.socket.fileno())
-                child_after_fork([self.wakeup_r, self.wakeup_w, self.control.fileno()] + others)
+                child_after_fork([self.wakeup_r, self.wakeup_w, *self.control.fds()] + others)
                 context = WorkerContext(self.cfg, pool.kind, number, self.generation,
                                         self.board.slot(index), sock, theirs)
                 code = pool.main(context) or 0

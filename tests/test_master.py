@@ -377,3 +377,32 @@ def test_workers_exit_when_the_master_dies_and_a_new_master_binds_the_ports(make
     pm.start()  # the same config, the same ports: nothing holds them any more
     with pm.smtp() as client:
         assert client.sendmail("a@example.org", ["bob@example.test"], message("again")) == {}
+
+
+def test_a_trickling_control_client_does_not_hold_up_the_master(make_poolmgr):
+    """A control client that trickles its request: status is answered meanwhile, the
+    trickler gets "request timed out" after 2 s, and TERM still stops the master fast."""
+    from poolmgr import control
+
+    pm = make_poolmgr()
+    sock = str(pm.dir / "ctl.sock")
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slow.connect(sock)
+    started = time.monotonic()
+    for byte in b'{"cmd"':
+        slow.send(bytes([byte]))
+        asked = time.monotonic()
+        assert control.request(sock, {"cmd": "status"})["ok"] is True
+        assert time.monotonic() - asked < 0.5
+        time.sleep(0.2)
+    assert time.monotonic() - started < 2  # still inside the trickler's deadline
+    slow.settimeout(5)
+    assert b"request timed out" in slow.recv(1000)
+    assert 1.5 < time.monotonic() - started < 4
+    slow.close()
+    idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    idle.connect(str(pm.dir / "ctl.sock"))  # connected, silent
+    stopping = time.monotonic()
+    pm.send_signal(signal.SIGTERM)
+    assert pm.proc.wait(15) == 0 and time.monotonic() - stopping < 5
+    idle.close()
