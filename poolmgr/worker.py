@@ -55,7 +55,7 @@ def limits_for(cfg: Config, size_slack: int = 0) -> Limits:
                   cfg.smtp.max_recipients, cfg.smtp.timeout)
 
 
-_early_stop: list[int] = []
+_early: list[int] = []
 
 
 def child_after_fork(close_fds: list[int]) -> None:
@@ -64,9 +64,11 @@ def child_after_fork(close_fds: list[int]) -> None:
         signal.signal(sig, signal.SIG_DFL)
     # Ctrl-C in a terminal reaches the whole process group; the master decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A worker retired before its own handlers are in place (a reload or a max_rss check just
-    # after the fork) still stops gracefully: SIGTERM is kept, WorkerProcess.run replays it.
-    signal.signal(signal.SIGTERM, lambda signum, frame: _early_stop.append(signum))
+    # A signal that arrives before the worker's own handlers are in place (a reload, a
+    # max_rss check or a log rotation just after the fork) is kept and replayed by
+    # WorkerProcess.run, instead of killing the worker by its default action.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: _early.append(signum))
     signal.signal(signal.SIGQUIT, lambda signum, frame: os._exit(0))
     for fd in close_fds:
         try:
@@ -101,8 +103,8 @@ class WorkerProcess:
         self.on_signal(signal.SIGTERM, self.handle_term)
         self.on_signal(signal.SIGQUIT, lambda *_: os._exit(0))
         self.on_signal(signal.SIGUSR1, lambda *_: log.reopen())
-        if _early_stop:  # a SIGTERM before our own handler was in place
-            os.kill(os.getpid(), signal.SIGTERM)
+        for signum in dict.fromkeys(_early):  # signals that came before our handlers
+            os.kill(os.getpid(), signum)
         return self.serve() or 0
 
     def init_process(self) -> None:
