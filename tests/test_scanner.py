@@ -20,7 +20,9 @@ def test_lmtp_next_hop_and_lmtp_hand_off(make_poolmgr):
     (delivered,) = downstream.delivered()
     assert b"Subject: over lmtp" in delivered
     assert delivered.count(b"X-Poolmgr-Scan: clean") == 2  # scanned by both scanner pools
-    assert "lhlo=1" in upstream.log()
+    # The upstream scanner logs its disconnect line once the SMTP worker's QUIT is in, which
+    # may be after the client has its 250.
+    wait_until(lambda: "lhlo=1" in upstream.log(), timeout=10, what="the LMTP session's end")
     # The upstream scanner keeps its next-hop connection for the next message
     # (timeouts.connection_cache_time_limit), then says QUIT.
     wait_until(lambda: "lhlo=1 xforward=1 mail=1 rcpt=2 data=1 quit=1" in downstream.log(), timeout=10)
