@@ -238,14 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     conf = command(sub, "config", "print the documented default configuration", cmd_config)
     conf.add_argument("--markdown", action="store_true",
                       help="print the configuration reference as Markdown (README)")
-    status = command(sub, "status", "show pools and counters", cmd_status, True, True)
+    status = command(sub, "status", "show pools and counters", cmd_status,
+                     config=True, socket=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     ctl = command(sub, "ctl", "resize a pool (ctl smtp|scanner N|+N|-N), switch stress mode or "
-                  "the autoscaler (ctl stress|autoscale on|off)", cmd_ctl, True, True)
+                  "the autoscaler (ctl stress|autoscale on|off)", cmd_ctl, config=True,
+                  socket=True)
     ctl.add_argument("pool", choices=("smtp", "scanner", "stress", "autoscale"))
     ctl.add_argument("size", help="N, +N or -N; on or off for stress and autoscale")
     top = command(sub, "top", "live view of the pools, refreshed every second; q quits",
-                  cmd_top, True, True)
+                  cmd_top, config=True, socket=True)
     top.add_argument("--once", action="store_true",
                      help="print one frame and exit (also when not on a terminal)")
 

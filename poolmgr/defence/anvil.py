@@ -16,7 +16,7 @@ Wire format (ASCII, one request per packet): `SEQ C IP` connect -> `SEQ COUNT RA
 `SEQ M IP` message -> `SEQ RATE`, `SEQ R IP` recipient -> `SEQ RATE`, `0 D IP` disconnect
 (no answer).
 
-Exports: Anvil, AnvilServer, AnvilClient, Usage.
+Exports: Anvil, AnvilServer, AnvilClient, Usage, ANVIL_TIMEOUT.
 """
 
 import socket
@@ -24,6 +24,7 @@ from collections import Counter
 from typing import NamedTuple
 
 _PURGE_EVERY = 1024  # requests between sweeps of idle clients
+ANVIL_TIMEOUT = 2.0  # a worker's wait for an answer; after it the client fails open
 
 
 class Usage(NamedTuple):

@@ -56,8 +56,8 @@ def _anvil_connect(session) -> R.Reply | None:
 
 def greet(session) -> R.Reply | None:
     """The banner, after the pregreet test and the DNSBL score; a refusal instead of it."""
-    service, screening, conn, ip = session.service, session.screening, session.conn, \
-        session.peer[0]
+    service, screening, conn, ip = (session.service, session.screening, session.conn,
+                                    session.peer[0])
     defence = service.defence
     banner = R.R220_BANNER.format(host=service.hostname)
     if not screening.trusted and defence.needs_greet_test(ip):

@@ -55,9 +55,6 @@ class FrontService:
         self.proxy_filter: NextHop = cfg.smtp.proxy_filter or NextHop("smtp", host, port)
 
 
-ANVIL_TIMEOUT = 2.0
-
-
 class FrontSession(ServerSession):
     """An SMTP session of the SMTP pool; its defence state is `screening`, and the defence
     tests live in `defence.early` and `defence.limits`, called from the hooks below."""

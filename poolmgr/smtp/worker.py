@@ -54,7 +54,7 @@ class SmtpWorker(WorkerProcess):
         import gevent.server
 
         from ..defence.policy import Defence
-        from .front import ANVIL_TIMEOUT, FrontService, FrontSession
+        from .front import FrontService, FrontSession
         from .protocol import Drain
 
         self.gevent, self.session_class, self.drain_exc = gevent, FrontSession, Drain
@@ -64,7 +64,7 @@ class SmtpWorker(WorkerProcess):
         self.log = log.get("smtpd")
         anvil = None
         if ctx.anvil is not None:
-            from ..defence.anvil import AnvilClient
+            from ..defence.anvil import ANVIL_TIMEOUT, AnvilClient
 
             anvil = AnvilClient(socket.socket(fileno=ctx.anvil.detach()), ANVIL_TIMEOUT,
                                 self.log)
