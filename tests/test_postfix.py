@@ -6,18 +6,24 @@ delivers it. In front of Postfix: poolmgr's SMTP pool takes the mail and the sca
 is that same 10025 listener.
 """
 
+import email
+import email.policy
+import re
 import smtplib
+import time
 
 import pytest
 
 from helpers import HELO, message, wait_until
-from postfix import Postfix
+from postfix import REFUSED, Postfix
 
 
-def started(make_poolmgr, listener: str):
+def started(make_poolmgr, listener: str, hand_off: str = "smtp"):
     pm = make_poolmgr(start=False)
     postfix = Postfix(pm.scanner_port)
     pm.configure("scanner", next_hop=f"smtp:127.0.0.1:{getattr(postfix, listener)}")
+    if hand_off != "smtp":
+        pm.configure("smtp", proxy_filter=f"{hand_off}:127.0.0.1:{pm.scanner_port}")
     try:
         postfix.start()
         pm.start()
@@ -38,9 +44,11 @@ def poolmgr_in_front(make_poolmgr):
     yield from started(make_poolmgr, "front_port")
 
 
-def test_scanner_pool_as_postfix_content_filter(postfix_and_poolmgr):
+@pytest.mark.parametrize("feed", ["inbound_port", "lmtp_inbound_port"])
+def test_scanner_pool_as_postfix_content_filter(postfix_and_poolmgr, feed):
+    """Both README recipes: content_filter over SMTP and over LMTP (the preferred one)."""
     postfix, pm = postfix_and_poolmgr
-    with smtplib.SMTP("127.0.0.1", postfix.inbound_port, local_hostname=HELO,
+    with smtplib.SMTP("127.0.0.1", getattr(postfix, feed), local_hostname=HELO,
                       source_address=("127.0.0.7", 0), timeout=30) as client:
         assert client.sendmail("alice@example.org", ["bob@example.test"],
                                message("behind postfix")) == {}
@@ -107,3 +115,99 @@ def test_in_front_no_relay_battery_address_reaches_postfix(poolmgr_in_front):
         direct.mail("alice@example.org")
         code, text = direct.rcpt("victim@evil.test")
         assert code == 554 and b"Relay access denied" in text
+
+
+def reports(postfix) -> list[bytes]:
+    return [m for m in postfix.delivered() if b"report-type=delivery-status" in m]
+
+
+def originals(postfix, subject: str) -> list[bytes]:
+    return [m for m in postfix.delivered()
+            if f"Subject: {subject}".encode() in m and b"report-type=delivery-status" not in m]
+
+
+@pytest.fixture(params=["smtp", "lmtp"])
+def in_front_either_hand_off(make_poolmgr, request):
+    """poolmgr in front, its SMTP pool handing off to the scanner over SMTP (the scanner
+    sends the notification) or LMTP (the scanner answers per recipient, the SMTP worker
+    sends it)."""
+    yield from started(make_poolmgr, "front_port", request.param)
+
+
+def test_recipient_refused_beside_an_accepted_one_gets_a_dsn(in_front_either_hand_off):
+    """Postfix accepts the message for bob and refuses it for a mailbox that does not exist:
+    bob gets it once, and the sender gets an RFC 3464 report naming the refused recipient."""
+    postfix, pm = in_front_either_hand_off
+    with pm.smtp(source="127.0.5.61") as client:
+        assert client.sendmail("alice@example.test", ["bob@example.test", REFUSED],
+                               message("mixed")) == {}
+    wait_until(lambda: len(postfix.delivered()) == 2, timeout=60,
+               what=f"the message and the notification; maillog:\n{postfix.maillog()}")
+    assert len(originals(postfix, "mixed")) == 1
+    (raw,) = reports(postfix)
+    assert raw.startswith(b"Return-Path: <>")  # MAIL FROM:<>
+    report = email.message_from_bytes(raw, policy=email.policy.default)
+    assert report["To"] == "alice@example.test"
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    human, status, headers = report.iter_parts()
+    assert f"<{REFUSED}>: host 127.0.0.1 said: 550 5.1.1" in human.get_content()
+    assert status.get_content_type() == "message/delivery-status"
+    per_message, per_recipient = status.get_payload()  # RFC 3464 section 2.1
+    assert per_message["Reporting-MTA"] == "dns; mx.example.test"
+    assert per_recipient["Final-Recipient"] == f"rfc822; {REFUSED}"
+    assert (per_recipient["Action"], per_recipient["Status"]) == ("failed", "5.1.1")
+    assert per_recipient["Diagnostic-Code"].startswith(f"smtp; 550 5.1.1 <{REFUSED}>")
+    assert headers.get_content_type() == "text/rfc822-headers"
+    assert b"Subject: mixed" in headers.get_payload(decode=True)
+    log = pm.log()
+    assert re.search(f"to=<{REFUSED}>, relay=smtp:127.0.0.1:{postfix.front_port}, .* "
+                     r"status=bounced \(550 5\.1\.1 ", log)
+    assert "sender non-delivery notification: " in log
+
+
+def test_no_dsn_to_the_null_sender(poolmgr_in_front):
+    postfix, pm = poolmgr_in_front
+    with pm.smtp(source="127.0.5.62") as client:
+        assert client.sendmail("", ["bob@example.test", REFUSED], message("bounce")) == {}
+    wait_until(lambda: postfix.delivered(), timeout=60, what="delivery by Postfix")
+    assert "no sender non-delivery notification for <gone@example.test>: the sender is null" \
+        in pm.log()
+    time.sleep(1)  # nothing else is on its way
+    assert len(postfix.delivered()) == 1 and not reports(postfix)
+
+
+@pytest.mark.log_allows(r"sender non-delivery notification to <.*> failed")
+def test_a_dsn_that_cannot_be_handed_over_defers_the_whole_message(poolmgr_in_front):
+    """The sender's own address is refused, so the notification cannot go: 451 for the whole
+    message (bob may see it twice when the client retries; nothing is lost)."""
+    postfix, pm = poolmgr_in_front
+    with pm.smtp(source="127.0.5.63") as client:
+        client.ehlo()
+        client.mail(REFUSED)
+        assert client.rcpt("bob@example.test")[0] == 250
+        assert client.rcpt(REFUSED)[0] == 250
+        code, text = client.data(message("undeliverable report"))
+    assert (code, text) == (451, b"4.3.0 Error: cannot notify the sender of refused "
+                                 b"recipients, try again later")
+    assert f"sender non-delivery notification to <{REFUSED}> failed: 550 5.1.1" in pm.log()
+
+
+def test_lmtp_client_gets_a_reply_per_recipient_and_no_dsn(poolmgr_in_front):
+    """Postfix's preferred content_filter recipe, lmtp:[127.0.0.1]:10024: the scanner tells its
+    LMTP client which recipient the next hop refused, and the client bounces it itself."""
+    postfix, pm = poolmgr_in_front
+    with smtplib.LMTP("127.0.0.1", pm.scanner_port, local_hostname=HELO, timeout=30) as client:
+        client.ehlo_or_helo_if_needed = lambda: None
+        assert client.docmd("LHLO", HELO)[0] == 250
+        assert client.docmd("MAIL FROM:<alice@example.test>")[0] == 250
+        assert client.docmd("RCPT TO:<bob@example.test>")[0] == 250
+        assert client.docmd(f"RCPT TO:<{REFUSED}>")[0] == 250
+        assert client.docmd("DATA")[0] == 354
+        client.send(message("per recipient") + b"\r\n.\r\n")
+        first, second = client.getreply(), client.getreply()
+    assert first[0] == 250
+    assert second[0] == 550 and second[1].startswith(b"5.1.1 <gone@example.test>")
+    wait_until(lambda: postfix.delivered(), timeout=60, what="delivery by Postfix")
+    time.sleep(1)
+    assert len(originals(postfix, "per recipient")) == 1 and not reports(postfix)

@@ -1,5 +1,5 @@
-"""The relay client: its connection cache (reuse, a cached connection the server closed, expiry)
-and XFORWARD to a next hop that offers fewer attributes."""
+"""The relay client: its connection cache (reuse, a cached connection the server closed, expiry),
+XFORWARD to a next hop that offers fewer attributes, and long lines folded on the way."""
 
 import socket
 import threading
@@ -33,6 +33,7 @@ class Server:
         self.refuse_after = refuse_after
         self.ehlo = ehlo
         self.connections: list[list[bytes]] = []
+        self.data: list[list[bytes]] = []  # each message's lines as received, CRLF included
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -56,7 +57,10 @@ class Server:
             for raw in reader:
                 line = raw.rstrip(b"\r\n")
                 if in_data:
-                    if line == b".":
+                    if line != b".":
+                        with self.lock:
+                            self.data[-1].append(raw)
+                    else:
                         in_data = False
                         messages += 1
                         conn.sendall(b"250 2.0.0 Ok: queued\r\n")
@@ -75,6 +79,8 @@ class Server:
                     conn.sendall(b"550 5.1.0 Sender rejected\r\n")
                 elif line == b"DATA":
                     in_data = True
+                    with self.lock:
+                        self.data.append([])
                     conn.sendall(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                 elif line == b"QUIT":
                     conn.sendall(b"221 2.0.0 Bye\r\n")
@@ -209,3 +215,20 @@ def test_relay_sends_only_the_xforward_attributes_the_server_offers(server):
     assert [r.code for r in replies] == [250]
     (commands,) = srv.commands()
     assert commands[1] == b"XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.1"
+
+
+def test_lines_over_998_octets_are_folded_not_refused_downstream(server):
+    """Postfix's smtp_line_length_limit: a strict next hop would answer 500 to a 3000-octet
+    line; the relay breaks it with CRLF SPACE, each piece within 998 octets."""
+    srv = server()
+    long_line = b"".join(bytes([65 + i % 26]) for i in range(3000))
+    body = b"Subject: long\r\n\r\n" + long_line + b"\r\nshort\r\n"
+    msg = relay.Outgoing("a@example.org", ["b@example.test"], body)
+    assert [r.code for r in relay.send(srv.hop, msg, helo="mx.test", timeouts=TIMEOUTS,
+                                       deadline=time.monotonic() + 10)] == [250]
+    (lines,) = srv.data
+    assert max(len(line) for line in lines) == 998 + 2
+    assert all(line.endswith(b"\r\n") for line in lines)
+    assert b"".join(lines).replace(b"\r\n ", b"") == body  # nothing lost, only folded
+    size = len(b"".join(lines))  # SIZE counts the folded message
+    assert srv.commands()[0][1] == f"MAIL FROM:<a@example.org> SIZE={size}".encode()

@@ -19,7 +19,9 @@ def test_lmtp_next_hop_and_lmtp_hand_off(make_poolmgr):
                                message("over lmtp")) == {}
     (delivered,) = downstream.delivered()
     assert b"Subject: over lmtp" in delivered
-    assert delivered.count(b"X-Poolmgr-Scan: clean") == 2  # scanned by both scanner pools
+    assert delivered.count(b"(poolmgr scanner) with LMTP") == 2  # through both scanner pools
+    # Each scanner removes the X-Poolmgr-Scan it was given: only the last verdict is there.
+    assert delivered.count(b"X-Poolmgr-Scan: clean") == 1
     # The upstream scanner logs its disconnect line once the SMTP worker's QUIT is in, which
     # may be after the client has its 250.
     wait_until(lambda: "lhlo=1" in upstream.log(), timeout=10, what="the LMTP session's end")

@@ -1,9 +1,12 @@
 """The scanner's side of one SMTP/LMTP connection (amavisd-style content filter).
 
 Accepts SMTP (EHLO) and LMTP (LHLO) on the same port, XFORWARD from the clients in
-`scanner.inet_acl` (the SMTP pool, or Postfix as content_filter), checks each message, adds
-`Received:` and `X-Poolmgr-Scan:` headers and re-injects it to `scanner.next_hop`. It answers
-250 only after the next hop did; a reject verdict is 554; any failure is 451.
+`scanner.inet_acl` (the SMTP pool, or Postfix as content_filter), checks each message, removes
+any `X-Poolmgr-Scan:` header it arrived with, adds `Received:` and its own `X-Poolmgr-Scan:`
+and re-injects it to `scanner.next_hop`. It answers 250 only after the next hop did; a reject
+verdict is 554; any failure is 451. Recipients the next hop refused beside accepted ones are
+reported to an LMTP client one by one, and to an SMTP client's sender by a delivery status
+notification (`smtp.dsn`).
 
 Exports: ScannerSession.
 """
@@ -11,13 +14,16 @@ Exports: ScannerSession.
 import time
 
 from .. import maildir
-from ..smtp import relay
+from ..smtp import dsn, relay
 from ..defence.networks import in_networks
 from ..smtp import replies as R
-from ..smtp.headers import received
+from ..smtp.headers import received, remove_field
 from ..smtp.parse import parse_xforward
 from ..smtp.protocol import BASE_COMMANDS, Command, Envelope, Refused, ServerSession
 from . import checks
+
+
+SCAN_HEADER = "X-Poolmgr-Scan"
 
 
 class ScannerSession(ServerSession):
@@ -70,9 +76,19 @@ class ScannerSession(ServerSession):
             headers = received(helo=self.helo, addr=self.peer[0], by=service.hostname,
                                software="poolmgr scanner", proto=self.proto,
                                queue_id=env.queue_id, rcpts=env.rcpts)
-            headers += f"X-Poolmgr-Scan: {verdict.result}{note} by poolmgr at {service.hostname}\r\n".encode()
-            replies = self._forward(env, headers + data, forwarded, started, verdict.result)
-            return replies
+            headers += (f"{SCAN_HEADER}: {verdict.result}{note} by poolmgr at "
+                        f"{service.hostname}\r\n").encode()
+            # Only this hop's verdict counts: a copy the client sent is a forgery.
+            data = headers + remove_field(data, SCAN_HEADER)
+            replies = self._forward(env, data, forwarded, started, verdict.result)
+            if self.proto == "LMTP":
+                return replies  # the client gets one reply per recipient
+            hop = service.cfg.scanner.next_hop
+            return dsn.settle(replies, hop=hop, mail_from=env.mail_from, rcpts=env.rcpts,
+                              queue_id=env.queue_id, data=data, smtputf8=env.smtputf8,
+                              hostname=service.hostname, timeouts=service.cfg.timeouts,
+                              deadline=time.monotonic() + service.cfg.scanner.timeout,
+                              log=service.log, cache=service.relay_cache)
         finally:
             service.slot.set_busy(0)
             service.messages += 1

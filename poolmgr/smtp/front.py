@@ -14,7 +14,7 @@ Exports: FrontSession, FrontService.
 import time
 
 from .. import log
-from . import relay
+from . import dsn, relay
 from ..defence.anvil import AnvilClient
 from ..config import NextHop
 from ..defence import early, limits
@@ -134,10 +134,17 @@ class FrontSession(ServerSession):
         outgoing = relay.Outgoing(env.mail_from, env.rcpts, header + data, env.smtputf8,
                                   env.body_8bit, xforward)
         service.slot.add("handoffs")
+        hop, timeouts = service.proxy_filter, service.cfg.timeouts
+        limit = service.cfg.smtp.proxy_timeout
         try:
-            final = R.combine(relay.send(service.proxy_filter, outgoing, helo=service.hostname,
-                                         timeouts=service.cfg.timeouts,
-                                         deadline=started + service.cfg.smtp.proxy_timeout))
+            replies = relay.send(hop, outgoing, helo=service.hostname, timeouts=timeouts,
+                                 deadline=started + limit)
+            # An LMTP proxy filter answers per recipient; the client gets one reply.
+            final = R.combine(dsn.settle(
+                replies, hop=hop, mail_from=env.mail_from, rcpts=env.rcpts,
+                queue_id=env.queue_id, data=outgoing.data, smtputf8=env.smtputf8,
+                hostname=service.hostname, timeouts=timeouts,
+                deadline=time.monotonic() + limit, log=service.log))
         except relay.RelayError as exc:
             service.log.warning("%s: proxy filter %s failed at %s: %s", env.queue_id,
                                 service.proxy_filter, exc.stage, exc.detail)

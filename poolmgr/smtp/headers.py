@@ -1,9 +1,11 @@
-"""Trace headers: the Received: line each hop adds (RFC 5321 section 4.4).
+"""Trace headers: the Received: line each hop adds (RFC 5321 section 4.4), and removing a
+header field a client must not be able to forge.
 
-Exports: received.
+Exports: received, remove_field, header_section.
 """
 
 import email.utils
+import re
 
 HELO_MAX = 255  # RFC 1035 section 2.3.4: a domain name has at most 255 octets
 
@@ -27,3 +29,30 @@ def _printable(text: str, limit: int = HELO_MAX) -> str:
     """Client text fit for a header: printable ASCII, at most `limit` characters, so the
     header line stays within RFC 5322's 998 octets whatever the client sent."""
     return "".join(c if " " < c < "\x7f" else "?" for c in text[:limit])
+
+
+def header_section(data: bytes) -> bytes:
+    """The message's header fields, each line with its CRLF, without the blank line."""
+    if data.startswith(b"\r\n"):
+        return b""
+    end = data.find(b"\r\n\r\n")
+    return data if end < 0 else data[:end + 2]
+
+
+def remove_field(data: bytes, name: str) -> bytes:
+    """`data` without any header field called `name` (any case, with its continuation
+    lines); the body is never touched."""
+    head = header_section(data)
+    field = re.compile(rb"(?im)^" + re.escape(name.encode()) + rb"[ \t]*:")
+    if not field.search(head):
+        return data
+    kept, dropping = [], False
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = field.match(line) is not None
+        if not dropping:
+            kept.append(line)
+    return b"".join(kept) + data[len(head):]

@@ -7,6 +7,10 @@ recipient for LMTP. Every step has its RFC 5321 section 4.5.3.2 timeout (config 
 the whole exchange is bounded by `deadline`. Any network failure raises `RelayError` so the
 caller can answer 4xx: a message is never reported accepted unless the server said so.
 
+Lines longer than RFC 5322's 998 octets are folded as Postfix's smtp client does
+(smtp_line_length_limit: CRLF and a space inserted), so a strict next hop does not refuse a
+message whose sender was told it would be delivered.
+
 With a `Cache`, a connection whose transaction ended cleanly is kept for the next message to
 the same hop (Postfix's smtp connection cache: smtp_connection_cache_time_limit and
 smtp_connection_reuse_time_limit). A cached connection the server has meanwhile closed is
@@ -14,7 +18,7 @@ noticed before the message data is sent, and the message goes over a new connect
 
 Works on blocking sockets (scanner workers) and gevent sockets (SMTP workers).
 
-Exports: send, Cache, RelayError, Outgoing.
+Exports: send, fold, Cache, RelayError, Outgoing, LINE_LENGTH_LIMIT.
 """
 
 import ipaddress
@@ -22,7 +26,7 @@ import re
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..config import NextHop
 from .conn import Conn, Disconnected, Timeout
@@ -31,6 +35,8 @@ from .replies import Reply
 
 _STATUS = re.compile(r"([245]\.\d{1,3}\.\d{1,3})\s+(.*)")
 _XFORWARD_LINE = 400  # Postfix keeps XFORWARD lines well under the 512-octet command limit
+LINE_LENGTH_LIMIT = 998  # RFC 5322 section 2.1.1; Postfix's smtp_line_length_limit
+_LONG_LINE = re.compile(rb"[^\r\n]{%d,}" % (LINE_LENGTH_LIMIT + 1))
 
 
 class RelayError(Exception):
@@ -219,9 +225,22 @@ def _open(hop: NextHop, helo: str, timeouts, deadline: float) -> _Link:
     return _Link(hop, conn, extensions, time.monotonic())
 
 
+def fold(data: bytes) -> bytes:
+    """Break lines over LINE_LENGTH_LIMIT octets with CRLF SPACE (Postfix: "to minimize the
+    damage to MIME formatted mail"); each piece, its space included, fits the limit."""
+    def cut(match: re.Match) -> bytes:
+        line, first = match.group(), LINE_LENGTH_LIMIT
+        rest = LINE_LENGTH_LIMIT - 1
+        return b"\r\n ".join([line[:first]] + [line[i:i + rest]
+                                               for i in range(first, len(line), rest)])
+    return _LONG_LINE.sub(cut, data)
+
+
 def send(hop: NextHop, msg: Outgoing, *, helo: str, timeouts, deadline: float,
          cache: Cache | None = None) -> list[Reply]:
     """Deliver `msg` to `hop`; one final Reply per recipient, in order."""
+    if _LONG_LINE.search(msg.data):
+        msg = replace(msg, data=fold(msg.data))
     link = cache.take(hop) if cache is not None else None
     if link is not None:
         try:

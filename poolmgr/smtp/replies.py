@@ -50,7 +50,8 @@ def combine(replies: list[Reply]) -> Reply:
 
     All accepted -> the first 2xx. Any temporary failure -> that 4xx, so the sender retries
     (nothing is lost; accepted recipients may see a duplicate). All permanent -> the first 5xx.
-    Accepted beside permanent rejects -> 2xx: the rejects are logged by the caller.
+    Accepted beside permanent rejects -> 2xx: the caller has already told the sender about
+    the rejects with a delivery status notification (`smtp.dsn.settle`).
     """
     for wanted in (lambda r: r.temporary, lambda r: r.ok, lambda r: True):
         for reply in replies:
