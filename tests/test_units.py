@@ -1,4 +1,5 @@
-"""Unit tests: scoreboard, maildir next hop, content check, anvil store, recipient table."""
+"""Unit tests: scoreboard, maildir next hop, content check, anvil store, recipient table,
+IPv4-mapped peers."""
 
 import os
 import re
@@ -8,6 +9,7 @@ import pytest
 
 from poolmgr import maildir
 from poolmgr.defence.anvil import Anvil, AnvilServer
+from poolmgr.defence.networks import in_networks, parse_cidrs, plain_ip
 from poolmgr.defence.recipients import RecipientTable
 from poolmgr.board import COUNTERS, Board
 from poolmgr.scanner.checks import EICAR, scan
@@ -127,3 +129,12 @@ def test_recipient_table(tmp_path):
     path.write_text("bob@example.test\nbob\n")
     with pytest.raises(ValueError, match="line 2: 'bob' is not an address"):
         RecipientTable.load(str(path))
+
+
+def test_ipv4_mapped_peers_become_plain_ipv4():
+    assert plain_ip("::ffff:127.0.9.9") == "127.0.9.9"
+    assert plain_ip("::FFFF:c000:0207") == "192.0.2.7"
+    for other in ("192.0.2.7", "::1", "2001:db8::ffff:c000:207", "::127.0.0.1", "fe80::1%lo"):
+        assert plain_ip(other) == other
+    assert in_networks(plain_ip("::ffff:127.0.9.9"), parse_cidrs(["127.0.9.0/24"]))
+
