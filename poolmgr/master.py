@@ -1,10 +1,10 @@
 """The master (arbiter): listening sockets, the event loop, spawning, reaping, heartbeats.
 
 The master binds the SMTP sockets (one per address of `smtp.listen`) and the scanner socket
-once and forks the two pools, which inherit them. Signals are queued through the wakeup fd, one byte per delivery (three TTINs are three
-workers, unless the kernel merged them while pending); the
-control socket is read by the same loop; only `Master.loop` changes state. The master never
-imports gevent and never touches a mail byte.
+once and forks the two pools, which inherit them. Signals are queued through the wakeup fd,
+one byte per delivery (three TTINs are three workers, unless the kernel merged them while
+pending); the control socket is read by the same loop; only `Master.loop` changes state. The
+master never imports gevent and never touches a mail byte.
 
 Signals and control verbs are dispatched through tables: signal SIGxxx to `handle_xxx`,
 control request `{"cmd": "ctl", "args": [verb, value]}` to `ctl_<verb>` (smtp, scanner, stress,
