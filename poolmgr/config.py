@@ -6,7 +6,7 @@ runs cross-checks between keys. All errors are collected and raised together as
 `ConfigError`, each naming file, key and reason, so `poolmgr check` can print them all.
 
 Exports: load, ConfigError, Config, Section, NextHop, render_default, control_socket_of,
-parse_duration, parse_size, parse_address, format_address, toml_value.
+parse_duration, parse_size, parse_address, parse_listen, format_address, toml_value.
 """
 
 import ipaddress
@@ -141,6 +141,19 @@ def parse_address(value: Any) -> tuple[str, int]:
     return (host or "0.0.0.0", port)
 
 
+def parse_listen(value: Any) -> tuple[tuple[str, int], ...]:
+    """'0.0.0.0:25', or a list ["0.0.0.0:25", "[::1]:25"] -> ((host, port), ...): one or more
+    distinct addresses."""
+    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected host:port strings, got {value!r}")
+    addresses = tuple(parse_address(v) for v in _words(value, '["0.0.0.0:25", "[::]:25"]'))
+    if not addresses:
+        raise ValueError("expected at least one address")
+    if len(set(addresses)) < len(addresses):
+        raise ValueError(f"an address is listed twice in {value!r}")
+    return addresses
+
+
 def format_address(addr: tuple[str, int]) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -236,6 +249,7 @@ CONVERTERS = {
     "duration": parse_duration,
     "size": parse_size,
     "address": parse_address,
+    "listen": parse_listen,
     "optaddress": lambda v: parse_address(v) if str(v).strip() else None,
     "cidrs": lambda v: parse_cidrs(_words(v, '["127.0.0.0/8", "::1/128"]')),
     "strlist": _each(str, '["example.com", "localhost"]'),
@@ -317,8 +331,8 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
         warn("scanner.timeout", f"{scanner['timeout']:g}s is not below smtp.proxy_timeout "
              f"({smtp['proxy_timeout']:g}s): a slow scan gets 451 from the SMTP worker and may be "
              f"delivered twice when the client retries")
-    if smtp["listen"] == scanner["listen"]:
-        err("scanner.listen", "must differ from smtp.listen")
+    if scanner["listen"] in smtp["listen"]:
+        err("scanner.listen", "must differ from every address of smtp.listen")
 
 
 def _expand(sections: dict[str, dict[str, Any]]) -> None:

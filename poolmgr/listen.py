@@ -1,11 +1,15 @@
 """The listening sockets the master binds and the workers inherit, and their accept queue.
 
 `bind` makes a listening socket (IPv4 or IPv6 by the address) or exits with a one-line
-reason. `accept_queue` reads how many connections wait in a listening socket's accept queue,
-from Linux's TCP_INFO: for a listening socket the kernel reports the queue length in
-`tcpi_unacked` and the listen backlog in `tcpi_sacked`.
+reason; `bind_all` binds each address of a list (`smtp.listen`). The IPv6 wildcard `::` is
+bound dual stack (IPV6_V6ONLY off, set explicitly rather than left to net.ipv6.bindv6only),
+so IPv4 clients reach it as `::ffff:a.b.c.d`, unless the same list also binds `0.0.0.0` on that
+port: then `::` is IPv6 only and the two sockets split the families (as Postfix does).
+`accept_queue` reads how many connections wait in the accept queues, from Linux's TCP_INFO:
+for a listening socket the kernel reports the queue length in `tcpi_unacked` and the listen
+backlog in `tcpi_sacked`.
 
-Exports: bind, accept_queue.
+Exports: bind, bind_all, accept_queue.
 """
 
 import socket
@@ -17,10 +21,12 @@ _TCP_INFO_SIZE = 104
 _UNACKED_SACKED = 24  # offset of tcpi_unacked, tcpi_sacked (u32 each) in struct tcp_info
 
 
-def bind(address: tuple[str, int], listen_backlog: int) -> socket.socket:
+def bind(address: tuple[str, int], listen_backlog: int, v6only: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if address[0] == "::":
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
     try:
         sock.bind(address)
     except OSError as exc:
@@ -30,12 +36,32 @@ def bind(address: tuple[str, int], listen_backlog: int) -> socket.socket:
     return sock
 
 
-def accept_queue(sock: socket.socket, listen_backlog: int) -> tuple[int, int]:
-    """(connections waiting to be accepted, listen backlog); (0, the configured backlog) where
-    TCP_INFO cannot be read."""
+def bind_all(addresses, listen_backlog: int) -> list[socket.socket]:
+    """One listening socket per address, in order; the first that fails closes the others."""
+    socks: list[socket.socket] = []
+    try:
+        for host, port in addresses:
+            socks.append(bind((host, port), listen_backlog,
+                              v6only=host == "::" and ("0.0.0.0", port) in addresses))
+    except SystemExit:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _queue(sock: socket.socket, listen_backlog: int) -> tuple[int, int]:
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
         queued, backlog = struct.unpack_from("=II", info, _UNACKED_SACKED)
         return queued, max(1, backlog)
     except (OSError, struct.error):
         return 0, max(1, listen_backlog)
+
+
+def accept_queue(socks, listen_backlog: int) -> tuple[int, int]:
+    """(connections waiting to be accepted, listen backlog) of the fullest of the listening
+    sockets `socks`: a full queue refuses its clients however idle the others are. (0, the
+    configured backlog) where TCP_INFO cannot be read."""
+    return max((_queue(sock, listen_backlog) for sock in socks),
+               key=lambda q: q[0] / q[1], default=(0, max(1, listen_backlog)))

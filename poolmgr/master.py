@@ -1,10 +1,10 @@
 """The master (arbiter): listening sockets, the event loop, spawning, reaping, heartbeats.
 
-The master binds the SMTP and scanner sockets once and forks the two pools, which inherit
-them. Signals are queued through the wakeup fd, one byte per delivery (three TTINs are three
-workers, unless the kernel merged them while pending); the
-control socket is read by the same loop; only `Master.loop` changes state. The master never
-imports gevent and never touches a mail byte.
+The master binds the SMTP sockets (one per address of `smtp.listen`) and the scanner socket
+once and forks the two pools, which inherit them. Signals are queued through the wakeup fd,
+one byte per delivery (three TTINs are three workers, unless the kernel merged them while
+pending); the control socket is read by the same loop; only `Master.loop` changes state. The
+master never imports gevent and never touches a mail byte.
 
 Signals and control verbs are dispatched through tables: signal SIGxxx to `handle_xxx`,
 control request `{"cmd": "ctl", "args": [verb, value]}` to `ctl_<verb>` (smtp, scanner, stress,
@@ -41,7 +41,7 @@ from .defence.anvil import Anvil, AnvilServer
 from .board import Board
 from .config import Config, ConfigError, format_address
 from .control import ControlServer
-from .listen import bind
+from .listen import bind, bind_all
 from .pools import DRAINING, RUNNING, Pool, Worker, resize, set_bounds
 from .worker import MASTER_SIGNALS, WorkerContext, child_after_fork, set_title
 from .nuisance import NuisanceWindow
@@ -103,8 +103,9 @@ class Master:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.log.info("open files limit: %d (hard limit %d)",
                       resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)
-        self.sockets = {"smtp": bind(cfg.smtp.listen, cfg.smtp.listen_backlog),
-                        "scanner": bind(cfg.scanner.listen, cfg.scanner.listen_backlog)}
+        # Each pool's listening sockets: the SMTP pool accepts on every one.
+        self.sockets = {"smtp": bind_all(cfg.smtp.listen, cfg.smtp.listen_backlog),
+                        "scanner": [bind(cfg.scanner.listen, cfg.scanner.listen_backlog)]}
         if self.metrics is not None:
             try:
                 self.metrics_server = metrics.start(cfg.metrics.listen, self.metrics)
@@ -132,7 +133,8 @@ class Master:
             self.log.warning("%s", warning)
         self.log.info("daemon started -- version %s, configuration %s, smtp %s, scanner %s",
                       __import__("poolmgr").__version__, cfg.path,
-                      format_address(cfg.smtp.listen), format_address(cfg.scanner.listen))
+                      ", ".join(map(format_address, cfg.smtp.listen)),
+                      format_address(cfg.scanner.listen))
 
     def _check_pidfile(self) -> None:
         try:
@@ -149,9 +151,12 @@ class Master:
                 raise SystemExit(f"fatal: poolmgr is already running (pid {pid}, "
                                  f"pidfile {self.cfg.master.pidfile})")
 
+    def all_sockets(self) -> list[socket.socket]:
+        return [sock for socks in self.sockets.values() for sock in socks]
+
     def teardown(self) -> None:
         self.control.close()
-        for sock in self.sockets.values():
+        for sock in self.all_sockets():
             sock.close()
         try:
             os.unlink(self.cfg.master.pidfile)
@@ -250,21 +255,21 @@ class Master:
     def spawn(self, pool: Pool) -> None:
         number = pool.free_number()
         index = self.board.alloc(pool.kind, self.generation, number)
-        sock = self.sockets[pool.kind]
+        socks = tuple(self.sockets[pool.kind])
         mine, theirs = (socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                         if pool.kind == "smtp" else (None, None))
         pid = os.fork()
         if pid == 0:  # the child never returns from here
             code = 1
             try:
-                others = [s.fileno() for k, s in self.sockets.items() if k != pool.kind]
+                others = [s.fileno() for s in self.all_sockets() if s not in socks]
                 others += [s.fileno() for s in self.anvil_socks.values()]
                 others += [mine.fileno()] if mine is not None else []
                 if self.metrics_server is not None:
                     others.append(self.metrics_server.socket.fileno())
                 child_after_fork([self.wakeup_r, self.wakeup_w, *self.control.fds()] + others)
                 context = WorkerContext(self.cfg, pool.kind, number, self.generation,
-                                        self.board.slot(index), sock, theirs)
+                                        self.board.slot(index), socks, theirs)
                 code = pool.main(context) or 0
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
@@ -405,7 +410,7 @@ class Master:
         if self.stopping == "fast" or self.stopping == how:
             return
         self.stopping, self.stop_started = how, time.monotonic()
-        for sock in self.sockets.values():
+        for sock in self.all_sockets():
             sock.close()  # workers hold their own copies until they drain
         if how == "fast":
             self.signal_all(signal.SIGQUIT)

@@ -19,8 +19,8 @@ from typing import Any
 class Setting:
     section: str
     key: str
-    kind: str  # str int float bool duration size address optaddress cidrs strlist nexthop
-    #            filter path rules sites addresses (config.CONVERTERS)
+    kind: str  # str int float bool duration size address listen optaddress cidrs strlist
+    #            nexthop filter path rules sites addresses (config.CONVERTERS)
     default: Any
     help: str
     min: float | None = None

@@ -110,7 +110,8 @@ class AutoscaleStatus:
     since: float
     pressure: float = 0.0
     occupancy: float = 0.0
-    backlog: int = 0          # connections waiting in the SMTP accept queue (a contract name)
+    backlog: int = 0          # connections waiting in the SMTP accept queue (a contract name);
+    #                           with several smtp.listen addresses, the fullest queue's
     backlog_max: int = 0      # the accept queue's limit, smtp.listen_backlog
     nuisance_ratio: float = 0.0
     handoff_wait: float = 0.0

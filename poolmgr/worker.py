@@ -39,7 +39,7 @@ class WorkerContext:
     number: int        # 1..N within the pool, shown in ps
     generation: int    # bumped by each reload
     slot: Slot
-    sock: object       # the inherited listening socket
+    socks: tuple       # the inherited listening sockets of the pool (SMTP: one per address)
     anvil: object = None  # SMTP workers: their end of the socketpair to the master's anvil
 
 

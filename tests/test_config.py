@@ -18,7 +18,7 @@ def run_cli(*args):
 
 def test_embedded_defaults():
     cfg = config.load(None)
-    assert cfg.smtp.listen == ("127.0.0.1", 2525)
+    assert cfg.smtp.listen == (("127.0.0.1", 2525),)
     assert cfg.scanner.listen == ("127.0.0.1", 10024)
     assert cfg.scanner.next_hop.kind == "maildir"
     assert cfg.scanner.next_hop.path.endswith("/var/maildir")
@@ -151,6 +151,16 @@ def test_run_refuses_an_invalid_config_with_the_same_message(tmp_path):
 def test_config_command_prints_the_default():
     result = run_cli("config")
     assert result.returncode == 0 and result.stdout == config.render_default()
+
+
+def test_smtp_listen_takes_one_address_or_a_list():
+    assert config.from_dict({"smtp": {"listen": "[::]:25"}}).smtp.listen == (("::", 25),)
+    both = config.from_dict({"smtp": {"listen": ["0.0.0.0:25", "[::1]:2525"]}}).smtp.listen
+    assert both == (("0.0.0.0", 25), ("::1", 2525))
+    for bad, reason in (([], "at least one address"), (["a:1", "a:1"], "listed twice"),
+                        ([25], "host:port strings"), (["127.0.0.1:10024"], "scanner.*differ")):
+        with pytest.raises(ConfigError, match=reason):
+            config.from_dict({"smtp": {"listen": bad}})
 
 
 def test_former_names_still_work():

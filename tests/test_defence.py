@@ -196,6 +196,24 @@ def test_allowlist_skips_every_test_and_denylist_actions(make_poolmgr, tmp_path)
     assert talk(enforce, "127.0.9.1")[1].startswith("550 5.7.1")
 
 
+def test_dual_stack_listener_sees_ipv4_clients_as_ipv4(make_poolmgr):
+    """listen = ["[::]:PORT"] takes IPv4 clients as ::ffff:a.b.c.d; the denylist, mynetworks
+    (127.0.0.1/32 here: relaying allowed), the log and the Received header see plain IPv4."""
+    pm = make_poolmgr({"defence": {"denylist": ["127.0.9.9/32"], "denylist_action": "drop"}},
+                      start=False)
+    pm.configure("smtp", listen=[f"[::]:{pm.smtp_port}"]).start()
+    banner, rcpt = talk(pm, "127.0.9.9")
+    assert rcpt is None
+    assert banner == ["521 5.7.1 Service unavailable; client [127.0.9.9] blocked using denylist"]
+    with pm.smtp(source="127.0.0.1") as client:
+        assert client.sendmail("alice@example.org", ["carol@elsewhere.example"],
+                               message("relayed")) == {}
+    (delivered,) = pm.delivered()
+    assert b"Received: from client.test (unknown [127.0.0.1])" in delivered
+    assert "connect from unknown[127.0.9.9]" in pm.log() and "DENYLISTED [127.0.9.9]" in pm.log()
+    assert "::ffff:" not in pm.log()
+
+
 def test_dnsbl_allowlist_threshold_outweighs_pregreet(make_poolmgr, dns):
     dns.list("127.0.10.1", "allow.test")
     pm = make_poolmgr({"defence": {"dnsbl_sites": ["allow.test=127.0.0.2*-2"],

@@ -11,6 +11,20 @@ from helpers import HELO, Raw, free_port, message, wait_until
 from poolmgr.smtp import replies as R
 
 
+def test_every_listen_address_delivers(make_poolmgr):
+    """listen as a list: each SMTP worker accepts on every address, IPv4 and IPv6 (::1)."""
+    pm = make_poolmgr(start=False)
+    v6_port = free_port()
+    pm.configure("smtp", listen=[f"127.0.0.1:{pm.smtp_port}", f"[::1]:{v6_port}"]).start()
+    for host, port in (("127.0.0.1", pm.smtp_port), ("::1", v6_port)):
+        with smtplib.SMTP(host, port, timeout=30, local_hostname=HELO) as client:
+            assert client.sendmail("alice@example.org", ["bob@example.test"],
+                                   message(f"via {host}")) == {}
+    delivered = b"".join(pm.delivered())
+    assert b"Subject: via 127.0.0.1" in delivered and b"Subject: via ::1" in delivered
+    assert b"(unknown [IPv6:::1])" in delivered
+
+
 def test_smtplib_message_arrives_once_with_trace_headers(make_poolmgr):
     pm = make_poolmgr()
     with pm.smtp() as client:

@@ -1,4 +1,5 @@
-"""Unit tests: scoreboard, maildir next hop, content check, anvil store, recipient table."""
+"""Unit tests: scoreboard, maildir next hop, content check, anvil store, recipient table,
+IPv4-mapped peers, listening sockets."""
 
 import os
 import re
@@ -8,10 +9,13 @@ import pytest
 
 from poolmgr import maildir
 from poolmgr.defence.anvil import Anvil, AnvilServer
+from poolmgr.defence.networks import in_networks, parse_cidrs, plain_ip
 from poolmgr.defence.recipients import RecipientTable
 from poolmgr.board import COUNTERS, Board
+from poolmgr.listen import accept_queue, bind_all
 from poolmgr.scanner.checks import EICAR, scan
 from poolmgr.smtp.parse import canonical
+from poolmgr.testing import free_port
 
 
 def test_board_slots_are_shared_across_fork():
@@ -127,3 +131,35 @@ def test_recipient_table(tmp_path):
     path.write_text("bob@example.test\nbob\n")
     with pytest.raises(ValueError, match="line 2: 'bob' is not an address"):
         RecipientTable.load(str(path))
+
+
+def test_ipv4_mapped_peers_become_plain_ipv4():
+    assert plain_ip("::ffff:127.0.9.9") == "127.0.9.9"
+    assert plain_ip("::FFFF:c000:0207") == "192.0.2.7"
+    for other in ("192.0.2.7", "::1", "2001:db8::ffff:c000:207", "::127.0.0.1", "fe80::1%lo"):
+        assert plain_ip(other) == other
+    assert in_networks(plain_ip("::ffff:127.0.9.9"), parse_cidrs(["127.0.9.0/24"]))
+
+
+def v6only(sock) -> int:
+    return sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+
+
+def test_ipv6_wildcard_is_dual_stack_unless_ipv4_is_bound_beside_it():
+    port = free_port()
+    (alone,) = bind_all([("::", port)], 8)
+    assert v6only(alone) == 0
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        assert alone.accept()[1][0] == "::ffff:127.0.0.1"
+    alone.close()
+    v4, v6 = bind_all([("0.0.0.0", port), ("::", port)], 8)  # would clash if v6 were dual
+    assert v6only(v6) == 1
+    v4.close(), v6.close()
+
+
+def test_accept_queue_reports_the_fullest_listening_socket():
+    socks = bind_all([("127.0.0.1", free_port()), ("127.0.0.1", free_port())], 8)
+    waiting = [socket.create_connection(socks[n].getsockname(), timeout=5) for n in (1, 1, 0)]
+    assert accept_queue(socks, 8) == (2, 8)
+    for sock in waiting + socks:
+        sock.close()

@@ -1,9 +1,12 @@
 """Network lists (mynetworks, allowlist, denylist, inet_acl): parsing and lookup.
 
 Entries are CIDR networks, IPv4 or IPv6, written inline or one per line in a file (`#`
-comments), Postfix's `[::1]/128` style accepted.
+comments), Postfix's `[::1]/128` style accepted. `plain_ip` turns an IPv4-mapped IPv6 peer
+(`::ffff:192.0.2.1`, what a dual-stack `[::]` socket reports for an IPv4 client) back into
+plain IPv4; sessions apply it once to their peer, so every list, DNSBL query, anvil key, log
+line and trace header sees the address as the client has it.
 
-Exports: parse_cidrs, read_cidr_file, in_networks.
+Exports: parse_cidrs, read_cidr_file, in_networks, plain_ip.
 """
 
 import ipaddress
@@ -41,3 +44,12 @@ def in_networks(address: str, networks) -> bool:
     """Whether an IP address string lies in any of the parsed networks of a setting."""
     ip = ipaddress.ip_address(address)
     return any(ip in net for net in networks)
+
+
+def plain_ip(address: str) -> str:
+    """'::ffff:192.0.2.1' -> '192.0.2.1'; any other address (or non-address) unchanged."""
+    try:
+        mapped = getattr(ipaddress.ip_address(address), "ipv4_mapped", None)
+    except ValueError:
+        return address
+    return str(mapped) if mapped is not None else address

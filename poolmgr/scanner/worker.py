@@ -68,21 +68,22 @@ class ScannerWorker(WorkerProcess):
 
     def serve(self) -> int:
         ctx, service = self.ctx, self.service
-        listener = ctx.sock
-        listener.setblocking(False)
+        listeners = ctx.socks
+        for listener in listeners:
+            listener.setblocking(False)
         max_requests = self.cfg.scanner.max_requests
         while not service.draining and service.messages < max_requests:
             self.notify()
             service.relay_cache.expire()
             self.show(f"{service.messages} messages")
             try:
-                ready, _, _ = select.select([listener], [], [], 1.0)
+                ready, _, _ = select.select(listeners, [], [], 1.0)
             except InterruptedError:
                 continue
             if not ready or service.draining:
                 continue
             try:
-                sock, peer = listener.accept()
+                sock, peer = ready[0].accept()
             except (BlockingIOError, InterruptedError):
                 continue  # another worker took it
             except OSError as exc:  # EMFILE, ENFILE, ECONNABORTED, ENOBUFS: not fatal

@@ -63,7 +63,7 @@ class FrontSession(ServerSession):
 
     def __init__(self, service, sock, peer):
         super().__init__(service, sock, peer)
-        self.screening = Screening(service.defence.cfg, self.conn, peer, service.log,
+        self.screening = Screening(service.defence.cfg, self.conn, self.peer, service.log,
                                    service.slot.stress())
         self.accepted = 0
         self.rejected = 0

@@ -17,6 +17,7 @@ Exports: ServerSession, Envelope, Command, Drain, Refused, STAT_ORDER.
 import time
 from typing import Callable, NamedTuple
 
+from ..defence.networks import plain_ip
 from . import replies as R
 from .conn import Conn, Disconnected, LineTooLong, Timeout
 from .parse import PathError, new_queue_id, parse_path
@@ -73,8 +74,9 @@ class ServerSession:
     def __init__(self, service, sock, peer):
         self.service = service
         self.conn = Conn(sock, service.limits.timeout, getattr(service, "tick", None))
-        self.peer = peer
-        self.client = f"unknown[{peer[0]}]"
+        # (address, port) with an IPv4-mapped address as plain IPv4: the one place it is done.
+        self.peer = (plain_ip(peer[0]), peer[1])
+        self.client = f"unknown[{self.peer[0]}]"
         self.helo: str | None = None
         self.proto = "SMTP"
         self.env: Envelope | None = None

@@ -1,10 +1,11 @@
 """An SMTP worker process: one gevent hub, thousands of SMTP sessions.
 
-gevent is imported and monkey-patched here, after the fork, and nowhere in the master. The
-listening socket the master bound is re-wrapped as a gevent socket (otherwise accept() would
-block the whole worker). A `StreamServer` with a pool of `smtp.max_sessions_per_worker`
-greenlets accepts; when the pool is full the worker stops accepting and the kernel's listen
-queue feeds the other workers.
+gevent is imported and monkey-patched here, after the fork, and nowhere in the master. Each
+listening socket the master bound (one per `smtp.listen` address) is re-wrapped as a gevent
+socket (otherwise accept() would block the whole worker) and gets a `StreamServer`; all of
+them spawn into one pool of `smtp.max_sessions_per_worker` greenlets, and when the pool is
+full the worker stops accepting on every socket and the kernel's listen queues feed the other
+workers.
 
 Signals: SIGTERM drains (stop accepting; a session idle with no transaction for
 DRAIN_IDLE_GRACE seconds gets 421 and is closed; transactions finish; after
@@ -70,10 +71,11 @@ class SmtpWorker(WorkerProcess):
                                 self.log)
         self.service = FrontService(ctx, _tls_context(cfg, self.log),
                                     Defence(cfg, gevent.spawn), anvil)
-        listener = socket.socket(fileno=ctx.sock.detach())
         self.sessions = gevent.pool.Pool(cfg.smtp.max_sessions_per_worker)
         self.stopped = gevent.event.Event()
-        self.server = gevent.server.StreamServer(listener, self.handle, spawn=self.sessions)
+        self.servers = [gevent.server.StreamServer(socket.socket(fileno=sock.detach()),
+                                                   self.handle, spawn=self.sessions)
+                        for sock in ctx.socks]
 
     def on_signal(self, signum: int, handler) -> None:
         self.gevent.signal_handler(signum, handler)
@@ -102,7 +104,8 @@ class SmtpWorker(WorkerProcess):
         if self.service.draining:
             return
         self.service.draining = True
-        self.server.close()
+        for server in self.servers:
+            server.close()
         deadline = time.monotonic() + self.cfg.master.graceful_timeout
         while len(self.sessions) and time.monotonic() < deadline:
             self.close_sessions(idle_only=True)
@@ -128,7 +131,8 @@ class SmtpWorker(WorkerProcess):
             self.gevent.sleep(1.0)
 
     def serve(self) -> int:
-        self.server.start()
+        for server in self.servers:
+            server.start()
         beat = self.gevent.spawn(self.heartbeat)
         self.stopped.wait()
         beat.kill()
