@@ -48,11 +48,14 @@ class Limits(NamedTuple):
     message_size_limit: int
     max_recipients: int
     timeout: float
+    per_record_deadline: bool = False  # smtp.per_record_deadline
+    min_data_rate: int = 0             # smtp.min_data_rate, bytes/s
 
 
 def limits_for(cfg: Config, size_slack: int = 0) -> Limits:
     return Limits(cfg.smtp.line_length_limit, cfg.smtp.message_size_limit + size_slack,
-                  cfg.smtp.max_recipients, cfg.smtp.timeout)
+                  cfg.smtp.max_recipients, cfg.smtp.timeout, cfg.smtp.per_record_deadline,
+                  cfg.smtp.min_data_rate)
 
 
 _early: list[int] = []

@@ -23,6 +23,7 @@ def test_embedded_defaults():
     assert cfg.scanner.next_hop.kind == "maildir"
     assert cfg.scanner.next_hop.path.endswith("/var/maildir")
     assert cfg.smtp.timeout == 300.0  # RFC 5321 section 4.5.3.2.7
+    assert cfg.smtp.per_record_deadline is True and cfg.smtp.min_data_rate == 500  # as Postfix
     assert cfg.timeouts.data_init == 120.0 and cfg.timeouts.data_done == 600.0
     assert "localhost" in cfg.smtp.mydestination
     assert cfg.master.control_socket_mode == 0o600
@@ -182,8 +183,26 @@ def test_former_names_still_work():
     ("smtp", "timeout", float("inf"), "must be a finite number, got inf"),
     ("smtp", "max_rss", -1, "must not be negative, got -1"),
     ("defence", "greet_wait", -0.5, "must not be negative, got -0.5"),
+    ("smtp", "min_data_rate", -1, "must be at least 0, got -1"),
+    ("smtp", "min_data_rate", float("nan"), "expected an integer, got nan"),
+    ("smtp", "per_record_deadline", "yes", "expected true or false, got 'yes'"),
 ])
 def test_values_of_the_wrong_type_name_the_key(section, key, value, reason):
     with pytest.raises(ConfigError) as info:
         config.from_dict({section: {key: value}})
     assert info.value.errors == [f"(embedded defaults): [{section}] {key}: {reason}"]
+
+
+def test_min_data_rate_in_a_file_is_checked(tmp_path):
+    path = tmp_path / "rate.toml"
+    path.write_text("[smtp]\nmin_data_rate = nan\n")
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 2
+    assert f"poolmgr: error: {path}: [smtp] min_data_rate: expected an integer, got nan" \
+        in result.stderr
+    path.write_text("[smtp]\nmin_data_rate = -500\nper_record_deadline = false\n")
+    with pytest.raises(ConfigError, match=r"\[smtp\] min_data_rate: must be at least 0"):
+        config.load(str(path))
+    path.write_text("[smtp]\nmin_data_rate = 0\nper_record_deadline = false\n")
+    cfg = config.load(str(path))
+    assert (cfg.smtp.min_data_rate, cfg.smtp.per_record_deadline) == (0, False)

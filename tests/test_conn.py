@@ -2,6 +2,7 @@
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -102,3 +103,75 @@ def test_send_data_stuffs_dots(pair):
     conn.send_data(b".a\r\nb\r\n.c", 5)
     peer.settimeout(2)
     assert peer.recv(100) == b"..a\r\nb\r\n..c\r\n.\r\n"
+
+
+def trickle(peer, data: bytes, gap: float):
+    """Send `data` one byte every `gap` seconds from a thread, until done or the reader left."""
+    def run():
+        for byte in data:
+            try:
+                peer.sendall(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(gap)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("per_record", [True, False])
+def test_per_record_deadline_bounds_a_whole_line(pair, per_record):
+    conn, peer = pair
+    conn.timeout, conn.per_record = 1.0, per_record
+    trickle(peer, b"EHLO x.test\r\n", 0.2)  # 2.6 s for the line, 0.2 s between bytes
+    started = time.monotonic()
+    if per_record:
+        with pytest.raises(Timeout) as info:
+            conn.readline(100)
+        assert info.value.slow
+        assert time.monotonic() - started < 2.2  # cut at about 1 s, not at the line's end
+    else:
+        assert conn.readline(100) == b"EHLO x.test"
+
+
+def test_an_idle_client_is_not_slow(pair):
+    conn, peer = pair
+    conn.timeout, conn.per_record, conn.min_data_rate = 0.3, True, 500
+    with pytest.raises(Timeout) as info:
+        conn.readline(100)
+    assert not info.value.slow
+    with pytest.raises(Timeout) as info:
+        conn.read_data(1000)
+    assert not info.value.slow
+
+
+@pytest.mark.parametrize("rate", [500, 0])
+def test_min_data_rate_cuts_a_trickled_message(pair, rate):
+    conn, peer = pair
+    conn.timeout, conn.per_record, conn.min_data_rate = 1.0, True, rate
+    trickle(peer, b"Subject: slow\r\n\r\nbody\r\n.\r\n", 0.1)  # 10 bytes/s, 2.6 s
+    started = time.monotonic()
+    if rate:
+        with pytest.raises(Timeout) as info:
+            conn.read_data(1000)
+        assert info.value.slow
+        assert time.monotonic() - started < 2.2  # about 1 s plus 10 bytes/s / 500
+    else:  # 0: the timeout applies to each receive, as before
+        assert conn.read_data(1000).data == b"Subject: slow\r\n\r\nbody\r\n"
+
+
+def test_min_data_rate_lets_a_fast_long_message_through(pair):
+    conn, peer = pair
+    conn.timeout, conn.per_record, conn.min_data_rate = 1.0, True, 500
+    body = b"x" * 998 + b"\r\n"
+
+    def run():  # 2 MB in 2.5 s: far above 500 bytes/s, yet longer than the timeout
+        for _ in range(10):
+            peer.sendall(body * 200)
+            time.sleep(0.25)
+        peer.sendall(b".\r\n")
+    thread = threading.Thread(target=run)
+    thread.start()
+    result = conn.read_data(10_000_000)
+    thread.join()
+    assert result.problem == "" and result.size == 2_000_000

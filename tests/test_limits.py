@@ -1,4 +1,5 @@
-"""Per-client limits (anvil), error limits, pipelining, recipient validation, tarpit, stress.
+"""Per-client limits (anvil), error limits, pipelining, recipient validation, tarpit, stress,
+slow-client deadlines.
 
 Real poolmgr processes and raw clients from distinct 127.x.y.z source addresses. The anvil
 tests run two SMTP workers and steer connections to one worker or the other by stopping the
@@ -7,6 +8,7 @@ hoped for.
 """
 
 import os
+import select
 import signal
 import time
 
@@ -350,3 +352,59 @@ def test_relay_battery_is_refused_for_untrusted_clients(make_poolmgr, make_sink)
         client.ehlo()
         client.mail("alice@example.org")
         assert client.rcpt("user%elsewhere.test@example.test")[0] == 250
+
+
+def trickle(raw: Raw, data: bytes, gap: float) -> tuple[int, float]:
+    """Send `data` a byte every `gap` seconds until the server speaks or hangs up: (bytes
+    sent, seconds taken)."""
+    started, sent = time.monotonic(), 0
+    for byte in data:
+        if select.select([raw.sock], [], [], gap)[0]:
+            break
+        try:
+            raw.send(bytes([byte]))
+        except OSError:
+            break
+        sent += 1
+    else:
+        select.select([raw.sock], [], [], 10)
+    return sent, time.monotonic() - started
+
+
+@pytest.mark.parametrize("per_record", [True, False])
+def test_a_trickled_command_line_is_cut_by_the_per_record_deadline(make_poolmgr, per_record):
+    pm = make_poolmgr({"smtp": {"timeout": "2s", "per_record_deadline": per_record}})
+    client = "127.0.6.1"
+    raw, _ = banner(pm, client)
+    line = b"EHLO trickle.example.test\r\n"  # 26 bytes, one every 0.3 s: 7.8 s in all
+    sent, took = trickle(raw, line, 0.3)
+    if not per_record:  # each byte came well within the timeout: served, however slowly
+        assert sent == len(line) and raw.reply()[0] == 250
+        return
+    assert raw.reply()[1] == [f"421 4.4.2 {HOST} Error: timeout exceeded"]
+    assert raw.closed()
+    assert sent < len(line) and took < 6  # cut at about 2 s, not when the line was done
+    assert f"timeout after CONNECT from unknown[{client}]" in pm.log()
+    wait_until(lambda: by_reason(pm).get("slow_client") == 1, what="one slow_client session")
+
+
+def test_a_trickled_message_is_cut_by_min_data_rate(make_poolmgr):
+    pm = make_poolmgr({"smtp": {"timeout": "3s", "min_data_rate": 500}})
+    with pm.smtp(source="127.0.6.2") as fast:  # a whole message at full speed: delivered
+        body = ("x" * 70 + "\r\n") * 3000
+        assert fast.sendmail("alice@example.org", ["bob@example.test"],
+                             message("fast", body=body)) == {}
+    wait_until(lambda: len(pm.delivered()) == 1, what="the fast message delivered")
+    client = "127.0.6.3"
+    raw, _ = banner(pm, client)
+    for command in (b"EHLO slow.test", b"MAIL FROM:<alice@example.org>",
+                    b"RCPT TO:<bob@example.test>", b"DATA"):
+        raw.send(command + b"\r\n")
+        assert raw.reply()[0] in (250, 354)
+    data = message("slow", body="y" * 200 + "\r\n") + b".\r\n"
+    sent, took = trickle(raw, data, 0.1)  # 10 bytes/s; each byte well within the timeout
+    assert raw.reply()[1] == [f"421 4.4.2 {HOST} Error: timeout exceeded"]
+    assert sent < len(data) and 2 < took < 8  # about 3 s + 30 bytes / 500 bytes/s
+    assert f"timeout after DATA from unknown[{client}]" in pm.log()
+    wait_until(lambda: by_reason(pm).get("slow_client") == 1, what="one slow_client session")
+    assert len(pm.delivered()) == 1

@@ -46,6 +46,8 @@ def test_classify_gives_one_label():
     assert classify("", 0, 0, 1, "quit", 4) == "legit"  # a sender verification probe
     assert classify("", 0, 1, 1, "quit", 5) == "content_rejected"
     assert classify("", 0, 0, 0, "timeout", 1) == "idle_timeout"
+    assert classify("", 0, 0, 0, "slow", 1) == "slow_client"  # cut by a deadline while sending
+    assert classify("", 1, 0, 1, "slow", 7) == "legit"  # a message accepted before
     assert REASONS[:3] == ("pregreet", "dnsbl", "denylist")  # scoreboard order: append only
 
 

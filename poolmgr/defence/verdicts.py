@@ -34,6 +34,7 @@ class Reason(str, Enum):
     TLS_FAILURE = "tls_failure"
     RELAY_DENIED = "relay_denied"
     CONTENT_REJECTED = "content_rejected"
+    SLOW_CLIENT = "slow_client"  # cut by smtp.per_record_deadline or smtp.min_data_rate
 
 
 REASONS = tuple(reason.value for reason in Reason)
@@ -55,6 +56,8 @@ def classify(verdict: str, accepted: int, rejected: int, transactions: int, ende
         return Reason.CONTENT_REJECTED.value
     if ended == "tls_failure":
         return Reason.TLS_FAILURE.value
+    if ended == "slow":
+        return Reason.SLOW_CLIENT.value
     if ended == "timeout":
         return Reason.IDLE_TIMEOUT.value
     if ended in ("lost", "refused"):

@@ -10,6 +10,13 @@ End of DATA is strict: only CRLF.CRLF ends a message (RFC 5321 section 4.1.1.4),
 or LF anywhere in the data is reported, never passed on (the SMTP smuggling class of attack,
 CVE-2023-51764).
 
+Deadlines (server side, as Postfix's smtpd_per_record_deadline and smtpd_min_data_rate): with
+`per_record` the timeout bounds the reading of a whole command line, not each receive, so a
+client trickling a byte now and then cannot hold a session; in DATA the deadline starts at the
+timeout and each receive of N bytes adds N / `min_data_rate` seconds, never past the timeout
+from now, so a client must keep an average of `min_data_rate` bytes/s. A `Timeout` that only
+these deadlines caused (the peer was still sending) says `slow`.
+
 Exports: Conn, Timeout, Disconnected, LineTooLong, DataResult.
 """
 
@@ -25,7 +32,11 @@ _BARE_CR = re.compile(rb"\r(?!\n)")
 
 
 class Timeout(Exception):
-    """The peer sent nothing within the timeout."""
+    """The peer sent nothing within the timeout, or (`slow`) too little within a deadline."""
+
+    def __init__(self, slow: bool = False):
+        super().__init__("slow" if slow else "timeout")
+        self.slow = slow
 
 
 class Disconnected(Exception):
@@ -43,14 +54,17 @@ class DataResult(NamedTuple):
 
 
 class Conn:
-    __slots__ = ("sock", "buf", "out", "timeout", "tick")
+    __slots__ = ("sock", "buf", "out", "timeout", "tick", "per_record", "min_data_rate")
 
-    def __init__(self, sock, timeout: float, tick: Callable[[], None] | None = None):
+    def __init__(self, sock, timeout: float, tick: Callable[[], None] | None = None,
+                 per_record: bool = False, min_data_rate: int = 0):
         self.sock = sock
         self.buf = b""
         self.out: list[bytes] = []
-        self.timeout = timeout
+        self.timeout = timeout  # may shrink during a session (stress, suspicious clients)
         self.tick = tick
+        self.per_record = per_record        # timeout bounds a whole line, not each receive
+        self.min_data_rate = min_data_rate  # bytes/s in DATA with per_record; 0: per receive
 
     # -- output
     def write(self, data: bytes) -> None:
@@ -92,13 +106,20 @@ class Conn:
         dropped, self.buf = len(self.buf), b""
         return dropped
 
-    def _recv(self) -> bytes:
+    def _recv(self, deadline: float = 0.0, slow: bool = False) -> bytes:
+        """Bytes from the peer within `timeout`, and before `deadline` when one is given.
+
+        `slow`: the peer is part-way through a record, so the deadline running out before
+        `timeout` of silence is the peer's slowness: Timeout(slow=True).
+        """
         self.flush()
-        deadline = time.monotonic() + self.timeout
+        idle_end = time.monotonic() + self.timeout
+        end = min(deadline, idle_end) if deadline else idle_end
+        slow = slow and end < idle_end
         while True:
-            wait = deadline - time.monotonic()
+            wait = end - time.monotonic()
             if wait <= 0:
-                raise Timeout()
+                raise Timeout(slow)
             self.sock.settimeout(min(wait, 1.0) if self.tick else wait)
             try:
                 data = self.sock.recv(RECV_SIZE)
@@ -106,7 +127,7 @@ class Conn:
                 if self.tick:
                     self.tick()
                     continue
-                raise Timeout() from None
+                raise Timeout(slow) from None
             except OSError:
                 raise Disconnected() from None
             if not data:
@@ -115,6 +136,7 @@ class Conn:
 
     def readline(self, limit: int) -> bytes:
         """One line without its line ending (CRLF or LF)."""
+        deadline = time.monotonic() + self.timeout if self.per_record else 0.0
         while True:
             end = self.buf.find(b"\n")
             if end >= 0:
@@ -123,17 +145,17 @@ class Conn:
                     raise LineTooLong()
                 return line[:-1] if line.endswith(b"\r") else line
             if len(self.buf) > limit:
-                self._skip_line()
+                self._skip_line(deadline)
                 raise LineTooLong()
-            self.buf += self._recv()
+            self.buf += self._recv(deadline, bool(self.buf))
 
-    def _skip_line(self) -> None:
+    def _skip_line(self, deadline: float) -> None:
         while True:
             end = self.buf.find(b"\n")
             if end >= 0:
                 self.buf = self.buf[end + 1:]
                 return
-            self.buf = self._recv()
+            self.buf = self._recv(deadline, True)
 
     def read_data(self, size_limit: int) -> DataResult:
         """Message data up to CRLF.CRLF, dot-unstuffed (RFC 5321 section 4.5.2).
@@ -146,6 +168,9 @@ class Conn:
         buf += self.buf
         self.buf = b""
         start, dropped = 0, 0
+        rate = self.min_data_rate if self.per_record else 0
+        deadline = time.monotonic() + self.timeout if rate else 0.0
+        slow = False
         while True:
             end = buf.find(_END, start)
             if end >= 0:
@@ -154,7 +179,12 @@ class Conn:
                 dropped += len(buf) - 4  # keep the tail: the end mark may span two reads
                 del buf[:-4]
             start = max(0, len(buf) - 4)
-            buf += self._recv()
+            data = self._recv(deadline, slow)
+            buf += data
+            if rate:  # Postfix's smtpd_min_data_rate: N bytes buy N / rate seconds
+                earned, cap = deadline + len(data) / rate, time.monotonic() + self.timeout
+                # At the cap, expiry is `timeout` of silence (idle), not a low rate.
+                deadline, slow = min(earned, cap), earned < cap
         self.buf = bytes(buf[end + len(_END):])
         size = dropped + end
         if size > size_limit:

@@ -8,8 +8,8 @@ ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5`). Subclasses decide policy throug
 `check_mail`, `check_rcpt`, `deliver` and `on_close`.
 
 The `service` passed in is the worker-wide object every session shares: `hostname`, `log`,
-`limits` (line_length_limit, message_size_limit, max_recipients, timeout), `tls_context`,
-`draining`, optional `tick`.
+`limits` (line_length_limit, message_size_limit, max_recipients, timeout, per_record_deadline,
+min_data_rate), `tls_context`, `draining`, optional `tick`.
 
 Exports: ServerSession, Envelope, Command, Drain, Refused, STAT_ORDER.
 """
@@ -73,7 +73,9 @@ class ServerSession:
 
     def __init__(self, service, sock, peer):
         self.service = service
-        self.conn = Conn(sock, service.limits.timeout, getattr(service, "tick", None))
+        limits = service.limits
+        self.conn = Conn(sock, limits.timeout, getattr(service, "tick", None),
+                         limits.per_record_deadline, limits.min_data_rate)
         # (address, port) with an IPv4-mapped address as plain IPv4: the one place it is done.
         self.peer = (plain_ip(peer[0]), peer[1])
         self.client = f"unknown[{self.peer[0]}]"
@@ -87,7 +89,7 @@ class ServerSession:
         self.stats: dict[str, list[int]] | None = None
         self.xforward: dict[str, str] | None = None
         self.greenlet = None
-        self.ended = ""  # quit, timeout, lost, drain, error, refused: how the session ended
+        self.ended = ""  # quit, timeout, slow, lost, drain, error, refused, tls_failure
         self.transactions = 0  # MAIL + accepted RCPT seen
 
     # -- hooks for subclasses
@@ -139,8 +141,8 @@ class ServerSession:
                     self.idle_since = 0.0
                 self.dispatch(line)
             self.conn.flush()
-        except Timeout:
-            self.ended = "timeout"
+        except Timeout as exc:  # slow: a deadline (per record, DATA rate) ran out
+            self.ended = "slow" if exc.slow else "timeout"
             log.info("timeout after %s from %s", self.last_cmd, self.client)
             self.say_last(R.R421_TIMEOUT.format(host=self.service.hostname))
         except Disconnected:
