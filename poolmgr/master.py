@@ -172,42 +172,56 @@ class Master:
             while True:
                 urgent = False
                 for key, _ in self.selector.select(LOOP_INTERVAL):
-                    if key.data == "wakeup":
-                        urgent = True
-                        try:
-                            self.signals.extend(os.read(self.wakeup_r, 4096))
-                        except BlockingIOError:
-                            pass
-                    elif key.data == "control":
-                        self.control.accept()
-                    elif key.data == "control-conn":
-                        urgent = True
-                        self.control.read(key.fileobj, self.serve_request)
-                    elif not self.anvil_server.serve(key.fileobj, key.data):
-                        self.close_anvil(key.data)
+                    urgent = self.step(self.on_ready, key) or urgent
                 # Anvil requests wake the loop thousands of times a second in a storm; the
                 # housekeeping below runs on signals, control requests, and every 0.1s.
                 now = time.monotonic()
                 if not urgent and now - housekept < HOUSEKEEPING_INTERVAL:
                     continue
                 housekept = now
-                self.control.expire()
+                self.step(self.control.expire)
                 while self.signals:
-                    self.handle_signal(self.signals.popleft())
-                self.reap()
-                self.murder()
+                    self.step(self.handle_signal, self.signals.popleft())
+                self.step(self.reap)
+                self.step(self.murder)
                 if self.stopping:
-                    if self.advance_stop():
+                    if self.step(self.advance_stop):
                         break
                 else:
-                    self.autoscale()
-                    self.manage()
-                self.sample()
-                self.recycle_fat_workers()
-                self.update_title()
+                    self.step(self.autoscale)
+                    self.step(self.manage)
+                self.step(self.sample)
+                self.step(self.recycle_fat_workers)
+                self.step(self.update_title)
         finally:
             self.teardown()
         return 0
+
+    def on_ready(self, key) -> bool:
+        """Serve one ready file of the selector; True when housekeeping should run now."""
+        if key.data == "wakeup":
+            try:
+                self.signals.extend(os.read(self.wakeup_r, 4096))
+            except BlockingIOError:
+                pass
+            return True
+        if key.data == "control":
+            self.control.accept()
+        elif key.data == "control-conn":
+            self.control.read(key.fileobj, self.serve_request)
+            return True
+        elif not self.anvil_server.serve(key.fileobj, key.data):
+            self.close_anvil(key.data)
+        return False
+
+    def step(self, action, *args):
+        """One step of the loop; a bug in one is logged and the others go on (a master that
+        dies leaves its pools unsupervised)."""
+        try:
+            return action(*args)
+        except Exception:
+            self.log.exception("master: %s failed; carrying on", action.__name__)
+            return None
 
     def handle_signal(self, signum: int) -> None:
         name = SIG_NAMES.get(signum)

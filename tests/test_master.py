@@ -416,3 +416,40 @@ def test_usr1_to_a_worker_still_starting_is_kept_not_fatal(make_poolmgr):
     time.sleep(1)
     assert "killed by signal" not in pm.log()
     assert pm.wait_workers(3, 2)["pools"]["smtp"]["workers"] == 3
+
+
+FAULT = """\
+import poolmgr.master as master
+
+_sample, _calls = master.Master.sample, [0]
+
+
+def sample(self):
+    _calls[0] += 1
+    if 3 <= _calls[0] <= 5:
+        raise ZeroDivisionError("a bug injected by the test")
+    return _sample(self)
+
+
+master.Master.sample = sample
+"""
+
+
+@pytest.mark.log_allows(r"error: master: sample failed; carrying on")
+def test_a_bug_in_one_loop_step_is_logged_and_the_master_goes_on(make_poolmgr, tmp_path,
+                                                                   monkeypatch):
+    """A step of the master's loop that raises (here `sample`, made to fail three times by a
+    sitecustomize the master imports) is logged; signals, reaping and control still work."""
+    (tmp_path / "fault").mkdir()
+    (tmp_path / "fault" / "sitecustomize.py").write_text(FAULT)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(tmp_path / "fault"), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    pm = make_poolmgr()
+    wait_until(lambda: pm.log().count("master: sample failed; carrying on") == 3,
+               what="the injected failures")
+    assert "sample failed; carrying on (ZeroDivisionError('a bug injected" in pm.log()
+    os.kill(pm.proc.pid, signal.SIGTTIN)
+    wait_until(lambda: len(pm.worker_pids("smtp")) == 3, what="a third SMTP worker")
+    assert pm.status()["pools"]["smtp"]["workers"] == 3
+    with pm.smtp() as client:
+        assert client.sendmail("alice@example.org", ["bob@example.test"], message()) == {}
