@@ -23,6 +23,9 @@ The master also serves anvil, the per-client counters of the whole host: each SM
 one end of a socketpair at fork, and the loop answers its requests (see `anvil`). Stress mode
 is a flag on the scoreboard that every SMTP worker reads.
 
+The master stays as started (root, for port 25); its workers drop to `master.user` before
+their first client, and the master hands that user the files they write (`hand_over_files`).
+
 Exports: Master.
 """
 
@@ -36,7 +39,7 @@ import time
 
 import psutil
 
-from . import autoscale, config, log, metrics, status
+from . import autoscale, config, log, maildir, metrics, privileges, status
 from .defence.anvil import Anvil, AnvilServer
 from .board import Board
 from .config import Config, ConfigError, format_address
@@ -53,6 +56,7 @@ HOUSEKEEPING_INTERVAL = 0.1
 RSS_CHECK_INTERVAL = 5.0
 KILL_MARGIN = 15.0  # seconds past graceful_timeout before a draining worker is killed
 FAST_STOP_WAIT = 3.0
+ROOT_WARNING = "running as root with [master] user unset: workers keep root privileges"
 # handle_<name> for each signal the master takes (gunicorn's SIG_NAMES).
 SIG_NAMES = {sig: sig.name.removeprefix("SIG").lower() for sig in MASTER_SIGNALS}
 CTL_USAGE = "usage: ctl smtp|scanner N|+N|-N, ctl stress on|off, ctl autoscale on|off"
@@ -98,6 +102,14 @@ class Master:
     def setup(self) -> None:
         cfg = self.cfg
         self._check_pidfile()
+        ids = cfg.master.ids
+        if ids is not None and os.geteuid() != 0 and (os.getuid(), os.getgid()) != ids[1:]:
+            raise SystemExit(f"fatal: [master] user {ids.user}: poolmgr must be started as "
+                             f"root to run its workers as another user")
+        try:
+            self.hand_over_files(cfg)
+        except OSError as exc:
+            raise SystemExit(f"fatal: {exc.filename}: {exc.strerror}") from None
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -130,9 +142,22 @@ class Master:
                                      self.selector)
         for warning in cfg.warnings:
             self.log.warning("%s", warning)
+        if ids is None and os.geteuid() == 0:
+            self.log.warning("%s", ROOT_WARNING)
         self.log.info("daemon started -- version %s, configuration %s, smtp %s, scanner %s",
                       __import__("poolmgr").__version__, cfg.path,
                       format_address(cfg.smtp.listen), format_address(cfg.scanner.listen))
+
+    def hand_over_files(self, cfg: Config) -> None:
+        """Create the files the workers write and give them to master.user (when set): the
+        maildir next hop and the log file, which a worker reopens on SIGUSR1."""
+        ids = cfg.master.ids
+        hop = cfg.scanner.next_hop
+        if hop.kind == "maildir":
+            maildir.prepare(hop.path)
+            for sub in ("", "tmp", "new", "cur"):
+                privileges.hand_over(os.path.join(hop.path, sub), ids)
+        privileges.hand_over(cfg.master.log_file, ids)
 
     def _check_pidfile(self) -> None:
         try:
@@ -234,6 +259,10 @@ class Master:
 
     def handle_usr1(self) -> None:
         log.reopen()
+        try:
+            privileges.hand_over(self.cfg.master.log_file, self.cfg.master.ids)  # a new file
+        except OSError as exc:
+            self.log.warning("cannot hand the log file over: %s", exc.strerror)
         self.signal_all(signal.SIGUSR1)
 
     def apply_resize(self, kind: str, spec: str, source: str) -> tuple[bool, str]:
@@ -386,6 +415,10 @@ class Master:
             self.log.warning("reload: %s", warning)
         set_bounds(self.pools, new.bounds(), old.bounds())
         log.setup("poolmgr/master", new.master.log_file)
+        try:
+            self.hand_over_files(new)
+        except OSError as exc:
+            self.log.error("reload: %s: %s", exc.filename, exc.strerror)
         self.cfg = new
         self.anvil.time_unit = new.defence.anvil_rate_time_unit
         if new.autoscale.enabled != old.autoscale.enabled:
