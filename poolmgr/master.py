@@ -106,10 +106,7 @@ class Master:
         if ids is not None and os.geteuid() != 0 and (os.getuid(), os.getgid()) != ids[1:]:
             raise SystemExit(f"fatal: [master] user {ids.user}: poolmgr must be started as "
                              f"root to run its workers as another user")
-        try:
-            self.hand_over_files(cfg)
-        except OSError as exc:
-            raise SystemExit(f"fatal: {exc.filename}: {exc.strerror}") from None
+        self.hand_over_files(cfg)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -150,14 +147,20 @@ class Master:
 
     def hand_over_files(self, cfg: Config) -> None:
         """Create the files the workers write and give them to master.user (when set): the
-        maildir next hop and the log file, which a worker reopens on SIGUSR1."""
+        maildir next hop and the log file, which a worker reopens on SIGUSR1. A failure is
+        logged; the workers meet it again (a scanner worker that cannot prepare its maildir
+        dies at start-up, and its pool is throttled)."""
         ids = cfg.master.ids
         hop = cfg.scanner.next_hop
-        if hop.kind == "maildir":
-            maildir.prepare(hop.path)
-            for sub in ("", "tmp", "new", "cur"):
-                privileges.hand_over(os.path.join(hop.path, sub), ids)
-        privileges.hand_over(cfg.master.log_file, ids)
+        try:
+            if hop.kind == "maildir":
+                maildir.prepare(hop.path)
+                for sub in ("", "tmp", "new", "cur"):
+                    privileges.hand_over(os.path.join(hop.path, sub), ids)
+            privileges.hand_over(cfg.master.log_file, ids)
+        except OSError as exc:
+            self.log.warning("cannot prepare %s for the workers: %s", exc.filename,
+                             exc.strerror)
 
     def _check_pidfile(self) -> None:
         try:
@@ -259,10 +262,7 @@ class Master:
 
     def handle_usr1(self) -> None:
         log.reopen()
-        try:
-            privileges.hand_over(self.cfg.master.log_file, self.cfg.master.ids)  # a new file
-        except OSError as exc:
-            self.log.warning("cannot hand the log file over: %s", exc.strerror)
+        self.hand_over_files(self.cfg)  # the log file is a new one
         self.signal_all(signal.SIGUSR1)
 
     def apply_resize(self, kind: str, spec: str, source: str) -> tuple[bool, str]:
@@ -415,10 +415,7 @@ class Master:
             self.log.warning("reload: %s", warning)
         set_bounds(self.pools, new.bounds(), old.bounds())
         log.setup("poolmgr/master", new.master.log_file)
-        try:
-            self.hand_over_files(new)
-        except OSError as exc:
-            self.log.error("reload: %s: %s", exc.filename, exc.strerror)
+        self.hand_over_files(new)
         self.cfg = new
         self.anvil.time_unit = new.defence.anvil_rate_time_unit
         if new.autoscale.enabled != old.autoscale.enabled:

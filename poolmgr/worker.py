@@ -6,10 +6,11 @@ enqueue into the master's queue). `WorkerProcess.run` is the lifecycle (gunicorn
 workers/base.py): `init_process` (what must happen after the fork, such as gevent's
 monkey-patching, or reading the TLS key while still root), the drop to `master.user`
 (`privileges.drop`, before the first client), the signals (TERM `handle_term` drains, QUIT
-exits at once, USR1 reopens the log), then `serve` until the worker is done. `notify` is the heartbeat, called about once a
-second: it stamps the scoreboard slot and, when the master is gone (our parent pid changed),
-drains, which closes the listening socket at once. `show` sets the process title `ps` shows
-(`poolmgr: smtp worker 3 [412 sessions]`). A pool's worker overrides only what differs.
+exits at once, USR1 reopens the log), then `serve` until the worker is done. `notify` is the
+heartbeat, called about once a second: it stamps the scoreboard slot and, when the master is
+gone (our parent pid changed), drains, which closes the listening socket at once. `show` sets
+the process title `ps` shows (`poolmgr: smtp worker 3 [412 sessions]`). A pool's worker
+overrides only what differs.
 
 Exports: WorkerProcess, WorkerContext, Limits, limits_for, child_after_fork, set_title,
 DRAIN_IDLE_GRACE, MASTER_SIGNALS.
