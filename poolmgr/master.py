@@ -25,6 +25,8 @@ is a flag on the scoreboard that every SMTP worker reads.
 
 The master stays as started (root, for port 25); its workers drop to `master.user` before
 their first client, and the master hands that user the files they write (`hand_over_files`).
+A fork or socketpair that fails for want of processes, memory or files is logged and retried,
+per pool, after 1s doubling to 30s; the loop goes on serving signals and status meanwhile.
 
 Exports: Master.
 """
@@ -56,6 +58,9 @@ HOUSEKEEPING_INTERVAL = 0.1
 RSS_CHECK_INTERVAL = 5.0
 KILL_MARGIN = 15.0  # seconds past graceful_timeout before a draining worker is killed
 FAST_STOP_WAIT = 3.0
+# Out of processes, memory or files at fork: retry after 1s, doubling up to 30s (Postfix's
+# master throttles a service whose fork fails instead of exiting).
+FORK_RETRY_MIN, FORK_RETRY_MAX = 1.0, 30.0
 ROOT_WARNING = "running as root with [master] user unset: workers keep root privileges"
 # handle_<name> for each signal the master takes (gunicorn's SIG_NAMES).
 SIG_NAMES = {sig: sig.name.removeprefix("SIG").lower() for sig in MASTER_SIGNALS}
@@ -91,6 +96,7 @@ class Master:
         self.metrics = metrics.StatusCollector() if cfg.metrics.listen else None
         self.metrics_server = None
         self.rss_checked = 0.0
+        self.fork_delay = {"smtp": 0.0, "scanner": 0.0}  # the last retry delay, per pool
         bounds = cfg.bounds()
         self.pools = {
             "smtp": Pool("smtp", bounds.smtp_floor, bounds.smtp_ceiling, smtp_worker.main),
@@ -276,13 +282,26 @@ class Master:
         return done, message
 
     # -- workers
-    def spawn(self, pool: Pool) -> None:
+    def spawn(self, pool: Pool) -> bool:
+        """Fork one worker. Out of processes, memory or files (EAGAIN, ENOMEM, EMFILE): False,
+        logged, and the pool waits before the next try (`fork_failed`)."""
         number = pool.free_number()
         index = self.board.alloc(pool.kind, self.generation, number)
         sock = self.sockets[pool.kind]
-        mine, theirs = (socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                        if pool.kind == "smtp" else (None, None))
-        pid = os.fork()
+        mine = theirs = None
+        step = "socketpair"
+        try:
+            if pool.kind == "smtp":
+                mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            step = "fork"
+            pid = os.fork()
+        except OSError as exc:
+            self.board.free(index)
+            for end in (mine, theirs):
+                if end is not None:
+                    end.close()
+            self.fork_failed(pool, step, exc)
+            return False
         if pid == 0:  # the child never returns from here
             code = 1
             try:
@@ -302,11 +321,20 @@ class Master:
             finally:
                 os._exit(code)
         pool.workers[pid] = Worker(pid, pool.kind, number, self.generation, index)
+        self.fork_delay[pool.kind] = 0.0
         if mine is not None:
             theirs.close()
             mine.setblocking(False)
             self.anvil_socks[pid] = mine
             self.selector.register(mine, selectors.EVENT_READ, pid)
+        return True
+
+    def fork_failed(self, pool: Pool, step: str, exc: OSError) -> None:
+        delay = min(FORK_RETRY_MAX, 2 * self.fork_delay[pool.kind] or FORK_RETRY_MIN)
+        self.fork_delay[pool.kind] = delay
+        pool.backoff_until = max(pool.backoff_until, time.monotonic() + delay)
+        self.log.warning("fork failed: %s: %s -- %s pool retries in %gs", step,
+                         exc.strerror or exc, pool.kind, delay)
 
     def close_anvil(self, pid: int) -> None:
         """A worker's anvil socket is closed or the worker exited: drop what it held."""
@@ -392,8 +420,7 @@ class Master:
                               worker.number, worker.pid, pool.target)
                 self.retire(worker)
             missing = pool.target - len(running)
-            while missing > 0 and now >= pool.backoff_until:
-                self.spawn(pool)
+            while missing > 0 and now >= pool.backoff_until and self.spawn(pool):
                 missing -= 1
 
     # -- reload and stop
@@ -427,7 +454,8 @@ class Master:
             old_workers = pool.running()
             pool.backoff_until = 0.0
             for _ in range(pool.target):
-                self.spawn(pool)
+                if not self.spawn(pool):
+                    break  # manage() starts the rest after the back-off
             for worker in old_workers:
                 self.retire(worker)
 

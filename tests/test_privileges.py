@@ -1,6 +1,7 @@
-"""Safe on port 25: workers drop to master.user."""
+"""Safe on port 25: workers drop to master.user; a fork or socketpair that fails is retried."""
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,10 @@ def open_dir():
 def ps(pid: int, field: str) -> str:
     return subprocess.run(["ps", "-o", f"{field}=", "-p", str(pid)], capture_output=True,
                           text=True).stdout.strip()
+
+
+def hard_limit(pid: int) -> int:
+    return resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
 
 
 def groups(pid: int) -> list[str]:
@@ -108,3 +113,53 @@ def test_root_with_user_unset_warns_and_workers_stay_root(make_poolmgr):
     pm = make_poolmgr()
     assert f"poolmgr/master[{pm.proc.pid}]: warning: {ROOT_WARNING}" in pm.log()
     assert {ps(pid, "user") for pid in worker_pids(pm)} == {"root"}
+
+
+def test_socketpair_out_of_files_is_retried_and_the_master_stays_up(make_poolmgr):
+    pm = make_poolmgr()
+    master = pm.proc.pid
+    # One free descriptor below the limit: an SMTP worker's socketpair (two) fails with EMFILE,
+    # a control client (one) is still accepted.
+    fds = {int(fd) for fd in os.listdir(f"/proc/{master}/fd")}
+    free = [n for n in range(max(fds) + 3) if n not in fds]
+    soft, hard = resource.prlimit(master, resource.RLIMIT_NOFILE, (free[1], hard_limit(master)))
+    assert pm.run_cli("ctl", "smtp", "+3").returncode == 0
+    wait_until(lambda: "warning: fork failed: socketpair: Too many open files -- smtp pool "
+               "retries in 1s" in pm.log(), what="the fork failure warning")
+    wait_until(lambda: "retries in 2s" in pm.log(), what="the back-off doubling")
+    status = pm.status()["pools"]["smtp"]
+    assert (status["workers"], status["target"]) == (2, 5)
+    resource.prlimit(master, resource.RLIMIT_NOFILE, (soft, hard))
+    pm.wait_workers(5, 2)  # the next try succeeds
+    assert pm.stop() == 0
+
+
+@pytest.fixture
+def pids_cgroup():
+    """A cgroup-v1 pids controller group: its pids.max makes fork() fail with EAGAIN, as a
+    host out of processes does (RLIMIT_NPROC does not bind root)."""
+    root = Path("/sys/fs/cgroup/pids")
+    if os.geteuid() != 0 or not (root / "cgroup.procs").exists():
+        pytest.skip("needs root and the cgroup-v1 pids controller")
+    group = root / f"poolmgr-test-{os.getpid()}"
+    group.mkdir()
+    yield group
+    for pid in (group / "cgroup.procs").read_text().split():
+        (root / "cgroup.procs").write_text(pid)
+    group.rmdir()
+
+
+def test_fork_out_of_processes_is_retried_and_the_master_stays_up(pids_cgroup, make_poolmgr):
+    pm = make_poolmgr()
+    (pids_cgroup / "cgroup.procs").write_text(str(pm.proc.pid))
+    (pids_cgroup / "pids.max").write_text((pids_cgroup / "pids.current").read_text())
+    fds = len(os.listdir(f"/proc/{pm.proc.pid}/fd"))
+    assert pm.run_cli("ctl", "smtp", "+1").returncode == 0
+    wait_until(lambda: "retries in 2s" in pm.log(), what="two fork failures")
+    assert "warning: fork failed: fork: Resource temporarily unavailable -- smtp pool retries " \
+           "in 1s" in pm.log()
+    assert len(os.listdir(f"/proc/{pm.proc.pid}/fd")) == fds  # each socketpair closed again
+    assert pm.status()["pools"]["smtp"]["workers"] == 2
+    (pids_cgroup / "pids.max").write_text("max")
+    pm.wait_workers(3, 2)
+    assert pm.stop() == 0
