@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import message, wait_until
+from helpers import Raw, message, wait_until
 from poolmgr import privileges
+from poolmgr.testing import DnsServer
 from poolmgr.master import ROOT_WARNING
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
@@ -94,6 +95,24 @@ def test_drop_clears_supplementary_groups_then_group_then_user():
     os.close(write)
     assert os.read(read, 200).decode() == repr(([], (65534,) * 3, (65534,) * 3))
     assert os.waitpid(pid, 0)[1] == 0
+
+
+@as_root
+def test_workers_as_nobody_still_read_dnsbl_answers(make_poolmgr):
+    """dnspython imports an answer's rdata class at first use; after the drop that import may
+    be refused (here Python lives under /root, mode 0700), so the worker imports it before."""
+    dns = DnsServer({}, ttl=300).start()
+    try:
+        dns.list("127.0.3.4", "zen.test")
+        pm = make_poolmgr({"master": {"user": "nobody"},
+                           "defence": {"dnsbl_sites": ["zen.test"], "nameservers": [dns.address],
+                                       "dnsbl_action": "drop"}})
+        raw = Raw(pm.smtp_port, "127.0.3.4")
+        assert raw.reply() == (521, ["521 5.7.1 Service unavailable; client [127.0.3.4] "
+                                     "blocked using zen.test"])
+        raw.close()
+    finally:
+        dns.stop()
 
 
 @pytest.mark.parametrize("key,value", [("user", "no-such-user-x"), ("group", "no-such-group-x")])
