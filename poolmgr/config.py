@@ -20,6 +20,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from . import privileges
 from .defence.dnsbl import parse_site
 from .defence.networks import parse_cidrs, read_cidr_file
 from .defence.recipients import RecipientTable
@@ -277,7 +278,10 @@ def _convert(setting: Setting, value: Any) -> Any:
 
 
 def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
-    smtp, scanner = sections["smtp"], sections["scanner"]
+    smtp, scanner, master = sections["smtp"], sections["scanner"], sections["master"]
+    master["ids"], key, reason = privileges.resolve(master["user"], master["group"])
+    if reason:
+        err(f"master.{key}", reason)
     for pool in (smtp, scanner):
         name = "smtp" if pool is smtp else "scanner"
         if pool["min_workers"] > pool["max_workers"]:

@@ -23,6 +23,11 @@ The master also serves anvil, the per-client counters of the whole host: each SM
 one end of a socketpair at fork, and the loop answers its requests (see `anvil`). Stress mode
 is a flag on the scoreboard that every SMTP worker reads.
 
+The master stays as started (root, for port 25); its workers drop to `master.user` before
+their first client, and the master hands that user the files they write (`hand_over_files`).
+A fork or socketpair that fails for want of processes, memory or files is logged and retried,
+per pool, after 1s doubling to 30s; the loop goes on serving signals and status meanwhile.
+
 Exports: Master.
 """
 
@@ -36,7 +41,7 @@ import time
 
 import psutil
 
-from . import autoscale, config, log, metrics, status
+from . import autoscale, config, log, maildir, metrics, privileges, status
 from .defence.anvil import Anvil, AnvilServer
 from .board import Board
 from .config import Config, ConfigError, format_address
@@ -53,6 +58,10 @@ HOUSEKEEPING_INTERVAL = 0.1
 RSS_CHECK_INTERVAL = 5.0
 KILL_MARGIN = 15.0  # seconds past graceful_timeout before a draining worker is killed
 FAST_STOP_WAIT = 3.0
+# Out of processes, memory or files at fork: retry after 1s, doubling up to 30s (Postfix's
+# master throttles a service whose fork fails instead of exiting).
+FORK_RETRY_MIN, FORK_RETRY_MAX = 1.0, 30.0
+ROOT_WARNING = "running as root with [master] user unset: workers keep root privileges"
 # handle_<name> for each signal the master takes (gunicorn's SIG_NAMES).
 SIG_NAMES = {sig: sig.name.removeprefix("SIG").lower() for sig in MASTER_SIGNALS}
 CTL_USAGE = "usage: ctl smtp|scanner N|+N|-N, ctl stress on|off, ctl autoscale on|off"
@@ -87,6 +96,7 @@ class Master:
         self.metrics = metrics.StatusCollector() if cfg.metrics.listen else None
         self.metrics_server = None
         self.rss_checked = 0.0
+        self.fork_delay = {"smtp": 0.0, "scanner": 0.0}  # the last retry delay, per pool
         bounds = cfg.bounds()
         self.pools = {
             "smtp": Pool("smtp", bounds.smtp_floor, bounds.smtp_ceiling, smtp_worker.main),
@@ -98,6 +108,11 @@ class Master:
     def setup(self) -> None:
         cfg = self.cfg
         self._check_pidfile()
+        ids = cfg.master.ids
+        if ids is not None and os.geteuid() != 0 and (os.getuid(), os.getgid()) != ids[1:]:
+            raise SystemExit(f"fatal: [master] user {ids.user}: poolmgr must be started as "
+                             f"root to run its workers as another user")
+        self.hand_over_files(cfg)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -131,10 +146,29 @@ class Master:
                                      self.selector)
         for warning in cfg.warnings:
             self.log.warning("%s", warning)
+        if ids is None and os.geteuid() == 0:
+            self.log.warning("%s", ROOT_WARNING)
         self.log.info("daemon started -- version %s, configuration %s, smtp %s, scanner %s",
                       __import__("poolmgr").__version__, cfg.path,
                       ", ".join(map(format_address, cfg.smtp.listen)),
                       format_address(cfg.scanner.listen))
+
+    def hand_over_files(self, cfg: Config) -> None:
+        """Create the files the workers write and give them to master.user (when set): the
+        maildir next hop and the log file, which a worker reopens on SIGUSR1. A failure is
+        logged; the workers meet it again (a scanner worker that cannot prepare its maildir
+        dies at start-up, and its pool is throttled)."""
+        ids = cfg.master.ids
+        hop = cfg.scanner.next_hop
+        try:
+            if hop.kind == "maildir":
+                maildir.prepare(hop.path)
+                for sub in ("", "tmp", "new", "cur"):
+                    privileges.hand_over(os.path.join(hop.path, sub), ids)
+            privileges.hand_over(cfg.master.log_file, ids)
+        except OSError as exc:
+            self.log.warning("cannot prepare %s for the workers: %s", exc.filename,
+                             exc.strerror)
 
     def _check_pidfile(self) -> None:
         try:
@@ -253,6 +287,7 @@ class Master:
 
     def handle_usr1(self) -> None:
         log.reopen()
+        self.hand_over_files(self.cfg)  # the log file is a new one
         self.signal_all(signal.SIGUSR1)
 
     def apply_resize(self, kind: str, spec: str, source: str) -> tuple[bool, str]:
@@ -266,13 +301,26 @@ class Master:
         return done, message
 
     # -- workers
-    def spawn(self, pool: Pool) -> None:
+    def spawn(self, pool: Pool) -> bool:
+        """Fork one worker. Out of processes, memory or files (EAGAIN, ENOMEM, EMFILE): False,
+        logged, and the pool waits before the next try (`fork_failed`)."""
         number = pool.free_number()
         index = self.board.alloc(pool.kind, self.generation, number)
         socks = tuple(self.sockets[pool.kind])
-        mine, theirs = (socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                        if pool.kind == "smtp" else (None, None))
-        pid = os.fork()
+        mine = theirs = None
+        step = "socketpair"
+        try:
+            if pool.kind == "smtp":
+                mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            step = "fork"
+            pid = os.fork()
+        except OSError as exc:
+            self.board.free(index)
+            for end in (mine, theirs):
+                if end is not None:
+                    end.close()
+            self.fork_failed(pool, step, exc)
+            return False
         if pid == 0:  # the child never returns from here
             code = 1
             try:
@@ -292,11 +340,20 @@ class Master:
             finally:
                 os._exit(code)
         pool.workers[pid] = Worker(pid, pool.kind, number, self.generation, index)
+        self.fork_delay[pool.kind] = 0.0
         if mine is not None:
             theirs.close()
             mine.setblocking(False)
             self.anvil_socks[pid] = mine
             self.selector.register(mine, selectors.EVENT_READ, pid)
+        return True
+
+    def fork_failed(self, pool: Pool, step: str, exc: OSError) -> None:
+        delay = min(FORK_RETRY_MAX, 2 * self.fork_delay[pool.kind] or FORK_RETRY_MIN)
+        self.fork_delay[pool.kind] = delay
+        pool.backoff_until = max(pool.backoff_until, time.monotonic() + delay)
+        self.log.warning("fork failed: %s: %s -- %s pool retries in %gs", step,
+                         exc.strerror or exc, pool.kind, delay)
 
     def close_anvil(self, pid: int) -> None:
         """A worker's anvil socket is closed or the worker exited: drop what it held."""
@@ -382,8 +439,7 @@ class Master:
                               worker.number, worker.pid, pool.target)
                 self.retire(worker)
             missing = pool.target - len(running)
-            while missing > 0 and now >= pool.backoff_until:
-                self.spawn(pool)
+            while missing > 0 and now >= pool.backoff_until and self.spawn(pool):
                 missing -= 1
 
     # -- reload and stop
@@ -405,6 +461,7 @@ class Master:
             self.log.warning("reload: %s", warning)
         set_bounds(self.pools, new.bounds(), old.bounds())
         log.setup("poolmgr/master", new.master.log_file)
+        self.hand_over_files(new)
         self.cfg = new
         self.anvil.time_unit = new.defence.anvil_rate_time_unit
         if new.autoscale.enabled != old.autoscale.enabled:
@@ -416,7 +473,8 @@ class Master:
             old_workers = pool.running()
             pool.backoff_until = 0.0
             for _ in range(pool.target):
-                self.spawn(pool)
+                if not self.spawn(pool):
+                    break  # manage() starts the rest after the back-off
             for worker in old_workers:
                 self.retire(worker)
 

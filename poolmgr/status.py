@@ -164,7 +164,7 @@ def _load(kind, value):
 def _rss(pid: int) -> int:
     try:
         return psutil.Process(pid).memory_info().rss
-    except psutil.Error:
+    except (psutil.Error, OSError):  # OSError: out of files (EMFILE) reading /proc
         return 0
 
 

@@ -4,11 +4,13 @@
 fork `child_after_fork` restores default signal dispositions (the master's handlers only
 enqueue into the master's queue). `WorkerProcess.run` is the lifecycle (gunicorn's
 workers/base.py): `init_process` (what must happen after the fork, such as gevent's
-monkey-patching), the signals (TERM `handle_term` drains, QUIT exits at once, USR1 reopens the
-log), then `serve` until the worker is done. `notify` is the heartbeat, called about once a
-second: it stamps the scoreboard slot and, when the master is gone (our parent pid changed),
-drains, which closes the listening socket at once. `show` sets the process title `ps` shows
-(`poolmgr: smtp worker 3 [412 sessions]`). A pool's worker overrides only what differs.
+monkey-patching, or reading the TLS key while still root), the drop to `master.user`
+(`privileges.drop`, before the first client), the signals (TERM `handle_term` drains, QUIT
+exits at once, USR1 reopens the log), then `serve` until the worker is done. `notify` is the
+heartbeat, called about once a second: it stamps the scoreboard slot and, when the master is
+gone (our parent pid changed), drains, which closes the listening socket at once. `show` sets
+the process title `ps` shows (`poolmgr: smtp worker 3 [412 sessions]`). A pool's worker
+overrides only what differs.
 
 Exports: WorkerProcess, WorkerContext, Limits, limits_for, child_after_fork, set_title,
 DRAIN_IDLE_GRACE, MASTER_SIGNALS.
@@ -21,7 +23,7 @@ from typing import NamedTuple
 
 import setproctitle
 
-from . import log
+from . import log, privileges
 from .board import Slot
 from .config import Config
 
@@ -103,6 +105,7 @@ class WorkerProcess:
 
     def run(self) -> int:
         self.init_process()
+        privileges.drop(self.cfg.master.ids)  # before the first client, for good
         self.on_signal(signal.SIGTERM, self.handle_term)
         self.on_signal(signal.SIGQUIT, lambda *_: os._exit(0))
         self.on_signal(signal.SIGUSR1, lambda *_: log.reopen())

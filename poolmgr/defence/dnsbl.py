@@ -87,6 +87,11 @@ class Dnsbl:
                  min_ttl: float, max_ttl: float, spawn: Callable, max_entries: int = 100_000):
         import dns.nameserver
         import dns.resolver
+        # dnspython imports an rdata class at its first answer of that type; import them now,
+        # in init_process, while the worker may still read every file (privileges.drop).
+        import dns.rdtypes.ANY.CNAME  # noqa: F401
+        import dns.rdtypes.ANY.SOA  # noqa: F401
+        import dns.rdtypes.IN.A  # noqa: F401
 
         self.sites = sites
         self.timeout = timeout
