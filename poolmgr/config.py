@@ -70,6 +70,9 @@ class Section:
     def __setattr__(self, key, value):
         raise AttributeError("configuration is read-only")
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Section) and self._values == other._values
+
     def as_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
@@ -82,6 +85,11 @@ class Config:
         self.path = path
         self.warnings = warnings or []  # mended problems, logged at start and by check
         self._sections = {name: Section(values) for name, values in sections.items()}
+        # A sub-section ([scanner.clamd]) is also an attribute of its parent: cfg.scanner.clamd.
+        for name, section in self._sections.items():
+            if "." in name:
+                parent, child = name.rsplit(".", 1)
+                self._sections[parent]._values[child] = section
 
     def __getattr__(self, name: str) -> Section:
         try:
@@ -350,12 +358,26 @@ def _expand(sections: dict[str, dict[str, Any]]) -> None:
         sections["scanner"]["hostname"] = smtp["hostname"]
 
 
+def _sub_sections(data: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
+    """TOML nests [scanner.clamd] inside [scanner]; the loader sees it as a section of its own,
+    named "scanner.clamd"."""
+    data = dict(data)
+    for name in known:
+        parent, _, child = name.rpartition(".")
+        table = data.get(parent)
+        if parent and isinstance(table, dict) and child in table:
+            table = dict(table)
+            data[name] = table.pop(child)
+            data[parent] = table
+    return data
+
+
 def from_dict(data: dict[str, Any], path: str = EMBEDDED) -> Config:
     errors: list[str] = []
     warnings: list[str] = []
 
     def err(name: str, reason: str, into: list[str] = errors) -> None:
-        section, key = name.split(".", 1)
+        section, key = name.rsplit(".", 1)
         into.append(f"{path}: [{section}] {key}: {reason}")
 
     def warn(name: str, reason: str) -> None:
@@ -364,6 +386,7 @@ def from_dict(data: dict[str, Any], path: str = EMBEDDED) -> Config:
     known = {}
     for setting in SETTINGS:
         known.setdefault(setting.section, {})[setting.key] = setting
+    data = _sub_sections(data, known)
     sections: dict[str, dict[str, Any]] = {}
     for name, table in data.items():
         if name not in known:

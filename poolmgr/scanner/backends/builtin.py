@@ -1,28 +1,36 @@
-"""The built-in content check: configured header/body rules and the EICAR test string.
+"""The built-in check (`builtin` in scanner.checks): configured header/body rules and the EICAR
+test string.
 
-`scan` parses the message with the standard library's `email` package, so the EICAR string is
-found in base64 or quoted-printable attachments too, as a virus scanner would find it.
+The message is parsed with the standard library's `email` package, so the EICAR string is
+found in base64 or quoted-printable attachments too, as a virus scanner would find it. A hit
+on EICAR is a virus; a rule with action reject names itself in `Result.rule`, a rule with
+action tag in `Result.tests`.
 
-Exports: scan, Verdict, EICAR.
+Exports: Backend, EICAR.
 """
 
 import email
 import email.policy
-from typing import NamedTuple
 
-from ..smtp import replies as R
+from .base import Check, Message, Result
 
 # The EICAR anti-virus test file (https://www.eicar.org/download-anti-malware-testfile/).
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 
 
-class Verdict(NamedTuple):
-    result: str           # clean, tagged or rejected
-    reason: str           # rule name or virus name, "" when clean
-    reply: R.Reply | None  # the rejection, when rejected
+EICAR_NAME = "Eicar-Test-Signature"  # as ClamAV names it
 
 
-CLEAN = Verdict("clean", "", None)
+class Backend(Check):
+    name = "builtin"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.rules = cfg.scanner.rules
+        self.eicar = cfg.scanner.eicar
+
+    def check(self, message: Message) -> Result:
+        return scan(message.data, self.rules, self.eicar)
 
 
 def _parts(message) -> list[bytes]:
@@ -39,14 +47,13 @@ def _parts(message) -> list[bytes]:
     return out
 
 
-def scan(data: bytes, rules, eicar: bool) -> Verdict:
+def scan(data: bytes, rules, eicar: bool) -> Result:
     message = email.message_from_bytes(data, policy=email.policy.compat32)
     bodies = None
     if eicar:
         bodies = _parts(message)
         if EICAR in data or any(EICAR in body for body in bodies):
-            return Verdict("rejected", "Eicar-Test-Signature",
-                           R.R554_VIRUS.format(name="Eicar-Test-Signature"))
+            return Result("builtin", virus=EICAR_NAME)
     tagged = []
     for rule in rules:
         if rule["header"]:
@@ -57,9 +64,6 @@ def scan(data: bytes, rules, eicar: bool) -> Verdict:
             texts = [b.decode("utf-8", "replace") for b in bodies]
         if any(rule["pattern"].search(text) for text in texts):
             if rule["action"] == "reject":
-                return Verdict("rejected", rule["name"],
-                               R.R554_CONTENT_RULE.format(name=rule["name"]))
+                return Result("builtin", rule=rule["name"], tests=tuple(tagged))
             tagged.append(rule["name"])
-    if tagged:
-        return Verdict("tagged", ",".join(tagged), None)
-    return CLEAN
+    return Result("builtin", tests=tuple(tagged))

@@ -1,0 +1,85 @@
+"""What every check back-end shares: the message it is shown, the result it gives, the failure it
+raises, and the connection to a daemon.
+
+A back-end is a `Check`: a name, a timeout, what to do when it fails (`on_failure`: tempfail or
+pass), and `check(message) -> Result`. A back-end that cannot give an answer (daemon down,
+timeout, a reply it cannot read) raises `CheckFailed`; the scanner applies `on_failure`.
+
+Exports: Message, Result, Check, CheckFailed, connect.
+"""
+
+import socket
+from dataclasses import dataclass
+
+from ...config import parse_address
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message as the checks see it: the data as received (headers and body, CRLF lines,
+    before the scanner adds its own headers) and its envelope."""
+    data: bytes
+    queue_id: str
+    sender: str
+    rcpts: tuple[str, ...]
+    client_addr: str   # the real client (XFORWARD ADDR), else the scanner's direct peer
+    client_name: str   # XFORWARD NAME, "" when unknown
+    helo: str
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one back-end found. Empty fields mean nothing found."""
+    check: str                        # the back-end's name
+    virus: str = ""                   # a virus name (clamd, builtin's EICAR)
+    score: float | None = None        # a spam score (spamd, rspamd)
+    required: float | None = None     # the back-end's own spam threshold, for the header
+    tests: tuple[str, ...] = ()       # rule or symbol names that hit
+    action: str = ""                  # rspamd's recommended action
+    rule: str = ""                    # builtin: a rule whose action is reject
+    skipped: str = ""                 # why the message was not checked (too big), logged
+
+
+class CheckFailed(Exception):
+    """The back-end gave no usable answer."""
+
+    def __init__(self, check: str, detail: str):
+        super().__init__(f"{check}: {detail}")
+        self.check = check
+        self.detail = detail
+
+
+class Check:
+    name = ""
+
+    def __init__(self, cfg):
+        section = getattr(cfg.scanner, self.name, None)
+        self.timeout: float = getattr(section, "timeout", 30.0)
+        self.on_failure: str = getattr(section, "on_failure", "tempfail")
+
+    def check(self, message: Message) -> Result:
+        raise NotImplementedError
+
+
+def connect(address: str, timeout: float, check: str) -> socket.socket:
+    """A connected blocking socket to `unix:/path` or `host:port` ([v6]:port); CheckFailed
+    when the daemon cannot be reached."""
+    try:
+        if address.startswith("unix:"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: object = address[5:]
+        else:
+            host, port = parse_address(address)
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                 socket.SOCK_STREAM)
+            target = (host, port)
+    except ValueError as exc:
+        raise CheckFailed(check, f"bad address {address!r}: {exc}") from None
+    sock.settimeout(timeout)
+    try:
+        sock.connect(target)
+    except OSError as exc:
+        sock.close()
+        raise CheckFailed(check, f"connect to {address}: "
+                                 f"{exc.strerror or type(exc).__name__}") from None
+    return sock
