@@ -6,7 +6,7 @@ folds a dead worker's counters into its pool's totals when it frees the slot. Ea
 aligned 4- or 8-byte store, so a reader never sees a torn value. After the slots, one word of
 host-wide flags that only the master writes: stress mode.
 
-Exports: Board, Slot, COUNTERS, SLOTS.
+Exports: Board, Slot, COUNTERS, SLOTS, CHECK_BUCKETS.
 """
 
 import mmap
@@ -14,6 +14,8 @@ import struct
 import time
 
 from .defence.verdicts import REASONS
+from .scanner.backends import NAMES as CHECK_NAMES
+from .scanner.verdict import KINDS as VERDICT_KINDS
 
 # Cumulative per-worker counters, by index. Append only: the layout is shared by all processes.
 COUNTERS = (
@@ -27,7 +29,14 @@ COUNTERS = (
     "scan_ms",              # total scanner time, milliseconds
     "legit",                # sessions classified legit when they closed
 ) + tuple("nuisance_" + reason for reason in REASONS)  # ... or with one nuisance reason
-_NCOUNTERS = 32
+# The scanner's verdicts by kind, and per check back-end: runs, failures, total milliseconds,
+# and a latency histogram (a run counts in the first bucket whose bound in seconds it is within;
+# runs above the last bound count only in _count).
+CHECK_BUCKETS = (0.01, 0.05, 0.25, 1.0, 5.0, 30.0)
+COUNTERS += tuple(f"verdict_{kind}" for kind in VERDICT_KINDS) + tuple(
+    f"check_{name}_{what}" for name in CHECK_NAMES
+    for what in ("count", "failed", "ms", *(f"le_{i}" for i in range(len(CHECK_BUCKETS)))))
+_NCOUNTERS = 96
 SLOTS = 1024  # generous: pools of up to 128 workers each, plus workers still draining
 # pid, kind, generation, number, heartbeat, started, sessions, busy, suspect, transacting,
 # counters[32]

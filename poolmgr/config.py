@@ -27,6 +27,8 @@ from .defence.recipients import RecipientTable
 from .pools import Bounds, configured_bounds
 from .settings import SECTION_HELP, SETTINGS, Setting
 
+CHECK_NAMES = ("builtin", "clamd", "spamd", "rspamd")  # scanner/backends/NAME.py
+
 EMBEDDED = "(embedded defaults)"
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -343,6 +345,11 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
         warn("scanner.timeout", f"{scanner['timeout']:g}s is not below smtp.proxy_timeout "
              f"({smtp['proxy_timeout']:g}s): a slow scan gets 451 from the SMTP worker and may be "
              f"delivered twice when the client retries")
+    for name in scanner["checks"]:
+        if name not in CHECK_NAMES:
+            err("scanner.checks", f"unknown check {name!r} (known: {', '.join(CHECK_NAMES)})")
+    if len(set(scanner["checks"])) != len(scanner["checks"]):
+        err("scanner.checks", "a check is named twice")
     if scanner["listen"] in smtp["listen"]:
         err("scanner.listen", "must differ from every address of smtp.listen")
 

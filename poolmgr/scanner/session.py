@@ -17,13 +17,15 @@ from .. import maildir
 from ..smtp import dsn, relay
 from ..defence.networks import in_networks
 from ..smtp import replies as R
-from ..smtp.headers import received, remove_field
+from ..smtp.headers import received, remove_field, tag_subject
 from ..smtp.parse import parse_xforward
 from ..smtp.protocol import BASE_COMMANDS, Command, Envelope, Refused, ServerSession
-from . import checks
+from . import quarantine
+from .backends.base import Message
+from .verdict import FORGEABLE
 
 
-SCAN_HEADER = "X-Poolmgr-Scan"
+SCAN_HEADER = FORGEABLE[0]  # X-Poolmgr-Scan
 
 
 class ScannerSession(ServerSession):
@@ -61,26 +63,28 @@ class ScannerSession(ServerSession):
         service.slot.set_busy(1)
         forwarded = self.xforward or {}
         self.xforward = None  # XFORWARD_README: attributes last for one transaction
+        client = forwarded.get("ADDR", self.peer[0])
         try:
-            verdict = checks.scan(data, service.cfg.scanner.rules, service.cfg.scanner.eicar)
-            if verdict.reply is not None:
-                service.log.info("%s: Blocked %s (%s) [%s] <%s> -> %s, %d ms", env.queue_id,
-                                 "INFECTED" if verdict.reason.startswith("Eicar") else "RULE",
-                                 verdict.reason, forwarded.get("ADDR", self.peer[0]),
-                                 env.mail_from, ",".join(f"<{r}>" for r in env.rcpts),
-                                 (time.monotonic() - started) * 1000)
-                return [verdict.reply] * len(env.rcpts)
-            note = f" ({verdict.reason})" if verdict.reason else ""
+            name = forwarded.get("NAME", "")
+            message = Message(data, env.queue_id, env.mail_from, tuple(env.rcpts), client,
+                              "" if name.startswith("[") else name,
+                              forwarded.get("HELO", self.helo or ""))
+            verdict = service.scanner.scan(message)
+            if verdict.action != "deliver":
+                return self._block(env, data, verdict, client, started)
             # This hop's trace header names the direct peer; the real client is in the
             # SMTP worker's Received: header already.
             headers = received(helo=self.helo, addr=self.peer[0], by=service.hostname,
                                software="poolmgr scanner", proto=self.proto,
                                queue_id=env.queue_id, rcpts=env.rcpts)
-            headers += (f"{SCAN_HEADER}: {verdict.result}{note} by poolmgr at "
-                        f"{service.hostname}\r\n").encode()
-            # Only this hop's verdict counts: a copy the client sent is a forgery.
-            data = headers + remove_field(data, SCAN_HEADER)
-            replies = self._forward(env, data, forwarded, started, verdict.result)
+            headers += verdict.headers + (f"{SCAN_HEADER}: {verdict.summary} by poolmgr at "
+                                          f"{service.hostname}\r\n").encode()
+            # Only this hop's verdict counts: copies the client sent are forgeries.
+            for field_name in FORGEABLE:
+                data = remove_field(data, field_name)
+            data = headers + tag_subject(data, verdict.subject_tag)
+            self._log_passed(env, verdict, client, len(data), started)
+            replies = self._forward(env, data, forwarded, started, verdict.summary)
             if self.proto == "LMTP":
                 return replies  # the client gets one reply per recipient
             hop = service.cfg.scanner.next_hop
@@ -94,6 +98,46 @@ class ScannerSession(ServerSession):
             service.messages += 1
             service.slot.add("scanned")
             service.slot.add("scan_ms", int((time.monotonic() - started) * 1000))
+
+    def _log_passed(self, env: Envelope, verdict, client: str, size: int,
+                    started: float) -> None:
+        """amavisd's `Passed CLEAN` line (SPAMMY, SPAM, UNCHECKED as it says them)."""
+        label = {"spam_tagged": "SPAMMY", "spam_killed": "SPAM"}.get(
+            verdict.kind, "UNCHECKED" if verdict.failures else "CLEAN")
+        self.service.log.info("%s: Passed %s, [%s] <%s> -> %s, Hits: %s, size: %d, %d ms",
+                              env.queue_id, label, client, env.mail_from,
+                              ",".join(f"<{r}>" for r in env.rcpts), _hits(verdict), size,
+                              (time.monotonic() - started) * 1000)
+
+    def _block(self, env: Envelope, data: bytes, verdict, client: str,
+               started: float) -> list[R.Reply]:
+        """Reject, discard or defer: quarantine first (a discard that cannot be kept is
+        deferred instead: nothing is lost), then amavisd's `Blocked` line."""
+        service = self.service
+        where = service.cfg.scanner.quarantine
+        ident, kept = "", ""
+        if verdict.action in ("reject", "discard") and where:
+            try:
+                ident = quarantine.keep(where, data, queue_id=env.queue_id, client=client,
+                                        sender=env.mail_from, recipients=env.rcpts,
+                                        verdict=verdict.kind, reason=verdict.summary)
+                kept = ",Quarantined"
+            except OSError as exc:
+                service.log.warning("%s: cannot quarantine in %s: %s", env.queue_id, where,
+                                    exc.strerror)
+        reply = verdict.reply
+        if verdict.action == "discard":
+            reply = (R.R250_DISCARDED.format(ident=ident, summary=verdict.summary) if ident
+                     else R.R451_QUARANTINE_FAILED)
+        label = {"virus": f"INFECTED ({verdict.name})", "banned": f"BANNED ({verdict.name})",
+                 "spam_killed": "SPAM", "failed": "UNCHECKED"}[verdict.kind]
+        outcome = "Deferred" if reply.temporary else \
+            {"reject": "Rejected", "discard": "Discarded"}[verdict.action]
+        service.log.info("%s: Blocked %s {%s%s}, [%s] <%s> -> %s, quarantine: %s, Hits: %s, "
+                         "%d ms", env.queue_id, label, outcome, kept, client, env.mail_from,
+                         ",".join(f"<{r}>" for r in env.rcpts), ident or "-", _hits(verdict),
+                         (time.monotonic() - started) * 1000)
+        return [reply] * len(env.rcpts)
 
     def _forward(self, env: Envelope, data: bytes, forwarded: dict, started: float,
                  result: str) -> list[R.Reply]:
@@ -142,3 +186,7 @@ ScannerSession.commands = {
     "LHLO": Command(ScannerSession.do_lhlo, "lhlo"),
     "XFORWARD": Command(ScannerSession.do_xforward, "xforward", needs_helo=True),
 }
+
+
+def _hits(verdict) -> str:
+    return "-" if verdict.score is None else f"{verdict.score:.3f}"

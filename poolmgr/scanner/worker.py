@@ -19,6 +19,7 @@ from .. import log, maildir
 from ..smtp import relay
 from ..worker import DRAIN_IDLE_GRACE, WorkerProcess, limits_for
 from ..smtp.protocol import Drain
+from .scan import Scanner
 from .session import ScannerSession
 
 ACCEPT_BACKOFF = 0.5  # seconds between accept attempts after a failure (out of files, ...)
@@ -42,6 +43,7 @@ class ScannerService:
         timeouts = ctx.cfg.timeouts
         self.relay_cache = relay.Cache(timeouts.connection_cache_time_limit,
                                        timeouts.connection_reuse_time_limit)
+        self.scanner = Scanner(ctx.cfg, ctx.slot, self.log)
 
     def tick(self) -> None:
         """Called about once a second while a session waits for its client."""

@@ -1,7 +1,7 @@
 """Trace headers: the Received: line each hop adds (RFC 5321 section 4.4), and removing a
 header field a client must not be able to forge.
 
-Exports: received, remove_field, header_section.
+Exports: received, remove_field, header_section, tag_subject.
 """
 
 import email.utils
@@ -56,3 +56,18 @@ def remove_field(data: bytes, name: str) -> bytes:
         if not dropping:
             kept.append(line)
     return b"".join(kept) + data[len(head):]
+
+
+def tag_subject(data: bytes, tag: str) -> bytes:
+    """`data` with `tag` in front of its Subject (amavisd's $sa_spam_subject_tag), once; a
+    Subject: header is added when there is none."""
+    if not tag:
+        return data
+    head = header_section(data)
+    encoded = tag.encode("utf-8")
+    match = re.search(rb"(?im)^subject[ \t]*:[ \t]*", head)
+    if match is None:
+        return b"Subject: " + encoded.rstrip() + b"\r\n" + data
+    if data[match.end():].startswith(encoded):
+        return data
+    return data[:match.end()] + encoded + data[match.end():]

@@ -8,9 +8,8 @@ Exports: load, NAMES.
 
 import importlib
 
+from ...config import CHECK_NAMES as NAMES
 from .base import Check
-
-NAMES = ("builtin", "clamd", "spamd", "rspamd")
 
 
 def load(cfg) -> list[Check]:

@@ -1,0 +1,159 @@
+"""The quarantine: mail the scanner discarded or rejected, kept with an index (amavisd's
+$QUARANTINEDIR), and what `poolmgr quarantine` does with it.
+
+Each message is one file, `ID.eml`, written to a temporary name, synced and renamed (as a
+maildir delivery), holding the data exactly as the scanner received it. The index, `index`, has
+one JSON object per line: `{"id", "date", "time", "client", "sender", "recipients", "verdict",
+"reason", "size", "queue_id"}` when a message is kept, and `{"id", "released", "date", "time"}`
+when it was released. Appends are whole lines under an exclusive lock, so scanner workers never
+interleave; purge rewrites the index under the same lock.
+
+Exports: keep, entries, find, read, mark_released, purge, as_dict, Entry.
+"""
+
+import email.utils
+import fcntl
+import json
+import os
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+INDEX = "index"
+_ID = re.compile(r"[0-9A-Za-z-]{1,64}")
+
+
+@dataclass
+class Entry:
+    id: str
+    date: str
+    time: float
+    client: str
+    sender: str
+    recipients: list[str]
+    verdict: str
+    reason: str
+    size: int
+    queue_id: str
+    released: list[str] = field(default_factory=list)  # dates of each release
+
+
+@contextmanager
+def _locked_index(directory: str, mode: str):
+    with open(os.path.join(directory, INDEX), mode, encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield handle
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _append(directory: str, record: dict) -> None:
+    with _locked_index(directory, "a") as handle:
+        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def keep(directory: str, data: bytes, *, queue_id: str, client: str, sender: str,
+         recipients: list[str], verdict: str, reason: str) -> str:
+    """Store one message; its quarantine id. Raises OSError when it cannot be kept (the caller
+    must then not discard the message)."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    now = time.time()
+    ident = f"{verdict.replace('_', '-')}-{queue_id}-{os.urandom(3).hex()}"
+    tmp = os.path.join(directory, f".{ident}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, os.path.join(directory, f"{ident}.eml"))
+    _append(directory, {"id": ident, "date": email.utils.formatdate(now, localtime=True),
+                        "time": now, "client": client, "sender": sender,
+                        "recipients": list(recipients), "verdict": verdict,
+                        "reason": reason, "size": len(data), "queue_id": queue_id})
+    return ident
+
+
+def entries(directory: str) -> list[Entry]:
+    """Every message still in the quarantine, oldest first, with its releases."""
+    path = os.path.join(directory, INDEX)
+    if not os.path.exists(path):
+        return []
+    kept: dict[str, Entry] = {}
+    with _locked_index(directory, "r") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a torn line from a crash: the rest of the index still counts
+            if "released" in record:
+                if record.get("id") in kept:
+                    kept[record["id"]].released.append(record["date"])
+            elif isinstance(record, dict) and "id" in record:
+                try:
+                    kept[record["id"]] = Entry(**record)
+                except TypeError:
+                    continue
+    return [e for e in kept.values()
+            if os.path.exists(os.path.join(directory, f"{e.id}.eml"))]
+
+
+def find(directory: str, ident: str) -> Entry | None:
+    if not _ID.fullmatch(ident):
+        return None
+    return next((e for e in entries(directory) if e.id == ident), None)
+
+
+def read(directory: str, entry: Entry) -> bytes:
+    with open(os.path.join(directory, f"{entry.id}.eml"), "rb") as handle:
+        return handle.read()
+
+
+def mark_released(directory: str, entry: Entry) -> None:
+    now = time.time()
+    _append(directory, {"id": entry.id, "released": True,
+                        "date": email.utils.formatdate(now, localtime=True), "time": now})
+
+
+def purge(directory: str, older_than: float, now: float | None = None) -> list[str]:
+    """Remove messages kept more than `older_than` seconds ago; their ids."""
+    now = time.time() if now is None else now
+    path = os.path.join(directory, INDEX)
+    if not os.path.exists(path):
+        return []
+    removed: list[str] = []
+    with _locked_index(directory, "r+") as handle:
+        lines = handle.readlines()
+        keep_lines = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            ident = record.get("id", "")
+            old = "released" not in record and now - record.get("time", now) > older_than
+            if old and _ID.fullmatch(ident):
+                try:
+                    os.unlink(os.path.join(directory, f"{ident}.eml"))
+                except FileNotFoundError:
+                    pass
+                removed.append(ident)
+            elif ident not in removed:
+                keep_lines.append(line)
+        handle.seek(0)
+        handle.writelines(keep_lines)
+        handle.truncate()
+    return removed
+
+
+def as_dict(entry: Entry) -> dict:
+    return asdict(entry)
