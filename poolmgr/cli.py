@@ -1,4 +1,4 @@
-"""Command line: `poolmgr run|check|config|status|ctl|top`.
+"""Command line: `poolmgr run|check|config|status|ctl|top|quarantine|bench|plan`.
 
 Exit codes: 0 success, 1 a runtime failure (cannot bind, master unreachable, request
 refused), 2 an invalid configuration or usage.
@@ -213,6 +213,53 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_quarantine(args) -> int:
+    from .scanner import quarantine
+
+    cfg = _load(_config_path(args))
+    where = cfg.scanner.quarantine
+    if not where:
+        print("poolmgr: error: scanner.quarantine is empty: no quarantine", file=sys.stderr)
+        return 1
+    try:
+        if args.action == "list":
+            kept = quarantine.entries(where)
+            if args.json:
+                print(json.dumps([quarantine.as_dict(e) for e in kept], indent=2,
+                                 ensure_ascii=False))
+            for entry in kept if not args.json else ():
+                print(f"{entry.id}  {entry.date}  [{entry.client}] <{entry.sender}> -> "
+                      f"{','.join(f'<{r}>' for r in entry.recipients)}  {entry.verdict}: "
+                      f"{entry.reason}{'  (released)' if entry.released else ''}")
+            return 0
+        if args.action == "purge":
+            age = config.parse_duration(args.older_than)
+            removed = quarantine.purge(where, age)
+            print(f"poolmgr: purged {len(removed)} message(s) older than {args.older_than}")
+            return 0
+        entry = quarantine.find(where, args.id or "")
+        if entry is None:
+            print(f"poolmgr: error: no message {args.id!r} in {where}", file=sys.stderr)
+            return 1
+        if args.action == "show":
+            sys.stdout.buffer.write(quarantine.read(where, entry))
+            return 0
+        log.setup("poolmgr/quarantine", cfg.master.log_file)
+        try:
+            result = quarantine.release(cfg, entry)
+        except quarantine.ReleaseError as exc:
+            log.get("quarantine").warning("%s: release failed: %s", entry.id, exc)
+            print(f"poolmgr: error: {entry.id}: release failed: {exc}", file=sys.stderr)
+            return 1
+        log.get("quarantine").info("%s: released from=<%s> to=%s, %s", entry.id, entry.sender,
+                                   ",".join(f"<{r}>" for r in entry.recipients), result)
+        print(f"poolmgr: {entry.id}: released ({result})")
+        return 0
+    except (OSError, ValueError) as exc:
+        print(f"poolmgr: error: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poolmgr", description=(
         "Prefork SMTP listener pool manager: an SMTP pool that sheds nuisance connections "
@@ -250,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
                   cmd_top, config=True, socket=True)
     top.add_argument("--once", action="store_true",
                      help="print one frame and exit (also when not on a terminal)")
+
+    quarantined = command(sub, "quarantine", "list, show, release or purge mail the scanner "
+                          "kept (scanner.quarantine)", cmd_quarantine, config=True)
+    quarantined.add_argument("action", choices=("list", "show", "release", "purge"))
+    quarantined.add_argument("id", nargs="?", help="quarantine id (show, release)")
+    quarantined.add_argument("--json", action="store_true", help="list: machine-readable")
+    quarantined.add_argument("--older-than", default="30d", metavar="AGE",
+                             help="purge: remove what was kept longer ago (default 30d)")
 
     bench = sub.add_parser("bench", help="benchmark harness: replay a storm scenario, or "
                                          "measure throughput with smtp-source")

@@ -50,6 +50,7 @@ from .listen import bind, bind_all
 from .pools import DRAINING, RUNNING, Pool, Worker, resize, set_bounds
 from .worker import MASTER_SIGNALS, WorkerContext, child_after_fork, set_title
 from .nuisance import NuisanceWindow
+from .scanner import quarantine
 from .scanner import worker as scanner_worker
 from .smtp import worker as smtp_worker
 
@@ -155,7 +156,8 @@ class Master:
 
     def hand_over_files(self, cfg: Config) -> None:
         """Create the files the workers write and give them to master.user (when set): the
-        maildir next hop and the log file, which a worker reopens on SIGUSR1. A failure is
+        maildir next hop, the quarantine and its index, and the log file, which a worker
+        reopens on SIGUSR1. A failure is
         logged; the workers meet it again (a scanner worker that cannot prepare its maildir
         dies at start-up, and its pool is throttled)."""
         ids = cfg.master.ids
@@ -166,6 +168,13 @@ class Master:
                 for sub in ("", "tmp", "new", "cur"):
                     privileges.hand_over(os.path.join(hop.path, sub), ids)
             privileges.hand_over(cfg.master.log_file, ids)
+            where = cfg.scanner.quarantine
+            if where:
+                os.makedirs(where, mode=0o700, exist_ok=True)
+                index = os.path.join(where, quarantine.INDEX)
+                os.close(os.open(index, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+                privileges.hand_over(where, ids)
+                privileges.hand_over(index, ids)
         except OSError as exc:
             self.log.warning("cannot prepare %s for the workers: %s", exc.filename,
                              exc.strerror)

@@ -8,7 +8,11 @@ one JSON object per line: `{"id", "date", "time", "client", "sender", "recipient
 when it was released. Appends are whole lines under an exclusive lock, so scanner workers never
 interleave; purge rewrites the index under the same lock.
 
-Exports: keep, entries, find, read, mark_released, purge, as_dict, Entry.
+`release` re-injects a kept message to `scanner.next_hop` with its original envelope (the
+message as the scanner received it, plus an `X-Poolmgr-Scan: released` line), bypassing the
+checks, and notes the release in the index.
+
+Exports: keep, entries, find, read, release, purge, as_dict, Entry, ReleaseError.
 """
 
 import email.utils
@@ -19,6 +23,9 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+
+from .. import maildir
+from ..smtp import relay
 
 INDEX = "index"
 _ID = re.compile(r"[0-9A-Za-z-]{1,64}")
@@ -116,6 +123,45 @@ def find(directory: str, ident: str) -> Entry | None:
 def read(directory: str, entry: Entry) -> bytes:
     with open(os.path.join(directory, f"{entry.id}.eml"), "rb") as handle:
         return handle.read()
+
+
+class ReleaseError(Exception):
+    """The next hop did not take the released message; it stays in the quarantine."""
+
+
+def release(cfg, entry: Entry) -> str:
+    """Re-inject `entry` to cfg.scanner.next_hop; the next hop's reply. ReleaseError when it
+    is not accepted for every recipient."""
+    scanner = cfg.scanner
+    data = (f"X-Poolmgr-Scan: released from quarantine ({entry.id}) by poolmgr at "
+            f"{scanner.hostname}\r\n").encode() + read(scanner.quarantine, entry)
+    hop = scanner.next_hop
+    if hop.kind == "maildir":
+        try:
+            name = maildir.deliver(hop.path, f"Return-Path: <{entry.sender}>\r\n".encode()
+                                   + data)
+        except OSError as exc:
+            raise ReleaseError(f"maildir delivery to {hop.path} failed: {exc.strerror}") \
+                from None
+        result = f"delivered to maildir as {name}"
+    else:
+        outgoing = relay.Outgoing(entry.sender, list(entry.recipients), data,
+                                  smtputf8=not (entry.sender.isascii() and
+                                                all(r.isascii() for r in entry.recipients)),
+                                  body_8bit=not data.isascii(),
+                                  xforward={"IDENT": entry.queue_id, "SOURCE": "LOCAL"})
+        try:
+            replies = relay.send(hop, outgoing, helo=scanner.hostname, timeouts=cfg.timeouts,
+                                 deadline=time.monotonic() + scanner.timeout)
+        except relay.RelayError as exc:
+            raise ReleaseError(f"next hop {hop} failed at {exc.stage}: {exc.detail}") from None
+        refused = [f"<{r}>: {reply}" for r, reply in zip(entry.recipients, replies)
+                   if not reply.ok]
+        if refused:
+            raise ReleaseError(f"next hop {hop} refused " + "; ".join(refused))
+        result = f"relay={hop}, {replies[0]}"
+    mark_released(scanner.quarantine, entry)
+    return result
 
 
 def mark_released(directory: str, entry: Entry) -> None:
