@@ -106,6 +106,7 @@ def format_status(status: Status) -> str:
     stress_text = f"on ({stress.source})" if stress.on else "off"
     lines.append(f"stress mode {stress_text}; anvil: {anvil.connections} connections "
                  f"from {anvil.clients} clients")
+    lines.append(status.scanner.summary())
     auto = status.autoscale
     since = time.strftime("%H:%M:%S", time.localtime(auto.since))
     lines.append(f"autoscale {auto.phase if auto.enabled else 'off'} since {since}; pressure "

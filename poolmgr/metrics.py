@@ -16,8 +16,10 @@ Exports: StatusCollector, start.
 """
 
 from prometheus_client import start_http_server
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (CollectorRegistry, CounterMetricFamily,
+                                     GaugeMetricFamily, HistogramMetricFamily)
 
+from .board import CHECK_BUCKETS
 from .status import Status
 
 
@@ -87,6 +89,33 @@ class StatusCollector:
                                   value=counters.get("handoff_wait_ms", 0) / 1000)
         yield CounterMetricFamily("poolmgr_autoscale_decisions", "Decisions the autoscaler took",
                                   value=decisions)
+        yield from _scanner(status)
+
+
+def _scanner(status: Status):
+    """The scanner's verdicts by kind, and per check back-end a latency histogram and its
+    failures."""
+    verdicts = CounterMetricFamily("poolmgr_scanner_verdicts", "Scanner verdicts by kind",
+                                   labels=["kind"])
+    for kind, count in status.scanner.verdicts.items():
+        verdicts.add_metric([kind], count)
+    yield verdicts
+    seconds = HistogramMetricFamily("poolmgr_check_seconds",
+                                    "Time one check back-end took per message",
+                                    labels=["check"])
+    failures = CounterMetricFamily("poolmgr_check_failures",
+                                   "Messages a check back-end could not answer",
+                                   labels=["check"])
+    for name, check in status.scanner.checks.items():
+        cumulative, buckets = 0, []
+        for bound, count in zip(CHECK_BUCKETS, check.buckets):
+            cumulative += count
+            buckets.append((f"{bound:g}", cumulative))
+        buckets.append(("+Inf", check.runs))
+        seconds.add_metric([name], buckets, check.seconds)
+        failures.add_metric([name], check.failed)
+    yield seconds
+    yield failures
 
 
 def start(address: tuple[str, int], collector: StatusCollector):

@@ -8,7 +8,8 @@ is read, not at run time in another process. `snapshot` assembles the autoscaler
 the same sources.
 
 Exports: Status, PoolStatus, WorkerStatus, MasterStatus, NuisanceStatus, StressStatus,
-StormStatus, AutoscaleStatus, Decision, AnvilStatus, collect, snapshot.
+StormStatus, AutoscaleStatus, Decision, AnvilStatus, ScannerStatus, CheckStatus, collect,
+snapshot.
 """
 
 import dataclasses
@@ -22,7 +23,9 @@ from dataclasses import dataclass, field
 import psutil
 
 from . import autoscale
+from .board import CHECK_BUCKETS
 from .listen import accept_queue
+from .scanner.verdict import KINDS as VERDICT_KINDS
 
 MIN_CLOSED_FOR_RATIO = 20  # fewer closed sessions in the window: their ratio is noise
 
@@ -125,6 +128,30 @@ class AnvilStatus:
 
 
 @dataclass
+class CheckStatus:
+    """One check back-end of the scanner pool, since start."""
+    runs: int
+    failed: int
+    seconds: float        # total time spent in it
+    buckets: list[int]    # runs within each bound of board.CHECK_BUCKETS (not cumulative)
+
+
+@dataclass
+class ScannerStatus:
+    """The scanner pool's verdicts by kind (scanner/verdict.py KINDS) and its checks."""
+    verdicts: dict[str, int] = field(default_factory=dict)
+    checks: dict[str, CheckStatus] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """`scanner verdicts: clean 12, ...; checks: clamd 13 runs, 0 failed, 2 ms avg; ...`"""
+        verdicts = ", ".join(f"{kind} {n}" for kind, n in self.verdicts.items())
+        checks = "; ".join(f"{name} {c.runs} runs, {c.failed} failed, "
+                           f"{c.seconds / c.runs * 1000 if c.runs else 0:.0f} ms avg"
+                           for name, c in self.checks.items())
+        return f"scanner verdicts: {verdicts or 'none'}; checks: {checks or 'none'}"
+
+
+@dataclass
 class Status:
     version: str
     master: MasterStatus
@@ -134,6 +161,7 @@ class Status:
     storm: StormStatus
     autoscale: AutoscaleStatus
     anvil: AnvilStatus
+    scanner: ScannerStatus = field(default_factory=ScannerStatus)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -238,7 +266,20 @@ def collect(master) -> Status:
                           round(master.phase_since, 1)),
         autoscale=_autoscale(master),
         anvil=AnvilStatus(len(master.anvil.clients),
-                          sum(c.count for c in master.anvil.clients.values())))
+                          sum(c.count for c in master.anvil.clients.values())),
+        scanner=_scanner(master.cfg, pools["scanner"].counters))
+
+
+def _scanner(cfg, counters: dict) -> ScannerStatus:
+    checks = {}
+    for name in cfg.scanner.checks:
+        prefix = f"check_{name}_"
+        checks[name] = CheckStatus(
+            counters.get(prefix + "count", 0), counters.get(prefix + "failed", 0),
+            counters.get(prefix + "ms", 0) / 1000,
+            [counters.get(f"{prefix}le_{i}", 0) for i in range(len(CHECK_BUCKETS))])
+    return ScannerStatus({kind: counters.get(f"verdict_{kind}", 0) for kind in VERDICT_KINDS},
+                         checks)
 
 
 def window_ratio(master) -> float:

@@ -59,6 +59,7 @@ def frame(status: Status, before: Status | None = None, seconds: float = 1.0) ->
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(
         nuisance.by_reason.items(), key=lambda kv: -kv[1])[:6]) or "none"
     lines.append(f"nuisance ratio {nuisance.ratio:.2f} over {nuisance.window:g}s ({reasons})")
+    lines.append(status.scanner.summary())
     lines.append("")
     lines.append("last decisions:")
     for entry in auto.decisions[-8:]:

@@ -4,9 +4,12 @@ clamd that is down (tempfail: 451, nothing lost; pass: delivered unchecked), ama
 with forged copies removed; and the quarantine's own bookkeeping (list, purge)."""
 
 import json
+import smtplib
 import time
+from urllib.request import urlopen
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import message
 from poolmgr.scanner import quarantine
@@ -132,3 +135,34 @@ def test_purge_removes_only_what_is_older(tmp_path):
     assert quarantine.purge(where, older_than=0.0, now=cut) == [old]
     assert [e.id for e in quarantine.entries(where)] == [new]
     assert not (tmp_path / "q" / f"{old}.eml").exists()
+
+
+def test_verdicts_and_check_latency_in_status_top_and_metrics(make_poolmgr, clamd):
+    port = free_port()
+    pm = make_poolmgr({"metrics": {"listen": f"127.0.0.1:{port}"}}, start=False)
+    pm.configure("scanner", checks=["builtin", "clamd"], quarantine=str(pm.dir / "quarantine"),
+                 clamd={"address": clamd.address})
+    pm.start()
+    with pm.smtp() as client:
+        client.sendmail("alice@example.org", ["bob@example.test"], message("one"))
+        client.sendmail("alice@example.org", ["bob@example.test"], message("two"))
+        with pytest.raises(smtplib.SMTPDataError):
+            client.sendmail("alice@example.org", ["bob@example.test"], virus())
+    scanner = pm.status()["scanner"]
+    assert scanner["verdicts"] == {"clean": 2, "spam_tagged": 0, "spam_killed": 0, "virus": 1,
+                                   "banned": 0, "failed": 0}
+    clamd_runs = scanner["checks"]["clamd"]
+    assert (clamd_runs["runs"], clamd_runs["failed"]) == (3, 0)
+    assert sum(clamd_runs["buckets"]) == 3 and clamd_runs["seconds"] > 0
+    text = pm.run_cli("status", check=True).stdout
+    assert "scanner verdicts: clean 2, spam_tagged 0, spam_killed 0, virus 1" in text
+    assert "clamd 3 runs, 0 failed" in text
+    assert "clamd 3 runs" in pm.run_cli("top", "--once", check=True).stdout
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(response.read().decode())
+                   for s in family.samples}
+    assert samples[("poolmgr_scanner_verdicts_total", (("kind", "virus"),))] == 1
+    assert samples[("poolmgr_check_seconds_count", (("check", "clamd"),))] == 3
+    assert samples[("poolmgr_check_seconds_bucket", (("check", "clamd"), ("le", "+Inf")))] == 3
+    assert samples[("poolmgr_check_failures_total", (("check", "clamd"),))] == 0
