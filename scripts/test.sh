@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # util-linux (unshare), mount and bsdutils (script) run the private Postfix instances; tzdata
-# gives the plan tests their time zones.
-debs=(postfix swaks dnsmasq-base openssl procps util-linux mount bsdutils tzdata)
+# gives the plan tests their time zones; the scanner's check back-ends are tested against the
+# real daemons (clamav-daemon), each started by the tests with a private config.
+debs=(postfix swaks dnsmasq-base openssl procps util-linux mount bsdutils tzdata clamav-daemon)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
