@@ -1,8 +1,9 @@
 """Test support shared by the test suite and the bench's targets: real poolmgr, Postfix,
-smtp-sink and DNS server processes on loopback ports. Not used by poolmgr at run time.
+smtp-sink, spamd and DNS server processes on loopback ports. Not used by poolmgr at run time.
 
 - `poolmgr`: Poolmgr (a `poolmgr run` subprocess), write_config, HELO
 - `sink`: Sink (Postfix's smtp-sink)
+- `spamd`: Spamd (SpamAssassin's spamd, local tests only)
 - `postfix`: Postfix (a private Postfix instance)
 - `nameserver`: DnsServer (dnslib, DNSBL records), SilentDns (a server that is down)
 - `wait`: free_port, free_udp_port, listening, wait_until, WaitTimeout
@@ -14,7 +15,8 @@ from .nameserver import DnsServer, SilentDns
 from .poolmgr import HELO, Poolmgr, write_config
 from .postfix import Postfix
 from .sink import Sink
+from .spamd import Spamd
 from .wait import WaitTimeout, free_port, free_udp_port, listening, wait_until
 
-__all__ = ["HELO", "DnsServer", "Poolmgr", "Postfix", "SilentDns", "Sink", "WaitTimeout",
-           "free_port", "free_udp_port", "listening", "wait_until", "write_config"]
+__all__ = ["HELO", "DnsServer", "Poolmgr", "Postfix", "SilentDns", "Sink", "Spamd",
+           "WaitTimeout", "free_port", "free_udp_port", "listening", "wait_until", "write_config"]
