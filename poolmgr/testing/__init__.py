@@ -1,9 +1,11 @@
 """Test support shared by the test suite and the bench's targets: real poolmgr, Postfix,
-smtp-sink, clamd and DNS server processes on loopback ports. Not used by poolmgr at run time.
+smtp-sink, clamd, spamd and DNS server processes on loopback ports. Not used by poolmgr at
+run time.
 
 - `poolmgr`: Poolmgr (a `poolmgr run` subprocess), write_config, HELO
 - `sink`: Sink (Postfix's smtp-sink)
 - `clamd`: Clamd (a private ClamAV clamd with a local EICAR signature), EICAR_NAME, ping
+- `spamd`: Spamd (SpamAssassin's spamd, local tests only)
 - `postfix`: Postfix (a private Postfix instance)
 - `nameserver`: DnsServer (dnslib, DNSBL records), SilentDns (a server that is down)
 - `wait`: free_port, free_udp_port, listening, wait_until, WaitTimeout
@@ -16,8 +18,9 @@ from .nameserver import DnsServer, SilentDns
 from .poolmgr import HELO, Poolmgr, write_config
 from .postfix import Postfix
 from .sink import Sink
+from .spamd import Spamd
 from .wait import WaitTimeout, free_port, free_udp_port, listening, wait_until
 
 __all__ = ["EICAR_NAME", "HELO", "Clamd", "DnsServer", "Poolmgr", "Postfix", "SilentDns", "Sink",
-           "WaitTimeout", "free_port", "free_udp_port", "listening", "ping", "wait_until",
-           "write_config"]
+           "Spamd", "WaitTimeout", "free_port", "free_udp_port", "listening", "ping",
+           "wait_until", "write_config"]
