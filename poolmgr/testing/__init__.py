@@ -1,5 +1,5 @@
 """Test support shared by the test suite and the bench's targets: real poolmgr, Postfix,
-smtp-sink, clamd, spamd and DNS server processes on loopback ports. Not used by poolmgr at
+smtp-sink, clamd, spamd, rspamd and DNS server processes on loopback ports. Not used by poolmgr at
 run time.
 
 - `poolmgr`: Poolmgr (a `poolmgr run` subprocess), write_config, HELO
@@ -8,6 +8,7 @@ run time.
 - `spamd`: Spamd (SpamAssassin's spamd, local tests only)
 - `postfix`: Postfix (a private Postfix instance)
 - `nameserver`: DnsServer (dnslib, DNSBL records), SilentDns (a server that is down)
+- `rspamd`: Rspamd (a private rspamd, offline), ENVELOPE_SYMBOL
 - `wait`: free_port, free_udp_port, listening, wait_until, WaitTimeout
 
 Exports all of the above.
@@ -17,10 +18,11 @@ from .clamd import EICAR_NAME, Clamd, ping
 from .nameserver import DnsServer, SilentDns
 from .poolmgr import HELO, Poolmgr, write_config
 from .postfix import Postfix
+from .rspamd import ENVELOPE_SYMBOL, Rspamd
 from .sink import Sink
 from .spamd import Spamd
 from .wait import WaitTimeout, free_port, free_udp_port, listening, wait_until
 
-__all__ = ["EICAR_NAME", "HELO", "Clamd", "DnsServer", "Poolmgr", "Postfix", "SilentDns", "Sink",
-           "Spamd", "WaitTimeout", "free_port", "free_udp_port", "listening", "ping",
-           "wait_until", "write_config"]
+__all__ = ["ENVELOPE_SYMBOL", "EICAR_NAME", "HELO", "Clamd", "DnsServer", "Poolmgr", "Postfix",
+           "Rspamd", "SilentDns", "Sink", "Spamd", "WaitTimeout", "free_port", "free_udp_port",
+           "listening", "ping", "wait_until", "write_config"]
