@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from helpers import Raw, message, only_worker, served_by, wait_until
+from helpers import Raw, free_port, message, only_worker, served_by, wait_until
 from poolmgr.testing import DnsServer, SilentDns
 
 
@@ -201,6 +201,7 @@ def test_dual_stack_listener_sees_ipv4_clients_as_ipv4(make_poolmgr):
     (127.0.0.1/32 here: relaying allowed), the log and the Received header see plain IPv4."""
     pm = make_poolmgr({"defence": {"denylist": ["127.0.9.9/32"], "denylist_action": "drop"}},
                       start=False)
+    pm.smtp_port = free_port("::")  # free on every address, as [::] (dual stack) needs
     pm.configure("smtp", listen=[f"[::]:{pm.smtp_port}"]).start()
     banner, rcpt = talk(pm, "127.0.9.9")
     assert rcpt is None

@@ -1,6 +1,6 @@
 """Test support shared by the test suite and the bench's targets: real poolmgr, Postfix,
-smtp-sink, clamd, spamd, rspamd and DNS server processes on loopback ports. Not used by poolmgr at
-run time.
+smtp-sink, clamd, spamd, rspamd and DNS server processes on loopback ports. Not used by
+poolmgr at run time.
 
 - `poolmgr`: Poolmgr (a `poolmgr run` subprocess), write_config, HELO
 - `sink`: Sink (Postfix's smtp-sink)

@@ -15,7 +15,11 @@ class WaitTimeout(TimeoutError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
+    """A port nothing is bound to on `host`; "::" (dual stack) finds one free on every IPv4
+    and IPv6 address, as a `[::]` listener needs."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        if ":" in host:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, 0))
         return sock.getsockname()[1]
 
