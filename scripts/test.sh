@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 # util-linux (unshare), mount and bsdutils (script) run the private Postfix instances; tzdata
 # gives the plan tests their time zones; the scanner's check back-ends are tested against the
-# real daemons (clamav-daemon), each started by the tests with a private config.
-debs=(postfix swaks dnsmasq-base openssl procps util-linux mount bsdutils tzdata clamav-daemon)
+# real daemons (clamav-daemon, spamd, rspamd), each started by the tests with a private config.
+debs=(postfix swaks dnsmasq-base openssl procps util-linux mount bsdutils tzdata clamav-daemon
+      spamd spamassassin rspamd)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
