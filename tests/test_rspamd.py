@@ -174,3 +174,25 @@ def test_bad_url():
     with pytest.raises(CheckFailed) as failed:
         backend("127.0.0.1:11333").check(message())
     assert failed.value.detail == "bad url '127.0.0.1:11333': expected http://host:port"
+
+
+def test_through_poolmgr_gtube_is_rejected_and_plain_mail_tagged(make_poolmgr, rspamd):
+    """checks = ["rspamd"]: GTUBE's score is above kill_level (spam_action reject: 554 before
+    the queue); a plain message below tag_level -1 gets rspamd's score in X-Spam-Status."""
+    pm = make_poolmgr(start=False)
+    pm.configure("scanner", checks=["rspamd"], spam_action="reject", tag_level=-1.0,
+                 quarantine=str(pm.dir / "quarantine"), rspamd={"url": rspamd.url})
+    pm.start()
+    with pm.smtp() as client:
+        assert client.sendmail("alice@example.org", ["bob@example.test"],
+                               data("Just a note.", "plain")) == {}
+        client.mail("alice@example.org")
+        client.rcpt("bob@example.test")
+        code, text = client.data(data(f"Please ignore.\r\n{GTUBE}", "gtube"))
+    assert code == 554 and text.startswith(b"5.7.0 Rejected: spam, score=")
+    (delivered,) = pm.delivered()
+    head = delivered.split(b"\r\n\r\n")[0].decode().replace("\r\n\t", " ")
+    assert "X-Spam-Flag: NO" in head
+    assert "X-Spam-Status: No, score=0.500 tagged_above=-1 required=6.31" in head
+    assert f"tests=[{ENVELOPE_SYMBOL}]" in head
+    assert "X-Virus-Scanned" not in head  # no virus check ran

@@ -1,6 +1,7 @@
 """The spamd check back-end against a real spamd (Debian's spamd and spamassassin packages),
 local tests only; and its answer parser and failures against fake daemons."""
 
+import json
 import socket
 import threading
 
@@ -193,3 +194,70 @@ def test_parse_reply_without_content_length():
 def test_user_with_spaces_is_refused():
     with pytest.raises(ValueError):
         backend("127.0.0.1:783", user="a b")
+
+
+# -- through poolmgr: levels, headers and actions (scanner/verdict.py) with the real spamd
+
+def with_spamd(make_poolmgr, address: str, **scanner):
+    pm = make_poolmgr(start=False)
+    pm.configure("scanner", checks=["builtin", "spamd"], quarantine=str(pm.dir / "quarantine"),
+                 spamd={"address": address, "timeout": "20s"}, **scanner)
+    return pm.start()
+
+
+def send(pm, data: bytes) -> tuple[int, bytes]:
+    with pm.smtp() as client:
+        client.ehlo()
+        client.mail("alice@example.org")
+        client.rcpt("bob@example.test")
+        return client.data(data)
+
+
+def head(delivered: bytes) -> str:
+    return delivered.split(b"\r\n\r\n")[0].decode().replace("\r\n\t", " ")
+
+
+def test_tag_and_tag2_levels_through_poolmgr(make_poolmgr, spamd):
+    """tag_level far down: every message gets the X-Spam headers; GTUBE (1000 points) is at
+    tag2_level: flagged and its Subject tagged, and below kill_level it is delivered."""
+    pm = with_spamd(make_poolmgr, spamd.address, tag_level=-100.0, tag2_level=50.0,
+                    kill_level=5000.0)
+    assert send(pm, PLAIN)[0] == 250
+    assert send(pm, spam())[0] == 250
+    plain, gtube = (head(m) for m in pm.delivered())
+    if "GTUBE" in plain:
+        plain, gtube = gtube, plain
+    assert "X-Spam-Flag: NO" in plain and "X-Spam-Status: No, score=" in plain
+    assert "tagged_above=-100 required=50" in plain
+    assert "Subject: minutes" in plain
+    assert "X-Spam-Flag: YES" in gtube and "X-Spam-Status: Yes, score=100" in gtube
+    assert "GTUBE" in gtube and "X-Spam-Level: " + "*" * 64 + "\r\n" in gtube
+    assert "Subject: ***Spam*** minutes" in gtube
+    assert "X-Virus-Scanned: poolmgr at" in gtube
+    assert "Passed SPAMMY" in pm.log() and "Passed CLEAN" in pm.log()
+
+
+def test_gtube_at_kill_level_is_rejected_before_the_queue(make_poolmgr, spamd):
+    pm = with_spamd(make_poolmgr, spamd.address, spam_action="reject")
+    code, text = send(pm, spam())
+    assert code == 554 and text.startswith(b"5.7.0 Rejected: spam, score=1")
+    assert pm.delivered() == []
+    assert "Blocked SPAM {Rejected,Quarantined}" in pm.log()
+
+
+def test_gtube_at_kill_level_is_discarded_into_the_quarantine(make_poolmgr, spamd):
+    pm = with_spamd(make_poolmgr, spamd.address, spam_action="discard")
+    code, text = send(pm, spam())
+    assert code == 250 and b"discarded" in text
+    assert pm.delivered() == []
+    (entry,) = json.loads(pm.run_cli("quarantine", "list", "--json", check=True).stdout)
+    assert entry["verdict"] == "spam_killed" and entry["reason"].startswith("SPAM (score=1")
+
+
+@pytest.mark.log_allows(r"spamd check failed")
+def test_spamd_down_passes_unchecked_by_default(make_poolmgr):
+    pm = with_spamd(make_poolmgr, f"127.0.0.1:{free_port()}")
+    assert send(pm, spam())[0] == 250
+    (delivered,) = pm.delivered()
+    assert b"X-Poolmgr-Scan: clean (unchecked by spamd)" in delivered
+    assert b"X-Spam-" not in delivered.split(b"\r\n\r\n")[0]
