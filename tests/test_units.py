@@ -13,7 +13,8 @@ from poolmgr.defence.networks import in_networks, parse_cidrs, plain_ip
 from poolmgr.defence.recipients import RecipientTable
 from poolmgr.board import COUNTERS, Board
 from poolmgr.listen import accept_queue, bind_all
-from poolmgr.scanner.checks import EICAR, scan
+from poolmgr.scanner.backends.base import Result
+from poolmgr.scanner.backends.builtin import EICAR, EICAR_NAME, scan
 from poolmgr.smtp.parse import canonical
 from poolmgr.testing import free_port
 
@@ -57,24 +58,24 @@ def rule(name, pattern, header="", body=False, action="reject"):
             "pattern": re.compile(pattern), "action": action}
 
 
-def test_checks_eicar_rules_and_tags():
+def test_builtin_check_eicar_rules_and_tags():
     clean = b"Subject: hello\r\n\r\nnothing here\r\n"
-    assert scan(clean, [], eicar=True).result == "clean"
-    assert scan(b"Subject: x\r\n\r\n" + EICAR + b"\r\n", [], eicar=True).reply.code == 554
-    assert scan(b"Subject: x\r\n\r\n" + EICAR + b"\r\n", [], eicar=False).result == "clean"
+    assert scan(clean, [], eicar=True) == Result("builtin")
+    assert scan(b"Subject: x\r\n\r\n" + EICAR + b"\r\n", [], eicar=True) == \
+        Result("builtin", virus=EICAR_NAME)
+    assert scan(b"Subject: x\r\n\r\n" + EICAR + b"\r\n", [], eicar=False) == Result("builtin")
     rules = [rule("lottery", "(?i)lottery", header="Subject"),
              rule("cheap", "cheap", body=True, action="tag")]
-    verdict = scan(b"Subject: LOTTERY win\r\n\r\nx\r\n", rules, eicar=True)
-    assert verdict.result == "rejected" and verdict.reason == "lottery"
-    assert str(verdict.reply) == "554 5.7.1 Rejected by content rule lottery"
-    verdict = scan(b"Subject: offer\r\n\r\ncheap pills\r\n", rules, eicar=True)
-    assert verdict.result == "tagged" and verdict.reason == "cheap" and verdict.reply is None
+    assert scan(b"Subject: LOTTERY win\r\n\r\nx\r\n", rules, eicar=True) == \
+        Result("builtin", rule="lottery")
+    assert scan(b"Subject: offer\r\n\r\ncheap pills\r\n", rules, eicar=True) == \
+        Result("builtin", tests=("cheap",))
 
 
-def test_checks_decode_quoted_printable_bodies():
+def test_builtin_check_decodes_quoted_printable_bodies():
     body = (b"Subject: qp\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
             b"Content-Transfer-Encoding: quoted-printable\r\n\r\nch=\r\neap\r\n")
-    assert scan(body, [rule("cheap", "cheap", body=True)], eicar=False).result == "rejected"
+    assert scan(body, [rule("cheap", "cheap", body=True)], eicar=False).rule == "cheap"
 
 
 def test_anvil_counts_connections_and_rates_per_client():
