@@ -227,6 +227,39 @@ def _parse_rules(value: Any) -> tuple:
     return tuple(rules)
 
 
+# What a [[scanner.policy]] bank may set for mail arriving on its own listener (amavisd's
+# policy banks): these scanner keys, by their own converters and bounds.
+POLICY_KEYS = ("spam_action", "virus_action", "tag_level", "tag2_level", "kill_level",
+               "spam_subject_tag", "bypass_spam_checks")
+
+
+def _parse_policies(value: Any) -> tuple:
+    if not isinstance(value, list):
+        raise ValueError("expected an array of tables ([[scanner.policy]])")
+    settings = {s.key: s for s in SETTINGS if s.section == "scanner" and s.key in POLICY_KEYS}
+    policies = []
+    for index, table in enumerate(value):
+        where = f"policy {index + 1}"
+        if not isinstance(table, dict):
+            raise ValueError(f"{where}: expected a table")
+        unknown = set(table) - {"listen", "name", *POLICY_KEYS}
+        if unknown:
+            raise ValueError(f"{where}: unknown key {sorted(unknown)[0]!r} (a policy sets "
+                             f"listen, name and any of {', '.join(POLICY_KEYS)})")
+        if "listen" not in table:
+            raise ValueError(f"{where}: 'listen' is required")
+        try:
+            bank = {"listen": parse_address(table["listen"]),
+                    "name": str(table.get("name", f"policy{index + 1}"))}
+            for key in POLICY_KEYS:
+                if key in table:
+                    bank[key] = _convert(settings[key], table[key])
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        policies.append(bank)
+    return tuple(policies)
+
+
 def _parse_nameserver(text: str) -> tuple[str, int]:
     """'127.0.0.1:5353', '[::1]:53', '::1', '10.0.0.1' -> (host, port); port 53 by default."""
     text = text.strip()
@@ -267,6 +300,7 @@ CONVERTERS = {
     "nexthop": _parse_nexthop,
     "filter": _parse_filter,
     "rules": _parse_rules,
+    "policies": _parse_policies,
     "sites": _each(parse_site, '["zen.example*3"]'),
     "addresses": _each(_parse_nameserver, '["127.0.0.1:5353"]'),
 }
@@ -352,6 +386,12 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
         err("scanner.checks", "a check is named twice")
     if scanner["listen"] in smtp["listen"]:
         err("scanner.listen", "must differ from every address of smtp.listen")
+    taken = {scanner["listen"], *smtp["listen"]}
+    for bank in scanner["policy"] or ():
+        if bank["listen"] in taken:
+            err("scanner.policy", f"{bank['name']}: listen {format_address(bank['listen'])} "
+                "is taken by another listener")
+        taken.add(bank["listen"])
 
 
 def _expand(sections: dict[str, dict[str, Any]]) -> None:
@@ -483,7 +523,7 @@ def render_default() -> str:
             current = setting.section
             lines += [f"[{current}]"] + [f"# {h}" for h in SECTION_HELP[current].splitlines()] + [""]
         lines += [f"# {h}".rstrip() for h in setting.help.splitlines()]
-        if setting.kind == "rules":
+        if setting.kind in ("rules", "policies"):
             lines += [f"# {setting.key} = []", ""]
         elif setting.key.endswith("_mode"):
             lines += [f"{setting.key} = 0o{setting.default:o}", ""]

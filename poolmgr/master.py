@@ -46,7 +46,7 @@ from .defence.anvil import Anvil, AnvilServer
 from .board import Board
 from .config import Config, ConfigError, format_address
 from .control import ControlServer
-from .listen import bind, bind_all
+from .listen import bind_all
 from .pools import DRAINING, RUNNING, Pool, Worker, resize, set_bounds
 from .worker import MASTER_SIGNALS, WorkerContext, child_after_fork, set_title
 from .nuisance import NuisanceWindow
@@ -66,6 +66,11 @@ ROOT_WARNING = "running as root with [master] user unset: workers keep root priv
 # handle_<name> for each signal the master takes (gunicorn's SIG_NAMES).
 SIG_NAMES = {sig: sig.name.removeprefix("SIG").lower() for sig in MASTER_SIGNALS}
 CTL_USAGE = "usage: ctl smtp|scanner N|+N|-N, ctl stress on|off, ctl autoscale on|off"
+
+
+def scanner_addresses(cfg: Config) -> list[tuple[str, int]]:
+    """scanner.listen, then each policy bank's own listener."""
+    return [cfg.scanner.listen] + [bank["listen"] for bank in cfg.scanner.policy]
 
 
 class Master:
@@ -121,7 +126,8 @@ class Master:
                       resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)
         # Each pool's listening sockets: the SMTP pool accepts on every one.
         self.sockets = {"smtp": bind_all(cfg.smtp.listen, cfg.smtp.listen_backlog),
-                        "scanner": [bind(cfg.scanner.listen, cfg.scanner.listen_backlog)]}
+                        "scanner": bind_all(scanner_addresses(cfg),
+                                            cfg.scanner.listen_backlog)}
         if self.metrics is not None:
             try:
                 self.metrics_server = metrics.start(cfg.metrics.listen, self.metrics)
@@ -462,7 +468,9 @@ class Master:
             return
         old = self.cfg
         for key in ("smtp.listen", "scanner.listen", "master.control_socket", "master.pidfile",
-                    "metrics.listen"):
+                    "metrics.listen", "scanner.policy"):
+            if key == "scanner.policy" and scanner_addresses(new) == scanner_addresses(old):
+                continue  # a bank's actions may change; its listener may not
             if new.get(key) != old.get(key):
                 self.log.error("reload refused: %s changed; restart poolmgr to apply it", key)
                 return

@@ -8,13 +8,14 @@ is that same 10025 listener.
 
 import email
 import email.policy
+import json
 import re
 import smtplib
 import time
 
 import pytest
 
-from helpers import HELO, message, wait_until
+from helpers import HELO, free_port, message, wait_until
 from postfix import REFUSED, Postfix
 
 
@@ -211,3 +212,51 @@ def test_lmtp_client_gets_a_reply_per_recipient_and_no_dsn(poolmgr_in_front):
     wait_until(lambda: postfix.delivered(), timeout=60, what="delivery by Postfix")
     time.sleep(1)
     assert len(originals(postfix, "per recipient")) == 1 and not reports(postfix)
+
+
+def test_policy_banks_discard_after_the_queue_and_reject_before_it(make_poolmgr):
+    """The README's amavisd-replacement recipe: Postfix's content_filter feeds the scanner's
+    "after-queue" bank over LMTP, which discards GTUBE into the quarantine (a reject there
+    would bounce to a forged sender); `poolmgr quarantine release` delivers it through
+    Postfix. The SMTP pool, before the queue, hands off to scanner.listen: EICAR gets 554."""
+    from poolmgr.testing import Spamd
+    from test_spamd import spam
+
+    pm = make_poolmgr(start=False)
+    bank_port = free_port()
+    postfix = Postfix(bank_port)
+    spamd = Spamd().start()
+    pm.configure("scanner", next_hop=f"smtp:127.0.0.1:{postfix.reinject_port}",
+                 checks=["builtin", "spamd"], spamd={"address": spamd.address},
+                 quarantine=str(pm.dir / "quarantine"),
+                 policy=[{"name": "after-queue", "listen": f"127.0.0.1:{bank_port}",
+                          "spam_action": "discard", "virus_action": "discard"}])
+    try:
+        postfix.start()
+        pm.start()
+        with smtplib.SMTP("127.0.0.1", postfix.lmtp_inbound_port, local_hostname=HELO,
+                          timeout=30) as client:
+            assert client.sendmail("alice@example.org", ["bob@example.test"], spam()) == {}
+        wait_until(lambda: "discarded" in postfix.maillog(), timeout=60,
+                   what=f"the scanner's discard in Postfix's log:\n{postfix.maillog()}")
+        assert "Blocked SPAM {Discarded,Quarantined,after-queue}" in pm.log()
+        (entry,) = json.loads(pm.run_cli("quarantine", "list", "--json", check=True).stdout)
+        assert entry["verdict"] == "spam_killed" and entry["sender"] == "alice@example.org"
+        time.sleep(1)
+        assert postfix.delivered() == [] and "bounced" not in postfix.maillog()
+        released = pm.run_cli("quarantine", "release", entry["id"])
+        assert released.returncode == 0, released.stderr
+        wait_until(lambda: postfix.delivered(), timeout=60, what="the released message")
+        (delivered,) = postfix.delivered()
+        assert b"GTUBE" in delivered and b"X-Poolmgr-Scan: released from quarantine" in delivered
+        # Before the queue, the SMTP pool's hand-off goes to scanner.listen: reject.
+        with pm.smtp() as client:
+            client.ehlo()
+            client.mail("alice@example.org")
+            client.rcpt("bob@example.test")
+            code, text = client.data(message("virus", "X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-"
+                                                      "STANDARD-ANTIVIRUS-TEST-FILE!$H+H*\r\n"))
+        assert code == 554 and b"virus found" in text
+    finally:
+        postfix.stop()
+        spamd.stop()

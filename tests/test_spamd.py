@@ -261,3 +261,15 @@ def test_spamd_down_passes_unchecked_by_default(make_poolmgr):
     (delivered,) = pm.delivered()
     assert b"X-Poolmgr-Scan: clean (unchecked by spamd)" in delivered
     assert b"X-Spam-" not in delivered.split(b"\r\n\r\n")[0]
+
+
+def test_bypass_spam_checks_for_own_networks(make_poolmgr, spamd):
+    """amavisd's ORIGINATING: mail from scanner.bypass_spam_checks is not spam-checked (here
+    the real client, from XFORWARD, is 127.0.0.1); the virus checks still run."""
+    pm = with_spamd(make_poolmgr, spamd.address, spam_action="reject",
+                    bypass_spam_checks=["127.0.0.0/8"])
+    assert send(pm, spam())[0] == 250
+    (delivered,) = pm.delivered()
+    assert b"X-Spam-" not in delivered.split(b"\r\n\r\n")[0]
+    assert b"X-Virus-Scanned: poolmgr at" in delivered
+    assert pm.status()["scanner"]["checks"]["spamd"]["runs"] == 0

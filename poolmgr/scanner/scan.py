@@ -5,31 +5,63 @@ Per back-end counters on the worker's scoreboard slot (`check_NAME_count`, `_fai
 the latency histogram's buckets `_le_I`, see board.CHECK_BUCKETS) feed `poolmgr status` and
 /metrics; each verdict is counted as `verdict_KIND`.
 
-Exports: Scanner.
+Policy banks (`scanner.policy`, amavisd's): mail arriving on a bank's own listener is judged
+by that bank's settings, the rest by the scanner section's; `bypass_spam_checks` (of the
+section or the bank) lets mail from those clients skip the spam checks.
+
+Exports: Scanner, Bank, SPAM_CHECKS.
 """
 
 import bisect
 import time
+from dataclasses import dataclass, replace
 
 from ..board import CHECK_BUCKETS
+from ..defence.networks import in_networks
 from . import backends
 from .backends.base import CheckFailed, Message
 from .verdict import Failure, Policy, Verdict, decide
 
 
+SPAM_CHECKS = ("spamd", "rspamd")
+
+
+@dataclass(frozen=True)
+class Bank:
+    name: str
+    policy: Policy
+    bypass_spam_checks: tuple = ()
+
+
 class Scanner:
-    """The checks one scanner worker runs, built once from the configuration."""
+    """The checks one scanner worker runs and its policy banks, built once from the
+    configuration."""
 
     def __init__(self, cfg, slot, log):
+        scanner = cfg.scanner
         self.checks = backends.load(cfg)
-        self.policy = Policy.of(cfg.scanner)
-        self.eicar = cfg.scanner.eicar
+        self.default = Bank("", Policy.of(scanner), scanner.bypass_spam_checks)
+        self.banks = {}  # by the port of the bank's own listener
+        for bank in scanner.policy:
+            overrides = {k: v for k, v in bank.items() if k in Policy.__dataclass_fields__}
+            self.banks[bank["listen"][1]] = Bank(
+                bank["name"], replace(self.default.policy, **overrides),
+                bank.get("bypass_spam_checks", self.default.bypass_spam_checks))
+        self.eicar = scanner.eicar
         self.slot = slot
         self.log = log
 
-    def scan(self, message: Message) -> Verdict:
+    def bank(self, port: int) -> Bank:
+        """The bank of the listener on `port` (the scanner section's for scanner.listen)."""
+        return self.banks.get(port, self.default)
+
+    def scan(self, message: Message, bank: Bank) -> Verdict:
         results, failures, virus_checked = [], [], False
+        bypass = bool(bank.bypass_spam_checks) and \
+            in_networks(message.client_addr, bank.bypass_spam_checks)
         for check in self.checks:
+            if bypass and check.name in SPAM_CHECKS:
+                continue
             started = time.monotonic()
             try:
                 result = check.check(message)
@@ -50,7 +82,7 @@ class Scanner:
                 continue
             results.append(result)
             virus_checked |= check.name == "clamd" or (check.name == "builtin" and self.eicar)
-        verdict = decide(results, failures, self.policy, virus_checked)
+        verdict = decide(results, failures, bank.policy, virus_checked)
         self.slot.add(f"verdict_{verdict.kind}")
         return verdict
 

@@ -69,9 +69,10 @@ class ScannerSession(ServerSession):
             message = Message(data, env.queue_id, env.mail_from, tuple(env.rcpts), client,
                               "" if name.startswith("[") else name,
                               forwarded.get("HELO", self.helo or ""))
-            verdict = service.scanner.scan(message)
+            bank = service.scanner.bank(self.local_port)
+            verdict = service.scanner.scan(message, bank)
             if verdict.action != "deliver":
-                return self._block(env, data, verdict, client, started)
+                return self._block(env, data, verdict, client, started, bank.name)
             # This hop's trace header names the direct peer; the real client is in the
             # SMTP worker's Received: header already.
             headers = received(helo=self.helo, addr=self.peer[0], by=service.hostname,
@@ -83,7 +84,7 @@ class ScannerSession(ServerSession):
             for field_name in FORGEABLE:
                 data = remove_field(data, field_name)
             data = headers + tag_subject(data, verdict.subject_tag)
-            self._log_passed(env, verdict, client, len(data), started)
+            self._log_passed(env, verdict, client, len(data), started, bank.name)
             replies = self._forward(env, data, forwarded, started, verdict.summary)
             if self.proto == "LMTP":
                 return replies  # the client gets one reply per recipient
@@ -99,18 +100,27 @@ class ScannerSession(ServerSession):
             service.slot.add("scanned")
             service.slot.add("scan_ms", int((time.monotonic() - started) * 1000))
 
+    @property
+    def local_port(self) -> int:
+        try:
+            return self.conn.sock.getsockname()[1]
+        except OSError:
+            return 0
+
     def _log_passed(self, env: Envelope, verdict, client: str, size: int,
-                    started: float) -> None:
-        """amavisd's `Passed CLEAN` line (SPAMMY, SPAM, UNCHECKED as it says them)."""
+                    started: float, bank: str) -> None:
+        """amavisd's `Passed CLEAN {bank}` line (SPAMMY, SPAM, UNCHECKED as it says them)."""
         label = {"spam_tagged": "SPAMMY", "spam_killed": "SPAM"}.get(
             verdict.kind, "UNCHECKED" if verdict.failures else "CLEAN")
+        if bank:
+            label += f" {{{bank}}}"
         self.service.log.info("%s: Passed %s, [%s] <%s> -> %s, Hits: %s, size: %d, %d ms",
                               env.queue_id, label, client, env.mail_from,
                               ",".join(f"<{r}>" for r in env.rcpts), _hits(verdict), size,
                               (time.monotonic() - started) * 1000)
 
     def _block(self, env: Envelope, data: bytes, verdict, client: str,
-               started: float) -> list[R.Reply]:
+               started: float, bank: str) -> list[R.Reply]:
         """Reject, discard or defer: quarantine first (a discard that cannot be kept is
         deferred instead: nothing is lost), then amavisd's `Blocked` line."""
         service = self.service
@@ -133,8 +143,9 @@ class ScannerSession(ServerSession):
                  "spam_killed": "SPAM", "failed": "UNCHECKED"}[verdict.kind]
         outcome = "Deferred" if reply.temporary else \
             {"reject": "Rejected", "discard": "Discarded"}[verdict.action]
-        service.log.info("%s: Blocked %s {%s%s}, [%s] <%s> -> %s, quarantine: %s, Hits: %s, "
-                         "%d ms", env.queue_id, label, outcome, kept, client, env.mail_from,
+        service.log.info("%s: Blocked %s {%s%s%s}, [%s] <%s> -> %s, quarantine: %s, "
+                         "Hits: %s, %d ms", env.queue_id, label, outcome, kept,
+                         f",{bank}" if bank else "", client, env.mail_from,
                          ",".join(f"<{r}>" for r in env.rcpts), ident or "-", _hits(verdict),
                          (time.monotonic() - started) * 1000)
         return [reply] * len(env.rcpts)
