@@ -4,7 +4,7 @@ A message is written to `tmp/`, fsynced, renamed into `new/` and the directory f
 Maildir protocol (https://cr.yp.to/proto/maildir.html): once `deliver` returns, the message
 survives a crash, which is what lets the scanner answer 250.
 
-Exports: prepare, deliver.
+Exports: prepare, deliver, write_synced.
 """
 
 import itertools
@@ -20,12 +20,9 @@ def prepare(path: str) -> None:
         os.makedirs(os.path.join(path, sub), exist_ok=True)
 
 
-def deliver(path: str, data: bytes) -> str:
-    """Write one message; returns its file name in new/. Raises OSError on failure."""
-    now = time.time()
-    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-    name = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}.{host}"
-    tmp = os.path.join(path, "tmp", name)
+def write_synced(tmp: str, final: str, data: bytes) -> None:
+    """Write `data` to the new file `tmp`, sync it, and rename it to `final`: the file is
+    either complete under its final name or not there. Raises OSError (nothing left behind)."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         view = memoryview(data)
@@ -37,7 +34,15 @@ def deliver(path: str, data: bytes) -> str:
         os.unlink(tmp)
         raise
     os.close(fd)
-    os.rename(tmp, os.path.join(path, "new", name))
+    os.rename(tmp, final)
+
+
+def deliver(path: str, data: bytes) -> str:
+    """Write one message; returns its file name in new/. Raises OSError on failure."""
+    now = time.time()
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+    name = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}.{host}"
+    write_synced(os.path.join(path, "tmp", name), os.path.join(path, "new", name), data)
     dirfd = os.open(os.path.join(path, "new"), os.O_RDONLY)
     try:
         os.fsync(dirfd)

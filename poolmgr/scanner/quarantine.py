@@ -70,19 +70,8 @@ def keep(directory: str, data: bytes, *, queue_id: str, client: str, sender: str
     os.makedirs(directory, mode=0o700, exist_ok=True)
     now = time.time()
     ident = f"{verdict.replace('_', '-')}-{queue_id}-{os.urandom(3).hex()}"
-    tmp = os.path.join(directory, f".{ident}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except OSError:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.rename(tmp, os.path.join(directory, f"{ident}.eml"))
+    maildir.write_synced(os.path.join(directory, f".{ident}.tmp"),
+                         os.path.join(directory, f"{ident}.eml"), data)
     _append(directory, {"id": ident, "date": email.utils.formatdate(now, localtime=True),
                         "time": now, "client": client, "sender": sender,
                         "recipients": list(recipients), "verdict": verdict,

@@ -11,14 +11,13 @@ Exports: Clamd, EICAR_NAME, ping.
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 from ..scanner.backends.builtin import EICAR
-from .wait import WaitTimeout, free_port, wait_until
+from .wait import WaitTimeout, free_port, terminate, wait_until
 
 EICAR_NAME = "Poolmgr.Test.Eicar"
 CLAMD = "/usr/sbin/clamd"
@@ -100,13 +99,7 @@ class Clamd:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "Clamd":

@@ -7,13 +7,12 @@ Exports: Spamd, ping.
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
-from .wait import free_port, wait_until
+from .wait import free_port, terminate, wait_until
 
 # The plugins spamd loads come from the *.pre files of its site config; the private one starts
 # from the system's.
@@ -99,12 +98,6 @@ class Spamd:
 
     def stop(self, keep: bool = False) -> None:
         """Stop spamd by its pid (it stops its children), and remove its directory."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         if not keep:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,12 +1,15 @@
-"""Free loopback ports, and waiting for a process to be ready or a condition to hold.
+"""Free loopback ports, waiting for a process to be ready or a condition to hold, and
+stopping a daemon the tests started.
 
 `wait_until` raises `WaitTimeout` (a TimeoutError), never AssertionError: the bench's targets
 use it outside tests too.
 
-Exports: free_port, free_udp_port, listening, wait_until, WaitTimeout.
+Exports: free_port, free_udp_port, listening, wait_until, WaitTimeout, terminate.
 """
 
+import signal
 import socket
+import subprocess
 import time
 
 
@@ -49,3 +52,15 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.1, what: st
         if time.monotonic() > deadline:
             raise WaitTimeout(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def terminate(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
+    """Stop a daemon by its pid: SIGTERM, then SIGKILL after `timeout` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)

@@ -11,6 +11,8 @@ import importlib
 from ...config import CHECK_NAMES as NAMES
 from .base import Check
 
+__all__ = ["NAMES", "load"]
+
 
 def load(cfg) -> list[Check]:
     """The checks of `cfg.scanner.checks`, in their order, each with its own settings."""
