@@ -2,13 +2,13 @@
 
 `parse_maillog` reads smtpd and postscreen lines (Postfix's, or poolmgr's own, which follow
 the same format: poolmgr's SMTP worker writes postscreen's PREGREET, DNSBL rank... lines in its
-smtpd session, and they name that session's nuisance reason) into sessions. Classic syslog timestamps carry neither year nor zone: they are
-read in the zone given (`--tz`, default the local one) and the year given; ISO timestamps
-(rsyslog's RFC 3339 format) carry their own offset. Each session has: start, end, and whether the session was legitimate (it
-delivered: `data=N` accepted in the disconnect line) or nuisance, with a reason. `per_minute`
-reports arrivals, nuisance ratio, hold times and peak concurrency per minute; `recommend`
-sizes the pools with the arithmetic shown, by Little's law: concurrency = arrival rate x hold
-time.
+smtpd session, and they name that session's nuisance reason) into sessions. Classic syslog
+timestamps carry neither year nor zone: they are read in the zone given (`--tz`, default the
+local one) and the year given; ISO timestamps (rsyslog's RFC 3339 format) carry their own
+offset. Each session has: start, end, and whether the session was legitimate (it delivered:
+`data=N` accepted in the disconnect line) or nuisance, with a reason. `per_minute` reports
+arrivals, nuisance ratio, hold times and peak concurrency per minute; `recommend` sizes the
+pools with the arithmetic shown, by Little's law: concurrency = arrival rate x hold time.
 
 Exports: Session, zone, parse_maillog, sessions_from_bench, per_minute, recommend, render.
 """

@@ -2,10 +2,11 @@
 
 A storm from distinct 127.x.y.z addresses (pregreet bots, a DNSBL-listed client, clients
 refused at RCPT for relaying and for an unknown recipient, a bot that hangs up at once) and
-legit senders; then Debian's `fail2ban-regex` reads the storm's part of the harness's log (syslog-style lines,
-`Nov 27 10:00:00 host poolmgr/smtpd[PID]: ...`) with `/etc/fail2ban/filter.d/postfix.conf` as a
-jail would use it for poolmgr: `postfix[mode=aggressive, _daemon=poolmgr/\\w+]`. No fail2ban
-server is started and nothing of the system's configuration is changed.
+legit senders; then Debian's `fail2ban-regex` reads the storm's part of the harness's log
+(syslog-style lines, `Nov 27 10:00:00 host poolmgr/smtpd[PID]: ...`) with
+`/etc/fail2ban/filter.d/postfix.conf` as a jail would use it for poolmgr:
+`postfix[mode=aggressive, _daemon=poolmgr/\\w+]`. No fail2ban server is started and nothing of
+the system's configuration is changed.
 """
 
 import re
