@@ -1,13 +1,14 @@
 """`poolmgr plan`: capacity planning from a Postfix mail log or a bench result.
 
 `parse_maillog` reads smtpd and postscreen lines (Postfix's, or poolmgr's own, which follow
-the same format) into sessions. Classic syslog timestamps carry neither year nor zone: they are
-read in the zone given (`--tz`, default the local one) and the year given; ISO timestamps
-(rsyslog's RFC 3339 format) carry their own offset. Each session has: start, end, and whether the session was legitimate (it
-delivered: `data=N` accepted in the disconnect line) or nuisance, with a reason. `per_minute`
-reports arrivals, nuisance ratio, hold times and peak concurrency per minute; `recommend`
-sizes the pools with the arithmetic shown, by Little's law: concurrency = arrival rate x hold
-time.
+the same format: poolmgr's SMTP worker writes postscreen's PREGREET, DNSBL rank... lines in its
+smtpd session, and they name that session's nuisance reason) into sessions. Classic syslog
+timestamps carry neither year nor zone: they are read in the zone given (`--tz`, default the
+local one) and the year given; ISO timestamps (rsyslog's RFC 3339 format) carry their own
+offset. Each session has: start, end, and whether the session was legitimate (it delivered:
+`data=N` accepted in the disconnect line) or nuisance, with a reason. `per_minute` reports
+arrivals, nuisance ratio, hold times and peak concurrency per minute; `recommend` sizes the
+pools with the arithmetic shown, by Little's law: concurrency = arrival rate x hold time.
 
 Exports: Session, zone, parse_maillog, sessions_from_bench, per_minute, recommend, render.
 """
@@ -27,7 +28,9 @@ _CLIENT = r"(?:[^\s\[]*)\[(?P<ip>[^\]]+)\]"
 _SMTPD_CONNECT = re.compile(r"^connect from " + _CLIENT)
 _SMTPD_DISCONNECT = re.compile(r"^disconnect from " + _CLIENT + r"(?P<stats>.*)$")
 _SMTPD_LOST = re.compile(r"^(?:lost connection|timeout) after (?P<cmd>\S+) from " + _CLIENT)
-_SMTPD_REJECT = re.compile(r"^NOQUEUE: reject: \S+ from " + _CLIENT + r": (?P<code>\d{3})")
+# smtpd's `unknown[ip]: 550`, or postscreen's `[ip]:port: 550` (poolmgr's enforced clients)
+_SMTPD_REJECT = re.compile(r"^NOQUEUE: reject: \S+ from " + _CLIENT +
+                           r"(?::\d+)?: (?P<code>\d{3})")
 _PS_CONNECT = re.compile(r"^CONNECT from \[(?P<ip>[^\]]+)\]:(?P<port>\d+)")
 _PS_END = re.compile(r"^(?:DISCONNECT|PASS (?:NEW|OLD)) \[(?P<ip>[^\]]+)\]:(?P<port>\d+)")
 _PS_EVENT = re.compile(r"^(?P<what>PREGREET|DNSBL rank|HANGUP|COMMAND PIPELINING|"
@@ -71,6 +74,11 @@ def _timestamp(text: str, year: int, tz: tzinfo | None) -> float:
     return stamp.timestamp()  # naive: local time, as the syslog daemon wrote it
 
 
+def _ps_reason(what: str) -> str:
+    """"DNSBL rank" -> "dnsbl", "COMMAND PIPELINING" -> "command_pipelining"."""
+    return what.lower().replace(" rank", "").replace(" ", "_")
+
+
 def parse_maillog(lines, year: int | None = None, tz: tzinfo | None = None) -> list[Session]:
     """Sessions from smtpd and postscreen lines; other lines are ignored.
 
@@ -91,6 +99,10 @@ def parse_maillog(lines, year: int | None = None, tz: tzinfo | None = None) -> l
         if prog.endswith("/smtpd"):
             if m := _SMTPD_CONNECT.match(msg):
                 open_smtpd.setdefault((pid, m["ip"]), []).append((when, ""))
+            elif m := _PS_EVENT.match(msg):  # poolmgr's: postscreen's tests in smtpd's session
+                stack = open_smtpd.get((pid, m["ip"]))
+                if stack and not stack[-1][1]:
+                    stack[-1] = (stack[-1][0], _ps_reason(m["what"]))
             elif m := _SMTPD_REJECT.match(msg):
                 stack = open_smtpd.get((pid, m["ip"]))
                 if stack:
@@ -120,8 +132,7 @@ def parse_maillog(lines, year: int | None = None, tz: tzinfo | None = None) -> l
             elif m := _PS_EVENT.match(msg):
                 key = (m["ip"], m["port"])
                 if key in open_ps and not open_ps[key][1]:
-                    reason = m["what"].lower().replace(" rank", "").replace(" ", "_")
-                    open_ps[key] = (open_ps[key][0], reason)
+                    open_ps[key] = (open_ps[key][0], _ps_reason(m["what"]))
             elif m := _PS_END.match(msg):
                 entry = open_ps.pop((m["ip"], m["port"]), None)
                 if entry and entry[1]:  # passed clients go on to smtpd, counted there

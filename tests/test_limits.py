@@ -95,7 +95,7 @@ def test_message_and_recipient_rate_limits(make_poolmgr):
     log = pm.log()
     assert ("NOQUEUE: reject: MAIL from unknown[127.0.4.4]: 450 4.7.1 Error: too much mail from "
             "127.0.4.4; from=<alice@example.org> proto=ESMTP helo=<client.test>") in log
-    assert "Recipient rate limit exceeded: 4 from unknown[127.0.4.5]" in log
+    assert "Recipient address rate limit exceeded: 4 from unknown[127.0.4.5]" in log
     wait_until(lambda: by_reason(pm).get("rate_limit") == 2, what="two rate_limit verdicts")
 
 
@@ -194,7 +194,7 @@ def test_unauth_pipelining_is_refused(make_poolmgr):
     assert raw.reply()[0] == 250 and raw.reply()[0] == 221
     log = pm.log()
     assert "improper command pipelining after EHLO from unknown[127.0.4.14]: MAIL FROM:" in log
-    assert "improper command pipelining before the banner from unknown[127.0.4.15]" in log
+    assert "improper command pipelining after CONNECT from unknown[127.0.4.15]" in log
     assert "improper command pipelining after MAIL from unknown[127.0.4.16]" in log
     wait_until(lambda: by_reason(pm).get("unauth_pipelining") == 3, what="3 pipelining verdicts")
     assert pm.status()["nuisance"]["total"]["legit"] == 1

@@ -70,6 +70,32 @@ def test_parse_real_format_lines():
     ]
 
 
+# poolmgr's own log: postscreen's lines inside smtpd's session name its nuisance reason.
+POOLMGR_LOG = """\
+Nov 25 10:00:01 mx poolmgr/smtpd[700]: connect from unknown[192.0.2.30]
+Nov 25 10:00:01 mx poolmgr/smtpd[700]: PREGREET 15 after 0.01 from [192.0.2.30]:40010: EHLO bot.test\\r\\n
+Nov 25 10:00:01 mx poolmgr/smtpd[700]: PREGREET action=enforce for [192.0.2.30]:40010
+Nov 25 10:00:02 mx poolmgr/smtpd[700]: NOQUEUE: reject: RCPT from [192.0.2.30]:40010: 550 5.7.1 Service unavailable; client [192.0.2.30] blocked using pregreet test; from=<a@example.org>, to=<b@example.test>, proto=ESMTP, helo=<bot.test>
+Nov 25 10:00:03 mx poolmgr/smtpd[700]: disconnect from unknown[192.0.2.30] ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4
+Nov 25 10:00:04 mx poolmgr/smtpd[701]: connect from unknown[192.0.2.31]
+Nov 25 10:00:04 mx poolmgr/smtpd[701]: DNSBL rank 2 for [192.0.2.31]:40011; sites=zen.example(+2); action=drop
+Nov 25 10:00:04 mx poolmgr/smtpd[701]: disconnect from unknown[192.0.2.31] commands=0
+Nov 25 10:00:05 mx poolmgr/smtpd[701]: connect from unknown[192.0.2.32]
+Nov 25 10:00:05 mx poolmgr/smtpd[701]: NOQUEUE: reject: RCPT from [192.0.2.32]:40012: 550 5.7.1 Service unavailable; client [192.0.2.32] blocked using denylist; from=<a@example.org>, to=<b@example.test>, proto=ESMTP, helo=<x>
+Nov 25 10:00:06 mx poolmgr/smtpd[701]: disconnect from unknown[192.0.2.32] ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4
+Nov 25 10:00:07 mx poolmgr/smtpd[700]: connect from unknown[192.0.2.33]
+Nov 25 10:00:09 mx poolmgr/smtpd[700]: PASS NEW [192.0.2.33]:40013
+Nov 25 10:00:10 mx poolmgr/smtpd[700]: disconnect from unknown[192.0.2.33] ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5
+"""
+
+
+def test_parse_poolmgr_lines():
+    sessions = plan.parse_maillog(POOLMGR_LOG.splitlines(), year=2026, tz=UTC)
+    assert [(s.source, s.legit, s.reason) for s in sessions] == [
+        ("smtpd", False, "pregreet"), ("smtpd", False, "dnsbl"), ("smtpd", False, "reject_550"),
+        ("smtpd", True, "")]
+
+
 def test_per_minute_and_recommendation_show_the_arithmetic():
     sessions = plan.parse_maillog(MAILLOG.splitlines(), year=2026, tz=UTC)
     result = plan.recommend(sessions, sessions_per_worker=2, scan_seconds=1.0)

@@ -1,6 +1,6 @@
 """The tests before the dialogue (postscreen_early.c's job): access lists and per-client limits
 at connect, the pregreet test with a two-part banner, the DNSBL score settled before the
-banner's end.
+banner's end. Their log lines are postscreen's (DENYLISTED, PREGREET, DNSBL rank, PASS NEW).
 
 Each function takes the SMTP session (`smtp.front.FrontSession`) and works on its
 `screening`; a reply returned is sent instead of the banner and the session ends.
@@ -12,6 +12,7 @@ import time
 
 from ..smtp import replies as R
 from .networks import in_networks
+from .screening import delta_time, escape
 from .verdicts import Reason
 
 
@@ -23,8 +24,8 @@ def on_connect(session) -> R.Reply | None:
         service.log.info("ALLOWLISTED [%s]:%s", ip, session.peer[1])
         return None
     if defence.denylisted(ip):
-        refusal = screening.flag(Reason.DENYLIST, defence.cfg.denylist_action, "DENYLISTED",
-                                 "denylist")
+        refusal = screening.flag(Reason.DENYLIST, defence.cfg.denylist_action,
+                                 f"DENYLISTED [{ip}]:{session.peer[1]}", "denylist")
         if refusal is not None:
             return refusal
     screening.exempt = in_networks(ip, service.cfg.smtp.mynetworks)
@@ -60,26 +61,33 @@ def greet(session) -> R.Reply | None:
                                     session.peer[0])
     defence = service.defence
     banner = R.R220_BANNER.format(host=service.hostname)
+    passed = ""  # the greet test: NEW (passed now) or OLD (passed before), postscreen's PASS
     if not screening.trusted and defence.needs_greet_test(ip):
         # Two-part banner (postscreen): bots that talk at once show themselves.
         conn.write(f"220-{banner.text}\r\n".encode())
         started = time.monotonic()
         early = conn.wait_input(defence.cfg.greet_wait)
         if early:
-            sample = conn.buf[:40].decode("ascii", "replace").rstrip()
+            # postscreen: the byte count, the time since the banner, what the client said.
             refusal = screening.flag(Reason.PREGREET, defence.cfg.greet_action,
-                                     f"PREGREET {early} after {time.monotonic() - started:.2f} "
-                                     f"({sample!r}) from", "pregreet test")
+                                     f"PREGREET {early} after "
+                                     f"{delta_time(time.monotonic() - started)} from "
+                                     f"[{ip}]:{session.peer[1]}", "pregreet test",
+                                     client_text=escape(conn.buf[:100]))
             if refusal is not None:
                 return refusal
         else:
             defence.greet_test_passed(ip)
+            passed = "NEW"
     elif not screening.trusted:
         screening.early = bool(conn.wait_input(0))
+        passed = "OLD" if defence.cfg.greet_wait > 0 else ""
     if screening.dnsbl_job is not None and not screening.trusted:
         refusal = _settle_dnsbl(session)
         if refusal is not None:
             return refusal
+    if passed and not screening.verdict and not screening.trusted:
+        service.log.info("PASS %s [%s]:%s", passed, ip, session.peer[1])
     session.reply(banner)
     return None
 
@@ -94,8 +102,8 @@ def _settle_dnsbl(session) -> R.Reply | None:
     if score.unanswered:
         log.info("DNSBL no answer from %s for [%s]", ",".join(score.unanswered), peer[0])
     if cfg.dnsbl_allowlist_threshold < 0 and score.total <= cfg.dnsbl_allowlist_threshold:
-        log.info("DNSBL allowlisted score %d for [%s]:%s: %s", score.total, peer[0], peer[1],
-                 score.describe())
+        log.info("DNSBL allowlisted rank %d for [%s]:%s; sites=%s", score.total, peer[0],
+                 peer[1], score.describe())
         screening.trusted = True
         if screening.verdict == Reason.PREGREET:  # a good reputation outweighs pregreet
             screening.verdict, screening.blocked = "", ""
@@ -103,7 +111,8 @@ def _settle_dnsbl(session) -> R.Reply | None:
     if score.total >= cfg.dnsbl_threshold:
         sites = ",".join(h.split("(")[0] for h in score.hits)
         return screening.flag(Reason.DNSBL, cfg.dnsbl_action,
-                              f"DNSBL score {score.total} ({score.describe()}) for", sites)
+                              f"DNSBL rank {score.total} for [{peer[0]}]:{peer[1]}; "
+                              f"sites={score.describe()}", sites)
     if score.total > 0:
         screening.suspect()
     return None

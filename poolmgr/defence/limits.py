@@ -40,9 +40,10 @@ def _improper_pipelining(session, verb: str) -> bool:
     screening = session.screening
     early, screening.early = screening.early, False
     sample = session.conn.buf[:40].decode("ascii", "replace").rstrip()
-    where = "before the banner" if early else f"after {verb}"
-    session.service.log.info("improper command pipelining %s from %s: %s", where,
-                             session.client, sample if not early else verb)
+    # smtpd's line; a client that talked before the banner is "after CONNECT".
+    session.service.log.info("improper command pipelining after %s from %s: %s",
+                             "CONNECT" if early else verb, session.client,
+                             sample if not early else verb)
     screening.note(Reason.UNAUTH_PIPELINING)
     screening.suspect()
     return screening.cfg.reject_unauth_pipelining
@@ -90,15 +91,16 @@ def _anvil_rate(session, limit: int, ask, what: str, refusal: R.Reply) -> R.Repl
 def check_mail(session, address: str) -> R.Reply | None:
     anvil = session.service.anvil
     return _anvil_rate(session, session.screening.cfg.client_message_rate_limit,
-                       anvil and anvil.message, "Message delivery", R.R450_MESSAGE_RATE)
+                       anvil and anvil.message, "Message delivery request",
+                       R.R450_MESSAGE_RATE)
 
 
 def check_rcpt(session, address: str) -> R.Reply | None:
     service, screening = session.service, session.screening
     if screening.blocked:
-        return R.R550_BLOCKED.format(ip=session.peer[0], reason=screening.blocked)
+        return screening.enforced()
     refusal = _anvil_rate(session, screening.cfg.client_recipient_rate_limit,
-                          service.anvil and service.anvil.recipient, "Recipient",
+                          service.anvil and service.anvil.recipient, "Recipient address",
                           R.R450_RECIPIENT_RATE)
     if refusal is not None:
         return refusal

@@ -5,7 +5,13 @@ record the verdict and apply its action, the one place actions are applied), `su
 (short timeout, tarpit) and `trust` (allowlisted: every later test is skipped). The tests
 themselves are in `early` (at connect and around the banner) and `limits` (in the dialogue).
 
-Exports: Screening.
+The lines a test logs have the shape of postscreen's (`PREGREET 11 after 0.12 from
+[192.0.2.7]:40312: EHLO bot\\r\\n`, `DNSBL rank 3 for [192.0.2.8]:40313`, `DENYLISTED
+[192.0.2.9]:40314`), so tools written for Postfix's log (fail2ban's postfix filter, pflogsumm,
+`poolmgr plan`) read them; poolmgr's own fields (`; action=...`) come after Postfix's.
+`escape` and `delta_time` render client bytes and elapsed times as postscreen does.
+
+Exports: Screening, escape, delta_time.
 """
 
 import time
@@ -40,9 +46,19 @@ class Screening:
             self.hard_limit, self.junk_limit = (cfg.stress_hard_error_limit,
                                                 cfg.stress_junk_command_limit)
 
-    def flag(self, reason: Reason, action: str, what: str, because: str) -> R.Reply | None:
-        """A test fired: log it, record the verdict, apply the action; the 521 for drop."""
-        self.log.info("%s [%s]:%s; action=%s", what, self.peer[0], self.peer[1], action)
+    def flag(self, reason: Reason, action: str, line: str, because: str,
+             client_text: str | None = None) -> R.Reply | None:
+        """A test fired: log it, record the verdict, apply the action; the 521 for drop.
+
+        `line` is postscreen's log line for the test. The action follows it (`; action=`),
+        or, when the line ends with the client's own text, comes on a line of its own, so
+        that nothing a client sends can pass for it.
+        """
+        if client_text is None:
+            self.log.info("%s; action=%s", line, action)
+        else:
+            self.log.info("%s: %s", line, client_text)
+            self.log.info("%s action=%s for [%s]:%s", reason.name, action, *self.peer)
         self.verdict = self.verdict or reason.value
         if action == Action.IGNORE:
             return None
@@ -51,6 +67,11 @@ class Screening:
             return R.R521_BLOCKED.format(ip=self.peer[0], reason=because)
         self.blocked = self.blocked or because
         return None
+
+    def enforced(self) -> R.Reply | None:
+        """The reply every RCPT gets after an enforce action; None when none was applied."""
+        return R.R550_BLOCKED.format(ip=self.peer[0], reason=self.blocked) if self.blocked \
+            else None
 
     def note(self, reason: Reason) -> None:
         """A verdict without an action of its own (the caller answers)."""
@@ -68,3 +89,23 @@ class Screening:
         """For the autoscaler's live nuisance ratio: a test fired, or silent since connect."""
         return bool(self.verdict) or self.suspicious or (said_nothing and
                                                          self.started < silent_since)
+
+
+# Postfix's escape(): C escapes for control characters, octal for other bytes.
+_NAMED_ESCAPES = {7: "\\a", 8: "\\b", 9: "\\t", 10: "\\n", 11: "\\v", 12: "\\f", 13: "\\r",
+                  92: "\\\\"}
+
+
+def escape(data: bytes) -> str:
+    """Client bytes as postscreen logs them: `EHLO bot\\r\\n` (printable ASCII only)."""
+    return "".join(_NAMED_ESCAPES.get(b) or (chr(b) if 32 <= b < 127 else f"\\{b:03o}")
+                   for b in data)
+
+
+def delta_time(seconds: float) -> str:
+    """Elapsed time as postscreen's format_tv prints it: two significant digits, at most two
+    decimals (0.01, 0.12, 1.2, 15)."""
+    if seconds >= 10:
+        return str(int(seconds))
+    text = f"{seconds:.1f}" if seconds >= 1 else f"{seconds:.2f}"
+    return text.rstrip("0").rstrip(".") or "0"

@@ -94,6 +94,18 @@ class FrontSession(ServerSession):
     def check_rcpt(self, address: str):
         return limits.check_rcpt(self, address)
 
+    def log_reject(self, stage: str, reply: R.Reply, rcpt: str | None = None,
+                   sender: str | None = None) -> None:
+        """RCPT refused after an enforce action: postscreen's line (its SMTP engine refuses
+        there, fail2ban's postfix filter knows the shape); every other refusal is smtpd's."""
+        if stage != "RCPT" or rcpt is None or reply != self.screening.enforced():
+            super().log_reject(stage, reply, rcpt, sender)
+            return
+        self.service.log.info("NOQUEUE: reject: RCPT from [%s]:%s: %s; from=<%s>, to=<%s>, "
+                              "proto=%s, helo=<%s>", self.peer[0], self.peer[1], reply,
+                              self.env.mail_from if self.env else "", rcpt, self.proto,
+                              self.helo or "")
+
     def reply(self, reply: R.Reply) -> None:
         delay = limits.reply_delay(self, reply)
         if delay:
