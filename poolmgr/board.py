@@ -115,6 +115,13 @@ class Board:
                 "transacting": transacting,
                 "counters": dict(zip(COUNTERS, counters))}
 
+    def serving(self, index: int) -> bool:
+        """Whether the worker has beaten once: its first heartbeat comes after its listeners
+        are open (the SMTP worker's servers started, the scanner worker in its accept loop)."""
+        heartbeat, started = struct.unpack_from("=dd", self._mm,
+                                                index * _SLOT_SIZE + _OFF_HEARTBEAT)
+        return heartbeat > started
+
     def free(self, index: int) -> dict:
         """Release a dead worker's slot; returns its final counters."""
         counters = self.read(index)["counters"]

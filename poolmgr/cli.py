@@ -1,14 +1,22 @@
-"""Command line: `poolmgr run|check|config|status|ctl|top|quarantine|bench|plan`.
+"""Command line: `poolmgr run|check|config|status|ctl|top|reload|stop|quarantine|bench|plan`.
 
-Exit codes: 0 success, 1 a runtime failure (cannot bind, master unreachable, request
-refused), 2 an invalid configuration or usage.
+The configuration is `-c FILE`, else `$POOLMGR_CONFIG`, else /etc/poolmgr/poolmgr.toml when it
+exists, else the embedded defaults (config.find). `reload` and `stop` signal the master whose
+pid is in `master.pidfile` (HUP; TERM, or QUIT with --fast) and `stop` waits until it is gone.
+`config -n` prints what a file sets that differs from the defaults (postconf -n), `config
+--man` the man page (manpage.py, shipped as conf/poolmgr.8).
 
-Exports: main.
+Exit codes (sysexits, LSB): 0 success; 1 a runtime failure (cannot bind, master unreachable,
+request refused, `stop` timed out); 2 a usage error (argparse); 3 `status` when the master is not
+running; 78 (EX_CONFIG) an invalid configuration, from every command that loads one.
+
+Exports: main, build_parser, EXIT_CONFIG, EXIT_NOT_RUNNING.
 """
 
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,7 +24,9 @@ from pathlib import Path
 from . import __version__, config, control, log
 from .status import Status
 
-EXIT_CONFIG = 2
+EXIT_CONFIG = 78      # sysexits.h EX_CONFIG, what systemd and Postfix's tools use
+EXIT_NOT_RUNNING = 3  # LSB: `status` of a program that is not running
+STOP_MARGIN = 30.0    # seconds `stop` waits beyond the master's own drain and kill deadlines
 
 
 def _load(path: str | None) -> config.Config:
@@ -29,7 +39,7 @@ def _load(path: str | None) -> config.Config:
 
 
 def _config_path(args) -> str | None:
-    return args.config or os.environ.get("POOLMGR_CONFIG") or None
+    return config.find(getattr(args, "config", None))
 
 
 def cmd_run(args) -> int:
@@ -56,6 +66,21 @@ def cmd_check(args) -> int:
 
 
 def cmd_config(args) -> int:
+    if args.changed:
+        path = _config_path(args)
+        try:
+            changed = config.differences(path)
+        except config.ConfigError as exc:
+            for line in exc.errors:
+                print(f"poolmgr: error: {line}", file=sys.stderr)
+            return EXIT_CONFIG
+        for name, value in changed:
+            print(f"{name} = {config.toml_value(value)}")
+        return 0
+    if args.man:
+        from . import manpage
+        sys.stdout.write(manpage.render(build_parser()))
+        return 0
     sys.stdout.write(config.render_reference() if args.markdown else config.render_default())
     return 0
 
@@ -74,12 +99,74 @@ def _socket_path(args) -> str:
         return socket_path
 
 
-def _ask(args, payload: dict) -> dict:
+def _ask(args, payload: dict, down: int = 1) -> dict:
+    """One control request; exit 1 when it fails, `down` when the master is not running."""
     try:
         return control.request(_socket_path(args), payload)
     except control.ControlError as exc:
         print(f"poolmgr: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(down if exc.down else 1) from None
+
+
+def _alive(pid: int) -> bool:
+    """A poolmgr process (not a zombie waiting for its parent) with this pid."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and "poolmgr" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _master_pid(pidfile: str) -> int | None:
+    try:
+        with open(pidfile) as handle:
+            pid = int(handle.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 and _alive(pid) else None
+
+
+def cmd_reload(args) -> int:
+    """HUP to the master, after checking the configuration it will read (exit 78 if bad)."""
+    cfg = _load(_config_path(args))
+    pid = _master_pid(cfg.master.pidfile)
+    if pid is None:
+        print(f"poolmgr: not running (pidfile {cfg.master.pidfile})", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGHUP)
+    print(f"poolmgr: reload requested (master pid {pid}, configuration {cfg.path})")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    """TERM (graceful) or QUIT (--fast) to the master; wait until it is gone."""
+    path = _config_path(args)
+    try:
+        cfg = config.load(path)
+        pidfile = cfg.master.pidfile
+        graceful, scan = cfg.master.graceful_timeout, cfg.scanner.timeout
+    except config.ConfigError:  # mid-edit: the master still runs the old one; stop it anyway
+        pidfile, graceful, scan = config.setting_of(path, "master.pidfile"), 30.0, 600.0
+    pid = _master_pid(pidfile)
+    if pid is None:
+        print(f"poolmgr: not running (pidfile {pidfile})")
+        return 0
+    # The master drains SMTP workers for up to graceful_timeout, then the scanner workers,
+    # which may finish a scan (scanner.timeout); then it kills.
+    timeout = args.timeout if args.timeout is not None else (
+        10.0 if args.fast else graceful + max(graceful, scan) + STOP_MARGIN)
+    os.kill(pid, signal.SIGQUIT if args.fast else signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            print(f"poolmgr: error: master pid {pid} still running after {timeout:g}s",
+                  file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    print(f"poolmgr: stopped (master pid {pid})")
+    return 0
 
 
 def format_status(status: Status) -> str:
@@ -119,7 +206,7 @@ def format_status(status: Status) -> str:
 
 
 def cmd_status(args) -> int:
-    answer = _ask(args, {"cmd": "status"})
+    answer = _ask(args, {"cmd": "status"}, down=EXIT_NOT_RUNNING)
     if args.json:
         print(json.dumps(answer["status"], indent=2, sort_keys=True))
     else:
@@ -268,39 +355,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"poolmgr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(parent, name: str, help_text: str, func, config: bool = False,
+    def command(parent, name: str, help_text: str, func, with_config: bool = False,
                 socket: bool = False):
-        """A sub-command; `config` adds -c FILE, `socket` adds --socket PATH."""
+        """A sub-command; `with_config` adds -c FILE, `socket` adds --socket PATH."""
         p = parent.add_parser(name, help=help_text)
-        if config:
+        if with_config:
             p.add_argument("-c", "--config", metavar="FILE",
-                           help="configuration file (default: $POOLMGR_CONFIG, else the "
-                                "embedded defaults)")
+                           help=f"configuration file (default: $POOLMGR_CONFIG, else "
+                                f"{config.SYSTEM_CONFIG} if it exists, else the embedded "
+                                f"defaults)")
         if socket:
             p.add_argument("--socket", help="control socket path (overrides the config)")
         p.set_defaults(func=func)
         return p
 
-    command(sub, "run", "run the master in the foreground", cmd_run, config=True)
-    command(sub, "check", "validate a configuration file", cmd_check, config=True)
-    conf = command(sub, "config", "print the documented default configuration", cmd_config)
-    conf.add_argument("--markdown", action="store_true",
-                      help="print the configuration reference as Markdown (README)")
+    command(sub, "run", "run the master in the foreground", cmd_run, with_config=True)
+    command(sub, "check", "validate a configuration file", cmd_check, with_config=True)
+    conf = command(sub, "config", "print the documented default configuration", cmd_config,
+                   with_config=True)
+    shown = conf.add_mutually_exclusive_group()
+    shown.add_argument("--markdown", action="store_true",
+                       help="print the configuration reference as Markdown (README)")
+    shown.add_argument("-n", dest="changed", action="store_true",
+                       help="print the settings of the configuration file that differ from the "
+                            "defaults, as section.key = value (postconf -n)")
+    shown.add_argument("--man", action="store_true",
+                       help="print the man page poolmgr(8) (conf/poolmgr.8)")
     status = command(sub, "status", "show pools and counters", cmd_status,
-                     config=True, socket=True)
+                     with_config=True, socket=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     ctl = command(sub, "ctl", "resize a pool (ctl smtp|scanner N|+N|-N), switch stress mode or "
-                  "the autoscaler (ctl stress|autoscale on|off)", cmd_ctl, config=True,
+                  "the autoscaler (ctl stress|autoscale on|off)", cmd_ctl, with_config=True,
                   socket=True)
     ctl.add_argument("pool", choices=("smtp", "scanner", "stress", "autoscale"))
     ctl.add_argument("size", help="N, +N or -N; on or off for stress and autoscale")
     top = command(sub, "top", "live view of the pools, refreshed every second; q quits",
-                  cmd_top, config=True, socket=True)
+                  cmd_top, with_config=True, socket=True)
     top.add_argument("--once", action="store_true",
                      help="print one frame and exit (also when not on a terminal)")
 
+    command(sub, "reload", "check the configuration, then send HUP to the running master "
+            "(its pid from master.pidfile)", cmd_reload, with_config=True)
+    stop = command(sub, "stop", "stop the running master (TERM: graceful) and wait until it "
+                   "is gone; exit 0 when it is, or was not running", cmd_stop, with_config=True)
+    stop.add_argument("--fast", action="store_true",
+                      help="fast stop (QUIT): workers exit at once")
+    stop.add_argument("--timeout", type=float, metavar="SECONDS",
+                      help="give up waiting after this long (default: graceful_timeout plus "
+                           "the scanner's, plus 30s; --fast: 10s)")
+
     quarantined = command(sub, "quarantine", "list, show, release or purge mail the scanner "
-                          "kept (scanner.quarantine)", cmd_quarantine, config=True)
+                          "kept (scanner.quarantine)", cmd_quarantine, with_config=True)
     quarantined.add_argument("action", choices=("list", "show", "release", "purge"))
     quarantined.add_argument("id", nargs="?", help="quarantine id (show, release)")
     quarantined.add_argument("--json", action="store_true", help="list: machine-readable")

@@ -5,8 +5,16 @@ errors), converts values (durations "300s", sizes "25M", addresses, CIDR lists, 
 runs cross-checks between keys. All errors are collected and raised together as
 `ConfigError`, each naming file, key and reason, so `poolmgr check` can print them all.
 
-Exports: load, ConfigError, Config, Section, NextHop, render_default, control_socket_of,
-parse_duration, parse_size, parse_address, parse_listen, format_address, toml_value.
+Paths a packager expects: `find` looks for the config as `-c`, `$POOLMGR_CONFIG`,
+`SYSTEM_CONFIG` (/etc/poolmgr/poolmgr.toml), then the embedded defaults. A relative path in a
+config file is taken from the file's directory (the embedded defaults: the working directory);
+a file in SYSTEM_CONFIG's directory gets the system layout's defaults (`SYSTEM_PATHS`: /run/poolmgr
+for the socket and pidfile, /var/lib/poolmgr for mail), any other place `./var` beside it.
+`differences` is `poolmgr config -n`: what a file sets that differs from the defaults.
+
+Exports: load, find, differences, setting_of, ConfigError, Config, Section, NextHop, render_default,
+control_socket_of, parse_duration, parse_size, parse_address, parse_listen, format_address,
+toml_value, SYSTEM_CONFIG, SYSTEM_PATHS.
 """
 
 import ipaddress
@@ -30,6 +38,15 @@ from .settings import SECTION_HELP, SETTINGS, Setting
 CHECK_NAMES = ("builtin", "clamd", "spamd", "rspamd")  # scanner/backends/NAME.py
 
 EMBEDDED = "(embedded defaults)"
+SYSTEM_CONFIG = "/etc/poolmgr/poolmgr.toml"
+# The defaults that change when the config comes from SYSTEM_CONFIG's directory: systemd's
+# RuntimeDirectory=poolmgr and StateDirectory=poolmgr (FHS: /run, /var/lib).
+SYSTEM_PATHS = {
+    "master.control_socket": "/run/poolmgr/poolmgr.sock",
+    "master.pidfile": "/run/poolmgr/poolmgr.pid",
+    "scanner.next_hop": "maildir:/var/lib/poolmgr/maildir",
+    "scanner.quarantine": "/var/lib/poolmgr/quarantine",
+}
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 RULE_KEYS = {"name", "header", "body", "pattern", "action"}
@@ -419,6 +436,38 @@ def _sub_sections(data: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]
     return data
 
 
+def find(given: str | None) -> str | None:
+    """The config file to use: `-c`, $POOLMGR_CONFIG, SYSTEM_CONFIG if it exists, else None
+    (the embedded defaults)."""
+    if given:
+        return given
+    if os.environ.get("POOLMGR_CONFIG"):
+        return os.environ["POOLMGR_CONFIG"]
+    return SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else None
+
+
+def _base(path: str) -> str:
+    """The directory relative paths are taken from: the config file's, or the working one."""
+    return os.getcwd() if path == EMBEDDED else os.path.dirname(os.path.abspath(path))
+
+
+def _default(setting: Setting, path: str) -> Any:
+    """A setting's default for a config at `path`: the system layout's for a file in
+    SYSTEM_CONFIG's directory."""
+    system = path != EMBEDDED and os.path.dirname(os.path.abspath(path)) == \
+        os.path.dirname(SYSTEM_CONFIG)
+    return SYSTEM_PATHS.get(setting.name, setting.default) if system else setting.default
+
+
+def _anchor(setting: Setting, raw: Any, base: str) -> Any:
+    """A relative path (or maildir:PATH) taken from `base`."""
+    if setting.kind == "path" and isinstance(raw, str) and raw:
+        return os.path.join(base, raw)
+    if setting.kind == "nexthop" and isinstance(raw, str) and raw.strip().startswith("maildir:"):
+        return "maildir:" + os.path.join(base, raw.strip().removeprefix("maildir:"))
+    return raw
+
+
 def from_dict(data: dict[str, Any], path: str = EMBEDDED) -> Config:
     errors: list[str] = []
     warnings: list[str] = []
@@ -430,6 +479,7 @@ def from_dict(data: dict[str, Any], path: str = EMBEDDED) -> Config:
     def warn(name: str, reason: str) -> None:
         err(name, reason, warnings)
 
+    base = _base(path)
     known = {}
     for setting in SETTINGS:
         known.setdefault(setting.section, {})[setting.key] = setting
@@ -452,9 +502,9 @@ def from_dict(data: dict[str, Any], path: str = EMBEDDED) -> Config:
         given = [k for k in (setting.key, *setting.aliases) if k in table]
         if len(given) > 1:
             err(setting.name, f"set only one of {' and '.join(given)} (a former name)")
-        raw = table[given[0]] if given else setting.default
+        raw = table[given[0]] if given else _default(setting, path)
         try:
-            value = _convert(setting, raw)
+            value = _convert(setting, _anchor(setting, raw, base))
         except ValueError as exc:
             err(setting.name, str(exc))
             value = None
@@ -467,29 +517,62 @@ def from_dict(data: dict[str, Any], path: str = EMBEDDED) -> Config:
     return Config(path, sections, warnings)
 
 
-def load(path: str | None) -> Config:
-    """Load and validate `path`; None gives the embedded defaults."""
-    if path is None:
-        return from_dict({})
+def _read(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
-            data = tomllib.load(handle)
+            return tomllib.load(handle)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
-    return from_dict(data, path)
+
+
+def load(path: str | None) -> Config:
+    """Load and validate `path`; None gives the embedded defaults."""
+    if path is None:
+        return from_dict({})
+    return from_dict(_read(path), path)
+
+
+def differences(path: str | None) -> list[tuple[str, Any]]:
+    """`poolmgr config -n` (postconf -n): (section.key, value as written) for each setting the
+    file sets to something other than its default; the file must validate."""
+    if path is None:
+        return []
+    data = _read(path)
+    from_dict(data, path)  # ConfigError when invalid
+    known = {setting.section for setting in SETTINGS}
+    data = _sub_sections(data, {name: None for name in known})
+    base, found = _base(path), []
+    for setting in SETTINGS:
+        table = data.get(setting.section, {})
+        given = [k for k in (setting.key, *setting.aliases) if k in table]
+        if not given:
+            continue
+        raw = table[given[0]]
+        convert = lambda value: _convert(setting, _anchor(setting, value, base))  # noqa: E731
+        if convert(raw) != convert(_default(setting, path)):
+            found.append((setting.name, raw))
+    return found
+
+
+def setting_of(path: str | None, name: str) -> Any:
+    """Best effort for `status`, `ctl` and `stop` when the file does not validate: one path
+    setting as the file gives it (or its default), taken from the file's directory."""
+    setting = next(s for s in SETTINGS if s.name == name)
+    where = path or EMBEDDED
+    value = _default(setting, where)
+    section, key = name.split(".")
+    try:
+        with open(path or "", "rb") as handle:
+            value = tomllib.load(handle).get(section, {}).get(key, value)
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        pass
+    return os.path.abspath(_anchor(setting, str(value), _base(where)))
 
 
 def control_socket_of(path: str | None) -> str:
-    """Best effort for `status`/`ctl` when the file does not validate."""
-    default = next(s.default for s in SETTINGS if s.name == "master.control_socket")
-    try:
-        with open(path or "", "rb") as handle:
-            value = tomllib.load(handle).get("master", {}).get("control_socket", default)
-    except (OSError, tomllib.TOMLDecodeError, AttributeError):
-        value = default
-    return os.path.abspath(str(value))
+    return setting_of(path, "master.control_socket")
 
 
 def toml_value(value: Any) -> str:

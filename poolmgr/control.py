@@ -23,7 +23,7 @@ ANSWER_TIMEOUT = 1.0    # seconds to hand the answer over (a few KB on a local s
 
 
 class ControlError(Exception):
-    pass
+    down = False  # the master is not running (no socket, or nobody listening on it)
 
 
 class ControlServer:
@@ -132,8 +132,11 @@ def request(path: str, payload: dict, timeout: float = 10.0) -> dict:
                 break
             data += chunk
     except OSError as exc:
-        raise ControlError(f"cannot reach the master at {path}: "
-                           f"{exc.strerror or exc} (is poolmgr running?)") from None
+        error = ControlError(f"cannot reach the master at {path}: "
+                             f"{exc.strerror or exc} (is poolmgr running?)")
+        # No socket, or nobody listening on it: the master is not running (`status` exits 3).
+        error.down = isinstance(exc, (FileNotFoundError, ConnectionRefusedError))
+        raise error from None
     finally:
         sock.close()
     try:

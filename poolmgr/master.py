@@ -19,6 +19,9 @@ Every `autoscale.interval` the master takes a snapshot (scoreboard, accept queue
 TCP_INFO, nuisance ratio) and applies what `autoscale.decide` returns; every decision is logged
 with its reason and kept for `poolmgr status`.
 
+The master speaks systemd's notify protocol when started by it (`report`, notify.py): READY=1
+once both pools serve, RELOADING=1/READY=1 around a reload, STOPPING=1, STATUS=, WATCHDOG=1.
+
 The master also serves anvil, the per-client counters of the whole host: each SMTP worker gets
 one end of a socketpair at fork, and the loop answers its requests (see `anvil`). Stress mode
 is a flag on the scoreboard that every SMTP worker reads.
@@ -49,6 +52,7 @@ from .control import ControlServer
 from .listen import bind_all
 from .pools import DRAINING, RUNNING, Pool, Worker, resize, set_bounds
 from .worker import MASTER_SIGNALS, WorkerContext, child_after_fork, set_title
+from .notify import Notifier
 from .nuisance import NuisanceWindow
 from .scanner import quarantine
 from .scanner import worker as scanner_worker
@@ -103,6 +107,8 @@ class Master:
         self.metrics_server = None
         self.rss_checked = 0.0
         self.fork_delay = {"smtp": 0.0, "scanner": 0.0}  # the last retry delay, per pool
+        self.notifier = Notifier()
+        self.announced = False  # READY=1 sent for this generation
         bounds = cfg.bounds()
         self.pools = {
             "smtp": Pool("smtp", bounds.smtp_floor, bounds.smtp_ceiling, smtp_worker.main),
@@ -205,6 +211,7 @@ class Master:
 
     def teardown(self) -> None:
         self.control.close()
+        self.notifier.close()
         for sock in self.all_sockets():
             sock.close()
         try:
@@ -242,6 +249,7 @@ class Master:
                 self.step(self.sample)
                 self.step(self.recycle_fat_workers)
                 self.step(self.update_title)
+                self.step(self.report)
         finally:
             self.teardown()
         return 0
@@ -292,7 +300,9 @@ class Master:
     handle_quit = handle_int
 
     def handle_hup(self) -> None:
-        self.reload()
+        self.notifier.reloading()
+        if not self.reload():
+            self.notifier.ready()  # the running configuration goes on serving
 
     def handle_ttin(self) -> None:
         self.apply_resize("smtp", "+1", "signal")
@@ -458,14 +468,15 @@ class Master:
                 missing -= 1
 
     # -- reload and stop
-    def reload(self) -> None:
+    def reload(self) -> bool:
+        """Load the configuration again and replace the workers; False when it is refused."""
         try:
             new = config.load(self.config_path)
         except ConfigError as exc:
             for line in exc.errors:
                 self.log.error("reload: %s", line)
             self.log.error("reload failed: keeping the running configuration")
-            return
+            return False
         old = self.cfg
         for key in ("smtp.listen", "scanner.listen", "master.control_socket", "master.pidfile",
                     "metrics.listen", "scanner.policy"):
@@ -473,7 +484,7 @@ class Master:
                 continue  # a bank's actions may change; its listener may not
             if new.get(key) != old.get(key):
                 self.log.error("reload refused: %s changed; restart poolmgr to apply it", key)
-                return
+                return False
         for warning in new.warnings:
             self.log.warning("reload: %s", warning)
         set_bounds(self.pools, new.bounds(), old.bounds())
@@ -484,6 +495,7 @@ class Master:
         if new.autoscale.enabled != old.autoscale.enabled:
             self.set_autoscale(new.autoscale.enabled, "reload")
         self.generation += 1
+        self.announced = False  # READY=1 again once the new generation serves
         self.log.info("reload: configuration %s, generation %d: replacing workers", new.path,
                       self.generation)
         for pool in self.pools.values():
@@ -494,11 +506,13 @@ class Master:
                     break  # manage() starts the rest after the back-off
             for worker in old_workers:
                 self.retire(worker)
+        return True
 
     def begin_stop(self, how: str) -> None:
         if self.stopping == "fast" or self.stopping == how:
             return
         self.stopping, self.stop_started = how, time.monotonic()
+        self.notifier.stopping()
         for sock in self.all_sockets():
             sock.close()  # workers hold their own copies until they drain
         if how == "fast":
@@ -640,6 +654,36 @@ class Master:
                 if self.stress["source"] == "autoscale" and self.stress["on"]:
                     self.set_stress(False, "autoscale")
         return f"autoscale {'on' if on else 'off'}"
+
+    # -- systemd
+    def report(self) -> None:
+        """Tell systemd (notify.py): READY=1 once both pools have a worker of this generation
+        serving, STATUS= when the summary changes, WATCHDOG=1 while the loop runs."""
+        notifier = self.notifier
+        if not notifier.enabled:
+            return
+        if not self.announced and not self.stopping and self.serving():
+            self.announced = True
+            notifier.ready()
+        notifier.status(self.status_line())
+        notifier.watchdog(time.monotonic(), slack=LOOP_INTERVAL)
+
+    def serving(self) -> bool:
+        """Both pools have a worker of the current generation that has opened its listeners."""
+        return all(any(worker.generation == self.generation and self.board.serving(worker.slot)
+                       for worker in pool.running()) for pool in self.pools.values())
+
+    def status_line(self) -> str:
+        """`smtp 2/2 workers, scanner 2/2, calm`: running/target, then the storm phase."""
+        smtp, scanner = self.pools["smtp"], self.pools["scanner"]
+        words = [f"smtp {len(smtp.running())}/{smtp.target} workers",
+                 f"scanner {len(scanner.running())}/{scanner.target}",
+                 self.scaler.phase if self.autoscale_on else "autoscale off"]
+        if self.stress["on"]:
+            words.append("stress mode")
+        if self.stopping:
+            words.append(f"stopping ({self.stopping})")
+        return ", ".join(words)
 
     def update_title(self) -> None:
         smtp, scanner = self.pools["smtp"], self.pools["scanner"]

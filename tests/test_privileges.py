@@ -122,7 +122,7 @@ def test_unknown_user_or_group_is_a_config_error(tmp_path, key, value):
     path.write_text(f'[master]\n{user}{key} = "{value}"\n')
     result = subprocess.run([sys.executable, "-m", "poolmgr", "run", "-c", str(path)],
                             capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2
+    assert result.returncode == 78  # EX_CONFIG
     assert f"{path}: [master] {key}: unknown {key} '{value}'" in result.stderr
     assert "Traceback" not in result.stderr
 
