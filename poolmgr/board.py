@@ -6,9 +6,10 @@ folds a dead worker's counters into its pool's totals when it frees the slot. Ea
 aligned 4- or 8-byte store, so a reader never sees a torn value. After the slots, one word of
 host-wide flags that only the master writes: stress mode.
 
-Exports: Board, Slot, COUNTERS, SLOTS, CHECK_BUCKETS.
+Exports: Board, Slot, COUNTERS, SLOTS, LATENCY_BUCKETS.
 """
 
+import bisect
 import mmap
 import struct
 import time
@@ -29,13 +30,16 @@ COUNTERS = (
     "scan_ms",              # total scanner time, milliseconds
     "legit",                # sessions classified legit when they closed
 ) + tuple("nuisance_" + reason for reason in REASONS)  # ... or with one nuisance reason
+# Latency histograms (Slot.observe): a time counts in the first bucket whose bound in seconds
+# it is within; times above the last bound count only in the total (handoffs, scanned, _count).
+LATENCY_BUCKETS = (0.01, 0.05, 0.25, 1.0, 5.0, 30.0)
+_BUCKETS = tuple(f"le_{i}" for i in range(len(LATENCY_BUCKETS)))
 # The scanner's verdicts by kind, and per check back-end: runs, failures, total milliseconds,
-# and a latency histogram (a run counts in the first bucket whose bound in seconds it is within;
-# runs above the last bound count only in _count).
-CHECK_BUCKETS = (0.01, 0.05, 0.25, 1.0, 5.0, 30.0)
+# and its latency histogram; the hand-off (SMTP pool) and scan (scanner pool) histograms.
 COUNTERS += tuple(f"verdict_{kind}" for kind in VERDICT_KINDS) + tuple(
     f"check_{name}_{what}" for name in CHECK_NAMES
-    for what in ("count", "failed", "ms", *(f"le_{i}" for i in range(len(CHECK_BUCKETS)))))
+    for what in ("count", "failed", "ms", *_BUCKETS)) + tuple(
+    f"{what}_{bucket}" for what in ("handoff", "scan") for bucket in _BUCKETS)
 _NCOUNTERS = 96
 SLOTS = 1024  # generous: pools of up to 128 workers each, plus workers still draining
 # pid, kind, generation, number, heartbeat, started, sessions, busy, suspect, transacting,
@@ -81,6 +85,12 @@ class Slot:
         offset = self._base + _OFF_COUNTERS + 8 * COUNTERS.index(counter)
         (current,) = struct.unpack_from("=Q", self._mm, offset)
         struct.pack_into("=Q", self._mm, offset, current + amount)
+
+    def observe(self, prefix: str, seconds: float) -> None:
+        """Count `seconds` in the histogram `prefix` (its `PREFIX_le_I` bucket counters)."""
+        index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        if index < len(LATENCY_BUCKETS):
+            self.add(f"{prefix}_le_{index}")
 
 
 class Board:

@@ -6,20 +6,23 @@ only that latest copy, so the HTTP thread never touches the master's live state.
 the endpoint's socket right after fork.
 
 Metrics (prefix `poolmgr_`): pool sizes (`pool_workers`, `pool_target`, `pool_floor`,
-`pool_ceiling`, `pool_draining`), `pool_rss_bytes`, `worker_rss_bytes`, `smtp_sessions`,
-`smtp_slots`, `smtp_accept_queue`, `scanner_busy`, `sessions_total{verdict}` (legit or a
-nuisance reason), `messages_total{outcome}`, `connections_total{pool}`, `handoffs_total`,
-`handoff_wait_seconds_total`, `nuisance_ratio`, `storm`, `stress`,
-`autoscale_decisions_total`.
+`pool_ceiling`, `pool_draining`), `pool_rss_bytes`, `worker_rss_bytes{pool,slot}` (never by
+pid: series must outlive a worker), `smtp_sessions`, `smtp_slots`, `smtp_accept_queue`,
+`scanner_busy`, `sessions_total{verdict}` (legit or a nuisance reason),
+`messages_total{outcome}`, `connections_total{pool}`, `handoffs_total`,
+`handoff_wait_seconds_total`, the histograms `handoff_seconds`, `scan_seconds` and
+`check_seconds{check}`, `check_failures_total{check}`, `scanner_verdicts_total{kind}`,
+`nuisance_ratio`, `storm`, `stress`, `autoscale_decisions_total`, `build_info{version}`; and the
+master's own `process_*` metrics.
 
 Exports: StatusCollector, start.
 """
 
-from prometheus_client import start_http_server
+from prometheus_client import ProcessCollector, start_http_server
 from prometheus_client.core import (CollectorRegistry, CounterMetricFamily,
                                      GaugeMetricFamily, HistogramMetricFamily)
 
-from .board import CHECK_BUCKETS
+from .board import LATENCY_BUCKETS
 from .status import Status
 
 
@@ -44,15 +47,18 @@ class StatusCollector:
                         ("ceiling", "The pool's ceiling (max_workers)"),
                         ("draining", "Workers finishing their sessions before they exit"),
                         ("rss_bytes", "Resident memory of the pool's workers"))}
+        # By pool and slot (the worker's number), never by pid: a pid label would start a new
+        # series for every replacement worker and leave the old ones behind.
         worker_rss = GaugeMetricFamily("poolmgr_worker_rss_bytes", "Resident memory per worker",
-                                       labels=["pool", "number", "pid"])
+                                       labels=["pool", "slot"])
         connections = CounterMetricFamily("poolmgr_connections", "Connections accepted",
                                           labels=["pool"])
         for kind, pool in pools.items():
             for name, family in per_pool.items():
                 family.add_metric([kind], getattr(pool, "rss" if name == "rss_bytes" else name))
             for worker in pool.worker_list:
-                worker_rss.add_metric([kind, str(worker.number), str(worker.pid)], worker.rss)
+                if worker.state == "running":  # a draining worker shares its slot number
+                    worker_rss.add_metric([kind, str(worker.number)], worker.rss)
             connections.add_metric([kind], pool.counters.get("connections", 0))
         yield from per_pool.values()
         yield worker_rss
@@ -89,7 +95,28 @@ class StatusCollector:
                                   value=counters.get("handoff_wait_ms", 0) / 1000)
         yield CounterMetricFamily("poolmgr_autoscale_decisions", "Decisions the autoscaler took",
                                   value=decisions)
+        yield _histogram("poolmgr_handoff_seconds", "Hand-off to the proxy filter, per message",
+                         counters, "handoff", counters.get("handoffs", 0),
+                         counters.get("handoff_wait_ms", 0) / 1000)
+        scanned = pools["scanner"].counters
+        yield _histogram("poolmgr_scan_seconds", "Scanner time per message (checks and "
+                         "re-injection)", scanned, "scan", scanned.get("scanned", 0),
+                         scanned.get("scan_ms", 0) / 1000)
+        build = GaugeMetricFamily("poolmgr_build_info", "poolmgr's version", labels=["version"])
+        build.add_metric([status.version], 1)
+        yield build
         yield from _scanner(status)
+
+
+def _histogram(name: str, help_text: str, counters: dict, prefix: str, count: int,
+               total: float) -> HistogramMetricFamily:
+    """A histogram from a pool's bucket counters (board.Slot.observe)."""
+    cumulative, buckets = 0, []
+    for index, bound in enumerate(LATENCY_BUCKETS):
+        cumulative += counters.get(f"{prefix}_le_{index}", 0)
+        buckets.append((f"{bound:g}", cumulative))
+    buckets.append(("+Inf", count))
+    return HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=total)
 
 
 def _scanner(status: Status):
@@ -108,7 +135,7 @@ def _scanner(status: Status):
                                    labels=["check"])
     for name, check in status.scanner.checks.items():
         cumulative, buckets = 0, []
-        for bound, count in zip(CHECK_BUCKETS, check.buckets):
+        for bound, count in zip(LATENCY_BUCKETS, check.buckets):
             cumulative += count
             buckets.append((f"{bound:g}", cumulative))
         buckets.append(("+Inf", check.runs))
@@ -122,5 +149,6 @@ def start(address: tuple[str, int], collector: StatusCollector):
     """Serve /metrics; returns the HTTP server (its socket is closed in workers)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    ProcessCollector(registry=registry)  # the master's own process_* metrics
     started = start_http_server(address[1], addr=address[0], registry=registry)
     return started[0] if isinstance(started, tuple) else None

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from . import autoscale
-from .board import CHECK_BUCKETS
+from .board import LATENCY_BUCKETS
 from .listen import accept_queue
 from .scanner.verdict import KINDS as VERDICT_KINDS
 
@@ -133,7 +133,7 @@ class CheckStatus:
     runs: int
     failed: int
     seconds: float        # total time spent in it
-    buckets: list[int]    # runs within each bound of board.CHECK_BUCKETS (not cumulative)
+    buckets: list[int]    # runs within each bound of board.LATENCY_BUCKETS (not cumulative)
 
 
 @dataclass
@@ -277,7 +277,7 @@ def _scanner(cfg, counters: dict) -> ScannerStatus:
         checks[name] = CheckStatus(
             counters.get(prefix + "count", 0), counters.get(prefix + "failed", 0),
             counters.get(prefix + "ms", 0) / 1000,
-            [counters.get(f"{prefix}le_{i}", 0) for i in range(len(CHECK_BUCKETS))])
+            [counters.get(f"{prefix}le_{i}", 0) for i in range(len(LATENCY_BUCKETS))])
     return ScannerStatus({kind: counters.get(f"verdict_{kind}", 0) for kind in VERDICT_KINDS},
                          checks)
 

@@ -159,8 +159,21 @@ def test_metrics_endpoint_is_scraped_over_http(make_poolmgr):
     assert samples[("poolmgr_handoffs_total", ())] == 1
     assert samples[("poolmgr_storm", ())] == 0 and samples[("poolmgr_stress", ())] == 0
     assert samples[("poolmgr_smtp_slots", ())] == 2 * 2000
-    rss = [v for (name, labels), v in samples.items() if name == "poolmgr_worker_rss_bytes"]
-    assert len(rss) == 4 and all(v > 1_000_000 for v in rss)
+    rss = {labels: v for (name, labels), v in samples.items()
+           if name == "poolmgr_worker_rss_bytes"}
+    # By pool and slot, never by pid: a replaced worker keeps its series.
+    assert set(rss) == {(("pool", pool), ("slot", slot)) for pool in ("scanner", "smtp")
+                        for slot in ("1", "2")}
+    assert all(v > 1_000_000 for v in rss.values())
+    assert not any("pid" in dict(labels) for _, labels in samples)
+    for histogram in ("poolmgr_handoff_seconds", "poolmgr_scan_seconds"):
+        assert samples[(f"{histogram}_count", ())] == 1
+        assert samples[(f"{histogram}_bucket", (("le", "+Inf"),))] == 1
+        assert samples[(f"{histogram}_bucket", (("le", "30"),))] == 1
+        assert 0 < samples[(f"{histogram}_sum", ())] < 30
+    import poolmgr
+    assert samples[("poolmgr_build_info", (("version", poolmgr.__version__),))] == 1
+    assert samples[("process_resident_memory_bytes", ())] > 1_000_000  # the master's own
     assert f"metrics endpoint on http://127.0.0.1:{port}/metrics" in pm.log()
 
 

@@ -2,7 +2,7 @@
 caught and counted, and the results merged into one `verdict.Verdict`.
 
 Per back-end counters on the worker's scoreboard slot (`check_NAME_count`, `_failed`, `_ms` and
-the latency histogram's buckets `_le_I`, see board.CHECK_BUCKETS) feed `poolmgr status` and
+the latency histogram's buckets `_le_I`, see board.LATENCY_BUCKETS) feed `poolmgr status` and
 /metrics; each verdict is counted as `verdict_KIND`.
 
 Policy banks (`scanner.policy`, amavisd's): mail arriving on a bank's own listener is judged
@@ -12,11 +12,9 @@ section or the bank) lets mail from those clients skip the spam checks.
 Exports: Scanner, Bank, SPAM_CHECKS.
 """
 
-import bisect
 import time
 from dataclasses import dataclass, replace
 
-from ..board import CHECK_BUCKETS
 from ..defence.networks import in_networks
 from . import backends
 from .backends.base import CheckFailed, Message
@@ -90,6 +88,4 @@ class Scanner:
         slot = self.slot
         slot.add(f"check_{name}_count")
         slot.add(f"check_{name}_ms", int(seconds * 1000))
-        index = bisect.bisect_left(CHECK_BUCKETS, seconds)
-        if index < len(CHECK_BUCKETS):
-            slot.add(f"check_{name}_le_{index}")
+        slot.observe(f"check_{name}", seconds)

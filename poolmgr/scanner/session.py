@@ -98,7 +98,9 @@ class ScannerSession(ServerSession):
             service.slot.set_busy(0)
             service.messages += 1
             service.slot.add("scanned")
-            service.slot.add("scan_ms", int((time.monotonic() - started) * 1000))
+            took = time.monotonic() - started
+            service.slot.add("scan_ms", int(took * 1000))
+            service.slot.observe("scan", took)
 
     @property
     def local_port(self) -> int:

@@ -161,7 +161,9 @@ class FrontSession(ServerSession):
             service.log.warning("%s: proxy filter %s failed at %s: %s", env.queue_id,
                                 service.proxy_filter, exc.stage, exc.detail)
             final = R.R451_FILTER_UNAVAILABLE
-        service.slot.add("handoff_wait_ms", int((time.monotonic() - started) * 1000))
+        waited = time.monotonic() - started
+        service.slot.add("handoff_wait_ms", int(waited * 1000))
+        service.slot.observe("handoff", waited)
         verb = "proxy-accept" if final.ok else "proxy-reject"
         counter = ("messages_accepted" if final.ok else
                    "messages_tempfailed" if final.temporary else "messages_rejected")
