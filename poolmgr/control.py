@@ -45,6 +45,7 @@ class ControlServer:
         finally:
             os.umask(old_umask)
         os.chmod(path, mode)
+        self.inode = os.stat(path).st_ino  # a successor (USR2) may bind the path anew
         self.sock.listen(16)
         self.sock.setblocking(False)
         selector.register(self.sock, selectors.EVENT_READ, "control")
@@ -114,7 +115,8 @@ class ControlServer:
         self.selector.unregister(self.sock)
         self.sock.close()
         try:
-            os.unlink(self.path)
+            if os.stat(self.path).st_ino == self.inode:  # still ours, not a successor's
+                os.unlink(self.path)
         except OSError:
             pass
 

@@ -9,9 +9,16 @@ port: then `::` is IPv6 only and the two sockets split the families (as Postfix 
 for a listening socket the kernel reports the queue length in `tcpi_unacked` and the listen
 backlog in `tcpi_sacked`.
 
-Exports: bind, bind_all, accept_queue.
+Sockets already listening can be handed in instead of bound, so that no connection is refused
+while poolmgr restarts: from systemd's socket activation (`LISTEN_PID`, `LISTEN_FDS`, the fds
+from 3 on, sd_listen_fds(3)) or from the master a `USR2` upgrade replaces (`POOLMGR_FDS`, a
+comma-separated list, see upgrade.py). `inherited` reads them, keyed by the address each is
+bound to; `bind` takes the one for its address.
+
+Exports: bind, bind_all, accept_queue, inherited, INHERIT_ENV.
 """
 
+import os
 import socket
 import struct
 
@@ -21,7 +28,45 @@ _TCP_INFO_SIZE = 104
 _UNACKED_SACKED = 24  # offset of tcpi_unacked, tcpi_sacked (u32 each) in struct tcp_info
 
 
-def bind(address: tuple[str, int], listen_backlog: int, v6only: bool = False) -> socket.socket:
+INHERIT_ENV = "POOLMGR_FDS"
+_SD_LISTEN_FDS_START = 3
+
+
+def inherited(environ=os.environ) -> dict[tuple[str, int], socket.socket]:
+    """Listening TCP sockets handed to this process, by (host, port); the variables that
+    named them are removed, so that workers and successors do not take them again."""
+    fds: list[int] = []
+    if environ.get("LISTEN_PID") == str(os.getpid()):
+        try:
+            fds = list(range(_SD_LISTEN_FDS_START,
+                             _SD_LISTEN_FDS_START + int(environ.get("LISTEN_FDS", "0"))))
+        except ValueError:
+            fds = []
+    elif environ.get(INHERIT_ENV):
+        fds = [int(fd) for fd in environ[INHERIT_ENV].split(",") if fd.strip().isdigit()]
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", INHERIT_ENV):
+        environ.pop(name, None)
+    found = {}
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        if sock.type != socket.SOCK_STREAM or \
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0:
+            sock.detach()
+            continue
+        sock.set_inheritable(False)
+        host, port = sock.getsockname()[:2]
+        found[(host, port)] = sock
+    return found
+
+
+def bind(address: tuple[str, int], listen_backlog: int, v6only: bool = False,
+         handed: dict[tuple[str, int], socket.socket] | None = None) -> socket.socket:
+    """A socket listening on `address`: the one handed in for it, or a new one."""
+    if handed and address in handed:
+        return handed.pop(address)
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -36,13 +81,15 @@ def bind(address: tuple[str, int], listen_backlog: int, v6only: bool = False) ->
     return sock
 
 
-def bind_all(addresses, listen_backlog: int) -> list[socket.socket]:
+def bind_all(addresses, listen_backlog: int,
+             handed: dict[tuple[str, int], socket.socket] | None = None) -> list[socket.socket]:
     """One listening socket per address, in order; the first that fails closes the others."""
     socks: list[socket.socket] = []
     try:
         for host, port in addresses:
             socks.append(bind((host, port), listen_backlog,
-                              v6only=host == "::" and ("0.0.0.0", port) in addresses))
+                              v6only=host == "::" and ("0.0.0.0", port) in addresses,
+                              handed=handed))
     except SystemExit:
         for sock in socks:
             sock.close()

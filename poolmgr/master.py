@@ -44,12 +44,12 @@ import time
 
 import psutil
 
-from . import autoscale, config, log, maildir, metrics, privileges, status
+from . import autoscale, config, log, maildir, metrics, privileges, status, upgrade
 from .defence.anvil import Anvil, AnvilServer
 from .board import Board
 from .config import Config, ConfigError, format_address
 from .control import ControlServer
-from .listen import bind_all
+from .listen import bind_all, inherited
 from .pools import DRAINING, RUNNING, Pool, Worker, resize, set_bounds
 from .worker import MASTER_SIGNALS, WorkerContext, child_after_fork, set_title
 from .notify import Notifier
@@ -108,6 +108,8 @@ class Master:
         self.rss_checked = 0.0
         self.fork_delay = {"smtp": 0.0, "scanner": 0.0}  # the last retry delay, per pool
         self.notifier = Notifier()
+        self.predecessor = upgrade.predecessor()  # the master a USR2 upgrade replaces
+        self.successor = 0  # the master this one started on USR2
         self.announced = False  # READY=1 sent for this generation
         bounds = cfg.bounds()
         self.pools = {
@@ -131,9 +133,14 @@ class Master:
         self.log.info("open files limit: %d (hard limit %d)",
                       resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)
         # Each pool's listening sockets: the SMTP pool accepts on every one.
-        self.sockets = {"smtp": bind_all(cfg.smtp.listen, cfg.smtp.listen_backlog),
+        handed = inherited()  # systemd's socket activation, or a USR2 upgrade
+        self.sockets = {"smtp": bind_all(cfg.smtp.listen, cfg.smtp.listen_backlog, handed),
                         "scanner": bind_all(scanner_addresses(cfg),
-                                            cfg.scanner.listen_backlog)}
+                                            cfg.scanner.listen_backlog, handed)}
+        for address, sock in handed.items():
+            self.log.warning("inherited socket %s is not in the configuration: closed",
+                             format_address(address))
+            sock.close()
         if self.metrics is not None:
             try:
                 self.metrics_server = metrics.start(cfg.metrics.listen, self.metrics)
@@ -197,7 +204,7 @@ class Master:
                 pid = int(handle.read().strip() or 0)
         except (OSError, ValueError):
             return
-        if pid and pid != os.getpid() and psutil.pid_exists(pid):
+        if pid and pid not in (os.getpid(), self.predecessor) and psutil.pid_exists(pid):
             try:
                 alive = "poolmgr" in " ".join(psutil.Process(pid).cmdline())
             except psutil.Error:
@@ -215,7 +222,10 @@ class Master:
         for sock in self.all_sockets():
             sock.close()
         try:
-            os.unlink(self.cfg.master.pidfile)
+            with open(self.cfg.master.pidfile) as handle:
+                mine = handle.read().strip() == str(os.getpid())
+            if mine:  # after a USR2 upgrade the pidfile is the successor's
+                os.unlink(self.cfg.master.pidfile)
         except OSError:
             pass
         self.log.info("daemon stopped")
@@ -246,6 +256,7 @@ class Master:
                 else:
                     self.step(self.autoscale)
                     self.step(self.manage)
+                    self.step(self.relieve_predecessor)
                 self.step(self.sample)
                 self.step(self.recycle_fat_workers)
                 self.step(self.update_title)
@@ -309,6 +320,31 @@ class Master:
 
     def handle_ttou(self) -> None:
         self.apply_resize("smtp", "-1", "signal")
+
+    def handle_usr2(self) -> None:
+        """Upgrade poolmgr itself: a new master from the installed code takes the sockets and
+        stops this one once it serves (upgrade.py)."""
+        if self.stopping or self.successor and psutil.pid_exists(self.successor):
+            self.log.warning("upgrade refused: %s", "poolmgr is stopping" if self.stopping
+                             else f"a new master (pid {self.successor}) is already starting")
+            return
+        try:
+            self.successor = upgrade.start_successor(self.config_path, self.all_sockets())
+        except OSError as exc:
+            self.log.error("upgrade failed: cannot start a new master: %s", exc.strerror)
+            return
+        self.log.info("upgrade: started a new master, pid %d; this one stops once it serves",
+                      self.successor)
+
+    def relieve_predecessor(self) -> None:
+        """After a USR2 upgrade: once both pools serve, the old master may stop."""
+        if self.predecessor and not self.stopping and self.serving():
+            self.log.info("upgrade: serving; stopping the old master, pid %d", self.predecessor)
+            try:
+                os.kill(self.predecessor, signal.SIGTERM)
+            except OSError:
+                pass
+            self.predecessor = None
 
     def handle_usr1(self) -> None:
         log.reopen()
@@ -512,6 +548,8 @@ class Master:
         if self.stopping == "fast" or self.stopping == how:
             return
         self.stopping, self.stop_started = how, time.monotonic()
+        if self.successor and psutil.pid_exists(self.successor):
+            self.notifier.send(f"MAINPID={self.successor}")  # systemd follows the new master
         self.notifier.stopping()
         for sock in self.all_sockets():
             sock.close()  # workers hold their own copies until they drain

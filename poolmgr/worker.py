@@ -31,7 +31,7 @@ from .config import Config
 # just accepted, or one whose QUIT is on the way, is still served.
 DRAIN_IDLE_GRACE = 2.0
 MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
-                  signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD)
+                  signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
 
 
 @dataclass
