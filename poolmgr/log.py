@@ -142,7 +142,7 @@ def setup(name: str, master=None, level: int = logging.INFO) -> None:
     if where == "syslog":
         handler = _Syslog(master.syslog_socket, master.syslog_facility, socket.SOCK_DGRAM)
         handler.append_nul = False  # Postfix sends none
-        if handler.socket is None:  # no syslog daemon: say so where someone will see it
+        if handler.socket is None or handler.socket.fileno() < 0:  # no syslog daemon: say so
             handler.close()
             handler = _Stderr()
             problem = f"cannot log to syslog: nothing listens on {master.syslog_socket}; " \
