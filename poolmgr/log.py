@@ -32,8 +32,7 @@ import time
 # undecodable input never reach the log as they came.
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffd]")
 _PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
-_state = {"name": "poolmgr/master", "key": None, "path": "",
-          "host": socket.gethostname()}
+_state = {"name": "poolmgr/master", "key": None, "host": socket.gethostname()}
 
 
 class _Postfix(logging.Formatter):
@@ -152,13 +151,20 @@ def setup(name: str, master=None, level: int = logging.INFO) -> None:
         handler = _Stderr()
         handler.setFormatter(_Postfix(stamped=True))
     else:
-        handler = _File(where)
+        try:
+            handler = _File(where)
+        except OSError as exc:
+            problem = f"cannot open the log file {where}: {exc.strerror}"
+            if root.handlers:  # a reload: keep logging where we did
+                root.warning(problem)
+                return
+            handler, problem = _Stderr(), problem + "; logging to stderr"
         handler.setFormatter(_Postfix(stamped=True))
     for old in list(root.handlers):
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)
-    _state["key"], _state["path"] = key, "" if where in ("syslog", "stderr") else where
+    _state["key"] = key
     if problem:
         root.warning(problem)
 
