@@ -45,7 +45,7 @@ def _config_path(args) -> str | None:
 def cmd_run(args) -> int:
     path = _config_path(args)
     cfg = _load(path)
-    log.setup("poolmgr/master", cfg.master.log_file)
+    log.setup("poolmgr/master", cfg.master)
     from .master import Master
 
     try:
@@ -332,7 +332,7 @@ def cmd_quarantine(args) -> int:
         if args.action == "show":
             sys.stdout.buffer.write(quarantine.read(where, entry))
             return 0
-        log.setup("poolmgr/quarantine", cfg.master.log_file)
+        log.setup("poolmgr/quarantine", cfg.master)
         try:
             result = quarantine.release(cfg, entry)
         except quarantine.ReleaseError as exc:

@@ -304,6 +304,8 @@ def _each(parse, example: str):
 CONVERTERS = {
     "str": _typed((str,), "a string"),
     "path": _typed((str,), "a path string", lambda v: os.path.abspath(v) if v else ""),
+    "log": _typed((str,), '"syslog", "stderr" or a path string',
+                  lambda v: v if v in ("", "syslog", "stderr") else os.path.abspath(v)),
     "int": _typed((int,), "an integer"),
     "float": _typed((int, float), "a number", float),
     "bool": _typed((bool,), "true or false"),
@@ -500,7 +502,7 @@ def from_dict(data: dict[str, Any], path: str = EMBEDDED) -> Config:
         table = data.get(setting.section)
         table = table if isinstance(table, dict) else {}
         given = [k for k in (setting.key, *setting.aliases) if k in table]
-        if len(given) > 1:
+        if len({repr(table[k]) for k in given}) > 1:
             err(setting.name, f"set only one of {' and '.join(given)} (a former name)")
         raw = table[given[0]] if given else _default(setting, path)
         try:

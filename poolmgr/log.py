@@ -1,14 +1,28 @@
-"""Postfix-style logging for every poolmgr process.
+"""Postfix-style logging for every poolmgr process, through the standard library `logging`.
 
-Lines look like Postfix's: `Nov 25 07:00:00 host poolmgr/smtpd[1234]: connect from ...`, with
-`warning: `, `error: ` and `fatal: ` prefixes. Each record is one write(2) of one line, so lines
-from many processes sharing stderr or an O_APPEND file do not interleave. `reopen()` (SIGUSR1)
-reopens the log file for logrotate.
+`master.log` picks the destination:
+- "syslog": `logging.handlers.SysLogHandler` on the datagram socket `master.syslog_socket`
+  (/dev/log) with facility `master.syslog_facility` (mail). Each datagram is
+  `<22>poolmgr/smtpd[1234]: connect from ...`, as Postfix sends `postfix/smtpd[1234]: ...`;
+  the syslog daemon adds the time and host, and the line lands in /var/log/mail.log.
+- "stderr", or a PATH (`logging.handlers.WatchedFileHandler`: it reopens a file that
+  logrotate moved by itself; SIGUSR1 reopens it too): lines carry their own time and host,
+  `Nov 25 07:00:00 host poolmgr/smtpd[1234]: connect from ...`.
+- "" (the default): syslog when systemd started us (INVOCATION_ID or JOURNAL_STREAM) or
+  stderr is not a terminal; stderr otherwise.
 
-Exports: setup, reopen, get.
+The program name is the process's (`set_name`: poolmgr/master, poolmgr/smtpd,
+poolmgr/scanner); `program(name)` gives a logger whose lines say `poolmgr/NAME` instead,
+for the lines that Postfix's cleanup, qmgr and delivery agents write and log readers such as
+pflogsumm count by program. Warnings, errors and fatal errors carry Postfix's `warning: `,
+`error: ` and `fatal: ` in the text. A line on stderr is one write(2), so lines from many
+processes do not interleave.
+
+Exports: setup, reopen, set_name, get, program, target, file_of.
 """
 
 import logging
+import logging.handlers
 import os
 import re
 import socket
@@ -18,45 +32,149 @@ import time
 # undecodable input never reach the log as they came.
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffd]")
 _PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
-_state = {"path": "", "fd": 2, "name": "poolmgr/master", "host": socket.gethostname()}
+_state = {"name": "poolmgr/master", "key": None, "host": socket.gethostname()}
 
 
-class _LineHandler(logging.Handler):
+class _Postfix(logging.Formatter):
+    """`poolmgr/NAME[PID]: warning: text`, with `Mon DD HH:MM:SS host ` before it unless
+    syslog adds its own."""
+
+    def __init__(self, stamped: bool):
+        super().__init__()
+        self.stamped = stamped
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = _UNPRINTABLE.sub("?", record.getMessage().replace("\n", " "))
+        if record.exc_info and record.levelno >= logging.ERROR:
+            text += " (" + repr(record.exc_info[1]) + ")"
+        program = getattr(record, "program", _state["name"])
+        line = f"{program}[{record.process}]: {_PREFIX.get(record.levelno, '')}{text}"
+        if self.stamped:
+            stamp = time.strftime("%b %d %H:%M:%S", time.localtime(record.created))
+            line = f"{stamp} {_state['host']} {line}"
+        return line
+
+
+class _Quiet:
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass  # logging must never take a worker down
+
+
+class _Stderr(_Quiet, logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            stamp = time.strftime("%b %d %H:%M:%S", time.localtime(record.created))
-            text = _UNPRINTABLE.sub("?", record.getMessage().replace("\n", " "))
-            if record.exc_info and record.levelno >= logging.ERROR:
-                text += " (" + repr(record.exc_info[1]) + ")"
-            line = (f"{stamp} {_state['host']} {_state['name']}[{os.getpid()}]: "
-                    f"{_PREFIX.get(record.levelno, '')}{text}\n")
-            os.write(_state["fd"], line.encode("utf-8", "replace"))
-        except Exception:  # logging must never take a worker down
+            os.write(2, (self.format(record) + "\n").encode("utf-8", "replace"))
+        except Exception:
+            self.handleError(record)
+
+
+class _File(_Quiet, logging.handlers.WatchedFileHandler):
+    """Reopens the file when logrotate moved it, as the standard handler does, but opens the
+    new file before it lets go of the old one: a worker that may not open the new file yet
+    (the master hands it over on SIGUSR1) keeps writing to the old one."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            super().emit(record)
+        except Exception:
+            self.handleError(record)
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        return open(fd, "a", encoding="utf-8", errors="replace")
+
+    def reopenIfNeeded(self) -> None:
+        try:
+            st = os.stat(self.baseFilename)
+            if (st.st_dev, st.st_ino) == (self.dev, self.ino) and self.stream is not None:
+                return
+        except FileNotFoundError:
             pass
+        self.reopen()
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            try:
+                stream = self._open()
+            except OSError:
+                return
+            old, self.stream = self.stream, stream
+            if old is not None:
+                old.close()
+            self._statstream()
+        finally:
+            self.release()
 
 
-def setup(name: str, path: str = "", level: int = logging.INFO) -> None:
-    """Route the 'poolmgr' logger to stderr or `path`, tagging lines with `name`."""
+class _Syslog(_Quiet, logging.handlers.SysLogHandler):
+    pass
+
+
+def target(where: str) -> str:
+    """"syslog", "stderr" or a path: what `master.log` means in this process's environment."""
+    if where:
+        return where
+    systemd = "INVOCATION_ID" in os.environ or "JOURNAL_STREAM" in os.environ
+    return "syslog" if systemd or not os.isatty(2) else "stderr"
+
+
+def file_of(master) -> str:
+    """The log file that `master` (the [master] section) names, or "" for syslog and stderr."""
+    where = target(master.log)
+    return "" if where in ("syslog", "stderr") else where
+
+
+def setup(name: str, master=None, level: int = logging.INFO) -> None:
+    """Route the 'poolmgr' logger as the [master] section `master` says (None: stderr),
+    tagging lines with the program `name`."""
     _state["name"] = name
-    if path != _state["path"]:
-        _state["path"] = path
-        reopen()
+    where = target(master.log) if master is not None else "stderr"
+    key = (where, master.syslog_facility, master.syslog_socket) if where == "syslog" \
+        else (where,)
     root = logging.getLogger("poolmgr")
-    if not any(isinstance(h, _LineHandler) for h in root.handlers):
-        root.addHandler(_LineHandler())
     root.setLevel(level)
     root.propagate = False
+    if key == _state["key"]:
+        return
+    problem = ""
+    if where == "syslog":
+        handler = _Syslog(master.syslog_socket, master.syslog_facility, socket.SOCK_DGRAM)
+        handler.append_nul = False  # Postfix sends none
+        if handler.socket is None or handler.socket.fileno() < 0:  # no syslog daemon: say so
+            handler.close()
+            handler = _Stderr()
+            problem = f"cannot log to syslog: nothing listens on {master.syslog_socket}; " \
+                      "logging to stderr"
+        handler.setFormatter(_Postfix(stamped=isinstance(handler, _Stderr)))
+    elif where == "stderr":
+        handler = _Stderr()
+        handler.setFormatter(_Postfix(stamped=True))
+    else:
+        try:
+            handler = _File(where)
+        except OSError as exc:
+            problem = f"cannot open the log file {where}: {exc.strerror}"
+            if root.handlers:  # a reload: keep logging where we did
+                root.warning(problem)
+                return
+            handler, problem = _Stderr(), problem + "; logging to stderr"
+        handler.setFormatter(_Postfix(stamped=True))
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    _state["key"] = key
+    if problem:
+        root.warning(problem)
 
 
 def reopen() -> None:
-    """Reopen the log file (after logrotate moved it); stderr needs nothing."""
-    old = _state["fd"]
-    if _state["path"]:
-        _state["fd"] = os.open(_state["path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    else:
-        _state["fd"] = 2
-    if old != 2 and old != _state["fd"]:
-        os.close(old)
+    """Reopen the log file now (SIGUSR1, after logrotate moved it); syslog and stderr need
+    nothing."""
+    for handler in logging.getLogger("poolmgr").handlers:
+        if isinstance(handler, _File):
+            handler.reopen()
 
 
 def set_name(name: str) -> None:
@@ -65,3 +183,8 @@ def set_name(name: str) -> None:
 
 def get(name: str = "") -> logging.Logger:
     return logging.getLogger("poolmgr" + ("." + name if name else ""))
+
+
+def program(name: str) -> logging.LoggerAdapter:
+    """A logger whose lines say `poolmgr/NAME[PID]` whatever this process's own name."""
+    return logging.LoggerAdapter(get(name), {"program": f"poolmgr/{name}"})

@@ -186,7 +186,7 @@ class Master:
                 maildir.prepare(hop.path)
                 for sub in ("", "tmp", "new", "cur"):
                     privileges.hand_over(os.path.join(hop.path, sub), ids)
-            privileges.hand_over(cfg.master.log_file, ids)
+            privileges.hand_over(log.file_of(cfg.master), ids)
             where = cfg.scanner.quarantine
             if where:
                 os.makedirs(where, mode=0o700, exist_ok=True)
@@ -524,7 +524,7 @@ class Master:
         for warning in new.warnings:
             self.log.warning("reload: %s", warning)
         set_bounds(self.pools, new.bounds(), old.bounds())
-        log.setup("poolmgr/master", new.master.log_file)
+        log.setup("poolmgr/master", new.master)
         self.hand_over_files(new)
         self.cfg = new
         self.anvil.time_unit = new.defence.anvil_rate_time_unit

@@ -52,7 +52,9 @@ def stop_cleanly(instance: Poolmgr, allowed: list[str]) -> list[str]:
                 child.kill()
             except psutil.Error:
                 pass
-    log_file = instance.sections["master"].get("log_file")  # a test's own log file
+    master = instance.sections["master"]
+    log_file = master.get("log", master.get("log_file"))  # a test's own log file
+    log_file = "" if log_file in ("syslog", "stderr") else log_file
     text = instance.log() + (Path(log_file).read_text(errors="replace")
                              if log_file and Path(log_file).exists() else "")
     problems += log_problems(text, allowed)

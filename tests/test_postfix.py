@@ -162,7 +162,7 @@ def test_recipient_refused_beside_an_accepted_one_gets_a_dsn(in_front_either_han
     assert headers.get_content_type() == "text/rfc822-headers"
     assert b"Subject: mixed" in headers.get_payload(decode=True)
     log = pm.log()
-    assert re.search(f"to=<{REFUSED}>, relay=smtp:127.0.0.1:{postfix.front_port}, .* "
+    assert re.search(f"to=<{REFUSED}>, relay=127.0.0.1\\[127.0.0.1\\]:{postfix.front_port}, .* "
                      r"status=bounced \(550 5\.1\.1 ", log)
     assert "sender non-delivery notification: " in log
 

@@ -11,13 +11,15 @@ notification (`smtp.dsn`).
 Exports: ScannerSession.
 """
 
+import ipaddress
 import time
 
-from .. import maildir
+from .. import log, maildir
 from ..smtp import dsn, relay
 from ..defence.networks import in_networks
 from ..smtp import replies as R
-from ..smtp.headers import received, remove_field, tag_subject
+from ..config import format_address
+from ..smtp.headers import message_id, received, remove_field, tag_subject
 from ..smtp.parse import parse_xforward
 from ..smtp.protocol import BASE_COMMANDS, Command, Envelope, Refused, ServerSession
 from . import quarantine
@@ -26,6 +28,12 @@ from .verdict import FORGEABLE
 
 
 SCAN_HEADER = FORGEABLE[0]  # X-Poolmgr-Scan
+# A message the scanner passes is received, queued and delivered in one go; it logs the lines
+# Postfix's cleanup, qmgr and delivery agent would, under their names, so that log readers
+# (pflogsumm counts deliveries by these lines) see the usual story.
+CLEANUP, QMGR = log.program("cleanup"), log.program("qmgr")
+AGENTS = {"smtp": log.program("smtp"), "lmtp": log.program("lmtp"),
+          "maildir": log.program("virtual")}
 
 
 class ScannerSession(ServerSession):
@@ -85,7 +93,10 @@ class ScannerSession(ServerSession):
                 data = remove_field(data, field_name)
             data = headers + tag_subject(data, verdict.subject_tag)
             self._log_passed(env, verdict, client, len(data), started, bank.name)
-            replies = self._forward(env, data, forwarded, started, verdict.summary)
+            CLEANUP.info("%s: message-id=%s", env.queue_id, message_id(data))
+            QMGR.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", env.queue_id,
+                      env.mail_from, len(data), len(env.rcpts))
+            replies = self._forward(env, data, forwarded, started)
             if self.proto == "LMTP":
                 return replies  # the client gets one reply per recipient
             hop = service.cfg.scanner.next_hop
@@ -152,22 +163,21 @@ class ScannerSession(ServerSession):
                          (time.monotonic() - started) * 1000)
         return [reply] * len(env.rcpts)
 
-    def _forward(self, env: Envelope, data: bytes, forwarded: dict, started: float,
-                 result: str) -> list[R.Reply]:
+    def _forward(self, env: Envelope, data: bytes, forwarded: dict,
+                 started: float) -> list[R.Reply]:
         service = self.service
         hop = service.cfg.scanner.next_hop
+        handed_off = time.monotonic()
         if hop.kind == "maildir":
-            relay_name = "maildir"
             try:
                 name = maildir.deliver(hop.path, f"Return-Path: <{env.mail_from}>\r\n".encode()
-                                        + data)
+                                       + data)
                 replies = [R.R250_QUEUED.format(queue_id=name)] * len(env.rcpts)
             except OSError as exc:
                 service.log.warning("%s: maildir delivery to %s failed: %s", env.queue_id,
                                     hop.path, exc.strerror)
                 replies = [R.R451_NEXT_HOP_UNAVAILABLE] * len(env.rcpts)
         else:
-            relay_name = str(hop)
             xforward = {"NAME": forwarded.get("NAME", "[UNAVAILABLE]"),
                         "ADDR": forwarded.get("ADDR", self.peer[0]),
                         "PROTO": forwarded.get("PROTO", self.proto),
@@ -185,12 +195,21 @@ class ScannerSession(ServerSession):
                                     exc.stage, exc.detail)
                 replies = [R.R451_SCAN_TIMEOUT if exc.stage == "timeout"
                            else R.R451_NEXT_HOP_UNAVAILABLE] * len(env.rcpts)
-        delay = time.monotonic() - started
+        done = time.monotonic()
+        # Postfix's delays=a/b/c/d: before the queue manager (here the scan), in it (no queue
+        # here), connection set-up, transmission; the next hop's connection and transaction
+        # are timed together, as d.
+        delays = f"{_seconds(handed_off - started)}/0/0/{_seconds(done - handed_off)}"
+        relay_name = "virtual" if hop.kind == "maildir" else \
+            f"{hop.host}[{hop.host}]:{hop.port}" if _is_address(hop.host) else \
+            format_address((hop.host, hop.port))
         for rcpt, reply in zip(env.rcpts, replies):
             status = "sent" if reply.ok else "deferred" if reply.temporary else "bounced"
-            service.log.info("%s: to=<%s>, relay=%s, delay=%.2f, dsn=%s, result=%s, status=%s (%s)",
-                             env.queue_id, rcpt, relay_name, delay, reply.status or "-", result,
-                             status, reply)
+            text = "delivered to maildir" if hop.kind == "maildir" and reply.ok else str(reply)
+            AGENTS[hop.kind].info("%s: to=<%s>, relay=%s, delay=%s, delays=%s, dsn=%s, "
+                                  "status=%s (%s)", env.queue_id, rcpt, relay_name,
+                                  _seconds(done - started), delays,
+                                  reply.status or f"{reply.code // 100}.0.0", status, text)
         return replies
 
 
@@ -199,6 +218,20 @@ ScannerSession.commands = {
     "LHLO": Command(ScannerSession.do_lhlo, "lhlo"),
     "XFORWARD": Command(ScannerSession.do_xforward, "xforward", needs_helo=True),
 }
+
+
+def _seconds(value: float) -> str:
+    """As Postfix writes delays: two significant digits, whole seconds from 10 on, 0 below
+    10 ms."""
+    return "0" if value < 0.01 else f"{value:.2g}" if value < 10 else f"{value:.0f}"
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _hits(verdict) -> str:

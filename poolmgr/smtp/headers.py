@@ -1,13 +1,14 @@
 """Trace headers: the Received: line each hop adds (RFC 5321 section 4.4), and removing a
 header field a client must not be able to forge.
 
-Exports: received, remove_field, header_section, tag_subject.
+Exports: received, remove_field, header_section, tag_subject, message_id.
 """
 
 import email.utils
 import re
 
 HELO_MAX = 255  # RFC 1035 section 2.3.4: a domain name has at most 255 octets
+_MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
 
 
 def received(*, helo: str | None, addr: str, by: str, software: str, proto: str,
@@ -71,3 +72,11 @@ def tag_subject(data: bytes, tag: str) -> bytes:
     if data[match.end():].startswith(encoded):
         return data
     return data[:match.end()] + encoded + data[match.end():]
+
+
+def message_id(data: bytes) -> str:
+    """The Message-ID field's value, unfolded, or "" when there is none."""
+    match = _MESSAGE_ID.search(header_section(data))
+    if match is None:
+        return ""
+    return " ".join(match.group(1).decode("utf-8", "replace").split())

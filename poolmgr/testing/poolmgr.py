@@ -55,15 +55,25 @@ class Poolmgr:
         }
         for section, values in (overrides or {}).items():
             self.sections.setdefault(section, {}).update(values)
-        self.config = write_config(self.dir / "poolmgr.toml", self.sections)
+        self.config = self.dir / "poolmgr.toml"
+        self._write_config()
         self.log_path = self.dir / "poolmgr.log"
         self.proc: subprocess.Popen | None = None
 
     def configure(self, section: str, **values) -> "Poolmgr":
         """Change settings before start (for values that need this instance's own ports)."""
         self.sections.setdefault(section, {}).update(values)
-        write_config(self.config, self.sections)
+        self._write_config()
         return self
+
+    def _write_config(self) -> None:
+        """The config file; it logs to stderr, which is this harness's log file, unless the
+        test names its own log or log_file (without a terminal poolmgr would use syslog)."""
+        master = self.sections["master"]
+        if "log" in master or "log_file" in master:
+            write_config(self.config, self.sections)
+        else:
+            write_config(self.config, {**self.sections, "master": {**master, "log": "stderr"}})
 
     def start(self, wait: bool = True) -> "Poolmgr":
         self._log = open(self.log_path, "ab")

@@ -1,0 +1,152 @@
+"""Logging: master.log (syslog, stderr, a file; log_file as its former name), the syslog
+datagrams Postfix's way, and a log that pflogsumm reads as it reads Postfix's."""
+
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+
+import pytest
+
+from helpers import message, wait_until
+from poolmgr import config, log
+from poolmgr.config import ConfigError
+
+
+class SyslogSocket:
+    """A syslog daemon's /dev/log, made by the test: every datagram, as text."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        while True:
+            try:
+                self.lines.append(self.sock.recv(65536).decode("utf-8", "replace"))
+            except OSError:
+                return
+
+    def find(self, pattern: str) -> list[str]:
+        return [line for line in list(self.lines) if re.search(pattern, line)]
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def syslog(tmp_path):
+    server = SyslogSocket(tmp_path / "log")
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("facility, priority", [("mail", 22), ("local0", 134)])
+def test_syslog_lines_carry_the_facility_and_postfix_ident(make_poolmgr, syslog, facility,
+                                                            priority):
+    pm = make_poolmgr({"master": {"log": "syslog", "syslog_socket": syslog.path,
+                                  "syslog_facility": facility}})
+    master = wait_until(lambda: syslog.find(rf"^<{priority}>poolmgr/master\[{pm.proc.pid}\]: "
+                                            r"daemon started"), what="the master's line")
+    with pm.smtp() as client:
+        client.noop()
+    connect = wait_until(lambda: syslog.find(r"poolmgr/smtpd\[\d+\]: connect from "
+                                             r"unknown\[127\.0\.0\.1\]$"), what="connect line")
+    assert re.fullmatch(rf"<{priority}>poolmgr/smtpd\[\d+\]: connect from "
+                        r"unknown\[127\.0\.0\.1\]", connect[0])
+    assert master and not any(line.endswith("\0") for line in syslog.lines)
+    assert "connect from" not in pm.log()  # nothing went to stderr
+
+
+def test_log_file_is_the_former_name_of_log():
+    assert config.from_dict({"master": {"log_file": "/tmp/x.log"}}).master.log == "/tmp/x.log"
+    assert config.from_dict({"master": {"log": "syslog"}}).master.log == "syslog"
+    with pytest.raises(ConfigError, match=r"\[master\] log: set only one of log and log_file"):
+        config.from_dict({"master": {"log": "syslog", "log_file": "/tmp/x.log"}})
+    with pytest.raises(ConfigError, match=r"\[master\] syslog_facility: must be one of"):
+        config.from_dict({"master": {"syslog_facility": "mial"}})
+
+
+@pytest.fixture
+def fresh_logging():
+    """log.setup changes this process's 'poolmgr' logger: put it back afterwards."""
+    root = logging.getLogger("poolmgr")
+    saved = (list(root.handlers), root.propagate, root.level, dict(log._state))
+    root.handlers = []
+    yield
+    for handler in root.handlers:
+        handler.close()
+    root.handlers, root.propagate, root.level = saved[:3]
+    log._state.clear()
+    log._state.update(saved[3])
+
+
+def test_log_goes_to_syslog_under_systemd_or_without_a_terminal(monkeypatch):
+    monkeypatch.setenv("INVOCATION_ID", "0123")
+    assert log.target("") == "syslog"
+    assert log.target("stderr") == "stderr" and log.target("/var/log/x") == "/var/log/x"
+    monkeypatch.delenv("INVOCATION_ID")
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    monkeypatch.setattr(os, "isatty", lambda fd: True)
+    assert log.target("") == "stderr"
+    monkeypatch.setattr(os, "isatty", lambda fd: False)
+    assert log.target("") == "syslog"
+
+
+def test_file_lines_have_postfix_shape_and_program_names(tmp_path, fresh_logging):
+    path = tmp_path / "mail.log"
+    master = config.from_dict({"master": {"log": str(path)}}).master
+    log.setup("poolmgr/scanner", master)
+    assert log.file_of(master) == str(path)
+    log.get("scanner").warning("odd\x07 thing")
+    log.program("qmgr").info("ABC: from=<a@b>, size=1, nrcpt=1 (queue active)")
+    stamp = r"[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \S+ "
+    lines = path.read_text().splitlines()
+    assert re.fullmatch(stamp + rf"poolmgr/scanner\[{os.getpid()}\]: warning: odd\? thing",
+                        lines[0])
+    assert re.fullmatch(stamp + rf"poolmgr/qmgr\[{os.getpid()}\]: ABC: from=<a@b>, size=1, "
+                        r"nrcpt=1 \(queue active\)", lines[1])
+
+
+def test_missing_syslog_socket_falls_back_to_stderr(tmp_path, fresh_logging, capfd):
+    master = config.from_dict({"master": {"log": "syslog",
+                                          "syslog_socket": str(tmp_path / "none")}}).master
+    log.setup("poolmgr/master", master)
+    assert "poolmgr/master[" in capfd.readouterr().err
+
+
+def pflogsumm_totals(text: str) -> dict[str, int]:
+    """pflogsumm's "Grand Totals" messages block: {'received': N, 'delivered': N, ...}."""
+    block = text.split("Grand Totals", 1)[1].split("bytes received", 1)[0]
+    return {name: int(count) for count, name in re.findall(r"^\s*(\d+)\s+(\w+)", block, re.M)}
+
+
+@pytest.mark.skipif(shutil.which("pflogsumm") is None, reason="Debian's pflogsumm is needed")
+def test_pflogsumm_counts_received_delivered_and_rejected(make_poolmgr, tmp_path):
+    logfile = tmp_path / "mail.log"
+    pm = make_poolmgr({"master": {"log": str(logfile)}})
+    accepted, rejected = 3, 2
+    for n in range(accepted):
+        with pm.smtp() as client:
+            client.sendmail("alice@example.org", ["bob@example.test"], message(f"pflogsumm {n}"))
+    for n in range(rejected):
+        with pm.smtp(source="127.0.0.2") as client:  # outside mynetworks
+            client.ehlo()
+            client.mail("alice@example.org")
+            code, _ = client.rcpt(f"someone{n}@elsewhere.example")
+            assert code == 554
+    wait_until(lambda: logfile.read_text().count("status=sent") == accepted,
+               what="the delivery lines")
+    result = subprocess.run(["pflogsumm", "--syslog-name=poolmgr", str(logfile)],
+                            capture_output=True, text=True, timeout=60, check=True)
+    print(result.stdout)
+    totals = pflogsumm_totals(result.stdout)
+    assert (totals["received"], totals["delivered"], totals["rejected"]) == \
+        (accepted, accepted, rejected)
+    assert "bob@example.test" in result.stdout  # recipients by message count
