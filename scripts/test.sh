@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 # gives the plan tests their time zones; the scanner's check back-ends are tested against the
 # real daemons (clamav-daemon, spamd, rspamd), each started by the tests with a private config;
 # the service tests run systemd-analyze verify (with man-db for the unit's man page), groff,
-# logrotate and fail2ban-regex on what poolmgr ships and logs.
+# logrotate, fail2ban-regex and pflogsumm on what poolmgr ships and logs.
 debs=(postfix swaks dnsmasq-base openssl procps util-linux mount bsdutils tzdata clamav-daemon
-      spamd spamassassin rspamd systemd man-db groff-base logrotate fail2ban)
+      spamd spamassassin rspamd systemd man-db groff-base logrotate fail2ban pflogsumm)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
