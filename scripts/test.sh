@@ -21,8 +21,17 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     # Postfix must not configure or start a system instance: the tests run their own.
     echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
+    # Nor may the daemons start system instances (clamd, spamd, rspamd, fail2ban): unless the
+    # machine already says so (Docker images do), a policy-rc.d for the time of the install.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+        $sudo chmod 755 "$policy"
+    fi
     $sudo apt-get update -q
     $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+    [ -z "$policy" ] || $sudo rm -f "$policy"
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
