@@ -26,6 +26,7 @@ if ((${#missing[@]})); then
     policy=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         policy=/usr/sbin/policy-rc.d
+        trap '$sudo rm -f "$policy"' EXIT  # also when the install fails
         printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
         $sudo chmod 755 "$policy"
     fi
