@@ -2,6 +2,7 @@
 local tests only; and its answer parser and failures against fake daemons."""
 
 import json
+import re
 import socket
 import threading
 
@@ -56,7 +57,7 @@ def spamd():
 def test_gtube_is_spam(spamd):
     result = backend(spamd.address).check(message(spam()))
     assert result.check == "spamd"
-    assert result.score >= 1000
+    assert result.score >= 900  # GTUBE: 1000, give or take the other rules
     assert result.required == 5.0
     assert "GTUBE" in result.tests
     assert result.skipped == ""
@@ -230,7 +231,9 @@ def test_tag_and_tag2_levels_through_poolmgr(make_poolmgr, spamd):
     assert "X-Spam-Flag: NO" in plain and "X-Spam-Status: No, score=" in plain
     assert "tagged_above=-100 required=50" in plain
     assert "Subject: minutes" in plain
-    assert "X-Spam-Flag: YES" in gtube and "X-Spam-Status: Yes, score=100" in gtube
+    # GTUBE is 1000 points; other rules move it a little (ALL_TRUSTED -1, ...).
+    assert "X-Spam-Flag: YES" in gtube and re.search(r"X-Spam-Status: Yes, score=9\d\d\.|"
+                                                     r"X-Spam-Status: Yes, score=1\d\d\d\.", gtube)
     assert "GTUBE" in gtube and "X-Spam-Level: " + "*" * 64 + "\r\n" in gtube
     assert "Subject: ***Spam*** minutes" in gtube
     assert "X-Virus-Scanned: poolmgr at" in gtube
@@ -240,7 +243,8 @@ def test_tag_and_tag2_levels_through_poolmgr(make_poolmgr, spamd):
 def test_gtube_at_kill_level_is_rejected_before_the_queue(make_poolmgr, spamd):
     pm = with_spamd(make_poolmgr, spamd.address, spam_action="reject")
     code, text = send(pm, spam())
-    assert code == 554 and text.startswith(b"5.7.0 Rejected: spam, score=1")
+    assert code == 554
+    assert re.fullmatch(rb"5\.7\.0 Rejected: spam, score=(9\d\d|1\d\d\d)\.\d+", text)
     assert pm.delivered() == []
     assert "Blocked SPAM {Rejected,Quarantined}" in pm.log()
 
@@ -251,7 +255,8 @@ def test_gtube_at_kill_level_is_discarded_into_the_quarantine(make_poolmgr, spam
     assert code == 250 and b"discarded" in text
     assert pm.delivered() == []
     (entry,) = json.loads(pm.run_cli("quarantine", "list", "--json", check=True).stdout)
-    assert entry["verdict"] == "spam_killed" and entry["reason"].startswith("SPAM (score=1")
+    assert entry["verdict"] == "spam_killed"
+    assert re.fullmatch(r"SPAM \(score=(9\d\d|1\d\d\d)\.\d+\)", entry["reason"])
 
 
 @pytest.mark.log_allows(r"spamd check failed")
