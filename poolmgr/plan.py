@@ -6,7 +6,12 @@ smtpd session, and they name that session's nuisance reason) into sessions. Clas
 timestamps carry neither year nor zone: they are read in the zone given (`--tz`, default the
 local one) and the year given; ISO timestamps (rsyslog's RFC 3339 format) carry their own
 offset. Each session has: start, end, and whether the session was legitimate (it delivered:
-`data=N` accepted in the disconnect line) or nuisance, with a reason. `per_minute` reports
+`data=N` accepted in the disconnect line) or nuisance, with a reason, and whether it was
+refused at connect. Every connection offered counts, not only those smtpd saw: postscreen's
+`CONNECT from` opens one, its tests (PREGREET, DNSBL rank, HANGUP...) name its reason, `PASS
+NEW/OLD` hands it on to smtpd (counted there), and `NOQUEUE: reject: CONNECT from ...: all
+screening ports busy` or `too many connections` refuses it; so does smtpd's (and poolmgr's)
+`Connection concurrency|rate limit exceeded` or `NOQUEUE: reject: CONNECT from ...`. `per_minute` reports
 arrivals, nuisance ratio, hold times and peak concurrency per minute; `recommend` sizes the
 pools with the arithmetic shown, by Little's law: concurrency = arrival rate x hold time.
 
@@ -29,8 +34,15 @@ _SMTPD_CONNECT = re.compile(r"^connect from " + _CLIENT)
 _SMTPD_DISCONNECT = re.compile(r"^disconnect from " + _CLIENT + r"(?P<stats>.*)$")
 _SMTPD_LOST = re.compile(r"^(?:lost connection|timeout) after (?P<cmd>\S+) from " + _CLIENT)
 # smtpd's `unknown[ip]: 550`, or postscreen's `[ip]:port: 550` (poolmgr's enforced clients)
-_SMTPD_REJECT = re.compile(r"^NOQUEUE: reject: \S+ from " + _CLIENT +
+_SMTPD_REJECT = re.compile(r"^NOQUEUE: reject: (?P<stage>\S+) from " + _CLIENT +
                            r"(?::\d+)?: (?P<code>\d{3})")
+# anvil's limits as Postfix's smtpd (and poolmgr's) log them: the connection is refused
+_SMTPD_LIMIT = re.compile(r"^(?:warning: )?Connection (?:concurrency|rate) limit exceeded: "
+                          r"\d+ from " + _CLIENT)
+# postscreen refusing a connection outright: `NOQUEUE: reject: CONNECT from [ip]:port: all
+# screening ports busy` (or `too many connections`); no test ran, nothing is handed on.
+_PS_REFUSED = re.compile(r"^(?:NOQUEUE: )?reject: connect from \[(?P<ip>[^\]]+)\]:"
+                         r"(?P<port>\d+): (?P<why>.*)$", re.I)
 _PS_CONNECT = re.compile(r"^CONNECT from \[(?P<ip>[^\]]+)\]:(?P<port>\d+)")
 _PS_END = re.compile(r"^(?:DISCONNECT|PASS (?:NEW|OLD)) \[(?P<ip>[^\]]+)\]:(?P<port>\d+)")
 _PS_EVENT = re.compile(r"^(?P<what>PREGREET|DNSBL rank|HANGUP|COMMAND PIPELINING|"
@@ -47,6 +59,7 @@ class Session:
     legit: bool
     reason: str = ""   # nuisance reason; "" for legit
     source: str = "smtpd"
+    refused: bool = False  # turned away at connect (busy, too many connections, denylisted)
 
     @property
     def hold(self) -> float:
@@ -103,10 +116,16 @@ def parse_maillog(lines, year: int | None = None, tz: tzinfo | None = None) -> l
                 stack = open_smtpd.get((pid, m["ip"]))
                 if stack and not stack[-1][1]:
                     stack[-1] = (stack[-1][0], _ps_reason(m["what"]))
+            elif m := _SMTPD_LIMIT.match(msg):
+                stack = open_smtpd.get((pid, m["ip"]))
+                if stack:
+                    stack[-1] = (stack[-1][0], "refused")
             elif m := _SMTPD_REJECT.match(msg):
                 stack = open_smtpd.get((pid, m["ip"]))
                 if stack:
-                    stack[-1] = (stack[-1][0], stack[-1][1] or f"reject_{m['code']}")
+                    reason = "refused" if m["stage"].upper() == "CONNECT" else \
+                        f"reject_{m['code']}"
+                    stack[-1] = (stack[-1][0], stack[-1][1] or reason)
             elif m := _SMTPD_LOST.match(msg):
                 stack = open_smtpd.get((pid, m["ip"]))
                 if stack and not stack[-1][1]:
@@ -125,18 +144,32 @@ def parse_maillog(lines, year: int | None = None, tz: tzinfo | None = None) -> l
                 if not delivered and not reason:
                     reason = ("lost_after_connect" if commands and commands[1] == "0" and
                               not commands[2] else "no_delivery")
-                sessions.append(Session(started, when, delivered, "" if delivered else reason))
+                sessions.append(Session(started, when, delivered, "" if delivered else reason,
+                                        refused=reason == "refused"))
         elif prog.endswith("/postscreen"):
             if m := _PS_CONNECT.match(msg):
                 open_ps[(m["ip"], m["port"])] = (when, "")
+            elif m := _PS_REFUSED.match(msg):
+                entry = open_ps.pop((m["ip"], m["port"]), None)
+                why = "busy" if "busy" in m["why"] else "refused"
+                sessions.append(Session(entry[0] if entry else when, when, False,
+                                        f"refused_{why}" if why == "busy" else why,
+                                        "postscreen", refused=True))
             elif m := _PS_EVENT.match(msg):
                 key = (m["ip"], m["port"])
                 if key in open_ps and not open_ps[key][1]:
                     open_ps[key] = (open_ps[key][0], _ps_reason(m["what"]))
             elif m := _PS_END.match(msg):
                 entry = open_ps.pop((m["ip"], m["port"]), None)
-                if entry and entry[1]:  # passed clients go on to smtpd, counted there
-                    sessions.append(Session(entry[0], when, False, entry[1], "postscreen"))
+                if entry and (entry[1] or msg.startswith("DISCONNECT")):
+                    # a client that passed goes on to smtpd and is counted there
+                    sessions.append(Session(entry[0], when, False, entry[1] or "hangup",
+                                            "postscreen"))
+    # Connections the log ends in the middle of were offered too.
+    end = max((s.end for s in sessions), default=0.0)
+    for started, reason in open_ps.values():
+        sessions.append(Session(started, max(end, started), False, reason or "open",
+                                "postscreen"))
     return sorted(sessions, key=lambda s: s.start)
 
 
@@ -170,6 +203,7 @@ def per_minute(sessions: list[Session]) -> list[dict]:
         holds = [s.hold for s in inside]
         minutes.append({
             "minute": t, "connections": len(inside), "legit": len(inside) - nuisance,
+            "refused": sum(1 for s in inside if s.refused),
             "nuisance_ratio": round(nuisance / len(inside), 3) if inside else 0.0,
             "hold_mean_s": round(statistics.fmean(holds), 2) if holds else 0.0,
             "hold_p95_s": round(sorted(holds)[int(0.95 * (len(holds) - 1))], 2) if holds else 0.0,
@@ -214,7 +248,10 @@ def recommend(sessions: list[Session], sessions_per_worker: int = 2000,
     lines.append(f"rule: scanner <= SMTP, so the SMTP floor is at least {scanners}")
     total = len(sessions)
     nuisance = sum(1 for s in sessions if not s.legit)
-    return {"minutes": minutes, "sessions": total,
+    refused = sum(1 for s in sessions if s.refused)
+    lines.insert(0, f"offered load: {total} connections, {refused} refused at connect "
+                    f"({refused / total:.0%}), {total - nuisance} legitimate")
+    return {"minutes": minutes, "sessions": total, "refused": refused,
             "nuisance_ratio": round(nuisance / total, 3) if total else 0.0,
             "smtp": {"min_workers": floor, "max_workers": ceiling},
             "scanner": {"min_workers": scanners, "max_workers": max(scanners, 2 * scanners)},
@@ -225,11 +262,11 @@ def render(plan: dict, tz: tzinfo | None = None) -> str:
     out = []
     if plan.get("minutes"):
         out.append(f"{plan['sessions']} sessions, nuisance ratio {plan['nuisance_ratio']:.2f}")
-        out.append(f"{'minute':<17} {'conns':>6} {'legit':>6} {'nuisance':>8} "
+        out.append(f"{'minute':<17} {'conns':>6} {'refused':>7} {'legit':>6} {'nuisance':>8} "
                    f"{'hold mean':>9} {'hold p95':>8} {'peak conc.':>10}")
         for m in plan["minutes"]:
             stamp = datetime.fromtimestamp(m["minute"], tz).strftime("%Y-%m-%d %H:%M")
-            out.append(f"{stamp:<17} {m['connections']:>6} {m['legit']:>6} "
+            out.append(f"{stamp:<17} {m['connections']:>6} {m['refused']:>7} {m['legit']:>6} "
                        f"{m['nuisance_ratio']:>8.2f} {m['hold_mean_s']:>8.1f}s "
                        f"{m['hold_p95_s']:>7.1f}s {m['peak_concurrency']:>10}")
         out.append("")

@@ -163,3 +163,59 @@ def test_plan_command_reads_a_maillog_and_a_bench_result(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 sessions, nuisance ratio 0.67" in out
     assert cli_main(["plan"]) == 2
+
+
+def postscreen_storm(connections: int, busy: int, passed: int) -> list[str]:
+    """A postscreen storm as Postfix logs it: every client CONNECTs; `busy` of them are refused
+    at once (all screening ports busy), `passed` pass the tests and go on to smtpd, which
+    delivers their message; the rest hang up during the tests."""
+    lines = []
+    for n in range(connections):
+        stamp = f"Nov 25 10:{n // 600:02d}:{n // 10 % 60:02d}"
+        ip, port = f"192.0.{n // 250}.{n % 250 + 1}", 40000 + n
+        ps = f"{stamp} mx postfix/postscreen[900]:"
+        lines.append(f"{ps} CONNECT from [{ip}]:{port} to [198.51.100.1]:25")
+        if n < busy:
+            lines.append(f"{ps} NOQUEUE: reject: CONNECT from [{ip}]:{port}: all screening "
+                         f"ports busy")
+        elif n < busy + passed:
+            lines.append(f"{ps} PASS NEW [{ip}]:{port}")
+            sd = f"{stamp} mx postfix/smtpd[{2000 + n}]:"
+            lines += [f"{sd} connect from unknown[{ip}]",
+                      f"{sd} disconnect from unknown[{ip}] ehlo=1 mail=1 rcpt=1 data=1 quit=1 "
+                      f"commands=5"]
+        else:
+            lines += [f"{ps} HANGUP after 1.2 from [{ip}]:{port} in tests after SMTP handshake",
+                      f"{ps} DISCONNECT [{ip}]:{port}"]
+    return lines
+
+
+def test_a_postscreen_storm_counts_every_connection_offered():
+    """The issue's storm: 3,040 CONNECTs, 2,815 refused as busy, 211 passed; smtpd alone saw
+    about 200 sessions, but the offered load is every connection, and the plan says how much
+    was refused."""
+    sessions = plan.parse_maillog(postscreen_storm(3040, 2815, 211), year=2026)
+    assert len(sessions) == 3040
+    assert sum(s.refused for s in sessions) == 2815
+    assert sum(s.legit for s in sessions) == 211
+    assert {s.reason for s in sessions if not s.legit} == {"refused_busy", "hangup"}
+    result = plan.recommend(sessions)
+    assert result["sessions"] == 3040 and result["refused"] == 2815
+    assert result["lines"][0] == ("offered load: 3040 connections, 2815 refused at connect "
+                                  "(93%), 211 legitimate")
+    assert sum(m["refused"] for m in result["minutes"]) == 2815
+    assert "refused" in plan.render(result).splitlines()[1]
+
+
+@pytest.mark.parametrize("refusal", [
+    "warning: Connection concurrency limit exceeded: 11 from unknown[192.0.2.9] for service "
+    "smtp",  # poolmgr's and Postfix's anvil limits
+    "NOQUEUE: reject: CONNECT from unknown[192.0.2.9]: 554 5.7.1 <unknown[192.0.2.9]>: Client "
+    "host rejected: Access denied; proto=SMTP"])
+def test_smtpd_refusals_at_connect_are_refused_load(refusal):
+    lines = ["Nov 25 10:00:01 mx poolmgr/smtpd[7]: connect from unknown[192.0.2.9]",
+             f"Nov 25 10:00:01 mx poolmgr/smtpd[7]: {refusal}",
+             "Nov 25 10:00:01 mx poolmgr/smtpd[7]: disconnect from unknown[192.0.2.9] "
+             "commands=0"]
+    (session,) = plan.parse_maillog(lines, year=2026)
+    assert session.refused and session.reason == "refused" and not session.legit
