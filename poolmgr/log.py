@@ -34,6 +34,13 @@ _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffd]")
 _PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
 _state = {"name": "poolmgr/master", "key": None, "host": socket.gethostname()}
 
+# The hot path logs several lines per message: skip what no line uses (the logging HOWTO's
+# "Optimization"): the caller's file and line (findCaller walks the stack), thread and
+# multiprocessing names. The pid (record.process) is kept: every line carries it.
+logging._srcfile = None
+logging.logThreads = False
+logging.logMultiprocessing = False
+
 
 class _Postfix(logging.Formatter):
     """`poolmgr/NAME[PID]: warning: text`, with `Mon DD HH:MM:SS host ` before it unless

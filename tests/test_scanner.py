@@ -2,10 +2,11 @@
 
 import re
 import smtplib
+import time
 
 import pytest
 
-from helpers import HELO, Raw, message, wait_until
+from helpers import HELO, Raw, message, only_worker, wait_until
 
 
 def test_lmtp_next_hop_and_lmtp_hand_off(make_poolmgr):
@@ -191,3 +192,22 @@ def test_scanner_worker_survives_accept_failures(make_poolmgr):
     assert raw.reply()[0] == 220  # served by the same worker, once it could accept
     raw.close()
     assert pm.worker_pids("scanner") == [pid]
+
+
+def test_a_cached_hand_off_connection_never_starves_another_hand_off(make_poolmgr):
+    """SMTP workers keep their hand-off connections open between messages; with one scanner
+    worker, the first SMTP worker's idle connection holds it. A second SMTP worker's hand-off
+    then waits in the accept queue, and the scanner worker lets the idle one go at once (421),
+    rather than after the cache's 30 s."""
+    pm = make_poolmgr({"scanner": {"min_workers": 1, "max_workers": 1},
+                       "autoscale": {"enabled": False},
+                       "timeouts": {"connection_cache_time_limit": "30s"}})
+    first, second = pm.worker_pids("smtp")
+    with only_worker(pm, first), pm.smtp() as client:
+        assert client.sendmail("alice@example.org", ["bob@example.test"], message("one")) == {}
+    started = time.monotonic()
+    with only_worker(pm, second), pm.smtp() as client:
+        assert client.sendmail("alice@example.org", ["bob@example.test"], message("two")) == {}
+    assert time.monotonic() - started < 5
+    assert len(pm.delivered()) == 2
+    assert pm.status()["pools"]["scanner"]["counters"]["connections"] == 2

@@ -51,6 +51,22 @@ class ScannerSession(ServerSession):
                 "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8",
                 "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE"]
 
+    def after_command(self) -> None:
+        """After a message, a client that keeps the connection for more (an SMTP worker's
+        connection cache) is let go at once (421) when this worker is done (scanner.max_requests)
+        or when another connection waits for a scanner worker: every other one is busy then."""
+        service = self.service
+        if self.closing or self.env is not None or self.last_cmd != "DATA":
+            return
+        if service.messages >= service.cfg.scanner.max_requests:
+            reply = R.R421_SHUTDOWN.format(host=service.hostname)
+        elif service.someone_waiting():
+            reply = R.R421_YIELD.format(host=service.hostname)
+        else:
+            return
+        self.closing, self.ended = True, "drain"
+        self.say_last(reply)
+
     def do_lhlo(self, arg: str) -> bool:
         return self._greet(arg, "LMTP", R.R501_LHLO_SYNTAX)
 

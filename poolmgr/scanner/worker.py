@@ -8,6 +8,9 @@ starts a fresh one. SIGTERM: accept nothing more, finish the connection in hand 
 for DRAIN_IDLE_GRACE seconds with no transaction gets 421), exit.
 SIGQUIT: exit at once. The connection to the next hop is kept between messages (`relay.Cache`,
 timeouts.connection_cache_time_limit) and expired from the accept loop and from `tick`.
+A client that keeps its connection open between messages (an SMTP worker's hand-off cache)
+is answered 421 and let go as soon as another connection waits in the accept queue, so a
+cached connection never starves a waiting hand-off.
 
 Exports: ScannerWorker, main.
 """
@@ -17,12 +20,14 @@ import time
 
 from .. import log, maildir
 from ..smtp import relay
+from ..smtp import replies as R
 from ..worker import DRAIN_IDLE_GRACE, WorkerProcess, limits_for
 from ..smtp.protocol import Drain
 from .scan import Scanner
 from .session import ScannerSession
 
 ACCEPT_BACKOFF = 0.5  # seconds between accept attempts after a failure (out of files, ...)
+IDLE_CHECK = 0.05  # seconds: how often an idle session looks for a waiting hand-off
 # Room for the Received: header the SMTP worker adds to a message at the size limit.
 SIZE_SLACK = 64 * 1024
 
@@ -44,14 +49,33 @@ class ScannerService:
         self.relay_cache = relay.Cache(timeouts.connection_cache_time_limit,
                                        timeouts.connection_reuse_time_limit)
         self.scanner = Scanner(ctx.cfg, ctx.slot, self.log)
+        self.listeners = ctx.socks
+        self.ticked = 0.0
 
     def tick(self) -> None:
-        """Called about once a second while a session waits for its client."""
-        self.worker.notify()
-        self.relay_cache.expire()
-        if self.draining and self.current is not None and \
-                self.current.drainable(time.monotonic(), DRAIN_IDLE_GRACE):
+        """Called every IDLE_CHECK seconds while a session waits for its client."""
+        now = time.monotonic()
+        if now - self.ticked >= 1.0:
+            self.ticked = now
+            self.worker.notify()
+            self.relay_cache.expire()
+        session = self.current
+        if session is None:
+            return
+        if self.draining and session.drainable(now, DRAIN_IDLE_GRACE):
             raise Drain()
+        # A client kept open between messages (an SMTP worker's connection cache) must not
+        # hold this worker while another hand-off waits in the accept queue: every other
+        # scanner worker is busy then. Yield, as amavisd's children serve whoever comes next.
+        if session.drainable(now, 0.0) and self.someone_waiting():
+            raise Drain(R.R421_YIELD.format(host=self.hostname))
+
+    def someone_waiting(self) -> bool:
+        """A connection waits in one of the accept queues."""
+        try:
+            return bool(select.select(self.listeners, [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
 
 class ScannerWorker(WorkerProcess):
@@ -96,6 +120,7 @@ class ScannerWorker(WorkerProcess):
             sock.setblocking(True)
             ctx.slot.add("connections")
             service.current = ScannerSession(service, sock, peer)
+            service.current.conn.tick_every = IDLE_CHECK
             self.show("busy")
             service.current.run()
             service.current = None

@@ -54,7 +54,8 @@ class DataResult(NamedTuple):
 
 
 class Conn:
-    __slots__ = ("sock", "buf", "out", "timeout", "tick", "per_record", "min_data_rate")
+    __slots__ = ("sock", "buf", "out", "timeout", "tick", "tick_every", "per_record",
+                 "min_data_rate")
 
     def __init__(self, sock, timeout: float, tick: Callable[[], None] | None = None,
                  per_record: bool = False, min_data_rate: int = 0):
@@ -63,6 +64,7 @@ class Conn:
         self.out: list[bytes] = []
         self.timeout = timeout  # may shrink during a session (stress, suspicious clients)
         self.tick = tick
+        self.tick_every = 1.0  # seconds between calls of `tick` while waiting for the peer
         self.per_record = per_record        # timeout bounds a whole line, not each receive
         self.min_data_rate = min_data_rate  # bytes/s in DATA with per_record; 0: per receive
 
@@ -120,7 +122,7 @@ class Conn:
             wait = end - time.monotonic()
             if wait <= 0:
                 raise Timeout(slow)
-            self.sock.settimeout(min(wait, 1.0) if self.tick else wait)
+            self.sock.settimeout(min(wait, self.tick_every) if self.tick else wait)
             try:
                 data = self.sock.recv(RECV_SIZE)
             except socket.timeout:

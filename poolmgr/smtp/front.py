@@ -27,6 +27,9 @@ from .headers import received
 from .protocol import BASE_COMMANDS, Command, Envelope, ServerSession
 
 
+HANDOFF_IDLE = 2  # idle hand-off connections one SMTP worker keeps
+
+
 class FrontService:
     """Everything the sessions of one SMTP worker share."""
 
@@ -53,6 +56,13 @@ class FrontService:
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1" if host != "::" else "::1"
         self.proxy_filter: NextHop = cfg.smtp.proxy_filter or NextHop("smtp", host, port)
+        # Hand-off connections are kept open between messages (Postfix's connection cache for
+        # its filter transport); a scanner worker holding an idle one lets it go as soon as
+        # another hand-off waits (scanner.worker), and a few at most are kept idle.
+        timeouts = cfg.timeouts
+        self.relay_cache = relay.Cache(timeouts.connection_cache_time_limit,
+                                       timeouts.connection_reuse_time_limit,
+                                       max_idle=HANDOFF_IDLE)
 
 
 class FrontSession(ServerSession):
@@ -150,7 +160,7 @@ class FrontSession(ServerSession):
         limit = service.cfg.smtp.proxy_timeout
         try:
             replies = relay.send(hop, outgoing, helo=service.hostname, timeouts=timeouts,
-                                 deadline=started + limit)
+                                 deadline=started + limit, cache=service.relay_cache)
             # An LMTP proxy filter answers per recipient; the client gets one reply.
             final = R.combine(dsn.settle(
                 replies, hop=hop, mail_from=env.mail_from, rcpts=env.rcpts,

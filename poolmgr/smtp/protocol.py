@@ -24,7 +24,12 @@ from .parse import PathError, new_queue_id, parse_path
 
 
 class Drain(Exception):
-    """The worker is stopping: the session says 421 and closes."""
+    """The session must end now: it says 421 (`reply`, by default "shutting down") and
+    closes."""
+
+    def __init__(self, reply: R.Reply | None = None):
+        super().__init__()
+        self.reply = reply
 
 
 class Refused(Exception):
@@ -149,9 +154,9 @@ class ServerSession:
             if not self.closing:
                 self.ended = "lost"
                 log.info("lost connection after %s from %s", self.last_cmd, self.client)
-        except Drain:
+        except Drain as drain:
             self.ended = "drain"
-            self.say_last(R.R421_SHUTDOWN.format(host=self.service.hostname))
+            self.say_last(drain.reply or R.R421_SHUTDOWN.format(host=self.service.hostname))
         except Exception:
             self.ended = "error"
             log.exception("session with %s failed after %s", self.client, self.last_cmd)

@@ -96,9 +96,10 @@ def _quit(conn: Conn) -> None:
 class Cache:
     """Greeted connections kept between messages, per hop, in one process."""
 
-    def __init__(self, time_limit: float, reuse_time_limit: float = 300.0):
+    def __init__(self, time_limit: float, reuse_time_limit: float = 300.0, max_idle: int = 0):
         self.time_limit = time_limit  # longest idle time of a cached connection
         self.reuse_time_limit = reuse_time_limit  # a connection older than this is not cached
+        self.max_idle = max_idle  # idle connections kept per hop; 0: no limit
         self.idle: dict[NextHop, list[_Link]] = {}
 
     def take(self, hop: NextHop) -> _Link | None:
@@ -113,7 +114,9 @@ class Cache:
 
     def put(self, link: _Link) -> None:
         now = time.monotonic()
-        if self.time_limit <= 0 or now - link.opened >= self.reuse_time_limit:
+        idle = self.idle.get(link.hop, ())
+        if self.time_limit <= 0 or now - link.opened >= self.reuse_time_limit or \
+                (self.max_idle and len(idle) >= self.max_idle):
             _quit(link.conn)
             return
         link.idle_since = now

@@ -128,6 +128,7 @@ class SmtpWorker(WorkerProcess):
             slot.set_states(suspect, transacting)
             self.show(f"{len(self.sessions)} sessions"
                       + (" draining" if self.service.draining else ""))
+            self.service.relay_cache.expire()
             self.gevent.sleep(1.0)
 
     def serve(self) -> int:
@@ -136,6 +137,7 @@ class SmtpWorker(WorkerProcess):
         beat = self.gevent.spawn(self.heartbeat)
         self.stopped.wait()
         beat.kill()
+        self.service.relay_cache.close()
         return 0
 
 
