@@ -6,6 +6,7 @@ Exports: received, remove_field, header_section, tag_subject, message_id.
 
 import email.utils
 import re
+import time
 
 HELO_MAX = 255  # RFC 1035 section 2.3.4: a domain name has at most 255 octets
 _MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
@@ -17,13 +18,24 @@ def received(*, helo: str | None, addr: str, by: str, software: str, proto: str,
     literal = f"IPv6:{addr}" if ":" in addr else addr
     lines = [f"Received: from {_printable(helo or 'unknown')} (unknown [{literal}])",
              f"\tby {by} ({software}) with {proto} id {queue_id}"]
-    date = email.utils.formatdate(localtime=True)
+    date = _date()
     if len(rcpts) == 1:
         lines.append(f"\tfor <{rcpts[0]}>; {date}")
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+_dated = [0, ""]  # the second of the last Received: date, and its text
+
+
+def _date() -> str:
+    """RFC 5322 date of now, made once a second (formatdate is slow for every message)."""
+    now = int(time.time())
+    if _dated[0] != now:
+        _dated[:] = [now, email.utils.formatdate(now, localtime=True)]
+    return _dated[1]
 
 
 def _printable(text: str, limit: int = HELO_MAX) -> str:
