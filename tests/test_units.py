@@ -72,6 +72,19 @@ def test_builtin_check_eicar_rules_and_tags():
         Result("builtin", tests=("cheap",))
 
 
+def test_builtin_check_finds_eicar_in_encoded_parts_without_rules():
+    """No rules: a message is parsed only when an encoded part could hide the string (the
+    header in any case)."""
+    import base64
+    encoded = base64.encodebytes(EICAR).replace(b"\n", b"\r\n")
+    for cte in (b"Content-Transfer-Encoding: base64", b"CONTENT-TRANSFER-ENCODING: BASE64"):
+        data = (b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
+                + cte + b"\r\n\r\n" + encoded)
+        assert EICAR not in data
+        assert scan(data, [], eicar=True) == Result("builtin", virus=EICAR_NAME)
+    assert scan(b"Subject: x\r\n\r\nplain\r\n", [], eicar=True) == Result("builtin")
+
+
 def test_builtin_check_decodes_quoted_printable_bodies():
     body = (b"Subject: qp\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
             b"Content-Transfer-Encoding: quoted-printable\r\n\r\nch=\r\neap\r\n")
