@@ -267,10 +267,10 @@ def test_nuisance_accounting_and_no_nuisance_reaches_the_scanner(make_poolmgr, d
     wait_until(lambda: pm.status()["nuisance"]["ratio"] == ratio, timeout=5,
                what=f"the windowed nuisance ratio {ratio}")
     assert f"nuisance ratio {ratio:.2f}" in pm.run_cli("status").stdout
-    # Only the three legitimate messages were handed to the scanner pool: the scanner
-    # workers accepted three connections in all.
+    # Only the three legitimate messages were handed to the scanner pool: it scanned three,
+    # over at most three connections (an SMTP worker keeps its hand-off connection open).
     assert status["pools"]["smtp"]["counters"]["handoffs"] == 3
-    assert status["pools"]["scanner"]["counters"]["connections"] == 3
+    assert 1 <= status["pools"]["scanner"]["counters"]["connections"] <= 3
     assert status["pools"]["scanner"]["counters"]["scanned"] == 3
 
 
