@@ -328,6 +328,11 @@ class Master:
             self.log.warning("upgrade refused: %s", "poolmgr is stopping" if self.stopping
                              else f"a new master (pid {self.successor}) is already starting")
             return
+        if self.metrics_server is not None:  # its port is the new master's to bind
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self.metrics_server = None
+            self.log.info("upgrade: metrics endpoint closed for the new master")
         try:
             self.successor = upgrade.start_successor(self.config_path, self.all_sockets())
         except OSError as exc:

@@ -10,10 +10,11 @@ import socket
 import subprocess
 import sys
 import time
+from urllib.request import urlopen
 
 import psutil
 
-from helpers import message, wait_until
+from helpers import free_port, message, wait_until
 
 
 def pidfile_pid(pm) -> int:
@@ -23,13 +24,22 @@ def pidfile_pid(pm) -> int:
         return 0
 
 
+def _scrape(port: int) -> bool:
+    try:
+        with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            return b"poolmgr_pool_workers" in response.read()
+    except OSError:
+        return False
+
+
 def stop(pid: int) -> None:
     os.kill(pid, signal.SIGTERM)
     psutil.Process(pid).wait(60)
 
 
 def test_usr2_during_a_stream_of_messages_refuses_none(make_poolmgr):
-    pm = make_poolmgr()
+    metrics = free_port()
+    pm = make_poolmgr({"metrics": {"listen": f"127.0.0.1:{metrics}"}})
     old = pm.proc.pid
     source = subprocess.Popen(
         [shutil.which("smtp-source") or "/usr/sbin/smtp-source", "-s", "4", "-m", "400", "-c",
@@ -53,6 +63,8 @@ def test_usr2_during_a_stream_of_messages_refuses_none(make_poolmgr):
         with pm.smtp() as client:
             assert client.sendmail("alice@example.org", ["bob@example.test"],
                                    message("after the upgrade")) == {}
+        # The old master handed its metrics port over too.
+        wait_until(lambda: _scrape(metrics), timeout=10, what="the new master's /metrics")
     finally:
         stop(new)
     assert not (pm.dir / "poolmgr.pid").exists()  # the new master cleaned up after itself
