@@ -5,7 +5,7 @@ A back-end is a `Check`: a name, a timeout, what to do when it fails (`on_failur
 pass), and `check(message) -> Result`. A back-end that cannot give an answer (daemon down,
 timeout, a reply it cannot read) raises `CheckFailed`; the scanner applies `on_failure`.
 
-Exports: Message, Result, Check, CheckFailed, connect.
+Exports: Message, Result, Check, CheckFailed, connect, printable.
 """
 
 import socket
@@ -38,6 +38,18 @@ class Result:
     action: str = ""                  # rspamd's recommended action
     rule: str = ""                    # builtin: a rule whose action is reject
     skipped: str = ""                 # why the message was not checked (too big), logged
+
+
+MAX_DETAIL = 200  # how much of a daemon's text a CheckFailed detail (and the log) carries
+
+
+def printable(text: bytes | str) -> str:
+    """A daemon's text fit for a detail and a log line: printable ASCII on one line ('?' for
+    anything else), cut at MAX_DETAIL characters."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    clean = "".join(c if " " <= c <= "~" else "?" for c in text.strip())
+    return clean if len(clean) <= MAX_DETAIL else clean[:MAX_DETAIL] + "..."
 
 
 class CheckFailed(Exception):

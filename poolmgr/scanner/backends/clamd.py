@@ -24,7 +24,7 @@ import socket
 import struct
 import time
 
-from .base import Check, CheckFailed, Message, Result, connect
+from .base import Check, CheckFailed, Message, Result, connect, printable
 
 # Each INSTREAM chunk. clamd reads chunks of any size up to StreamMaxLength; 64 KiB keeps the
 # number of send calls small without holding much more than the socket buffer at once.
@@ -105,15 +105,11 @@ def _read_reply(sock: socket.socket, deadline: float) -> bytes:
     return reply.partition(b"\0")[0]
 
 
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-
-
 def parse_reply(reply: bytes, size: int = 0) -> Result:
     """The Result for clamd's answer to zINSTREAM (without its `\\0`); CheckFailed for an
     ERROR or anything that is not an answer. `size` (the message's) goes into the size-limit
     failure's detail."""
-    text = _printable(reply.decode("ascii", "backslashreplace").strip())
+    text = printable(reply)
     if not text:
         raise CheckFailed("clamd", "connection closed without an answer")
     if text.endswith("ERROR"):

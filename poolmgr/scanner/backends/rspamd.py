@@ -15,19 +15,10 @@ import http.client
 import json
 import urllib.parse
 
-from .base import Check, CheckFailed, Message, Result
+from .base import Check, CheckFailed, Message, Result, printable
 
 # rspamd's answer is a few kB (one entry per symbol that hit); far more is not rspamd.
 MAX_ANSWER = 1 << 20
-# How much of a daemon's error text a CheckFailed detail carries.
-MAX_DETAIL = 200
-
-
-def printable(text: str) -> str:
-    """Text from the wire made safe for a log line: printable ASCII, one line, bounded."""
-    clean = "".join(c if " " <= c <= "~" else "?" for c in text)
-    return clean if len(clean) <= MAX_DETAIL else clean[:MAX_DETAIL] + "..."
-
 
 def request_headers(message: Message) -> list[tuple[str, bytes]]:
     """The /checkv2 request headers that carry the envelope, in order (Rcpt repeats)."""

@@ -21,7 +21,7 @@ import re
 import socket
 import time
 
-from .base import Check, CheckFailed, Message, Result, connect
+from .base import Check, CheckFailed, Message, Result, connect, printable
 
 NAME = "spamd"
 
@@ -29,22 +29,11 @@ NAME = "spamd"
 # below this. A longer answer is not spamd's.
 MAX_REPLY = 256 * 1024
 
-# Detail quoted from spamd's answer into CheckFailed (and so into the log) is cut to this.
-MAX_DETAIL = 200
-
 STATUS = re.compile(rb"SPAMD/(\d+\.\d+) +(\d+) *(.*)")
 SPAM = re.compile(r"(True|False|Yes|No) *; *(-?\d+(?:\.\d+)?) */ *(-?\d+(?:\.\d+)?)", re.I)
 # spamd takes the User: header as a user name; a space or a control character would end it
 # early or start another header.
 USER = re.compile(r"[\x21-\x7e]+")
-
-
-def printable(text: bytes | str) -> str:
-    """`text` fit for a log line: undecodable bytes and control characters shown as '?', cut."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    text = "".join(c if c.isprintable() else "?" for c in text.strip())
-    return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL] + "..."
 
 
 def request(data: bytes, user: str = "") -> bytes:
