@@ -34,11 +34,11 @@ COUNTERS = (
 # it is within; times above the last bound count only in the total (handoffs, scanned, _count).
 LATENCY_BUCKETS = (0.01, 0.05, 0.25, 1.0, 5.0, 30.0)
 _BUCKETS = tuple(f"le_{i}" for i in range(len(LATENCY_BUCKETS)))
-# The scanner's verdicts by kind, and per check back-end: runs, failures, total milliseconds,
+# The scanner's verdicts by kind, and per check back-end: runs, failures, total microseconds,
 # and its latency histogram; the hand-off (SMTP pool) and scan (scanner pool) histograms.
 COUNTERS += tuple(f"verdict_{kind}" for kind in VERDICT_KINDS) + tuple(
     f"check_{name}_{what}" for name in CHECK_NAMES
-    for what in ("count", "failed", "ms", *_BUCKETS)) + tuple(
+    for what in ("count", "failed", "us", *_BUCKETS)) + tuple(
     f"{what}_{bucket}" for what in ("handoff", "scan") for bucket in _BUCKETS)
 _NCOUNTERS = 96
 SLOTS = 1024  # generous: pools of up to 128 workers each, plus workers still draining

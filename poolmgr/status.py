@@ -276,7 +276,7 @@ def _scanner(cfg, counters: dict) -> ScannerStatus:
         prefix = f"check_{name}_"
         checks[name] = CheckStatus(
             counters.get(prefix + "count", 0), counters.get(prefix + "failed", 0),
-            counters.get(prefix + "ms", 0) / 1000,
+            counters.get(prefix + "us", 0) / 1e6,
             [counters.get(f"{prefix}le_{i}", 0) for i in range(len(LATENCY_BUCKETS))])
     return ScannerStatus({kind: counters.get(f"verdict_{kind}", 0) for kind in VERDICT_KINDS},
                          checks)
