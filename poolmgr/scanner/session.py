@@ -19,7 +19,7 @@ from ..smtp import dsn, relay
 from ..defence.networks import in_networks
 from ..smtp import replies as R
 from ..config import format_address
-from ..smtp.headers import message_id, received, remove_field, tag_subject
+from ..smtp.headers import message_id, received, remove_fields, tag_subject
 from ..smtp.parse import parse_xforward
 from ..smtp.protocol import BASE_COMMANDS, Command, Envelope, Refused, ServerSession
 from . import quarantine
@@ -105,8 +105,7 @@ class ScannerSession(ServerSession):
             headers += verdict.headers + (f"{SCAN_HEADER}: {verdict.summary} by poolmgr at "
                                           f"{service.hostname}\r\n").encode()
             # Only this hop's verdict counts: copies the client sent are forgeries.
-            for field_name in FORGEABLE:
-                data = remove_field(data, field_name)
+            data = remove_fields(data, FORGEABLE)
             data = headers + tag_subject(data, verdict.subject_tag)
             self._log_passed(env, verdict, client, len(data), started, bank.name)
             CLEANUP.info("%s: message-id=%s", env.queue_id, message_id(data))

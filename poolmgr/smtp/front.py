@@ -166,7 +166,7 @@ class FrontSession(ServerSession):
                 replies, hop=hop, mail_from=env.mail_from, rcpts=env.rcpts,
                 queue_id=env.queue_id, data=outgoing.data, smtputf8=env.smtputf8,
                 hostname=service.hostname, timeouts=timeouts,
-                deadline=time.monotonic() + limit, log=service.log))
+                deadline=time.monotonic() + limit, log=service.log, cache=service.relay_cache))
         except relay.RelayError as exc:
             service.log.warning("%s: proxy filter %s failed at %s: %s", env.queue_id,
                                 service.proxy_filter, exc.stage, exc.detail)
