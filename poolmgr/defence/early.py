@@ -56,39 +56,61 @@ def _anvil_connect(session) -> R.Reply | None:
 
 
 def greet(session) -> R.Reply | None:
-    """The banner, after the pregreet test and the DNSBL score; a refusal instead of it."""
+    """The banner, after the pregreet test and the DNSBL score; a refusal instead of it.
+
+    In an SMTP worker the greet pause is a park (`smtp.park`): the session goes on in
+    `_after_pause` and then its command loop, and this returns nothing."""
     service, screening, conn, ip = (session.service, session.screening, session.conn,
                                     session.peer[0])
     defence = service.defence
-    banner = R.R220_BANNER.format(host=service.hostname)
-    passed = ""  # the greet test: NEW (passed now) or OLD (passed before), postscreen's PASS
     if not screening.trusted and defence.needs_greet_test(ip):
         # Two-part banner (postscreen): bots that talk at once show themselves.
+        banner = R.R220_BANNER.format(host=service.hostname)
         conn.write(f"220-{banner.text}\r\n".encode())
         started = time.monotonic()
-        early = conn.wait_input(defence.cfg.greet_wait)
-        if early:
-            # postscreen: the byte count, the time since the banner, what the client said.
-            refusal = screening.flag(Reason.PREGREET, defence.cfg.greet_action,
-                                     f"PREGREET {early} after "
-                                     f"{delta_time(time.monotonic() - started)} from "
-                                     f"[{ip}]:{session.peer[1]}", "pregreet test",
-                                     client_text=escape(conn.buf[:100]))
-            if refusal is not None:
-                return refusal
-        else:
-            defence.greet_test_passed(ip)
-            passed = "NEW"
-    elif not screening.trusted:
+        parking = service.parking
+        if parking is not None:
+            conn.flush()
+
+            def then():
+                session.greeted(_after_pause(session, started, conn.wait_input(0)))
+                session.serve()
+
+            parking.park(session, defence.cfg.greet_wait, then, then)
+        return _after_pause(session, started, conn.wait_input(defence.cfg.greet_wait))
+    passed = ""
+    if not screening.trusted:
         screening.early = bool(conn.wait_input(0))
         passed = "OLD" if defence.cfg.greet_wait > 0 else ""
+    return _banner(session, passed)
+
+
+def _after_pause(session, started: float, early: int) -> R.Reply | None:
+    """The greet test's verdict: `early` bytes arrived during the pause."""
+    screening, defence, ip = session.screening, session.service.defence, session.peer[0]
+    if not early:
+        defence.greet_test_passed(ip)
+        return _banner(session, "NEW")
+    # postscreen: the byte count, the time since the banner, what the client said.
+    refusal = screening.flag(Reason.PREGREET, defence.cfg.greet_action,
+                             f"PREGREET {early} after "
+                             f"{delta_time(time.monotonic() - started)} from "
+                             f"[{ip}]:{session.peer[1]}", "pregreet test",
+                             client_text=escape(session.conn.buf[:100]))
+    return refusal if refusal is not None else _banner(session, "")
+
+
+def _banner(session, passed: str) -> R.Reply | None:
+    """After the greet test (`passed`: postscreen's PASS NEW or OLD, or ""): the DNSBL score,
+    then the banner's last line."""
+    service, screening, ip = session.service, session.screening, session.peer[0]
     if screening.dnsbl_job is not None and not screening.trusted:
         refusal = _settle_dnsbl(session)
         if refusal is not None:
             return refusal
     if passed and not screening.verdict and not screening.trusted:
         service.log.info("PASS %s [%s]:%s", passed, ip, session.peer[1])
-    session.reply(banner)
+    session.reply(R.R220_BANNER.format(host=service.hostname))
     return None
 
 

@@ -12,6 +12,7 @@ Exports: FrontSession, FrontService.
 """
 
 import time
+from typing import Callable
 
 from .. import log
 from . import dsn, relay
@@ -24,6 +25,7 @@ from ..defence.verdicts import LEGIT, Reason, classify
 from ..worker import WorkerContext, limits_for
 from . import replies as R
 from .headers import received
+from .park import Parking
 from .protocol import BASE_COMMANDS, Command, Envelope, ServerSession
 
 
@@ -43,7 +45,9 @@ class FrontService:
         self.tls_context = tls_context
         self.log = log.get("smtpd")
         self.draining = False
-        self.sessions: set[ServerSession] = set()
+        self.sessions: set[ServerSession] = set()  # running and parked
+        self.parking: Parking | None = None  # set by the SMTP worker (gevent)
+        self.on_room: Callable[[], None] | None = None  # a session closed (the worker's)
         self.mydestination = frozenset(cfg.smtp.mydestination)
         self.defence = defence
         self.anvil = anvil
@@ -63,6 +67,11 @@ class FrontService:
         self.relay_cache = relay.Cache(timeouts.connection_cache_time_limit,
                                        timeouts.connection_reuse_time_limit,
                                        max_idle=HANDOFF_IDLE)
+
+    def closed(self, session: ServerSession) -> None:
+        self.sessions.discard(session)
+        if self.on_room is not None:
+            self.on_room()
 
 
 class FrontSession(ServerSession):
@@ -87,7 +96,9 @@ class FrontSession(ServerSession):
         return early.on_connect(self)
 
     def greet(self) -> None:
-        refusal = early.greet(self)
+        self.greeted(early.greet(self))
+
+    def greeted(self, refusal: R.Reply | None) -> None:
         if refusal is not None:
             self.closing = True
             self.reply(refusal)
@@ -124,6 +135,7 @@ class FrontSession(ServerSession):
         self.conn.write(reply.encode())
 
     def on_close(self) -> None:
+        self.service.closed(self)
         screening = self.screening
         if screening.anvil_held:
             self.service.anvil.disconnect(self.peer[0])

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 from ..defence.networks import plain_ip
 from . import replies as R
 from .conn import Conn, Disconnected, LineTooLong, Timeout
+from .park import Parked
 from .parse import PathError, new_queue_id, parse_path
 
 
@@ -72,7 +73,8 @@ STAT_ORDER = ("helo", "ehlo", "lhlo", "xforward", "starttls", "mail", "rcpt", "d
 
 class ServerSession:
     __slots__ = ("service", "conn", "peer", "client", "helo", "proto", "env", "tls", "closing",
-                 "idle_since", "last_cmd", "stats", "xforward", "greenlet", "ended", "transactions")
+                 "idle_since", "last_cmd", "stats", "xforward", "greenlet", "parked", "ended",
+                 "transactions")
     commands: dict[str, Command] = {}
     lmtp_only = False
 
@@ -94,6 +96,7 @@ class ServerSession:
         self.stats: dict[str, list[int]] | None = None
         self.xforward: dict[str, str] | None = None
         self.greenlet = None
+        self.parked = None  # the watchers of a parked session (smtp.park)
         self.ended = ""  # quit, timeout, slow, lost, drain, error, refused, tls_failure
         self.transactions = 0  # MAIL + accepted RCPT seen
 
@@ -123,29 +126,54 @@ class ServerSession:
 
     # -- the session
     def run(self) -> None:
-        log = self.service.log
-        log.info("connect from %s", self.client)
-        try:
-            refusal = self.on_connect()
-            if refusal is not None:
-                self.closing, self.ended = True, "refused"
-                self.reply(refusal)
-                self.conn.flush()
-                return
-            self.greet()
-            limit = self.service.limits.line_length_limit
-            while not self.closing:
-                self.idle_since = time.monotonic() if self.env is None else 0.0
-                try:
-                    line = self.conn.readline(limit)
-                except LineTooLong:
-                    self.count("unknown", False)
-                    self.reply(R.R500_LINE_TOO_LONG)
-                    continue
-                finally:
-                    self.idle_since = 0.0
-                self.dispatch(line)
+        self.service.log.info("connect from %s", self.client)
+        self.resume(self.open)
+
+    def open(self) -> None:
+        refusal = self.on_connect()
+        if refusal is not None:
+            self.closing, self.ended = True, "refused"
+            self.reply(refusal)
             self.conn.flush()
+            return
+        self.greet()
+        self.serve()
+
+    def serve(self) -> None:
+        """The command loop; with a `parking` service, an idle wait is a park (`smtp.park`)."""
+        conn, limit = self.conn, self.service.limits.line_length_limit
+        parking = getattr(self.service, "parking", None)
+        while not self.closing:
+            self.idle_since = time.monotonic() if self.env is None else 0.0
+            if parking is not None and not conn.buf and not self.tls:
+                conn.flush()
+                parking.park(self, conn.timeout, self.unparked, self.expired)
+            try:
+                line = conn.readline(limit)
+            except LineTooLong:
+                self.count("unknown", False)
+                self.reply(R.R500_LINE_TOO_LONG)
+                continue
+            finally:
+                self.idle_since = 0.0
+            self.dispatch(line)
+        conn.flush()
+
+    def unparked(self) -> None:
+        """The client sent something (or hung up) while the session was parked."""
+        self.conn.wait_input(0)
+        self.serve()
+
+    def expired(self) -> None:
+        raise Timeout()
+
+    def resume(self, step: Callable[[], None]) -> None:
+        """Run `step` (the opening, or what follows a park) until the session ends or parks."""
+        log, parked = self.service.log, False
+        try:
+            step()
+        except Parked:
+            parked = True
         except Timeout as exc:  # slow: a deadline (per record, DATA rate) ran out
             self.ended = "slow" if exc.slow else "timeout"
             log.info("timeout after %s from %s", self.last_cmd, self.client)
@@ -162,9 +190,10 @@ class ServerSession:
             log.exception("session with %s failed after %s", self.client, self.last_cmd)
             self.say_last(R.R451_LOCAL_ERROR)
         finally:
-            self.conn.close()
-            self.on_close()
-            log.info("disconnect from %s%s", self.client, self.stats_text())
+            if not parked:
+                self.conn.close()
+                self.on_close()
+                log.info("disconnect from %s%s", self.client, self.stats_text())
 
     def drainable(self, now: float, grace: float) -> bool:
         """Idle, with no transaction, for `grace` seconds: a stopping worker may close it.

@@ -2,10 +2,11 @@
 
 gevent is imported and monkey-patched here, after the fork, and nowhere in the master. Each
 listening socket the master bound (one per `smtp.listen` address) is re-wrapped as a gevent
-socket (otherwise accept() would block the whole worker) and gets a `StreamServer`; all of
-them spawn into one pool of `smtp.max_sessions_per_worker` greenlets, and when the pool is
-full the worker stops accepting on every socket and the kernel's listen queues feed the other
-workers.
+socket (otherwise accept() would block the whole worker) and gets a `StreamServer`. A session
+is made in the hub as it is accepted and runs in a greenlet of its own until it waits for its
+client; an idle session is parked (`smtp.park`), with no greenlet. At
+`smtp.max_sessions_per_worker` sessions, running and parked, the worker stops accepting on
+every socket and the kernel's listen queues feed the other workers.
 
 Signals: SIGTERM drains (stop accepting; a session idle with no transaction for
 DRAIN_IDLE_GRACE seconds gets 421 and is closed; transactions finish; after
@@ -40,6 +41,20 @@ def _tls_context(cfg, logger):
     return context
 
 
+def _server_class(stream_server, full):
+    """gevent's StreamServer, accepting while the worker has room, and leaving the socket
+    open when `handle` returns: a parked session lives on without its greenlet."""
+
+    class Server(stream_server):
+        def full(self) -> bool:
+            return full()
+
+        def do_close(self, sock, *args) -> None:
+            pass  # the session closes its socket
+
+    return Server
+
+
 class SmtpWorker(WorkerProcess):
     kind = "smtp worker"
 
@@ -51,11 +66,11 @@ class SmtpWorker(WorkerProcess):
 
         import gevent
         import gevent.event
-        import gevent.pool
         import gevent.server
 
         from ..defence.policy import Defence
         from .front import FrontService, FrontSession
+        from .park import Parking
         from .protocol import Drain
 
         self.gevent, self.session_class, self.drain_exc = gevent, FrontSession, Drain
@@ -71,30 +86,47 @@ class SmtpWorker(WorkerProcess):
                                 self.log)
         self.service = FrontService(ctx, _tls_context(cfg, self.log),
                                     Defence(cfg, gevent.spawn), anvil)
-        self.sessions = gevent.pool.Pool(cfg.smtp.max_sessions_per_worker)
+        self.max_sessions = cfg.smtp.max_sessions_per_worker
+        self.service.parking = Parking(gevent.get_hub().loop, gevent.spawn)
+        self.service.on_room = self.room
         self.stopped = gevent.event.Event()
-        self.servers = [gevent.server.StreamServer(socket.socket(fileno=sock.detach()),
-                                                   self.handle, spawn=self.sessions)
+        server_class = _server_class(gevent.server.StreamServer, self.full)
+        self.servers = [server_class(socket.socket(fileno=sock.detach()), self.handle,
+                                     spawn=None)
                         for sock in ctx.socks]
+
+    def full(self) -> bool:
+        return len(self.service.sessions) >= self.max_sessions
+
+    def room(self) -> None:
+        """A session closed: accept again if the worker was full."""
+        if len(self.service.sessions) == self.max_sessions - 1:
+            for server in self.servers:
+                if server.started:
+                    server.start_accepting()
 
     def on_signal(self, signum: int, handler) -> None:
         self.gevent.signal_handler(signum, handler)
 
     def handle(self, sock, peer) -> None:
+        """In the hub, at accept: the session counts from now (until its on_close)."""
         session = self.session_class(self.service, sock, peer)
-        session.greenlet = self.gevent.getcurrent()
         self.service.sessions.add(session)
-        try:
-            session.run()
-        finally:
-            self.service.sessions.discard(session)
+        session.greenlet = self.gevent.spawn(session.run)
 
     def close_sessions(self, idle_only: bool) -> None:
         now = time.monotonic()
         for session in list(self.service.sessions):
-            if session.greenlet is not None and (
-                    not idle_only or session.drainable(now, DRAIN_IDLE_GRACE)):
+            if idle_only and not session.drainable(now, DRAIN_IDLE_GRACE):
+                continue
+            if not self.service.parking.interrupt(session, self.drain_exc()) and \
+                    session.greenlet is not None:
                 session.greenlet.kill(self.drain_exc, block=False)
+
+    def wait_sessions(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while self.service.sessions and time.monotonic() < end:
+            self.gevent.sleep(0.1)
 
     def handle_term(self) -> None:
         self.gevent.spawn(self.drain)
@@ -107,11 +139,11 @@ class SmtpWorker(WorkerProcess):
         for server in self.servers:
             server.close()
         deadline = time.monotonic() + self.cfg.master.graceful_timeout
-        while len(self.sessions) and time.monotonic() < deadline:
+        while self.service.sessions and time.monotonic() < deadline:
             self.close_sessions(idle_only=True)
-            self.sessions.join(timeout=0.5)
+            self.wait_sessions(0.5)
         self.close_sessions(idle_only=False)
-        self.sessions.join(timeout=10)
+        self.wait_sessions(10)
         self.stopped.set()
 
     def heartbeat(self) -> None:
@@ -119,14 +151,15 @@ class SmtpWorker(WorkerProcess):
         slot = self.ctx.slot
         while True:
             self.notify()
-            slot.set_sessions(len(self.sessions))
+            sessions = len(self.service.sessions)
+            slot.set_sessions(sessions)
             silent_since = time.monotonic() - silent
             suspect = transacting = 0
             for session in self.service.sessions:
                 suspect += session.looks_like_nuisance(silent_since)
                 transacting += session.env is not None
             slot.set_states(suspect, transacting)
-            self.show(f"{len(self.sessions)} sessions"
+            self.show(f"{sessions} sessions"
                       + (" draining" if self.service.draining else ""))
             self.service.relay_cache.expire()
             self.gevent.sleep(1.0)
