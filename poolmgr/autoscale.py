@@ -7,9 +7,13 @@ synthetic traces. The master calls it every `autoscale.interval` and applies the
 SMTP pool, by storm phase:
 - calm: a storm is entered when pressure (the larger of session occupancy and accept-queue
   fill) reaches `storm_enter_occupancy` while the nuisance ratio is at least
-  `storm_nuisance_ratio`;
-- storm: while pressure stays at or above `storm_enter_occupancy` the pool grows by `step`
-  workers per interval (twice that while the accept queue keeps growing), up to its ceiling; at
+  `storm_nuisance_ratio`, or at once, whatever the nuisance, when the pool's session slots
+  would be gone within `lead_time` at the current arrival rate (`ahead` >= 1);
+- storm: while pressure or `ahead` stays at or above `storm_enter_occupancy` the pool grows
+  by `step` workers per interval (twice that while the accept queue keeps growing), or by as
+  many as `ahead` needs to fall back under `storm_enter_occupancy`, up to its ceiling. So the
+  pool has free slots before its workers are full, and a flood does not wait in the accept
+  queue while the pool grows one worker at a time. At
   the ceiling stress mode is asked for, and given back once pressure falls under
   `storm_exit_occupancy`. Pressure under `storm_exit_occupancy` for `cooldown` ends the storm;
 - retreat: one worker is retired per interval (the master retires the oldest), none sooner than
@@ -26,6 +30,7 @@ SMTP <= max(SMTP floor, `calm_ratio` x scanner).
 Exports: Snapshot, State, decide, check_rules, CALM, STORM, RETREAT.
 """
 
+import math
 from dataclasses import dataclass
 
 from .pools import Bounds, broken, calm_size, fit
@@ -49,6 +54,8 @@ class Snapshot:
     nuisance_ratio: float = 0.0
     scanner_busy: int = 0     # scanner workers busy with a message now
     handoff_wait: float = 0.0  # mean hand-off wait over the last interval, seconds
+    arrivals: float = 0.0     # new SMTP connections per second over the last interval
+    per_worker: int = 0       # session slots of one SMTP worker (max_sessions_per_worker)
 
     @property
     def occupancy(self) -> float:
@@ -57,6 +64,12 @@ class Snapshot:
     @property
     def pressure(self) -> float:
         return max(self.occupancy, self.accept_queue / max(1, self.listen_backlog))
+
+    def ahead(self, lead_time: float) -> float:
+        """Sessions in `lead_time` at the current arrival rate, over the slots of the pool's
+        target (workers asked for count as they start)."""
+        capacity = self.smtp * self.per_worker
+        return (self.sessions + self.arrivals * lead_time) / capacity if capacity else 0.0
 
     @property
     def bounds(self) -> Bounds:
@@ -84,13 +97,16 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
     phase, since, quiet_since, stress = state.phase, state.since, state.quiet_since, state.stress
     smtp_grown, scanner_changed = state.smtp_grown, state.scanner_changed
     decisions: list[str] = []
+    ahead = snap.ahead(cfg.lead_time)
     why = (f"occupancy {snap.occupancy:.2f}, backlog {snap.accept_queue}/{snap.listen_backlog}, "
            f"nuisance {nuisance:.2f}")
-    hot = pressure >= cfg.storm_enter_occupancy
-    quiet = pressure < cfg.storm_exit_occupancy
+    if snap.arrivals:
+        why += f", {snap.arrivals:.0f} connections/s (ahead {ahead:.2f})"
+    hot = max(pressure, ahead) >= cfg.storm_enter_occupancy
+    quiet = max(pressure, ahead) < cfg.storm_exit_occupancy
 
     # -- storm phases
-    if phase != STORM and hot and nuisance >= cfg.storm_nuisance_ratio:
+    if phase != STORM and hot and (nuisance >= cfg.storm_nuisance_ratio or ahead >= 1):
         decisions.append(f"storm begins: {why}")
         phase, since, quiet_since = STORM, now, None
     elif phase == STORM:
@@ -104,6 +120,8 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
     old_smtp = smtp
     if phase == STORM and hot and smtp < snap.smtp_ceiling:
         step = cfg.step * (2 if snap.accept_queue > state.last_accept_queue > 0 else 1)
+        if ahead >= cfg.storm_enter_occupancy:  # enough workers to bring `ahead` back under
+            step = max(step, math.ceil(smtp * ahead / cfg.storm_enter_occupancy) - smtp)
         smtp = min(snap.smtp_ceiling, smtp + step)
         decisions.append(f"smtp {old_smtp} -> {smtp}: {why}")
     elif phase == RETREAT:

@@ -289,9 +289,9 @@ def window_ratio(master) -> float:
     return window["ratio"] if closed >= MIN_CLOSED_FOR_RATIO else 0.0
 
 
-def snapshot(master, now: float, handoff_mark: tuple[int, int]) -> tuple[autoscale.Snapshot,
-                                                                         tuple[int, int]]:
-    """The autoscaler's input, and the hand-off mark for the next interval's differences."""
+def snapshot(master, now: float, mark: tuple) -> tuple[autoscale.Snapshot, tuple]:
+    """The autoscaler's input, and the mark for the next interval's differences (hand-offs,
+    their wait in ms, connections, when)."""
     smtp, scanner = master.pools["smtp"], master.pools["scanner"]
     running = smtp.running()
     infos = [master.board.read(w.slot) for w in running]
@@ -300,7 +300,9 @@ def snapshot(master, now: float, handoff_mark: tuple[int, int]) -> tuple[autosca
     live_ratio = suspect / sessions if sessions else 0.0
     counters = pool_counters(master, smtp)
     handoffs, wait_ms = counters.get("handoffs", 0), counters.get("handoff_wait_ms", 0)
-    done = handoffs - handoff_mark[0]
+    connections = counters.get("connections", 0)
+    done = handoffs - mark[0]
+    elapsed = now - mark[3] if len(mark) > 3 else 0.0
     queued, limit = accept_queue(master.sockets["smtp"], master.cfg.smtp.listen_backlog)
     snap = autoscale.Snapshot(
         now=now, smtp=smtp.target, scanner=scanner.target, smtp_floor=smtp.floor,
@@ -309,5 +311,7 @@ def snapshot(master, now: float, handoff_mark: tuple[int, int]) -> tuple[autosca
         slots=len(running) * master.cfg.smtp.max_sessions_per_worker, accept_queue=queued,
         listen_backlog=limit, nuisance_ratio=max(window_ratio(master), live_ratio),
         scanner_busy=sum(master.board.read(w.slot)["busy"] for w in scanner.running()),
-        handoff_wait=(wait_ms - handoff_mark[1]) / 1000 / done if done > 0 else 0.0)
-    return snap, (handoffs, wait_ms)
+        handoff_wait=(wait_ms - mark[1]) / 1000 / done if done > 0 else 0.0,
+        arrivals=max(0, connections - mark[2]) / elapsed if elapsed > 0 else 0.0,
+        per_worker=master.cfg.smtp.max_sessions_per_worker)
+    return snap, (handoffs, wait_ms, connections, now)

@@ -209,3 +209,36 @@ def test_rules_are_checked():
     assert check_rules(snap, 2, 3, STORM, CFG) == ["scanner 3 > smtp 2"]
     assert check_rules(snap, 6, 2, CALM, CFG) == ["calm with smtp 6 > 2 x scanner 2"]
     assert check_rules(replace(snap, smtp_floor=6), 6, 2, CALM, CFG) == []
+
+
+def test_a_flood_is_met_ahead_of_time_several_workers_at_once_whatever_the_nuisance():
+    """1,000 silent connections a second into 2 workers of 5,000 slots (the bench's flood):
+    the pool grows before its slots run out, by as many workers as the lead time needs,
+    though no session has looked like nuisance yet; a sudden wave gets several at once."""
+    run, per_worker, sessions, grown = Run(smtp=2, smtp_ceiling=8), 5000, 0, []
+    for _ in range(25):
+        sessions += 1000
+        run.now += 1
+        snap = Snapshot(run.now, run.smtp, run.scanner, 2, 8, 2, 4, sessions=sessions,
+                        slots=run.smtp * per_worker, nuisance_ratio=0.0, arrivals=1000,
+                        per_worker=per_worker)
+        before = run.smtp
+        run.smtp, run.scanner, run.state, _ = decide(snap, run.state, CFG)
+        grown.append(run.smtp - before)
+        assert sessions <= before * per_worker  # never full: nothing waits for a worker
+    assert run.state.phase == STORM and run.smtp >= 6 and max(grown) == 1
+    snap = Snapshot(run.now + 1, 2, 2, 2, 8, 2, 4, sessions=2000, slots=2 * per_worker,
+                    arrivals=1000, per_worker=per_worker)
+    assert decide(snap, State(), CFG)[0] == 4  # (2,000 + 10,000) / 5,000 / 0.75 -> 3.2
+    assert decide(replace(snap, arrivals=3000), State(), CFG)[0] == 8  # 8.5, the ceiling
+
+
+def test_the_same_arrivals_into_a_roomy_pool_change_nothing():
+    run = Run(smtp=2, smtp_ceiling=8)
+    for i in range(20):
+        run.now += 1
+        snap = Snapshot(run.now, run.smtp, run.scanner, 2, 8, 2, 4, sessions=50,
+                        slots=run.smtp * 20000, arrivals=100, per_worker=20000)
+        run.smtp, run.scanner, run.state, decisions = decide(snap, run.state, CFG)
+        assert decisions == []
+    assert (run.smtp, run.state.phase) == (2, CALM)

@@ -61,7 +61,8 @@ def test_idle_swarm_raises_the_smtp_pool_and_it_falls_back_after(make_poolmgr, m
         started = time.monotonic()
         wait_until(lambda: pm.status()["storm"]["active"], timeout=30, what="a storm")
         # Silent bots are counted as nuisance while they live, before any of them times out.
-        assert pm.status()["pools"]["smtp"]["sessions_by_state"]["suspect"] >= 100
+        wait_until(lambda: pm.status()["pools"]["smtp"]["sessions_by_state"]["suspect"] >= 100,
+                   timeout=15, what="silent bots counted as suspect")
         # The pool grows step by step up to its ceiling; there stress mode switches on.
         status = wait_until(lambda: (lambda s: s["pools"]["smtp"]["workers"] == 6 and s)(
             pm.status()), timeout=30, what="6 SMTP workers")
