@@ -145,6 +145,20 @@ def test_dns_server_that_does_not_answer(make_poolmgr):
         silent.stop()
 
 
+def test_dns_server_that_fails_every_query(make_poolmgr):
+    """SERVFAIL at once: each site scores nothing, logged in one line, no traceback."""
+    dns = DnsServer({}, failing=True).start()
+    try:
+        pm = make_poolmgr({"defence": {"dnsbl_sites": ["zen.test", "bl.test"],
+                                       "nameservers": [dns.address]}})
+        assert send(pm, "127.0.5.2") == {}
+        wait_until(lambda: "DNSBL no answer from zen.test,bl.test for [127.0.5.2]" in pm.log(),
+                   what="the failure logged")
+        assert len(dns.queries) >= 2 and "Traceback" not in pm.log()
+    finally:
+        dns.stop()
+
+
 def test_pregreet_enforce_drop_and_ignore(make_poolmgr):
     pm = make_poolmgr({"defence": {"greet_wait": "1s", "greet_action": "enforce"}})
     banner, rcpt = talk(pm, "127.0.6.1", early=b"EHLO bot.test\r\n")

@@ -109,8 +109,9 @@ class Dnsbl:
         self.resolver.timeout = min(2.0, timeout)  # per try; dnspython retries within lifetime
         self.resolver.lifetime = timeout
 
-    def _lookup(self, site: Site, ip: str, deadline: float) -> bool:
-        """Whether `site` lists `ip`; raises on timeout or server failure."""
+    def _lookup(self, site: Site, ip: str, deadline: float) -> bool | None:
+        """Whether `site` lists `ip`; None on timeout or server failure (the greenlet it runs
+        in ends quietly: gevent would print a traceback for each one raised)."""
         import dns.exception
         import dns.resolver
 
@@ -129,8 +130,8 @@ class Dnsbl:
             listed = any(site.matches(a) for a in addresses)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             listed, ttl = False, self.min_ttl
-        except dns.exception.DNSException as exc:
-            raise TimeoutError(type(exc).__name__) from None
+        except dns.exception.DNSException:
+            return None
         if len(self.cache) >= self.max_entries:
             self.cache.clear()  # crude, but bounded: a storm of distinct clients cannot grow it
         self.cache[key] = (time.monotonic() + min(self.max_ttl, max(self.min_ttl, ttl)), listed)
@@ -142,7 +143,8 @@ class Dnsbl:
         total, hits, unanswered = 0, [], []
         for site, job in jobs:
             job.join(max(0.0, deadline - time.monotonic()))
-            if not job.successful():  # timeout, SERVFAIL, refused: the site scores nothing
+            if not job.successful() or job.value is None:
+                # timeout, SERVFAIL, refused: the site scores nothing
                 if not job.ready():
                     job.kill(block=False)
                 unanswered.append(site.domain)

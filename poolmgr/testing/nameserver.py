@@ -13,11 +13,11 @@ class DnsServer:
     """A real DNS server on a loopback UDP port (dnslib), serving DNSBL-style A records.
 
     `records` maps a name ("2.0.0.127.zen.test") to its addresses; other names are NXDOMAIN.
-    `queries` lists every name asked, for cache tests.
+    `queries` lists every name asked, for cache tests. `failing`: every answer is SERVFAIL.
     """
 
     def __init__(self, records: dict[str, list[str]], ttl: int = 300,
-                 host: str = "127.0.0.1", port: int | None = None):
+                 host: str = "127.0.0.1", port: int | None = None, failing: bool = False):
         from dnslib import QTYPE, RCODE, RR, A
         from dnslib.server import BaseResolver, DNSLogger
         from dnslib.server import DNSServer as LibServer
@@ -33,6 +33,9 @@ class DnsServer:
                 reply = request.reply()
                 name = str(request.q.qname).rstrip(".").lower()
                 server.queries.append(name)
+                if failing:
+                    reply.header.rcode = RCODE.SERVFAIL
+                    return reply
                 addresses = server.records.get(name)
                 if addresses is None and server.networks:
                     addresses = next((a for suffix, a in server.networks.items()
