@@ -211,3 +211,25 @@ def test_a_cached_hand_off_connection_never_starves_another_hand_off(make_poolmg
     assert time.monotonic() - started < 5
     assert len(pm.delivered()) == 2
     assert pm.status()["pools"]["scanner"]["counters"]["connections"] == 2
+
+
+def test_a_hand_off_client_that_has_just_connected_is_not_let_go_for_another(make_poolmgr):
+    """Only a connection kept between messages yields to a waiting hand-off: one that has
+    yet to send its first message is served, then let go after it."""
+    pm = make_poolmgr({"scanner": {"min_workers": 1, "max_workers": 1},
+                       "autoscale": {"enabled": False}})
+    first = Raw(pm.scanner_port)
+    assert first.reply()[0] == 220
+    waiting = Raw(pm.scanner_port)  # in the accept queue: the one scanner worker is busy
+    time.sleep(0.5)  # the worker looks for waiting connections every 50 ms
+    for line, code in ((b"EHLO smtpd.test", 250), (b"MAIL FROM:<alice@example.org>", 250),
+                       (b"RCPT TO:<bob@example.test>", 250), (b"DATA", 354)):
+        first.send(line + b"\r\n")
+        assert first.reply()[0] == code, line
+    first.send(message("first").replace(b"\n.", b"\n..") + b"\r\n.\r\n")
+    assert first.reply()[0] == 250
+    code, lines = first.reply()  # then let go for the waiting one
+    assert code == 421 and "closing an idle connection for a waiting client" in lines[0]
+    assert waiting.reply()[0] == 220
+    waiting.close()
+    assert len(pm.delivered()) == 1

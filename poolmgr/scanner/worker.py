@@ -66,8 +66,9 @@ class ScannerService:
             raise Drain()
         # A client kept open between messages (an SMTP worker's connection cache) must not
         # hold this worker while another hand-off waits in the accept queue: every other
-        # scanner worker is busy then. Yield, as amavisd's children serve whoever comes next.
-        if session.drainable(now, 0.0) and self.someone_waiting():
+        # scanner worker is busy then. Yield, as amavisd's children serve whoever comes next;
+        # but not a client that has just connected and has yet to send its first message.
+        if session.transactions and session.drainable(now, 0.0) and self.someone_waiting():
             raise Drain(R.R421_YIELD.format(host=self.hostname))
 
     def someone_waiting(self) -> bool:
