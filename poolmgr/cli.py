@@ -192,7 +192,9 @@ def format_status(status: Status) -> str:
     stress, anvil = status.stress, status.anvil
     stress_text = f"on ({stress.source})" if stress.on else "off"
     lines.append(f"stress mode {stress_text}; anvil: {anvil.connections} connections "
-                 f"from {anvil.clients} clients")
+                 f"from {anvil.clients} clients, {anvil.greet_passes} greet passes, "
+                 f"{anvil.dnsbl_answers} DNSBL answers cached")
+    lines.append(status.cluster.summary())
     lines.append(status.scanner.summary())
     auto = status.autoscale
     since = time.strftime("%H:%M:%S", time.localtime(auto.since))

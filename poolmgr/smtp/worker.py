@@ -7,6 +7,10 @@ them spawn into one pool of `smtp.max_sessions_per_worker` greenlets, and when t
 full the worker stops accepting on every socket and the kernel's listen queues feed the other
 workers.
 
+Its sessions ask the client state (`defence.clientstate`) of the master's anvil through one
+socket, or, with `[cluster] redis`, of Redis directly (`cluster.RedisState`, cooperative under
+gevent, each call cut at `cluster.timeout`), with the master's as the fallback.
+
 Signals: SIGTERM drains (stop accepting; a session idle with no transaction for
 DRAIN_IDLE_GRACE seconds gets 421 and is closed; transactions finish; after
 `master.graceful_timeout` the rest get 421) and exits 0; SIGQUIT exits at once; SIGUSR1 reopens
@@ -15,6 +19,7 @@ the log file.
 Exports: SmtpWorker, main.
 """
 
+import os
 import time
 
 from .. import log
@@ -44,8 +49,15 @@ class SmtpWorker(WorkerProcess):
     kind = "smtp worker"
 
     def init_process(self) -> None:
+        import warnings
+
         from gevent import monkey
 
+        # With [cluster] redis the master has imported redis, whose asyncio half keeps its own
+        # reference to ssl's classes; this worker never uses it. Any other module still warns.
+        warnings.filterwarnings("ignore", r"Monkey-patching ssl after ssl .*\(NOT patched\): "
+                                r"\['redis\.asyncio\.connection [^,\]]*\]\. *$",
+                                monkey.MonkeyPatchWarning)
         monkey.patch_all()
         import socket
 
@@ -63,14 +75,21 @@ class SmtpWorker(WorkerProcess):
         log.set_name("poolmgr/smtpd")
         ctx, cfg = self.ctx, self.cfg
         self.log = log.get("smtpd")
-        anvil = None
+        state = self.cluster = None
         if ctx.anvil is not None:
             from ..defence.anvil import ANVIL_TIMEOUT, AnvilClient
 
-            anvil = AnvilClient(socket.socket(fileno=ctx.anvil.detach()), ANVIL_TIMEOUT,
+            state = AnvilClient(socket.socket(fileno=ctx.anvil.detach()), ANVIL_TIMEOUT,
                                 self.log)
+            if cfg.cluster.redis:  # the cluster's state, with the host's as its fallback
+                from ..cluster import RedisState
+
+                timeout = cfg.cluster.timeout
+                state = self.cluster = RedisState(
+                    cfg, state, ctx.slot, str(os.getpid()),
+                    lambda: gevent.Timeout(timeout, TimeoutError("cluster.timeout")))
         self.service = FrontService(ctx, _tls_context(cfg, self.log),
-                                    Defence(cfg, gevent.spawn), anvil)
+                                    Defence(cfg, gevent.spawn, state), state)
         self.sessions = gevent.pool.Pool(cfg.smtp.max_sessions_per_worker)
         self.stopped = gevent.event.Event()
         self.servers = [gevent.server.StreamServer(socket.socket(fileno=sock.detach()),
@@ -129,6 +148,8 @@ class SmtpWorker(WorkerProcess):
             self.show(f"{len(self.sessions)} sessions"
                       + (" draining" if self.service.draining else ""))
             self.service.relay_cache.expire()
+            if self.cluster is not None:
+                self.cluster.beat()
             self.gevent.sleep(1.0)
 
     def serve(self) -> int:
