@@ -206,3 +206,29 @@ def test_a_killed_nodes_connections_leave_redis_within_the_heartbeat_ttl(make_po
             raw.close()
     finally:
         a.kill_all()
+
+
+def test_bench_spreads_connections_over_the_nodes_round_robin(monkeypatch):
+    """`poolmgr bench run --nodes 2`: the load generator takes the nodes in turn, as senders
+    spread over equal MX records (the run itself: README, Benchmarks)."""
+    import asyncio
+
+    from poolmgr.benchmark import load, scenario
+
+    plan = scenario.from_dict({"name": "two", "server": {"nodes": 2},
+                               "phases": [{"name": "p", "duration": "1s",
+                                           "rates": {"idle": 1}}]})
+    assert plan.server["nodes"] == 2
+    generator = load.Generator({"scenario": plan.as_dict(), "index": 0, "processes": 1,
+                                "t0": 0, "targets": [["127.0.0.1", 2501],
+                                                     ["127.0.0.1", 2502]]})
+    ports = []
+
+    async def open_connection(host, port, local_addr):  # the network is not under test here
+        ports.append(port)
+        return None, None
+
+    monkeypatch.setattr(load.asyncio, "open_connection", open_connection)
+    for _ in range(5):
+        asyncio.run(generator.connect("idle", "127.0.60.1"))
+    assert ports == [2501, 2502, 2501, 2502, 2501]
