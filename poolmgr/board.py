@@ -40,6 +40,10 @@ COUNTERS += tuple(f"verdict_{kind}" for kind in VERDICT_KINDS) + tuple(
     f"check_{name}_{what}" for name in CHECK_NAMES
     for what in ("count", "failed", "us", *_BUCKETS)) + tuple(
     f"{what}_{bucket}" for what in ("handoff", "scan") for bucket in _BUCKETS)
+# The SMTP workers' calls to the cluster's Redis (cluster.RedisState): calls answered, their
+# total microseconds and latency histogram, calls that failed, questions answered locally.
+COUNTERS += ("cluster_calls", "cluster_us", "cluster_failures", "cluster_local") + tuple(
+    f"cluster_{bucket}" for bucket in _BUCKETS)
 _NCOUNTERS = 96
 SLOTS = 1024  # generous: pools of up to 128 workers each, plus workers still draining
 # pid, kind, generation, number, heartbeat, started, sessions, busy, suspect, transacting,

@@ -192,7 +192,9 @@ def format_status(status: Status) -> str:
     stress, anvil = status.stress, status.anvil
     stress_text = f"on ({stress.source})" if stress.on else "off"
     lines.append(f"stress mode {stress_text}; anvil: {anvil.connections} connections "
-                 f"from {anvil.clients} clients")
+                 f"from {anvil.clients} clients, {anvil.greet_passes} greet passes, "
+                 f"{anvil.dnsbl_answers} DNSBL answers cached")
+    lines.append(status.cluster.summary())
     lines.append(status.scanner.summary())
     auto = status.autoscale
     since = time.strftime("%H:%M:%S", time.localtime(auto.since))
@@ -250,6 +252,8 @@ def cmd_bench(args) -> int:
         run.compare(plan, targets, out)
         print((out / "compare.md").read_text())
         return 0
+    if args.nodes:
+        plan.server["nodes"] = args.nodes
     out = Path(args.out or os.path.join("bench", "out", f"{plan.name}-{args.target}"))
     f = run.run(plan, args.target, out)["figures"]
     print(f"poolmgr bench: {plan.name} against {args.target}: legitimate delivered "
@@ -439,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "own)")
         else:
             p.add_argument("scenario", help="a scenario file, e.g. bench/scenarios/smoke.toml")
+        if name == "run":
+            p.add_argument("--nodes", type=int, default=0, choices=range(1, 9), metavar="N",
+                           help="poolmgr: N nodes sharing one Redis, clients spread over them "
+                                "round-robin (default: the scenario's [server] nodes, 1)")
 
     planner = command(sub, "plan", "capacity planning from a Postfix mail log or a bench "
                       "result: pool sizes by Little's law", cmd_plan)

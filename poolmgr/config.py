@@ -25,6 +25,7 @@ import re
 import resource
 import socket
 import tomllib
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,6 +287,28 @@ def _parse_nameserver(text: str) -> tuple[str, int]:
     return (text, 53)
 
 
+def _parse_redis(value: Any) -> str:
+    """'redis://HOST:PORT/DB', 'rediss://...', 'unix:///PATH' or '' -> the same string."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    text = value.strip()
+    if not text:
+        return ""
+    url = urllib.parse.urlsplit(text)
+    try:
+        port = url.port
+    except ValueError:
+        port = -1
+    database = url.path.strip("/")
+    if url.scheme in ("redis", "rediss") and url.hostname and port != -1 and \
+            (not database or database.isdigit()):
+        return text
+    if url.scheme == "unix" and url.path.startswith("/"):
+        return text
+    raise ValueError(f"expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB or "
+                     f"unix:///PATH, got {value!r}")
+
+
 def _typed(kinds, what: str, convert=lambda v: v):
     """A converter that accepts only values of the TOML types `kinds` (bool is not a number)."""
     def check(value: Any) -> Any:
@@ -322,6 +345,7 @@ CONVERTERS = {
     "policies": _parse_policies,
     "sites": _each(parse_site, '["zen.example*3"]'),
     "addresses": _each(_parse_nameserver, '["127.0.0.1:5353"]'),
+    "redis": _parse_redis,
 }
 
 
@@ -363,6 +387,9 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
             defence["recipient_table"] = RecipientTable.load(defence["recipients"])
         except (OSError, ValueError) as exc:
             err("defence.recipients", str(exc))
+    node = sections["cluster"]["node"]
+    if node and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", node):
+        err("cluster.node", f"{node!r}: use at most 64 letters, digits, '.', '_' or '-'")
     auto = sections["autoscale"]
     if auto["storm_exit_occupancy"] >= auto["storm_enter_occupancy"]:
         err("autoscale.storm_exit_occupancy", f"{auto['storm_exit_occupancy']:g} must be below "
@@ -422,6 +449,8 @@ def _expand(sections: dict[str, dict[str, Any]]) -> None:
         for d in smtp["mydestination"])
     if not sections["scanner"]["hostname"]:
         sections["scanner"]["hostname"] = smtp["hostname"]
+    if not sections["cluster"]["node"]:
+        sections["cluster"]["node"] = socket.gethostname() or "localhost"
 
 
 def _sub_sections(data: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:

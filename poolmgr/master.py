@@ -26,6 +26,10 @@ The master also serves anvil, the per-client counters of the whole host: each SM
 one end of a socketpair at fork, and the loop answers its requests (see `anvil`). Stress mode
 is a flag on the scoreboard that every SMTP worker reads.
 
+With `[cluster] redis`, the SMTP workers share their client state in Redis (cluster.py); the
+master only watches it, from a thread of its own (`cluster.Monitor`), so its loop never waits
+for Redis.
+
 The master stays as started (root, for port 25); its workers drop to `master.user` before
 their first client, and the master hands that user the files they write (`hand_over_files`).
 A fork or socketpair that fails for want of processes, memory or files is logged and retried,
@@ -44,7 +48,7 @@ import time
 
 import psutil
 
-from . import autoscale, config, log, maildir, metrics, privileges, status, upgrade
+from . import autoscale, cluster, config, log, maildir, metrics, privileges, status, upgrade
 from .defence.anvil import Anvil, AnvilServer
 from .board import Board
 from .config import Config, ConfigError, format_address
@@ -103,6 +107,7 @@ class Master:
         self.decisions: collections.deque = collections.deque(maxlen=20)
         self.last_snapshot: autoscale.Snapshot | None = None
         self.decision_count = 0
+        self.cluster: cluster.Monitor | None = None  # started by setup, when configured
         self.metrics = metrics.StatusCollector() if cfg.metrics.listen else None
         self.metrics_server = None
         self.rss_checked = 0.0
@@ -164,6 +169,7 @@ class Master:
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, "wakeup")
         self.control = ControlServer(cfg.master.control_socket, cfg.master.control_socket_mode,
                                      self.selector)
+        self.watch_cluster(cfg)
         for warning in cfg.warnings:
             self.log.warning("%s", warning)
         if ids is None and os.geteuid() == 0:
@@ -216,7 +222,19 @@ class Master:
     def all_sockets(self) -> list[socket.socket]:
         return [sock for socks in self.sockets.values() for sock in socks]
 
+    def watch_cluster(self, cfg: Config) -> None:
+        """Start (or, after a reload that changed [cluster], restart) the cluster's monitor."""
+        if self.cluster is not None:
+            if self.cluster.section == cfg.cluster:
+                return
+            self.cluster.stop()
+            self.cluster = None
+        if cfg.cluster.redis:
+            self.cluster = cluster.Monitor(cfg.cluster, self.log).start()
+
     def teardown(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
         self.control.close()
         self.notifier.close()
         for sock in self.all_sockets():
@@ -533,6 +551,7 @@ class Master:
         self.hand_over_files(new)
         self.cfg = new
         self.anvil.time_unit = new.defence.anvil_rate_time_unit
+        self.watch_cluster(new)
         if new.autoscale.enabled != old.autoscale.enabled:
             self.set_autoscale(new.autoscale.enabled, "reload")
         self.generation += 1

@@ -12,8 +12,12 @@ pid: series must outlive a worker), `smtp_sessions`, `smtp_slots`, `smtp_accept_
 `messages_total{outcome}`, `connections_total{pool}`, `handoffs_total`,
 `handoff_wait_seconds_total`, the histograms `handoff_seconds`, `scan_seconds` and
 `check_seconds{check}`, `check_failures_total{check}`, `scanner_verdicts_total{kind}`,
-`nuisance_ratio`, `storm`, `stress`, `autoscale_decisions_total`, `build_info{version}`; and the
-master's own `process_*` metrics.
+`nuisance_ratio`, `storm`, `stress`, `autoscale_decisions_total`, `build_info{version}`; with
+`[cluster] redis`: `cluster_up` (1 while the nodes share Redis, 0 while degraded),
+`cluster_nodes`, `cluster_roundtrip_seconds` (the master's last round trip), the histogram
+`cluster_store_seconds` (the SMTP workers' Redis calls), `cluster_failures_total`,
+`cluster_local_total` (questions answered from local state); and the master's own
+`process_*` metrics.
 
 Exports: StatusCollector, start.
 """
@@ -106,6 +110,29 @@ class StatusCollector:
         build.add_metric([status.version], 1)
         yield build
         yield from _scanner(status)
+        yield from _cluster(status)
+
+
+def _cluster(status: Status):
+    """Cluster health and store latency, when [cluster] redis is set."""
+    cluster, counters = status.cluster, status.pools["smtp"].counters
+    if cluster.state == "off":
+        return
+    for name, help_text, value in (
+            ("cluster_up", "1 while this node shares its client state in Redis, 0 while it "
+             "uses local state", int(cluster.state == "shared")),
+            ("cluster_nodes", "Nodes seen in Redis recently", len(cluster.nodes)),
+            ("cluster_roundtrip_seconds", "The master's last round trip to Redis",
+             cluster.latency)):
+        yield GaugeMetricFamily(f"poolmgr_{name}", help_text, value=value)
+    yield _histogram("poolmgr_cluster_store_seconds", "SMTP workers' Redis calls",
+                     counters, "cluster", counters.get("cluster_calls", 0),
+                     counters.get("cluster_us", 0) / 1e6)
+    yield CounterMetricFamily("poolmgr_cluster_failures", "Redis calls that failed or timed out",
+                              value=counters.get("cluster_failures", 0))
+    yield CounterMetricFamily("poolmgr_cluster_local", "Questions answered from local state "
+                              "because Redis was unavailable",
+                              value=counters.get("cluster_local", 0))
 
 
 def _histogram(name: str, help_text: str, counters: dict, prefix: str, count: int,

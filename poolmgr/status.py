@@ -8,8 +8,8 @@ is read, not at run time in another process. `snapshot` assembles the autoscaler
 the same sources.
 
 Exports: Status, PoolStatus, WorkerStatus, MasterStatus, NuisanceStatus, StressStatus,
-StormStatus, AutoscaleStatus, Decision, AnvilStatus, ScannerStatus, CheckStatus, collect,
-snapshot.
+StormStatus, AutoscaleStatus, Decision, AnvilStatus, ClusterStatus, ScannerStatus, CheckStatus,
+collect, snapshot.
 """
 
 import dataclasses
@@ -125,6 +125,32 @@ class AutoscaleStatus:
 class AnvilStatus:
     clients: int
     connections: int
+    greet_passes: int = 0   # clients whose greet test pass holds (the host's cache)
+    dnsbl_answers: int = 0  # DNSBL answers cached by the host
+
+
+@dataclass
+class ClusterStatus:
+    """`[cluster]`: the shared Redis as the master's monitor sees it (cluster.Monitor)."""
+    state: str = "off"     # off (no [cluster] redis), starting, shared or degraded
+    redis: str = ""        # the URL, without its password
+    node: str = ""
+    since: float = 0.0     # wall clock of the last change of state
+    error: str = ""        # why it is degraded
+    nodes: list[str] = field(default_factory=list)  # nodes seen in the last NODE_SEEN
+    top_clients: dict[str, int] = field(default_factory=dict)  # cluster-wide connections
+    latency: float = 0.0   # the monitor's last round trip to Redis, seconds
+    reaped: int = 0        # dead workers' and nodes' connections taken off by this node
+
+    def summary(self) -> str:
+        """`cluster: shared (redis URL, node mx1); nodes mx1, mx2; top clients 192.0.2.7 3`"""
+        if self.state == "off":
+            return "cluster: off (this host only)"
+        text = f"cluster: {self.state} (redis {self.redis}, node {self.node}"
+        text += f"; {self.error})" if self.state == "degraded" else ")"
+        clients = ", ".join(f"{ip} {n}" for ip, n in self.top_clients.items()) or "none"
+        return (f"{text}; nodes {', '.join(self.nodes) or 'none'}; top clients {clients}; "
+                f"round trip {self.latency * 1000:.1f} ms")
 
 
 @dataclass
@@ -162,6 +188,7 @@ class Status:
     autoscale: AutoscaleStatus
     anvil: AnvilStatus
     scanner: ScannerStatus = field(default_factory=ScannerStatus)
+    cluster: ClusterStatus = field(default_factory=ClusterStatus)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -266,8 +293,10 @@ def collect(master) -> Status:
                           round(master.phase_since, 1)),
         autoscale=_autoscale(master),
         anvil=AnvilStatus(len(master.anvil.clients),
-                          sum(c.count for c in master.anvil.clients.values())),
-        scanner=_scanner(master.cfg, pools["scanner"].counters))
+                          sum(c.count for c in master.anvil.clients.values()),
+                          len(master.anvil.greet), len(master.anvil.dnsbl)),
+        scanner=_scanner(master.cfg, pools["scanner"].counters),
+        cluster=ClusterStatus(**master.cluster.view()) if master.cluster else ClusterStatus())
 
 
 def _scanner(cfg, counters: dict) -> ScannerStatus:

@@ -42,7 +42,7 @@ def test_a_parked_session_wakes_for_each_command_and_delivers(make_poolmgr):
             assert client.noop()[0] == 250
         assert client.sendmail("alice@example.org", ["bob@example.test"],
                                message("after naps")) == {}
-    assert "data=1" in pm.log()
+    assert wait_until(lambda: "data=1" in pm.log())
 
 
 def test_the_greet_pause_and_the_timeout_run_out_while_parked(make_poolmgr):

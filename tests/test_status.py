@@ -32,7 +32,7 @@ def test_json_round_trip():
 def test_readers_accept_fields_they_do_not_know_yet():
     data = sample().to_json()
     data["pools"]["smtp"]["newer_field"] = 1
-    data["cluster"] = {"state": "ok"}
+    data["federation"] = {"state": "ok"}
     assert Status.from_json(data) == sample()
 
 

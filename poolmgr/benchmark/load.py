@@ -2,8 +2,9 @@
 
     python -m poolmgr.benchmark.load SPEC.json RESULT.json
 
-SPEC (written by `poolmgr bench run`) holds the scenario, the target's address, this process's
-index among `processes`, and the wall-clock start. Arrivals follow each phase's rates (this
+SPEC (written by `poolmgr bench run`) holds the scenario, the target's addresses (`targets`:
+several nodes take the connections in turn, round-robin, as senders spread over equal MX
+records), this process's index among `processes`, and the wall-clock start. Arrivals follow each phase's rates (this
 process takes 1/processes of each); every client comes from its own 127.x.y.z address (see
 `address`), and stops by itself: bots after their hold or give-up time, everyone at the end of
 the drain. RESULT gets a per-second series (open connections by profile; legitimate messages
@@ -80,7 +81,8 @@ class Generator:
         self.scenario = spec["scenario"]
         self.profiles = self.scenario["profiles"]
         self.index, self.processes = spec["index"], spec["processes"]
-        self.host, self.port = spec["host"], spec["port"]
+        self.targets = [tuple(t) for t in spec.get("targets") or [(spec["host"], spec["port"])]]
+        self.turn = 0  # the next connection's target, round-robin
         self.open = Counter()
         self.legit = Counter()
         self.bots: list[dict] = []
@@ -94,8 +96,10 @@ class Generator:
         return round(time.time() - self.t0, 3)
 
     async def connect(self, profile: str, source: str):
+        host, port = self.targets[self.turn % len(self.targets)]
+        self.turn += 1
         return await asyncio.wait_for(asyncio.open_connection(
-            self.host, self.port, local_addr=(source, 0)), 30)
+            host, port, local_addr=(source, 0)), 30)
 
     # -- bots
     async def bot(self, profile: str) -> None:

@@ -31,23 +31,24 @@ MESSAGE_ID = re.compile(rb"<bench-\d+-\d+@partner\.example>")
 
 
 def run(scenario: Scenario, target_name: str, out: Path) -> dict:
+    """One scenario against one target (poolmgr: `[server] nodes` of them on one Redis)."""
     samples: list[dict] = []
     procs: list[subprocess.Popen] = []
     with started(target_name, scenario.server, scenario.profiles["legit"]["recipients"],
                  loadgen.listed_prefixes(scenario.processes)) as (target, sink, dns, work):
         time.sleep(1.0)
-        baseline_rss, baseline_pss, cpu_before = tree_usage(target.pid)
+        baseline_rss, baseline_pss, cpu_before = tree_usage(*target.pids)
         t0 = time.time() + 1.0
         for index in range(scenario.processes):
             spec = work / f"load{index}.json"
-            spec.write_text(json.dumps({"scenario": scenario.as_dict(), "host": "127.0.0.1",
-                                        "port": target.port, "index": index,
+            spec.write_text(json.dumps({"scenario": scenario.as_dict(),
+                                        "targets": target.addresses, "index": index,
                                         "processes": scenario.processes, "t0": t0}))
             procs.append(subprocess.Popen([sys.executable, "-m", "poolmgr.benchmark.load",
                                            str(spec), str(work / f"result{index}.json")]))
         limit = time.time() + scenario.duration + scenario.drain + 60
         while any(p.poll() is None for p in procs) and time.time() < limit:
-            rss, pss, cpu = tree_usage(target.pid)
+            rss, pss, cpu = tree_usage(*target.pids)
             samples.append({"t": round(time.time() - t0, 2), "rss": rss, "pss": pss,
                             "cpu": round(cpu - cpu_before, 2), **target.sample()})
             time.sleep(SAMPLE_EVERY)
@@ -55,7 +56,7 @@ def run(scenario: Scenario, target_name: str, out: Path) -> dict:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-        _, _, cpu = tree_usage(target.pid)
+        _, _, cpu = tree_usage(*target.pids)
         cpu -= cpu_before
         verdicts = target.verdicts()
         extra = {**target.counters(), "dns_queries": len(dns.queries)}

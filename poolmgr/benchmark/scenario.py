@@ -13,6 +13,8 @@ A scenario is a TOML file (see bench/scenarios/):
     scanner_workers = 2
     max_sessions_per_worker = 2000
     stress = false             # poolmgr: stress mode switched on once started
+    nodes = 1                  # poolmgr: nodes sharing one Redis ([cluster]); clients are
+                               # spread over them round-robin, as senders over equal MX records
 
     [[phases]]
     name = "storm"
@@ -85,7 +87,8 @@ class Scenario:
 
 
 SERVER_DEFAULTS = {"smtp_workers": 2, "smtp_max_workers": 8, "scanner_workers": 2,
-                   "scanner_max_workers": 4, "max_sessions_per_worker": 2000, "stress": False}
+                   "scanner_max_workers": 4, "max_sessions_per_worker": 2000, "stress": False,
+                   "nodes": 1}
 
 
 def from_dict(data: dict, path: str = "") -> Scenario:

@@ -2,7 +2,9 @@
 
 Every target relays to the same `smtp-sink` next hop, so that the next hop costs the same for
 all, and checks the same recipients; a DNS server on a loopback address serves the DNSBL zone.
-Targets: `poolmgr` (both pools), `postfix` (Debian's Postfix, plain smtpd), `postfix-postscreen`
+Targets: `poolmgr` (both pools; with `[server] nodes = N`, N poolmgr nodes sharing one
+private Redis, whose `addresses` the load generator takes in turn), `postfix` (Debian's
+Postfix, plain smtpd), `postfix-postscreen`
 (postscreen in front of it) and `aiosmtpd` (its stock server and `Proxy` handler). Each
 target's whole process tree is measured the same way (`tree_usage`: RSS, PSS, CPU seconds).
 
@@ -28,7 +30,8 @@ import psutil
 from .. import config
 from ..autoscale import Snapshot, check_rules
 from ..status import Decision, Status
-from ..testing import DnsServer, Poolmgr, Postfix, Sink, free_port, listening, wait_until
+from ..testing import (DnsServer, Poolmgr, Postfix, RedisServer, Sink, free_port, listening,
+                       wait_until)
 
 TARGETS = ("poolmgr", "postfix", "postfix-postscreen", "aiosmtpd")
 DNSBL_ZONE = "zen.bench.test"
@@ -43,11 +46,11 @@ def tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def tree_usage(pid: int) -> tuple[int, int, float]:
-    """(RSS bytes, PSS bytes, CPU seconds) of a process and its descendants. RSS counts the
+def tree_usage(*pids: int) -> tuple[int, int, float]:
+    """(RSS bytes, PSS bytes, CPU seconds) of processes and their descendants. RSS counts the
     pages forked processes share once per process; PSS divides them among the sharers."""
     rss, pss, cpu = 0, 0, 0.0
-    for proc in tree(pid):
+    for proc in (p for pid in pids for p in tree(pid)):
         try:
             memory = proc.memory_full_info()
             rss += memory.rss
@@ -60,7 +63,8 @@ def tree_usage(pid: int) -> tuple[int, int, float]:
 
 
 class PoolmgrTarget:
-    """poolmgr, both pools, with the greet test, DNSBL scoring and recipient validation."""
+    """poolmgr, both pools, with the greet test, DNSBL scoring and recipient validation; with
+    `nodes` above 1, that many poolmgr nodes sharing one private Redis (`[cluster]`)."""
 
     name = "poolmgr"
 
@@ -69,7 +73,8 @@ class PoolmgrTarget:
         self.stress = s["stress"]
         self.rules = None
         self.decisions: list[Decision] = []
-        self.pm = Poolmgr(work / "poolmgr", {
+        self.redis = RedisServer(work).start() if s["nodes"] > 1 else None
+        sections = {
             "smtp": {"min_workers": s["smtp_workers"],
                      "max_workers": max(s["smtp_workers"], s["smtp_max_workers"]),
                      "max_sessions_per_worker": s["max_sessions_per_worker"]},
@@ -81,7 +86,14 @@ class PoolmgrTarget:
             "defence": {"allowlist": ["127.0.0.1/32"], "greet_wait": "2s", "dnsbl_sites": [f"{DNSBL_ZONE}*2"],
                         "dnsbl_threshold": 2, "nameservers": [dns.address],
                         "recipients": str(self._recipients(work, recipients))},
-        })
+        }
+        self.pms = []
+        for n in range(s["nodes"]):
+            cluster = {"cluster": {"redis": self.redis.url, "node": f"mx{n + 1}"}} \
+                if self.redis else {}
+            self.pms.append(Poolmgr(work / ("poolmgr" if n == 0 else f"poolmgr{n + 1}"),
+                                    {**sections, **cluster}))
+        self.pm = self.pms[0]
 
     @staticmethod
     def _recipients(work: Path, recipients: list[str]) -> Path:
@@ -97,44 +109,68 @@ class PoolmgrTarget:
     def pid(self) -> int:
         return self.pm.proc.pid
 
+    @property
+    def pids(self) -> list[int]:
+        return [pm.proc.pid for pm in self.pms]
+
+    @property
+    def addresses(self) -> list[list]:
+        return [["127.0.0.1", pm.smtp_port] for pm in self.pms]
+
     def start(self) -> None:
-        self.pm.start()
+        for pm in self.pms:
+            pm.start()
+            if self.stress:
+                pm.run_cli("ctl", "stress", "on", check=True)
         self.rules = config.load(str(self.pm.config)).autoscale
-        if self.stress:
-            self.pm.run_cli("ctl", "stress", "on", check=True)
+
+    def statuses(self) -> list[Status]:
+        found = [pm.try_status() for pm in self.pms]
+        return [Status.from_json(data) for data in found if data]
 
     def status(self) -> Status | None:
         data = self.pm.try_status()
         return Status.from_json(data) if data else None
 
     def sample(self) -> dict:
-        status = self.status()
-        if status is None:
+        """Sessions and workers over every node; the first node's storm phase."""
+        statuses = self.statuses()
+        if not statuses:
             return {}
-        smtp, scanner = status.pools["smtp"], status.pools["scanner"]
         # The master keeps its last 20 decisions: gather them as they come.
-        self.decisions += [d for d in status.autoscale.decisions if d not in self.decisions]
-        return {"sessions": smtp.sessions, "smtp_workers": smtp.workers,
-                "smtp_draining": smtp.draining, "smtp_floor": smtp.floor,
-                "scanner_workers": scanner.workers, "phase": status.autoscale.phase,
-                "stress": status.stress.on, "rule_breaks": rule_breaks(status, self.rules)}
+        self.decisions += [d for st in statuses for d in st.autoscale.decisions
+                           if d not in self.decisions]
+
+        def total(pool: str, field: str) -> int:
+            return sum(getattr(st.pools[pool], field) for st in statuses)
+
+        return {"sessions": total("smtp", "sessions"), "smtp_workers": total("smtp", "workers"),
+                "smtp_draining": total("smtp", "draining"), "smtp_floor": total("smtp", "floor"),
+                "scanner_workers": total("scanner", "workers"),
+                "phase": statuses[0].autoscale.phase,
+                "stress": any(st.stress.on for st in statuses),
+                "rule_breaks": [b for st in statuses for b in rule_breaks(st, self.rules)]}
 
     def verdicts(self) -> dict:
-        status = self.status()
-        return status.nuisance.total.by_reason if status else {}
+        return dict(sum((Counter(st.nuisance.total.by_reason) for st in self.statuses()),
+                        Counter()))
 
     def counters(self) -> dict:
-        status = self.status()
-        smtp = status.pools["smtp"].counters if status else {}
-        scanner = status.pools["scanner"].counters if status else {}
-        return {"handoffs_to_scanner": smtp.get("handoffs", 0),
-                "scanned": scanner.get("scanned", 0),
-                "messages_accepted": smtp.get("messages_accepted", 0),
-                "messages_deferred": smtp.get("messages_tempfailed", 0),
-                "messages_rejected": smtp.get("messages_rejected", 0)}
+        totals = Counter()
+        for st in self.statuses():
+            smtp, scanner = st.pools["smtp"].counters, st.pools["scanner"].counters
+            totals.update({"handoffs_to_scanner": smtp.get("handoffs", 0),
+                           "scanned": scanner.get("scanned", 0),
+                           "messages_accepted": smtp.get("messages_accepted", 0),
+                           "messages_deferred": smtp.get("messages_tempfailed", 0),
+                           "messages_rejected": smtp.get("messages_rejected", 0)})
+        return dict(totals)
 
     def stop(self) -> None:
-        self.pm.stop()
+        for pm in self.pms:
+            pm.stop()
+        if self.redis is not None:
+            self.redis.stop()
 
 
 def held_sessions(pids: set[int], port: int) -> int:
@@ -169,6 +205,14 @@ class ProcessTarget:
     """A target whose sessions are counted from its sockets (Postfix, aiosmtpd)."""
 
     decisions: tuple = ()  # no autoscaler
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.pid]
+
+    @property
+    def addresses(self) -> list[list]:
+        return [["127.0.0.1", self.port]]
 
     def sample(self) -> dict:
         return {"sessions": held_sessions({p.pid for p in tree(self.pid)}, self.port)}

@@ -1,11 +1,14 @@
-"""Per-client connection and rate counters for the whole host (Postfix's anvil).
+"""The host's own client state (`clientstate.ClientState`): per-client connection and rate
+counters for the whole host (Postfix's anvil), the greet test's pass cache and the DNSBL
+answers, kept by the master.
 
-`Anvil` is the store: plain counters and no I/O, with the clock passed in, so that it is
-unit-testable and a shared store (Redis) can later implement the same methods. The master owns
-one and serves every SMTP worker over a SOCK_SEQPACKET socketpair made at fork
-(`AnvilServer`); a worker's sessions ask through one `AnvilClient`, which tags each request
-with a sequence number so that thousands of sessions share the socket. Limits are applied by
-the caller, as Postfix's smtpd does with anvil's counts.
+`Anvil` is the store: plain counters and caches and no I/O, with the clock passed in, so that
+it is unit-testable. The master owns one and serves every SMTP worker over a SOCK_SEQPACKET
+socketpair made at fork (`AnvilServer`); a worker's sessions ask through one `AnvilClient`,
+which tags each request with a sequence number so that thousands of sessions share the
+socket. Limits are applied by the caller, as Postfix's smtpd does with anvil's counts. As the
+master keeps the caches, every SMTP worker of the host shares them and they outlive a reload
+or a recycled worker (postscreen's cache, shared by all of postscreen's clients).
 
 Rates are counted in fixed windows of `anvil_rate_time_unit` per client from its first event,
 as Postfix's anvil does. The connection count is of live sessions: a session releases its
@@ -14,22 +17,21 @@ a crashed worker leaves nothing behind.
 
 Wire format (ASCII, one request per packet): `SEQ C IP` connect -> `SEQ COUNT RATE`,
 `SEQ M IP` message -> `SEQ RATE`, `SEQ R IP` recipient -> `SEQ RATE`, `0 D IP` disconnect
-(no answer).
+(no answer); `SEQ G IP` greet test passed? -> `SEQ 0|1`, `0 P IP TTL` passed it (no answer);
+`SEQ L IP DOMAIN...` cached DNSBL answers -> `SEQ V...` (1 listed, 0 not, -1 unknown),
+`0 S IP DOMAIN 0|1 TTL` cache an answer (no answer).
 
 Exports: Anvil, AnvilServer, AnvilClient, Usage, ANVIL_TIMEOUT.
 """
 
 import socket
 from collections import Counter
-from typing import NamedTuple
+
+from .clientstate import ClientState, TtlCache, Usage
 
 _PURGE_EVERY = 1024  # requests between sweeps of idle clients
 ANVIL_TIMEOUT = 2.0  # a worker's wait for an answer; after it the client fails open
-
-
-class Usage(NamedTuple):
-    count: int  # live connections of the client, this one included
-    rate: int   # events of the asked kind in the client's current window, this one included
+_PACKET = 4096  # a request or an answer, at most (a DNSBL lookup names every site)
 
 
 class _Client:
@@ -49,6 +51,8 @@ class Anvil:
         self.clients: dict[str, _Client] = {}
         self.owners: dict[object, Counter] = {}  # worker -> live connections by client
         self.requests = 0
+        self.greet = TtlCache()  # ip -> True while its greet test pass holds
+        self.dnsbl = TtlCache()  # (domain, ip) -> listed, for the answer's TTL
 
     def _client(self, ip: str, now: float) -> _Client:
         self.requests += 1
@@ -104,6 +108,18 @@ class Anvil:
         self.clients = {ip: c for ip, c in self.clients.items()
                         if c.count or now - c.window_start < self.time_unit}
 
+    def greet_passed(self, ip: str, now: float) -> bool:
+        return bool(self.greet.get(ip, now))
+
+    def pass_greet(self, ip: str, ttl: float, now: float) -> None:
+        self.greet.put(ip, True, now + ttl, now)
+
+    def dnsbl_cached(self, ip: str, domains, now: float) -> list[bool | None]:
+        return [self.dnsbl.get((domain, ip), now) for domain in domains]
+
+    def cache_dnsbl(self, ip: str, domain: str, listed: bool, ttl: float, now: float) -> None:
+        self.dnsbl.put((domain, ip), listed, now + ttl, now)
+
 
 class AnvilServer:
     """The master's side: answers the packets of one worker's socket."""
@@ -114,10 +130,9 @@ class AnvilServer:
 
     def serve(self, sock: socket.socket, owner) -> bool:
         """Answer every pending request; False when the worker's end is closed."""
-        anvil = self.anvil
         while True:
             try:
-                packet = sock.recv(256)
+                packet = sock.recv(_PACKET)
             except BlockingIOError:
                 return True
             except OSError:
@@ -125,31 +140,44 @@ class AnvilServer:
             if not packet:
                 return False
             try:
-                seq, op, ip = packet.decode("ascii").split()
+                seq, op, ip, *args = packet.decode("ascii").split()
+                answer = self.answer(owner, op, ip, args)
             except (UnicodeDecodeError, ValueError):
                 continue
-            now = self.clock()
-            if op == "C":
-                count, rate = anvil.connect(owner, ip, now)
-                answer = f"{seq} {count} {rate}"
-            elif op == "M":
-                answer = f"{seq} {anvil.message(ip, now)}"
-            elif op == "R":
-                answer = f"{seq} {anvil.recipient(ip, now)}"
-            elif op == "D":
-                anvil.disconnect(owner, ip)
-                continue
-            else:
+            if answer is None:
                 continue
             try:
-                sock.send(answer.encode("ascii"))
+                sock.send(f"{seq} {answer}".encode("ascii"))
             except BlockingIOError:
                 pass  # the worker is not reading: it will time out and carry on
             except OSError:
                 return False
 
+    def answer(self, owner, op: str, ip: str, args: list[str]) -> str | None:
+        """One request (ValueError when malformed); None for those that get no answer."""
+        anvil, now = self.anvil, self.clock()
+        if op == "C":
+            return "%d %d" % anvil.connect(owner, ip, now)
+        if op == "M":
+            return str(anvil.message(ip, now))
+        if op == "R":
+            return str(anvil.recipient(ip, now))
+        if op == "D":
+            anvil.disconnect(owner, ip)
+        elif op == "G":
+            return str(int(anvil.greet_passed(ip, now)))
+        elif op == "P":
+            anvil.pass_greet(ip, float(args[0]), now)
+        elif op == "L":
+            return " ".join("-1" if v is None else str(int(v))
+                            for v in anvil.dnsbl_cached(ip, args, now))
+        elif op == "S":
+            domain, listed, ttl = args
+            anvil.cache_dnsbl(ip, domain, listed == "1", float(ttl), now)
+        return None
 
-class AnvilClient:
+
+class AnvilClient(ClientState):
     """A worker's side (gevent): one socket shared by all sessions, answers matched by seq.
 
     When the master does not answer within `timeout`, the request fails open (None) and a
@@ -173,7 +201,7 @@ class AnvilClient:
     def _read(self) -> None:
         while True:
             try:
-                packet = self.sock.recv(256)
+                packet = self.sock.recv(_PACKET)
             except OSError:
                 break
             if not packet:
@@ -207,11 +235,17 @@ class AnvilClient:
         answer = self._ask("C", ip)
         return Usage(*answer) if answer else None
 
-    def disconnect(self, ip: str) -> None:
+    def _tell(self, request: str) -> None:
+        """A request that gets no answer."""
+        if self.closed:
+            return
         try:
-            self.sock.send(f"0 D {ip}".encode("ascii"))
+            self.sock.send(f"0 {request}".encode("ascii"))
         except OSError:
             pass
+
+    def disconnect(self, ip: str) -> None:
+        self._tell(f"D {ip}")
 
     def message(self, ip: str) -> int | None:
         answer = self._ask("M", ip)
@@ -220,3 +254,17 @@ class AnvilClient:
     def recipient(self, ip: str) -> int | None:
         answer = self._ask("R", ip)
         return answer[0] if answer else None
+
+    def greet_passed(self, ip: str) -> bool:
+        answer = self._ask("G", ip)
+        return bool(answer and answer[0])
+
+    def pass_greet(self, ip: str, ttl: float) -> None:
+        self._tell(f"P {ip} {ttl:g}")
+
+    def dnsbl_cached(self, ip: str, domains: list[str]) -> dict[str, bool]:
+        answer = self._ask("L", " ".join([ip, *domains])) or ()
+        return {domain: bool(v) for domain, v in zip(domains, answer) if v >= 0}
+
+    def cache_dnsbl(self, ip: str, domain: str, listed: bool, ttl: float) -> None:
+        self._tell(f"S {ip} {domain} {int(listed)} {ttl:g}")

@@ -7,7 +7,9 @@ answers with a matching address. `Dnsbl.score(ip)` asks every site in parallel (
 `spawn`, gevent's in the SMTP worker: it returns a greenlet-like object with join, ready,
 successful, value and kill) and waits at most `timeout`; a site that has not answered
 scores nothing. Answers are cached per (site, client) for their TTL, clamped to
-[min_ttl, max_ttl]; NXDOMAIN is cached for min_ttl.
+[min_ttl, max_ttl], in the client state (`clientstate.ClientState`: the master's, shared by
+the host's SMTP workers, or the cluster's); NXDOMAIN is cached for min_ttl. The cache is asked
+once per score for every site, and only the sites it does not know are queried.
 
 Exports: Site, parse_site, Dnsbl, Score.
 """
@@ -84,7 +86,7 @@ class Score(NamedTuple):
 
 class Dnsbl:
     def __init__(self, sites: tuple[Site, ...], nameservers: tuple, timeout: float,
-                 min_ttl: float, max_ttl: float, spawn: Callable, max_entries: int = 100_000):
+                 min_ttl: float, max_ttl: float, spawn: Callable, state=None):
         import dns.nameserver
         import dns.resolver
         # dnspython imports an rdata class at its first answer of that type; import them now,
@@ -97,8 +99,7 @@ class Dnsbl:
         self.timeout = timeout
         self.min_ttl, self.max_ttl = min_ttl, max(min_ttl, max_ttl)
         self.spawn = spawn
-        self.max_entries = max_entries
-        self.cache: dict[tuple[str, str], tuple[float, bool]] = {}
+        self.state = state  # a clientstate.ClientState, or None: no cache
         self.queries = 0
         if nameservers:
             self.resolver = dns.resolver.Resolver(configure=False)
@@ -115,11 +116,7 @@ class Dnsbl:
         import dns.exception
         import dns.resolver
 
-        key = (site.domain, ip)
-        cached = self.cache.get(key)
         now = time.monotonic()
-        if cached and cached[0] > now:
-            return cached[1]
         self.queries += 1
         try:
             answer = self.resolver.resolve(query_name(ip, site.domain), "A",
@@ -132,24 +129,31 @@ class Dnsbl:
             listed, ttl = False, self.min_ttl
         except dns.exception.DNSException:
             return None
-        if len(self.cache) >= self.max_entries:
-            self.cache.clear()  # crude, but bounded: a storm of distinct clients cannot grow it
-        self.cache[key] = (time.monotonic() + min(self.max_ttl, max(self.min_ttl, ttl)), listed)
+        if self.state is not None:
+            self.state.cache_dnsbl(ip, site.text, listed,
+                                   min(self.max_ttl, max(self.min_ttl, ttl)))
         return listed
 
     def score(self, ip: str) -> Score:
         deadline = time.monotonic() + self.timeout
-        jobs = [(site, self.spawn(self._lookup, site, ip, deadline)) for site in self.sites]
+        cached = self.state.dnsbl_cached(ip, [s.text for s in self.sites]) if self.state else {}
+        jobs = {site.text: self.spawn(self._lookup, site, ip, deadline)
+                for site in self.sites if site.text not in cached}
         total, hits, unanswered = 0, [], []
-        for site, job in jobs:
-            job.join(max(0.0, deadline - time.monotonic()))
-            if not job.successful() or job.value is None:
-                # timeout, SERVFAIL, refused: the site scores nothing
-                if not job.ready():
-                    job.kill(block=False)
-                unanswered.append(site.domain)
-                continue
-            if job.value:
+        for site in self.sites:
+            job = jobs.get(site.text)
+            if job is None:
+                listed = cached[site.text]
+            else:
+                job.join(max(0.0, deadline - time.monotonic()))
+                if not job.successful() or job.value is None:
+                    # timeout, SERVFAIL, refused: the site scores nothing
+                    if not job.ready():
+                        job.kill(block=False)
+                    unanswered.append(site.domain)
+                    continue
+                listed = job.value
+            if listed:
                 total += site.weight
                 hits.append(f"{site.domain}({site.weight:+d})")
         return Score(total, tuple(hits), tuple(unanswered))

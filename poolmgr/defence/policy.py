@@ -1,33 +1,31 @@
 """What the sessions of one SMTP worker share about defences.
 
 `Defence` is built once per SMTP worker from the `[defence]` config: access lists, the DNSBL
-scorer, the greet-test pass cache (per worker: a client that passed waits again on another
-worker).
+scorer, and the client state (`clientstate.ClientState`) that holds the greet test's passes
+and the DNSBL answers: the master's, shared by every SMTP worker of the host, or the cluster's.
 
 Exports: Defence.
 """
 
-import time
 from typing import Callable
 
+from .clientstate import ClientState
 from .dnsbl import Dnsbl
 from .networks import in_networks
-
-_MAX_PASSED = 200_000
 
 
 class Defence:
     """Everything the sessions of one SMTP worker share about defences."""
 
-    def __init__(self, cfg, spawn: Callable):
+    def __init__(self, cfg, spawn: Callable, state: ClientState | None = None):
         d = cfg.defence
         self.cfg = d
         self.allowlist = d.allowlist
         self.denylist = d.denylist
+        self.state = state
         self.dnsbl = Dnsbl(d.dnsbl_sites, d.nameservers, d.dnsbl_timeout, d.dnsbl_min_ttl,
-                           d.dnsbl_max_ttl, spawn) if d.dnsbl_sites else None
+                           d.dnsbl_max_ttl, spawn, state) if d.dnsbl_sites else None
         self.spawn = spawn
-        self.greet_passed: dict[str, float] = {}
 
     def allowlisted(self, ip: str) -> bool:
         return bool(self.allowlist) and in_networks(ip, self.allowlist)
@@ -38,12 +36,8 @@ class Defence:
     def needs_greet_test(self, ip: str) -> bool:
         if self.cfg.greet_wait <= 0:
             return False
-        return self.greet_passed.get(ip, 0.0) < time.monotonic()
+        return self.state is None or not self.state.greet_passed(ip)
 
     def greet_test_passed(self, ip: str) -> None:
-        if len(self.greet_passed) >= _MAX_PASSED:
-            now = time.monotonic()
-            self.greet_passed = {k: v for k, v in self.greet_passed.items() if v > now}
-            if len(self.greet_passed) >= _MAX_PASSED:
-                self.greet_passed.clear()
-        self.greet_passed[ip] = time.monotonic() + self.cfg.greet_ttl
+        if self.state is not None and self.cfg.greet_ttl > 0:
+            self.state.pass_greet(ip, self.cfg.greet_ttl)

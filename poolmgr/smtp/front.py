@@ -16,9 +16,9 @@ from typing import Callable
 
 from .. import log
 from . import dsn, relay
-from ..defence.anvil import AnvilClient
 from ..config import NextHop
 from ..defence import early, limits
+from ..defence.clientstate import ClientState
 from ..defence.policy import Defence
 from ..defence.screening import Screening
 from ..defence.verdicts import LEGIT, Reason, classify
@@ -36,7 +36,7 @@ class FrontService:
     """Everything the sessions of one SMTP worker share."""
 
     def __init__(self, ctx: WorkerContext, tls_context, defence: Defence,
-                 anvil: AnvilClient | None = None):
+                 anvil: ClientState | None = None):
         cfg = ctx.cfg
         self.cfg = cfg
         self.slot = ctx.slot

@@ -73,8 +73,8 @@ STAT_ORDER = ("helo", "ehlo", "lhlo", "xforward", "starttls", "mail", "rcpt", "d
 
 class ServerSession:
     __slots__ = ("service", "conn", "peer", "client", "helo", "proto", "env", "tls", "closing",
-                 "idle_since", "last_cmd", "stats", "xforward", "greenlet", "parked", "ended",
-                 "transactions")
+                 "idle_since", "last_cmd", "stats", "xforward", "greenlet", "running", "parked",
+                 "ended", "transactions")
     commands: dict[str, Command] = {}
     lmtp_only = False
 
@@ -96,6 +96,7 @@ class ServerSession:
         self.stats: dict[str, list[int]] | None = None
         self.xforward: dict[str, str] | None = None
         self.greenlet = None
+        self.running = False  # in `resume` now (a greenlet spawned for it may not have begun)
         self.parked = None  # the watchers of a parked session (smtp.park)
         self.ended = ""  # quit, timeout, slow, lost, drain, error, refused, tls_failure
         self.transactions = 0  # MAIL + accepted RCPT seen
@@ -170,6 +171,7 @@ class ServerSession:
     def resume(self, step: Callable[[], None]) -> None:
         """Run `step` (the opening, or what follows a park) until the session ends or parks."""
         log, parked = self.service.log, False
+        self.running = True
         try:
             step()
         except Parked:
@@ -190,6 +192,7 @@ class ServerSession:
             log.exception("session with %s failed after %s", self.client, self.last_cmd)
             self.say_last(R.R451_LOCAL_ERROR)
         finally:
+            self.running = False
             if not parked:
                 self.conn.close()
                 self.on_close()

@@ -8,6 +8,10 @@ client; an idle session is parked (`smtp.park`), with no greenlet. At
 `smtp.max_sessions_per_worker` sessions, running and parked, the worker stops accepting on
 every socket and the kernel's listen queues feed the other workers.
 
+Its sessions ask the client state (`defence.clientstate`) of the master's anvil through one
+socket, or, with `[cluster] redis`, of Redis directly (`cluster.RedisState`, cooperative under
+gevent, each call cut at `cluster.timeout`), with the master's as the fallback.
+
 Signals: SIGTERM drains (stop accepting; a session idle with no transaction for
 DRAIN_IDLE_GRACE seconds gets 421 and is closed; transactions finish; after
 `master.graceful_timeout` the rest get 421) and exits 0; SIGQUIT exits at once; SIGUSR1 reopens
@@ -16,6 +20,7 @@ the log file.
 Exports: SmtpWorker, main.
 """
 
+import os
 import time
 
 from .. import log
@@ -59,8 +64,15 @@ class SmtpWorker(WorkerProcess):
     kind = "smtp worker"
 
     def init_process(self) -> None:
+        import warnings
+
         from gevent import monkey
 
+        # With [cluster] redis the master has imported redis, whose asyncio half keeps its own
+        # reference to ssl's classes; this worker never uses it. Any other module still warns.
+        warnings.filterwarnings("ignore", r"Monkey-patching ssl after ssl .*\(NOT patched\): "
+                                r"\['redis\.asyncio\.connection [^,\]]*\]\. *$",
+                                monkey.MonkeyPatchWarning)
         monkey.patch_all()
         import socket
 
@@ -78,14 +90,21 @@ class SmtpWorker(WorkerProcess):
         log.set_name("poolmgr/smtpd")
         ctx, cfg = self.ctx, self.cfg
         self.log = log.get("smtpd")
-        anvil = None
+        state = self.cluster = None
         if ctx.anvil is not None:
             from ..defence.anvil import ANVIL_TIMEOUT, AnvilClient
 
-            anvil = AnvilClient(socket.socket(fileno=ctx.anvil.detach()), ANVIL_TIMEOUT,
+            state = AnvilClient(socket.socket(fileno=ctx.anvil.detach()), ANVIL_TIMEOUT,
                                 self.log)
+            if cfg.cluster.redis:  # the cluster's state, with the host's as its fallback
+                from ..cluster import RedisState
+
+                timeout = cfg.cluster.timeout
+                state = self.cluster = RedisState(
+                    cfg, state, ctx.slot, str(os.getpid()),
+                    lambda: gevent.Timeout(timeout, TimeoutError("cluster.timeout")))
         self.service = FrontService(ctx, _tls_context(cfg, self.log),
-                                    Defence(cfg, gevent.spawn), anvil)
+                                    Defence(cfg, gevent.spawn, state), state)
         self.max_sessions = cfg.smtp.max_sessions_per_worker
         self.service.parking = Parking(gevent.get_hub().loop, gevent.spawn)
         self.service.on_room = self.room
@@ -115,12 +134,16 @@ class SmtpWorker(WorkerProcess):
         session.greenlet = self.gevent.spawn(session.run)
 
     def close_sessions(self, idle_only: bool) -> None:
+        """Drain sessions: a parked one resumes with Drain, a running one gets it thrown in;
+        one whose greenlet has yet to begin is left for the next round (gevent would cancel
+        that greenlet, and the session would never close)."""
         now = time.monotonic()
         for session in list(self.service.sessions):
             if idle_only and not session.drainable(now, DRAIN_IDLE_GRACE):
                 continue
-            if not self.service.parking.interrupt(session, self.drain_exc()) and \
-                    session.greenlet is not None:
+            if session.parked is not None:
+                self.service.parking.interrupt(session, self.drain_exc())
+            elif session.running:
                 session.greenlet.kill(self.drain_exc, block=False)
 
     def wait_sessions(self, timeout: float) -> None:
@@ -142,8 +165,10 @@ class SmtpWorker(WorkerProcess):
         while self.service.sessions and time.monotonic() < deadline:
             self.close_sessions(idle_only=True)
             self.wait_sessions(0.5)
-        self.close_sessions(idle_only=False)
-        self.wait_sessions(10)
+        deadline = time.monotonic() + 10
+        while self.service.sessions and time.monotonic() < deadline:
+            self.close_sessions(idle_only=False)
+            self.wait_sessions(0.5)
         self.stopped.set()
 
     def heartbeat(self) -> None:
@@ -162,6 +187,8 @@ class SmtpWorker(WorkerProcess):
             self.show(f"{sessions} sessions"
                       + (" draining" if self.service.draining else ""))
             self.service.relay_cache.expire()
+            if self.cluster is not None:
+                self.cluster.beat()
             self.gevent.sleep(1.0)
 
     def serve(self) -> int:

@@ -9,6 +9,7 @@ poolmgr at run time.
 - `postfix`: Postfix (a private Postfix instance)
 - `nameserver`: DnsServer (dnslib, DNSBL records), SilentDns (a server that is down)
 - `rspamd`: Rspamd (a private rspamd, offline), ENVELOPE_SYMBOL
+- `redis`: RedisServer (a private redis-server on a loopback port and a Unix socket)
 - `wait`: free_port, free_udp_port, listening, wait_until, WaitTimeout
 
 Exports all of the above.
@@ -18,11 +19,12 @@ from .clamd import EICAR_NAME, Clamd, ping
 from .nameserver import DnsServer, SilentDns
 from .poolmgr import HELO, Poolmgr, write_config
 from .postfix import Postfix
+from .redis import RedisServer
 from .rspamd import ENVELOPE_SYMBOL, Rspamd
 from .sink import Sink
 from .spamd import Spamd
 from .wait import WaitTimeout, free_port, free_udp_port, listening, wait_until
 
 __all__ = ["ENVELOPE_SYMBOL", "EICAR_NAME", "HELO", "Clamd", "DnsServer", "Poolmgr", "Postfix",
-           "Rspamd", "SilentDns", "Sink", "Spamd", "WaitTimeout", "free_port", "free_udp_port",
-           "listening", "ping", "wait_until", "write_config"]
+           "RedisServer", "Rspamd", "SilentDns", "Sink", "Spamd", "WaitTimeout", "free_port",
+           "free_udp_port", "listening", "ping", "wait_until", "write_config"]

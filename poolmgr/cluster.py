@@ -1,0 +1,357 @@
+"""Several MX nodes sharing their client state in one Redis (`[cluster]`).
+
+Where the Redis calls happen, and why: each SMTP worker talks to Redis itself
+(`RedisState`, redis-py over sockets that gevent's monkey-patching makes cooperative), so a
+slow Redis holds up only the session that asked, for at most `cluster.timeout` (the call runs
+under a gevent.Timeout, and redis-py's socket and connect timeouts are the same), never the
+master's loop, which answers every worker's anvil requests. The master talks to Redis only from
+a thread of its own (`Monitor`, as the metrics endpoint runs in one): once a second it marks its
+node alive, takes dead holders' connections off the shared counts, and reads what `poolmgr
+status` and /metrics show (the cluster's state, the nodes seen, the top clients).
+
+`RedisState` is a `clientstate.ClientState`. It keeps asking this host's own state (the
+master's anvil) too, so that when Redis is down, slow or flushed every question is answered
+locally at once (`cluster.on_failure = "local"`): nothing is refused that one host alone would
+not refuse. A failed call puts the worker in local mode; it tries Redis again at most once a
+second (on a call, or on its heartbeat), and on success it writes its live connections back
+(a flush or an outage may have lost them) and uses Redis again. Calls, their latency, failures
+and questions answered locally are counted on the scoreboard (`cluster_*`). The master's
+monitor logs each change of state once: `warning: cluster: redis URL unavailable: REASON;
+using local state`, then `cluster: redis URL back`.
+
+Keys (all under `cluster.key_prefix`): `conns` (sorted set: client -> live connections over
+every node), `holder:NODE:PID` (hash: client -> connections one SMTP worker holds), `holders`
+(sorted set: holder key -> expiry, renewed every second by the worker), `nodes` (sorted set:
+node -> last seen), `rate:c|m|r:IP` (fixed-window counters with the window as TTL, as anvil's),
+`greet:IP` (a pass, for greet_ttl) and `dnsbl:SITE:IP` (an answer, for its TTL). A worker or
+node that dies stops renewing its holder entry; after `cluster.heartbeat_ttl` the next
+monitor round on any node takes its connections off `conns` (Lua, atomic), so no count leaks.
+Time is Redis's own (`TIME` in the scripts): the nodes' clocks need not agree. The scripts name
+keys they were not given, so `key_prefix` must keep every key in one hash slot on a Redis
+Cluster (e.g. "{poolmgr}:").
+
+Exports: RedisState, Monitor, Keys, connect, redacted, RETRY_EVERY, NODE_SEEN.
+"""
+
+import threading
+import time
+import urllib.parse
+from collections import Counter
+
+from .defence.clientstate import ClientState, Usage
+
+RETRY_EVERY = 1.0   # seconds between tries while Redis is down
+NODE_SEEN = 60.0    # a node is listed in status while it was seen this recently
+TOP_CLIENTS = 10
+_MAX_POOL = 32      # connections to Redis per process: sessions wait at most cluster.timeout
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+_TAKE_OFF = """
+local function take_off(conns, holder)
+  local held = redis.call('HGETALL', holder)
+  for i = 1, #held, 2 do
+    if tonumber(redis.call('ZINCRBY', conns, -tonumber(held[i + 1]), held[i])) <= 0 then
+      redis.call('ZREM', conns, held[i])
+    end
+  end
+  redis.call('DEL', holder)
+end
+"""
+# KEYS conns, holder, holders, rate; ARGV ip, window ms, holder ttl ms
+# -> {connections, rate, 1 when the holder entry was missing (new, flushed or reaped)}
+CONNECT = _NOW + """
+redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+local missing = redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), KEYS[2])
+local count = redis.call('ZINCRBY', KEYS[1], 1, ARGV[1])
+local rate = redis.call('INCR', KEYS[4])
+if redis.call('PTTL', KEYS[4]) < 0 then redis.call('PEXPIRE', KEYS[4], ARGV[2]) end
+return {tonumber(count), rate, missing}
+"""
+# KEYS conns, holder; ARGV ip
+DISCONNECT = """
+local n = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if n <= 0 then return 0 end
+if n == 1 then redis.call('HDEL', KEYS[2], ARGV[1])
+else redis.call('HINCRBY', KEYS[2], ARGV[1], -1) end
+if tonumber(redis.call('ZINCRBY', KEYS[1], -1, ARGV[1])) <= 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 1
+"""
+# KEYS rate; ARGV window ms
+RATE = """
+local n = redis.call('INCR', KEYS[1])
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return n
+"""
+# KEYS holders, holder; ARGV ttl ms -> 1 when the entry was missing
+RENEW = _NOW + """
+return redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), KEYS[2])
+"""
+# KEYS conns, holder, holders; ARGV ttl ms, then ip, count pairs: what this worker holds now
+RESYNC = _NOW + _TAKE_OFF + """
+take_off(KEYS[1], KEYS[2])
+for i = 2, #ARGV, 2 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  redis.call('ZINCRBY', KEYS[1], ARGV[i + 1], ARGV[i])
+end
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[1]), KEYS[2])
+return 1
+"""
+# KEYS nodes, holders, conns; ARGV node, how long a node is remembered (ms)
+# -> {holders taken off, now ms}
+HEARTBEAT = _NOW + _TAKE_OFF + """
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for _, holder in ipairs(dead) do
+  take_off(KEYS[3], holder)
+  redis.call('ZREM', KEYS[2], holder)
+end
+return {#dead, now}
+"""
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs and status."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
+
+
+def connect(section):
+    """A redis-py client for `[cluster]`: every call bounded by cluster.timeout, no retries
+    (the caller falls back at once and tries again a second later)."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    pool = redis.BlockingConnectionPool.from_url(
+        section.redis, max_connections=_MAX_POOL, timeout=section.timeout,
+        socket_timeout=section.timeout, socket_connect_timeout=section.timeout,
+        retry=Retry(NoBackoff(), 0), health_check_interval=0)
+    return redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+
+
+class Keys:
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.conns, self.holders, self.nodes = (prefix + "conns", prefix + "holders",
+                                                prefix + "nodes")
+
+    def holder(self, node: str, owner: str) -> str:
+        return f"{self.prefix}holder:{node}:{owner}"
+
+    def rate(self, kind: str, ip: str) -> str:
+        return f"{self.prefix}rate:{kind}:{ip}"
+
+    def greet(self, ip: str) -> str:
+        return f"{self.prefix}greet:{ip}"
+
+    def dnsbl(self, site: str, ip: str) -> str:
+        return f"{self.prefix}dnsbl:{site}:{ip}"
+
+
+def _errors():
+    import redis
+
+    return (redis.RedisError, OSError)
+
+
+class RedisState(ClientState):
+    """An SMTP worker's client state in Redis, with this host's state (`local`) beside it;
+    see the module's docstring. `bounded()` gives the context that cuts a call at
+    cluster.timeout (a gevent.Timeout in the SMTP worker)."""
+
+    def __init__(self, cfg, local: ClientState, slot, owner: str, bounded):
+        c = cfg.cluster
+        self.local, self.slot, self.bounded = local, slot, bounded
+        self.redis = connect(c)
+        self.errors = _errors()
+        self.keys = Keys(c.key_prefix)
+        self.holder = self.keys.holder(c.node, owner)
+        self.window_ms = int(cfg.defence.anvil_rate_time_unit * 1000)
+        self.ttl_ms = int(c.heartbeat_ttl * 1000)
+        self.scripts = {name: self.redis.register_script(text) for name, text in (
+            ("connect", CONNECT), ("disconnect", DISCONNECT), ("rate", RATE),
+            ("renew", RENEW), ("resync", RESYNC))}
+        self.held: Counter = Counter()  # this worker's live connections, by client
+        self.retry_at = 0.0  # while set: local mode, the next try not before then
+
+    def _call(self, name: str, *args, keys=(), argv=()):
+        """One Redis call (a script by name, or a client method); None when it failed or
+        Redis is being left alone until the next try."""
+        now = time.monotonic()
+        if self.retry_at:
+            if now < self.retry_at:
+                self.slot.add("cluster_local")
+                return None
+            self.retry_at = now + RETRY_EVERY  # this call is the try; the others stay local
+        try:
+            with self.bounded():
+                if name in self.scripts:
+                    result = self.scripts[name](keys=keys, args=argv)
+                else:
+                    result = getattr(self.redis, name)(*args)
+        except self.errors:
+            self.slot.add("cluster_failures")
+            self.slot.add("cluster_local")
+            self.retry_at = time.monotonic() + RETRY_EVERY
+            return None
+        took = time.monotonic() - now
+        self.slot.add("cluster_calls")
+        self.slot.add("cluster_us", int(took * 1e6))
+        self.slot.observe("cluster", took)
+        if self.retry_at:  # back: what this worker holds may have been lost meanwhile
+            self.retry_at = 0.0
+            self.resync()
+        return result
+
+    def resync(self) -> None:
+        """Write this worker's live connections back into Redis."""
+        pairs = [str(v) for ip, n in self.held.items() for v in (ip, n)]
+        self._call("resync", keys=(self.keys.conns, self.holder, self.keys.holders),
+                   argv=(self.ttl_ms, *pairs))
+
+    def beat(self) -> None:
+        """Every second: renew this worker's holder entry; the try while Redis is down."""
+        missing = self._call("renew", keys=(self.keys.holders, self.holder),
+                             argv=(self.ttl_ms,))
+        if missing and self.held:
+            self.resync()
+
+    # -- ClientState
+    def connect(self, ip: str) -> Usage | None:
+        local = self.local.connect(ip)
+        shared = self._call("connect", keys=(self.keys.conns, self.holder, self.keys.holders,
+                                             self.keys.rate("c", ip)),
+                            argv=(ip, self.window_ms, self.ttl_ms))
+        if shared is None and local is None:
+            return None  # not counted anywhere: the session will not disconnect it
+        lost = shared is not None and int(shared[2]) and sum(self.held.values()) > 0
+        self.held[ip] += 1  # every live connection, so that a resync writes them all back
+        if lost:  # flushed, or reaped while this worker stood still
+            self.resync()
+        return local if shared is None else Usage(int(shared[0]), int(shared[1]))
+
+    def disconnect(self, ip: str) -> None:
+        self.local.disconnect(ip)
+        if self.held[ip] <= 0:
+            self.held.pop(ip, None)
+            return
+        self.held[ip] -= 1
+        if not self.held[ip]:
+            del self.held[ip]
+        self._call("disconnect", keys=(self.keys.conns, self.holder), argv=(ip,))
+
+    def _rate(self, kind: str, ip: str, local: int | None) -> int | None:
+        shared = self._call("rate", keys=(self.keys.rate(kind, ip),), argv=(self.window_ms,))
+        return local if shared is None else int(shared)
+
+    def message(self, ip: str) -> int | None:
+        return self._rate("m", ip, self.local.message(ip))
+
+    def recipient(self, ip: str) -> int | None:
+        return self._rate("r", ip, self.local.recipient(ip))
+
+    def greet_passed(self, ip: str) -> bool:
+        shared = self._call("exists", self.keys.greet(ip))
+        return self.local.greet_passed(ip) if shared is None else bool(shared)
+
+    def pass_greet(self, ip: str, ttl: float) -> None:
+        self.local.pass_greet(ip, ttl)
+        self._call("set", self.keys.greet(ip), "1", None, int(ttl * 1000))
+
+    def dnsbl_cached(self, ip: str, domains: list[str]) -> dict[str, bool]:
+        shared = self._call("mget", [self.keys.dnsbl(d, ip) for d in domains])
+        if shared is None:
+            return self.local.dnsbl_cached(ip, domains)
+        return {d: v == b"1" for d, v in zip(domains, shared) if v is not None}
+
+    def cache_dnsbl(self, ip: str, domain: str, listed: bool, ttl: float) -> None:
+        self.local.cache_dnsbl(ip, domain, listed, ttl)
+        self._call("set", self.keys.dnsbl(domain, ip), "1" if listed else "0", None,
+                   max(1, int(ttl * 1000)))
+
+
+class Monitor:
+    """The master's view of the cluster, kept by a thread of its own (the master's loop never
+    waits for Redis): `view()` is what `poolmgr status` shows."""
+
+    def __init__(self, section, log):
+        self.section = section
+        self.log = log
+        self.url = redacted(section.redis)
+        self.keys = Keys(section.key_prefix)
+        self.stopping = threading.Event()
+        self.state, self.since, self.error = "starting", time.time(), ""
+        self.nodes: list[str] = []
+        self.top: dict[str, int] = {}
+        self.latency = 0.0
+        self.reaped = 0
+        # redis is imported here, in the master's main thread: a thread that imports while
+        # the master forks could leave a worker a half-imported module.
+        self.client = connect(section)
+        self.heartbeat = self.client.register_script(HEARTBEAT)
+        self.errors = _errors()
+        self.thread = threading.Thread(target=self.run, name="cluster", daemon=True)
+
+    def start(self) -> "Monitor":
+        self.log.info("cluster: node %s, redis %s, key prefix %s", self.section.node, self.url,
+                      self.section.key_prefix)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=2 * self.section.timeout + 1)
+
+    def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                self.poll()
+                self.change("shared", "")
+            except self.errors as exc:
+                self.change("degraded", str(exc) or type(exc).__name__)
+            self.latency = round(time.monotonic() - started, 6)
+            if self.stopping.wait(max(0.0, RETRY_EVERY - (time.monotonic() - started))):
+                return
+
+    def poll(self) -> None:
+        keys = self.keys
+        pipe = self.client.pipeline(transaction=False)
+        self.heartbeat(keys=(keys.nodes, keys.holders, keys.conns),
+                  args=(self.section.node, int(NODE_SEEN * 1000)), client=pipe)
+        pipe.zrange(keys.nodes, 0, -1)
+        pipe.zrevrange(keys.conns, 0, TOP_CLIENTS - 1, withscores=True)
+        (reaped, _), nodes, top = pipe.execute()
+        self.reaped += int(reaped)
+        self.nodes = sorted(n.decode(errors="replace") for n in nodes)
+        self.top = {ip.decode(errors="replace"): int(n) for ip, n in top}
+
+    def change(self, state: str, error: str) -> None:
+        """Log a change of state once (the log style of the master's other lines)."""
+        if state == self.state:
+            return
+        was, self.state, self.since, self.error = self.state, state, time.time(), error
+        if state == "degraded":
+            self.log.warning("cluster: redis %s unavailable: %s; using local state", self.url,
+                             error)
+            self.nodes, self.top = [], {}
+        elif was == "degraded":
+            self.log.info("cluster: redis %s back", self.url)
+        else:
+            self.log.info("cluster: redis %s shared", self.url)
+
+    def view(self) -> dict:
+        return {"state": self.state, "redis": self.url, "node": self.section.node,
+                "since": round(self.since, 1), "error": self.error, "nodes": list(self.nodes),
+                "top_clients": dict(self.top), "latency": self.latency,
+                "reaped": self.reaped}

@@ -1,0 +1,83 @@
+"""What the SMTP sessions know about a client beyond their own connection: the client state.
+
+`ClientState` is the interface a session asks (the SMTP worker's side, under gevent): the
+client's live connection count and its connection, message and recipient rates over
+`defence.anvil_rate_time_unit` (Postfix's anvil), whether it passed the greet test within
+`greet_ttl` (postscreen's cache), and the DNSBL answers cached for their TTL. Every method
+fails open: an answer it cannot get is None (no limit), False (run the greet test) or
+missing (ask the DNS).
+
+Two implementations:
+- the host's own: the master keeps the counters and both caches (`anvil.Anvil`, with a
+  `TtlCache` per cache), so every SMTP worker of the host shares them and they survive a
+  reload or a worker recycle; each worker asks through `anvil.AnvilClient`;
+- the cluster's: `cluster.RedisState`, the same questions asked of one Redis that several
+  MX nodes share, with this host's own state as the fallback while Redis is down.
+
+Exports: ClientState, Usage, TtlCache.
+"""
+
+from typing import NamedTuple
+
+_MAX_ENTRIES = 200_000  # per cache: a storm of distinct clients cannot grow it without bound
+
+
+class Usage(NamedTuple):
+    count: int  # live connections of the client, this one included
+    rate: int   # events of the asked kind in the client's current window, this one included
+
+
+class ClientState:
+    """The questions a session asks about its client; see the module's docstring."""
+
+    def connect(self, ip: str) -> Usage | None:
+        raise NotImplementedError
+
+    def disconnect(self, ip: str) -> None:
+        raise NotImplementedError
+
+    def message(self, ip: str) -> int | None:
+        raise NotImplementedError
+
+    def recipient(self, ip: str) -> int | None:
+        raise NotImplementedError
+
+    def greet_passed(self, ip: str) -> bool:
+        raise NotImplementedError
+
+    def pass_greet(self, ip: str, ttl: float) -> None:
+        raise NotImplementedError
+
+    def dnsbl_cached(self, ip: str, domains: list[str]) -> dict[str, bool]:
+        """The cached answers of these sites for the client: domain -> listed."""
+        raise NotImplementedError
+
+    def cache_dnsbl(self, ip: str, domain: str, listed: bool, ttl: float) -> None:
+        raise NotImplementedError
+
+
+class TtlCache:
+    """Values that expire, bounded in size; the clock is passed in."""
+
+    def __init__(self, max_entries: int = _MAX_ENTRIES):
+        self.entries: dict = {}
+        self.max_entries = max_entries
+
+    def get(self, key, now: float):
+        entry = self.entries.get(key)
+        if entry is None or entry[0] <= now:
+            return None
+        return entry[1]
+
+    def put(self, key, value, expires: float, now: float) -> None:
+        if len(self.entries) >= self.max_entries:
+            self.purge(now)
+            if len(self.entries) >= self.max_entries:
+                self.entries.clear()  # crude, but bounded
+        self.entries[key] = (expires, value)
+
+    def purge(self, now: float) -> None:
+        self.entries = {k: v for k, v in self.entries.items() if v[0] > now}
+
+    def __len__(self) -> int:
+        return len(self.entries)

@@ -1,0 +1,234 @@
+"""Several MX nodes sharing client state in one Redis (`[cluster]`, cluster.py).
+
+Real redis-server processes (Debian's, a private config on a loopback port and a Unix socket),
+real poolmgr nodes, raw and smtplib clients from distinct 127.x.y.z addresses, and the
+project's DNS server, which counts the queries it is asked.
+"""
+
+import os
+import re
+import signal
+import socket
+import time
+
+import psutil
+import pytest
+
+from helpers import Raw, message, wait_until
+from poolmgr.testing import DnsServer, Poolmgr, RedisServer
+
+HOST = "mx.example.test"
+TTL = "2s"  # cluster.heartbeat_ttl in these tests
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+def node(make_poolmgr, redis_url: str, name: str, **defence):
+    return make_poolmgr({"smtp": {"min_workers": 1, "max_workers": 2},
+                         "scanner": {"min_workers": 1, "max_workers": 2},
+                         "cluster": {"redis": redis_url, "node": name, "heartbeat_ttl": TTL},
+                         "defence": {"client_connection_count_limit": 3, **defence}},
+                        name=name)
+
+
+def banner(pm, source):
+    raw = Raw(pm.smtp_port, source)
+    return raw, raw.reply()
+
+
+def refused(lines, client):
+    return lines == [f"421 4.7.0 {HOST} Error: too many connections from {client}"]
+
+
+def cluster(pm) -> dict:
+    return pm.status()["cluster"]
+
+
+def test_two_nodes_enforce_one_connection_count_limit(make_poolmgr, redis_server):
+    # One node over TCP, the other over Redis's Unix socket.
+    a = node(make_poolmgr, redis_server.url, "mx-a")
+    b = node(make_poolmgr, redis_server.unix_url, "mx-b")
+    client = "127.0.16.1"
+    held = [banner(a, client), banner(a, client), banner(b, client)]
+    assert [reply[0] for _, reply in held] == [220, 220, 220]
+    for pm in (a, b):  # a fourth connection, on either node
+        raw, (code, lines) = banner(pm, client)
+        assert refused(lines, client), (pm.dir.name, lines)
+        assert raw.closed()
+    assert banner(b, "127.0.16.2")[1][0] == 220  # another client is not affected
+    wait_until(lambda: cluster(a)["nodes"] == ["mx-a", "mx-b"] and
+               cluster(a)["top_clients"].get(client) == 3, what="both nodes and the count")
+    text = a.run_cli("status").stdout
+    assert "cluster: shared (redis redis://127.0.0.1:" in text and "nodes mx-a, mx-b" in text
+    assert f"top clients {client} 3" in text
+    held[2][0].send(b"QUIT\r\n")  # one ends on node B: node A takes a new one
+    held[2][0].reply()
+    wait_until(lambda: cluster(a)["top_clients"].get(client) == 2, what="the QUIT counted")
+    assert banner(a, client)[1][0] == 220
+    assert "warning: Connection concurrency limit exceeded: 4 from unknown[127.0.16.1]" \
+        in a.log()
+
+
+def test_greet_pass_and_dnsbl_answer_are_shared(make_poolmgr, redis_server):
+    dns = DnsServer({}).start()
+    try:
+        dns.list("127.0.16.9", "zen.test")
+        defence = {"greet_wait": "1s", "dnsbl_sites": ["zen.test"],
+                   "nameservers": [dns.address], "dnsbl_action": "enforce"}
+        a = node(make_poolmgr, redis_server.url, "mx-a", **defence)
+        b = node(make_poolmgr, redis_server.url, "mx-b", **defence)
+
+        def greet_lines(pm, source):
+            raw, (code, lines) = banner(pm, source)
+            raw.send(b"QUIT\r\n")
+            raw.reply()
+            raw.close()
+            return lines
+
+        started = time.monotonic()
+        assert len(greet_lines(a, "127.0.16.8")) == 2  # 220- and, a second later, 220
+        assert time.monotonic() - started >= 0.9
+        started = time.monotonic()
+        assert greet_lines(b, "127.0.16.8") == [f"220 {HOST} ESMTP poolmgr"]  # no pause
+        assert time.monotonic() - started < 0.9
+        assert "PASS NEW [127.0.16.8]" in a.log() and "PASS OLD [127.0.16.8]" in b.log()
+
+        for pm in (a, b):  # listed: 550 at RCPT on both nodes, one DNS query in all
+            with pm.smtp(source="127.0.16.9") as client:
+                client.ehlo()
+                client.mail("spam@example.org")
+                code, text = client.rcpt("bob@example.test")
+            assert code == 550 and b"blocked using zen.test" in text
+        assert dns.queries.count("9.16.0.127.zen.test") == 1
+        assert "DNSBL rank 1 for [127.0.16.9]" in b.log()
+    finally:
+        dns.stop()
+
+
+def test_redis_outage_falls_back_to_local_state_and_recovers(make_poolmgr, redis_server):
+    a = node(make_poolmgr, redis_server.url, "mx-a", client_connection_count_limit=2)
+    b = node(make_poolmgr, redis_server.url, "mx-b", client_connection_count_limit=2)
+    wait_until(lambda: cluster(a)["state"] == "shared", what="node A shared")
+    sent = []
+
+    def deliver(n):
+        with a.smtp(source=f"127.0.17.{n % 200 + 1}") as client:
+            sent.append(client.sendmail("alice@example.org", ["bob@example.test"],
+                                        message(f"outage {n}")))
+
+    for n in range(5):
+        deliver(n)
+    redis_server.stop(keep=True)
+    for n in range(5, 15):  # during the outage: every message accepted, on local state
+        deliver(n)
+    assert sent == [{}] * 15
+    wait_until(lambda: "cluster: degraded" in a.run_cli("status").stdout, what="degraded")
+    # Local state still limits what one host alone would limit: 2 connections per client.
+    held = [banner(a, "127.0.17.250") for _ in range(2)]
+    assert refused(banner(a, "127.0.17.250")[1][1], "127.0.17.250")
+    assert banner(b, "127.0.17.250")[1][0] == 220  # node B alone does not count node A's
+    counters = a.status()["pools"]["smtp"]["counters"]
+    assert counters["cluster_local"] > 0 and counters["cluster_failures"] > 0
+    warning = re.compile(rf"poolmgr/master\[\d+\]: warning: cluster: redis "
+                         rf"{re.escape(redis_server.url)} unavailable: .+; using local state$",
+                         re.M)
+    assert len(warning.findall(a.log())) == 1  # once per change of state, not per call
+    redis_server.start()
+    started = time.monotonic()
+    wait_until(lambda: cluster(a)["state"] == "shared" and cluster(b)["state"] == "shared",
+               timeout=5, what="both nodes back on Redis")
+    assert time.monotonic() - started < 5
+    assert a.log().count(f"cluster: redis {redis_server.url} back") == 1
+    # Back to shared: A's workers wrote their live connections back into the empty Redis.
+    wait_until(lambda: cluster(b)["top_clients"].get("127.0.17.250") == 2,
+               what="node A's held connections counted again")
+    assert refused(banner(b, "127.0.17.250")[1][1], "127.0.17.250")
+    for raw, _ in held:
+        raw.close()
+
+
+def test_a_silent_redis_costs_at_most_the_timeout(make_poolmgr):
+    """A Redis that accepts and never answers: each call gives up after cluster.timeout, and
+    for a second after that nobody waits at all."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    try:
+        pm = make_poolmgr({"cluster": {"redis": f"redis://127.0.0.1:"
+                                                f"{silent.getsockname()[1]}/0",
+                                       "timeout": "300ms"},
+                           "defence": {"client_connection_count_limit": 1}})
+        waits, held = [], []
+        for n in range(3):
+            started = time.monotonic()
+            held.append(banner(pm, f"127.0.18.{n + 1}"))
+            waits.append(time.monotonic() - started)
+            assert held[-1][1][0] == 220
+        assert max(waits) < 1.0, waits
+        # Local state limits meanwhile.
+        assert refused(banner(pm, "127.0.18.1")[1][1], "127.0.18.1")
+        wait_until(lambda: cluster(pm)["state"] == "degraded", what="degraded")
+        assert "unavailable: Timeout" in pm.log()
+    finally:
+        silent.close()
+
+
+def test_a_killed_nodes_connections_leave_redis_within_the_heartbeat_ttl(make_poolmgr,
+                                                                          redis_server,
+                                                                          tmp_path):
+    b = node(make_poolmgr, redis_server.url, "mx-b")
+    a = Poolmgr(tmp_path / "killed", {
+        "smtp": {"min_workers": 1, "max_workers": 2}, "scanner": {"min_workers": 1},
+        "cluster": {"redis": redis_server.url, "node": "mx-a", "heartbeat_ttl": TTL},
+        "defence": {"client_connection_count_limit": 3}})
+    try:
+        a.start()
+        client = "127.0.19.1"
+        held = [banner(a, client) for _ in range(3)]
+        assert refused(banner(b, client)[1][1], client)
+        wait_until(lambda: cluster(b)["top_clients"].get(client) == 3, what="node B sees 3")
+        processes = [a.proc.pid] + [c.pid for c in psutil.Process(a.proc.pid).children()]
+        for pid in processes:  # the whole node dies at once
+            os.kill(pid, signal.SIGKILL)
+        a.proc.wait(10)
+        killed = time.monotonic()
+        wait_until(lambda: client not in cluster(b)["top_clients"], timeout=10,
+                   interval=0.2, what="the dead node's connections taken off")
+        # Within the TTL, plus the surviving node's one-second round and a margin.
+        assert time.monotonic() - killed < 2.0 + 1.0 + 1.5
+        assert banner(b, client)[1][0] == 220
+        for raw, _ in held:
+            raw.close()
+    finally:
+        a.kill_all()
+
+
+def test_bench_spreads_connections_over_the_nodes_round_robin(monkeypatch):
+    """`poolmgr bench run --nodes 2`: the load generator takes the nodes in turn, as senders
+    spread over equal MX records (the run itself: README, Benchmarks)."""
+    import asyncio
+
+    from poolmgr.benchmark import load, scenario
+
+    plan = scenario.from_dict({"name": "two", "server": {"nodes": 2},
+                               "phases": [{"name": "p", "duration": "1s",
+                                           "rates": {"idle": 1}}]})
+    assert plan.server["nodes"] == 2
+    generator = load.Generator({"scenario": plan.as_dict(), "index": 0, "processes": 1,
+                                "t0": 0, "targets": [["127.0.0.1", 2501],
+                                                     ["127.0.0.1", 2502]]})
+    ports = []
+
+    async def open_connection(host, port, local_addr):  # the network is not under test here
+        ports.append(port)
+        return None, None
+
+    monkeypatch.setattr(load.asyncio, "open_connection", open_connection)
+    for _ in range(5):
+        asyncio.run(generator.connect("idle", "127.0.60.1"))
+    assert ports == [2501, 2502, 2501, 2502, 2501]
