@@ -81,9 +81,12 @@ def run(scenario: Scenario, target_name: str, out: Path) -> dict:
                           **reaction(samples, target.decisions, load["series"], onset, t0),
                           **extra},
               "server_series": samples, "client_series": load["series"],
-              # [start (s from t0), held (s), legitimate]: input of `poolmgr plan --bench`
-              "connections": [[b["t"], b.get("held", 0.0), False] for b in load["bots"]] +
-                             [[m["t"], m["latency"] or 0.0, True] for m in load["messages"]]}
+              # [start (s from t0), held (s), legitimate, profile, reached DATA]: input of
+              # `poolmgr plan --bench`
+              "connections": [[b["t"], b.get("held", 0.0), False, b["profile"], b["data"]]
+                              for b in load["bots"]] +
+                             [[m["t"], m["latency"] or 0.0, True, "legit", True]
+                              for m in load["messages"]]}
     images = plots(out, load, samples, f"{scenario.name} / {target_name}")
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     report(out, result, images)

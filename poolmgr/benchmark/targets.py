@@ -127,7 +127,11 @@ class PoolmgrTarget:
         status = self.status()
         smtp = status.pools["smtp"].counters if status else {}
         scanner = status.pools["scanner"].counters if status else {}
-        return {"handoffs_to_scanner": smtp.get("handoffs", 0),
+        handoffs = smtp.get("handoffs", 0)
+        return {"handoffs_to_scanner": handoffs,
+                # SMTP worker to next hop through the scanner: what a scanner worker is busy for
+                "handoff_mean_s": round(smtp.get("handoff_wait_ms", 0) / 1000 / handoffs, 4)
+                if handoffs else None,
                 "scanned": scanner.get("scanned", 0),
                 "messages_accepted": smtp.get("messages_accepted", 0),
                 "messages_deferred": smtp.get("messages_tempfailed", 0),
