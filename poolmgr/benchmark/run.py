@@ -71,9 +71,7 @@ def run(scenario: Scenario, target_name: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     found = {m.group(0).decode() for data in arrived for m in MESSAGE_ID.finditer(data)}
     delivered = sum(1 for m in load["messages"] if m["id"] in found)
-    onset = next((sum((p.duration for p in scenario.phases[:n]), 0.0)
-                  for n, phase in enumerate(scenario.phases)
-                  if any(r > 0 for k, r in phase.rates.items() if k != "legit")), None)
+    onset = scenario.onset
     result = {"scenario": scenario.as_dict(), "target": target_name, "started": t0,
               "duration_s": round(time.time() - t0, 1),
               "figures": {**figures(load, samples, (baseline_rss, baseline_pss), cpu,
