@@ -7,9 +7,9 @@ index among `processes`, and the wall-clock start. Arrivals follow each phase's 
 process takes 1/processes of each), or a replay's list (every processes-th arrival, each
 client holding as long as its session in the mail log did); every client comes from its own
 127.x.y.z address (see `address`), and stops by itself: bots after their hold or give-up
-time, everyone at the end of the drain. RESULT gets a per-second series (open connections by profile; legitimate messages
-sent, accepted, deferred, refused) and one record per bot connection and per legitimate
-message.
+time, everyone at the end of the drain. RESULT gets a per-second series (open connections by
+profile; legitimate messages sent, accepted, deferred, refused) and one record per bot
+connection and per legitimate message.
 
 Exports: address, LISTED_PROFILE, main.
 """
