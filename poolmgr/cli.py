@@ -460,8 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     quarantined.add_argument("--older-than", default="30d", metavar="AGE",
                              help="purge: remove what was kept longer ago (default 30d)")
 
-    bench = sub.add_parser("bench", help="benchmark harness: replay a storm scenario, or "
-                                         "measure throughput with smtp-source")
+    bench = sub.add_parser("bench", help="benchmark harness: replay a storm scenario or a "
+                                         "mail log, or measure throughput with smtp-source")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     targets = "poolmgr, postfix, postfix-postscreen, aiosmtpd"
     for name, help_text, func in (
