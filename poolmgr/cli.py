@@ -14,6 +14,7 @@ Exports: main, build_parser, EXIT_CONFIG, EXIT_NOT_RUNNING.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -243,8 +244,13 @@ def cmd_bench(args) -> int:
 
     try:
         plan = scenario.load(args.scenario)
+        if args.config:
+            plan.server.update(scenario.pool_sizes(config.load(args.config)))
     except scenario.ScenarioError as exc:
         print(f"poolmgr: error: {exc}", file=sys.stderr)
+        return 2
+    except config.ConfigError as exc:
+        print("\n".join(f"poolmgr: error: {e}" for e in exc.errors), file=sys.stderr)
         return 2
     if args.bench_command == "compare":
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -281,12 +287,13 @@ def cmd_bench_source(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from . import plan
+    from . import forecast, plan
 
-    if bool(args.maillog) == bool(args.bench):
-        print("poolmgr: error: give one of --maillog FILE or --bench result.json", file=sys.stderr)
+    if bool(args.maillog) == bool(args.bench) or (args.check and not args.bench):
+        print("poolmgr: error: give one of --maillog FILE or --bench result.json (--check "
+              "needs --bench)", file=sys.stderr)
         return 2
-    tz = None
+    tz, bench, second = None, {}, None
     try:
         if args.maillog:
             tz = plan.zone(args.tz)
@@ -296,13 +303,54 @@ def cmd_plan(args) -> int:
                 sessions = plan.parse_maillog(handle, args.year, tz)
         else:
             with open(args.bench) as handle:
-                sessions = plan.sessions_from_bench(json.load(handle))
+                bench = json.load(handle)
+            sessions = plan.sessions_from_bench(bench)
+            if args.check:
+                with open(args.check) as handle:
+                    second = json.load(handle)
     except (OSError, ValueError) as exc:
         print(f"poolmgr: error: {exc}", file=sys.stderr)
         return 1
-    result = plan.recommend(sessions, args.sessions_per_worker, args.scan_seconds)
-    print(json.dumps(result, indent=2) if args.json else plan.render(result, tz))
-    return 0
+    # A bench result knows its sessions per worker and the time a hand-off took.
+    server = bench.get("scenario", {}).get("server", {})
+    per_worker = args.sessions_per_worker or server.get("max_sessions_per_worker", 2000)
+    scan = args.scan_seconds or bench.get("figures", {}).get("handoff_mean_s") or 1.0
+    result = plan.recommend(sessions, per_worker, scan)
+    if "smtp" not in result:
+        print(json.dumps(result, indent=2) if args.json else plan.render(result, tz))
+        return 0
+    sizes = forecast.sizes_of(result, per_worker)
+    if second is not None:  # what the second run ran with, which should be the recommendation
+        sizes = forecast.sizes_of_bench(second)
+    predicted = forecast.forecast(sessions, sizes, scan)
+    result["forecast"] = dataclasses.asdict(predicted)
+    if args.write_config:
+        try:
+            with open(args.write_config, "w") as handle:
+                handle.write(forecast.config_text(forecast.sizes_of(result, per_worker),
+                                                  args.bench or args.maillog))
+        except OSError as exc:
+            print(f"poolmgr: error: {exc}", file=sys.stderr)
+            return 1
+    ok = True
+    if second is not None:
+        rows, ok = forecast.compare(predicted, forecast.measured(second))
+        result["check"] = {"against": args.check, "figures": rows, "within_tolerance": ok}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(plan.render(result, tz))
+        print("\n".join(forecast.render(predicted)))
+        if second is not None:
+            if sizes != forecast.sizes_of(result, per_worker):
+                print(f"note: {args.check} ran with other pool sizes than recommended: "
+                      f"the forecast is for the sizes it ran with")
+            print(f"\nforecast of {args.bench} against {args.check}:")
+            print("\n".join(forecast.render_check(rows, ok)))
+        if args.write_config:
+            print(f"\nrecommended sizes written to {args.write_config}: "
+                  f"poolmgr bench run SCENARIO --config {args.write_config}")
+    return 0 if ok else 1
 
 
 def cmd_quarantine(args) -> int:
@@ -416,8 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     quarantined.add_argument("--older-than", default="30d", metavar="AGE",
                              help="purge: remove what was kept longer ago (default 30d)")
 
-    bench = sub.add_parser("bench", help="benchmark harness: replay a storm scenario, or "
-                                         "measure throughput with smtp-source")
+    bench = sub.add_parser("bench", help="benchmark harness: replay a storm scenario or a "
+                                         "mail log, or measure throughput with smtp-source")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     targets = "poolmgr, postfix, postfix-postscreen, aiosmtpd"
     for name, help_text, func in (
@@ -442,20 +490,37 @@ def build_parser() -> argparse.ArgumentParser:
                            help="message payload bytes (smtp-source -l; default: smtp-source's "
                                 "own)")
         else:
-            p.add_argument("scenario", help="a scenario file, e.g. bench/scenarios/smoke.toml")
+            p.add_argument("scenario", help="a scenario file, e.g. bench/scenarios/smoke.toml "
+                                            "(phases, or kind = \"replay\" of a mail log)")
+            p.add_argument("--config", metavar="FILE",
+                           help="pool sizes from a poolmgr config file ([smtp] and [scanner] "
+                                "min_workers, max_workers, max_sessions_per_worker) instead "
+                                "of the scenario's [server], e.g. from poolmgr plan "
+                                "--write-config")
         if name == "run":
             p.add_argument("--nodes", type=int, default=0, choices=range(1, 9), metavar="N",
                            help="poolmgr: N nodes sharing one Redis, clients spread over them "
                                 "round-robin (default: the scenario's [server] nodes, 1)")
 
     planner = command(sub, "plan", "capacity planning from a Postfix mail log or a bench "
-                      "result: pool sizes by Little's law", cmd_plan)
+                      "result: pool sizes by Little's law, and a forecast of the peak "
+                      "sessions and pool sizes with them (--check: against a second run)",
+                      cmd_plan)
     planner.add_argument("--maillog", metavar="FILE", help="a Postfix (or poolmgr) mail log")
     planner.add_argument("--bench", metavar="RESULT", help="a result.json of poolmgr bench run")
-    planner.add_argument("--sessions-per-worker", type=int, default=2000,
-                         help="smtp.max_sessions_per_worker (default 2000)")
-    planner.add_argument("--scan-seconds", type=float, default=1.0,
-                         help="time one scanner worker spends on a message (default 1s)")
+    planner.add_argument("--sessions-per-worker", type=int,
+                         help="smtp.max_sessions_per_worker (default: the bench run's, else "
+                              "2000)")
+    planner.add_argument("--scan-seconds", type=float,
+                         help="time one scanner worker spends on a message (default: the "
+                              "bench run's mean hand-off, else 1s)")
+    planner.add_argument("--write-config", metavar="FILE",
+                         help="write the recommended pool sizes as a poolmgr config file "
+                              "([smtp] and [scanner]), for `bench run --config FILE`")
+    planner.add_argument("--check", metavar="RESULT",
+                         help="with --bench: compare the forecast (peak sessions, peak SMTP "
+                              "and scanner workers) with a second run's result.json, made "
+                              "with the recommended sizes; exit 1 if an error is beyond 20%%")
     planner.add_argument("--year", type=int, help="year of syslog timestamps (default: this one)")
     planner.add_argument("--tz", default="local", metavar="ZONE",
                          help="time zone of syslog timestamps, e.g. Europe/Berlin (default: "

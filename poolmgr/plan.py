@@ -60,6 +60,7 @@ class Session:
     reason: str = ""   # nuisance reason; "" for legit
     source: str = "smtpd"
     refused: bool = False  # turned away at connect (busy, too many connections, denylisted)
+    data: bool = False     # a message was handed to the scanner pool (or the queue)
 
     @property
     def hold(self) -> float:
@@ -145,7 +146,7 @@ def parse_maillog(lines, year: int | None = None, tz: tzinfo | None = None) -> l
                     reason = ("lost_after_connect" if commands and commands[1] == "0" and
                               not commands[2] else "no_delivery")
                 sessions.append(Session(started, when, delivered, "" if delivered else reason,
-                                        refused=reason == "refused"))
+                                        refused=reason == "refused", data=delivered))
         elif prog.endswith("/postscreen"):
             if m := _PS_CONNECT.match(msg):
                 open_ps[(m["ip"], m["port"])] = (when, "")
@@ -174,10 +175,15 @@ def parse_maillog(lines, year: int | None = None, tz: tzinfo | None = None) -> l
 
 
 def sessions_from_bench(result: dict) -> list[Session]:
-    """Sessions as a bench run's clients saw them (`connections` in result.json)."""
+    """Sessions as a bench run's clients saw them (`connections` in result.json), by start;
+    a bot's reason is its profile."""
     base = result.get("started", 0.0)
-    return [Session(base + t, base + t + held, legit, "" if legit else "bot", "bench")
-            for t, held, legit in result.get("connections", [])]
+    sessions = []
+    for t, held, legit, *more in result.get("connections", []):
+        profile, data = (more + ["bot", legit])[:2]  # results before profiles were recorded
+        sessions.append(Session(base + t, base + t + held, legit, "" if legit else profile,
+                                "bench", data=data))
+    return sorted(sessions, key=lambda s: s.start)
 
 
 def per_minute(sessions: list[Session]) -> list[dict]:

@@ -4,6 +4,8 @@
 import json
 import re
 import sys
+import tomllib
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -36,11 +38,11 @@ def test_scenario_files_are_validated_with_readable_errors(tmp_path):
 
 def test_shipped_scenarios_load_and_are_bounded():
     names = sorted(p.stem for p in Path(SMOKE).parent.glob("*.toml"))
-    assert names == ["burst", "flood", "smoke", "storm", "throughput", "wave"]
+    assert names == ["burst", "flood", "replay", "smoke", "storm", "throughput", "wave"]
     for name in names:
         plan = scenario.load(str(Path(SMOKE).parent / f"{name}.toml"))
         assert 0 < plan.duration + plan.drain <= 900, name
-        assert all(p.rates for p in plan.phases), name
+        assert all(p.rates for p in plan.phases) and bool(plan.phases) != bool(plan.arrivals)
 
 
 def test_client_addresses_are_distinct_per_profile_and_process():
@@ -116,3 +118,137 @@ def test_source_mode_against_poolmgr(tmp_path, capsys):
     assert f["messages_accepted"] == f["scanned"] == f["arrived_at_sink"] == 300
     assert f["messages_per_second"] > 0 and f["pss_at_rest_mib"] > 0
     assert "messages/second" in capsys.readouterr().out
+
+
+# -- replaying a mail log as a storm (kind = "replay")
+
+REPLAY = Path(SMOKE).parent / "replay.toml"
+
+
+def test_a_replay_scenario_takes_its_arrivals_from_the_mail_log(tmp_path):
+    """replay.log: 199 connections offered over 30 s; every session, refused ones too, is a
+    client at its offset (spread over its second), holding as long as the session did."""
+    plan = scenario.load(str(REPLAY))
+    assert plan.kind == "replay" and len(plan.arrivals) == 199 and plan.duration == 30
+    assert Counter(a[1] for a in plan.arrivals) == {
+        "idle": 98, "pregreet": 32, "listed": 28, "dictionary": 21, "legit": 20}
+    per_second = Counter(int(a[0]) for a in plan.arrivals)
+    assert per_second[0] == 3 and per_second[10] == 14 and sum(per_second.values()) == 199
+    assert max(a[2] for a in plan.arrivals if a[1] == "idle") == 12.0
+    # speed 2 halves offsets and holds; scale 0.5 keeps every other session
+    fast = tmp_path / "fast.toml"
+    fast.write_text(f'kind = "replay"\nmaillog = "{REPLAY.parent / "replay.log"}"\n'
+                    f'tz = "UTC"\nyear = 2026\nspeed = 2\nscale = 0.5\n')
+    half = scenario.load(str(fast))
+    assert len(half.arrivals) == 99 and half.duration == 15
+    assert max(a[2] for a in half.arrivals if a[1] == "idle") <= 6.0
+    for text, message in (('kind = "replay"\n', "a replay needs maillog"),
+                          ('kind = "replay"\nmaillog = "nothere.log"\n', "nothere.log"),
+                          ('kind = "replay"\nmaillog = "replay.log"\nspeed = 0\n',
+                           "speed and scale"),
+                          ('kind = "tape"\n', "known kinds are phases, replay")):
+        fast.write_text(text.replace("replay.log", str(REPLAY.parent / "replay.log")))
+        with pytest.raises(scenario.ScenarioError, match=re.escape(message)):
+            scenario.load(str(fast))
+
+
+def test_replay_against_poolmgr_arrives_as_the_log_did(tmp_path):
+    """The sample log at twice its speed against poolmgr: the clients arrive second by second
+    as the log's sessions did, each profile as many times, and poolmgr sees them for what
+    they are."""
+    fast = tmp_path / "fast.toml"
+    fast.write_text(REPLAY.read_text().replace('maillog = "replay.log"',
+                                               f'maillog = "{REPLAY.parent / "replay.log"}"')
+                    .replace("speed = 1.0", "speed = 2.0"))
+    plan = scenario.load(str(fast))
+    out = tmp_path / "replay"
+    assert cli_main(["bench", "run", str(fast), "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    connections = result["connections"]
+    assert len(connections) == 199
+    assert Counter(c[3] for c in connections) == Counter(a[1] for a in plan.arrivals)
+    expected = Counter(int(a[0]) for a in plan.arrivals)
+    seen = Counter(int(c[0]) for c in connections)
+    for second in range(int(plan.duration)):
+        assert abs(seen[second] - expected[second]) <= max(2, expected[second] // 10), \
+            (second, seen, expected)
+    # idle clients held as long as their sessions did (poolmgr let them)
+    holds = sorted(a[2] for a in plan.arrivals if a[1] == "idle")
+    held = sorted(c[1] for c in connections if c[3] == "idle")
+    assert all(abs(h - want) < 1.0 for h, want in zip(held, holds)), (held, holds)
+    f = result["figures"]
+    assert f["legit_outcomes"] == {"accepted": 20} and f["legit_delivered_pct"] == 100.0
+    assert f["server_verdicts"].get("pregreet", 0) > 0 and f["server_verdicts"].get("dnsbl", 0) > 0
+    assert f["storm_onset_s"] == plan.onset
+
+
+# -- the loop: plan from one run, run again with the recommendation, compare
+
+TINY_WAVE = """
+name = "tinywave"
+description = "A wave in 14 seconds: the loop of poolmgr plan --bench ... --check."
+processes = 1
+drain = "20s"
+
+[server]
+smtp_workers = 2
+smtp_max_workers = 8
+scanner_workers = 2
+max_sessions_per_worker = 100
+
+[[phases]]
+name = "calm"
+duration = "2s"
+rates = { legit = 2, idle = 5 }
+
+[[phases]]
+name = "rising"
+duration = "2s"
+rates = { legit = 2, idle = 20, pregreet = 5 }
+
+[[phases]]
+name = "peak"
+duration = "8s"
+rates = { legit = 2, idle = 40, pregreet = 5 }
+
+[[phases]]
+name = "falling"
+duration = "2s"
+rates = { legit = 2, idle = 5 }
+
+[profiles.idle]
+hold = "5s"
+
+[profiles.pregreet]
+hold = "5s"
+
+[profiles.legit]
+recipients = ["bob@example.test"]
+"""
+
+
+def test_the_plan_of_a_run_forecasts_the_next_run(tmp_path, capsys):
+    wave = tmp_path / "tinywave.toml"
+    wave.write_text(TINY_WAVE)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli_main(["bench", "run", str(wave), "--out", str(first)]) == 0
+    config = tmp_path / "recommended.toml"
+    assert cli_main(["plan", "--bench", str(first / "result.json"),
+                     "--write-config", str(config)]) == 0
+    capsys.readouterr()
+    assert cli_main(["bench", "run", str(wave), "--config", str(config),
+                     "--out", str(second)]) == 0
+    capsys.readouterr()
+    result = json.loads((second / "result.json").read_text())
+    written = tomllib.loads(config.read_text())
+    assert result["scenario"]["server"]["smtp_max_workers"] == written["smtp"]["max_workers"]
+    code = cli_main(["plan", "--bench", str(first / "result.json"), "--check",
+                     str(second / "result.json"), "--json"])
+    check = json.loads(capsys.readouterr().out)["check"]
+    rows = {r["figure"]: r for r in check["figures"]}
+    assert rows["peak_sessions"]["measured"] >= 150, rows
+    assert abs(rows["peak_sessions"]["error_pct"]) <= 20, rows
+    # One minute of load: its busiest minute is its typical one, so floor = ceiling and the
+    # pools stay where they start; the forecast must say so.
+    assert rows["smtp_workers"]["predicted"] == written["smtp"]["min_workers"], rows
+    assert code == 0 and check["within_tolerance"], check

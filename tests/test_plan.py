@@ -10,7 +10,8 @@ from datetime import datetime
 
 import pytest
 
-from poolmgr import plan
+from poolmgr import config, forecast, plan, pools
+from poolmgr.benchmark import scenario as bench_scenario
 from poolmgr.cli import main as cli_main
 
 UTC = plan.zone("UTC")
@@ -219,3 +220,90 @@ def test_smtpd_refusals_at_connect_are_refused_load(refusal):
              "commands=0"]
     (session,) = plan.parse_maillog(lines, year=2026)
     assert session.refused and session.reason == "refused" and not session.legit
+
+
+# -- the forecast: what the recommended sizes will do (poolmgr.forecast)
+
+def bench_result(connections, server=None, figures=None, series=None) -> dict:
+    return {"started": 1_789_999_980.0, "connections": connections,  # on a whole minute
+            "scenario": {"server": {"smtp_workers": 2, "smtp_max_workers": 8,
+                                    "scanner_workers": 2, "scanner_max_workers": 4,
+                                    "max_sessions_per_worker": 100, **(server or {})}},
+            "figures": figures or {}, "server_series": series or []}
+
+
+def test_peak_is_a_sweep_not_an_average():
+    """100 sessions at once for a second in 100 seconds: Little's law over the whole span says
+    one session open on average; the peak is 100. A session that ends when another starts is
+    not open beside it."""
+    burst = [plan.Session(0.0, 1.0, False, "idle")] * 100 + [plan.Session(99.0, 100.0, True)]
+    assert forecast.peak(burst) == (100, 0.0)
+    chain = [plan.Session(0, 10, False), plan.Session(5, 15, False), plan.Session(10, 20, False)]
+    assert forecast.peak(chain) == (2, 5)
+    lines = forecast.by_profile(burst, 0.5)
+    assert lines[0] == ("  idle: 100 open; Little's law: 100.00/s over the last 1s x mean hold "
+                        "1.0s = 100")
+
+
+def storm(bots: int, legit_per_s: float = 0.0, seconds: int = 60, scan: float = 0.0):
+    """`bots` nuisance sessions arriving over 4 s and held for `seconds`, and legitimate
+    sessions of 1 s (handed off) at `legit_per_s`."""
+    sessions = [plan.Session(4 * n / bots, 4 * n / bots + seconds, False, "idle")
+                for n in range(bots)]
+    sessions += [plan.Session(t / legit_per_s, t / legit_per_s + max(1.0, scan), True,
+                              data=True) for t in range(int(seconds * legit_per_s))]
+    return sorted(sessions, key=lambda s: s.start)
+
+
+def test_the_autoscaler_is_replayed_over_the_load():
+    rules = config.load(None).autoscale
+    bounds = pools.Bounds(2, 8, 2, 4)
+    # 400 sessions, 100 per worker: a storm (all nuisance, occupancy 1 with 2 workers); the
+    # pool grows while occupancy stays >= 0.75: 5 workers hold 400 at 0.80, 6 at 0.67.
+    smtp, scanner, decisions = forecast.simulate(storm(400), bounds, 100, rules, 0.01, 1024)
+    assert (smtp, scanner) == (6, 2)
+    assert decisions[0].startswith("t=") and "storm begins" in decisions[0]
+    # The same load, legitimate: no storm, the pool stays at its floor.
+    calm = [plan.Session(s.start, s.end, True) for s in storm(400)]
+    assert forecast.simulate(calm, bounds, 100, rules, 0.01, 1024)[:2] == (2, 2)
+    # Hand-offs that keep more than 80% of the scanner pool busy grow it to its ceiling, and
+    # the SMTP pool with it (scanner <= SMTP).
+    assert forecast.simulate(storm(10, legit_per_s=2, scan=3.0), bounds, 100, rules, 3.0,
+                             1024)[:2] == (4, 4)
+
+
+def test_forecast_check_and_config_file(tmp_path, capsys):
+    """Four minutes of a legitimate message a second, with a storm of 400 idle bots held 50s
+    in the second one."""
+    connections = [[60 + 4 * n / 400, 50.0, False, "idle", False] for n in range(400)]
+    connections += [[t, 1.0, True, "legit", True] for t in range(240)]
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps(bench_result(connections, figures={"handoff_mean_s": 0.02})))
+    written = tmp_path / "recommended.toml"
+    assert cli_main(["plan", "--bench", str(first), "--write-config", str(written)]) == 0
+    out = capsys.readouterr().out
+    assert "peak concurrent sessions: 401 at t=64s" in out and "idle: 400 open" in out
+    # The busiest minute: 460 connections = 7.67/s x mean hold 43.6s = 334.3 concurrent, but
+    # 401 seen, x 2 headroom / 100 per worker -> a ceiling of 9; the typical one, 1/s x 1s ->
+    # a floor of 2.
+    # The autoscaler grows the pool to 6 of them (5 hold 401 sessions at occupancy 0.80).
+    cfg = config.load(str(written))
+    assert (cfg.smtp.min_workers, cfg.smtp.max_workers, cfg.smtp.max_sessions_per_worker,
+            cfg.scanner.min_workers) == (2, 9, 100, 2)
+    assert "peak 6 SMTP workers, 2 scanner workers" in out
+    sizes = bench_scenario.pool_sizes(cfg)
+    assert sizes == {"smtp_workers": 2, "smtp_max_workers": 9, "scanner_workers": 2,
+                     "scanner_max_workers": 4, "max_sessions_per_worker": 100}
+    second = tmp_path / "second.json"
+    for peak_sessions, smtp, code in ((380, 6, 0), (300, 6, 1), (390, 8, 1)):
+        second.write_text(json.dumps(bench_result(
+            connections, server={"smtp_max_workers": 9},
+            figures={"peak_sessions_held": peak_sessions, "peak_smtp_workers": smtp},
+            series=[{"scanner_workers": 2}])))
+        assert cli_main(["plan", "--bench", str(first), "--check", str(second)]) == code
+        table = capsys.readouterr().out.split("\nfigure ")[1].splitlines()
+        error = 100 * (401 - peak_sessions) / peak_sessions
+        assert table[1].split()[-3:] == ["401", str(peak_sessions), f"{error:+.1f}%"]
+        assert table[2].split()[-3:] == ["6", str(smtp), f"{100 * (6 - smtp) / smtp:+.1f}%"]
+        assert table[4] == f"within 20%: {'yes' if code == 0 else 'no'}"
+    assert cli_main(["plan", "--maillog", str(first), "--check", str(second)]) == 2

@@ -4,12 +4,13 @@
 
 SPEC (written by `poolmgr bench run`) holds the scenario, the target's addresses (`targets`:
 several nodes take the connections in turn, round-robin, as senders spread over equal MX
-records), this process's index among `processes`, and the wall-clock start. Arrivals follow each phase's rates (this
-process takes 1/processes of each); every client comes from its own 127.x.y.z address (see
-`address`), and stops by itself: bots after their hold or give-up time, everyone at the end of
-the drain. RESULT gets a per-second series (open connections by profile; legitimate messages
-sent, accepted, deferred, refused) and one record per bot connection and per legitimate
-message.
+records), this process's index among `processes`, and the wall-clock start. Arrivals follow
+each phase's rates (this process takes 1/processes of each), or a replay's list (every
+processes-th arrival, each client holding as long as its session in the mail log did); every
+client comes from its own 127.x.y.z address (see `address`), and stops by itself: bots after
+their hold or give-up time, everyone at the end of the drain. RESULT gets a per-second series
+(open connections by profile; legitimate messages sent, accepted, deferred, refused) and one
+record per bot connection and per legitimate message.
 
 Exports: address, LISTED_PROFILE, main.
 """
@@ -102,11 +103,13 @@ class Generator:
             host, port, local_addr=(source, 0)), 30)
 
     # -- bots
-    async def bot(self, profile: str) -> None:
+    async def bot(self, profile: str, hold: float | None = None) -> None:
         n = self.numbers[profile]
         self.numbers[profile] += 1
         source = address(profile, self.index, n)
         knobs = self.profiles[profile]
+        if hold is not None and "hold" in knobs:  # a replayed session's own hold
+            knobs = {**knobs, "hold": hold}
         tries = 1 + (int(knobs.get("reconnects", 0)) if profile == "reconnector" else 0)
         for attempt in range(tries):
             record = {"profile": profile, "t": self.rel(), "ended": "", "data": False,
@@ -262,28 +265,37 @@ class Generator:
             except asyncio.TimeoutError:
                 pass
 
-    async def run(self) -> None:
-        await asyncio.sleep(max(0.0, self.t0 - time.time()))
-        stop = asyncio.Event()
-        ticker = asyncio.ensure_future(self.ticker(stop))
-        tasks: list[asyncio.Task] = []
-        start = time.monotonic()
-        offset = 0.0
+    def schedule(self) -> tuple[list[tuple[float, str, float | None]], float]:
+        """This process's arrivals (seconds from the start, profile, hold or None for the
+        profile's own) and the time the last phase ends."""
+        if self.scenario.get("kind") == "replay":
+            mine = self.scenario["arrivals"][self.index::self.processes]
+            end = max((a[0] for a in self.scenario["arrivals"]), default=0.0)
+            return [(due, profile, hold) for due, profile, hold in mine], end
+        arrivals, offset = [], 0.0
         for phase in self.scenario["phases"]:
-            arrivals = []
             for profile, rate in phase["rates"].items():
                 rate /= self.processes
                 if rate <= 0:
                     continue
                 count = int(rate * phase["duration"])
                 first = self.random.random() / rate
-                arrivals += [(offset + first + i / rate, profile) for i in range(count)]
-            for due, profile in sorted(arrivals):
-                await asyncio.sleep(max(0.0, start + due - time.monotonic()))
-                coro = self.legit_message() if profile == "legit" else self.bot(profile)
-                tasks.append(asyncio.ensure_future(coro))
+                arrivals += [(offset + first + i / rate, profile, None) for i in range(count)]
             offset += phase["duration"]
-            await asyncio.sleep(max(0.0, start + offset - time.monotonic()))
+        return sorted(arrivals, key=lambda a: a[0]), offset
+
+    async def run(self) -> None:
+        await asyncio.sleep(max(0.0, self.t0 - time.time()))
+        stop = asyncio.Event()
+        ticker = asyncio.ensure_future(self.ticker(stop))
+        tasks: list[asyncio.Task] = []
+        start = time.monotonic()
+        arrivals, end = self.schedule()
+        for due, profile, hold in arrivals:
+            await asyncio.sleep(max(0.0, start + due - time.monotonic()))
+            coro = self.legit_message() if profile == "legit" else self.bot(profile, hold)
+            tasks.append(asyncio.ensure_future(coro))
+        await asyncio.sleep(max(0.0, start + end - time.monotonic()))
         if tasks:
             done, pending = await asyncio.wait(tasks, timeout=self.scenario["drain"])
             for task in pending:

@@ -72,9 +72,7 @@ def run(scenario: Scenario, target_name: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     found = {m.group(0).decode() for data in arrived for m in MESSAGE_ID.finditer(data)}
     delivered = sum(1 for m in load["messages"] if m["id"] in found)
-    onset = next((sum((p.duration for p in scenario.phases[:n]), 0.0)
-                  for n, phase in enumerate(scenario.phases)
-                  if any(r > 0 for k, r in phase.rates.items() if k != "legit")), None)
+    onset = scenario.onset
     result = {"scenario": scenario.as_dict(), "target": target_name, "started": t0,
               "duration_s": round(time.time() - t0, 1),
               "figures": {**figures(load, samples, (baseline_rss, baseline_pss), cpu,
@@ -82,9 +80,12 @@ def run(scenario: Scenario, target_name: str, out: Path) -> dict:
                           **reaction(samples, target.decisions, load["series"], onset, t0),
                           **extra},
               "server_series": samples, "client_series": load["series"],
-              # [start (s from t0), held (s), legitimate]: input of `poolmgr plan --bench`
-              "connections": [[b["t"], b.get("held", 0.0), False] for b in load["bots"]] +
-                             [[m["t"], m["latency"] or 0.0, True] for m in load["messages"]]}
+              # [start (s from t0), held (s), legitimate, profile, reached DATA]: input of
+              # `poolmgr plan --bench`
+              "connections": [[b["t"], b.get("held", 0.0), False, b["profile"], b["data"]]
+                              for b in load["bots"]] +
+                             [[m["t"], m["latency"] or 0.0, True, "legit", True]
+                              for m in load["messages"]]}
     images = plots(out, load, samples, f"{scenario.name} / {target_name}")
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     report(out, result, images)

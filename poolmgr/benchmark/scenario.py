@@ -24,15 +24,34 @@ A scenario is a TOML file (see bench/scenarios/):
     [profiles.idle]            # optional: each profile's knobs (defaults in PROFILES)
     hold = "60s"
 
+A replay scenario (`kind = "replay"`) takes its arrivals from a mail log instead of phases:
+
+    kind = "replay"
+    maillog = "replay.log"     # relative to the scenario file; Postfix's or poolmgr's format
+    speed = 1.0                # 2: arrivals twice as fast and holds half as long
+    scale = 1.0                # 2: two clients for every session in the log
+    tz = "UTC"                 # zone of syslog timestamps (default: local); year = 2026
+    max_hold = "300s"          # no client holds longer
+
+Each session the log shows (`plan.parse_maillog`, refused connections included) becomes one
+client that connects at the session's offset from the first one: a legitimate session sends
+a message; a nuisance one behaves as the profile its reason names (`REPLAY_PROFILES`: pregreet
+talks first, dnsbl comes from a listed address, a rejected recipient is a dictionary attack,
+anything else connects and holds, silent, for as long as the session lasted).
+
 Every duration and count is bounded, so a run stops by itself.
 
-Exports: Scenario, Phase, PROFILES, load, ScenarioError.
+Exports: Scenario, Phase, PROFILES, load, ScenarioError, replay_profile, pool_sizes.
 """
 
+import math
 import tomllib
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from .. import plan as planner
 from ..config import parse_duration, parse_size
 
 # Each profile's knobs and their defaults.
@@ -51,8 +70,27 @@ BOTS = tuple(p for p in PROFILES if p != "legit")
 DURATION_KNOBS = ("hold", "interval", "give_up", "timeout")
 
 
+# A replay's bounds: clients in all, and the replayed span (after `speed`)
+MAX_REPLAY_CLIENTS = 50_000
+MAX_REPLAY_SPAN = 3600.0
+# A nuisance reason of plan.parse_maillog -> the profile that replays it; others are "idle"
+REPLAY_PROFILES = {"pregreet": "pregreet", "command_pipelining": "pregreet",
+                   "bare_newline": "pregreet", "non_smtp_command": "pregreet",
+                   "dnsbl": "listed", "denylisted": "listed", "blacklisted": "listed",
+                   "bad_recipients": "dictionary"}
+
+
 class ScenarioError(ValueError):
     pass
+
+
+def replay_profile(session: planner.Session) -> str:
+    """The profile a mail-log session is replayed as."""
+    if session.legit:
+        return "legit"
+    if session.reason.startswith("reject_5"):  # smtpd refused a recipient
+        return "dictionary"
+    return REPLAY_PROFILES.get(session.reason, "idle")
 
 
 @dataclass(frozen=True)
@@ -73,22 +111,45 @@ class Scenario:
     drain: float = 20.0
     path: str = ""
     raw: dict = field(default_factory=dict)
+    kind: str = "phases"
+    # replay: [offset s, profile, hold s] per client, by offset
+    arrivals: list[list] = field(default_factory=list)
 
     @property
     def duration(self) -> float:
+        if self.kind == "replay":
+            return math.floor(self.arrivals[-1][0]) + 1.0 if self.arrivals else 0.0
         return sum(p.duration for p in self.phases)
+
+    @property
+    def onset(self) -> float | None:
+        """When the first bots are due (seconds from the start), None without bots."""
+        if self.kind == "replay":
+            return next((a[0] for a in self.arrivals if a[1] != "legit"), None)
+        return next((sum((p.duration for p in self.phases[:n]), 0.0)
+                     for n, phase in enumerate(self.phases)
+                     if any(r > 0 for k, r in phase.rates.items() if k != "legit")), None)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "path": self.path,
-                "processes": self.processes, "drain": self.drain, "server": self.server,
+                "kind": self.kind, "processes": self.processes, "drain": self.drain,
+                "server": self.server,
                 "phases": [{"name": p.name, "duration": p.duration, "rates": p.rates}
                            for p in self.phases],
-                "profiles": self.profiles}
+                "arrivals": self.arrivals, "profiles": self.profiles}
 
 
 SERVER_DEFAULTS = {"smtp_workers": 2, "smtp_max_workers": 8, "scanner_workers": 2,
                    "scanner_max_workers": 4, "max_sessions_per_worker": 2000, "stress": False,
                    "nodes": 1}
+
+
+def pool_sizes(cfg) -> dict:
+    """A poolmgr config's pool sizes as [server] keys (`bench run --config FILE`)."""
+    return {"smtp_workers": cfg.smtp.min_workers, "smtp_max_workers": cfg.smtp.max_workers,
+            "scanner_workers": cfg.scanner.min_workers,
+            "scanner_max_workers": cfg.scanner.max_workers,
+            "max_sessions_per_worker": cfg.smtp.max_sessions_per_worker}
 
 
 def from_dict(data: dict, path: str = "") -> Scenario:
@@ -97,7 +158,12 @@ def from_dict(data: dict, path: str = "") -> Scenario:
     def fail(message: str):
         raise ScenarioError(f"{where}: {message}")
 
-    phases = []
+    kind = data.get("kind", "phases")
+    if kind not in ("phases", "replay"):
+        fail(f"kind: {kind!r}: known kinds are phases, replay")
+    phases, arrivals = [], []
+    if kind == "replay":
+        arrivals = replay(data, path, fail)
     for n, phase in enumerate(data.get("phases") or [], 1):
         rates = phase.get("rates") or {}
         unknown = sorted(set(rates) - set(PROFILES))
@@ -114,8 +180,10 @@ def from_dict(data: dict, path: str = "") -> Scenario:
             fail(f"phase {n}: rates are connections per second, 0..5000")
         phases.append(Phase(str(phase.get("name", f"phase{n}")), duration,
                             {k: float(v) for k, v in rates.items()}))
-    if not phases:
+    if kind == "phases" and not phases:
         fail("no [[phases]]")
+    if kind == "replay" and (phases or not arrivals):
+        fail("a replay has no [[phases]]" if phases else "the mail log holds no sessions")
     profiles = {}
     for name, defaults in PROFILES.items():
         knobs = dict(defaults)
@@ -144,9 +212,53 @@ def from_dict(data: dict, path: str = "") -> Scenario:
     processes = int(data.get("processes", 1))
     if not 1 <= processes <= 16:
         fail("processes must be 1..16")
+    drain = data.get("drain") or ("20s" if kind == "phases" else
+                                  max((a[2] for a in arrivals), default=0.0) + 20)
     return Scenario(str(data.get("name", "scenario")), str(data.get("description", "")),
-                    phases, profiles, server, processes,
-                    parse_duration(data.get("drain", "20s")), path, data)
+                    phases, profiles, server, processes, parse_duration(drain), path, data,
+                    kind, arrivals)
+
+
+def replay(data: dict, path: str, fail) -> list[list]:
+    """A replay scenario's arrivals from its mail log: [offset s, profile, hold s] each."""
+    if not data.get("maillog"):
+        fail("a replay needs maillog = \"FILE\"")
+    log = Path(path).parent / data["maillog"] if path else Path(data["maillog"])
+    try:
+        speed, scale = float(data.get("speed", 1.0)), float(data.get("scale", 1.0))
+        max_hold = parse_duration(data.get("max_hold", "300s"))
+        tz = planner.zone(data.get("tz"))
+    except (TypeError, ValueError) as exc:
+        fail(str(exc))
+    if not 0.01 <= speed <= 100 or not 0.01 <= scale <= 100:
+        fail("speed and scale are between 0.01 and 100")
+    try:
+        with open(log, encoding="utf-8", errors="replace") as handle:
+            sessions = planner.parse_maillog(handle, data.get("year"), tz)
+    except OSError as exc:
+        fail(f"maillog {log}: {exc.strerror}")
+    if not sessions:
+        return []
+    first = sessions[0].start
+    span = (sessions[-1].start - first) / speed
+    if span > MAX_REPLAY_SPAN or len(sessions) * scale > MAX_REPLAY_CLIENTS:
+        fail(f"maillog {log}: {len(sessions)} sessions over {span:.0f}s at speed {speed:g} "
+             f"and scale {scale:g}: at most {MAX_REPLAY_CLIENTS} clients over "
+             f"{MAX_REPLAY_SPAN:.0f}s (raise speed, lower scale or cut the log)")
+    # Syslog stamps whole seconds: the sessions of one second arrive spread over it.
+    per_second = Counter(s.start for s in sessions if s.start == int(s.start))
+    seen: Counter = Counter()
+    arrivals, owed = [], 0.0
+    for session in sessions:  # scale: the fraction carried over, so 0.5 keeps every other
+        owed += scale
+        copies, owed = int(owed), owed - int(owed)
+        spread = seen[session.start] / per_second[session.start] if session.start in \
+            per_second else 0.0
+        seen[session.start] += 1
+        hold = round(min(max_hold, max(0.05, session.hold / speed)), 3)
+        arrivals += [[round((session.start + spread - first) / speed, 3),
+                      replay_profile(session), hold]] * copies
+    return sorted(arrivals, key=lambda a: a[0])
 
 
 def load(path: str) -> Scenario:

@@ -160,10 +160,14 @@ class PoolmgrTarget:
         for st in self.statuses():
             smtp, scanner = st.pools["smtp"].counters, st.pools["scanner"].counters
             totals.update({"handoffs_to_scanner": smtp.get("handoffs", 0),
+                           "handoff_wait_ms": smtp.get("handoff_wait_ms", 0),
                            "scanned": scanner.get("scanned", 0),
                            "messages_accepted": smtp.get("messages_accepted", 0),
                            "messages_deferred": smtp.get("messages_tempfailed", 0),
                            "messages_rejected": smtp.get("messages_rejected", 0)})
+        handoffs, wait_ms = totals["handoffs_to_scanner"], totals.pop("handoff_wait_ms")
+        # SMTP worker to next hop through the scanner: what a scanner worker is busy for
+        totals["handoff_mean_s"] = round(wait_ms / 1000 / handoffs, 4) if handoffs else None
         return dict(totals)
 
     def stop(self) -> None:
