@@ -8,7 +8,8 @@ SMTP pool, by storm phase:
 - calm: a storm is entered when pressure (the larger of session occupancy and accept-queue
   fill) reaches `storm_enter_occupancy` while the nuisance ratio is at least
   `storm_nuisance_ratio`, or at once, whatever the nuisance, when the pool's session slots
-  would be gone within `lead_time` at the current arrival rate (`ahead` >= 1);
+  would be gone within `lead_time` at the rate the live sessions grow (`ahead` >= 1; the net
+  growth, so that many short sessions, a busy but calm hour, do not count);
 - storm: while pressure or `ahead` stays at or above `storm_enter_occupancy` the pool grows
   by `step` workers per interval (twice that while the accept queue keeps growing), or by as
   many as `ahead` needs to fall back under `storm_enter_occupancy`, up to its ceiling. So the
@@ -54,7 +55,7 @@ class Snapshot:
     nuisance_ratio: float = 0.0
     scanner_busy: int = 0     # scanner workers busy with a message now
     handoff_wait: float = 0.0  # mean hand-off wait over the last interval, seconds
-    arrivals: float = 0.0     # new SMTP connections per second over the last interval
+    growth: float = 0.0       # live SMTP sessions gained per second over the last interval
     per_worker: int = 0       # session slots of one SMTP worker (max_sessions_per_worker)
 
     @property
@@ -66,10 +67,12 @@ class Snapshot:
         return max(self.occupancy, self.accept_queue / max(1, self.listen_backlog))
 
     def ahead(self, lead_time: float) -> float:
-        """Sessions in `lead_time` at the current arrival rate, over the slots of the pool's
-        target (workers asked for count as they start)."""
+        """Sessions in `lead_time` at the current growth, over the slots of the pool's target
+        (workers asked for count as they start)."""
         capacity = self.smtp * self.per_worker
-        return (self.sessions + self.arrivals * lead_time) / capacity if capacity else 0.0
+        if not capacity or lead_time <= 0:
+            return 0.0
+        return (self.sessions + max(0.0, self.growth) * lead_time) / capacity
 
     @property
     def bounds(self) -> Bounds:
@@ -100,8 +103,8 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
     ahead = snap.ahead(cfg.lead_time)
     why = (f"occupancy {snap.occupancy:.2f}, backlog {snap.accept_queue}/{snap.listen_backlog}, "
            f"nuisance {nuisance:.2f}")
-    if snap.arrivals:
-        why += f", {snap.arrivals:.0f} connections/s (ahead {ahead:.2f})"
+    if snap.growth > 0:
+        why += f", sessions +{snap.growth:.0f}/s (ahead {ahead:.2f})"
     hot = max(pressure, ahead) >= cfg.storm_enter_occupancy
     quiet = max(pressure, ahead) < cfg.storm_exit_occupancy
 

@@ -99,6 +99,7 @@ def simulate(sessions: list[Session], bounds: Bounds, per_worker: int, rules,
         ticks = MAX_TICKS
     smtp, scanner = fit(bounds.smtp_floor, bounds.scanner_floor, bounds)
     state, high_smtp, high_scanner, decisions = State(), smtp, scanner, []
+    before = None  # sessions held an interval ago: the growth the master sees
     for k in range(ticks):
         now = first + k * interval
         live, slots = open_at(now), smtp * per_worker
@@ -112,7 +113,10 @@ def simulate(sessions: list[Session], bounds: Bounds, per_worker: int, rules,
             accept_queue=min(live - held, backlog), listen_backlog=backlog,
             nuisance_ratio=(live - legit_at(now)) / live if live else 0.0,
             scanner_busy=min(demand, scanner),
-            handoff_wait=scan_seconds * max(1.0, demand / scanner) if finished else 0.0)
+            handoff_wait=scan_seconds * max(1.0, demand / scanner) if finished else 0.0,
+            growth=(held - before) / interval if before is not None else 0.0,
+            per_worker=per_worker)
+        before = held
         smtp, scanner, state, taken = decide(snap, state, rules)
         decisions += [f"t={now - sessions[0].start:.0f}s: {d}" for d in taken]
         high_smtp, high_scanner = max(high_smtp, smtp), max(high_scanner, scanner)

@@ -103,7 +103,7 @@ class Master:
         self.scaler = autoscale.State()
         self.scaled_at = 0.0
         self.phase_since = time.time()  # wall clock: when the storm phase last changed
-        self.handoff_mark: tuple = (0, 0, 0)  # hand-offs, their wait (ms), connections, when
+        self.handoff_mark: tuple = (0, 0, 0)  # hand-offs, their wait (ms), sessions, when
         self.decisions: collections.deque = collections.deque(maxlen=20)
         self.last_snapshot: autoscale.Snapshot | None = None
         self.decision_count = 0

@@ -320,7 +320,7 @@ def window_ratio(master) -> float:
 
 def snapshot(master, now: float, mark: tuple) -> tuple[autoscale.Snapshot, tuple]:
     """The autoscaler's input, and the mark for the next interval's differences (hand-offs,
-    their wait in ms, connections, when)."""
+    their wait in ms, live sessions, when)."""
     smtp, scanner = master.pools["smtp"], master.pools["scanner"]
     running = smtp.running()
     infos = [master.board.read(w.slot) for w in running]
@@ -329,7 +329,6 @@ def snapshot(master, now: float, mark: tuple) -> tuple[autoscale.Snapshot, tuple
     live_ratio = suspect / sessions if sessions else 0.0
     counters = pool_counters(master, smtp)
     handoffs, wait_ms = counters.get("handoffs", 0), counters.get("handoff_wait_ms", 0)
-    connections = counters.get("connections", 0)
     done = handoffs - mark[0]
     elapsed = now - mark[3] if len(mark) > 3 else 0.0
     queued, limit = accept_queue(master.sockets["smtp"], master.cfg.smtp.listen_backlog)
@@ -341,6 +340,6 @@ def snapshot(master, now: float, mark: tuple) -> tuple[autoscale.Snapshot, tuple
         listen_backlog=limit, nuisance_ratio=max(window_ratio(master), live_ratio),
         scanner_busy=sum(master.board.read(w.slot)["busy"] for w in scanner.running()),
         handoff_wait=(wait_ms - mark[1]) / 1000 / done if done > 0 else 0.0,
-        arrivals=max(0, connections - mark[2]) / elapsed if elapsed > 0 else 0.0,
+        growth=(sessions - mark[2]) / elapsed if elapsed > 0 else 0.0,
         per_worker=master.cfg.smtp.max_sessions_per_worker)
-    return snap, (handoffs, wait_ms, connections, now)
+    return snap, (handoffs, wait_ms, sessions, now)

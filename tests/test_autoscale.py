@@ -220,7 +220,7 @@ def test_a_flood_is_met_ahead_of_time_several_workers_at_once_whatever_the_nuisa
         sessions += 1000
         run.now += 1
         snap = Snapshot(run.now, run.smtp, run.scanner, 2, 8, 2, 4, sessions=sessions,
-                        slots=run.smtp * per_worker, nuisance_ratio=0.0, arrivals=1000,
+                        slots=run.smtp * per_worker, nuisance_ratio=0.0, growth=1000,
                         per_worker=per_worker)
         before = run.smtp
         run.smtp, run.scanner, run.state, _ = decide(snap, run.state, CFG)
@@ -228,9 +228,9 @@ def test_a_flood_is_met_ahead_of_time_several_workers_at_once_whatever_the_nuisa
         assert sessions <= before * per_worker  # never full: nothing waits for a worker
     assert run.state.phase == STORM and run.smtp >= 6 and max(grown) == 1
     snap = Snapshot(run.now + 1, 2, 2, 2, 8, 2, 4, sessions=2000, slots=2 * per_worker,
-                    arrivals=1000, per_worker=per_worker)
+                    growth=1000, per_worker=per_worker)
     assert decide(snap, State(), CFG)[0] == 4  # (2,000 + 10,000) / 5,000 / 0.75 -> 3.2
-    assert decide(replace(snap, arrivals=3000), State(), CFG)[0] == 8  # 8.5, the ceiling
+    assert decide(replace(snap, growth=3000), State(), CFG)[0] == 8  # 8.5, the ceiling
 
 
 def test_the_same_arrivals_into_a_roomy_pool_change_nothing():
@@ -238,7 +238,7 @@ def test_the_same_arrivals_into_a_roomy_pool_change_nothing():
     for i in range(20):
         run.now += 1
         snap = Snapshot(run.now, run.smtp, run.scanner, 2, 8, 2, 4, sessions=50,
-                        slots=run.smtp * 20000, arrivals=100, per_worker=20000)
+                        slots=run.smtp * 20000, growth=100, per_worker=20000)
         run.smtp, run.scanner, run.state, decisions = decide(snap, run.state, CFG)
         assert decisions == []
     assert (run.smtp, run.state.phase) == (2, CALM)

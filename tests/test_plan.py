@@ -257,15 +257,22 @@ def storm(bots: int, legit_per_s: float = 0.0, seconds: int = 60, scan: float = 
 
 def test_the_autoscaler_is_replayed_over_the_load():
     rules = config.load(None).autoscale
+    occupancy_only = config.from_dict({"autoscale": {"lead_time": "0s"}}).autoscale
     bounds = pools.Bounds(2, 8, 2, 4)
-    # 400 sessions, 100 per worker: a storm (all nuisance, occupancy 1 with 2 workers); the
-    # pool grows while occupancy stays >= 0.75: 5 workers hold 400 at 0.80, 6 at 0.67.
-    smtp, scanner, decisions = forecast.simulate(storm(400), bounds, 100, rules, 0.01, 1024)
+    # 400 sessions, 100 per worker: a storm (all nuisance, occupancy 1 with 2 workers); on
+    # occupancy alone the pool grows while it stays >= 0.75: 5 workers hold 400 at 0.80, 6 at
+    # 0.67.
+    smtp, scanner, decisions = forecast.simulate(storm(400), bounds, 100, occupancy_only,
+                                                 0.01, 1024)
     assert (smtp, scanner) == (6, 2)
     assert decisions[0].startswith("t=") and "storm begins" in decisions[0]
     # The same load, legitimate: no storm, the pool stays at its floor.
     calm = [plan.Session(s.start, s.end, True) for s in storm(400)]
-    assert forecast.simulate(calm, bounds, 100, rules, 0.01, 1024)[:2] == (2, 2)
+    assert forecast.simulate(calm, bounds, 100, occupancy_only, 0.01, 1024)[:2] == (2, 2)
+    # With lead_time (10s), sessions growing by 100/s would need 1,000 more slots: the pool
+    # goes to its ceiling as they arrive, legitimate or not.
+    assert forecast.simulate(storm(400), bounds, 100, rules, 0.01, 1024)[:2] == (8, 2)
+    assert forecast.simulate(calm, bounds, 100, rules, 0.01, 1024)[:2] == (8, 2)
     # Hand-offs that keep more than 80% of the scanner pool busy grow it to its ceiling, and
     # the SMTP pool with it (scanner <= SMTP).
     assert forecast.simulate(storm(10, legit_per_s=2, scan=3.0), bounds, 100, rules, 3.0,
@@ -286,16 +293,17 @@ def test_forecast_check_and_config_file(tmp_path, capsys):
     # The busiest minute: 460 connections = 7.67/s x mean hold 43.6s = 334.3 concurrent, but
     # 401 seen, x 2 headroom / 100 per worker -> a ceiling of 9; the typical one, 1/s x 1s ->
     # a floor of 2.
-    # The autoscaler grows the pool to 6 of them (5 hold 401 sessions at occupancy 0.80).
+    # The autoscaler grows the pool to all 9 of them: the sessions grow by 100/s in the
+    # storm's first 4s, and 10s (lead_time) of that would need 1,000 more slots.
     cfg = config.load(str(written))
     assert (cfg.smtp.min_workers, cfg.smtp.max_workers, cfg.smtp.max_sessions_per_worker,
             cfg.scanner.min_workers) == (2, 9, 100, 2)
-    assert "peak 6 SMTP workers, 2 scanner workers" in out
+    assert "peak 9 SMTP workers, 2 scanner workers" in out
     sizes = bench_scenario.pool_sizes(cfg)
     assert sizes == {"smtp_workers": 2, "smtp_max_workers": 9, "scanner_workers": 2,
                      "scanner_max_workers": 4, "max_sessions_per_worker": 100}
     second = tmp_path / "second.json"
-    for peak_sessions, smtp, code in ((380, 6, 0), (300, 6, 1), (390, 8, 1)):
+    for peak_sessions, smtp, code in ((380, 9, 0), (300, 9, 1), (390, 6, 1)):
         second.write_text(json.dumps(bench_result(
             connections, server={"smtp_max_workers": 9},
             figures={"peak_sessions_held": peak_sessions, "peak_smtp_workers": smtp},
@@ -304,6 +312,6 @@ def test_forecast_check_and_config_file(tmp_path, capsys):
         table = capsys.readouterr().out.split("\nfigure ")[1].splitlines()
         error = 100 * (401 - peak_sessions) / peak_sessions
         assert table[1].split()[-3:] == ["401", str(peak_sessions), f"{error:+.1f}%"]
-        assert table[2].split()[-3:] == ["6", str(smtp), f"{100 * (6 - smtp) / smtp:+.1f}%"]
+        assert table[2].split()[-3:] == ["9", str(smtp), f"{100 * (9 - smtp) / smtp:+.1f}%"]
         assert table[4] == f"within 20%: {'yes' if code == 0 else 'no'}"
     assert cli_main(["plan", "--maillog", str(first), "--check", str(second)]) == 2
