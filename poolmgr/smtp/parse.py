@@ -70,8 +70,13 @@ def canonical(address: str) -> str:
     return f"{local}@{domain}".lower() if domain else local.lower()
 
 
+_XTEXT_PLAIN = re.compile(r"[!-*,-<>-~]*\Z")  # printable ASCII but "+" and "="
+
+
 def xtext_encode(value: str) -> str:
     """RFC 3461 section 4 xtext, as XFORWARD uses it."""
+    if _XTEXT_PLAIN.match(value):
+        return value
     out = []
     for byte in value.encode("utf-8", "surrogateescape"):
         if 33 <= byte <= 126 and byte not in (ord("+"), ord("=")):
