@@ -21,6 +21,8 @@ from ..defence.networks import plain_ip
 from . import replies as R
 from .conn import Conn, Disconnected, LineTooLong, Timeout
 from .park import Parked
+
+PARK_AFTER = 1.0  # seconds a session that has sent a command waits before it is parked
 from .parse import PathError, new_queue_id, parse_path
 
 
@@ -148,7 +150,12 @@ class ServerSession:
             self.idle_since = time.monotonic() if self.env is None else 0.0
             if parking is not None and not conn.buf and not self.tls:
                 conn.flush()
-                parking.park(self, conn.timeout, self.unparked, self.expired)
+                # A client that talks is answered at once; parking between its commands
+                # would cost more than it saves. It is parked once it falls quiet.
+                talked = self.stats is not None
+                if not (talked and conn.wait_input(min(PARK_AFTER, conn.timeout))):
+                    parking.park(self, conn.timeout - PARK_AFTER * talked, self.unparked,
+                                 self.expired)
             try:
                 line = conn.readline(limit)
             except LineTooLong:
