@@ -73,16 +73,23 @@ class _Postfix(logging.Formatter):
     def __init__(self, stamped: bool):
         super().__init__()
         self.stamped = stamped
+        self.second, self.stamp = -1, ""  # the time stamp, made once a second
 
     def format(self, record: logging.LogRecord) -> str:
-        text = _UNPRINTABLE.sub("?", record.getMessage().replace("\n", " "))
+        text = record.getMessage()
+        if _UNPRINTABLE.search(text):
+            text = _UNPRINTABLE.sub("?", text.replace("\n", " "))
         if record.exc_info and record.levelno >= logging.ERROR:
             text += " (" + repr(record.exc_info[1]) + ")"
         program = getattr(record, "program", _state["name"])
         line = f"{program}[{record.process}]: {_PREFIX.get(record.levelno, '')}{text}"
         if self.stamped:
-            stamp = time.strftime("%b %d %H:%M:%S", time.localtime(record.created))
-            line = f"{stamp} {_state['host']} {line}"
+            second = int(record.created)
+            if second != self.second:
+                self.second = second
+                self.stamp = time.strftime("%b %d %H:%M:%S ", time.localtime(second)) + \
+                    _state["host"]
+            line = f"{self.stamp} {line}"
         return line
 
 
