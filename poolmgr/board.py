@@ -3,8 +3,9 @@
 An anonymous shared mmap created by the master before it forks; each worker owns one slot and
 writes its heartbeat, live gauges and cumulative counters there; the master only reads, and
 folds a dead worker's counters into its pool's totals when it frees the slot. Each field is an
-aligned 4- or 8-byte store, so a reader never sees a torn value. After the slots, one word of
-host-wide flags that only the master writes: stress mode.
+aligned 4- or 8-byte store, so a reader never sees a torn value. After the slots, host-wide
+words that only the master writes: stress mode, and the hand-off share (how many hand-offs
+to the scanner pool one SMTP worker may have at once).
 
 Exports: Board, Slot, COUNTERS, SLOTS, LATENCY_BUCKETS.
 """
@@ -85,6 +86,10 @@ class Slot:
         """Stress mode, as the master set it for every worker."""
         return bool(struct.unpack_from("=I", self._mm, self._flags)[0])
 
+    def handoff_share(self) -> int:
+        """Hand-offs this SMTP worker may have at once (0: not set yet, no limit)."""
+        return struct.unpack_from("=I", self._mm, self._flags + 4)[0]
+
     def add(self, counter: str, amount: int = 1) -> None:
         offset = self._base + _OFF_COUNTERS + 8 * COUNTERS.index(counter)
         (current,) = struct.unpack_from("=Q", self._mm, offset)
@@ -116,6 +121,9 @@ class Board:
 
     def set_stress(self, on: bool) -> None:
         struct.pack_into("=I", self._mm, self.flags_offset, int(on))
+
+    def set_handoff_share(self, share: int) -> None:
+        struct.pack_into("=I", self._mm, self.flags_offset + 4, share)
 
     def slot(self, index: int) -> Slot:
         return Slot(self, index)

@@ -95,6 +95,7 @@ class Master:
         self.board = Board()
         self.nuisance = NuisanceWindow(cfg.defence.nuisance_window)
         self.sampled_at = 0.0
+        self.handoffs_seen: dict[int, int] = {}  # hand-offs of each SMTP worker, by pid
         self.anvil = Anvil(cfg.defence.anvil_rate_time_unit)
         self.anvil_server = AnvilServer(self.anvil, time.monotonic)
         self.anvil_socks: dict[int, socket.socket] = {}  # SMTP worker pid -> master's end
@@ -608,8 +609,21 @@ class Master:
         self.sampled_at = now
         self.nuisance.window = self.cfg.defence.nuisance_window
         self.nuisance.add(now, dict(status.pool_counters(self, self.pools["smtp"])))
+        self.share_handoffs()
         if self.metrics is not None:
             self.metrics.publish(status.collect(self), self.decision_count)
+
+    def share_handoffs(self) -> None:
+        """The scanner workers, shared among the SMTP workers that handed off in the last
+        second: with no more hand-off connections than scanner workers, none waits in the
+        scanner pool's accept queue, so none makes a scanner worker let a kept connection go,
+        and SMTP workers reuse their connections instead of opening one per message."""
+        smtp = self.pools["smtp"].running()
+        counts = {w.pid: self.board.read(w.slot)["counters"].get("handoffs", 0) for w in smtp}
+        active = sum(1 for pid, n in counts.items() if n != self.handoffs_seen.get(pid, n))
+        self.handoffs_seen = counts
+        scanners = len(self.pools["scanner"].running())
+        self.board.set_handoff_share(max(1, -(-scanners // max(1, active))))
 
     def recycle_fat_workers(self) -> None:
         """Every RSS_CHECK_INTERVAL: retire workers over their pool's max_rss; manage() starts

@@ -5,12 +5,15 @@ defences (`defence.early` at connect and around the banner, `defence.limits` in 
 both working on the session's `defence.screening.Screening`), STARTTLS when a certificate is
 configured, a `Received:` header, and at end of DATA the hand-off to the proxy filter (the
 scanner pool) with XFORWARD, whose reply is passed to the client: 250 only when the next hop
-accepted the message, 451 on any failure on the way. When it closes, each session is counted
-once as legit or with one nuisance reason (`defence.verdicts.classify`).
+accepted the message, 451 on any failure on the way. A worker's hand-offs take turns at its
+share of the scanner pool (`HandoffGate`; the master sets the share), so that they reuse
+the connections kept open between messages. When it closes, each session is counted once as
+legit or with one nuisance reason (`defence.verdicts.classify`).
 
-Exports: FrontSession, FrontService.
+Exports: FrontSession, FrontService, HandoffGate.
 """
 
+import collections
 import time
 from typing import Callable
 
@@ -32,6 +35,47 @@ from .protocol import BASE_COMMANDS, Command, Envelope, ServerSession
 HANDOFF_IDLE = 2  # idle hand-off connections one SMTP worker keeps
 
 
+class HandoffGate:
+    """At most `limit` hand-offs at once in this worker, the others wait their turn and then
+    take the connection the last one left in the cache (the master sets the limit: the
+    worker's share of the scanner pool). `event` makes a gevent Event."""
+
+    def __init__(self, event: Callable):
+        self.event = event
+        self.limit = 0  # 0: no limit
+        self.busy = 0
+        self.waiting: collections.deque = collections.deque()
+
+    def enter(self, timeout: float) -> bool:
+        """Wait for a turn, at most `timeout` seconds; False when none came."""
+        end = time.monotonic() + timeout
+        while self.limit and self.busy >= self.limit:
+            turn = self.event()
+            self.waiting.append(turn)
+            try:
+                if not turn.wait(max(0.0, end - time.monotonic())):
+                    return False
+            finally:
+                if turn in self.waiting:  # timed out, or the session was closed meanwhile
+                    self.waiting.remove(turn)
+        self.busy += 1
+        return True
+
+    def leave(self) -> None:
+        self.busy -= 1
+        self.wake()
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self.wake()
+
+    def wake(self) -> None:
+        free = len(self.waiting) if not self.limit else self.limit - self.busy
+        while free > 0 and self.waiting:
+            self.waiting.popleft().set()
+            free -= 1
+
+
 class FrontService:
     """Everything the sessions of one SMTP worker share."""
 
@@ -47,6 +91,7 @@ class FrontService:
         self.draining = False
         self.sessions: set[ServerSession] = set()  # running and parked
         self.parking: Parking | None = None  # set by the SMTP worker (gevent)
+        self.handoff_gate: HandoffGate | None = None  # likewise
         self.on_room: Callable[[], None] | None = None  # a session closed (the worker's)
         self.mydestination = frozenset(cfg.smtp.mydestination)
         self.defence = defence
@@ -170,9 +215,16 @@ class FrontSession(ServerSession):
         service.slot.add("handoffs")
         hop, timeouts = service.proxy_filter, service.cfg.timeouts
         limit = service.cfg.smtp.proxy_timeout
+        gate = service.handoff_gate
         try:
-            replies = relay.send(hop, outgoing, helo=service.hostname, timeouts=timeouts,
-                                 deadline=started + limit, cache=service.relay_cache)
+            if gate is not None and not gate.enter(limit):
+                raise relay.RelayError("waiting for a scanner", f"none free in {limit:g}s")
+            try:
+                replies = relay.send(hop, outgoing, helo=service.hostname, timeouts=timeouts,
+                                     deadline=started + limit, cache=service.relay_cache)
+            finally:
+                if gate is not None:
+                    gate.leave()
             # An LMTP proxy filter answers per recipient; the client gets one reply.
             final = R.combine(dsn.settle(
                 replies, hop=hop, mail_from=env.mail_from, rcpts=env.rcpts,

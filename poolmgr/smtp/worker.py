@@ -81,7 +81,7 @@ class SmtpWorker(WorkerProcess):
         import gevent.server
 
         from ..defence.policy import Defence
-        from .front import FrontService, FrontSession
+        from .front import FrontService, FrontSession, HandoffGate
         from .park import Parking
         from .protocol import Drain
 
@@ -107,6 +107,7 @@ class SmtpWorker(WorkerProcess):
                                     Defence(cfg, gevent.spawn, state), state)
         self.max_sessions = cfg.smtp.max_sessions_per_worker
         self.service.parking = Parking(gevent.get_hub().loop, gevent.spawn)
+        self.service.handoff_gate = HandoffGate(gevent.event.Event)
         self.service.on_room = self.room
         self.stopped = gevent.event.Event()
         server_class = _server_class(gevent.server.StreamServer, self.full)
@@ -187,6 +188,7 @@ class SmtpWorker(WorkerProcess):
             self.show(f"{sessions} sessions"
                       + (" draining" if self.service.draining else ""))
             self.service.relay_cache.expire()
+            self.service.handoff_gate.set_limit(slot.handoff_share())
             if self.cluster is not None:
                 self.cluster.beat()
             self.gevent.sleep(1.0)
