@@ -46,6 +46,7 @@ COUNTERS += tuple(f"verdict_{kind}" for kind in VERDICT_KINDS) + tuple(
 COUNTERS += ("cluster_calls", "cluster_us", "cluster_failures", "cluster_local") + tuple(
     f"cluster_{bucket}" for bucket in _BUCKETS)
 _NCOUNTERS = 96
+_COUNTER_OFFSET = {name: 8 * i for i, name in enumerate(COUNTERS)}
 SLOTS = 1024  # generous: pools of up to 128 workers each, plus workers still draining
 # pid, kind, generation, number, heartbeat, started, sessions, busy, suspect, transacting,
 # counters[32]
@@ -91,7 +92,7 @@ class Slot:
         return struct.unpack_from("=I", self._mm, self._flags + 4)[0]
 
     def add(self, counter: str, amount: int = 1) -> None:
-        offset = self._base + _OFF_COUNTERS + 8 * COUNTERS.index(counter)
+        offset = self._base + _OFF_COUNTERS + _COUNTER_OFFSET[counter]
         (current,) = struct.unpack_from("=Q", self._mm, offset)
         struct.pack_into("=Q", self._mm, offset, current + amount)
 

@@ -9,6 +9,7 @@ line and trace header sees the address as the client has it.
 Exports: parse_cidrs, read_cidr_file, in_networks, plain_ip.
 """
 
+import functools
 import ipaddress
 import re
 
@@ -40,9 +41,13 @@ def read_cidr_file(path: str) -> tuple:
         raise ValueError(f"{path}: {exc}") from None
 
 
+# A session's address is looked up in several lists: parse it once.
+_address = functools.lru_cache(maxsize=1024)(ipaddress.ip_address)
+
+
 def in_networks(address: str, networks) -> bool:
     """Whether an IP address string lies in any of the parsed networks of a setting."""
-    ip = ipaddress.ip_address(address)
+    ip = _address(address)
     return any(ip in net for net in networks)
 
 

@@ -11,6 +11,7 @@ notification (`smtp.dsn`).
 Exports: ScannerSession.
 """
 
+import functools
 import ipaddress
 import time
 
@@ -241,6 +242,7 @@ def _seconds(value: float) -> str:
     return "0" if value < 0.01 else f"{value:.2g}" if value < 10 else f"{value:.0f}"
 
 
+@functools.lru_cache(maxsize=64)
 def _is_address(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

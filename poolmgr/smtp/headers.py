@@ -5,6 +5,7 @@ Exports: received, remove_fields, header_section, tag_subject, message_id.
 """
 
 import email.utils
+import functools
 import re
 import time
 
@@ -52,12 +53,17 @@ def header_section(data: bytes) -> bytes:
     return data if end < 0 else data[:end + 2]
 
 
+@functools.lru_cache(maxsize=16)
+def _fields(names: tuple[str, ...]) -> re.Pattern:
+    return re.compile(rb"(?im)^(?:" + b"|".join(re.escape(n.encode()) for n in names) +
+                      rb")[ \t]*:")
+
+
 def remove_fields(data: bytes, names: tuple[str, ...]) -> bytes:
     """`data` without any header field called one of `names` (any case, with its
     continuation lines), in one pass over the header; the body is never touched."""
     head = header_section(data)
-    field = re.compile(rb"(?im)^(?:" + b"|".join(re.escape(n.encode()) for n in names) +
-                       rb")[ \t]*:")
+    field = _fields(names)
     if not field.search(head):
         return data
     kept, dropping = [], False
