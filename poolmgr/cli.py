@@ -261,6 +261,10 @@ def cmd_bench(args) -> int:
     if args.nodes:
         plan.server["nodes"] = args.nodes
     out = Path(args.out or os.path.join("bench", "out", f"{plan.name}-{args.target}"))
+    if plan.kind == "source":  # the rounds against one target
+        run.compare(plan, [args.target], out)
+        print((out / "compare.md").read_text())
+        return 0
     f = run.run(plan, args.target, out)["figures"]
     print(f"poolmgr bench: {plan.name} against {args.target}: legitimate delivered "
           f"{f['legit_delivered_pct']}%, p99 {f['latency_p99_s']}s; bots shed before DATA "

@@ -41,6 +41,9 @@ def test_shipped_scenarios_load_and_are_bounded():
     assert names == ["burst", "flood", "replay", "smoke", "storm", "throughput", "wave"]
     for name in names:
         plan = scenario.load(str(Path(SMOKE).parent / f"{name}.toml"))
+        if plan.kind == "source":  # bounded by its messages
+            assert not plan.phases and plan.source["messages"] * plan.source["rounds"] <= 50_000
+            continue
         assert 0 < plan.duration + plan.drain <= 900, name
         assert all(p.rates for p in plan.phases) and bool(plan.phases) != bool(plan.arrivals)
 
@@ -82,6 +85,29 @@ def test_smoke_scenario_against_poolmgr(tmp_path, capsys):
         assert f"![{image}]({image})" in report
     assert "legitimate delivered 100.0%" in capsys.readouterr().out
     assert sys.modules.get("gevent") is None  # the harness never runs clients in-process
+
+
+def test_compare_of_a_source_scenario_takes_rounds_and_gives_poolmgr_s_ratios(tmp_path, capsys):
+    """smtp-source through poolmgr and aiosmtpd in turn, twice: each round's messages/second
+    and ratio in compare.md."""
+    plan = tmp_path / "tiny.toml"
+    plan.write_text('name = "tiny"\nkind = "source"\nsessions = 4\nmessages = 200\n'
+                    'size = "1k"\nrounds = 2\n')
+    out = tmp_path / "compare"
+    assert cli_main(["bench", "compare", str(plan), "--targets", "poolmgr,aiosmtpd",
+                     "--out", str(out)]) == 0
+    table = json.loads((out / "compare.json").read_text())
+    for target in ("poolmgr", "aiosmtpd"):
+        f = table[target]
+        assert f["all_arrived"] and len(f["messages_per_second_runs"]) == 2, target
+        assert f["messages_per_second"] == sum(f["messages_per_second_runs"]) / 2
+    ratios = [a / b for a, b in zip(table["poolmgr"]["messages_per_second_runs"],
+                                    table["aiosmtpd"]["messages_per_second_runs"])]
+    assert table["aiosmtpd"]["poolmgr_ratio_runs"] == [round(r, 3) for r in ratios]
+    assert table["poolmgr"]["poolmgr_ratio"] == 1.0
+    text = capsys.readouterr().out
+    assert "`smtp-source -s 4 -m 200 -l 1024` from 127.0.0.1, 2 rounds" in text
+    assert "| poolmgr / this target, median of the rounds' ratios | 1.00 | " in text
 
 
 def test_compare_smoke_against_postfix_and_aiosmtpd(tmp_path, capsys):
@@ -252,3 +278,14 @@ def test_the_plan_of_a_run_forecasts_the_next_run(tmp_path, capsys):
     # pools stay where they start; the forecast must say so.
     assert rows["smtp_workers"]["predicted"] == written["smtp"]["min_workers"], rows
     assert code == 0 and check["within_tolerance"], check
+
+
+def test_compare_md_gives_each_peer_s_figures_over_poolmgr_s(tmp_path):
+    from poolmgr.benchmark import report
+
+    plan = scenario.load(SMOKE)
+    table = {"poolmgr": {"latency_p99_s": 2.5, "pss_per_held_session_bytes": 4096},
+             "aiosmtpd": {"latency_p99_s": 5.0, "pss_per_held_session_bytes": 12288}}
+    report.compare_report(tmp_path, plan, table, ["poolmgr", "aiosmtpd"])
+    text = (tmp_path / "compare.md").read_text()
+    assert "| latency p99 s | 2.00 |" in text and "| PSS per held session KiB | 3.00 |" in text

@@ -247,6 +247,35 @@ COMPARE_ROWS = (("legitimate delivered %", "legit_delivered_pct", "{}"),
                 ("CPU seconds", "cpu_seconds", "{}"))
 
 
+RATIO_KEYS = ("legit_delivered_pct", "latency_p50_s", "latency_p99_s", "peak_sessions_held",
+              "rss_per_held_session_bytes", "pss_per_held_session_bytes", "cpu_seconds")
+
+
+def source_report(out: Path, scenario: Scenario, table: dict, targets: list[str]) -> None:
+    """compare.md and compare.json of a source scenario: messages/second by target, each
+    round, and poolmgr's ratio to each peer."""
+    s = scenario.source
+    rows = [("messages/second, median", lambda f: f"{f['messages_per_second']:.1f}"),
+            ("messages/second, each round",
+             lambda f: ", ".join(f"{r:.0f}" for r in f["messages_per_second_runs"])),
+            ("poolmgr / this target, median of the rounds' ratios",
+             lambda f: f"{f['poolmgr_ratio']:.2f}" if "poolmgr_ratio" in f else "-"),
+            ("poolmgr / this target, each round",
+             lambda f: ", ".join(f"{r:.2f}" for r in f.get("poolmgr_ratio_runs", [])) or "-"),
+            ("every message reached smtp-sink", lambda f: "yes" if f["all_arrived"] else "NO"),
+            ("CPU ms per message, median", lambda f: f"{f['cpu_ms_per_message']}"),
+            ("PSS after the run, MiB (median)", lambda f: f"{f['pss_after_mib']}")]
+    lines = [f"# poolmgr bench compare: {scenario.name}", "", scenario.description, "",
+             f"`smtp-source -s {s['sessions']} -m {s['messages']} -l {s['size']}` from "
+             f"127.0.0.1, {s['rounds']} rounds of every target in turn ({', '.join(targets)}), "
+             "each relaying to smtp-sink.", "",
+             "| figure | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+    lines += [f"| {label} | " + " | ".join(show(table[t]) for t in targets) + " |"
+              for label, show in rows]
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    (out / "compare.json").write_text(json.dumps(table, indent=1) + "\n")
+
+
 def compare_report(out: Path, scenario: Scenario, table: dict, targets: list[str]) -> None:
     """compare.md (one table), compare.json and compare.png for figures by target."""
 
@@ -264,6 +293,16 @@ def compare_report(out: Path, scenario: Scenario, table: dict, targets: list[str
              "| figure | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
     lines += [f"| {label} | " + " | ".join(cell(table[t], key, fmt) for t in targets) + " |"
               for label, key, fmt in COMPARE_ROWS]
+    if "poolmgr" in targets and len(targets) > 1:
+        peers = [t for t in targets if t != "poolmgr"]
+        lines += ["", "Each peer's figure over poolmgr's (above 1: the peer's is higher):", "",
+                  "| figure | " + " | ".join(peers) + " |", "|---|" + "---|" * len(peers)]
+        for label, key, _ in COMPARE_ROWS:
+            if key in RATIO_KEYS:
+                ours = table["poolmgr"].get(key)
+                lines.append(f"| {label} | " + " | ".join(
+                    f"{table[t][key] / ours:.2f}" if ours and table[t].get(key) is not None
+                    else "-" for t in peers) + " |")
     image = compare_plot(out, scenario.name, table, targets)
     lines += ["", f"![{image}]({image})", ""]
     lines += [f"Each target's report: [{t}]({t}/report.md)" for t in targets]

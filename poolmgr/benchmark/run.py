@@ -22,7 +22,8 @@ from collections import Counter
 from pathlib import Path
 
 from . import load as loadgen
-from .report import compare_report, figures, plots, reaction, report
+from . import source
+from .report import compare_report, figures, plots, reaction, report, source_report
 from .scenario import Scenario
 from .targets import TARGETS, settled, started, tree_usage
 
@@ -111,6 +112,11 @@ def compare(scenario: Scenario, targets: list[str], out: Path) -> dict:
     if unknown:
         raise SystemExit(f"poolmgr bench: unknown target(s) {', '.join(unknown)}; "
                          f"known: {', '.join(TARGETS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    if scenario.kind == "source":
+        table = source.rounds(scenario, targets, out)
+        source_report(out, scenario, table, targets)
+        return table
     results = {t: run(scenario, t, out / t) for t in targets}
     table = {t: r["figures"] for t, r in results.items()}
     compare_report(out, scenario, table, targets)

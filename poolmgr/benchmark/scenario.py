@@ -39,6 +39,16 @@ a message; a nuisance one behaves as the profile its reason names (`REPLAY_PROFI
 talks first, dnsbl comes from a listed address, a rejected recipient is a dictionary attack,
 anything else connects and holds, silent, for as long as the session lasted).
 
+A source scenario (`kind = "source"`) measures the mail path's throughput with Postfix's own
+load tool as the client (C, not Python), each target at its [server] sizes (poolmgr's
+defaults unless given), relaying to smtp-sink (`benchmark.source`):
+
+    kind = "source"
+    sessions = 20              # smtp-source -s: sessions at once
+    messages = 5000            # smtp-source -m: messages per round
+    size = "1k"                # smtp-source -l: message size
+    rounds = 5                 # bench compare: rounds of every target in turn (median)
+
 Every duration and count is bounded, so a run stops by itself.
 
 Exports: Scenario, Phase, PROFILES, load, ScenarioError, replay_profile, pool_sizes.
@@ -114,6 +124,8 @@ class Scenario:
     kind: str = "phases"
     # replay: [offset s, profile, hold s] per client, by offset
     arrivals: list[list] = field(default_factory=list)
+    # source: smtp-source's sessions, messages, size, and the rounds of a compare
+    source: dict[str, int] = field(default_factory=dict)
 
     @property
     def duration(self) -> float:
@@ -136,7 +148,7 @@ class Scenario:
                 "server": self.server,
                 "phases": [{"name": p.name, "duration": p.duration, "rates": p.rates}
                            for p in self.phases],
-                "arrivals": self.arrivals, "profiles": self.profiles}
+                "arrivals": self.arrivals, "source": self.source, "profiles": self.profiles}
 
 
 SERVER_DEFAULTS = {"smtp_workers": 2, "smtp_max_workers": 8, "scanner_workers": 2,
@@ -159,11 +171,13 @@ def from_dict(data: dict, path: str = "") -> Scenario:
         raise ScenarioError(f"{where}: {message}")
 
     kind = data.get("kind", "phases")
-    if kind not in ("phases", "replay"):
-        fail(f"kind: {kind!r}: known kinds are phases, replay")
-    phases, arrivals = [], []
+    if kind not in ("phases", "replay", "source"):
+        fail(f"kind: {kind!r}: known kinds are phases, replay, source")
+    phases, arrivals, source = [], [], {}
     if kind == "replay":
         arrivals = replay(data, path, fail)
+    elif kind == "source":
+        source = source_settings(data, fail)
     for n, phase in enumerate(data.get("phases") or [], 1):
         rates = phase.get("rates") or {}
         unknown = sorted(set(rates) - set(PROFILES))
@@ -182,6 +196,8 @@ def from_dict(data: dict, path: str = "") -> Scenario:
                             {k: float(v) for k, v in rates.items()}))
     if kind == "phases" and not phases:
         fail("no [[phases]]")
+    if kind == "source" and phases:
+        fail("a source scenario has no [[phases]]")
     if kind == "replay" and (phases or not arrivals):
         fail("a replay has no [[phases]]" if phases else "the mail log holds no sessions")
     profiles = {}
@@ -216,7 +232,27 @@ def from_dict(data: dict, path: str = "") -> Scenario:
                                   max((a[2] for a in arrivals), default=0.0) + 20)
     return Scenario(str(data.get("name", "scenario")), str(data.get("description", "")),
                     phases, profiles, server, processes, parse_duration(drain), path, data,
-                    kind, arrivals)
+                    kind, arrivals, source)
+
+
+# A source scenario's keys: (default, least, most)
+SOURCE_KEYS = {"sessions": (20, 1, 1000), "messages": (5000, 1, 1_000_000),
+               "size": (1024, 0, 10_000_000), "rounds": (5, 1, 50)}
+
+
+def source_settings(data: dict, fail) -> dict[str, int]:
+    """smtp-source's settings of a source scenario, each within its bounds."""
+    settings = {}
+    for key, (default, least, most) in SOURCE_KEYS.items():
+        value = data.get(key, default)
+        try:
+            value = parse_size(value) if key == "size" else int(value)
+        except (TypeError, ValueError):
+            fail(f"{key}: {value!r} is not a number")
+        if not least <= value <= most:
+            fail(f"{key}: {value} is not within {least}..{most}")
+        settings[key] = value
+    return settings
 
 
 def replay(data: dict, path: str, fail) -> list[list]:

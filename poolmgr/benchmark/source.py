@@ -8,11 +8,16 @@ mail path's, not the defences'. Figures: messages/second over smtp-source's run,
 smtp-source saw (its exit status), what the target accepted (poolmgr's counters), what reached
 smtp-sink, and the tree's memory at rest and after, written to OUT/result.json.
 
-Exports: source.
+`rounds` runs it for each target in turn, round after round (a noisy machine shows in the
+spread, and each round's ratio is measured under the same conditions), for `bench run` and
+`bench compare` of a source scenario (`kind = "source"`, bench/scenarios/throughput.toml).
+
+Exports: source, rounds.
 """
 
 import json
 import shutil
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -24,13 +29,16 @@ from .targets import settled, started, tree_usage
 RECIPIENT = "bob@example.test"
 
 
-def source(target_name: str, sessions: int, messages: int, size: int, out: Path) -> dict:
-    """Run smtp-source against the target; returns the figures (also in OUT/result.json)."""
+def source(target_name: str, sessions: int, messages: int, size: int, out: Path,
+           server: dict | None = None) -> dict:
+    """Run smtp-source against the target (poolmgr at `server` sizes, default
+    SERVER_DEFAULTS); returns the figures (also in OUT/result.json)."""
     command = [shutil.which("smtp-source") or "/usr/sbin/smtp-source", "-s", str(sessions),
                "-m", str(messages), "-c", "-M", HELO, "-f", "bench@example.org", "-t", RECIPIENT]
     if size:
         command += ["-l", str(size)]
-    with started(target_name, SERVER_DEFAULTS, [RECIPIENT]) as (target, sink, dns, work):
+    with started(target_name, server or SERVER_DEFAULTS, [RECIPIENT]) as (target, sink, dns,
+                                                                       work):
         time.sleep(2)  # let the workers settle before measuring memory at rest
         rest_rss, rest_pss, cpu_before = tree_usage(target.pid)
         begun = time.monotonic()
@@ -54,3 +62,34 @@ def source(target_name: str, sessions: int, messages: int, size: int, out: Path)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
+
+
+def rounds(scenario, targets: list[str], out: Path) -> dict:
+    """A source scenario: every target in turn, `rounds` times; per target its runs and the
+    median, and for poolmgr against each peer the ratio of each round and their median."""
+    settings = scenario.source
+    runs: dict[str, list[dict]] = {t: [] for t in targets}
+    for number in range(1, settings["rounds"] + 1):
+        for target in targets:
+            runs[target].append(source(target, settings["sessions"], settings["messages"],
+                                       settings["size"], out / target / f"round{number}",
+                                       scenario.server))
+    table = {}
+    for target, results in runs.items():
+        rates = [r["messages_per_second"] for r in results]
+        table[target] = {
+            "messages_per_second": statistics.median(rates),
+            "messages_per_second_runs": rates,
+            "all_arrived": all(r["arrived_at_sink"] == r["messages"] and
+                               r["smtp_source_exit"] == 0 for r in results),
+            "cpu_seconds": statistics.median(r["cpu_seconds"] for r in results),
+            "cpu_ms_per_message": round(1000 * statistics.median(
+                r["cpu_seconds"] / r["messages"] for r in results), 3),
+            "pss_after_mib": statistics.median(r["pss_after_mib"] for r in results)}
+    if "poolmgr" in runs:
+        ours = [r["messages_per_second"] for r in runs["poolmgr"]]
+        for target, results in runs.items():
+            ratios = [round(a / r["messages_per_second"], 3) for a, r in zip(ours, results)]
+            table[target]["poolmgr_ratio_runs"] = ratios
+            table[target]["poolmgr_ratio"] = round(statistics.median(ratios), 3)
+    return table
