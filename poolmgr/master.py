@@ -81,6 +81,15 @@ def scanner_addresses(cfg: Config) -> list[tuple[str, int]]:
     return [cfg.scanner.listen] + [bank["listen"] for bank in cfg.scanner.policy]
 
 
+def preload(cfg) -> None:
+    """Import in the master what every SMTP worker would import for itself after its fork:
+    shared then, page for page, by all of them. dnspython (the DNSBL client) costs each
+    worker nearly 7 MiB; it looks up `socket` and `selectors` when it is called, so gevent's
+    monkey-patching in the worker still reaches it. gevent itself is never imported here."""
+    if cfg.defence.dnsbl_sites:
+        import dns.resolver  # noqa: F401
+
+
 class Master:
     def __init__(self, cfg: Config, config_path: str | None):
         self.cfg = cfg
@@ -133,6 +142,7 @@ class Master:
             raise SystemExit(f"fatal: [master] user {ids.user}: poolmgr must be started as "
                              f"root to run its workers as another user")
         self.hand_over_files(cfg)
+        preload(cfg)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

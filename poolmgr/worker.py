@@ -16,6 +16,7 @@ Exports: WorkerProcess, WorkerContext, Limits, limits_for, child_after_fork, set
 DRAIN_IDLE_GRACE, MASTER_SIGNALS.
 """
 
+import gc
 import os
 import signal
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ _early: list[int] = []
 
 
 def child_after_fork(close_fds: list[int]) -> None:
+    # What came from the master stays out of this process's garbage collections: a
+    # collection would write to every object it walks, and copy the master's pages.
+    gc.freeze()
     signal.set_wakeup_fd(-1)
     for sig in MASTER_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
