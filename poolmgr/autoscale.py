@@ -10,11 +10,12 @@ SMTP pool, by storm phase:
   `storm_nuisance_ratio`, or at once, whatever the nuisance, when the pool's session slots
   would be gone within `lead_time` at the rate the live sessions grow (`ahead` >= 1; the net
   growth, so that many short sessions, a busy but calm hour, do not count);
-- storm: while pressure or `ahead` stays at or above `storm_enter_occupancy` the pool grows
-  by `step` workers per interval (twice that while the accept queue keeps growing), or by as
-  many as `ahead` needs to fall back under `storm_enter_occupancy`, up to its ceiling. So the
-  pool has free slots before its workers are full, and a flood does not wait in the accept
-  queue while the pool grows one worker at a time. At
+- storm: while pressure stays at or above `storm_enter_occupancy` the pool grows by `step`
+  workers per interval (twice that while the accept queue keeps growing), and while `ahead`
+  is 1 or more by as many as the sessions expected within `lead_time` need, up to its
+  ceiling. So the pool has free slots before its workers are full, a flood does not wait in
+  the accept queue while the pool grows one worker at a time, and no more workers start than
+  the sessions will fill (each costs its own memory). At
   the ceiling stress mode is asked for, and given back once pressure falls under
   `storm_exit_occupancy`. Pressure under `storm_exit_occupancy` for `cooldown` ends the storm;
 - retreat: one worker is retired per interval (the master retires the oldest), none sooner than
@@ -105,7 +106,7 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
            f"nuisance {nuisance:.2f}")
     if snap.growth > 0:
         why += f", sessions +{snap.growth:.0f}/s (ahead {ahead:.2f})"
-    hot = max(pressure, ahead) >= cfg.storm_enter_occupancy
+    hot = pressure >= cfg.storm_enter_occupancy or ahead >= 1
     quiet = max(pressure, ahead) < cfg.storm_exit_occupancy
 
     # -- storm phases
@@ -122,9 +123,11 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
     # -- SMTP pool
     old_smtp = smtp
     if phase == STORM and hot and smtp < snap.smtp_ceiling:
-        step = cfg.step * (2 if snap.accept_queue > state.last_accept_queue > 0 else 1)
-        if ahead >= cfg.storm_enter_occupancy:  # enough workers to bring `ahead` back under
-            step = max(step, math.ceil(smtp * ahead / cfg.storm_enter_occupancy) - smtp)
+        step = 0
+        if pressure >= cfg.storm_enter_occupancy:
+            step = cfg.step * (2 if snap.accept_queue > state.last_accept_queue > 0 else 1)
+        if ahead >= 1:  # room for the sessions lead_time brings
+            step = max(step, 1, math.ceil(smtp * ahead) - smtp)
         smtp = min(snap.smtp_ceiling, smtp + step)
         decisions.append(f"smtp {old_smtp} -> {smtp}: {why}")
     elif phase == RETREAT:

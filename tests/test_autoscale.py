@@ -229,8 +229,8 @@ def test_a_flood_is_met_ahead_of_time_several_workers_at_once_whatever_the_nuisa
     assert run.state.phase == STORM and run.smtp >= 6 and max(grown) == 1
     snap = Snapshot(run.now + 1, 2, 2, 2, 8, 2, 4, sessions=2000, slots=2 * per_worker,
                     growth=1000, per_worker=per_worker)
-    assert decide(snap, State(), CFG)[0] == 4  # (2,000 + 10,000) / 5,000 / 0.75 -> 3.2
-    assert decide(replace(snap, growth=3000), State(), CFG)[0] == 8  # 8.5, the ceiling
+    assert decide(snap, State(), CFG)[0] == 3  # (2,000 + 10,000) / 5,000 -> 2.4
+    assert decide(replace(snap, growth=3000), State(), CFG)[0] == 7  # (2,000 + 30,000) / 5,000
 
 
 def test_the_same_arrivals_into_a_roomy_pool_change_nothing():
