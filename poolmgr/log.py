@@ -97,6 +97,11 @@ class _Quiet:
     def handleError(self, record: logging.LogRecord) -> None:
         pass  # logging must never take a worker down
 
+    def createLock(self) -> None:
+        # No lock around emit: a line is one write(2) (or one datagram), which greenlets do
+        # not interleave, and after gevent's monkey-patching each acquire went through it.
+        self.lock = None
+
 
 class _Stderr(_Quiet, logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
