@@ -21,9 +21,9 @@ from ..defence.networks import plain_ip
 from . import replies as R
 from .conn import Conn, Disconnected, LineTooLong, Timeout
 from .park import Parked
+from .parse import PathError, new_queue_id, parse_path
 
 PARK_AFTER = 1.0  # seconds a session that has sent a command waits before it is parked
-from .parse import PathError, new_queue_id, parse_path
 
 
 class Drain(Exception):
