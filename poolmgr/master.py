@@ -113,7 +113,7 @@ class Master:
         self.scaler = autoscale.State()
         self.scaled_at = 0.0
         self.phase_since = time.time()  # wall clock: when the storm phase last changed
-        self.handoff_mark: tuple = (0, 0, 0)  # hand-offs, their wait (ms), sessions, when
+        self.snapshot_mark: tuple = (0, 0, 0, None)  # hand-offs, their wait (ms), sessions, when
         self.decisions: collections.deque = collections.deque(maxlen=20)
         self.last_snapshot: autoscale.Snapshot | None = None
         self.decision_count = 0
@@ -706,7 +706,7 @@ class Master:
         if not self.autoscale_on or now - self.scaled_at < self.cfg.autoscale.interval:
             return
         self.scaled_at = now
-        snap, self.handoff_mark = status.snapshot(self, now, self.handoff_mark)
+        snap, self.snapshot_mark = status.snapshot(self, now, self.snapshot_mark)
         self.last_snapshot = snap
         before = self.scaler
         smtp, scanner, self.scaler, decisions = autoscale.decide(snap, before, self.cfg.autoscale)

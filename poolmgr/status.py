@@ -330,7 +330,7 @@ def snapshot(master, now: float, mark: tuple) -> tuple[autoscale.Snapshot, tuple
     counters = pool_counters(master, smtp)
     handoffs, wait_ms = counters.get("handoffs", 0), counters.get("handoff_wait_ms", 0)
     done = handoffs - mark[0]
-    elapsed = now - mark[3] if len(mark) > 3 else 0.0
+    elapsed = now - mark[3] if mark[3] is not None else 0.0
     queued, limit = accept_queue(master.sockets["smtp"], master.cfg.smtp.listen_backlog)
     snap = autoscale.Snapshot(
         now=now, smtp=smtp.target, scanner=scanner.target, smtp_floor=smtp.floor,
