@@ -1,4 +1,4 @@
-"""The scanner pool on its own: LMTP both ways, recycling, access control, XFORWARD."""
+"""The scanner pool on its own: LMTP both ways, recycling, access control, XFORWARD, BDAT."""
 
 import re
 import smtplib
@@ -115,6 +115,48 @@ def test_xforward_names_the_real_client(make_poolmgr):
     assert "ABCDEF1234: client=spike.example[192.0.2.55]" in pm.log()
 
 
+def test_bdat_chunks_make_one_message_and_a_refused_chunk_is_never_run(make_poolmgr):
+    """CHUNKING (RFC 3030), which the SMTP pool's hand-off uses: chunks are taken as octets,
+    also when the command is refused, so a chunk that looks like commands is never run."""
+    pm = make_poolmgr()
+    raw = Raw(pm.scanner_port)
+    raw.reply()
+    raw.send(b"EHLO mx.test\r\n")
+    assert "250-CHUNKING" in raw.reply()[1]
+    smuggled = b"QUIT\r\nMAIL FROM:<x@evil.example>\r\n"
+    raw.send(b"BDAT %d\r\n" % len(smuggled) + smuggled + b"NOOP\r\n")
+    assert raw.reply()[1] == ["503 5.5.1 Error: need MAIL command"]
+    assert raw.reply()[0] == 250  # the NOOP: the chunk's QUIT and MAIL were not run
+    first, last = b"Subject: chunks\r\n\r\n.leading dot kept\r\n", b"end\r\n"
+    raw.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\n"
+             b"BDAT %d\r\n%sBDAT %d LAST\r\n%s" % (len(first), first, len(last), last))
+    assert [raw.reply()[0] for _ in range(3)] == [250, 250, 250]
+    assert raw.reply()[0] == 250
+    (delivered,) = pm.delivered()
+    assert delivered.endswith(first + last) and b"X-Poolmgr-Scan: clean" in delivered
+    bare = b"Subject: bare\n\nx\r\n"
+    raw.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nBDAT 1\r\nxDATA\r\n"
+             b"BDAT %d LAST\r\n%s" % (len(bare), bare))
+    assert [raw.reply()[0] for _ in range(3)] == [250, 250, 250]
+    assert raw.reply()[1] == ["503 5.5.1 Error: mixing BDAT and DATA in one transaction"]
+    assert raw.reply()[1] == ["550 5.5.2 Error: bare <LF> received"]
+    assert len(pm.delivered()) == 1
+    raw.send(b"BDAT ten LAST\r\n")
+    assert raw.reply()[1] == ["501 5.5.4 Syntax: BDAT count [LAST]"]
+    assert raw.closed()
+    wait_until(lambda: "mail=2 rcpt=2 data=0/1 bdat=3/6 noop=1 commands=" in pm.log(), what="disconnect line")
+
+
+def test_the_hand_off_to_the_scanner_pool_is_one_bdat(make_poolmgr):
+    pm = make_poolmgr()
+    with pm.smtp() as client:
+        assert client.sendmail("a@example.org", ["bob@example.test"], message("chunked")) == {}
+    assert b"Subject: chunked" in pm.delivered()[0]
+    pm.stop()
+    assert re.search(r"poolmgr/scanner\[\d+\]: disconnect from unknown\[127\.0\.0\.1\] ehlo=1 "
+                     r"xforward=1 mail=1 rcpt=1 bdat=1 quit=1 commands=6", pm.log())
+
+
 def test_scanner_refuses_clients_outside_inet_acl(make_poolmgr):
     pm = make_poolmgr({"scanner": {"inet_acl": ["127.0.0.1/32"]}})
     raw = Raw(pm.scanner_port, source="127.0.0.9")
@@ -158,7 +200,7 @@ def test_help_lists_each_listeners_own_commands(make_poolmgr):
     pm = make_poolmgr()
     for port, expected in (
             (pm.scanner_port, "214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY "
-                              "HELP LHLO XFORWARD"),
+                              "HELP BDAT LHLO XFORWARD"),
             (pm.smtp_port, "214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY "
                            "HELP")):
         raw = Raw(port)

@@ -49,7 +49,7 @@ class ScannerSession(ServerSession):
 
     def extensions(self):
         return ["PIPELINING", f"SIZE {self.service.limits.message_size_limit}",
-                "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8",
+                "ENHANCEDSTATUSCODES", "8BITMIME", "CHUNKING", "SMTPUTF8",
                 "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE"]
 
     def after_command(self) -> None:
@@ -57,7 +57,7 @@ class ScannerSession(ServerSession):
         connection cache) is let go at once (421) when this worker is done (scanner.max_requests)
         or when another connection waits for a scanner worker: every other one is busy then."""
         service = self.service
-        if self.closing or self.env is not None or self.last_cmd != "DATA":
+        if self.closing or self.env is not None or self.last_cmd not in ("DATA", "BDAT"):
             return
         if service.messages >= service.cfg.scanner.max_requests:
             reply = R.R421_SHUTDOWN.format(host=service.hostname)
@@ -233,6 +233,8 @@ ScannerSession.commands = {
     **BASE_COMMANDS,
     "LHLO": Command(ScannerSession.do_lhlo, "lhlo"),
     "XFORWARD": Command(ScannerSession.do_xforward, "xforward", needs_helo=True),
+    # BDAT answers 503 itself before HELO/MAIL: its chunk must be read either way.
+    "BDAT": Command(ScannerSession.do_bdat, "bdat"),
 }
 
 

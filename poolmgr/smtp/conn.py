@@ -17,7 +17,7 @@ timeout and each receive of N bytes adds N / `min_data_rate` seconds, never past
 from now, so a client must keep an average of `min_data_rate` bytes/s. A `Timeout` that only
 these deadlines caused (the peer was still sending) says `slow`.
 
-Exports: Conn, Timeout, Disconnected, LineTooLong, DataResult.
+Exports: Conn, Timeout, Disconnected, LineTooLong, DataResult, malformed.
 """
 
 import re
@@ -51,6 +51,17 @@ class DataResult(NamedTuple):
     data: bytes | None  # unstuffed message, None when too big or malformed
     size: int           # bytes received, up to the final dot
     problem: str        # "", "too_big", "bare_lf", "bare_cr", "nul"
+
+
+def malformed(data: bytes) -> str:
+    """What makes message data unfit to pass on: "bare_lf", "bare_cr", "nul", or ""."""
+    if _BARE_LF.search(data):
+        return "bare_lf"
+    if _BARE_CR.search(data):
+        return "bare_cr"
+    if b"\0" in data:  # "\r\n\0.\r\n" ends a message for a next hop that strips NULs
+        return "nul"
+    return ""
 
 
 class Conn:
@@ -201,15 +212,31 @@ class Conn:
         if size > size_limit:
             return DataResult(None, size, "too_big")
         data = bytes(buf[2:end + 2])
-        if _BARE_LF.search(data):
-            return DataResult(None, size, "bare_lf")
-        if _BARE_CR.search(data):
-            return DataResult(None, size, "bare_cr")
-        if b"\0" in data:  # "\r\n\0.\r\n" ends a message for a next hop that strips NULs
-            return DataResult(None, size, "nul")
+        problem = malformed(data)
+        if problem:
+            return DataResult(None, size, problem)
         if data.startswith(b"."):
             data = data[1:]
         return DataResult(data.replace(b"\r\n.", b"\r\n"), size, "")
+
+    def read_chunk(self, size: int, keep: bool) -> bytes | None:
+        """The next `size` octets, as they are (a BDAT chunk, RFC 3030); read and dropped
+        (None) unless `keep`, so that a refused chunk is never taken for commands."""
+        rate = self.min_data_rate if self.per_record else 0
+        deadline = time.monotonic() + self.timeout if rate else 0.0
+        parts, need = [], size
+        data, self.buf = self.buf[:need], self.buf[need:]
+        while True:
+            need -= len(data)
+            if keep:
+                parts.append(data)
+            if need <= 0:
+                return b"".join(parts) if keep else None
+            data = self._recv(deadline, True)
+            if len(data) > need:
+                data, self.buf = data[:need], data[need:]
+            if rate:
+                deadline = min(deadline + len(data) / rate, time.monotonic() + self.timeout)
 
     def send_data(self, data: bytes, block_timeout: float) -> None:
         """Dot-stuff and send a message, then the final dot (client side)."""

@@ -221,7 +221,8 @@ class FrontSession(ServerSession):
                 raise relay.RelayError("waiting for a scanner", f"none free in {limit:g}s")
             try:
                 replies = relay.send(hop, outgoing, helo=service.hostname, timeouts=timeouts,
-                                     deadline=started + limit, cache=service.relay_cache)
+                                     deadline=started + limit, cache=service.relay_cache,
+                                     chunking=True)
             finally:
                 if gate is not None:
                     gate.leave()

@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 
 from ..defence.networks import plain_ip
 from . import replies as R
-from .conn import Conn, Disconnected, LineTooLong, Timeout
+from .conn import Conn, Disconnected, LineTooLong, Timeout, malformed
 from .park import Parked
 from .parse import PathError, new_queue_id, parse_path
 
@@ -46,7 +46,7 @@ class Refused(Exception):
 class Envelope:
     """One mail transaction (RFC 5321 section 3.3)."""
 
-    __slots__ = ("mail_from", "rcpts", "queue_id", "smtputf8", "body_8bit")
+    __slots__ = ("mail_from", "rcpts", "queue_id", "smtputf8", "body_8bit", "chunks")
 
     def __init__(self, mail_from: str, smtputf8: bool, body_8bit: bool):
         self.mail_from = mail_from
@@ -54,6 +54,7 @@ class Envelope:
         self.queue_id = ""
         self.smtputf8 = smtputf8
         self.body_8bit = body_8bit
+        self.chunks: list[bytes] | None = None  # BDAT chunks so far (RFC 3030)
 
 
 class Command(NamedTuple):
@@ -69,8 +70,8 @@ class Command(NamedTuple):
 
 
 # Order of the counters in the disconnect line, as Postfix's smtpd prints them.
-STAT_ORDER = ("helo", "ehlo", "lhlo", "xforward", "starttls", "mail", "rcpt", "data", "rset",
-              "noop", "vrfy", "help", "quit", "unknown")
+STAT_ORDER = ("helo", "ehlo", "lhlo", "xforward", "starttls", "mail", "rcpt", "data", "bdat",
+              "rset", "noop", "vrfy", "help", "quit", "unknown")
 
 
 class ServerSession:
@@ -387,16 +388,50 @@ class ServerSession:
             raise Refused(R.R503_NEED_MAIL)
         if not env.rcpts:
             raise Refused(R.R503_NEED_RCPT)
+        if env.chunks is not None:
+            raise Refused(R.R503_DATA_AND_BDAT)
         self.reply(R.R354_DATA)
         result = self.conn.read_data(self.service.limits.message_size_limit)
-        if result.problem:
+        return self._end_of_message(env, result.data, result.problem)
+
+    def do_bdat(self, arg: str) -> bool:
+        """BDAT SIZE [LAST] (RFC 3030 CHUNKING), where CHUNKING is offered. The chunk is read
+        whether the command is accepted or not, so its octets are never taken for commands;
+        a size that cannot be read leaves no way to find the next command: 501 and close."""
+        words = arg.split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or len(words[0]) > 15 or \
+                (len(words) == 2 and words[1].upper() != "LAST"):
+            self.closing, self.ended = True, "error"
+            raise Refused(R.R501_BDAT_SYNTAX)
+        size, last, env = int(words[0]), len(words) == 2, self.env
+        refusal = R.R503_NEED_MAIL if env is None else R.R503_NEED_RCPT if not env.rcpts \
+            else None
+        limit = self.service.limits.message_size_limit
+        if refusal is None and env.chunks is None:
+            env.chunks = []
+        held = sum(map(len, env.chunks)) if refusal is None else 0
+        chunk = self.conn.read_chunk(size, keep=refusal is None and held + size <= limit)
+        if refusal is not None:
+            raise Refused(refusal)
+        if chunk is None:
+            return self._end_of_message(env, None, "too_big")
+        env.chunks.append(chunk)
+        if not last:
+            self.reply(R.R250_CHUNK.format(size=size))
+            return True
+        data = b"".join(env.chunks)
+        return self._end_of_message(env, data, malformed(data))
+
+    def _end_of_message(self, env: Envelope, data: bytes | None, problem: str) -> bool:
+        """The message is in (or refused for `problem`): deliver it and answer."""
+        if problem:
             refusal = {"too_big": R.R552_MESSAGE_TOO_BIG, "bare_lf": R.R550_BARE_LF,
-                       "bare_cr": R.R550_BARE_CR, "nul": R.R550_NUL}[result.problem]
+                       "bare_cr": R.R550_BARE_CR, "nul": R.R550_NUL}[problem]
             self.log_reject("END-OF-MESSAGE", refusal)
             self.env = None
             self.reply(refusal)
             return False
-        outcome = self.deliver(env, result.data)
+        outcome = self.deliver(env, data)
         self.env = None
         if self.proto == "LMTP":
             for reply in outcome:

@@ -241,26 +241,28 @@ def fold(data: bytes) -> bytes:
 
 
 def send(hop: NextHop, msg: Outgoing, *, helo: str, timeouts, deadline: float,
-         cache: Cache | None = None) -> list[Reply]:
-    """Deliver `msg` to `hop`; one final Reply per recipient, in order."""
+         cache: Cache | None = None, chunking: bool = False) -> list[Reply]:
+    """Deliver `msg` to `hop`; one final Reply per recipient, in order. `chunking`: where an
+    SMTP server offers CHUNKING and PIPELINING, the whole transaction is one write with the
+    message in one `BDAT n LAST` (RFC 3030): no dot-stuffing, and one round trip less."""
     if _LONG_LINE.search(msg.data):
         msg = replace(msg, data=fold(msg.data))
     link = cache.take(hop) if cache is not None else None
     if link is not None:
         try:
-            return _send_on(link, msg, timeouts, deadline, cache, reused=True)
+            return _send_on(link, msg, timeouts, deadline, cache, True, chunking)
         except _Stale:
             pass  # the server closed it while it sat in the cache: nothing was sent
     return _send_on(_open(hop, helo, timeouts, deadline), msg, timeouts, deadline, cache,
-                    reused=False)
+                    False, chunking)
 
 
 def _send_on(link: _Link, msg: Outgoing, timeouts, deadline: float, cache: Cache | None,
-             reused: bool) -> list[Reply]:
+             reused: bool, chunking: bool) -> list[Reply]:
     clean = False
     try:
         with _network_errors():
-            finals, clean = _transaction(link, msg, timeouts, deadline, reused)
+            finals, clean = _transaction(link, msg, timeouts, deadline, reused, chunking)
         return finals
     finally:
         if clean and cache is not None:
@@ -271,11 +273,12 @@ def _send_on(link: _Link, msg: Outgoing, timeouts, deadline: float, cache: Cache
             link.conn.close()
 
 
-def _transaction(link: _Link, msg: Outgoing, timeouts, deadline: float,
-                 reused: bool) -> tuple[list[Reply], bool]:
+def _transaction(link: _Link, msg: Outgoing, timeouts, deadline: float, reused: bool,
+                 chunking: bool) -> tuple[list[Reply], bool]:
     """One mail transaction; the replies, and whether the connection may carry another."""
     conn, extensions = link.conn, link.extensions
     lmtp = link.hop.kind == "lmtp"
+    chunking = chunking and not lmtp and "CHUNKING" in extensions and "PIPELINING" in extensions
     # Send only the attributes the server named: an unknown one would get 501 (XFORWARD_README).
     xforward = {key: value or "[UNAVAILABLE]" for key, value in msg.xforward.items()
                 if key in extensions.get("XFORWARD", ())}
@@ -290,7 +293,13 @@ def _transaction(link: _Link, msg: Outgoing, timeouts, deadline: float,
     steps = [(line, timeouts.mail) for line in _xforward_lines(xforward)] if xforward else []
     steps.append((f"MAIL FROM:<{msg.mail_from}>{params}", timeouts.mail))
     steps += [(f"RCPT TO:<{rcpt}>", timeouts.rcpt) for rcpt in msg.rcpts]
-    steps.append(("DATA", timeouts.data_init))
+    data = msg.data
+    if chunking:
+        if data and not data.endswith(b"\r\n"):
+            data += b"\r\n"
+        steps.append((f"BDAT {len(data)} LAST", timeouts.data_done))
+    else:
+        steps.append(("DATA", timeouts.data_init))
     results: list[Reply] = []
 
     def read(timeout: float) -> Reply:
@@ -309,6 +318,8 @@ def _transaction(link: _Link, msg: Outgoing, timeouts, deadline: float,
     if "PIPELINING" in extensions:
         for line, _ in steps:
             _command(conn, line)
+        if chunking:
+            conn.write(data)
         for _, timeout in steps:
             read(timeout)
     else:
@@ -325,6 +336,8 @@ def _transaction(link: _Link, msg: Outgoing, timeouts, deadline: float,
     if not mail_reply.ok:
         return [mail_reply] * len(msg.rcpts), False
     rcpt_replies, data_reply = results[1:1 + len(msg.rcpts)], results[-1]
+    if chunking:  # the BDAT LAST reply is the final one for every accepted recipient
+        return [data_reply if r.ok else r for r in rcpt_replies], any(r.ok for r in rcpt_replies)
     if data_reply.code != 354:
         return [r if not r.ok else data_reply for r in rcpt_replies], False
     accepted = [i for i, r in enumerate(rcpt_replies) if r.ok]
