@@ -53,6 +53,8 @@ def in_networks(address: str, networks) -> bool:
 
 def plain_ip(address: str) -> str:
     """'::ffff:192.0.2.1' -> '192.0.2.1'; any other address (or non-address) unchanged."""
+    if ":" not in address:
+        return address  # IPv4 (every connection of an IPv4 listener): nothing to map
     try:
         mapped = getattr(ipaddress.ip_address(address), "ipv4_mapped", None)
     except ValueError:

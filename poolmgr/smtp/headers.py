@@ -42,6 +42,8 @@ def _date() -> str:
 def _printable(text: str, limit: int = HELO_MAX) -> str:
     """Client text fit for a header: printable ASCII, at most `limit` characters, so the
     header line stays within RFC 5322's 998 octets whatever the client sent."""
+    if text.isascii() and text.isprintable() and " " not in text:
+        return text[:limit]
     return "".join(c if " " < c < "\x7f" else "?" for c in text[:limit])
 
 

@@ -86,8 +86,13 @@ def xtext_encode(value: str) -> str:
     return "".join(out)
 
 
+_XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
+
+
 def xtext_decode(value: str) -> str:
-    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
+    if "+" not in value:
+        return value
+    return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
 
 
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")

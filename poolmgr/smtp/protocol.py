@@ -24,6 +24,9 @@ from .park import Parked
 from .parse import PathError, new_queue_id, parse_path
 
 PARK_AFTER = 1.0  # seconds a session that has sent a command waits before it is parked
+# ... and one that has sent none yet: a client's first command comes a round trip after the
+# banner, and a bot's never does (so its wait stays short).
+PARK_BEFORE_FIRST = 0.2
 
 
 class Drain(Exception):
@@ -152,11 +155,12 @@ class ServerSession:
             if parking is not None and not conn.buf and not self.tls:
                 conn.flush()
                 # A client that talks is answered at once; parking between its commands
-                # would cost more than it saves. It is parked once it falls quiet.
-                talked = self.stats is not None
-                if not (talked and conn.wait_input(min(PARK_AFTER, conn.timeout))):
-                    parking.park(self, conn.timeout - PARK_AFTER * talked, self.unparked,
-                                 self.expired)
+                # would cost more than it saves (a new greenlet on waking). It is parked once
+                # it falls quiet.
+                wait = min(PARK_AFTER if self.stats is not None else PARK_BEFORE_FIRST,
+                           conn.timeout)
+                if not conn.wait_input(wait):
+                    parking.park(self, conn.timeout - wait, self.unparked, self.expired)
             try:
                 line = conn.readline(limit)
             except LineTooLong:
