@@ -56,6 +56,7 @@ class Snapshot:
     nuisance_ratio: float = 0.0
     scanner_busy: int = 0     # scanner workers busy with a message now
     handoff_wait: float = 0.0  # mean hand-off wait over the last interval, seconds
+    handoff_queue: float = 0.0  # mean hand-offs waiting for a scanner worker, same interval
     growth: float = 0.0       # live SMTP sessions gained per second over the last interval
     per_worker: int = 0       # session slots of one SMTP worker (max_sessions_per_worker)
 
@@ -151,15 +152,17 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
         decisions.append(f"stress mode {'on' if want_stress else 'off'}: {why}")
         stress = want_stress
 
-    # -- scanner pool: legitimate volume only
-    busy = snap.scanner_busy / scanner if scanner else 0.0
+    # -- scanner pool: legitimate volume only. Hand-offs waiting for their turn count as busy
+    # workers: each of them would keep one more busy.
+    busy = (snap.scanner_busy + snap.handoff_queue) / scanner if scanner else 0.0
     high = busy >= cfg.scanner_busy_high or snap.handoff_wait >= cfg.handoff_wait_high
     high_since = (state.scanner_high_since if state.scanner_high_since is not None else now) \
         if high else None
     low_since = (state.scanner_low_since if state.scanner_low_since is not None else now) \
         if busy <= cfg.scanner_busy_low and not high else None
     old_scanner = scanner
-    scanner_why = f"busy {snap.scanner_busy}/{scanner}, hand-off wait {snap.handoff_wait:.2f}s"
+    scanner_why = f"busy {snap.scanner_busy}/{scanner}, {snap.handoff_queue:.1f} hand-offs " \
+        f"waiting, hand-off wait {snap.handoff_wait:.2f}s"
     if high_since is not None and now - high_since >= cfg.scanner_grow_after and \
             fit(smtp, scanner + 1, bounds)[1] > scanner:
         raised, scanner = fit(smtp, scanner + 1, bounds)

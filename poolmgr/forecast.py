@@ -112,7 +112,7 @@ def simulate(sessions: list[Session], bounds: Bounds, per_worker: int, rules,
             scanner_ceiling=bounds.scanner_ceiling, sessions=held, slots=slots,
             accept_queue=min(live - held, backlog), listen_backlog=backlog,
             nuisance_ratio=(live - legit_at(now)) / live if live else 0.0,
-            scanner_busy=min(demand, scanner),
+            scanner_busy=min(demand, scanner), handoff_queue=max(0, demand - scanner),
             handoff_wait=scan_seconds * max(1.0, demand / scanner) if finished else 0.0,
             growth=(held - before) / interval if before is not None else 0.0,
             per_worker=per_worker)

@@ -113,7 +113,8 @@ class Master:
         self.scaler = autoscale.State()
         self.scaled_at = 0.0
         self.phase_since = time.time()  # wall clock: when the storm phase last changed
-        self.snapshot_mark: tuple = (0, 0, 0, None)  # hand-offs, their wait (ms), sessions, when
+        # hand-offs, their wait (ms), sessions, when, their queueing (µs): status.snapshot
+        self.snapshot_mark: tuple = (0, 0, 0, None, 0)
         self.decisions: collections.deque = collections.deque(maxlen=20)
         self.last_snapshot: autoscale.Snapshot | None = None
         self.decision_count = 0

@@ -10,7 +10,7 @@ Metrics (prefix `poolmgr_`): pool sizes (`pool_workers`, `pool_target`, `pool_fl
 pid: series must outlive a worker), `smtp_sessions`, `smtp_slots`, `smtp_accept_queue`,
 `scanner_busy`, `sessions_total{verdict}` (legit or a nuisance reason),
 `messages_total{outcome}`, `connections_total{pool}`, `handoffs_total`,
-`handoff_wait_seconds_total`, the histograms `handoff_seconds`, `scan_seconds` and
+`handoff_wait_seconds_total`, `handoff_queue_seconds_total`, the histograms `handoff_seconds`, `scan_seconds` and
 `check_seconds{check}`, `check_failures_total{check}`, `scanner_verdicts_total{kind}`,
 `nuisance_ratio`, `storm`, `stress`, `autoscale_decisions_total`, `build_info{version}`; with
 `[cluster] redis`: `cluster_up` (1 while the nodes share Redis, 0 while degraded),
@@ -97,6 +97,9 @@ class StatusCollector:
         yield CounterMetricFamily("poolmgr_handoff_wait_seconds",
                                   "Time spent in hand-offs",
                                   value=counters.get("handoff_wait_ms", 0) / 1000)
+        yield CounterMetricFamily("poolmgr_handoff_queue_seconds",
+                                  "Time hand-offs spent waiting for a scanner worker",
+                                  value=counters.get("handoff_queue_us", 0) / 1e6)
         yield CounterMetricFamily("poolmgr_autoscale_decisions", "Decisions the autoscaler took",
                                   value=decisions)
         yield _histogram("poolmgr_handoff_seconds", "Hand-off to the proxy filter, per message",

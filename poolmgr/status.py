@@ -118,6 +118,7 @@ class AutoscaleStatus:
     backlog_max: int = 0      # the accept queue's limit, smtp.listen_backlog
     nuisance_ratio: float = 0.0
     handoff_wait: float = 0.0
+    handoff_queue: float = 0.0  # hand-offs waiting for a scanner worker, mean over the interval
     decisions: list[Decision] = field(default_factory=list)
 
 
@@ -275,6 +276,7 @@ def _autoscale(master) -> AutoscaleStatus:
         result.backlog, result.backlog_max = snap.accept_queue, snap.listen_backlog
         result.nuisance_ratio = round(snap.nuisance_ratio, 3)
         result.handoff_wait = round(snap.handoff_wait, 3)
+        result.handoff_queue = round(snap.handoff_queue, 2)
     return result
 
 
@@ -320,7 +322,7 @@ def window_ratio(master) -> float:
 
 def snapshot(master, now: float, mark: tuple) -> tuple[autoscale.Snapshot, tuple]:
     """The autoscaler's input, and the mark for the next interval's differences (hand-offs,
-    their wait in ms, live sessions, when)."""
+    their wait in ms, live sessions, when, their time waiting for a scanner in µs)."""
     smtp, scanner = master.pools["smtp"], master.pools["scanner"]
     running = smtp.running()
     infos = [master.board.read(w.slot) for w in running]
@@ -329,6 +331,7 @@ def snapshot(master, now: float, mark: tuple) -> tuple[autoscale.Snapshot, tuple
     live_ratio = suspect / sessions if sessions else 0.0
     counters = pool_counters(master, smtp)
     handoffs, wait_ms = counters.get("handoffs", 0), counters.get("handoff_wait_ms", 0)
+    queue_us = counters.get("handoff_queue_us", 0)
     done = handoffs - mark[0]
     elapsed = now - mark[3] if mark[3] is not None else 0.0
     queued, limit = accept_queue(master.sockets["smtp"], master.cfg.smtp.listen_backlog)
@@ -340,6 +343,7 @@ def snapshot(master, now: float, mark: tuple) -> tuple[autoscale.Snapshot, tuple
         listen_backlog=limit, nuisance_ratio=max(window_ratio(master), live_ratio),
         scanner_busy=sum(master.board.read(w.slot)["busy"] for w in scanner.running()),
         handoff_wait=(wait_ms - mark[1]) / 1000 / done if done > 0 else 0.0,
+        handoff_queue=(queue_us - mark[4]) / 1e6 / elapsed if elapsed > 0 else 0.0,
         growth=(sessions - mark[2]) / elapsed if elapsed > 0 else 0.0,
         per_worker=master.cfg.smtp.max_sessions_per_worker)
-    return snap, (handoffs, wait_ms, sessions, now)
+    return snap, (handoffs, wait_ms, sessions, now, queue_us)

@@ -28,13 +28,13 @@ class Run:
         self.log: list[str] = []
         self.sizes: list[tuple[int, int, str]] = []
 
-    def step(self, sessions=0, backlog=0, nuisance=0.0, busy=0, wait=0.0):
+    def step(self, sessions=0, backlog=0, nuisance=0.0, busy=0, wait=0.0, queue=0.0):
         self.now += 1
         snap = Snapshot(self.now, self.smtp, self.scanner, self.smtp_floor, self.smtp_ceiling,
                         self.scanner_floor, self.scanner_ceiling, sessions=sessions,
                         slots=self.smtp * PER_WORKER, accept_queue=backlog, listen_backlog=100,
                         nuisance_ratio=nuisance, scanner_busy=min(busy, self.scanner),
-                        handoff_wait=wait)
+                        handoff_wait=wait, handoff_queue=queue)
         self.smtp, self.scanner, self.state, decisions = decide(snap, self.state, self.cfg)
         broken = check_rules(snap, self.smtp, self.scanner, self.state.phase, self.cfg)
         assert broken == [], (self.now, broken, decisions)
@@ -139,7 +139,7 @@ def test_scanner_grows_with_legitimate_load_and_shrinks_slowly():
         run.step(sessions=20, busy=2)
     assert run.sizes[-1] == (3, 3, CALM)
     assert run.log == ["smtp 2 -> 3: to keep scanner <= smtp",
-                       "scanner 2 -> 3: busy 2/2, hand-off wait 0.00s"]
+                       "scanner 2 -> 3: busy 2/2, 0.0 hand-offs waiting, hand-off wait 0.00s"]
     for _ in range(3):
         run.step(sessions=20, busy=3)
     assert run.sizes[-1][:2] == (4, 4)
@@ -156,6 +156,20 @@ def test_slow_hand_offs_grow_the_scanner_pool():
     for _ in range(4):
         run.step(sessions=10, busy=0, wait=5.0)
     assert run.scanner == 3 and run.smtp == 3
+
+
+def test_hand_offs_waiting_for_a_scanner_grow_the_scanner_pool():
+    """Quick hand-offs that queue at the SMTP workers' gates: the sampled busy count misses
+    a scanner between two messages, the queue does not."""
+    run = Run()
+    for _ in range(4):
+        run.step(sessions=20, busy=1, wait=0.02, queue=6.5)
+    assert run.scanner == 3 and run.smtp == 3
+    assert run.log[-1] == "scanner 2 -> 3: busy 1/2, 6.5 hand-offs waiting, hand-off wait 0.02s"
+    run = Run()
+    for _ in range(10):
+        run.step(sessions=20, busy=1, wait=0.02, queue=0.3)  # 1.3 of 2: under busy_high
+    assert run.scanner == 2
 
 
 def test_manual_floor_during_a_storm_is_kept():

@@ -217,8 +217,11 @@ class FrontSession(ServerSession):
         limit = service.cfg.smtp.proxy_timeout
         gate = service.handoff_gate
         try:
-            if gate is not None and not gate.enter(limit):
-                raise relay.RelayError("waiting for a scanner", f"none free in {limit:g}s")
+            if gate is not None:
+                entered = gate.enter(limit)
+                service.slot.add("handoff_queue_us", int((time.monotonic() - started) * 1e6))
+                if not entered:
+                    raise relay.RelayError("waiting for a scanner", f"none free in {limit:g}s")
             try:
                 replies = relay.send(hop, outgoing, helo=service.hostname, timeouts=timeouts,
                                      deadline=started + limit, cache=service.relay_cache,
