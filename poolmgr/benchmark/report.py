@@ -264,7 +264,9 @@ def source_report(out: Path, scenario: Scenario, table: dict, targets: list[str]
              lambda f: ", ".join(f"{r:.2f}" for r in f.get("poolmgr_ratio_runs", [])) or "-"),
             ("every message reached smtp-sink", lambda f: "yes" if f["all_arrived"] else "NO"),
             ("CPU ms per message, median", lambda f: f"{f['cpu_ms_per_message']}"),
-            ("PSS after the run, MiB (median)", lambda f: f"{f['pss_after_mib']}")]
+            ("PSS after the run, MiB (median)", lambda f: f"{f['pss_after_mib']}"),
+            ("workers after each round (SMTP+scanner)",
+             lambda f: ", ".join(f.get("pools_after", [])) or "-")]
     lines = [f"# poolmgr bench compare: {scenario.name}", "", scenario.description, "",
              f"`smtp-source -s {s['sessions']} -m {s['messages']} -l {s['size']}` from "
              f"127.0.0.1, {s['rounds']} rounds of every target in turn ({', '.join(targets)}), "

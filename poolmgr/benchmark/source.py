@@ -86,6 +86,9 @@ def rounds(scenario, targets: list[str], out: Path) -> dict:
             "cpu_ms_per_message": round(1000 * statistics.median(
                 r["cpu_seconds"] / r["messages"] for r in results), 3),
             "pss_after_mib": statistics.median(r["pss_after_mib"] for r in results)}
+        if "scanner_workers" in results[0]:
+            table[target]["pools_after"] = [f"{r['smtp_workers']}+{r['scanner_workers']}"
+                                            for r in results]
     if "poolmgr" in runs:
         ours = [r["messages_per_second"] for r in runs["poolmgr"]]
         for target, results in runs.items():

@@ -164,7 +164,11 @@ class PoolmgrTarget:
                            "scanned": scanner.get("scanned", 0),
                            "messages_accepted": smtp.get("messages_accepted", 0),
                            "messages_deferred": smtp.get("messages_tempfailed", 0),
-                           "messages_rejected": smtp.get("messages_rejected", 0)})
+                           "messages_rejected": smtp.get("messages_rejected", 0),
+                           # the pools' sizes now (after a source run: what the autoscaler
+                           # grew them to)
+                           "smtp_workers": st.pools["smtp"].workers,
+                           "scanner_workers": st.pools["scanner"].workers})
         handoffs, wait_ms = totals["handoffs_to_scanner"], totals.pop("handoff_wait_ms")
         # SMTP worker to next hop through the scanner: what a scanner worker is busy for
         totals["handoff_mean_s"] = round(wait_ms / 1000 / handoffs, 4) if handoffs else None
