@@ -108,15 +108,16 @@ class _Logger(logging.Logger):
         handlers = _root.handlers
         if exc_info or stack_info or len(handlers) != 1 or not isinstance(handlers[0], _Quiet):
             return super()._log(level, msg, args, exc_info, extra, stack_info, stacklevel)
-        program = extra["program"] if extra else _state["name"]
-        text, now = (msg % args if args else msg), time.time()
         handler = handlers[0]
-        if level >= handler.level:
-            try:
-                handler.write_line(level, handler.formatter.line(level, program, text, _pid[0],
-                                                                 now))
-            except Exception:
-                pass  # logging must never take a worker down
+        if level < handler.level:
+            return
+        try:
+            text = str(msg) % args if args else str(msg)
+            program = extra["program"] if extra else _state["name"]
+            handler.write_line(level, handler.formatter.line(level, program, text, _pid[0],
+                                                             time.time()))
+        except Exception:
+            pass  # logging must never take a worker down
 
 
 class _Program(logging.LoggerAdapter):
