@@ -45,6 +45,25 @@ assert not gate.enter(0.1)
 assert not gate.waiting
 gate.leave()
 assert gate.enter(0.1) and gate.busy == 1
+
+# with a pause, the hand-off whose turn came goes first: it is under way before the one that
+# ended goes on (to its log line and its reply)
+gate, events = HandoffGate(gevent.event.Event, gevent.sleep), []
+gate.set_limit(1)
+
+def ending():
+    assert gate.enter(1)
+    gevent.sleep(0.05)
+    gate.leave()
+    events.append("ended one goes on")
+
+def next_one():
+    assert gate.enter(1)
+    events.append("next one under way")
+    gate.leave()
+
+gevent.joinall([gevent.spawn(ending), gevent.spawn(next_one)], timeout=5)
+assert events == ["next one under way", "ended one goes on"], events
 print("gate ok")
 """
 

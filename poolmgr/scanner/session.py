@@ -38,7 +38,11 @@ AGENTS = {"smtp": log.program("smtp"), "lmtp": log.program("lmtp"),
 
 
 class ScannerSession(ServerSession):
-    __slots__ = ()
+    __slots__ = ("port",)
+
+    def __init__(self, service, sock, peer):
+        super().__init__(service, sock, peer)
+        self.port = None  # the listening port the client came to: it picks the policy bank
 
     def on_connect(self):
         if not in_networks(self.peer[0], self.service.cfg.scanner.inet_acl):
@@ -131,10 +135,12 @@ class ScannerSession(ServerSession):
 
     @property
     def local_port(self) -> int:
-        try:
-            return self.conn.sock.getsockname()[1]
-        except OSError:
-            return 0
+        if self.port is None:
+            try:
+                self.port = self.conn.sock.getsockname()[1]
+            except OSError:
+                self.port = 0
+        return self.port
 
     def _log_passed(self, env: Envelope, verdict, client: str, size: int,
                     started: float, bank: str) -> None:

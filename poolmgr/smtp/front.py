@@ -38,10 +38,13 @@ HANDOFF_IDLE = 2  # idle hand-off connections one SMTP worker keeps
 class HandoffGate:
     """At most `limit` hand-offs at once in this worker, the others wait their turn and then
     take the connection the last one left in the cache (the master sets the limit: the
-    worker's share of the scanner pool). `event` makes a gevent Event."""
+    worker's share of the scanner pool). `event` makes a gevent Event; `pause` (gevent.sleep)
+    lets the hand-off whose turn came go first when one ends, so the scanner worker gets its
+    next message before the ending one writes its log line and its reply."""
 
-    def __init__(self, event: Callable):
+    def __init__(self, event: Callable, pause: Callable[[], None] | None = None):
         self.event = event
+        self.pause = pause
         self.limit = 0  # 0: no limit
         self.busy = 0
         self.waiting: collections.deque = collections.deque()
@@ -63,17 +66,21 @@ class HandoffGate:
 
     def leave(self) -> None:
         self.busy -= 1
-        self.wake()
+        if self.wake() and self.pause is not None:
+            self.pause()
 
     def set_limit(self, limit: int) -> None:
         self.limit = limit
         self.wake()
 
-    def wake(self) -> None:
+    def wake(self) -> int:
+        """Give the free turns to the hand-offs waiting longest; how many were given."""
         free = len(self.waiting) if not self.limit else self.limit - self.busy
-        while free > 0 and self.waiting:
+        woken = 0
+        while woken < free and self.waiting:
             self.waiting.popleft().set()
-            free -= 1
+            woken += 1
+        return woken
 
 
 class FrontService:

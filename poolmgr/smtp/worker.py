@@ -107,7 +107,7 @@ class SmtpWorker(WorkerProcess):
                                     Defence(cfg, gevent.spawn, state), state)
         self.max_sessions = cfg.smtp.max_sessions_per_worker
         self.service.parking = Parking(gevent.get_hub().loop, gevent.spawn)
-        self.service.handoff_gate = HandoffGate(gevent.event.Event)
+        self.service.handoff_gate = HandoffGate(gevent.event.Event, gevent.sleep)
         self.service.on_room = self.room
         self.stopped = gevent.event.Event()
         server_class = _server_class(gevent.server.StreamServer, self.full)
