@@ -2,9 +2,10 @@
 
 Buffer discipline matters with thousands of idle sessions per worker: an idle connection holds
 an empty `bytes` and no file object. Replies are queued and sent in one write when the reader
-is about to block, which is what makes PIPELINING (RFC 2920) cheap. Works on plain blocking
-sockets (scanner workers, the master-free relay client) and on gevent's cooperative sockets
-(SMTP workers) alike; `tick` lets a blocking caller keep its heartbeat while it waits.
+is about to block, which is what makes PIPELINING (RFC 2920) cheap. Works on plain sockets
+(scanner workers, the master-free relay client: made non-blocking and waited on with poll) and
+on gevent's cooperative sockets (SMTP workers: waited on in the hub) alike; `tick` lets a
+blocking caller keep its heartbeat while it waits.
 
 End of DATA is strict: only CRLF.CRLF ends a message (RFC 5321 section 4.1.1.4), and a bare CR
 or LF anywhere in the data is reported, never passed on (the SMTP smuggling class of attack,
@@ -20,6 +21,7 @@ these deadlines caused (the peer was still sending) says `slow`.
 Exports: Conn, Timeout, Disconnected, LineTooLong, DataResult, malformed.
 """
 
+import select
 import socket
 import time
 from typing import Callable, NamedTuple
@@ -62,13 +64,46 @@ def malformed(data: bytes) -> str:
     return ""
 
 
+def _wait_cooperative(sock, write: bool, timeout: float) -> bool:
+    """Wait in gevent's hub until `sock` is ready, at most `timeout` seconds; False when the
+    time ran out. One timer and the socket's own watcher, where gevent's socket makes a
+    Timeout object and looks up the socket's timeout on every wait."""
+    hub = sock.hub
+    timer = hub.loop.timer(timeout)
+    timer.start(_getcurrent().throw, _Expired)
+    try:
+        hub.wait(sock._write_event if write else sock._read_event)
+        return True
+    except _Expired:
+        return False
+    finally:
+        timer.stop()
+        timer.close()
+
+
+def _wait_blocking(sock, write: bool, timeout: float) -> bool:
+    """Wait in poll(2) until `sock` is ready (or closed), at most `timeout` seconds."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT if write else select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
+class _Expired(Exception):
+    """A cooperative wait ran out of time (thrown into the waiting greenlet by its timer)."""
+
+
+def _getcurrent():
+    from greenlet import getcurrent  # SMTP workers only: scanner workers never need it
+    return getcurrent()
+
+
 class Conn:
-    __slots__ = ("sock", "buf", "out", "timeout", "tick", "tick_every", "per_record",
-                 "min_data_rate")
+    __slots__ = ("sock", "raw", "waiter", "buf", "out", "timeout", "tick", "tick_every",
+                 "per_record", "min_data_rate")
 
     def __init__(self, sock, timeout: float, tick: Callable[[], None] | None = None,
                  per_record: bool = False, min_data_rate: int = 0):
-        self.sock = sock
+        self.use(sock)
         self.buf = b""
         self.out: list[bytes] = []
         self.timeout = timeout  # may shrink during a session (stress, suspicious clients)
@@ -76,6 +111,23 @@ class Conn:
         self.tick_every = 1.0  # seconds between calls of `tick` while waiting for the peer
         self.per_record = per_record        # timeout bounds a whole line, not each receive
         self.min_data_rate = min_data_rate  # bytes/s in DATA with per_record; 0: per receive
+
+    def use(self, sock) -> None:
+        """Talk over `sock` from now on (again after STARTTLS, with its TLS layer).
+
+        A plain socket is read and written without blocking, and waited on (poll, or gevent's
+        hub for its cooperative sockets) only when the kernel has nothing: a receive that
+        finds data is one system call, with no timeout set per call (each settimeout is an
+        ioctl, and each timed call a poll first). A TLS socket buffers in its own layer and
+        keeps its own blocking calls (`raw` None)."""
+        self.sock = sock
+        if hasattr(sock, "do_handshake"):
+            self.raw, self.waiter = None, None
+        elif hasattr(sock, "_read_event"):  # gevent's socket over a non-blocking one
+            self.raw, self.waiter = sock._sock, _wait_cooperative
+        else:
+            sock.setblocking(False)
+            self.raw, self.waiter = sock, _wait_blocking
 
     # -- output
     def write(self, data: bytes) -> None:
@@ -85,12 +137,36 @@ class Conn:
         if self.out:
             data = b"".join(self.out)
             self.out = []
-            self.sock.settimeout(self.timeout)
-            self._send(data)
+            self._send(data, self.timeout)
 
-    def _send(self, data) -> None:
-        """All of `data`: send() until done. gevent's sendall asks the kernel for the socket's
-        buffer size (a getsockopt) on every call: 8% of an SMTP worker's time."""
+    def _send(self, data, timeout: float) -> None:
+        """All of `data`, waiting at most `timeout` each time the peer's window is full."""
+        raw = self.raw
+        if raw is None:
+            self._send_tls(data, timeout)
+            return
+        try:
+            sent = raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            raise Disconnected() from None
+        if sent < len(data):
+            view = memoryview(data)
+            while sent < len(view):
+                if not self.waiter(self.sock, True, timeout):
+                    raise Timeout()
+                try:
+                    sent += raw.send(view[sent:])
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    raise Disconnected() from None
+
+    def _send_tls(self, data, timeout: float) -> None:
+        """send() until done (gevent's sendall asks the kernel for the socket's buffer size,
+        a getsockopt, on every call)."""
+        self.sock.settimeout(timeout)
         try:
             sent = self.sock.send(data)
             if sent < len(data):
@@ -103,22 +179,48 @@ class Conn:
             raise Disconnected() from None
 
     # -- input
+    def _receive(self, timeout: float, tried: bool = False) -> bytes | None:
+        """What the peer sends within `timeout` (0: only what has come), None if nothing;
+        `tried`: a receive just found nothing. Disconnected when the peer closed."""
+        raw = self.raw
+        if raw is None:
+            self.sock.settimeout(timeout)
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except (socket.timeout, BlockingIOError):
+                return None
+            except OSError:
+                raise Disconnected() from None
+        else:
+            end = 0.0
+            while True:
+                if tried:
+                    if end:
+                        timeout = end - time.monotonic()
+                    else:
+                        end = time.monotonic() + timeout
+                    if timeout <= 0 or not self.waiter(self.sock, False, timeout):
+                        return None
+                try:
+                    data = raw.recv(RECV_SIZE)
+                    break
+                except BlockingIOError:
+                    tried = True
+                except OSError:
+                    raise Disconnected() from None
+        if not data:
+            raise Disconnected()
+        return data
+
     def wait_input(self, timeout: float) -> int:
         """Wait up to `timeout` (0: just look) for the peer to send anything; returns bytes
         now buffered."""
         if self.buf or timeout < 0:
             return len(self.buf)
         self.flush()
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except (socket.timeout, BlockingIOError):
-            return 0
-        except OSError:
-            raise Disconnected() from None
-        if not data:
-            raise Disconnected()
-        self.buf += data
+        data = self._receive(timeout)
+        if data is not None:
+            self.buf += data
         return len(self.buf)
 
     def discard_input(self) -> int:
@@ -133,6 +235,13 @@ class Conn:
         `timeout` of silence is the peer's slowness: Timeout(slow=True).
         """
         self.flush()
+        # In the hub, look first: what has come costs one receive, a wait costs two switches.
+        # In poll(2), wait first: a look that finds nothing costs a third system call.
+        tried = self.raw is not None
+        if self.waiter is _wait_cooperative:
+            data = self._receive(0.0)
+            if data is not None:  # it had come: no clock, no wait
+                return data
         idle_end = time.monotonic() + self.timeout
         end = min(deadline, idle_end) if deadline else idle_end
         slow = slow and end < idle_end
@@ -140,19 +249,13 @@ class Conn:
             wait = end - time.monotonic()
             if wait <= 0:
                 raise Timeout(slow)
-            self.sock.settimeout(min(wait, self.tick_every) if self.tick else wait)
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except socket.timeout:
-                if self.tick:
-                    self.tick()
-                    continue
-                raise Timeout(slow) from None
-            except OSError:
-                raise Disconnected() from None
-            if not data:
-                raise Disconnected()
-            return data
+            data = self._receive(min(wait, self.tick_every) if self.tick else wait, tried)
+            if data is not None:
+                return data
+            if not self.tick:
+                raise Timeout(slow)
+            self.tick()
+            tried = False
 
     def readline(self, limit: int) -> bytes:
         """One line without its line ending (CRLF or LF)."""
@@ -244,8 +347,7 @@ class Conn:
         data = data.replace(b"\r\n.", b"\r\n..")
         if data and not data.endswith(b"\r\n"):
             data += b"\r\n"
-        self.sock.settimeout(block_timeout)
-        self._send(data + b".\r\n")
+        self._send(data + b".\r\n", block_timeout)
 
     def close(self) -> None:
         try:

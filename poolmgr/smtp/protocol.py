@@ -489,8 +489,8 @@ class ServerSession:
         self.conn.flush()
         try:
             self.conn.sock.settimeout(self.conn.timeout)
-            self.conn.sock = self.service.tls_context.wrap_socket(self.conn.sock,
-                                                                  server_side=True)
+            self.conn.use(self.service.tls_context.wrap_socket(self.conn.sock,
+                                                               server_side=True))
         except OSError as exc:
             self.service.log.info("SSL_accept error from %s: %s", self.client,
                                   getattr(exc, "reason", None) or type(exc).__name__)
