@@ -3,8 +3,9 @@
 gevent is imported and monkey-patched here, after the fork, and nowhere in the master. Each
 listening socket the master bound (one per `smtp.listen` address) is re-wrapped as a gevent
 socket (otherwise accept() would block the whole worker) and gets a `StreamServer`. A session
-is made in the hub as it is accepted and runs in a greenlet of its own until it waits for its
-client; an idle session is parked (`smtp.park`), with no greenlet. At
+is made in the hub as it is accepted and runs in a greenlet of its own (a kept one:
+`smtp.runners`) until it waits for its client; an idle session is parked (`smtp.park`), with
+no greenlet. At
 `smtp.max_sessions_per_worker` sessions, running and parked, the worker stops accepting on
 every socket and the kernel's listen queues feed the other workers.
 
@@ -84,6 +85,7 @@ class SmtpWorker(WorkerProcess):
         from .front import FrontService, FrontSession, HandoffGate
         from .park import Parking
         from .protocol import Drain
+        from .runners import Runners
 
         self.gevent, self.session_class, self.drain_exc = gevent, FrontSession, Drain
 
@@ -106,7 +108,8 @@ class SmtpWorker(WorkerProcess):
         self.service = FrontService(ctx, _tls_context(cfg, self.log),
                                     Defence(cfg, gevent.spawn, state), state)
         self.max_sessions = cfg.smtp.max_sessions_per_worker
-        self.service.parking = Parking(gevent.get_hub().loop, gevent.spawn)
+        self.runners = Runners(gevent.get_hub(), gevent.spawn)
+        self.service.parking = Parking(gevent.get_hub().loop, self.runners.spawn)
         self.service.handoff_gate = HandoffGate(gevent.event.Event, gevent.sleep)
         self.service.on_room = self.room
         self.stopped = gevent.event.Event()
@@ -132,7 +135,7 @@ class SmtpWorker(WorkerProcess):
         """In the hub, at accept: the session counts from now (until its on_close)."""
         session = self.session_class(self.service, sock, peer)
         self.service.sessions.add(session)
-        session.greenlet = self.gevent.spawn(session.run)
+        session.greenlet = self.runners.spawn(session.run)
 
     def close_sessions(self, idle_only: bool) -> None:
         """Drain sessions: a parked one resumes with Drain, a running one gets it thrown in;
