@@ -38,7 +38,7 @@ class Job:
 class Runners:
     """`spawn` starts `fn(*args)` in the hub's next turn, in a waiting runner or a new one."""
 
-    def __init__(self, hub, spawn: Callable, keep: int = 64):
+    def __init__(self, hub, spawn: Callable, keep: int = 16):
         self.hub = hub
         self.new = spawn  # gevent.spawn: a runner's errors are reported as any greenlet's
         self.keep = keep
