@@ -49,7 +49,7 @@ COUNTERS += ("cluster_calls", "cluster_us", "cluster_failures", "cluster_local")
 # microseconds: over an interval, divided by its length, the mean number waiting.
 COUNTERS += ("handoff_queue_us",)
 _NCOUNTERS = 96
-_COUNTER_OFFSET = {name: 8 * i for i, name in enumerate(COUNTERS)}
+_COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 SLOTS = 1024  # generous: pools of up to 128 workers each, plus workers still draining
 # pid, kind, generation, number, heartbeat, started, sessions, busy, suspect, transacting,
 # counters[32]
@@ -71,6 +71,10 @@ class Slot:
         self.index = index
         self._base = index * _SLOT_SIZE
         self._flags = board.flags_offset
+        # The counters as 8-byte words (slots and counters are 8-aligned): a counter is
+        # one item assignment, not an unpack and a pack.
+        self._words = memoryview(board._mm).cast("Q")
+        self._first = (self._base + _OFF_COUNTERS) // 8
 
     def beat(self) -> None:
         struct.pack_into("=d", self._mm, self._base + _OFF_HEARTBEAT, time.monotonic())
@@ -95,9 +99,7 @@ class Slot:
         return struct.unpack_from("=I", self._mm, self._flags + 4)[0]
 
     def add(self, counter: str, amount: int = 1) -> None:
-        offset = self._base + _OFF_COUNTERS + _COUNTER_OFFSET[counter]
-        (current,) = struct.unpack_from("=Q", self._mm, offset)
-        struct.pack_into("=Q", self._mm, offset, current + amount)
+        self._words[self._first + _COUNTER_INDEX[counter]] += amount
 
     def observe(self, prefix: str, seconds: float) -> None:
         """Count `seconds` in the histogram `prefix` (its `PREFIX_le_I` bucket counters)."""

@@ -25,7 +25,6 @@ import ipaddress
 import re
 import socket
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from ..config import NextHop
@@ -53,15 +52,12 @@ class _Stale(Exception):
     """A cached connection turned out closed before any of the message was sent."""
 
 
-@contextmanager
-def _network_errors():
-    """The connection's own exceptions, as the RelayError the callers handle."""
-    try:
-        yield
-    except Timeout:
-        raise RelayError("timeout", "no reply in time") from None
-    except Disconnected:
-        raise RelayError("lost connection", "server closed the connection") from None
+def _network_error(exc: Exception) -> RelayError:
+    """The connection's own exception (Timeout, Disconnected) as the RelayError the callers
+    handle."""
+    if isinstance(exc, Timeout):
+        return RelayError("timeout", "no reply in time")
+    return RelayError("lost connection", "server closed the connection")
 
 
 @dataclass
@@ -209,18 +205,20 @@ def _open(hop: NextHop, helo: str, timeouts, deadline: float) -> _Link:
             from None
     conn = Conn(sock, timeouts.greeting)
     try:
-        with _network_errors():
-            banner, _ = _read_reply(conn, deadline, timeouts.greeting)
-            if banner.code != 220:
-                raise RelayError("greeting", f"server said {banner}")
-            lmtp = hop.kind == "lmtp"
-            _command(conn, f"{'LHLO' if lmtp else 'EHLO'} {helo}")
+        banner, _ = _read_reply(conn, deadline, timeouts.greeting)
+        if banner.code != 220:
+            raise RelayError("greeting", f"server said {banner}")
+        lmtp = hop.kind == "lmtp"
+        _command(conn, f"{'LHLO' if lmtp else 'EHLO'} {helo}")
+        reply, lines = _read_reply(conn, deadline, timeouts.mail)
+        if not reply.ok and not lmtp:
+            _command(conn, f"HELO {helo}")
             reply, lines = _read_reply(conn, deadline, timeouts.mail)
-            if not reply.ok and not lmtp:
-                _command(conn, f"HELO {helo}")
-                reply, lines = _read_reply(conn, deadline, timeouts.mail)
-            if not reply.ok:
-                raise RelayError("helo", f"server said {reply}")
+        if not reply.ok:
+            raise RelayError("helo", f"server said {reply}")
+    except (Timeout, Disconnected) as exc:
+        conn.close()
+        raise _network_error(exc) from None
     except BaseException:
         conn.close()
         raise
@@ -261,8 +259,10 @@ def _send_on(link: _Link, msg: Outgoing, timeouts, deadline: float, cache: Cache
              reused: bool, chunking: bool) -> list[Reply]:
     clean = False
     try:
-        with _network_errors():
+        try:
             finals, clean = _transaction(link, msg, timeouts, deadline, reused, chunking)
+        except (Timeout, Disconnected) as exc:
+            raise _network_error(exc) from None
         return finals
     finally:
         if clean and cache is not None:
