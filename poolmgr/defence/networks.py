@@ -45,10 +45,23 @@ def read_cidr_file(path: str) -> tuple:
 _address = functools.lru_cache(maxsize=1024)(ipaddress.ip_address)
 
 
+_answers: dict[tuple[str, int], tuple[object, bool]] = {}
+
+
 def in_networks(address: str, networks) -> bool:
-    """Whether an IP address string lies in any of the parsed networks of a setting."""
+    """Whether an IP address string lies in any of the parsed networks of a setting.
+    Answers are kept per address and list (each `ip in net` is Python code, and a session
+    asks several lists at connect and again per message)."""
+    key = (address, id(networks))
+    kept = _answers.get(key)
+    if kept is not None and kept[0] is networks:
+        return kept[1]
     ip = _address(address)
-    return any(ip in net for net in networks)
+    answer = any(ip in net for net in networks)
+    if len(_answers) >= 4096:
+        _answers.clear()
+    _answers[key] = (networks, answer)
+    return answer
 
 
 def plain_ip(address: str) -> str:

@@ -88,6 +88,9 @@ def _wait_blocking(sock, write: bool, timeout: float) -> bool:
     return bool(poller.poll(timeout * 1000))
 
 
+_KINDS: dict[type, str] = {}  # socket class: "tls", "cooperative" or "plain"
+
+
 class _Expired(Exception):
     """A cooperative wait ran out of time (thrown into the waiting greenlet by its timer)."""
 
@@ -121,9 +124,13 @@ class Conn:
         ioctl, and each timed call a poll first). A TLS socket buffers in its own layer and
         keeps its own blocking calls (`raw` None)."""
         self.sock = sock
-        if hasattr(sock, "do_handshake"):
+        kind = _KINDS.get(type(sock))
+        if kind is None:  # asked once a class: gevent's socket answers a miss with exceptions
+            kind = _KINDS[type(sock)] = "tls" if hasattr(sock, "do_handshake") else \
+                "cooperative" if hasattr(sock, "_read_event") else "plain"
+        if kind == "tls":
             self.raw, self.waiter = None, None
-        elif hasattr(sock, "_read_event"):  # gevent's socket over a non-blocking one
+        elif kind == "cooperative":  # gevent's socket over a non-blocking one
             self.raw, self.waiter = sock._sock, _wait_cooperative
         else:
             sock.setblocking(False)
