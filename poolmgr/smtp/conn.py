@@ -26,6 +26,8 @@ import socket
 import time
 from typing import Callable, NamedTuple
 
+from greenlet import getcurrent  # gevent's own dependency
+
 RECV_SIZE = 16384
 _END = b"\r\n.\r\n"
 
@@ -70,7 +72,7 @@ def _wait_cooperative(sock, write: bool, timeout: float) -> bool:
     Timeout object and looks up the socket's timeout on every wait."""
     hub = sock.hub
     timer = hub.loop.timer(timeout)
-    timer.start(_getcurrent().throw, _Expired)
+    timer.start(getcurrent().throw, _Expired)
     try:
         hub.wait(sock._write_event if write else sock._read_event)
         return True
@@ -93,11 +95,6 @@ _KINDS: dict[type, str] = {}  # socket class: "tls", "cooperative" or "plain"
 
 class _Expired(Exception):
     """A cooperative wait ran out of time (thrown into the waiting greenlet by its timer)."""
-
-
-def _getcurrent():
-    from greenlet import getcurrent  # SMTP workers only: scanner workers never need it
-    return getcurrent()
 
 
 class Conn:
