@@ -7,6 +7,8 @@ import sys
 import textwrap
 import threading
 
+import pytest
+
 from helpers import message
 
 # The gate runs on gevent, which the test process itself must not import (the bench checks
@@ -14,9 +16,11 @@ from helpers import message
 GATE_TESTS = """
 import gevent, gevent.event
 from poolmgr.smtp.front import HandoffGate
+from poolmgr.smtp.runners import Turn
+EVENT = {"event": gevent.event.Event, "turn": lambda: Turn(gevent.get_hub())}[sys.argv[1]]
 
 # limit hand-offs through at once, the others in their turn; a larger share lets one in
-gate, inside, most, order = HandoffGate(gevent.event.Event), [0], [0], []
+gate, inside, most, order = HandoffGate(EVENT), [0], [0], []
 
 def hand_off(name):
     assert gate.enter(5)
@@ -38,7 +42,7 @@ gevent.joinall(jobs, timeout=5)
 assert most[0] == 2, most
 
 # a turn that does not come in time is a failure and leaves no trace
-gate = HandoffGate(gevent.event.Event)
+gate = HandoffGate(EVENT)
 gate.set_limit(1)
 assert gate.enter(1)
 assert not gate.enter(0.1)
@@ -48,7 +52,7 @@ assert gate.enter(0.1) and gate.busy == 1
 
 # with a pause, the hand-off whose turn came goes first: it is under way before the one that
 # ended goes on (to its log line and its reply)
-gate, events = HandoffGate(gevent.event.Event, gevent.sleep), []
+gate, events = HandoffGate(EVENT, gevent.sleep), []
 gate.set_limit(1)
 
 def ending():
@@ -68,8 +72,10 @@ print("gate ok")
 """
 
 
-def test_the_gate_takes_turns_within_its_limit_and_a_late_turn_fails_cleanly():
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(GATE_TESTS)],
+@pytest.mark.parametrize("turns", ["event", "turn"])  # gevent's Event; the SMTP worker's Turn
+def test_the_gate_takes_turns_within_its_limit_and_a_late_turn_fails_cleanly(turns):
+    result = subprocess.run([sys.executable, "-c", "import sys\n" + textwrap.dedent(GATE_TESTS),
+                             turns],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "gate ok", result.stderr
 

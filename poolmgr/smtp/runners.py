@@ -11,7 +11,11 @@ greenlets behind.
 as gevent's `Greenlet.kill(exc, block=False)` does, but only while that job runs: its runner
 may have gone on to another session by then.
 
-Exports: Runners, Job.
+`Turn` is the one-shot wake-up a greenlet waits on for its turn (the hand-off gate's): what
+gevent's Event does for this, with one timer, where an Event makes its links and a Timeout
+object per wait.
+
+Exports: Runners, Job, Turn.
 """
 
 from typing import Callable
@@ -75,3 +79,41 @@ class Runners:
                 if me in self.idle:
                     self.idle.remove(me)
                 return
+
+
+class Turn:
+    """`wait(timeout)` in one greenlet until another calls `set()`; True if it was set (even
+    when the time ran out on the way), as gevent's `Event.wait`."""
+
+    __slots__ = ("hub", "flag", "waiter", "done")
+
+    def __init__(self, hub):
+        self.hub = hub
+        self.flag = False
+        self.waiter = None
+        self.done = False
+
+    def set(self) -> None:
+        if not self.flag:
+            self.flag = True
+            if self.waiter is not None:
+                self.hub.loop.run_callback(self._wake)
+
+    def wait(self, timeout: float) -> bool:
+        if self.flag:
+            return True
+        self.waiter = getcurrent()
+        timer = self.hub.loop.timer(timeout)
+        timer.start(self._wake)
+        try:
+            self.hub.switch()
+        finally:
+            self.done = True  # a wake-up still scheduled does nothing now
+            timer.stop()
+            timer.close()
+        return self.flag
+
+    def _wake(self) -> None:
+        if not self.done:
+            self.done = True
+            self.waiter.switch()

@@ -85,7 +85,7 @@ class SmtpWorker(WorkerProcess):
         from .front import FrontService, FrontSession, HandoffGate
         from .park import Parking
         from .protocol import Drain
-        from .runners import Runners
+        from .runners import Runners, Turn
 
         self.gevent, self.session_class, self.drain_exc = gevent, FrontSession, Drain
 
@@ -110,7 +110,8 @@ class SmtpWorker(WorkerProcess):
         self.max_sessions = cfg.smtp.max_sessions_per_worker
         self.runners = Runners(gevent.get_hub(), gevent.spawn)
         self.service.parking = Parking(gevent.get_hub().loop, self.runners.spawn)
-        self.service.handoff_gate = HandoffGate(gevent.event.Event, gevent.sleep)
+        hub = gevent.get_hub()
+        self.service.handoff_gate = HandoffGate(lambda: Turn(hub), gevent.sleep)
         self.service.on_room = self.room
         self.stopped = gevent.event.Event()
         server_class = _server_class(gevent.server.StreamServer, self.full)
