@@ -106,14 +106,21 @@ def parse_xforward(arg: str) -> dict[str, str]:
     words = arg.split()
     if not words:
         raise ValueError("empty")
+    # A control character would end up in a Received: header and the log: one look at all
+    # the words, and another at each value that xtext decoding changed.
+    if _CONTROL.search("".join(words)):
+        raise ValueError(arg)
     for word in words:
         key, eq, value = word.partition("=")
         key = key.upper()
         if not eq or key not in XFORWARD_ATTRS:
             raise ValueError(word)
-        value = xtext_decode(value)
-        if _CONTROL.search(value) or len(value) > XFORWARD_MAX:
-            raise ValueError(word)  # it would end up in a Received: header and the log
+        if "+" in value:
+            value = xtext_decode(value)
+            if _CONTROL.search(value):
+                raise ValueError(word)
+        if len(value) > XFORWARD_MAX:
+            raise ValueError(word)
         attrs[key] = value
     return attrs
 
