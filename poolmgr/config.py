@@ -80,12 +80,19 @@ class Section:
 
     def __init__(self, values: dict[str, Any]):
         object.__setattr__(self, "_values", dict(values))
+        # Plain attributes too: the hot path reads several a message, and a __getattr__ is
+        # a Python call each time.
+        self.__dict__.update(self._values)
 
     def __getattr__(self, key: str) -> Any:
         try:
             return self._values[key]
         except KeyError:
             raise AttributeError(key) from None
+
+    def _add(self, key: str, value: Any) -> None:
+        self._values[key] = value
+        self.__dict__[key] = value
 
     def __setattr__(self, key, value):
         raise AttributeError("configuration is read-only")
@@ -105,11 +112,12 @@ class Config:
         self.path = path
         self.warnings = warnings or []  # mended problems, logged at start and by check
         self._sections = {name: Section(values) for name, values in sections.items()}
+        self.__dict__.update(self._sections)  # cfg.smtp without a __getattr__ call
         # A sub-section ([scanner.clamd]) is also an attribute of its parent: cfg.scanner.clamd.
         for name, section in self._sections.items():
             if "." in name:
                 parent, child = name.rsplit(".", 1)
-                self._sections[parent]._values[child] = section
+                self._sections[parent]._add(child, section)
 
     def __getattr__(self, name: str) -> Section:
         try:
