@@ -147,20 +147,34 @@ def _left(deadline: float, timeout: float) -> float:
     return left
 
 
+_KNOWN: dict[bytes, Reply] = {}  # one-line replies seen before ("250 2.1.0 Ok"), parsed
+
+
 def _read_reply(conn: Conn, deadline: float, timeout: float) -> tuple[Reply, list[str]]:
     conn.timeout = _left(deadline, timeout)
+    first = conn.readline(4096)
+    known = _KNOWN.get(first)
+    if known is not None:
+        return known, [known.text]
     lines = []
+    line = first
     while True:
-        raw = conn.readline(4096).decode("utf-8", "replace")
+        raw = line.decode("utf-8", "replace")
         if len(raw) < 3 or not raw[:3].isdigit() or raw[3:4] not in ("", " ", "-"):
             raise RelayError("reply", f"malformed reply {raw[:80]!r}")
         lines.append(raw[4:])
         if raw[3:4] != "-":
             break
+        line = conn.readline(4096)
     text = lines[-1]
     match = _STATUS.fullmatch(text)
     status, text = (match.group(1), match.group(2)) if match else ("", text)
-    return Reply(int(raw[:3]), status, text), lines
+    reply = Reply(int(raw[:3]), status, text)
+    if len(lines) == 1 and "\ufffd" not in raw:
+        if len(_KNOWN) >= 256:  # replies that carry an id ("queued as X") come and go
+            _KNOWN.clear()
+        _KNOWN[first] = reply
+    return reply, lines
 
 
 def _command(conn: Conn, line: str) -> None:

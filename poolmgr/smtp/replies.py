@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 
+_WIRE: dict = {}  # Reply: its bytes on the wire
+
+
 class Reply(NamedTuple):
     code: int
     status: str  # enhanced status code (RFC 3463), "" where RFC 2034 has none (220, 354)
@@ -28,7 +31,16 @@ class Reply(NamedTuple):
 
     def encode(self) -> bytes:
         """The reply on the wire; a text of several lines ("\n") becomes `250-first`, ...,
-        `250 last` (RFC 5321 section 4.2.1), the enhanced code on each line (RFC 2034)."""
+        `250 last` (RFC 5321 section 4.2.1), the enhanced code on each line (RFC 2034).
+        Kept once made: a session sends the same few replies again and again."""
+        wire = _WIRE.get(self)
+        if wire is None:
+            if len(_WIRE) >= 1024:  # replies that carry a value come and go
+                _WIRE.clear()
+            wire = _WIRE[self] = self._wire()
+        return wire
+
+    def _wire(self) -> bytes:
         if "\n" not in self.text:
             return (str(self) + "\r\n").encode("utf-8", "surrogateescape")
         prefix = f"{self.code}-{self.status} " if self.status else f"{self.code}-"
