@@ -108,9 +108,9 @@ class SmtpWorker(WorkerProcess):
         self.service = FrontService(ctx, _tls_context(cfg, self.log),
                                     Defence(cfg, gevent.spawn, state), state)
         self.max_sessions = cfg.smtp.max_sessions_per_worker
-        self.runners = Runners(gevent.get_hub(), gevent.spawn)
-        self.service.parking = Parking(gevent.get_hub().loop, self.runners.spawn)
         hub = gevent.get_hub()
+        self.runners = Runners(hub, gevent.spawn)
+        self.service.parking = Parking(hub.loop, self.runners.spawn)
         self.service.handoff_gate = HandoffGate(lambda: Turn(hub), gevent.sleep)
         self.service.on_room = self.room
         self.stopped = gevent.event.Event()
