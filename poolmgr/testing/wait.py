@@ -17,20 +17,31 @@ class WaitTimeout(TimeoutError):
     """What `wait_until` waited for did not happen in time."""
 
 
+_HANDED: set[tuple[int, int]] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing is bound to on `host`; "::" (dual stack) finds one free on every IPv4
-    and IPv6 address, as a `[::]` listener needs."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        if ":" in host:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port nothing is bound to on `host`, and not handed out before by this process (the
+    kernel may give the same free port twice in a row, and two listeners a test configures
+    must differ); "::" (dual stack) finds one free on every IPv4 and IPv6 address, as a `[::]`
+    listener needs."""
+    return _fresh(host, socket.SOCK_STREAM)
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return _fresh(host, socket.SOCK_DGRAM)
+
+
+def _fresh(host: str, kind: int) -> int:
+    while True:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as sock:
+            if ":" in host:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if (kind, port) not in _HANDED:
+            _HANDED.add((kind, port))
+            return port
 
 
 def listening(port: int, host: str = "127.0.0.1") -> bool:
