@@ -7,6 +7,7 @@ use it outside tests too.
 Exports: free_port, free_udp_port, listening, wait_until, WaitTimeout, terminate.
 """
 
+import random
 import signal
 import socket
 import subprocess
@@ -18,13 +19,15 @@ class WaitTimeout(TimeoutError):
 
 
 _HANDED: set[tuple[int, int]] = set()
+LOWEST = 20000  # the ports handed out lie from here up to the kernel's ephemeral range
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing is bound to on `host`, and not handed out before by this process (the
-    kernel may give the same free port twice in a row, and two listeners a test configures
-    must differ); "::" (dual stack) finds one free on every IPv4 and IPv6 address, as a `[::]`
-    listener needs."""
+    """A port nothing is bound to on `host`, not handed out before by this process, and below
+    the kernel's ephemeral range: no outgoing connection takes it as its source port before
+    the test binds it, and a connection to it while nothing listens cannot connect to itself.
+    "::" (dual stack) finds one free on every IPv4 and IPv6 address, as a `[::]` listener
+    needs."""
     return _fresh(host, socket.SOCK_STREAM)
 
 
@@ -32,16 +35,32 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
     return _fresh(host, socket.SOCK_DGRAM)
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _fresh(host: str, kind: int) -> int:
-    while True:
+    top = _ephemeral_low() - 1
+    for attempt in range(1000):  # then let the kernel choose (a port in its ephemeral range)
+        port = random.randint(LOWEST, top) if top > LOWEST else 0
+        if (kind, port) in _HANDED:
+            continue
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as sock:
             if ":" in host:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((host, 0))
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
             port = sock.getsockname()[1]
         if (kind, port) not in _HANDED:
             _HANDED.add((kind, port))
             return port
+    raise OSError(f"no free port on {host}")
 
 
 def listening(port: int, host: str = "127.0.0.1") -> bool:
