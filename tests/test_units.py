@@ -177,3 +177,12 @@ def test_accept_queue_reports_the_fullest_listening_socket():
     assert accept_queue(socks, 8) == (2, 8)
     for sock in waiting + socks:
         sock.close()
+
+
+def test_free_ports_differ_and_lie_below_the_ephemeral_range():
+    # Two listeners a test configures must differ, and no client connection may take a port
+    # as its source port before the test binds it (the kernel's ephemeral range).
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(port < low for port in ports)
