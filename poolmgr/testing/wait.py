@@ -45,8 +45,8 @@ def _ephemeral_low() -> int:
 
 def _fresh(host: str, kind: int) -> int:
     top = _ephemeral_low() - 1
-    for attempt in range(1000):  # then let the kernel choose (a port in its ephemeral range)
-        port = random.randint(LOWEST, top) if top > LOWEST else 0
+    for _ in range(1000):
+        port = random.randint(LOWEST, top) if top > LOWEST else 0  # 0: the kernel chooses
         if (kind, port) in _HANDED:
             continue
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as sock:
