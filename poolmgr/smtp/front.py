@@ -39,10 +39,9 @@ class HandoffGate:
     """At most `limit` hand-offs at once in this worker, the others wait their turn and then
     take the connection the last one left in the cache (the master sets the limit: the
     worker's share of the scanner pool). `event` makes what a waiting hand-off waits on, with
-    `wait(timeout)` and `set()` (the SMTP worker's `runners.Turn`, or a gevent Event);
-    `pause` (gevent.sleep)
-    lets the hand-off whose turn came go first when one ends, so the scanner worker gets its
-    next message before the ending one writes its log line and its reply."""
+    `wait(timeout)` and `set()` (the SMTP worker's `runners.Turn`, or a gevent Event); `pause`
+    (gevent.sleep) lets the hand-off whose turn came go first when one ends, so the scanner
+    worker gets its next message before the ending one writes its log line and its reply."""
 
     def __init__(self, event: Callable, pause: Callable[[], None] | None = None):
         self.event = event

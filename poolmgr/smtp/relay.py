@@ -147,15 +147,15 @@ def _left(deadline: float, timeout: float) -> float:
     return left
 
 
-_KNOWN: dict[bytes, Reply] = {}  # one-line replies seen before ("250 2.1.0 Ok"), parsed
+_KNOWN: dict[bytes, tuple[Reply, list[str]]] = {}  # one-line replies seen before, parsed
 
 
 def _read_reply(conn: Conn, deadline: float, timeout: float) -> tuple[Reply, list[str]]:
     conn.timeout = _left(deadline, timeout)
     first = conn.readline(4096)
-    known = _KNOWN.get(first)
+    known = _KNOWN.get(first)  # ("250 2.1.0 Ok"); callers do not change the lines
     if known is not None:
-        return known, [known.text]
+        return known
     lines = []
     line = first
     while True:
@@ -173,7 +173,7 @@ def _read_reply(conn: Conn, deadline: float, timeout: float) -> tuple[Reply, lis
     if len(lines) == 1 and "\ufffd" not in raw:
         if len(_KNOWN) >= 256:  # replies that carry an id ("queued as X") come and go
             _KNOWN.clear()
-        _KNOWN[first] = reply
+        _KNOWN[first] = reply, lines
     return reply, lines
 
 

@@ -5,9 +5,8 @@ listening socket the master bound (one per `smtp.listen` address) is re-wrapped 
 socket (otherwise accept() would block the whole worker) and gets a `StreamServer`. A session
 is made in the hub as it is accepted and runs in a greenlet of its own (a kept one:
 `smtp.runners`) until it waits for its client; an idle session is parked (`smtp.park`), with
-no greenlet. At
-`smtp.max_sessions_per_worker` sessions, running and parked, the worker stops accepting on
-every socket and the kernel's listen queues feed the other workers.
+no greenlet. At `smtp.max_sessions_per_worker` sessions, running and parked, the worker stops
+accepting on every socket and the kernel's listen queues feed the other workers.
 
 Its sessions ask the client state (`defence.clientstate`) of the master's anvil through one
 socket, or, with `[cluster] redis`, of Redis directly (`cluster.RedisState`, cooperative under
