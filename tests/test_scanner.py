@@ -194,6 +194,21 @@ def test_scanner_as_a_plain_smtp_content_filter(make_poolmgr):
 
 
 
+def test_a_worker_busy_on_one_connection_keeps_its_heartbeat(make_poolmgr):
+    """A client that sends message after message with no pause (an SMTP worker's kept
+    hand-off connection under load) never leaves the scanner worker waiting for input; the
+    worker still beats, and is not taken for hung and killed under its client."""
+    pm = make_poolmgr({"master": {"worker_timeout": "2s"}, "scanner": {"max_requests": 10**6}})
+    started = time.monotonic()
+    sent = 0
+    with smtplib.SMTP("127.0.0.1", pm.scanner_port, local_hostname=HELO, timeout=30) as client:
+        while time.monotonic() - started < 5:
+            assert client.sendmail("a@example.org", ["bob@example.test"], message()) == {}
+            sent += 1
+    assert "no heartbeat" not in pm.log()
+    assert len(pm.delivered()) == sent
+
+
 def test_help_lists_each_listeners_own_commands(make_poolmgr):
     """HELP comes from the listener's command table: the scanner speaks LHLO and XFORWARD and
     offers no STARTTLS; the SMTP pool without a certificate offers no STARTTLS either."""

@@ -2,12 +2,12 @@
 
 Plain blocking sockets, no gevent. All scanner workers wait on the inherited listening socket;
 whoever wins `accept` serves that connection to its end. The heartbeat is kept from the accept
-loop and, while a session waits for its client, from the connection's `tick`. After
-`scanner.max_requests` messages the worker finishes its connection and exits, and the master
-starts a fresh one. SIGTERM: accept nothing more, finish the connection in hand (a client idle
-for DRAIN_IDLE_GRACE seconds with no transaction gets 421), exit.
+loop and, in a session, from the connection's `tick` while it waits for its client and after
+each command. After `scanner.max_requests` messages the worker finishes its connection and
+exits, and the master starts a fresh one. SIGTERM: accept nothing more, finish the connection
+in hand (a client idle for DRAIN_IDLE_GRACE seconds with no transaction gets 421), exit.
 SIGQUIT: exit at once. The connection to the next hop is kept between messages (`relay.Cache`,
-timeouts.connection_cache_time_limit) and expired from the accept loop and from `tick`.
+timeouts.connection_cache_time_limit) and expired from the accept loop and from `beat`.
 A client that keeps its connection open between messages (an SMTP worker's hand-off cache)
 is answered 421 and let go as soon as another connection waits in the accept queue, so a
 cached connection never starves a waiting hand-off.
@@ -52,13 +52,18 @@ class ScannerService:
         self.listeners = ctx.socks
         self.ticked = 0.0
 
-    def tick(self) -> None:
-        """Called every IDLE_CHECK seconds while a session waits for its client."""
-        now = time.monotonic()
+    def beat(self, now: float) -> None:
+        """About once a second, from `tick` and after each command (a client that never pauses
+        never makes the session wait): the heartbeat, and idle next-hop connections closed."""
         if now - self.ticked >= 1.0:
             self.ticked = now
             self.worker.notify()
             self.relay_cache.expire()
+
+    def tick(self) -> None:
+        """Called every IDLE_CHECK seconds while a session waits for its client."""
+        now = time.monotonic()
+        self.beat(now)
         session = self.current
         if session is None:
             return
