@@ -55,7 +55,7 @@ from .config import Config, ConfigError, format_address
 from .control import ControlServer
 from .listen import bind_all, inherited
 from .pools import DRAINING, RUNNING, Pool, Worker, resize, set_bounds
-from .worker import MASTER_SIGNALS, WorkerContext, child_after_fork, set_title
+from .worker import MASTER_SIGNALS, STACK_SIGNAL, WorkerContext, child_after_fork, set_title
 from .notify import Notifier
 from .nuisance import NuisanceWindow
 from .scanner import quarantine
@@ -67,6 +67,7 @@ HOUSEKEEPING_INTERVAL = 0.1
 RSS_CHECK_INTERVAL = 5.0
 KILL_MARGIN = 15.0  # seconds past graceful_timeout before a draining worker is killed
 FAST_STOP_WAIT = 3.0
+STACK_WAIT = 0.5  # seconds a hung worker has to write its stack (STACK_SIGNAL) before SIGKILL
 # Out of processes, memory or files at fork: retry after 1s, doubling up to 30s (Postfix's
 # master throttles a service whose fork fails instead of exiting).
 FORK_RETRY_MIN, FORK_RETRY_MAX = 1.0, 30.0
@@ -505,12 +506,16 @@ class Master:
                                  pool.kind, delay)
 
     def murder(self) -> None:
-        """Kill hung workers (stale heartbeat) and draining workers past their grace."""
+        """Kill hung workers (stale heartbeat) and draining workers past their grace: each is
+        asked for its stack first (STACK_SIGNAL), and killed STACK_WAIT later."""
         now = time.monotonic()
         cfg = self.cfg
         for pool in self.pools.values():
             for worker in list(pool.workers.values()):
                 if worker.killed_at is not None:
+                    if not worker.kill_sent and now - worker.killed_at >= STACK_WAIT:
+                        worker.kill_sent = True
+                        self.kill(worker, signal.SIGKILL)
                     continue
                 info = self.board.read(worker.slot)
                 limit = cfg.master.worker_timeout + (cfg.scanner.timeout if info["busy"] else 0)
@@ -524,7 +529,7 @@ class Master:
                     self.log.warning("%s worker %d pid %d: %s -- killing", pool.kind,
                                      worker.number, worker.pid, reason)
                     worker.killed_at = now
-                    self.kill(worker, signal.SIGKILL)
+                    self.kill(worker, STACK_SIGNAL)  # where it hangs, to stderr; SIGKILL next
 
     def manage(self) -> None:
         now = time.monotonic()

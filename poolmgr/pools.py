@@ -36,7 +36,8 @@ class Worker:
     started: float = field(default_factory=time.monotonic)
     state: str = RUNNING
     term_at: float | None = None
-    killed_at: float | None = None
+    killed_at: float | None = None  # when murder() found it hung (its stack was asked for)
+    kill_sent: bool = False  # SIGKILL sent
 
 
 class Pool:

@@ -13,12 +13,14 @@ the process title `ps` shows (`poolmgr: smtp worker 3 [412 sessions]`). A pool's
 overrides only what differs.
 
 Exports: WorkerProcess, WorkerContext, Limits, limits_for, child_after_fork, set_title,
-DRAIN_IDLE_GRACE, MASTER_SIGNALS.
+DRAIN_IDLE_GRACE, MASTER_SIGNALS, STACK_SIGNAL.
 """
 
+import faulthandler
 import gc
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -31,6 +33,10 @@ from .config import Config
 # A stopping worker closes a session only after it has been idle this long, so that a session
 # just accepted, or one whose QUIT is on the way, is still served.
 DRAIN_IDLE_GRACE = 2.0
+# Sent by the master to a hung worker just before SIGKILL: the worker writes the Python stack
+# of each of its threads to stderr (faulthandler, from C: it works while the worker is stuck in
+# a system call or a lock), so the log says where it hung.
+STACK_SIGNAL = signal.SIGUSR2
 MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
                   signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
 
@@ -79,6 +85,7 @@ def child_after_fork(close_fds: list[int]) -> None:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: _early.append(signum))
     signal.signal(signal.SIGQUIT, lambda signum, frame: os._exit(0))
+    faulthandler.register(STACK_SIGNAL, file=sys.stderr, all_threads=True)
     for fd in close_fds:
         try:
             os.close(fd)

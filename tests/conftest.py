@@ -24,8 +24,22 @@ def pytest_configure(config):
 
 
 def log_problems(text: str, allowed: list[str]) -> list[str]:
-    return [line for line in text.splitlines()
-            if LOG_PROBLEM.search(line) and not any(re.search(a, line) for a in allowed)]
+    lines = text.splitlines()
+    problems = [line for line in lines
+                if LOG_PROBLEM.search(line) and not any(re.search(a, line) for a in allowed)]
+    return problems + killed_context(lines, problems)
+
+
+def killed_context(lines: list[str], problems: list[str]) -> list[str]:
+    """For a worker that was killed: the master's lines about it (why) and the Python stacks
+    the workers wrote (faulthandler, on the master's STACK_SIGNAL before SIGKILL)."""
+    pids = {m.group(1) for p in problems for m in [re.search(r"pid (\d+) killed by", p)] if m}
+    if not pids:
+        return []
+    about = re.compile(r"pid (?:%s)\b" % "|".join(pids))
+    return ["  " + line for line in lines
+            if about.search(line) and line not in problems
+            or re.match(r"(?:Current thread|Thread) 0x|  File ", line)]
 
 
 def stop_cleanly(instance: Poolmgr, allowed: list[str]) -> list[str]:

@@ -169,6 +169,21 @@ def test_hung_worker_is_found_by_heartbeat_and_replaced(make_poolmgr):
                len(pm.worker_pids("scanner")) == 2, what="a replacement scanner worker")
 
 
+def test_a_worker_asked_for_its_stack_writes_it_and_serves_on(make_poolmgr):
+    """The master asks a hung worker for its stack (SIGUSR2) before it kills it: each worker
+    writes where it is to stderr, and a worker that was not hung after all goes on."""
+    pm = make_poolmgr()
+    for kind, where in (("scanner", "scanner/worker.py"), ("smtp", "gevent")):
+        pid = pm.worker_pids(kind)[0]
+        os.kill(pid, signal.SIGUSR2)
+        wait_until(lambda: where in pm.log(), what=f"the {kind} worker's stack")
+        assert pid in pm.worker_pids(kind)
+    assert re.search(r'(?m)^  File ".*/poolmgr/scanner/worker\.py", line \d+ in serve$',
+                     pm.log())
+    with pm.smtp() as client:
+        assert client.sendmail("a@example.org", ["bob@example.test"], message()) == {}
+
+
 @pytest.mark.log_allows(r"error: scanner worker \d+ failed \(NotADirectoryError",
                          r"scanner worker \d+ pid \d+ exit status 1")
 def test_crash_loop_is_throttled(make_poolmgr, tmp_path):
