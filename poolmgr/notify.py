@@ -7,7 +7,8 @@ Type=notify-reload wants) and then `READY=1` again around a reload, `STOPPING=1`
 to stop, `STATUS=` whenever the one-line summary changes, and `WATCHDOG=1` while systemd's
 watchdog is armed (`WATCHDOG_USEC`, for our pid or any when `WATCHDOG_PID` is unset). Outside
 systemd (no NOTIFY_SOCKET) every call does nothing. A lost datagram is not an error: the
-protocol is best effort, like libsystemd's.
+protocol is best effort, like libsystemd's; and a send never blocks the master (a datagram
+the peer has no room for is dropped).
 
 Exports: Notifier.
 """
@@ -47,7 +48,10 @@ class Notifier:
             return False
         try:
             if self.sock is None:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Never blocking: a peer that does not read (its queue full, ten datagrams by
+                # default) must not stop the master; the datagram is dropped instead.
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                          | socket.SOCK_NONBLOCK)
             self.sock.sendto("\n".join(lines).encode() + b"\n", self.address)
             return True
         except OSError:

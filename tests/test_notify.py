@@ -5,7 +5,9 @@ import os
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+from helpers import wait_until
 from poolmgr.notify import Notifier
 
 
@@ -96,5 +98,24 @@ def test_master_notifies_ready_reload_status_watchdog_and_stop(make_poolmgr, tmp
     assert pm.status()["master"]["generation"] == 2
     assert banner(pm.smtp_port).startswith(b"220 ")
 
+    with ThreadPoolExecutor(1) as reader:  # systemd reads while the master stops
+        stopping = reader.submit(messages_until, server, "STOPPING=1")
+        assert pm.stop() == 0
+        stopping.result()
+
+
+def test_a_notify_socket_nobody_reads_never_stops_the_master(make_poolmgr, tmp_path,
+                                                             monkeypatch):
+    """Its queue fills after ten datagrams; the master drops the rest and serves on."""
+    server = bind(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # WATCHDOG=1 twenty times a second
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    pm = make_poolmgr()
+    time.sleep(1.5)
+    assert pm.status()["master"]["state"]
+    assert banner(pm.smtp_port).startswith(b"220 ")
+    pm.send_signal(signal.SIGHUP)
+    wait_until(lambda: pm.status()["master"]["generation"] == 2, what="the reload")
     assert pm.stop() == 0
-    messages_until(server, "STOPPING=1", timeout=5)
+    server.close()
