@@ -55,7 +55,7 @@ from .config import Config, ConfigError, format_address
 from .control import ControlServer
 from .listen import bind_all, inherited
 from .pools import DRAINING, RUNNING, Pool, Worker, resize, set_bounds
-from .worker import MASTER_SIGNALS, STACK_SIGNAL, WorkerContext, child_after_fork, set_title
+from .worker import MASTER_SIGNALS, STACK_SIGNAL, WorkerContext, child_after_fork, fork, set_title
 from .notify import Notifier
 from .nuisance import NuisanceWindow
 from .scanner import quarantine
@@ -410,7 +410,7 @@ class Master:
             if pool.kind == "smtp":
                 mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             step = "fork"
-            pid = os.fork()
+            pid = fork()
         except OSError as exc:
             self.board.free(index)
             for end in (mine, theirs):

@@ -1,8 +1,9 @@
 """The worker base class both pools' workers share, and what a worker gets from the master.
 
-`WorkerContext` is built by the master before fork and handed to the worker. Right after the
-fork `child_after_fork` restores default signal dispositions (the master's handlers only
-enqueue into the master's queue). `WorkerProcess.run` is the lifecycle (gunicorn's
+`WorkerContext` is built by the master before fork and handed to the worker. The master forks
+with its signals held (`fork`); right after the fork `child_after_fork` restores default
+signal dispositions (the master's handlers only enqueue into the master's queue) and lets the
+signals in. `WorkerProcess.run` is the lifecycle (gunicorn's
 workers/base.py): `init_process` (what must happen after the fork, such as gevent's
 monkey-patching, or reading the TLS key while still root), the drop to `master.user`
 (`privileges.drop`, before the first client), the signals (TERM `handle_term` drains, QUIT
@@ -12,7 +13,7 @@ gone (our parent pid changed), drains, which closes the listening socket at once
 the process title `ps` shows (`poolmgr: smtp worker 3 [412 sessions]`). A pool's worker
 overrides only what differs.
 
-Exports: WorkerProcess, WorkerContext, Limits, limits_for, child_after_fork, set_title,
+Exports: WorkerProcess, WorkerContext, Limits, limits_for, fork, child_after_fork, set_title,
 DRAIN_IDLE_GRACE, MASTER_SIGNALS, STACK_SIGNAL.
 """
 
@@ -70,7 +71,24 @@ def limits_for(cfg: Config, size_slack: int = 0) -> Limits:
 _early: list[int] = []
 
 
+def fork() -> int:
+    """os.fork with the master's signals held until the child has its own handlers
+    (`child_after_fork`): a signal sent to a worker just forked (a retire by the max_rss check,
+    a reload) would otherwise find the master's handler, which writes the signal to the
+    master's wakeup pipe, or a default action that kills the worker."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
+    if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    return pid
+
+
 def child_after_fork(close_fds: list[int]) -> None:
+    """The first thing a worker does (forked by `fork`, its signals held)."""
     # What came from the master stays out of this process's garbage collections: a
     # collection would write to every object it walks, and copy the master's pages.
     gc.freeze()
@@ -91,6 +109,7 @@ def child_after_fork(close_fds: list[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)  # what came meanwhile, now
 
 
 def set_title(title: str) -> None:

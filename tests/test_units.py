@@ -3,6 +3,7 @@ IPv4-mapped peers, listening sockets."""
 
 import os
 import re
+import signal
 import socket
 
 import pytest
@@ -17,6 +18,31 @@ from poolmgr.scanner.backends.base import Result
 from poolmgr.scanner.backends.builtin import EICAR, EICAR_NAME, scan
 from poolmgr.smtp.parse import canonical
 from poolmgr.testing import free_port
+
+
+def test_a_signal_to_a_worker_just_forked_waits_for_its_handlers():
+    """A worker retired right after its fork (the max_rss check, a reload) gets its SIGTERM
+    once its own handlers are in place: not the master's handler (which writes the signal to
+    the master's wakeup pipe), not the default action (killed by signal 15)."""
+    from poolmgr import worker
+
+    ran = []
+    masters = signal.signal(signal.SIGTERM, lambda *_: ran.append("master's handler"))
+    try:
+        pid = worker.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)  # before child_after_fork
+                worker.child_after_fork([])
+                code = 0 if worker._early == [signal.SIGTERM] and not ran else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        signal.signal(signal.SIGTERM, masters)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # the master's, as before
 
 
 def test_board_slots_are_shared_across_fork():
