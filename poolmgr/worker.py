@@ -1,17 +1,17 @@
 """The worker base class both pools' workers share, and what a worker gets from the master.
 
 `WorkerContext` is built by the master before fork and handed to the worker. The master forks
-with its signals held (`fork`); right after the fork `child_after_fork` restores default
-signal dispositions (the master's handlers only enqueue into the master's queue) and lets the
-signals in. `WorkerProcess.run` is the lifecycle (gunicorn's
-workers/base.py): `init_process` (what must happen after the fork, such as gevent's
-monkey-patching, or reading the TLS key while still root), the drop to `master.user`
-(`privileges.drop`, before the first client), the signals (TERM `handle_term` drains, QUIT
-exits at once, USR1 reopens the log), then `serve` until the worker is done. `notify` is the
-heartbeat, called about once a second: it stamps the scoreboard slot and, when the master is
-gone (our parent pid changed), drains, which closes the listening socket at once. `show` sets
-the process title `ps` shows (`poolmgr: smtp worker 3 [412 sessions]`). A pool's worker
-overrides only what differs.
+with its signals held (`fork`); right after the fork `child_after_fork` restores default signal
+dispositions (the master's handlers only enqueue into the master's queue) and lets the signals
+in. `WorkerProcess.run` is the lifecycle (gunicorn's workers/base.py): `init_process` (what
+must happen after the fork, such as gevent's monkey-patching, or reading the TLS key while
+still root), the drop to `master.user` (`privileges.drop`, before the first client), the
+signals (TERM `handle_term` drains, QUIT exits at once, USR1 reopens the log, USR2 writes the
+stack), then `serve`
+until the worker is done. `notify` is the heartbeat, called about once a second: it stamps the
+scoreboard slot and, when the master is gone (our parent pid changed), drains, which closes the
+listening socket at once. `show` sets the process title `ps` shows (`poolmgr: smtp worker 3
+[412 sessions]`). A pool's worker overrides only what differs.
 
 Exports: WorkerProcess, WorkerContext, Limits, limits_for, fork, child_after_fork, set_title,
 DRAIN_IDLE_GRACE, MASTER_SIGNALS, STACK_SIGNAL.

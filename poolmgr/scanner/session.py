@@ -57,9 +57,10 @@ class ScannerSession(ServerSession):
                 "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE"]
 
     def after_command(self) -> None:
-        """The worker's heartbeat (`beat`). After a message, a client that keeps the connection for more (an SMTP worker's
-        connection cache) is let go at once (421) when this worker is done (scanner.max_requests)
-        or when another connection waits for a scanner worker: every other one is busy then."""
+        """The worker's heartbeat (`beat`). After a message, a client that keeps the connection
+        for more (an SMTP worker's connection cache) is let go at once (421) when this worker
+        is done (scanner.max_requests) or when another connection waits for a scanner worker:
+        every other one is busy then."""
         service = self.service
         service.beat(time.monotonic())
         if self.closing or self.env is not None or self.last_cmd not in ("DATA", "BDAT"):
