@@ -173,7 +173,7 @@ def test_a_worker_asked_for_its_stack_writes_it_and_serves_on(make_poolmgr):
     """The master asks a hung worker for its stack (SIGUSR2) before it kills it: each worker
     writes where it is to stderr, and a worker that was not hung after all goes on."""
     pm = make_poolmgr()
-    for kind, where in (("scanner", "scanner/worker.py"), ("smtp", "gevent")):
+    for kind, where in (("scanner", "scanner/worker.py"), ("smtp", "gevent/hub.py")):
         pid = pm.worker_pids(kind)[0]
         os.kill(pid, signal.SIGUSR2)
         wait_until(lambda: where in pm.log(), what=f"the {kind} worker's stack")
