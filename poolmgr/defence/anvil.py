@@ -187,6 +187,7 @@ class AnvilClient(ClientState):
     def __init__(self, sock: socket.socket, timeout: float, logger):
         import gevent
         import gevent.event
+        import gevent.exceptions
 
         self.sock = sock
         self.timeout = timeout
@@ -195,7 +196,9 @@ class AnvilClient(ClientState):
         self.closed = False  # the master's end is gone: stop asking
         self.pending: dict[int, "gevent.event.AsyncResult"] = {}
         self.result_type = gevent.event.AsyncResult
-        self.failures = (gevent.Timeout, OSError)
+        # ConcurrentObjectUseError: another session is already waiting to send (the master is
+        # behind and the socket's buffer is full); this one fails open instead of waiting too.
+        self.failures = (gevent.Timeout, OSError, gevent.exceptions.ConcurrentObjectUseError)
         self.reader = gevent.spawn(self._read)
 
     def _read(self) -> None:
@@ -241,7 +244,7 @@ class AnvilClient(ClientState):
             return
         try:
             self.sock.send(f"0 {request}".encode("ascii"))
-        except OSError:
+        except self.failures:
             pass
 
     def disconnect(self, ip: str) -> None:
