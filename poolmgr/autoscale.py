@@ -29,15 +29,22 @@ Every size goes through the one sizing rule, `pools.fit` (each pool within its f
 ceiling, scanner <= SMTP), and `check_rules` checks each decision against it plus, when calm,
 SMTP <= max(SMTP floor, `calm_ratio` x scanner).
 
-Exports: Snapshot, State, decide, check_rules, CALM, STORM, RETREAT.
+`Autoscaler` is what the master keeps of it between intervals, as one typed record: on or
+off, `decide`'s `State`, the counters at the last interval (`Mark`, for the next interval's
+differences), the last snapshot and the decisions `poolmgr status` shows. The master hands it
+each interval's snapshot (`status.snapshot`) and applies the targets `Autoscaler.run` returns.
+
+Exports: Snapshot, State, Mark, Autoscaler, decide, check_rules, CALM, STORM, RETREAT.
 """
 
+import collections
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .pools import Bounds, broken, calm_size, fit
 
 CALM, STORM, RETREAT = "calm", "storm", "retreat"
+DECISIONS_KEPT = 20  # the last decisions `poolmgr status` shows
 
 
 @dataclass(frozen=True)
@@ -191,3 +198,52 @@ def check_rules(snap: Snapshot, smtp: int, scanner: int, phase: str, cfg) -> lis
     """The rules a decision must keep; returns the broken ones (empty when all hold)."""
     return broken(smtp, scanner, snap.bounds, cfg.calm_ratio if phase == CALM else 0.0)
 
+
+
+@dataclass(frozen=True)
+class Mark:
+    """The SMTP pool's cumulative counters at the last interval: the next snapshot's
+    differences (hand-off rate and wait, session growth, hand-off queueing) are taken from it."""
+    handoffs: int = 0
+    wait_ms: int = 0          # total hand-off time, milliseconds
+    sessions: int = 0         # live sessions
+    at: float | None = None   # monotonic clock; None before the first interval
+    queue_us: int = 0         # total time hand-offs waited for a scanner worker, microseconds
+
+
+@dataclass
+class Autoscaler:
+    """The autoscaler as the master keeps it: `decide`'s state and what status shows."""
+    enabled: bool
+    state: State = field(default_factory=State)
+    ran_at: float = 0.0       # monotonic: when `run` last ran
+    phase_since: float = 0.0  # wall clock: when the storm phase last changed
+    mark: Mark = field(default_factory=Mark)
+    last: Snapshot | None = None
+    decisions: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=DECISIONS_KEPT))
+    decision_count: int = 0   # since start (a metric)
+
+    def due(self, now: float, interval: float) -> bool:
+        return self.enabled and now - self.ran_at >= interval
+
+    def run(self, snap: Snapshot, mark: Mark, cfg, wall: float) -> tuple[int, int, list[str]]:
+        """One interval: (smtp target, scanner target, decisions), each decision kept with
+        the wall clock `wall` for status."""
+        before = self.state
+        smtp, scanner, self.state, decisions = decide(snap, before, cfg)
+        self.ran_at, self.last, self.mark = snap.now, snap, mark
+        if self.state.phase != before.phase:
+            self.phase_since = wall
+        self.decision_count += len(decisions)
+        self.decisions.extend({"time": round(wall, 1), "decision": d} for d in decisions)
+        return smtp, scanner, decisions
+
+    def switch(self, on: bool, now: float, wall: float) -> bool:
+        """On or off; True when it changed. Off starts the next `on` from calm."""
+        if on == self.enabled:
+            return False
+        self.enabled = on
+        if not on:
+            self.state, self.phase_since = State(since=now), wall
+        return True

@@ -12,7 +12,7 @@ autoscaler (`autoscale.decide`, whose calm size is `calm_size`); `broken` names 
 sizes breaks, for the autoscaler's self-check and the bench.
 
 Exports: Pool, Worker, Bounds, fit, calm_size, broken, configured_bounds, bounds_of, set_bounds,
-resize, RUNNING, DRAINING.
+resize, PoolView, WorkerView, RUNNING, DRAINING.
 """
 
 import re
@@ -21,9 +21,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+import psutil
+
 RUNNING, DRAINING = "running", "draining"
 STARTUP_WINDOW = 5.0  # a worker that fails within this many seconds failed at start-up
 MAX_BACKOFF = 60.0
+# Out of processes, memory or files at fork: retry after 1s, doubling up to 30s (Postfix's
+# master throttles a service whose fork fails instead of exiting).
+FORK_RETRY_MIN, FORK_RETRY_MAX = 1.0, 30.0
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Pool:
         self.totals: Counter = Counter()  # counters of workers that have exited
         self.failures = 0
         self.backoff_until = 0.0
+        self.fork_delay = 0.0  # the last retry delay after a failed fork
 
     def running(self) -> list[Worker]:
         return sorted((w for w in self.workers.values() if w.state == RUNNING),
@@ -72,10 +78,77 @@ class Pool:
             self.failures = 0
         return 0.0
 
+    def view(self, read, now: float) -> "PoolView":
+        """The pool as status reads it, each worker's board slot read once (`read`)."""
+        return PoolView(self.target, self.floor, self.ceiling, self.backoff_until > now,
+                        self.totals, [WorkerView(w, read(w.slot)) for w in self.workers.values()])
+
+    def hung(self, read, now: float, timeout: float, busy_extra: float,
+             grace: float) -> list[tuple[Worker, str]]:
+        """Workers to kill, with why: no heartbeat for `timeout` (plus `busy_extra` while busy
+        with a message), or still draining `grace` after being retired. `read` is the board's
+        (slot -> its fields)."""
+        found = []
+        for worker in self.workers.values():
+            if worker.killed_at is not None:
+                continue
+            info = read(worker.slot)
+            age = now - info["heartbeat"]
+            if age > timeout + (busy_extra if info["busy"] else 0):
+                found.append((worker, f"no heartbeat for {age:.0f}s"))
+            elif worker.state == DRAINING and now - worker.term_at > grace:
+                found.append((worker, "still draining"))
+        return found
+
+    def fork_failed(self, now: float) -> float:
+        """A fork (or its socketpair) failed: wait before the next, 1s doubling to 30s."""
+        self.fork_delay = min(FORK_RETRY_MAX, 2 * self.fork_delay or FORK_RETRY_MIN)
+        self.backoff_until = max(self.backoff_until, now + self.fork_delay)
+        return self.fork_delay
+
+    def over_rss(self, limit: int) -> list[tuple[Worker, int]]:
+        """Running workers whose resident memory is over `limit` bytes (0: no limit)."""
+        fat = []
+        for worker in self.running() if limit else ():
+            try:
+                rss = psutil.Process(worker.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > limit:
+                fat.append((worker, rss))
+        return fat
+
     def set_limits(self, floor: int, ceiling: int) -> None:
         self.ceiling = ceiling
         self.floor = max(1, min(floor, ceiling))
         self.target = max(self.floor, min(self.target, ceiling))
+
+
+@dataclass
+class WorkerView:
+    """One worker: the master's record of it and its board slot (`Board.read`), read once."""
+    worker: Worker
+    board: dict
+
+
+@dataclass
+class PoolView:
+    target: int
+    floor: int
+    ceiling: int
+    throttled: bool           # a start-up crash loop is being backed off
+    totals: Counter           # counters of the workers that have exited
+    workers: list[WorkerView]
+
+    def running(self) -> list[WorkerView]:
+        return [w for w in self.workers if w.worker.state == RUNNING]
+
+    def counters(self) -> Counter:
+        """Cumulative counters of the pool: exited workers' totals plus the live slots."""
+        counters = Counter(self.totals)
+        for view in self.workers:
+            counters.update(view.board["counters"])
+        return counters
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,14 @@ back into records (`Status.from_json`) and reads attributes, so a renamed field 
 is read, not at run time in another process. `snapshot` assembles the autoscaler's input from
 the same sources.
 
+The master hands over what it knows as one typed record, `MasterView` (its pools as
+`pools.PoolView`s with each worker's board slot read once, the nuisance window, the autoscaler's
+record, anvil's and the cluster's figures): `collect`, `snapshot` and `summary` read that
+record, never the master itself.
+
 Exports: Status, PoolStatus, WorkerStatus, MasterStatus, NuisanceStatus, StressStatus,
 StormStatus, AutoscaleStatus, Decision, AnvilStatus, ClusterStatus, ScannerStatus, CheckStatus,
-collect, snapshot.
+MasterView, collect, snapshot, summary.
 """
 
 import dataclasses
@@ -24,7 +29,7 @@ import psutil
 
 from . import autoscale
 from .board import LATENCY_BUCKETS
-from .listen import accept_queue
+from .pools import PoolView
 from .scanner.verdict import KINDS as VERDICT_KINDS
 
 MIN_CLOSED_FOR_RATIO = 20  # fewer closed sessions in the window: their ratio is noise
@@ -224,30 +229,44 @@ def _rss(pid: int) -> int:
         return 0
 
 
-def pool_counters(master, pool) -> Counter:
-    """Cumulative counters of a pool: exited workers' totals plus the live slots."""
-    counters = Counter(pool.totals)
-    for worker in pool.workers.values():
-        counters.update(master.board.read(worker.slot)["counters"])
-    return counters
+# -- what the master hands over
+
+@dataclass
+class MasterView:
+    """The master's state as status and the autoscaler read it (`Master.view`)."""
+    now: float                # monotonic
+    started: float            # wall clock of the master's start
+    config: str
+    generation: int
+    stopping: str             # "", "graceful" or "fast"
+    pools: dict[str, PoolView]
+    per_worker: int           # smtp.max_sessions_per_worker
+    accept_queue: tuple[int, int]  # (waiting, limit) of the fullest SMTP accept queue
+    listen_backlog: int       # smtp.listen_backlog
+    nuisance: dict            # NuisanceWindow.summary()
+    autoscaler: autoscale.Autoscaler
+    stress: StressStatus
+    anvil: AnvilStatus
+    cluster: ClusterStatus
+    checks: list[str]         # scanner.checks
 
 
-def _pool(master, kind: str, pool, now: float) -> PoolStatus:
+def _pool(kind: str, pool: PoolView, view: MasterView) -> PoolStatus:
     listing, by_state = [], Counter()
-    for worker in sorted(pool.workers.values(), key=lambda w: (w.state, w.number)):
-        info = master.board.read(worker.slot)
+    for w in sorted(pool.workers, key=lambda w: (w.worker.state, w.worker.number)):
+        info, worker = w.board, w.worker
         by_state.update(suspect=info["suspect"], transacting=info["transacting"])
         listing.append(WorkerStatus(worker.pid, worker.number, worker.generation, worker.state,
-                                    round(now - worker.started, 1), info["sessions"],
-                                    info["busy"], round(now - info["heartbeat"], 1),
+                                    round(view.now - worker.started, 1), info["sessions"],
+                                    info["busy"], round(view.now - info["heartbeat"], 1),
                                     _rss(worker.pid)))
     running = len(pool.running())
     sessions = sum(w.sessions for w in listing)
-    per_worker = master.cfg.smtp.max_sessions_per_worker if kind == "smtp" else 1
+    per_worker = view.per_worker if kind == "smtp" else 1
     result = PoolStatus(running, len(pool.workers) - running, pool.target, pool.floor,
                         pool.ceiling, sessions, running * per_worker,
                         sum(w.busy for w in listing), sum(w.rss for w in listing),
-                        pool.backoff_until > now, dict(pool_counters(master, pool)), listing)
+                        pool.throttled, dict(pool.counters()), listing)
     if kind == "smtp":  # live sessions by state (see FrontSession.looks_like_nuisance)
         result.sessions_by_state = {
             "suspect": by_state["suspect"], "transaction": by_state["transacting"],
@@ -255,9 +274,9 @@ def _pool(master, kind: str, pool, now: float) -> PoolStatus:
     return result
 
 
-def _nuisance(master, counters: dict) -> NuisanceStatus:
+def _nuisance(view: MasterView, counters: dict) -> NuisanceStatus:
     """The sliding-window ratio, plus all-time counts by reason since start."""
-    window = master.nuisance.summary()
+    window = view.nuisance
     total = NuisanceTotal(counters.get("legit", 0), {
         key.removeprefix("nuisance_"): value for key, value in counters.items()
         if key.startswith("nuisance_") and value})
@@ -265,12 +284,12 @@ def _nuisance(master, counters: dict) -> NuisanceStatus:
                           window["nuisance"], window["by_reason"], total)
 
 
-def _autoscale(master) -> AutoscaleStatus:
-    snap = master.last_snapshot
-    result = AutoscaleStatus(master.autoscale_on, master.scaler.phase,
-                             round(master.phase_since, 1),
-                             backlog_max=master.cfg.smtp.listen_backlog,
-                             decisions=[Decision(**d) for d in master.decisions])
+def _autoscale(view: MasterView) -> AutoscaleStatus:
+    scaler = view.autoscaler
+    snap = scaler.last
+    result = AutoscaleStatus(scaler.enabled, scaler.state.phase, round(scaler.phase_since, 1),
+                             backlog_max=view.listen_backlog,
+                             decisions=[Decision(**d) for d in scaler.decisions])
     if snap is not None:
         result.pressure, result.occupancy = round(snap.pressure, 3), round(snap.occupancy, 3)
         result.backlog, result.backlog_max = snap.accept_queue, snap.listen_backlog
@@ -280,30 +299,26 @@ def _autoscale(master) -> AutoscaleStatus:
     return result
 
 
-def collect(master) -> Status:
-    now = time.monotonic()
-    pools = {kind: _pool(master, kind, pool, now) for kind, pool in master.pools.items()}
+def collect(view: MasterView) -> Status:
+    pools = {kind: _pool(kind, pool, view) for kind, pool in view.pools.items()}
+    phase = view.autoscaler.state.phase
     return Status(
         version=__import__("poolmgr").__version__,
-        master=MasterStatus(os.getpid(), round(time.time() - master.started, 1),
-                            master.cfg.path, master.generation,
-                            f"stopping ({master.stopping})" if master.stopping else "running",
+        master=MasterStatus(os.getpid(), round(time.time() - view.started, 1), view.config,
+                            view.generation,
+                            f"stopping ({view.stopping})" if view.stopping else "running",
                             _rss(os.getpid())),
-        pools=pools, nuisance=_nuisance(master, pools["smtp"].counters),
-        stress=StressStatus(**master.stress),
-        storm=StormStatus(master.scaler.phase == autoscale.STORM, master.scaler.phase,
-                          round(master.phase_since, 1)),
-        autoscale=_autoscale(master),
-        anvil=AnvilStatus(len(master.anvil.clients),
-                          sum(c.count for c in master.anvil.clients.values()),
-                          len(master.anvil.greet), len(master.anvil.dnsbl)),
-        scanner=_scanner(master.cfg, pools["scanner"].counters),
-        cluster=ClusterStatus(**master.cluster.view()) if master.cluster else ClusterStatus())
+        pools=pools, nuisance=_nuisance(view, pools["smtp"].counters),
+        stress=dataclasses.replace(view.stress),
+        storm=StormStatus(phase == autoscale.STORM, phase,
+                          round(view.autoscaler.phase_since, 1)),
+        autoscale=_autoscale(view), anvil=view.anvil,
+        scanner=_scanner(view.checks, pools["scanner"].counters), cluster=view.cluster)
 
 
-def _scanner(cfg, counters: dict) -> ScannerStatus:
+def _scanner(names: list[str], counters: dict) -> ScannerStatus:
     checks = {}
-    for name in cfg.scanner.checks:
+    for name in names:
         prefix = f"check_{name}_"
         checks[name] = CheckStatus(
             counters.get(prefix + "count", 0), counters.get(prefix + "failed", 0),
@@ -313,37 +328,49 @@ def _scanner(cfg, counters: dict) -> ScannerStatus:
                          checks)
 
 
-def window_ratio(master) -> float:
+def window_ratio(window: dict) -> float:
     """The closed sessions' nuisance ratio, once enough sessions closed to mean anything."""
-    window = master.nuisance.summary()
     closed = window["legit"] + window["nuisance"]
     return window["ratio"] if closed >= MIN_CLOSED_FOR_RATIO else 0.0
 
 
-def snapshot(master, now: float, mark: tuple) -> tuple[autoscale.Snapshot, tuple]:
-    """The autoscaler's input, and the mark for the next interval's differences (hand-offs,
-    their wait in ms, live sessions, when, their time waiting for a scanner in µs)."""
-    smtp, scanner = master.pools["smtp"], master.pools["scanner"]
+def snapshot(view: MasterView) -> tuple[autoscale.Snapshot, autoscale.Mark]:
+    """The autoscaler's input, and the mark for the next interval's differences."""
+    smtp, scanner, mark, now = (view.pools["smtp"], view.pools["scanner"],
+                                view.autoscaler.mark, view.now)
     running = smtp.running()
-    infos = [master.board.read(w.slot) for w in running]
-    sessions = sum(i["sessions"] for i in infos)
-    suspect = sum(i["suspect"] for i in infos)
+    sessions = sum(w.board["sessions"] for w in running)
+    suspect = sum(w.board["suspect"] for w in running)
     live_ratio = suspect / sessions if sessions else 0.0
-    counters = pool_counters(master, smtp)
-    handoffs, wait_ms = counters.get("handoffs", 0), counters.get("handoff_wait_ms", 0)
-    queue_us = counters.get("handoff_queue_us", 0)
-    done = handoffs - mark[0]
-    elapsed = now - mark[3] if mark[3] is not None else 0.0
-    queued, limit = accept_queue(master.sockets["smtp"], master.cfg.smtp.listen_backlog)
+    counters = smtp.counters()
+    new = autoscale.Mark(counters.get("handoffs", 0), counters.get("handoff_wait_ms", 0),
+                         sessions, now, counters.get("handoff_queue_us", 0))
+    done = new.handoffs - mark.handoffs
+    elapsed = now - mark.at if mark.at is not None else 0.0
+    queued, limit = view.accept_queue
     snap = autoscale.Snapshot(
         now=now, smtp=smtp.target, scanner=scanner.target, smtp_floor=smtp.floor,
         smtp_ceiling=smtp.ceiling, scanner_floor=scanner.floor,
         scanner_ceiling=scanner.ceiling, sessions=sessions,
-        slots=len(running) * master.cfg.smtp.max_sessions_per_worker, accept_queue=queued,
-        listen_backlog=limit, nuisance_ratio=max(window_ratio(master), live_ratio),
-        scanner_busy=sum(master.board.read(w.slot)["busy"] for w in scanner.running()),
-        handoff_wait=(wait_ms - mark[1]) / 1000 / done if done > 0 else 0.0,
-        handoff_queue=(queue_us - mark[4]) / 1e6 / elapsed if elapsed > 0 else 0.0,
-        growth=(sessions - mark[2]) / elapsed if elapsed > 0 else 0.0,
-        per_worker=master.cfg.smtp.max_sessions_per_worker)
-    return snap, (handoffs, wait_ms, sessions, now, queue_us)
+        slots=len(running) * view.per_worker, accept_queue=queued,
+        listen_backlog=limit, nuisance_ratio=max(window_ratio(view.nuisance), live_ratio),
+        scanner_busy=sum(w.board["busy"] for w in scanner.running()),
+        handoff_wait=(new.wait_ms - mark.wait_ms) / 1000 / done if done > 0 else 0.0,
+        handoff_queue=(new.queue_us - mark.queue_us) / 1e6 / elapsed if elapsed > 0 else 0.0,
+        growth=(sessions - mark.sessions) / elapsed if elapsed > 0 else 0.0,
+        per_worker=view.per_worker)
+    return snap, new
+
+
+def summary(view: MasterView) -> str:
+    """`smtp 2/2 workers, scanner 2/2, calm`: running/target, then the storm phase (systemd's
+    STATUS=)."""
+    smtp, scanner = view.pools["smtp"], view.pools["scanner"]
+    words = [f"smtp {len(smtp.running())}/{smtp.target} workers",
+             f"scanner {len(scanner.running())}/{scanner.target}",
+             view.autoscaler.state.phase if view.autoscaler.enabled else "autoscale off"]
+    if view.stress.on:
+        words.append("stress mode")
+    if view.stopping:
+        words.append(f"stopping ({view.stopping})")
+    return ", ".join(words)
