@@ -7,7 +7,11 @@ signal: between two iterations, by the only code that changes state. A client's 
 read as they arrive, with one deadline for the whole request: a slow or silent client never
 holds up the loop.
 
-Exports: ControlServer, request, ControlError.
+`answer(request, master)` is the protocol's one dispatcher: `status`, and `ctl` with a verb
+(`ctl_smtp`, `ctl_scanner`, `ctl_stress`, `ctl_autoscale`), each request's shape checked
+first. The verbs act on the master only through the few methods `Controlled` names.
+
+Exports: ControlServer, Controlled, request, answer, ControlError, CTL_USAGE.
 """
 
 import json
@@ -15,11 +19,15 @@ import os
 import selectors
 import socket
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .sizing import Sizing
 
 MAX_REQUEST = 65536
 REQUEST_DEADLINE = 2.0  # seconds for a client to send its whole request
 ANSWER_TIMEOUT = 1.0    # seconds to hand the answer over (a few KB on a local socket)
+CTL_USAGE = "usage: ctl smtp|scanner N|+N|-N, ctl stress on|off, ctl autoscale on|off"
 
 
 class ControlError(Exception):
@@ -31,12 +39,13 @@ class ControlServer:
     "control", each client as "control-conn"; a client is read as its bytes arrive, never
     waited for, and must send its whole request within REQUEST_DEADLINE."""
 
-    def __init__(self, path: str, mode: int, selector: selectors.BaseSelector):
+    def __init__(self, path: str, mode: int, selector: selectors.BaseSelector, logger):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if os.path.exists(path):
             os.unlink(path)  # stale: the pidfile check already ruled out a live master
         self.path = path
         self.selector = selector
+        self.log = logger
         self.clients: dict[socket.socket, tuple[bytearray, float]] = {}
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
@@ -69,8 +78,9 @@ class ControlServer:
             self.clients[conn] = (bytearray(), time.monotonic() + REQUEST_DEADLINE)
             self.selector.register(conn, selectors.EVENT_READ, "control-conn")
 
-    def read(self, conn: socket.socket, handler: Callable[[dict], dict]) -> None:
-        """What the client sent so far; a whole line (or the end) is answered."""
+    def read(self, conn: socket.socket, master: "Controlled") -> None:
+        """What the client sent so far; a whole line (or the end) is answered. A request must
+        never take the master down: a failure is logged and answered."""
         data, deadline = self.clients[conn]
         try:
             chunk = conn.recv(4096)
@@ -81,13 +91,18 @@ class ControlServer:
         data += chunk
         if chunk and b"\n" not in data and len(data) < MAX_REQUEST:
             return
-        answer = None
+        reply = None
         try:
             request = json.loads(data.decode("utf-8"))
-            answer = handler(request) if isinstance(request, dict) else None
         except ValueError:
-            pass
-        self._answer(conn, answer or {"ok": False, "message": "bad request"})
+            request = None
+        if isinstance(request, dict):
+            try:
+                reply = answer(request, master)
+            except Exception:
+                self.log.exception("control request %.80r failed", request)
+                reply = {"ok": False, "message": "internal error, see the log"}
+        self._answer(conn, reply or {"ok": False, "message": "bad request"})
 
     def expire(self) -> None:
         """Close clients that did not send a whole request in time."""
@@ -119,6 +134,54 @@ class ControlServer:
                 os.unlink(self.path)
         except OSError:
             pass
+
+
+class Controlled(Protocol):
+    """What the control verbs may ask of the master."""
+    stopping: str
+    sizing: "Sizing"
+
+    def status(self): ...  # a status.Status
+
+
+def answer(request: dict, master: Controlled) -> dict:
+    """One request's answer; a wrong shape gets an error answer, never an exception."""
+    cmd, args = request.get("cmd"), request.get("args", [])
+    if cmd == "status":
+        return {"ok": True, "status": master.status().to_json()}
+    if cmd != "ctl":
+        return {"ok": False, "message": f"unknown command {str(cmd)[:40]!r}"}
+    verb = (VERBS.get(args[0]) if isinstance(args, list) and len(args) == 2 and
+            all(isinstance(a, str) for a in args) else None)
+    if verb is None:
+        return {"ok": False, "message": CTL_USAGE}
+    return verb(master, args[1])
+
+
+def ctl_smtp(master: Controlled, size: str) -> dict:
+    done, message = master.sizing.resize("smtp", size, "ctl", bool(master.stopping))
+    return {"ok": done, "message": message}
+
+
+def ctl_scanner(master: Controlled, size: str) -> dict:
+    done, message = master.sizing.resize("scanner", size, "ctl", bool(master.stopping))
+    return {"ok": done, "message": message}
+
+
+def ctl_stress(master: Controlled, word: str) -> dict:
+    if word not in ("on", "off"):
+        return {"ok": False, "message": CTL_USAGE}
+    return {"ok": True, "message": master.sizing.set_stress(word == "on", "ctl")}
+
+
+def ctl_autoscale(master: Controlled, word: str) -> dict:
+    if word not in ("on", "off"):
+        return {"ok": False, "message": CTL_USAGE}
+    return {"ok": True, "message": master.sizing.set_autoscale(word == "on", "ctl")}
+
+
+VERBS = {"smtp": ctl_smtp, "scanner": ctl_scanner, "stress": ctl_stress,
+         "autoscale": ctl_autoscale}
 
 
 def request(path: str, payload: dict, timeout: float = 10.0) -> dict:
