@@ -12,7 +12,7 @@ a file in SYSTEM_CONFIG's directory gets the system layout's defaults (`SYSTEM_P
 for the socket and pidfile, /var/lib/poolmgr for mail), any other place `./var` beside it.
 `differences` is `poolmgr config -n`: what a file sets that differs from the defaults.
 
-Exports: load, find, differences, setting_of, ConfigError, Config, Section, NextHop, render_default,
+Exports: load, reload, find, differences, setting_of, ConfigError, Config, Section, NextHop, render_default,
 control_socket_of, parse_duration, parse_size, parse_address, parse_listen, format_address,
 toml_value, SYSTEM_CONFIG, SYSTEM_PATHS.
 """
@@ -53,6 +53,10 @@ _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 RULE_KEYS = {"name", "header", "body", "pattern", "action"}
 RULE_ACTIONS = ("reject", "tag")
 
+
+# Settings a reload cannot change: the master holds their sockets and files.
+RESTART_KEYS = ("smtp.listen", "scanner.listen", "master.control_socket", "master.pidfile",
+                "metrics.listen", "scanner.policy")
 
 class ConfigError(Exception):
     """One or more configuration errors; `errors` holds one line per error."""
@@ -134,6 +138,22 @@ class Config:
     def get(self, name: str) -> Any:
         section, key = name.split(".", 1)
         return getattr(self._sections[section], key)
+
+    def scanner_addresses(self) -> list[tuple[str, int]]:
+        """scanner.listen, then each policy bank's own listener."""
+        scanner = self._sections["scanner"]
+        return [scanner.listen] + [bank["listen"] for bank in scanner.policy]
+
+    def restart_needed(self, new: "Config") -> str | None:
+        """The first setting a reload to `new` cannot apply (a socket or file the running
+        master holds); None when a reload can take them all."""
+        for key in RESTART_KEYS:
+            if key == "scanner.policy":  # a bank's actions may change; its listener may not
+                if new.scanner_addresses() != self.scanner_addresses():
+                    return key
+            elif new.get(key) != self.get(key):
+                return key
+        return None
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Config) and all(
@@ -571,6 +591,25 @@ def load(path: str | None) -> Config:
     if path is None:
         return from_dict({})
     return from_dict(_read(path), path)
+
+
+def reload(path: str | None, running: Config, log) -> Config | None:
+    """The configuration a reload (HUP) applies, or None when it is refused (invalid, or a
+    setting changed that needs a restart); each reason logged."""
+    try:
+        new = load(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            log.error("reload: %s", line)
+        log.error("reload failed: keeping the running configuration")
+        return None
+    key = running.restart_needed(new)
+    if key is not None:
+        log.error("reload refused: %s changed; restart poolmgr to apply it", key)
+        return None
+    for warning in new.warnings:
+        log.warning("reload: %s", warning)
+    return new
 
 
 def differences(path: str | None) -> list[tuple[str, Any]]:

@@ -15,7 +15,7 @@ from 3 on, sd_listen_fds(3)) or from the master a `USR2` upgrade replaces (`POOL
 comma-separated list, see upgrade.py). `inherited` reads them, keyed by the address each is
 bound to; `bind` takes the one for its address.
 
-Exports: bind, bind_all, accept_queue, inherited, INHERIT_ENV.
+Exports: bind, bind_all, bind_pools, accept_queue, inherited, INHERIT_ENV.
 """
 
 import os
@@ -95,6 +95,19 @@ def bind_all(addresses, listen_backlog: int,
             sock.close()
         raise
     return socks
+
+
+def bind_pools(cfg, log) -> dict[str, list[socket.socket]]:
+    """Both pools' listening sockets: the SMTP pool's (one per smtp.listen address) and the
+    scanner pool's (scanner.listen and each policy bank's), taken over where inherited."""
+    handed = inherited()  # systemd's socket activation, or a USR2 upgrade
+    sockets = {"smtp": bind_all(cfg.smtp.listen, cfg.smtp.listen_backlog, handed),
+               "scanner": bind_all(cfg.scanner_addresses(), cfg.scanner.listen_backlog, handed)}
+    for address, sock in handed.items():
+        log.warning("inherited socket %s is not in the configuration: closed",
+                    format_address(address))
+        sock.close()
+    return sockets
 
 
 def _queue(sock: socket.socket, listen_backlog: int) -> tuple[int, int]:

@@ -15,9 +15,11 @@ import time
 _counter = itertools.count(1)
 
 
-def prepare(path: str) -> None:
+def prepare(path: str) -> list[str]:
+    """Create the maildir; its directories, for the master to hand to the workers' user."""
     for sub in ("tmp", "new", "cur"):
         os.makedirs(os.path.join(path, sub), exist_ok=True)
+    return [path] + [os.path.join(path, sub) for sub in ("tmp", "new", "cur")]
 
 
 def write_synced(tmp: str, final: str, data: bytes) -> None:

@@ -19,7 +19,7 @@ pid: series must outlive a worker), `smtp_sessions`, `smtp_slots`, `smtp_accept_
 `cluster_local_total` (questions answered from local state); and the master's own
 `process_*` metrics.
 
-Exports: StatusCollector, start.
+Exports: StatusCollector, start, serve, stop.
 """
 
 from prometheus_client import ProcessCollector, start_http_server
@@ -27,6 +27,7 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily,
                                      GaugeMetricFamily, HistogramMetricFamily)
 
 from .board import LATENCY_BUCKETS
+from .config import format_address
 from .status import Status
 
 
@@ -182,3 +183,20 @@ def start(address: tuple[str, int], collector: StatusCollector):
     ProcessCollector(registry=registry)  # the master's own process_* metrics
     started = start_http_server(address[1], addr=address[0], registry=registry)
     return started[0] if isinstance(started, tuple) else None
+
+
+def serve(address: tuple[str, int], collector: StatusCollector, log):
+    """`start`, for the master: a port it cannot bind is fatal (SystemExit)."""
+    try:
+        server = start(address, collector)
+    except OSError as exc:
+        raise SystemExit(f"fatal: metrics endpoint {format_address(address)}: "
+                         f"{exc.strerror}") from None
+    log.info("metrics endpoint on http://%s/metrics", format_address(address))
+    return server
+
+
+def stop(server) -> None:
+    """Close the endpoint (a USR2 upgrade: the new master binds its port)."""
+    server.shutdown()
+    server.server_close()

@@ -9,13 +9,16 @@ and of its sockets from `POOLMGR_FDS` (listen.inherited). It may take over the p
 control socket while the old master still runs; the old one then leaves both alone when it
 stops (`Master.teardown`).
 
-Exports: start_successor, predecessor, FROM_ENV.
+Exports: Upgrade, start_successor, predecessor, FROM_ENV.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+
+import psutil
 
 from .listen import INHERIT_ENV
 
@@ -38,3 +41,30 @@ def predecessor(environ=os.environ) -> int | None:
     """The pid of the master this one replaces (removed from the environment: read once)."""
     value = environ.pop(FROM_ENV, "")
     return int(value) if value.isdigit() else None
+
+
+class Upgrade:
+    """This master's part in upgrades: the master it replaces, and the one it started."""
+
+    def __init__(self):
+        self.predecessor = predecessor()
+        self.successor = 0
+
+    def starting(self) -> bool:
+        """A successor this master started still runs."""
+        return bool(self.successor) and psutil.pid_exists(self.successor)
+
+    def start(self, config_path: str | None, sockets: list[socket.socket]) -> int:
+        """Start the successor (OSError when it cannot be); its pid."""
+        self.successor = start_successor(config_path, sockets)
+        return self.successor
+
+    def relieve(self) -> int | None:
+        """This master serves: stop its predecessor (SIGTERM, a graceful stop); its pid."""
+        pid, self.predecessor = self.predecessor, None
+        if pid:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        return pid

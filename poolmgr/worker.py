@@ -13,7 +13,7 @@ scoreboard slot and, when the master is gone (our parent pid changed), drains, w
 listening socket at once. `show` sets the process title `ps` shows (`poolmgr: smtp worker 3
 [412 sessions]`). A pool's worker overrides only what differs.
 
-Exports: WorkerProcess, WorkerContext, Limits, limits_for, fork, child_after_fork, set_title,
+Exports: WorkerProcess, WorkerContext, Limits, limits_for, fork, child_after_fork, become, set_title,
 DRAIN_IDLE_GRACE, MASTER_SIGNALS, STACK_SIGNAL.
 """
 
@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import setproctitle
 
@@ -110,6 +110,21 @@ def child_after_fork(close_fds: list[int]) -> None:
         except OSError:
             pass
     signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)  # what came meanwhile, now
+
+
+def become(main, ctx: WorkerContext, close_fds: list[int], logger) -> NoReturn:
+    """The forked child: set up (`child_after_fork`), run the worker, exit with its status;
+    never returns into the master's code."""
+    code = 1
+    try:
+        child_after_fork(close_fds)
+        code = main(ctx) or 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        logger.exception("%s worker %d failed", ctx.kind, ctx.number)
+    finally:
+        os._exit(code)
 
 
 def set_title(title: str) -> None:

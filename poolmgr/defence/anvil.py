@@ -24,6 +24,7 @@ Wire format (ASCII, one request per packet): `SEQ C IP` connect -> `SEQ COUNT RA
 Exports: Anvil, AnvilServer, AnvilClient, Usage, ANVIL_TIMEOUT.
 """
 
+import selectors
 import socket
 from collections import Counter
 
@@ -122,11 +123,44 @@ class Anvil:
 
 
 class AnvilServer:
-    """The master's side: answers the packets of one worker's socket."""
+    """The master's side: one socket per SMTP worker (`pair` before the fork, `adopt` after
+    it, `drop` when the worker is gone), each served as its packets arrive."""
 
     def __init__(self, anvil: Anvil, clock):
         self.anvil = anvil
         self.clock = clock
+        self.socks: dict[int, socket.socket] = {}  # SMTP worker pid -> the master's end
+
+    @staticmethod
+    def pair() -> tuple[socket.socket, socket.socket]:
+        """A new worker's socketpair: (the master's end, the worker's). Raises OSError."""
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    def adopt(self, pid: int, sock: socket.socket, selector) -> None:
+        sock.setblocking(False)
+        self.socks[pid] = sock
+        selector.register(sock, selectors.EVENT_READ, pid)
+
+    def drop(self, pid: int, selector, log) -> None:
+        """The worker's socket is closed or the worker exited: what it held is released."""
+        sock = self.socks.pop(pid, None)
+        if sock is not None:
+            selector.unregister(sock)
+            sock.close()
+        released = self.anvil.release(pid)
+        if released:
+            log.info("anvil: released %d connection(s) held by exited worker pid %d",
+                     released, pid)
+
+    def fds(self) -> list[int]:
+        """The master's ends: a forked worker closes them."""
+        return [sock.fileno() for sock in self.socks.values()]
+
+    def figures(self) -> tuple[int, int, int, int]:
+        """Clients, their connections, greet passes and DNSBL answers held (for status)."""
+        anvil = self.anvil
+        return (len(anvil.clients), sum(c.count for c in anvil.clients.values()),
+                len(anvil.greet), len(anvil.dnsbl))
 
     def serve(self, sock: socket.socket, owner) -> bool:
         """Answer every pending request; False when the worker's end is closed."""

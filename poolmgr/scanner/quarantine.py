@@ -12,7 +12,7 @@ interleave; purge rewrites the index under the same lock.
 message as the scanner received it, plus an `X-Poolmgr-Scan: released` line), bypassing the
 checks, and notes the release in the index.
 
-Exports: keep, entries, find, read, release, purge, as_dict, Entry, ReleaseError.
+Exports: prepare, keep, entries, find, read, release, purge, as_dict, Entry, ReleaseError.
 """
 
 import email.utils
@@ -44,6 +44,15 @@ class Entry:
     size: int
     queue_id: str
     released: list[str] = field(default_factory=list)  # dates of each release
+
+
+def prepare(directory: str) -> list[str]:
+    """Create the quarantine and its index; both, for the master to hand to the workers'
+    user. Raises OSError."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    index = os.path.join(directory, INDEX)
+    os.close(os.open(index, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    return [directory, index]
 
 
 @contextmanager
