@@ -241,18 +241,20 @@ Generated from `poolmgr/settings.toml` by `poolmgr config --markdown`; do not ed
 The same reference is the man page poolmgr.toml(5) (`conf/poolmgr.toml.5`), and the documented
 default configuration is `conf/poolmgr.toml` (every key, commented; `poolmgr config` prints it).
 
-The configuration is looked up as `-c FILE`, `$POOLMGR_CONFIG`, `{system}`, then the embedded
-defaults. Put in the file only what you change (`poolmgr config -n` lists it; `poolmgr check`
-validates it). Durations are written `"300s"`, `"5m"`, `"500ms"`; sizes `"25M"`, `"10k"` or
-bytes. Unknown keys are errors. A relative path is taken from the file's directory (with no
-file, from the working directory); a file in `{system_dir}/` gets the system layout's defaults:
-{layout}.
+The configuration is looked up as `-c FILE`, `$POOLMGR_CONFIG`,
+`{system}`, then the embedded defaults. Put in the file only what you change
+(`poolmgr config -n` lists it; `poolmgr check` validates it). Durations are written `"300s"`,
+`"5m"`, `"500ms"`; sizes `"25M"`, `"10k"` or bytes. Unknown keys are errors. A relative path is
+taken from the file's directory (with no file, from the working directory). A file in
+`{system_dir}/` gets the system layout's defaults:
+
+{layout}
 """
 
 
 def configuration_markdown() -> str:
     """docs/configuration.md: an introduction, then every setting, section by section."""
-    layout = ", ".join(f"`{name}` = `{value}`" for name, value in SYSTEM_PATHS.items())
+    layout = "\n".join(f"- `{name}` = `{value}`" for name, value in SYSTEM_PATHS.items())
     return CONFIGURATION_INTRO.format(system=SYSTEM_CONFIG, layout=layout,
                                       system_dir=SYSTEM_CONFIG.rpartition("/")[0]) + \
         render_reference()
