@@ -4,11 +4,11 @@ The configuration is `-c FILE`, else `$POOLMGR_CONFIG`, else /etc/poolmgr/poolmg
 exists, else the embedded defaults (config.find). `reload` and `stop` signal the master whose
 pid is in `master.pidfile` (HUP; TERM, or QUIT with --fast) and `stop` waits until it is gone.
 `config -n` prints what a file sets that differs from the defaults (postconf -n), `config
---man` the man page (manpage.py, shipped as conf/poolmgr.8).
+--man [8|5]` the man pages poolmgr(8) and poolmgr.toml(5), `config --markdown` the configuration
+reference (manpage.py, shipped as conf/poolmgr.8, conf/poolmgr.toml.5, docs/configuration.md).
 
-Exit codes (sysexits, LSB): 0 success; 1 a runtime failure (cannot bind, master unreachable,
-request refused, `stop` timed out); 2 a usage error (argparse); 3 `status` when the master is not
-running; 78 (EX_CONFIG) an invalid configuration, from every command that loads one.
+Exit codes (sysexits, LSB) are documented in manpage.EXIT_STATUS; the two that are not 0, 1 or
+2 (argparse's usage error) are named here.
 
 Exports: main, build_parser, EXIT_CONFIG, EXIT_NOT_RUNNING.
 """
@@ -78,11 +78,16 @@ def cmd_config(args) -> int:
         for name, value in changed:
             print(f"{name} = {config.toml_value(value)}")
         return 0
-    if args.man:
+    if args.man or args.markdown:
         from . import manpage
-        sys.stdout.write(manpage.render(build_parser()))
+        if args.markdown:
+            sys.stdout.write(manpage.configuration_markdown())
+        elif args.man == "5":
+            sys.stdout.write(manpage.render_config())
+        else:
+            sys.stdout.write(manpage.render(build_parser()))
         return 0
-    sys.stdout.write(config.render_reference() if args.markdown else config.render_default())
+    sys.stdout.write(config.render_default())
     return 0
 
 
@@ -431,12 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
                    with_config=True)
     shown = conf.add_mutually_exclusive_group()
     shown.add_argument("--markdown", action="store_true",
-                       help="print the configuration reference as Markdown (README)")
+                       help="print the configuration reference as Markdown "
+                            "(docs/configuration.md)")
     shown.add_argument("-n", dest="changed", action="store_true",
                        help="print the settings of the configuration file that differ from the "
                             "defaults, as section.key = value (postconf -n)")
-    shown.add_argument("--man", action="store_true",
-                       help="print the man page poolmgr(8) (conf/poolmgr.8)")
+    shown.add_argument("--man", nargs="?", const="8", choices=("8", "5"), metavar="SECTION",
+                       help="print the man page poolmgr(8) (conf/poolmgr.8), or with 5 "
+                            "poolmgr.toml(5) (conf/poolmgr.toml.5)")
     status = command(sub, "status", "show pools and counters", cmd_status,
                      with_config=True, socket=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")

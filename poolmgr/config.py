@@ -694,7 +694,8 @@ def render_default() -> str:
 
 
 def render_reference() -> str:
-    """The configuration reference of the README, as Markdown tables."""
+    """The settings as Markdown tables, section by section (docs/configuration.md, made by
+    manpage.configuration_markdown)."""
     lines, current = [], None
     for setting in SETTINGS:
         if setting.section != current:
