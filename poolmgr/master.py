@@ -49,6 +49,7 @@ import time
 import psutil
 
 from . import autoscale, cluster, config, log, maildir, metrics, privileges, status, upgrade
+from . import handoff
 from .defence.anvil import Anvil, AnvilServer
 from .board import Board
 from .config import Config, ConfigError, format_address
@@ -630,17 +631,12 @@ class Master:
             self.metrics.publish(status.collect(self), self.decision_count)
 
     def share_handoffs(self) -> None:
-        """The scanner workers, shared among the SMTP workers that handed off in the last
-        second (among all of them when none did): with no more hand-off connections than
-        scanner workers, none waits in the scanner pool's accept queue, so none makes a
-        scanner worker let a kept connection go, and SMTP workers reuse their connections
-        instead of opening one per message."""
-        smtp = self.pools["smtp"].running()
-        counts = {w.pid: self.board.read(w.slot)["counters"].get("handoffs", 0) for w in smtp}
-        active = sum(1 for pid, n in counts.items() if n != self.handoffs_seen.get(pid, n))
-        self.handoffs_seen = counts
+        """Each SMTP worker's share of the scanner pool (`handoff.share`), on the board."""
+        counts = {w.pid: self.board.read(w.slot)["counters"].get("handoffs", 0)
+                  for w in self.pools["smtp"].running()}
         scanners = len(self.pools["scanner"].running())
-        self.board.set_handoff_share(max(1, -(-scanners // max(1, active or len(smtp)))))
+        self.board.set_handoff_share(handoff.share(counts, self.handoffs_seen, scanners))
+        self.handoffs_seen = counts
 
     def recycle_fat_workers(self) -> None:
         """Every RSS_CHECK_INTERVAL: retire workers over their pool's max_rss; manage() starts
