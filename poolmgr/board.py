@@ -45,7 +45,7 @@ COUNTERS += tuple(f"verdict_{kind}" for kind in VERDICT_KINDS) + tuple(
 # total microseconds and latency histogram, calls that failed, questions answered locally.
 COUNTERS += ("cluster_calls", "cluster_us", "cluster_failures", "cluster_local") + tuple(
     f"cluster_{bucket}" for bucket in _BUCKETS)
-# Time hand-offs spent waiting for their turn at a scanner worker (smtp.front.HandoffGate),
+# Time hand-offs spent waiting for their turn at a scanner worker (handoff.HandoffGate),
 # microseconds: over an interval, divided by its length, the mean number waiting.
 COUNTERS += ("handoff_queue_us",)
 _NCOUNTERS = 96

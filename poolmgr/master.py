@@ -19,7 +19,7 @@ import signal
 import socket
 import time
 
-from . import config, control, log
+from . import config, control, handoff, log
 from .board import Board
 from .config import Config
 from .defence.anvil import Anvil, AnvilServer
@@ -394,14 +394,12 @@ class Master:
         self.services.publish(lambda: collect(view), self.sizing.scaler.decision_count)
 
     def share_handoffs(self, view: MasterView) -> None:
-        """The scanner workers, shared among the SMTP workers that handed off in the last
-        second (among all of them when none did)."""
+        """Each SMTP worker's share of the scanner pool (`handoff.share`), on the board."""
         counts = {w.worker.pid: w.board["counters"].get("handoffs", 0)
                   for w in view.pools["smtp"].running()}
-        active = sum(1 for pid, n in counts.items() if n != self.handoffs_seen.get(pid, n))
-        self.handoffs_seen = counts
         scanners = len(view.pools["scanner"].running())
-        self.board.set_handoff_share(max(1, -(-scanners // max(1, active or len(counts)))))
+        self.board.set_handoff_share(handoff.share(counts, self.handoffs_seen, scanners))
+        self.handoffs_seen = counts
 
     # -- systemd and ps
     def report(self) -> None:

@@ -15,7 +15,7 @@ import functools
 import ipaddress
 import time
 
-from .. import log, maildir
+from .. import handoff, log, maildir
 from ..smtp import dsn, relay
 from ..defence.networks import in_networks
 from ..smtp import replies as R
@@ -57,22 +57,27 @@ class ScannerSession(ServerSession):
                 "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE"]
 
     def after_command(self) -> None:
-        """The worker's heartbeat (`beat`). After a message, a client that keeps the connection
-        for more (an SMTP worker's connection cache) is let go at once (421) when this worker
-        is done (scanner.max_requests) or when another connection waits for a scanner worker:
-        every other one is busy then."""
+        """The worker's heartbeat (`beat`), and at the end of each message `handoff.let_go`: a
+        client that keeps the connection for more (an SMTP worker's kept connection) is let go
+        at once when this worker is done or another connection waits for a scanner worker."""
+        self.service.beat(time.monotonic())
+        if self.last_cmd not in ("DATA", "BDAT"):
+            return
+        reply = self.let_go()
+        if reply is not None:
+            self.closing, self.ended = True, "drain"
+            self.say_last(reply)
+
+    def let_go(self) -> R.Reply | None:
+        """The 421 that lets this connection go now (`handoff.let_go`), or None; asked at the
+        end of a message and by the worker's `tick` while the session waits for a command."""
+        if self.closing:
+            return None  # going already
         service = self.service
-        service.beat(time.monotonic())
-        if self.closing or self.env is not None or self.last_cmd not in ("DATA", "BDAT"):
-            return
-        if service.messages >= service.cfg.scanner.max_requests:
-            reply = R.R421_SHUTDOWN.format(host=service.hostname)
-        elif service.someone_waiting():
-            reply = R.R421_YIELD.format(host=service.hostname)
-        else:
-            return
-        self.closing, self.ended = True, "drain"
-        self.say_last(reply)
+        return handoff.let_go(
+            carried=self.transactions > 0, in_transaction=self.env is not None,
+            worker_done=service.messages >= service.cfg.scanner.max_requests,
+            someone_waiting=service.someone_waiting, host=service.hostname)
 
     def do_lhlo(self, arg: str) -> bool:
         return self._greet(arg, "LMTP", R.R501_LHLO_SYNTAX)
@@ -202,11 +207,8 @@ class ScannerSession(ServerSession):
                                     hop.path, exc.strerror)
                 replies = [R.R451_NEXT_HOP_UNAVAILABLE] * len(env.rcpts)
         else:
-            xforward = {"NAME": forwarded.get("NAME", "[UNAVAILABLE]"),
-                        "ADDR": forwarded.get("ADDR", self.peer[0]),
-                        "PROTO": forwarded.get("PROTO", self.proto),
-                        "HELO": forwarded.get("HELO", self.helo or ""),
-                        "IDENT": env.queue_id, "SOURCE": forwarded.get("SOURCE", "REMOTE")}
+            xforward = handoff.xforward(ident=env.queue_id, addr=self.peer[0],
+                                        proto=self.proto, helo=self.helo, told=forwarded)
             outgoing = relay.Outgoing(env.mail_from, env.rcpts, data, env.smtputf8,
                                       env.body_8bit, xforward)
             try:

@@ -10,7 +10,8 @@ SIGQUIT: exit at once. The connection to the next hop is kept between messages (
 timeouts.connection_cache_time_limit) and expired from the accept loop and from `beat`.
 A client that keeps its connection open between messages (an SMTP worker's hand-off cache)
 is answered 421 and let go as soon as another connection waits in the accept queue, so a
-cached connection never starves a waiting hand-off.
+cached connection never starves a waiting hand-off (`handoff.let_go`, asked at the end of
+each message and every `handoff.IDLE_CHECK` seconds while the connection idles).
 
 Exports: ScannerWorker, main.
 """
@@ -18,16 +19,14 @@ Exports: ScannerWorker, main.
 import select
 import time
 
-from .. import log, maildir
+from .. import handoff, log, maildir
 from ..smtp import relay
-from ..smtp import replies as R
 from ..worker import DRAIN_IDLE_GRACE, WorkerProcess, limits_for
 from ..smtp.protocol import Drain
 from .scan import Scanner
 from .session import ScannerSession
 
 ACCEPT_BACKOFF = 0.5  # seconds between accept attempts after a failure (out of files, ...)
-IDLE_CHECK = 0.05  # seconds: how often an idle session looks for a waiting hand-off
 # Room for the Received: header the SMTP worker adds to a message at the size limit.
 SIZE_SLACK = 64 * 1024
 
@@ -61,7 +60,7 @@ class ScannerService:
             self.relay_cache.expire()
 
     def tick(self) -> None:
-        """Called every IDLE_CHECK seconds while a session waits for its client."""
+        """Called every `handoff.IDLE_CHECK` seconds while a session waits for its client."""
         now = time.monotonic()
         self.beat(now)
         session = self.current
@@ -69,12 +68,11 @@ class ScannerService:
             return
         if self.draining and session.drainable(now, DRAIN_IDLE_GRACE):
             raise Drain()
-        # A client kept open between messages (an SMTP worker's connection cache) must not
-        # hold this worker while another hand-off waits in the accept queue: every other
-        # scanner worker is busy then. Yield, as amavisd's children serve whoever comes next;
-        # but not a client that has just connected and has yet to send its first message.
-        if session.transactions and session.drainable(now, 0.0) and self.someone_waiting():
-            raise Drain(R.R421_YIELD.format(host=self.hostname))
+        # Waiting for its next command with no transaction open, the session may be cut here.
+        if session.drainable(now, 0.0):
+            reply = session.let_go()
+            if reply is not None:
+                raise Drain(reply)
 
     def someone_waiting(self) -> bool:
         """A connection waits in one of the accept queues."""
@@ -126,7 +124,7 @@ class ScannerWorker(WorkerProcess):
             sock.setblocking(True)
             ctx.slot.add("connections")
             service.current = ScannerSession(service, sock, peer)
-            service.current.conn.tick_every = IDLE_CHECK
+            service.current.conn.tick_every = handoff.IDLE_CHECK
             self.show("busy")
             service.current.run()
             service.current = None

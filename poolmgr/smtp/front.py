@@ -5,21 +5,19 @@ defences (`defence.early` at connect and around the banner, `defence.limits` in 
 both working on the session's `defence.screening.Screening`), STARTTLS when a certificate is
 configured, a `Received:` header, and at end of DATA the hand-off to the proxy filter (the
 scanner pool) with XFORWARD, whose reply is passed to the client: 250 only when the next hop
-accepted the message, 451 on any failure on the way. A worker's hand-offs take turns at its
-share of the scanner pool (`HandoffGate`; the master sets the share), so that they reuse
-the connections kept open between messages. When it closes, each session is counted once as
-legit or with one nuisance reason (`defence.verdicts.classify`).
+accepted the message, 451 on any failure on the way. The hand-off's rules (the gate whose
+turns it takes, the kept connections, the XFORWARD attributes) are `handoff`'s. When it
+closes, each session is counted once as legit or with one nuisance reason
+(`defence.verdicts.classify`).
 
-Exports: FrontSession, FrontService, HandoffGate.
+Exports: FrontSession, FrontService.
 """
 
-import collections
 import time
 from typing import Callable
 
-from .. import log
+from .. import handoff, log
 from . import dsn, relay
-from ..config import NextHop
 from ..defence import early, limits
 from ..defence.clientstate import ClientState
 from ..defence.policy import Defence
@@ -30,58 +28,6 @@ from . import replies as R
 from .headers import received
 from .park import Parking
 from .protocol import BASE_COMMANDS, Command, Envelope, ServerSession
-
-
-HANDOFF_IDLE = 2  # idle hand-off connections one SMTP worker keeps
-
-
-class HandoffGate:
-    """At most `limit` hand-offs at once in this worker, the others wait their turn and then
-    take the connection the last one left in the cache (the master sets the limit: the
-    worker's share of the scanner pool). `event` makes what a waiting hand-off waits on, with
-    `wait(timeout)` and `set()` (the SMTP worker's `runners.Turn`, or a gevent Event); `pause`
-    (gevent.sleep) lets the hand-off whose turn came go first when one ends, so the scanner
-    worker gets its next message before the ending one writes its log line and its reply."""
-
-    def __init__(self, event: Callable, pause: Callable[[], None] | None = None):
-        self.event = event
-        self.pause = pause
-        self.limit = 0  # 0: no limit
-        self.busy = 0
-        self.waiting: collections.deque = collections.deque()
-
-    def enter(self, timeout: float) -> bool:
-        """Wait for a turn, at most `timeout` seconds; False when none came."""
-        end = time.monotonic() + timeout
-        while self.limit and self.busy >= self.limit:
-            turn = self.event()
-            self.waiting.append(turn)
-            try:
-                if not turn.wait(max(0.0, end - time.monotonic())):
-                    return False
-            finally:
-                if turn in self.waiting:  # timed out, or the session was closed meanwhile
-                    self.waiting.remove(turn)
-        self.busy += 1
-        return True
-
-    def leave(self) -> None:
-        self.busy -= 1
-        if self.wake() and self.pause is not None:
-            self.pause()
-
-    def set_limit(self, limit: int) -> None:
-        self.limit = limit
-        self.wake()
-
-    def wake(self) -> int:
-        """Give the free turns to the hand-offs waiting longest; how many were given."""
-        free = len(self.waiting) if not self.limit else self.limit - self.busy
-        woken = 0
-        while woken < free and self.waiting:
-            self.waiting.popleft().set()
-            woken += 1
-        return woken
 
 
 class FrontService:
@@ -99,7 +45,7 @@ class FrontService:
         self.draining = False
         self.sessions: set[ServerSession] = set()  # running and parked
         self.parking: Parking | None = None  # set by the SMTP worker (gevent)
-        self.handoff_gate: HandoffGate | None = None  # likewise
+        self.handoff_gate: handoff.HandoffGate | None = None  # likewise
         self.on_room: Callable[[], None] | None = None  # a session closed (the worker's)
         self.mydestination = frozenset(cfg.smtp.mydestination)
         self.defence = defence
@@ -109,17 +55,9 @@ class FrontService:
             (d.client_connection_count_limit, d.client_connection_rate_limit,
              d.client_message_rate_limit, d.client_recipient_rate_limit))
         self.recipients = d.recipient_table
-        host, port = cfg.scanner.listen
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1" if host != "::" else "::1"
-        self.proxy_filter: NextHop = cfg.smtp.proxy_filter or NextHop("smtp", host, port)
-        # Hand-off connections are kept open between messages (Postfix's connection cache for
-        # its filter transport); a scanner worker holding an idle one lets it go as soon as
-        # another hand-off waits (scanner.worker), and a few at most are kept idle.
-        timeouts = cfg.timeouts
-        self.relay_cache = relay.Cache(timeouts.connection_cache_time_limit,
-                                       timeouts.connection_reuse_time_limit,
-                                       max_idle=HANDOFF_IDLE)
+        # The hand-off's next hop, and the connections to it kept between messages.
+        self.proxy_filter = handoff.proxy_filter(cfg)
+        self.relay_cache = handoff.kept_connections(cfg)
 
     def closed(self, session: ServerSession) -> None:
         self.sessions.discard(session)
@@ -215,9 +153,8 @@ class FrontSession(ServerSession):
         proto = self.proto + ("S" if self.tls else "")
         header = received(helo=self.helo, addr=self.peer[0], by=service.hostname,
                           software="poolmgr", proto=proto, queue_id=env.queue_id, rcpts=env.rcpts)
-        xforward = {"NAME": "[UNAVAILABLE]", "ADDR": self.peer[0], "PORT": str(self.peer[1]),
-                    "PROTO": self.proto, "HELO": self.helo or "", "IDENT": env.queue_id,
-                    "SOURCE": "REMOTE"}
+        xforward = handoff.xforward(ident=env.queue_id, addr=self.peer[0], port=self.peer[1],
+                                    proto=self.proto, helo=self.helo)
         outgoing = relay.Outgoing(env.mail_from, env.rcpts, header + data, env.smtputf8,
                                   env.body_8bit, xforward)
         service.slot.add("handoffs")

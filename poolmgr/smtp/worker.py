@@ -81,7 +81,8 @@ class SmtpWorker(WorkerProcess):
         import gevent.server
 
         from ..defence.policy import Defence
-        from .front import FrontService, FrontSession, HandoffGate
+        from ..handoff import HandoffGate
+        from .front import FrontService, FrontSession
         from .park import Parking
         from .protocol import Drain
         from .runners import Runners, Turn
@@ -191,6 +192,7 @@ class SmtpWorker(WorkerProcess):
             self.show(f"{sessions} sessions"
                       + (" draining" if self.service.draining else ""))
             self.service.relay_cache.expire()
+            # The share of the scanner pool the master published (handoff.share).
             self.service.handoff_gate.set_limit(slot.handoff_share())
             if self.cluster is not None:
                 self.cluster.beat()
