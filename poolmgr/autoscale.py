@@ -28,9 +28,9 @@ a load-driven pool that flaps "goes bad all the way".
 Every size goes through the one sizing rule, `pools.fit` (each pool within its floor and
 ceiling, scanner <= SMTP), and `check_rules` checks each decision against it plus, when calm,
 SMTP <= max(SMTP floor, `calm_ratio` x scanner).
-
-Exports: Snapshot, State, decide, check_rules, CALM, STORM, RETREAT.
 """
+
+__all__ = ["Snapshot", "State", "decide", "check_rules", "CALM", "STORM", "RETREAT"]
 
 import math
 from dataclasses import dataclass

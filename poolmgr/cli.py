@@ -9,9 +9,9 @@ pid is in `master.pidfile` (HUP; TERM, or QUIT with --fast) and `stop` waits unt
 Exit codes (sysexits, LSB): 0 success; 1 a runtime failure (cannot bind, master unreachable,
 request refused, `stop` timed out); 2 a usage error (argparse); 3 `status` when the master is not
 running; 78 (EX_CONFIG) an invalid configuration, from every command that loads one.
-
-Exports: main, build_parser, EXIT_CONFIG, EXIT_NOT_RUNNING.
 """
+
+__all__ = ["main", "build_parser", "EXIT_CONFIG", "EXIT_NOT_RUNNING"]
 
 import argparse
 import dataclasses

@@ -6,9 +6,9 @@ closes. The master serves it from its main loop (no thread), so a request is han
 signal: between two iterations, by the only code that changes state. A client's bytes are
 read as they arrive, with one deadline for the whole request: a slow or silent client never
 holds up the loop.
-
-Exports: ControlServer, request, ControlError.
 """
+
+__all__ = ["ControlServer", "request", "ControlError"]
 
 import json
 import os

@@ -4,9 +4,9 @@
 declares them, the signals, exit status, files and environment, and every setting with its
 default and help, as the README's reference has them. `poolmgr config --man` prints it; the
 shipped conf/poolmgr.8 must equal it (a test checks).
-
-Exports: render.
 """
+
+__all__ = ["render"]
 
 import argparse
 

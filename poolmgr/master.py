@@ -34,9 +34,9 @@ The master stays as started (root, for port 25); its workers drop to `master.use
 their first client, and the master hands that user the files they write (`hand_over_files`).
 A fork or socketpair that fails for want of processes, memory or files is logged and retried,
 per pool, after 1s doubling to 30s; the loop goes on serving signals and status meanwhile.
-
-Exports: Master.
 """
+
+__all__ = ["Master", "ROOT_WARNING"]
 
 import collections
 import os

@@ -6,11 +6,11 @@ The records (dataclasses) are the one description of the status: the master buil
 back into records (`Status.from_json`) and reads attributes, so a renamed field fails where it
 is read, not at run time in another process. `snapshot` assembles the autoscaler's input from
 the same sources.
-
-Exports: Status, PoolStatus, WorkerStatus, MasterStatus, NuisanceStatus, StressStatus,
-StormStatus, AutoscaleStatus, Decision, AnvilStatus, ClusterStatus, ScannerStatus, CheckStatus,
-collect, snapshot.
 """
+
+__all__ = ["Status", "PoolStatus", "WorkerStatus", "MasterStatus", "NuisanceStatus", "StressStatus",
+           "StormStatus", "AutoscaleStatus", "Decision", "AnvilStatus", "ClusterStatus",
+           "ScannerStatus", "CheckStatus", "collect", "snapshot", "NuisanceTotal", "pool_counters"]
 
 import dataclasses
 import os

@@ -11,9 +11,9 @@ timeouts.connection_cache_time_limit) and expired from the accept loop and from 
 A client that keeps its connection open between messages (an SMTP worker's hand-off cache)
 is answered 421 and let go as soon as another connection waits in the accept queue, so a
 cached connection never starves a waiting hand-off.
-
-Exports: ScannerWorker, main.
 """
+
+__all__ = ["ScannerWorker", "main"]
 
 import select
 import time

@@ -9,9 +9,9 @@ accepted the message, 451 on any failure on the way. A worker's hand-offs take t
 share of the scanner pool (`HandoffGate`; the master sets the share), so that they reuse
 the connections kept open between messages. When it closes, each session is counted once as
 legit or with one nuisance reason (`defence.verdicts.classify`).
-
-Exports: FrontSession, FrontService, HandoffGate.
 """
+
+__all__ = ["FrontSession", "FrontService", "HandoffGate"]
 
 import collections
 import time
