@@ -33,9 +33,10 @@ SMTP <= max(SMTP floor, `calm_ratio` x scanner).
 off, `decide`'s `State`, the counters at the last interval (`Mark`, for the next interval's
 differences), the last snapshot and the decisions `poolmgr status` shows. The master hands it
 each interval's snapshot (`status.snapshot`) and applies the targets `Autoscaler.run` returns.
-
-Exports: Snapshot, State, Mark, Autoscaler, decide, check_rules, CALM, STORM, RETREAT.
 """
+
+__all__ = ["Snapshot", "State", "decide", "check_rules", "CALM", "STORM", "RETREAT", "Mark",
+           "Autoscaler"]
 
 import collections
 import math

@@ -6,9 +6,9 @@ folds a dead worker's counters into its pool's totals when it frees the slot. Ea
 aligned 4- or 8-byte store, so a reader never sees a torn value. After the slots, host-wide
 words that only the master writes: stress mode, and the hand-off share (how many hand-offs
 to the scanner pool one SMTP worker may have at once).
-
-Exports: Board, Slot, COUNTERS, SLOTS, LATENCY_BUCKETS.
 """
+
+__all__ = ["Board", "Slot", "COUNTERS", "SLOTS", "LATENCY_BUCKETS"]
 
 import bisect
 import mmap

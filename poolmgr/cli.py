@@ -9,9 +9,9 @@ reference (manpage.py, shipped as conf/poolmgr.8, conf/poolmgr.toml.5, docs/conf
 
 Exit codes (sysexits, LSB) are documented in manpage.EXIT_STATUS; the two that are not 0, 1 or
 2 (argparse's usage error) are named here.
-
-Exports: main, build_parser, EXIT_CONFIG, EXIT_NOT_RUNNING.
 """
+
+__all__ = ["main", "build_parser", "EXIT_CONFIG", "EXIT_NOT_RUNNING"]
 
 import argparse
 import dataclasses

@@ -29,9 +29,9 @@ monitor round on any node takes its connections off `conns` (Lua, atomic), so no
 Time is Redis's own (`TIME` in the scripts): the nodes' clocks need not agree. The scripts name
 keys they were not given, so `key_prefix` must keep every key in one hash slot on a Redis
 Cluster (e.g. "{poolmgr}:").
-
-Exports: RedisState, Monitor, Keys, connect, redacted, RETRY_EVERY, NODE_SEEN.
 """
+
+__all__ = ["RedisState", "Monitor", "Keys", "connect", "redacted", "RETRY_EVERY", "NODE_SEEN"]
 
 import threading
 import time

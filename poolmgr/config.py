@@ -11,11 +11,12 @@ config file is taken from the file's directory (the embedded defaults: the worki
 a file in SYSTEM_CONFIG's directory gets the system layout's defaults (`SYSTEM_PATHS`: /run/poolmgr
 for the socket and pidfile, /var/lib/poolmgr for mail), any other place `./var` beside it.
 `differences` is `poolmgr config -n`: what a file sets that differs from the defaults.
-
-Exports: load, reload, find, differences, setting_of, ConfigError, Config, Section, NextHop, render_default,
-control_socket_of, parse_duration, parse_size, parse_address, parse_listen, format_address,
-toml_value, SYSTEM_CONFIG, SYSTEM_PATHS.
 """
+
+__all__ = ["load", "find", "differences", "setting_of", "ConfigError", "Config", "Section",
+           "NextHop", "render_default", "control_socket_of", "parse_duration", "parse_size",
+           "parse_address", "parse_listen", "format_address", "toml_value", "SYSTEM_CONFIG",
+           "SYSTEM_PATHS", "CHECK_NAMES", "from_dict", "render_reference", "reload"]
 
 import ipaddress
 import math

@@ -10,9 +10,9 @@ holds up the loop.
 `answer(request, master)` is the protocol's one dispatcher: `status`, and `ctl` with a verb
 (`ctl_smtp`, `ctl_scanner`, `ctl_stress`, `ctl_autoscale`), each request's shape checked
 first. The verbs act on the master only through the few methods `Controlled` names.
-
-Exports: ControlServer, Controlled, request, answer, ControlError, CTL_USAGE.
 """
+
+__all__ = ["ControlServer", "request", "ControlError", "Controlled", "answer", "CTL_USAGE"]
 
 import json
 import os

@@ -11,10 +11,10 @@ and end events (not an average); `by_profile` shows it per client profile beside
 one sizing rule, the scanner pool by busyness) with the recommended bounds, and returns the
 peak pool sizes it reaches. `measured` reads the same figures from a bench result; `compare`
 gives the error of each, and a forecast holds when every error is within TOLERANCE.
-
-Exports: TOLERANCE, Forecast, peak, by_profile, simulate, forecast, sizes_of, sizes_of_bench,
-measured, compare, render, render_check, config_text.
 """
+
+__all__ = ["TOLERANCE", "Forecast", "peak", "by_profile", "simulate", "forecast", "sizes_of",
+           "sizes_of_bench", "measured", "compare", "render", "render_check", "config_text"]
 
 import bisect
 from collections import defaultdict

@@ -14,9 +14,9 @@ while poolmgr restarts: from systemd's socket activation (`LISTEN_PID`, `LISTEN_
 from 3 on, sd_listen_fds(3)) or from the master a `USR2` upgrade replaces (`POOLMGR_FDS`, a
 comma-separated list, see upgrade.py). `inherited` reads them, keyed by the address each is
 bound to; `bind` takes the one for its address.
-
-Exports: bind, bind_all, bind_pools, accept_queue, inherited, INHERIT_ENV.
 """
+
+__all__ = ["bind", "bind_all", "accept_queue", "inherited", "INHERIT_ENV", "bind_pools"]
 
 import os
 import socket

@@ -17,9 +17,9 @@ for the lines that Postfix's cleanup, qmgr and delivery agents write and log rea
 pflogsumm count by program. Warnings, errors and fatal errors carry Postfix's `warning: `,
 `error: ` and `fatal: ` in the text. A line on stderr is one write(2), so lines from many
 processes do not interleave.
-
-Exports: setup, reopen, set_name, get, program, target, file_of.
 """
+
+__all__ = ["setup", "reopen", "set_name", "get", "program", "target", "file_of"]
 
 import logging
 import logging.handlers

@@ -3,9 +3,9 @@
 A message is written to `tmp/`, fsynced, renamed into `new/` and the directory fsynced, the
 Maildir protocol (https://cr.yp.to/proto/maildir.html): once `deliver` returns, the message
 survives a crash, which is what lets the scanner answer 250.
-
-Exports: prepare, deliver, write_synced.
 """
+
+__all__ = ["prepare", "deliver", "write_synced"]
 
 import itertools
 import os

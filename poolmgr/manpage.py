@@ -12,10 +12,11 @@ The signals and exit codes are written once, here (`SIGNALS`, `WORKER_SIGNALS`,
 `worker_signals_markdown`, `exit_status_markdown`) are made from them, and tests check that
 the master's `handle_<name>` signals and the CLI's exit codes are all in them. Their text marks
 code with `backticks`: kept in Markdown, bold in roff.
-
-Exports: SIGNALS, WORKER_SIGNALS, EXIT_STATUS, render, render_config, configuration_markdown,
-signals_markdown, worker_signals_markdown, exit_status_markdown.
 """
+
+__all__ = ["render", "SIGNALS", "WORKER_SIGNALS", "EXIT_STATUS", "render_config",
+           "configuration_markdown", "signals_markdown", "worker_signals_markdown",
+           "exit_status_markdown"]
 
 import argparse
 import re

@@ -9,9 +9,9 @@ the SMTP workers' anvil sockets (defence/anvil.py); only the loop changes state.
 pools (pidfile, control socket, metrics, cluster monitor, systemd) is in services.py. What
 the master knows goes out as one typed record (`view`, a status.MasterView). The master never
 imports gevent and never touches a mail byte.
-
-Exports: Master, ROOT_WARNING.
 """
+
+__all__ = ["Master", "ROOT_WARNING", "SIG_NAMES"]
 
 import os
 import selectors

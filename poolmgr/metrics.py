@@ -18,9 +18,9 @@ pid: series must outlive a worker), `smtp_sessions`, `smtp_slots`, `smtp_accept_
 `cluster_store_seconds` (the SMTP workers' Redis calls), `cluster_failures_total`,
 `cluster_local_total` (questions answered from local state); and the master's own
 `process_*` metrics.
-
-Exports: StatusCollector, start, serve, stop.
 """
+
+__all__ = ["StatusCollector", "start", "serve", "stop"]
 
 from prometheus_client import ProcessCollector, start_http_server
 from prometheus_client.core import (CollectorRegistry, CounterMetricFamily,

@@ -9,9 +9,9 @@ watchdog is armed (`WATCHDOG_USEC`, for our pid or any when `WATCHDOG_PID` is un
 systemd (no NOTIFY_SOCKET) every call does nothing. A lost datagram is not an error: the
 protocol is best effort, like libsystemd's; and a send never blocks the master (a datagram
 the peer has no room for is dropped).
-
-Exports: Notifier.
 """
+
+__all__ = ["Notifier"]
 
 import os
 import socket

@@ -3,9 +3,9 @@
 The master samples the SMTP pool's totals about once a second; `NuisanceWindow` keeps samples
 for the window and answers the nuisance ratio (nuisance sessions / all closed sessions) and the
 counts by reason over it.
-
-Exports: NuisanceWindow.
 """
+
+__all__ = ["NuisanceWindow"]
 
 import collections
 

@@ -3,9 +3,9 @@
 A pidfile naming a process that is gone, or that is not poolmgr (a pid reused after a crash),
 is stale and overwritten. After a USR2 upgrade the pidfile is the successor's: the old master
 leaves it alone when it stops.
-
-Exports: check, write, remove.
 """
+
+__all__ = ["check", "write", "remove"]
 
 import os
 

@@ -14,9 +14,10 @@ screening ports busy` or `too many connections` refuses it; so does smtpd's (and
 `Connection concurrency|rate limit exceeded` or `NOQUEUE: reject: CONNECT from ...`. `per_minute` reports
 arrivals, nuisance ratio, hold times and peak concurrency per minute; `recommend` sizes the
 pools with the arithmetic shown, by Little's law: concurrency = arrival rate x hold time.
-
-Exports: Session, zone, parse_maillog, sessions_from_bench, per_minute, recommend, render.
 """
+
+__all__ = ["Session", "zone", "parse_maillog", "sessions_from_bench", "per_minute", "recommend",
+           "render"]
 
 import math
 import re

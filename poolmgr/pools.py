@@ -10,10 +10,10 @@ scanner pool's ceiling is the SMTP pool's). Every path that sizes the pools goes
 the config's start-up floors (`Config.bounds`), `resize` (ctl and TTIN/TTOU), reload, and the
 autoscaler (`autoscale.decide`, whose calm size is `calm_size`); `broken` names what a pair of
 sizes breaks, for the autoscaler's self-check and the bench.
-
-Exports: Pool, Worker, Bounds, fit, calm_size, broken, configured_bounds, bounds_of, set_bounds,
-resize, PoolView, WorkerView, RUNNING, DRAINING.
 """
+
+__all__ = ["Pool", "Worker", "Bounds", "fit", "calm_size", "broken", "configured_bounds",
+           "bounds_of", "set_bounds", "resize", "RUNNING", "DRAINING", "PoolView", "WorkerView"]
 
 import re
 import time

@@ -7,9 +7,9 @@ the config's check: an unknown user or group is a config error, not a crash. `ha
 gives that user the files the workers write (the maildir, the log file), as Postfix's master
 hands its queue to mail_owner. `drop` is the worker's side: supplementary groups cleared, then
 the group, then the user, so that nothing can be regained.
-
-Exports: Ids, resolve, hand_over, drop.
 """
+
+__all__ = ["Ids", "resolve", "hand_over", "drop"]
 
 import grp
 import os

@@ -9,9 +9,9 @@ notify datagram nobody reads is dropped (notify.py).
 `prepare` runs before the sockets are bound (refuse to start beside a live poolmgr, hand the
 workers' files to master.user, share dnspython's pages, raise the open files limit); `open`
 once they are; `reload` after a reload; `close` at the end.
-
-Exports: Services, ROOT_WARNING.
 """
+
+__all__ = ["Services", "ROOT_WARNING"]
 
 import os
 import resource

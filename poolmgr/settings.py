@@ -5,9 +5,9 @@ text. The loader (`config.load`), `poolmgr check` and the documented default con
 (`conf/poolmgr.toml`, printed by `poolmgr config`) all follow from this table. Names follow
 Postfix where Postfix has the concept, and amavisd where it has (`max_requests`, ports
 10024/10025).
-
-Exports: Setting, SETTINGS, SECTION_HELP.
 """
+
+__all__ = ["Setting", "SETTINGS", "SECTION_HELP"]
 
 import tomllib
 from dataclasses import dataclass

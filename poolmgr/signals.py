@@ -4,9 +4,9 @@ Python runs a handler once for several deliveries of one signal, but its C-level
 writes one byte per delivery to the wakeup fd: those bytes are the queue, so three TTINs are
 three workers (unless the kernel merged them while pending). The master's loop selects on
 `fd` and takes the signals with `take`; only the loop acts on them.
-
-Exports: SignalQueue.
 """
+
+__all__ = ["SignalQueue"]
 
 import collections
 import os

@@ -6,9 +6,9 @@ master's view -> `status.snapshot` -> `autoscale.Autoscaler.run` -> targets). St
 flag on the scoreboard every SMTP worker reads, switched by `ctl stress` or the autoscaler.
 Every change is logged with its source; the autoscaler's record and the stress record are
 what status shows.
-
-Exports: Sizing.
 """
+
+__all__ = ["Sizing"]
 
 import time
 

@@ -11,11 +11,12 @@ The master hands over what it knows as one typed record, `MasterView` (its pools
 `pools.PoolView`s with each worker's board slot read once, the nuisance window, the autoscaler's
 record, anvil's and the cluster's figures): `collect`, `snapshot` and `summary` read that
 record, never the master itself.
-
-Exports: Status, PoolStatus, WorkerStatus, MasterStatus, NuisanceStatus, StressStatus,
-StormStatus, AutoscaleStatus, Decision, AnvilStatus, ClusterStatus, ScannerStatus, CheckStatus,
-MasterView, collect, snapshot, summary.
 """
+
+__all__ = ["Status", "PoolStatus", "WorkerStatus", "MasterStatus", "NuisanceStatus",
+           "StressStatus", "StormStatus", "AutoscaleStatus", "Decision", "AnvilStatus",
+           "ClusterStatus", "ScannerStatus", "CheckStatus", "collect", "snapshot", "NuisanceTotal",
+           "MasterView", "summary"]
 
 import dataclasses
 import os

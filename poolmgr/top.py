@@ -2,9 +2,9 @@
 
 `frame` turns two successive status snapshots into the lines shown (pure, so `--once` and the
 curses loop print the same thing); `run` is the curses loop around it.
-
-Exports: frame, run.
 """
+
+__all__ = ["frame", "run"]
 
 import curses
 import time

@@ -8,9 +8,9 @@ The new master learns of its predecessor from `POOLMGR_UPGRADE_FROM` (the old ma
 and of its sockets from `POOLMGR_FDS` (listen.inherited). It may take over the pidfile and the
 control socket while the old master still runs; the old one then leaves both alone when it
 stops (`Master.teardown`).
-
-Exports: Upgrade, start_successor, predecessor, FROM_ENV.
 """
+
+__all__ = ["start_successor", "predecessor", "FROM_ENV", "Upgrade"]
 
 import os
 import signal

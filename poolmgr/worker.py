@@ -12,10 +12,10 @@ until the worker is done. `notify` is the heartbeat, called about once a second:
 scoreboard slot and, when the master is gone (our parent pid changed), drains, which closes the
 listening socket at once. `show` sets the process title `ps` shows (`poolmgr: smtp worker 3
 [412 sessions]`). A pool's worker overrides only what differs.
-
-Exports: WorkerProcess, WorkerContext, Limits, limits_for, fork, child_after_fork, become, set_title,
-DRAIN_IDLE_GRACE, MASTER_SIGNALS, STACK_SIGNAL.
 """
+
+__all__ = ["WorkerProcess", "WorkerContext", "Limits", "limits_for", "fork", "child_after_fork",
+           "set_title", "DRAIN_IDLE_GRACE", "MASTER_SIGNALS", "STACK_SIGNAL", "become"]
 
 import faulthandler
 import gc

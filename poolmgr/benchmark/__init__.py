@@ -2,5 +2,7 @@
 
 `scenario` reads scenario files, `load` is the load generator, `targets` starts the servers
 measured (poolmgr, Postfix, aiosmtpd) with their peers, `run` runs a scenario against them,
-`report` turns a run into figures, plots and Markdown. Exports nothing at package level.
+`report` turns a run into figures, plots and Markdown.
 """
+
+__all__: list[str] = []

@@ -5,9 +5,9 @@
 What someone running a plain asyncio SMTP relay has: one process, no defences, each message
 relayed with smtplib to the next hop before the 250 (aiosmtpd's `Proxy` handler). The
 hostname is given, since aiosmtpd would otherwise ask the system resolver for it.
-
-Exports: main.
 """
+
+__all__ = ["main"]
 
 import asyncio
 import sys

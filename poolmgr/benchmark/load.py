@@ -11,9 +11,9 @@ client comes from its own 127.x.y.z address (see `address`), and stops by itself
 their hold or give-up time, everyone at the end of the drain. RESULT gets a per-second series
 (open connections by profile; legitimate messages sent, accepted, deferred, refused) and one
 record per bot connection and per legitimate message.
-
-Exports: address, LISTED_PROFILE, main.
 """
+
+__all__ = ["address", "LISTED_PROFILE", "main", "listed_prefixes", "Generator"]
 
 import asyncio
 import json

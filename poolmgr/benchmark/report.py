@@ -6,9 +6,10 @@ SMTP pool grew, how far, stress mode, when it was back at its floor, samples tha
 rule); `reaction_line` says it in one line; `plots` and `report` write `connections.png`, `latency.png` and `report.md`;
 `compare_report` puts several targets' figures side by side (`compare.md`, `compare.json`,
 `compare.png`).
-
-Exports: figures, reaction, reaction_line, plots, report, compare_report.
 """
+
+__all__ = ["figures", "reaction", "reaction_line", "plots", "report", "compare_report",
+           "source_report"]
 
 import json
 import re

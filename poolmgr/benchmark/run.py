@@ -9,9 +9,9 @@ sessions, storm phase).
 Output in OUT: `result.json` (figures and the time series), `connections.png` (open
 connections by profile and pool sizes over time), `latency.png` (legitimate latency over
 time) and `report.md`, which embeds them (`benchmark.report`).
-
-Exports: run, compare.
 """
+
+__all__ = ["run", "compare"]
 
 import json
 import re

@@ -50,9 +50,10 @@ defaults unless given), relaying to smtp-sink (`benchmark.source`):
     rounds = 5                 # bench compare: rounds of every target in turn (median)
 
 Every duration and count is bounded, so a run stops by itself.
-
-Exports: Scenario, Phase, PROFILES, load, ScenarioError, replay_profile, pool_sizes.
 """
+
+__all__ = ["Scenario", "Phase", "PROFILES", "load", "ScenarioError", "replay_profile", "pool_sizes",
+           "SERVER_DEFAULTS", "from_dict"]
 
 import math
 import tomllib

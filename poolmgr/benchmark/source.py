@@ -11,9 +11,9 @@ smtp-sink, and the tree's memory at rest and after, written to OUT/result.json.
 `rounds` runs it for each target in turn, round after round (a noisy machine shows in the
 spread, and each round's ratio is measured under the same conditions), for `bench run` and
 `bench compare` of a source scenario (`kind = "source"`, bench/scenarios/throughput.toml).
-
-Exports: source, rounds.
 """
+
+__all__ = ["source", "rounds"]
 
 import json
 import shutil

@@ -12,9 +12,9 @@ A target answers `sample()` each second (sessions held; poolmgr: its pools, stor
 stress mode and the pool rules each sample breaks), and at the end `verdicts()` (why sessions
 were shed), `decisions` (poolmgr's autoscaler decisions seen, with their times) and
 `counters()` (poolmgr: hand-offs to the scanner pool, messages scanned).
-
-Exports: started, settled, tree_usage, rule_breaks, TARGETS, DNSBL_ZONE.
 """
+
+__all__ = ["started", "settled", "tree_usage", "rule_breaks", "TARGETS", "DNSBL_ZONE"]
 
 import subprocess
 import sys

@@ -20,9 +20,9 @@ Wire format (ASCII, one request per packet): `SEQ C IP` connect -> `SEQ COUNT RA
 (no answer); `SEQ G IP` greet test passed? -> `SEQ 0|1`, `0 P IP TTL` passed it (no answer);
 `SEQ L IP DOMAIN...` cached DNSBL answers -> `SEQ V...` (1 listed, 0 not, -1 unknown),
 `0 S IP DOMAIN 0|1 TTL` cache an answer (no answer).
-
-Exports: Anvil, AnvilServer, AnvilClient, Usage, ANVIL_TIMEOUT.
 """
+
+__all__ = ["Anvil", "AnvilServer", "AnvilClient", "Usage", "ANVIL_TIMEOUT"]
 
 import selectors
 import socket

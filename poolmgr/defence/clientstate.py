@@ -13,9 +13,9 @@ Two implementations:
   reload or a worker recycle; each worker asks through `anvil.AnvilClient`;
 - the cluster's: `cluster.RedisState`, the same questions asked of one Redis that several
   MX nodes share, with this host's own state as the fallback while Redis is down.
-
-Exports: ClientState, Usage, TtlCache.
 """
+
+__all__ = ["ClientState", "Usage", "TtlCache"]
 
 from typing import NamedTuple
 

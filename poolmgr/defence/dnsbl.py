@@ -10,9 +10,9 @@ scores nothing. Answers are cached per (site, client) for their TTL, clamped to
 [min_ttl, max_ttl], in the client state (`clientstate.ClientState`: the master's, shared by
 the host's SMTP workers, or the cluster's); NXDOMAIN is cached for min_ttl. The cache is asked
 once per score for every site, and only the sites it does not know are queried.
-
-Exports: Site, parse_site, Dnsbl, Score.
 """
+
+__all__ = ["Site", "parse_site", "Dnsbl", "Score"]
 
 import ipaddress
 import re

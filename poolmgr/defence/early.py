@@ -4,9 +4,9 @@ banner's end. Their log lines are postscreen's (DENYLISTED, PREGREET, DNSBL rank
 
 Each function takes the SMTP session (`smtp.front.FrontSession`) and works on its
 `screening`; a reply returned is sent instead of the banner and the session ends.
-
-Exports: on_connect, greet.
 """
+
+__all__ = ["on_connect", "greet"]
 
 import time
 

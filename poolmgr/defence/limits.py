@@ -5,9 +5,9 @@ recipient rates (anvil), the recipient table, relay control.
 Each function takes the SMTP session (`smtp.front.FrontSession`) and works on its
 `screening`; the session calls them from its hooks (screen, after_command, reply,
 check_mail, check_rcpt).
-
-Exports: screen, after_command, reply_delay, check_mail, check_rcpt.
 """
+
+__all__ = ["screen", "after_command", "reply_delay", "check_mail", "check_rcpt"]
 
 from ..smtp import replies as R
 from ..smtp.parse import canonical, split_mailbox

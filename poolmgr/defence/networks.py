@@ -5,9 +5,9 @@ comments), Postfix's `[::1]/128` style accepted. `plain_ip` turns an IPv4-mapped
 (`::ffff:192.0.2.1`, what a dual-stack `[::]` socket reports for an IPv4 client) back into
 plain IPv4; sessions apply it once to their peer, so every list, DNSBL query, anvil key, log
 line and trace header sees the address as the client has it.
-
-Exports: parse_cidrs, read_cidr_file, in_networks, plain_ip.
 """
+
+__all__ = ["parse_cidrs", "read_cidr_file", "in_networks", "plain_ip"]
 
 import functools
 import ipaddress

@@ -3,9 +3,9 @@
 `Defence` is built once per SMTP worker from the `[defence]` config: access lists, the DNSBL
 scorer, and the client state (`clientstate.ClientState`) that holds the greet test's passes
 and the DNSBL answers: the master's, shared by every SMTP worker of the host, or the cluster's.
-
-Exports: Defence.
 """
+
+__all__ = ["Defence"]
 
 from typing import Callable
 

@@ -3,10 +3,9 @@
 A file of addresses, one per line, `#` comments; `@example.com` accepts every address of a
 domain. Only the domains named in the file are checked: mail for other domains passes to the
 relay check. Lookups ignore case, as Postfix's table lookups do.
-
-Exports: RecipientTable.
 """
 
+__all__ = ["RecipientTable"]
 
 class RecipientTable:
     __slots__ = ("path", "addresses", "domains", "catchall")

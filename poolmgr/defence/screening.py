@@ -10,9 +10,9 @@ The lines a test logs have the shape of postscreen's (`PREGREET 11 after 0.12 fr
 [192.0.2.9]:40314`), so tools written for Postfix's log (fail2ban's postfix filter, pflogsumm,
 `poolmgr plan`) read them; poolmgr's own fields (`; action=...`) come after Postfix's.
 `escape` and `delta_time` render client bytes and elapsed times as postscreen does.
-
-Exports: Screening, escape, delta_time.
 """
+
+__all__ = ["Screening", "escape", "delta_time"]
 
 import time
 

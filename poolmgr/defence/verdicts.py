@@ -4,9 +4,9 @@ nothing of poolmgr.
 `Action` is what a defence test does when it fires (postscreen's actions); `Reason` names why
 a session was nuisance, one label per closed session (`classify`). The scoreboard keeps one
 counter per reason, in the order declared here: append only.
-
-Exports: Action, Reason, REASONS, classify.
 """
+
+__all__ = ["Action", "Reason", "REASONS", "classify", "LEGIT"]
 
 from enum import Enum
 

@@ -11,9 +11,10 @@ interleave; purge rewrites the index under the same lock.
 `release` re-injects a kept message to `scanner.next_hop` with its original envelope (the
 message as the scanner received it, plus an `X-Poolmgr-Scan: released` line), bypassing the
 checks, and notes the release in the index.
-
-Exports: prepare, keep, entries, find, read, release, purge, as_dict, Entry, ReleaseError.
 """
+
+__all__ = ["keep", "entries", "find", "read", "release", "purge", "as_dict", "Entry",
+           "ReleaseError", "INDEX", "prepare"]
 
 import email.utils
 import fcntl

@@ -8,9 +8,9 @@ feed `poolmgr status` and /metrics; each verdict is counted as `verdict_KIND`.
 Policy banks (`scanner.policy`, amavisd's): mail arriving on a bank's own listener is judged
 by that bank's settings, the rest by the scanner section's; `bypass_spam_checks` (of the
 section or the bank) lets mail from those clients skip the spam checks.
-
-Exports: Scanner, Bank, SPAM_CHECKS.
 """
+
+__all__ = ["Scanner", "Bank", "SPAM_CHECKS"]
 
 import time
 from dataclasses import dataclass, replace

@@ -7,9 +7,9 @@ and re-injects it to `scanner.next_hop`. It answers 250 only after the next hop 
 verdict is 554; any failure is 451. Recipients the next hop refused beside accepted ones are
 reported to an LMTP client one by one, and to an SMTP client's sender by a delivery status
 notification (`smtp.dsn`).
-
-Exports: ScannerSession.
 """
+
+__all__ = ["ScannerSession"]
 
 import functools
 import ipaddress

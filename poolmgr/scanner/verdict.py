@@ -11,9 +11,9 @@ Headers as amavisd-new writes them, so sieve and procmail rules written for it k
 `X-Virus-Scanned: poolmgr at HOST`, and from tag_level on `X-Spam-Flag`, `X-Spam-Score`,
 `X-Spam-Level` (one star per point) and `X-Spam-Status: Yes|No, score=... tagged_above=...
 required=... tests=[...]`. Any copy of them in incoming mail is removed first (`FORGEABLE`).
-
-Exports: decide, Verdict, Failure, Policy, KINDS, FORGEABLE.
 """
+
+__all__ = ["decide", "Verdict", "Failure", "Policy", "KINDS", "FORGEABLE"]
 
 from dataclasses import dataclass, field
 

@@ -12,9 +12,9 @@ A client that keeps its connection open between messages (an SMTP worker's hand-
 is answered 421 and let go as soon as another connection waits in the accept queue, so a
 cached connection never starves a waiting hand-off (`handoff.let_go`, asked at the end of
 each message and every `handoff.IDLE_CHECK` seconds while the connection idles).
-
-Exports: ScannerWorker, main.
 """
+
+__all__ = ["ScannerWorker", "main"]
 
 import select
 import time

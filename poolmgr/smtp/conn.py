@@ -17,9 +17,9 @@ client trickling a byte now and then cannot hold a session; in DATA the deadline
 timeout and each receive of N bytes adds N / `min_data_rate` seconds, never past the timeout
 from now, so a client must keep an average of `min_data_rate` bytes/s. A `Timeout` that only
 these deadlines caused (the peer was still sending) says `slow`.
-
-Exports: Conn, Timeout, Disconnected, LineTooLong, DataResult, malformed.
 """
+
+__all__ = ["Conn", "Timeout", "Disconnected", "LineTooLong", "DataResult", "malformed"]
 
 import select
 import socket

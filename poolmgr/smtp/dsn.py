@@ -9,9 +9,9 @@ sender is told, as a queueing MTA would tell them. No notification goes to the n
 handed over, the whole message is answered 4xx, so the sender retries: a duplicate for the
 accepted recipients is better than a loss. An LMTP client gets per-recipient replies instead
 and never reaches this module.
-
-Exports: settle, report, mixed.
 """
+
+__all__ = ["settle", "report", "mixed"]
 
 import email.utils
 import time

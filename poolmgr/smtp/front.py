@@ -9,9 +9,9 @@ accepted the message, 451 on any failure on the way. The hand-off's rules (the g
 turns it takes, the kept connections, the XFORWARD attributes) are `handoff`'s. When it
 closes, each session is counted once as legit or with one nuisance reason
 (`defence.verdicts.classify`).
-
-Exports: FrontSession, FrontService.
 """
+
+__all__ = ["FrontSession", "FrontService"]
 
 import time
 from typing import Callable

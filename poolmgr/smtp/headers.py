@@ -1,8 +1,8 @@
 """Trace headers: the Received: line each hop adds (RFC 5321 section 4.4), and removing a
 header field a client must not be able to forge.
-
-Exports: received, remove_fields, header_section, tag_subject, message_id.
 """
+
+__all__ = ["received", "remove_fields", "header_section", "tag_subject", "message_id"]
 
 import email.utils
 import functools

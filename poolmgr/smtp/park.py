@@ -11,9 +11,9 @@ the greet test).
 The SMTP worker parks a session at two places: the greet pause (`defence.early.greet`) and
 the wait for a command with nothing buffered (`ServerSession.serve`). A session with TLS is
 never parked: decrypted bytes may wait in the TLS layer with nothing to read on the socket.
-
-Exports: Parking, Parked.
 """
+
+__all__ = ["Parking", "Parked"]
 
 from typing import Callable
 

@@ -10,9 +10,10 @@ ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5`). Subclasses decide policy throug
 The `service` passed in is the worker-wide object every session shares: `hostname`, `log`,
 `limits` (line_length_limit, message_size_limit, max_recipients, timeout, per_record_deadline,
 min_data_rate), `tls_context`, `draining`, optional `tick`.
-
-Exports: ServerSession, Envelope, Command, Drain, Refused, STAT_ORDER.
 """
+
+__all__ = ["ServerSession", "Envelope", "Command", "Drain", "Refused", "STAT_ORDER",
+           "BASE_COMMANDS"]
 
 import time
 from typing import Callable, NamedTuple

@@ -17,9 +17,9 @@ smtp_connection_reuse_time_limit). A cached connection the server has meanwhile 
 noticed before the message data is sent, and the message goes over a new connection instead.
 
 Works on blocking sockets (scanner workers) and gevent sockets (SMTP workers).
-
-Exports: send, fold, Cache, RelayError, Outgoing, LINE_LENGTH_LIMIT.
 """
+
+__all__ = ["send", "fold", "Cache", "RelayError", "Outgoing", "LINE_LENGTH_LIMIT"]
 
 import ipaddress
 import re

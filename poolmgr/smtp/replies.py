@@ -1,17 +1,14 @@
 """Every SMTP reply poolmgr sends, as named constants with enhanced status codes.
 
-The replies are declared as data in `replies.toml` beside this module (`R554_RELAY_DENIED =
-"554 5.7.1 <{rcpt}>: Relay access denied"`) and become this module's `R###_...` constants
-when it is imported. A constant's name starts with its reply code; a test checks this. Texts
-follow Postfix's smtpd where Postfix has the reply. Replies that carry a value use `{}` fields,
-filled with `Reply.format(...)`. Exception text is never sent to a client.
-
-Exports: Reply, combine, and the R### constants.
+`R554_RELAY_DENIED = Reply(554, "5.7.1", "<{rcpt}>: Relay access denied")`: RFC 5321 reply
+codes, RFC 3463 enhanced status codes (220 and 354 have none, RFC 2034). A constant's name
+starts with its reply code; tests check this, that each constant is used, and that each
+`R.<NAME>` used exists. Texts follow Postfix's smtpd where Postfix has the reply. Replies that
+carry a value use `{}` fields, filled with `Reply.format(...)`. Exception text is never sent to
+a client.
 """
 
 import re
-import tomllib
-from pathlib import Path
 from typing import NamedTuple
 
 
@@ -57,6 +54,80 @@ class Reply(NamedTuple):
         return 400 <= self.code < 500
 
 
+R220_BANNER = Reply(220, "", "{host} ESMTP poolmgr")
+R220_TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+R221_BYE = Reply(221, "2.0.0", "Bye")
+R214_HELP = Reply(214, "2.0.0", "Commands: {commands}")  # from the listener's command table
+R250_OK = Reply(250, "2.0.0", "Ok")
+R250_SENDER_OK = Reply(250, "2.1.0", "Ok")
+R250_RCPT_OK = Reply(250, "2.1.5", "Ok")
+R250_CHUNK = Reply(250, "2.0.0", "Ok: {size} octets")
+R250_QUEUED = Reply(250, "2.0.0", "Ok: queued as {queue_id}")
+R250_DISCARDED = Reply(250, "2.7.0", "Ok, discarded, id={ident} - {summary}")
+R252_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+R354_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
+R421_SHUTDOWN = Reply(421, "4.3.2", "{host} Service shutting down, closing transmission channel")
+R421_YIELD = Reply(
+    421, "4.3.2", "{host} Service busy, closing an idle connection for a waiting client")
+R421_TIMEOUT = Reply(421, "4.4.2", "{host} Error: timeout exceeded")
+R421_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "{host} Error: too many connections from {ip}")
+R421_TOO_MANY_ERRORS = Reply(421, "4.7.0", "{host} Error: too many errors")
+R450_MESSAGE_RATE = Reply(450, "4.7.1", "Error: too much mail from {ip}")
+R450_RECIPIENT_RATE = Reply(450, "4.7.1", "Error: too many recipients from {ip}")
+R451_LOCAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
+R451_FILTER_UNAVAILABLE = Reply(451, "4.3.0", "Error: content filter unavailable, try again later")
+R451_NEXT_HOP_UNAVAILABLE = Reply(451, "4.4.1", "Error: next hop unavailable, try again later")
+R451_CHECK_FAILED = Reply(451, "4.3.0", "Error: content check {check} unavailable, try again later")
+R451_QUARANTINE_FAILED = Reply(
+    451, "4.3.0", "Error: cannot quarantine the message, try again later")
+R451_DSN_FAILED = Reply(
+    451, "4.3.0", "Error: cannot notify the sender of refused recipients, try again later")
+R451_SCAN_TIMEOUT = Reply(451, "4.3.0", "Error: content scan timed out, try again later")
+R452_TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+
+R500_LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+R501_EHLO_SYNTAX = Reply(501, "5.5.4", "Syntax: EHLO hostname")
+R501_HELO_SYNTAX = Reply(501, "5.5.4", "Syntax: HELO hostname")
+R501_LHLO_SYNTAX = Reply(501, "5.5.4", "Syntax: LHLO hostname")
+R501_MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+R501_RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+R501_DATA_SYNTAX = Reply(501, "5.5.4", "Syntax: DATA")
+R501_BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT count [LAST]")
+R501_VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address")
+R501_NO_ARGUMENTS = Reply(501, "5.5.4", "Syntax: {verb}")
+R501_BAD_ADDRESS = Reply(501, "5.1.3", "Bad address syntax")
+R501_BAD_SIZE = Reply(501, "5.5.4", "Bad message size syntax")
+R501_XFORWARD_SYNTAX = Reply(501, "5.5.4", "Syntax: XFORWARD attribute=value...")
+R502_NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+R502_UNRECOGNIZED = Reply(502, "5.5.2", "Error: command not recognized")
+R503_NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+R503_NEED_LHLO = Reply(503, "5.5.1", "Error: send LHLO first")
+R503_NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+R503_NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+R503_NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+R503_DATA_AND_BDAT = Reply(503, "5.5.1", "Error: mixing BDAT and DATA in one transaction")
+R503_PIPELINING = Reply(503, "5.5.0", "Error: improper use of SMTP command pipelining")
+R503_XFORWARD_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+R550_BLOCKED = Reply(550, "5.7.1", "Service unavailable; client [{ip}] blocked using {reason}")
+R550_UNKNOWN_USER = Reply(
+    550, "5.1.1", "<{rcpt}>: Recipient address rejected: User unknown in local recipient table")
+R550_BARE_LF = Reply(550, "5.5.2", "Error: bare <LF> received")
+R550_BARE_CR = Reply(550, "5.5.2", "Error: bare <CR> received")
+R550_NUL = Reply(550, "5.6.0", "Error: message content rejected: NUL character")
+R521_BLOCKED = Reply(521, "5.7.1", "Service unavailable; client [{ip}] blocked using {reason}")
+R552_SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+R552_MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")
+R553_SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
+R554_ACCESS_DENIED = Reply(554, "5.7.1", "Error: access denied for {client}")
+R554_RELAY_DENIED = Reply(554, "5.7.1", "<{rcpt}>: Relay access denied")
+R554_TLS_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")
+R554_VIRUS = Reply(554, "5.7.0", "Rejected: virus found: {name}")
+R554_SPAM = Reply(554, "5.7.0", "Rejected: spam, score={score}")
+R554_CONTENT_RULE = Reply(554, "5.7.1", "Rejected by content rule {name}")
+R555_UNSUPPORTED_PARAMETER = Reply(555, "5.5.4", "Unsupported option: {param}")
+
+
 def combine(replies: list[Reply]) -> Reply:
     """One reply for the client from per-recipient results downstream.
 
@@ -69,20 +140,8 @@ def combine(replies: list[Reply]) -> Reply:
         for reply in replies:
             if wanted(reply):
                 return reply
-    return _TABLE["R451_LOCAL_ERROR"]
+    return R451_LOCAL_ERROR
 
 
-def _parse(line: str) -> Reply:
-    """"554 5.7.1 text" -> Reply(554, "5.7.1", "text"); "220 text" has no enhanced code."""
-    code, _, rest = line.partition(" ")
-    status, _, text = rest.partition(" ")
-    if not re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", status):
-        status, text = "", rest
-    return Reply(int(code), status, text)
-
-
-with open(Path(__file__).with_name("replies.toml"), "rb") as _handle:
-    _TABLE = {name: _parse(line) for name, line in tomllib.load(_handle).items()}
-globals().update(_TABLE)
-
-
+__all__ = ["Reply", "combine",  # and every R### constant above
+           *(name for name in dict(globals()) if re.fullmatch(r"R\d{3}_[A-Z0-9_]+", name))]

@@ -14,9 +14,9 @@ may have gone on to another session by then.
 `Turn` is the one-shot wake-up a greenlet waits on for its turn (the hand-off gate's): what
 gevent's Event does for this, with one timer, where an Event makes its links and a Timeout
 object per wait.
-
-Exports: Runners, Job, Turn.
 """
+
+__all__ = ["Runners", "Job", "Turn"]
 
 from typing import Callable
 

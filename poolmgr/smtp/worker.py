@@ -16,9 +16,9 @@ Signals: SIGTERM drains (stop accepting; a session idle with no transaction for
 DRAIN_IDLE_GRACE seconds gets 421 and is closed; transactions finish; after
 `master.graceful_timeout` the rest get 421) and exits 0; SIGQUIT exits at once; SIGUSR1 reopens
 the log file.
-
-Exports: SmtpWorker, main.
 """
+
+__all__ = ["SmtpWorker", "main"]
 
 import os
 import time

@@ -11,8 +11,6 @@ poolmgr at run time.
 - `rspamd`: Rspamd (a private rspamd, offline), ENVELOPE_SYMBOL
 - `redis`: RedisServer (a private redis-server on a loopback port and a Unix socket)
 - `wait`: free_port, free_udp_port, listening, wait_until, WaitTimeout
-
-Exports all of the above.
 """
 
 from .clamd import EICAR_NAME, Clamd, ping

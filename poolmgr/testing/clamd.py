@@ -5,9 +5,9 @@ downloaded and it starts in a few seconds.
 The signature is an `.ndb` body signature (any file type, any offset), so clamd finds EICAR in
 base64 MIME attachments and in zip archives too, after decoding them itself. clamd reports
 signatures from unsigned databases with an `.UNOFFICIAL` suffix: `EICAR_NAME.UNOFFICIAL`.
-
-Exports: Clamd, EICAR_NAME, ping.
 """
+
+__all__ = ["Clamd", "EICAR_NAME", "ping"]
 
 import os
 import shutil

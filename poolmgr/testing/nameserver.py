@@ -1,8 +1,8 @@
 """DNS servers for DNSBL tests: a real one on a loopback UDP port (dnslib), and one that is
 down.
-
-Exports: DnsServer, SilentDns.
 """
+
+__all__ = ["DnsServer", "SilentDns"]
 
 import socket
 

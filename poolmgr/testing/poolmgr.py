@@ -3,9 +3,9 @@ loopback ports and directory, stopped by its PID.
 
 Clients pass an explicit local hostname, HELO (smtplib would otherwise ask the system resolver,
 which is off on these machines).
-
-Exports: Poolmgr, write_config, HELO.
 """
+
+__all__ = ["Poolmgr", "write_config", "HELO"]
 
 import json
 import os

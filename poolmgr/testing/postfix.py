@@ -1,8 +1,8 @@
 """A private Postfix instance (Debian's package): its own main.cf, master.cf, queue and log
 in a temp dir, started and stopped with `postfix -c DIR`.
-
-Exports: Postfix.
 """
+
+__all__ = ["Postfix"]
 
 import os
 import shutil

@@ -2,9 +2,9 @@
 config on a loopback port or a Unix socket in a directory of its own, no persistence, started
 and stopped by its PID; `stop` and `start` again on the same port and socket is Redis down and
 back.
-
-Exports: RedisServer, ping.
 """
+
+__all__ = ["RedisServer", "ping"]
 
 import os
 import shutil

@@ -5,9 +5,9 @@ databases and caches in a temp dir.
 rspamd still knows GTUBE without any module (action reject, symbol GTUBE). One rule of ours,
 POOLMGR_ENVELOPE (score 0.5), hits every message and lists in its options the envelope rspamd
 was given: ip=, from=, rcpt= (comma-separated), helo=, qid=, hostname=.
-
-Exports: Rspamd, ENVELOPE_SYMBOL.
 """
+
+__all__ = ["Rspamd", "ENVELOPE_SYMBOL"]
 
 import http.client
 import os

@@ -1,7 +1,7 @@
 """Postfix's smtp-sink on a loopback port: the next hop that accepts everything.
-
-Exports: Sink.
 """
+
+__all__ = ["Sink"]
 
 import os
 import shutil

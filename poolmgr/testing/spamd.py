@@ -1,9 +1,9 @@
 """SpamAssassin's spamd on a loopback port, with a private site config: local tests only (no DNS,
 no network tests, no Bayes, no auto-learning, no rule updates), so its scores depend on the
 installed rules alone (Debian's spamassassin ships them in /usr/share/spamassassin).
-
-Exports: Spamd, ping.
 """
+
+__all__ = ["Spamd", "ping"]
 
 import os
 import shutil

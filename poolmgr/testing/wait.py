@@ -3,9 +3,9 @@ stopping a daemon the tests started.
 
 `wait_until` raises `WaitTimeout` (a TimeoutError), never AssertionError: the bench's targets
 use it outside tests too.
-
-Exports: free_port, free_udp_port, listening, wait_until, WaitTimeout, terminate.
 """
+
+__all__ = ["free_port", "free_udp_port", "listening", "wait_until", "WaitTimeout", "terminate"]
 
 import random
 import signal

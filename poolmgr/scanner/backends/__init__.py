@@ -2,8 +2,6 @@
 
 Each module defines `Backend`, a `base.Check` subclass: `builtin` (rules and EICAR), `clamd`
 (ClamAV, zINSTREAM), `spamd` (SpamAssassin, SPAMC/1.5), `rspamd` (/checkv2 over HTTP).
-
-Exports: load, NAMES.
 """
 
 import importlib

@@ -4,9 +4,9 @@ raises, and the connection to a daemon.
 A back-end is a `Check`: a name, a timeout, what to do when it fails (`on_failure`: tempfail or
 pass), and `check(message) -> Result`. A back-end that cannot give an answer (daemon down,
 timeout, a reply it cannot read) raises `CheckFailed`; the scanner applies `on_failure`.
-
-Exports: Message, Result, Check, CheckFailed, connect, printable.
 """
+
+__all__ = ["Message", "Result", "Check", "CheckFailed", "connect", "printable"]
 
 import socket
 from dataclasses import dataclass

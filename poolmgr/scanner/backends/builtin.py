@@ -6,9 +6,9 @@ found in base64 or quoted-printable attachments too, as a virus scanner would fi
 with no such part and no rules to check is searched as it is, without parsing. A hit
 on EICAR is a virus; a rule with action reject names itself in `Result.rule`, a rule with
 action tag in `Result.tests`.
-
-Exports: Backend, EICAR.
 """
+
+__all__ = ["Backend", "EICAR", "EICAR_NAME", "scan"]
 
 import email
 import email.policy

@@ -15,9 +15,9 @@ clamd has answered early.
 A hit is `Result("clamd", virus=NAME)`, NAME as clamd reports it (signatures from a database
 that is not signed by ClamAV carry clamd's `.UNOFFICIAL` suffix). Unreachable daemon, timeout,
 an ERROR or a reply that cannot be read: `CheckFailed`.
-
-Exports: Backend, CHUNK, parse_reply.
 """
+
+__all__ = ["Backend", "CHUNK", "parse_reply"]
 
 import select
 import socket

@@ -7,9 +7,9 @@ envelope goes in the headers IP, From, Rcpt (one per recipient), Helo, Queue-Id 
 `required_score`, `action` and `symbols` (symbol name -> details). Blocking `http.client`:
 scanner workers are plain processes. The back-end's timeout bounds each wait (connect, send,
 each read), as in the other back-ends' sockets.
-
-Exports: Backend, ask (the parsed answer), result (answer -> Result), request_headers.
 """
+
+__all__ = ["Backend", "ask", "result", "request_headers"]
 
 import http.client
 import json

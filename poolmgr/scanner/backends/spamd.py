@@ -13,9 +13,9 @@ The answer: `SPAMD/1.1 0 EX_OK`, headers with `Spam: True ; 15.0 / 5.0` (verdict
 required score), a blank line, and the names of the rules that hit, comma-separated. A non-zero
 code is one of sysexits.h's EX_* (76 EX_PROTOCOL, 64 EX_USAGE...): `CheckFailed`. A message
 larger than scanner.spamd.max_size is not sent (spamc -s): `Result.skipped`.
-
-Exports: Backend, request, parse_reply.
 """
+
+__all__ = ["Backend", "request", "parse_reply"]
 
 import re
 import socket
