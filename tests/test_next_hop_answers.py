@@ -1,5 +1,5 @@
-"""A next hop that answers 4xx (at RCPT, at the end of DATA, alone or beside recipients it
-accepted), through the whole path -- client, SMTP pool, scanner pool, next hop -- and to the
+"""A next hop that answers 4xx (at RCPT, at the end of DATA -- over LMTP per recipient --,
+alone or beside recipients it accepted), through the whole path -- client, SMTP pool, scanner pool, next hop -- and to the
 scanner pool as a content filter: the client gets a 4xx for the message, a copy the next hop
 accepted has arrived, and the client's retry gives every recipient its copy (a duplicate is
 allowed, a loss is not). And the body arrives byte for byte as it was sent."""
@@ -32,8 +32,8 @@ def recorder():
         r.stop()
 
 
-def through(make_poolmgr, hop: Recorder):
-    return make_poolmgr({"scanner": {"next_hop": f"smtp:127.0.0.1:{hop.port}"}})
+def through(make_poolmgr, hop: Recorder, kind: str = "smtp"):
+    return make_poolmgr({"scanner": {"next_hop": f"{kind}:127.0.0.1:{hop.port}"}})
 
 
 def as_sent(copy_data: bytes, sent: bytes) -> bool:
@@ -44,24 +44,30 @@ def as_sent(copy_data: bytes, sent: bytes) -> bool:
     return ADDED_FIELD.sub(b"", added) == b""
 
 
-# (recipients, RCPT replies of the next hop, its end-of-DATA reply, who it accepted anyway)
+# kind of next hop, recipients, its RCPT replies, its end-of-DATA reply (over LMTP: per
+# recipient), and whom it accepted anyway
 CASES = {
-    "rcpt-4xx-alone": ([BOB], {BOB: BUSY}, "", []),
-    "rcpt-4xx-beside-250": ([ANN, BOB], {BOB: BUSY}, "", [ANN]),
-    "rcpt-4xx-beside-250-and-5xx": ([ANN, BOB, CAROL], {BOB: UNKNOWN, CAROL: BUSY}, "", [ANN]),
-    "data-4xx": ([ANN, BOB], {}, DATA_4XX, []),
-    "data-4xx-beside-rcpt-5xx": ([ANN, BOB], {BOB: UNKNOWN}, DATA_4XX, []),
+    "rcpt-4xx-alone": ("smtp", [BOB], {BOB: BUSY}, "", [], {}),
+    "rcpt-4xx-beside-250": ("smtp", [ANN, BOB], {BOB: BUSY}, "", [ANN], {}),
+    "rcpt-4xx-beside-250-and-5xx": ("smtp", [ANN, BOB, CAROL], {BOB: UNKNOWN, CAROL: BUSY},
+                                    "", [ANN], {}),
+    "data-4xx": ("smtp", [ANN, BOB], {}, DATA_4XX, [], {}),
+    "data-4xx-beside-rcpt-5xx": ("smtp", [ANN, BOB], {BOB: UNKNOWN}, DATA_4XX, [], {}),
+    "lmtp-data-4xx-beside-250": ("lmtp", [ANN, BOB], {}, "", [ANN], {BOB: BUSY}),
+    "lmtp-data-4xx-beside-250-and-5xx": ("lmtp", [ANN, BOB, CAROL], {}, "", [ANN],
+                                         {BOB: UNKNOWN, CAROL: BUSY}),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_4xx_from_the_next_hop_is_a_4xx_to_the_client_and_its_retry_delivers(
         make_poolmgr, recorder, case):
-    rcpts, rcpt_replies, data_reply, accepted_anyway = CASES[case]
+    kind, rcpts, rcpt_replies, data_reply, accepted_anyway, data_replies = CASES[case]
     hop = recorder()
     hop.rcpt_replies = {rcpt: reply.format(rcpt) for rcpt, reply in rcpt_replies.items()}
     hop.data_reply = data_reply
-    pm = through(make_poolmgr, hop)
+    hop.data_replies = {rcpt: reply.format(rcpt) for rcpt, reply in data_replies.items()}
+    pm = through(make_poolmgr, hop, kind)
     sent = message(case, body=f"for {case}\r\n")
     with pm.smtp() as client:
         with pytest.raises(smtplib.SMTPDataError) as info:
@@ -71,7 +77,7 @@ def test_a_4xx_from_the_next_hop_is_a_4xx_to_the_client_and_its_retry_delivers(
     for rcpt in rcpts:
         assert len(hop.copies(rcpt)) == (rcpt in accepted_anyway), (rcpt, hop.accepted)
     assert all(as_sent(c.data, sent) for c in hop.accepted)
-    hop.rcpt_replies, hop.data_reply = {}, ""  # the next hop is well again; the client retries
+    hop.rcpt_replies, hop.data_reply, hop.data_replies = {}, "", {}  # well again: a retry
     with pm.smtp() as client:
         assert client.sendmail("alice@example.org", rcpts, sent) == {}
     for rcpt in rcpts:

@@ -2,10 +2,10 @@
 
 Postfix's smtp-sink accepts everything; the tests of "nothing lost" need a next hop that also
 *answers* 4xx: for chosen recipients at RCPT (`rcpt_replies`), or at the end of DATA
-(`data_reply`), and one that can hold its end-of-DATA reply (`hold`) while a test kills the
-process waiting for it. It speaks ESMTP with PIPELINING, 8BITMIME, SMTPUTF8, SIZE and XFORWARD,
-one thread per connection, and answers commands in order, so a pipelined group gets its
-replies in order.
+(`data_reply`; over LMTP also per recipient, `data_replies`), and one that can hold its
+end-of-DATA reply (`hold`) while a test kills the process waiting for it. It speaks ESMTP
+(EHLO) and LMTP (LHLO) with PIPELINING, 8BITMIME, SMTPUTF8, SIZE and XFORWARD, one thread per
+connection, and answers commands in order, so a pipelined group gets its replies in order.
 
 A message counts as accepted (`accepted`) when its final 250 goes out to a client still
 connected (it is recorded just before, so a client told 250 finds it there); a copy whose client hung up while the reply was held is `aborted` (a real MTA that
@@ -33,10 +33,10 @@ class Copy:
     """One message as the next hop received it."""
     mail_from: str
     mail_params: list[str]  # after the address: SIZE=, BODY=8BITMIME, SMTPUTF8
-    rcpts: list[str]  # the recipients this hop accepted at RCPT
+    rcpts: list[str]  # the recipients this hop accepted (at RCPT, and over LMTP at the end)
     data: bytes
     xforward: dict[str, str] = field(default_factory=dict)
-    final: str = ""  # the end-of-DATA reply it was given
+    final: str = ""  # the end-of-DATA reply it was given (over LMTP: the first one)
 
 
 class Recorder:
@@ -47,7 +47,9 @@ class Recorder:
         self.port = port or free_port()
         self.rcpt_replies: dict[str, str] = {}  # recipient -> reply line, e.g. "450 4.2.0 busy"
         self.data_reply = ""  # a reply line for the end of DATA instead of 250
-        self.hold = False  # hold the end-of-DATA reply until `release` (or the client leaves)
+        self.data_replies: dict[str, str] = {}  # LMTP: recipient -> its end-of-DATA reply
+        self.hold = False  # hold an accepting end-of-DATA reply until `release` (which then
+        # stays set) or until the client leaves
         self.held = threading.Event()  # set while a message waits for its held reply
         self.held_peer: tuple[str, int] | None = None  # the client waiting on it
         self.release = threading.Event()
@@ -109,6 +111,7 @@ class Session:
         self.recorder, self.conn, self.reader, self.peer = recorder, conn, reader, peer
         self.copy: Copy | None = None
         self.xforward: dict[str, str] = {}
+        self.lmtp = False
 
     def say(self, line: str) -> None:
         self.conn.sendall(line.encode() + b"\r\n")
@@ -119,9 +122,9 @@ class Session:
             line = raw.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
             verb, _, arg = line.partition(" ")
             verb = verb.upper()
-            if verb in ("EHLO", "HELO"):
-                self.copy = None
-                lines = ["recorder.test"] + (EXTENSIONS if verb == "EHLO" else [])
+            if verb in ("EHLO", "HELO", "LHLO"):
+                self.copy, self.lmtp = None, verb == "LHLO"
+                lines = ["recorder.test"] + (EXTENSIONS if verb != "HELO" else [])
                 last = len(lines) - 1
                 self.say("\r\n".join(f"250{' ' if i == last else '-'}{text}"
                                        for i, text in enumerate(lines)))
@@ -175,8 +178,13 @@ class Session:
         copy.data = b"".join(lines)
         recorder = self.recorder
         reply = recorder.data_reply or "250 2.0.0 Ok: queued as RECORDED"
-        copy.final = reply
-        if recorder.hold and reply.startswith("2"):
+        finals = [recorder.data_replies.get(rcpt, reply) for rcpt in copy.rcpts] \
+            if self.lmtp else [reply]
+        if self.lmtp:
+            copy.rcpts = [r for r, final in zip(copy.rcpts, finals) if final.startswith("2")]
+        copy.final = finals[0]
+        accepted = any(final.startswith("2") for final in finals)
+        if recorder.hold and accepted:
             recorder.held_peer = self.peer
             recorder.held.set()
             left = self.wait_for_release()
@@ -186,8 +194,8 @@ class Session:
                     recorder.aborted.append(copy)
                 return False
         with recorder.lock:  # before the reply: a client told 250 finds its copy here
-            (recorder.accepted if reply.startswith("2") else recorder.refused).append(copy)
-        self.say(reply)
+            (recorder.accepted if accepted else recorder.refused).append(copy)
+        self.conn.sendall("".join(f"{final}\r\n" for final in finals).encode())
         return True
 
     def wait_for_release(self) -> bool:
