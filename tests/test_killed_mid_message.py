@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from helpers import Raw, message, served_by, wait_until
-from poolmgr.testing.recorder import Recorder
+from poolmgr.testing import Recorder
 
 BOB = "bob@example.test"
 ENVELOPE = b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<%s>\r\nDATA\r\n" % BOB.encode()

@@ -1,8 +1,9 @@
-"""A next hop that answers 4xx (at RCPT, at the end of DATA -- over LMTP per recipient --,
-alone or beside recipients it accepted), through the whole path -- client, SMTP pool, scanner pool, next hop -- and to the
-scanner pool as a content filter: the client gets a 4xx for the message, a copy the next hop
-accepted has arrived, and the client's retry gives every recipient its copy (a duplicate is
-allowed, a loss is not). And the body arrives byte for byte as it was sent."""
+"""A next hop that answers 4xx -- at RCPT, at the end of DATA (over LMTP per recipient), alone
+or beside recipients it accepted -- through the whole path (client, SMTP pool, scanner pool,
+next hop over SMTP or LMTP) and to the scanner pool as a content filter: the client gets a 4xx
+for the message, a copy the next hop accepted has arrived, and the client's retry gives every
+recipient its copy (a duplicate is allowed, a loss is not). And the body arrives byte for byte
+as it was sent."""
 
 import re
 import smtplib
@@ -10,7 +11,7 @@ import smtplib
 import pytest
 
 from helpers import HELO, Raw, message, wait_until
-from poolmgr.testing.recorder import Recorder
+from poolmgr.testing import Recorder
 
 ANN, BOB, CAROL = "ann@example.test", "bob@example.test", "carol@example.test"
 BUSY = "450 4.2.0 <{}>: Recipient address rejected: mailbox busy"

@@ -8,9 +8,10 @@ end-of-DATA reply (`hold`) while a test kills the process waiting for it. It spe
 connection, and answers commands in order, so a pipelined group gets its replies in order.
 
 A message counts as accepted (`accepted`) when its final 250 goes out to a client still
-connected (it is recorded just before, so a client told 250 finds it there); a copy whose client hung up while the reply was held is `aborted` (a real MTA that
-never answered would not have queued it either). `Copy.data` is the message as received, with
-the dot-stuffing undone and every CRLF kept.
+connected (it is recorded just before, so a client told 250 finds it there); a copy whose
+client hung up while the reply was held is `aborted` (a real MTA that never answered would not
+have queued it either). `Copy.data` is the message as received, with the dot-stuffing undone
+and every CRLF kept.
 
 Exports: Recorder, Copy.
 """
