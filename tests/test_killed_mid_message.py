@@ -3,16 +3,19 @@ or while its hand-off waits on the scanner, a scanner worker while it holds the 
 next hop has the data and has not answered yet). The client is never told 250 for mail that
 did not reach the next hop, and its retry delivers it; a duplicate is allowed, a loss is not.
 
-The next hop is `testing.recorder`, holding its end-of-DATA reply (`hold`) so that the kill
-lands at a known point without a sleep."""
+The next hop is `testing.recorder`, holding its end-of-DATA reply (`hold`), and the scan is
+made slow by a spamd that holds its answer (`SlowSpamd`), so that the kill lands at a known
+point without a sleep."""
 
 import os
 import signal
+import socket
+import threading
 
 import psutil
 import pytest
 
-from helpers import Raw, message, served_by, wait_until
+from helpers import Raw, free_port, message, served_by, wait_until
 from poolmgr.testing import Recorder
 
 BOB = "bob@example.test"
@@ -60,6 +63,47 @@ def scanner_worker_talking_to(pm, peer: tuple[str, int]) -> int:
                 return pid
         return None
     return wait_until(find, what=f"the scanner worker connected from {peer}")
+
+
+class SlowSpamd:
+    """A stand-in for spamd (SPAMC/1.5) that holds each answer while `hold` is set -- the scan
+    is then in progress for as long as a test needs -- and answers "not spam" otherwise."""
+
+    ANSWER = b"SPAMD/1.1 0 EX_OK\r\nContent-length: 0\r\nSpam: False ; 0.0 / 5.0\r\n\r\n"
+
+    def __init__(self):
+        self.port = free_port()
+        self.sock = socket.create_server(("127.0.0.1", self.port))
+        self.hold = True
+        self.held = threading.Event()
+        self.held_peer: tuple[str, int] | None = None
+        self.release = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn, peer), daemon=True).start()
+
+    def _answer(self, conn, peer):
+        with conn:
+            while conn.recv(65536):  # the request, up to spamc's shutdown(SHUT_WR)
+                pass
+            if self.hold:
+                self.held_peer = peer
+                self.held.set()
+                self.release.wait()
+            try:
+                conn.sendall(self.ANSWER)
+            except OSError:
+                pass  # the scanner worker was killed meanwhile
+
+    def stop(self):
+        self.release.set()
+        self.sock.close()
 
 
 def arrived(hop: Recorder, subject: str) -> int:
@@ -124,3 +168,30 @@ def test_scanner_worker_killed_while_it_holds_the_message(pm, hop, warm):
         assert 400 <= code < 500, lines
         retry(pm, sent)
         assert arrived(hop, "killed in scan") >= 1
+
+
+@pytest.fixture
+def spamd():
+    stand_in = SlowSpamd()
+    yield stand_in
+    stand_in.stop()
+
+
+@pytest.mark.log_allows(r"scanner worker \d+ pid \d+ killed by signal 9")
+def test_scanner_worker_killed_during_its_scan(make_poolmgr, hop, spamd):
+    pm = make_poolmgr({"scanner": {"next_hop": f"smtp:127.0.0.1:{hop.port}",
+                                   "checks": ["builtin", "spamd"]},
+                       "scanner.spamd": {"address": f"127.0.0.1:{spamd.port}"}})
+    sent = message("killed in spamd")
+    client = begin(pm, "127.0.0.74")
+    client.send(sent + b".\r\n")
+    assert spamd.held.wait(15), "the scan never asked spamd"
+    os.kill(scanner_worker_talking_to(pm, spamd.held_peer), signal.SIGKILL)
+    code, lines = client.reply()
+    assert 400 <= code < 500, lines
+    assert hop.rcpt_log == []  # killed mid-scan: nothing went on
+    spamd.hold = False
+    spamd.release.set()
+    retry(pm, sent)
+    assert arrived(hop, "killed in spamd") == 1
+    assert "spamd check failed" not in pm.log()  # the retry was scanned, not passed unchecked
