@@ -45,30 +45,45 @@ def as_sent(copy_data: bytes, sent: bytes) -> bool:
     return ADDED_FIELD.sub(b"", added) == b""
 
 
-# kind of next hop, recipients, its RCPT replies, its end-of-DATA reply (over LMTP: per
-# recipient), and whom it accepted anyway
+# Each case: the recipients, the next hop's RCPT replies, its end-of-DATA reply (over LMTP
+# also per recipient), whom it accepted anyway, and how the SMTP pool hands off and the
+# scanner re-injects (SMTP unless said).
 CASES = {
-    "rcpt-4xx-alone": ("smtp", [BOB], {BOB: BUSY}, "", [], {}),
-    "rcpt-4xx-beside-250": ("smtp", [ANN, BOB], {BOB: BUSY}, "", [ANN], {}),
-    "rcpt-4xx-beside-250-and-5xx": ("smtp", [ANN, BOB, CAROL], {BOB: UNKNOWN, CAROL: BUSY},
-                                    "", [ANN], {}),
-    "data-4xx": ("smtp", [ANN, BOB], {}, DATA_4XX, [], {}),
-    "data-4xx-beside-rcpt-5xx": ("smtp", [ANN, BOB], {BOB: UNKNOWN}, DATA_4XX, [], {}),
-    "lmtp-data-4xx-beside-250": ("lmtp", [ANN, BOB], {}, "", [ANN], {BOB: BUSY}),
-    "lmtp-data-4xx-beside-250-and-5xx": ("lmtp", [ANN, BOB, CAROL], {}, "", [ANN],
-                                         {BOB: UNKNOWN, CAROL: BUSY}),
+    "rcpt-4xx-alone": dict(rcpts=[BOB], rcpt_replies={BOB: BUSY}),
+    "rcpt-4xx-beside-250": dict(rcpts=[ANN, BOB], rcpt_replies={BOB: BUSY}, accepted=[ANN]),
+    "rcpt-4xx-beside-250-and-5xx": dict(rcpts=[ANN, BOB, CAROL], accepted=[ANN],
+                                        rcpt_replies={BOB: UNKNOWN, CAROL: BUSY}),
+    "data-4xx": dict(rcpts=[ANN, BOB], data_reply=DATA_4XX),
+    "data-4xx-beside-rcpt-5xx": dict(rcpts=[ANN, BOB], rcpt_replies={BOB: UNKNOWN},
+                                     data_reply=DATA_4XX),
+    "lmtp-data-4xx-beside-250": dict(rcpts=[ANN, BOB], data_replies={BOB: BUSY},
+                                     accepted=[ANN], next_hop="lmtp"),
+    "lmtp-data-4xx-beside-250-and-5xx": dict(rcpts=[ANN, BOB, CAROL], accepted=[ANN],
+                                             data_replies={BOB: UNKNOWN, CAROL: BUSY},
+                                             next_hop="lmtp"),
+    # The scanner pool as the SMTP pool's LMTP proxy filter: per-recipient replies come back.
+    "lmtp-hand-off-rcpt-4xx-beside-250": dict(rcpts=[ANN, BOB], rcpt_replies={BOB: BUSY},
+                                              accepted=[ANN], handoff="lmtp"),
+    "lmtp-hand-off-data-4xx-beside-250-and-5xx": dict(
+        rcpts=[ANN, BOB, CAROL], data_replies={BOB: UNKNOWN, CAROL: BUSY}, accepted=[ANN],
+        next_hop="lmtp", handoff="lmtp"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_4xx_from_the_next_hop_is_a_4xx_to_the_client_and_its_retry_delivers(
         make_poolmgr, recorder, case):
-    kind, rcpts, rcpt_replies, data_reply, accepted_anyway, data_replies = CASES[case]
+    spec = CASES[case]
+    rcpts, accepted_anyway = spec["rcpts"], spec.get("accepted", [])
     hop = recorder()
-    hop.rcpt_replies = {rcpt: reply.format(rcpt) for rcpt, reply in rcpt_replies.items()}
-    hop.data_reply = data_reply
-    hop.data_replies = {rcpt: reply.format(rcpt) for rcpt, reply in data_replies.items()}
-    pm = through(make_poolmgr, hop, kind)
+    hop.rcpt_replies = {r: reply.format(r) for r, reply in spec.get("rcpt_replies", {}).items()}
+    hop.data_reply = spec.get("data_reply", "")
+    hop.data_replies = {r: reply.format(r) for r, reply in spec.get("data_replies", {}).items()}
+    pm = make_poolmgr({"scanner": {"next_hop": f"{spec.get('next_hop', 'smtp')}:127.0.0.1:"
+                                                f"{hop.port}"}}, start=False)
+    if spec.get("handoff") == "lmtp":
+        pm.configure("smtp", proxy_filter=f"lmtp:127.0.0.1:{pm.scanner_port}")
+    pm.start()
     sent = message(case, body=f"for {case}\r\n")
     with pm.smtp() as client:
         with pytest.raises(smtplib.SMTPDataError) as info:
