@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from poolmgr import config
 from poolmgr.autoscale import CALM, RETREAT, STORM, Snapshot, State, check_rules, decide
-from poolmgr.pools import Pool, resize
+from poolmgr.pools import Pool, bounds_of, broken, resize
 
 CFG = config.from_dict({"autoscale": {"cooldown": "5s", "min_worker_lifetime": "2s",
                                       "scanner_grow_after": "3s",
@@ -190,6 +190,11 @@ def test_scanner_floor_above_calm_ratio_keeps_smtp_floor():
     assert run.sizes[-1] == (5, 2, CALM)  # the floor says otherwise than calm_ratio
 
 
+def sizes_of(pools: dict[str, Pool]) -> tuple[int, int, int, int]:
+    return (pools["smtp"].floor, pools["smtp"].target, pools["scanner"].floor,
+            pools["scanner"].target)
+
+
 events = st.lists(st.tuples(
     st.floats(0, 1.2),                  # occupancy
     st.integers(0, 120),                # accept queue
@@ -210,9 +215,17 @@ def test_rules_hold_after_every_step(trace, scanner_floor, smtp_ceiling):
             pools = {"smtp": Pool("smtp", run.smtp_floor, run.smtp_ceiling, None),
                      "scanner": Pool("scanner", run.scanner_floor, run.scanner_ceiling, None)}
             pools["smtp"].target, pools["scanner"].target = run.smtp, run.scanner
-            resize(pools, manual[:-1], manual[-1] + "1")
+            before = sizes_of(pools)
+            done, said = resize(pools, manual[:-1], manual[-1] + "1")
             run.smtp_floor, run.smtp = pools["smtp"].floor, pools["smtp"].target
             run.scanner_floor, run.scanner = pools["scanner"].floor, pools["scanner"].target
+            # Straight after the resize, before any decide(): the rule holds, and so does the
+            # calm limit while calm (the resize moved the floor the limit allows for).
+            calm = CFG.calm_ratio if run.state.phase == CALM else 0.0
+            assert broken(run.smtp, run.scanner, bounds_of(pools), calm) == [], (manual, said)
+            assert run.smtp <= run.smtp_ceiling and run.scanner <= run.scanner_ceiling
+            if not done:
+                assert sizes_of(pools) == before, (manual, said)  # a refusal changes nothing
         run.step(sessions=int(occupancy * run.smtp * PER_WORKER), backlog=backlog,
                  nuisance=nuisance, busy=busy, wait=wait)  # step() asserts check_rules
 

@@ -4,7 +4,7 @@ never outnumber SMTP workers, each pool within its floor and ceiling."""
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolmgr.pools import Bounds, Pool, broken, calm_size, fit, resize
+from poolmgr.pools import Bounds, Pool, bounds_of, broken, calm_size, fit, resize
 
 
 def pools(smtp=2, scanner=2, smtp_max=8, scanner_max=4):
@@ -77,3 +77,28 @@ def test_whatever_is_asked_fit_keeps_the_rule(smtp_floor, smtp_room, scanner_flo
     assert fit(*fitted, b) == fitted  # settled: fitting again changes nothing
     if broken(smtp, scanner, b) == []:
         assert fitted == (smtp, scanner)  # sizes that keep the rule are left alone
+
+
+@given(st.integers(1, 4), st.integers(0, 6), st.integers(0, 6),
+       st.lists(st.tuples(st.sampled_from(["smtp", "scanner"]),
+                          st.sampled_from(["+", "-", ""]), st.integers(0, 12)), max_size=40))
+def test_the_rule_holds_straight_after_every_manual_resize(floor, smtp_room, scanner_room,
+                                                          requests):
+    """ctl and TTIN/TTOU resize with nothing after them: the rule must hold at once, not only
+    after the autoscaler's next step; a refused resize changes nothing; a done one gives the
+    pool what was asked."""
+    p = pools(smtp=floor, scanner=floor, smtp_max=floor + smtp_room,
+              scanner_max=floor + min(scanner_room, smtp_room))
+    for kind, sign, amount in requests:
+        before = {k: (pool.floor, pool.target) for k, pool in p.items()}
+        asked = before[kind][1] + amount if sign == "+" else \
+            before[kind][1] - amount if sign == "-" else amount
+        done, message = resize(p, kind, f"{sign}{amount}")
+        smtp, scanner = p["smtp"], p["scanner"]
+        assert broken(smtp.target, scanner.target, bounds_of(p)) == [], message
+        assert smtp.target <= floor + smtp_room and scanner.target <= scanner.ceiling
+        assert all(pool.floor == pool.target for pool in p.values())  # manual sizes are floors
+        if done:
+            assert p[kind].target == asked, message
+        else:
+            assert {k: (pool.floor, pool.target) for k, pool in p.items()} == before, message

@@ -4,6 +4,7 @@ poolmgr at run time.
 
 - `poolmgr`: Poolmgr (a `poolmgr run` subprocess), write_config, HELO
 - `sink`: Sink (Postfix's smtp-sink)
+- `recorder`: Recorder (a scripted SMTP/LMTP next hop that records what it accepted), Copy
 - `clamd`: Clamd (a private ClamAV clamd with a local EICAR signature), EICAR_NAME, ping
 - `spamd`: Spamd (SpamAssassin's spamd, local tests only)
 - `postfix`: Postfix (a private Postfix instance)
@@ -17,12 +18,14 @@ from .clamd import EICAR_NAME, Clamd, ping
 from .nameserver import DnsServer, SilentDns
 from .poolmgr import HELO, Poolmgr, write_config
 from .postfix import Postfix
+from .recorder import Copy, Recorder
 from .redis import RedisServer
 from .rspamd import ENVELOPE_SYMBOL, Rspamd
 from .sink import Sink
 from .spamd import Spamd
 from .wait import WaitTimeout, free_port, free_udp_port, listening, wait_until
 
-__all__ = ["ENVELOPE_SYMBOL", "EICAR_NAME", "HELO", "Clamd", "DnsServer", "Poolmgr", "Postfix",
-           "RedisServer", "Rspamd", "SilentDns", "Sink", "Spamd", "WaitTimeout", "free_port",
-           "free_udp_port", "listening", "ping", "wait_until", "write_config"]
+__all__ = ["ENVELOPE_SYMBOL", "EICAR_NAME", "HELO", "Clamd", "Copy", "DnsServer", "Poolmgr",
+           "Postfix", "Recorder", "RedisServer", "Rspamd", "SilentDns", "Sink", "Spamd",
+           "WaitTimeout", "free_port", "free_udp_port", "listening", "ping", "wait_until",
+           "write_config"]

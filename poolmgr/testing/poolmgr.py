@@ -33,6 +33,15 @@ def write_config(path: Path, sections: dict) -> Path:
     return path
 
 
+def _own_code_first() -> dict[str, str]:
+    """The environment for `python3 -m poolmgr` in another directory: the poolmgr package this
+    harness belongs to comes first on the path, not whichever one is installed (an editable
+    install points at one checkout; a test run in another worktree must run its own code)."""
+    tree = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": tree + (os.pathsep + path if path else "")}
+
+
 class Poolmgr:
     """A `poolmgr run` subprocess with its own config, ports and directory."""
 
@@ -79,7 +88,7 @@ class Poolmgr:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "poolmgr", "run", "-c",
                                       str(self.config)], stdout=self._log, stderr=self._log,
-                                     cwd=self.dir)
+                                     cwd=self.dir, env=_own_code_first())
         if wait:
             smtp = self.sections["smtp"]["min_workers"]
             scanner = self.sections["scanner"]["min_workers"]
