@@ -131,6 +131,13 @@ def test_every_module_declares_all():
     assert [name for name, path in sorted(modules().items()) if not declares_all(path)] == []
 
 
+def test_no_module_keeps_a_hand_written_exports_list():
+    """`__all__` is the one list of a module's public names (hand-written lists went stale)."""
+    assert [name for name, path in sorted(modules().items())
+            if re.search(r"^Exports:", ast.get_docstring(ast.parse(path.read_text())) or "",
+                         re.M)] == []
+
+
 def test_every_name_in_all_exists():
     missing = []
     for name in sorted(modules()):

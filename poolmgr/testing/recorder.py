@@ -12,8 +12,6 @@ connected (it is recorded just before, so a client told 250 finds it there); a c
 client hung up while the reply was held is `aborted` (a real MTA that never answered would not
 have queued it either). `Copy.data` is the message as received, with the dot-stuffing undone
 and every CRLF kept.
-
-Exports: Recorder, Copy.
 """
 
 import select
