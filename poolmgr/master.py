@@ -1,18 +1,16 @@
 """The master (arbiter): the loop, signals, spawn, reap, heartbeat/murder, manage, reload
-and stop.
-
-The master binds both pools' listening sockets once and forks the workers, which inherit
+and stop. It binds both pools' listening sockets once and forks the workers, which inherit
 them. Its loop selects on the signal queue (signals.py), the control socket (control.py) and
 the SMTP workers' anvil sockets (defence/anvil.py); only the loop changes state. Signals go to
 `handle_<name>`: TERM graceful stop, INT/QUIT fast stop, HUP reload, TTIN/TTOU SMTP pool
 +1/-1, USR1 reopen logs, USR2 upgrade. Pool sizes change in sizing.py; what runs beside the
-pools (pidfile, control socket, metrics, cluster monitor, systemd) is in services.py. What
-the master knows goes out as one typed record (`view`, a status.MasterView). The master never
-imports gevent and never touches a mail byte.
+pools (pidfile, control socket, metrics, cluster, systemd) is in services.py; what the master
+knows goes out as one typed record (`view`). It never imports gevent nor touches a mail byte.
 """
 
 __all__ = ["Master", "ROOT_WARNING", "SIG_NAMES"]
 
+import contextlib
 import os
 import selectors
 import signal
@@ -46,13 +44,10 @@ SIG_NAMES = {sig: sig.name.removeprefix("SIG").lower() for sig in MASTER_SIGNALS
 
 class Master:
     def __init__(self, cfg: Config, config_path: str | None):
-        self.cfg = cfg
-        self.config_path = config_path
-        self.log = log.get("master")
+        self.cfg, self.config_path, self.log = cfg, config_path, log.get("master")
         self.generation = 1
         self.stopping = ""  # "", "graceful" or "fast"
-        self.stop_started = 0.0
-        self.scanners_stopped = False
+        self.stop_started, self.scanners_stopped = 0.0, False
         self.announced = False  # READY=1 sent for this generation
         self.started = time.time()
         self.board = Board()
@@ -197,9 +192,8 @@ class Master:
             pid = fork()
         except OSError as exc:
             self.board.free(index)
-            for end in (mine, theirs):
-                if end is not None:
-                    end.close()
+            for end in filter(None, (mine, theirs)):
+                end.close()
             delay = pool.fork_failed(time.monotonic())
             self.log.warning("fork failed: %s: %s -- %s pool retries in %gs", step,
                              exc.strerror or exc, pool.kind, delay)
@@ -224,10 +218,8 @@ class Master:
         self.kill(worker, sig)
 
     def kill(self, worker: Worker, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def signal_all(self, sig: int) -> None:
         for pool in self.pools.values():
@@ -263,11 +255,8 @@ class Master:
         asked for its stack first (STACK_SIGNAL), and killed STACK_WAIT later."""
         now, cfg = time.monotonic(), self.cfg
         for pool in self.pools.values():
-            for worker in pool.workers.values():
-                if worker.killed_at is not None and not worker.kill_sent and \
-                        now - worker.killed_at >= STACK_WAIT:
-                    worker.kill_sent = True
-                    self.kill(worker, signal.SIGKILL)
+            for worker in pool.stack_written(now, STACK_WAIT):
+                self.kill(worker, signal.SIGKILL)
             # A draining scanner worker may be inside a message: it gets scanner.timeout.
             grace = max(cfg.master.graceful_timeout, cfg.scanner.timeout
                         if pool.kind == "scanner" else 0) + KILL_MARGIN
@@ -291,8 +280,7 @@ class Master:
                 missing -= 1
 
     def recycle_fat_workers(self) -> None:
-        """Every RSS_CHECK_INTERVAL: retire workers over their pool's max_rss; manage() starts
-        fresh ones."""
+        """Retire workers over their pool's max_rss; manage() starts fresh ones."""
         now = time.monotonic()
         if now - self.rss_checked < RSS_CHECK_INTERVAL or self.stopping:
             return
@@ -312,19 +300,17 @@ class Master:
         if new is None:
             return False
         set_bounds(self.pools, new.bounds(), old.bounds())
-        log.setup("poolmgr/master", new.master)
         self.cfg = new
         self.services.reload(new)
         self.anvil.anvil.time_unit = new.defence.anvil_rate_time_unit
+        self.nuisance.window = new.defence.nuisance_window
         if new.autoscale.enabled != old.autoscale.enabled:
             self.sizing.set_autoscale(new.autoscale.enabled, "reload")
-        self.generation += 1
-        self.announced = False  # READY=1 again once the new generation serves
+        self.generation, self.announced = self.generation + 1, False  # READY=1 when it serves
         self.log.info("reload: configuration %s, generation %d: replacing workers", new.path,
                       self.generation)
         for pool in self.pools.values():
-            old_workers = pool.running()
-            pool.backoff_until = 0.0
+            old_workers, pool.backoff_until = pool.running(), 0.0
             for _ in range(pool.target):
                 if not self.spawn(pool):
                     break  # manage() starts the rest after the back-off
@@ -382,24 +368,19 @@ class Master:
         self.sizing.tick(self.view, self.cfg.autoscale)
 
     def sample(self) -> None:
-        """Once a second: the nuisance window, the hand-off share, the metrics' copy."""
+        """Once a second: the nuisance window, each SMTP worker's share of the scanner pool
+        (`handoff.share`, on the board), the copy of the status the metrics serve."""
         now = time.monotonic()
         if now - self.sampled_at < 1.0:
             return
-        self.sampled_at = now
-        view = self.view()
-        self.nuisance.window = self.cfg.defence.nuisance_window
+        self.sampled_at, view = now, self.view()
         self.nuisance.add(now, dict(view.pools["smtp"].counters()))
-        self.share_handoffs(view)
-        self.services.publish(lambda: collect(view), self.sizing.scaler.decision_count)
-
-    def share_handoffs(self, view: MasterView) -> None:
-        """Each SMTP worker's share of the scanner pool (`handoff.share`), on the board."""
         counts = {w.worker.pid: w.board["counters"].get("handoffs", 0)
                   for w in view.pools["smtp"].running()}
-        scanners = len(view.pools["scanner"].running())
-        self.board.set_handoff_share(handoff.share(counts, self.handoffs_seen, scanners))
+        self.board.set_handoff_share(handoff.share(counts, self.handoffs_seen,
+                                                   len(view.pools["scanner"].running())))
         self.handoffs_seen = counts
+        self.services.publish(lambda: collect(view), self.sizing.scaler.decision_count)
 
     # -- systemd and ps
     def report(self) -> None:

@@ -83,6 +83,15 @@ class Pool:
         return PoolView(self.target, self.floor, self.ceiling, self.backoff_until > now,
                         self.totals, [WorkerView(w, read(w.slot)) for w in self.workers.values()])
 
+    def stack_written(self, now: float, wait: float) -> list[Worker]:
+        """Hung workers asked for their stack `wait` seconds ago or more, not yet killed;
+        each is marked killed."""
+        due = [w for w in self.workers.values()
+               if w.killed_at is not None and not w.kill_sent and now - w.killed_at >= wait]
+        for worker in due:
+            worker.kill_sent = True
+        return due
+
     def hung(self, read, now: float, timeout: float, busy_extra: float,
              grace: float) -> list[tuple[Worker, str]]:
         """Workers to kill, with why: no heartbeat for `timeout` (plus `busy_extra` while busy

@@ -71,6 +71,7 @@ class Services:
                       format_address(cfg.scanner.listen))
 
     def reload(self, cfg: Config) -> None:
+        log.setup("poolmgr/master", cfg.master)
         self.hand_over_files(cfg)
         self.watch_cluster(cfg)
 

@@ -166,3 +166,15 @@ def test_names_read_across_modules_are_exported():
             if name not in exported and not inspect.ismodule(getattr(module, name, None)):
                 unexported.append(f"{path.relative_to(ROOT)}:{line}: {module_name}.{name}")
     assert unexported == [], "read from another module but not in its __all__"
+
+
+def test_the_master_is_the_arbiter_only():
+    """master.py keeps the loop, signals, spawn, reap, murder, manage, reload and stop, in at
+    most 400 lines; policy, status, the control verbs and the workers' file layout live in
+    their own modules."""
+    path = PACKAGE / "master.py"
+    assert len(path.read_text().splitlines()) <= 400
+    known = set(modules())
+    assert imports("poolmgr.master", path, known) & {
+        "poolmgr.autoscale", "poolmgr.maildir", "poolmgr.scanner.quarantine", "poolmgr.metrics",
+        "poolmgr.cluster", "poolmgr.notify", "poolmgr.pidfile", "poolmgr.upgrade"} == set()
