@@ -118,7 +118,8 @@ def measure(scenario: Scenario, out: Path) -> dict:
                           f"{r['seconds']}s)", flush=True)
                 rates = [r["per_second"] for r in runs]
                 per_size[str(workers)] = {"checks": checks, "per_second": rates,
-                                          "median": statistics.median(rates), "runs": runs}
+                                          "median": round(statistics.median(rates), 1),
+                                          "runs": runs}
     finally:
         for daemon in daemons.values():
             daemon.stop()
