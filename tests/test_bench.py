@@ -345,7 +345,8 @@ def test_scanner_pool_scenario_measures_each_back_end_and_pool_size(tmp_path, ca
             assert run["sent"] > 0 and run["failed"] == 0, (name, workers, run)
             assert run["accepted"] == run["sent"] == run["delivered"], (name, workers, run)
             assert 1.0 <= run["seconds"] < 30, (name, workers, run)
-            assert run["per_second"] == pytest.approx(run["accepted"] / run["seconds"], rel=0.01)
+            assert run["per_second"] == pytest.approx(run["accepted"] / run["seconds"], rel=0.01,
+                                                   abs=0.1)
             assert v["per_second"] == [run["per_second"]] == [v["median"]]
             assert 0 < run["latency_p50_s"] <= run["latency_p99_s"] < 30
             assert run["cpu_seconds"] > 0
@@ -359,11 +360,12 @@ def test_scanner_pool_scenario_measures_each_back_end_and_pool_size(tmp_path, ca
 
 
 def test_cluster_overhead_scenario_measures_both_arms_in_turn(tmp_path, capsys):
-    """Two rounds of both arms, one second each: every arm completed connections, the "on"
-    arms asked Redis and the "off" arms did not, and the cost is the arms' means'."""
+    """Two rounds of both arms, one second each, two generator processes: every arm completed
+    connections, the "on" arms asked Redis and the "off" arms did not, and the cost is the
+    arms' means'."""
     plan = tmp_path / "cluster.toml"
     plan.write_text('name = "tiny-cluster"\nkind = "cluster-overhead"\nrounds = 2\n'
-                    'duration = "1s"\nclients = 8\n')
+                    'duration = "1s"\nclients = 8\nprocesses = 2\n')
     out = tmp_path / "cluster"
     assert cli_main(["bench", "run", str(plan), "--out", str(out)]) == 0
     f = json.loads((out / "result.json").read_text())["figures"]
@@ -372,7 +374,8 @@ def test_cluster_overhead_scenario_measures_both_arms_in_turn(tmp_path, capsys):
     for r in f["rounds"]:
         assert r["connections"] > 8 and r["failed"] == 0, r
         assert 1.0 <= r["seconds"] < 30, r
-        assert r["per_second"] == pytest.approx(r["connections"] / r["seconds"], rel=0.01), r
+        assert r["per_second"] == pytest.approx(r["connections"] / r["seconds"], rel=0.01,
+                                                  abs=0.1), r
         if r["cluster"] == "on":  # at least a count up and one down per connection
             assert r["redis_commands_per_connection"] >= 2, r
         else:

@@ -4,9 +4,9 @@ costs one poolmgr node, in connections per second with it and without, rounds ta
 Each round measures both arms, off then on (every other round on then off, so a machine that
 drifts weighs on both alike): a fresh node sized by the scenario's [server] (greet test off,
 `client_connection_count_limit` on, so every connection asks anvil and, with [cluster], Redis),
-then the load generator's closed loop: `clients` probe clients, each connecting from a fresh
-127.x.y.z address (none exempt), reading the banner, QUIT, close, one connection after another
-for `duration`. One private redis-server serves every "on" arm, flushed before each, so each
+then the load generator's closed loop (its `processes` share the clients): `clients` probe
+clients, each connecting from a fresh 127.x.y.z address (none exempt), reading the banner,
+QUIT, close, one connection after another for `duration`. One private redis-server serves every "on" arm, flushed before each, so each
 starts as empty as an "off" arm's anvil; its commands during the arm are counted, so a
 result shows the "on" arm really asked Redis.
 
@@ -57,7 +57,7 @@ def redis_commands(client) -> int:
 
 def one_arm(scenario: Scenario, arm: str, redis: RedisServer, client, work: Path) -> dict:
     settings = scenario.measure
-    looped = dataclasses.replace(scenario, processes=1, drain=30.0, loop={
+    looped = dataclasses.replace(scenario, drain=30.0, loop={
         "profile": "probe", "clients": settings["clients"], "duration": settings["duration"]})
     if arm == "on":
         client.flushall()

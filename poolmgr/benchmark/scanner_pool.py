@@ -60,7 +60,7 @@ def one_run(scenario: Scenario, checks: list[str], workers: int, daemons: dict,
     legit = {**scenario.profiles["legit"], "sizes": [settings["size"]],
              "recipients": [RECIPIENT], "messages": 0}
     looped = dataclasses.replace(
-        scenario, processes=1, drain=60.0, profiles={**scenario.profiles, "legit": legit},
+        scenario, drain=60.0, profiles={**scenario.profiles, "legit": legit},
         loop={"profile": "legit", "clients": clients, "duration": settings["duration"]})
     backend = [d.proc.pid for name, d in daemons.items() if name in checks]
     try:

@@ -65,7 +65,7 @@ measures what `[cluster]` with Redis costs one poolmgr node (sized by [server]):
 with it and without, rounds taken in turn:
 
     kind = "cluster-overhead"
-    rounds = 3                 # each round measures off and on (odd rounds: on first)
+    rounds = 3                 # each round measures off and on (every other round: on first)
     duration = "5s"            # of each arm
     clients = 40               # clients at once, each connecting, reading the banner, QUIT
 
