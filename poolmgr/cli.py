@@ -257,6 +257,8 @@ def cmd_bench(args) -> int:
     except config.ConfigError as exc:
         print("\n".join(f"poolmgr: error: {e}" for e in exc.errors), file=sys.stderr)
         return 2
+    if plan.kind in ("scanner-pool", "cluster-overhead"):
+        return bench_poolmgr_alone(args, plan)
     if args.bench_command == "compare":
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
         out = Path(args.out or os.path.join("bench", "out", f"{plan.name}-compare"))
@@ -278,6 +280,34 @@ def cmd_bench(args) -> int:
     if report.reaction_line(f):
         print(f"poolmgr bench: {report.reaction_line(f)}")
     return 0
+
+
+def bench_poolmgr_alone(args, plan) -> int:
+    """`bench run` of a scenario that measures poolmgr alone, against itself: the scanner pool
+    by back-end and size (scanner-pool), a node with [cluster] and without (cluster-overhead).
+    Exit 1 when a run lost a message or an arm completed no connection."""
+    from .benchmark import cluster_overhead, scanner_pool
+
+    if args.bench_command == "compare" or args.target != "poolmgr" or args.nodes:
+        print(f"poolmgr: error: {args.scenario}: a {plan.kind} scenario measures poolmgr "
+              "alone, one node: `poolmgr bench run` it without --target or --nodes",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out or os.path.join("bench", "out", f"{plan.name}-poolmgr"))
+    if plan.kind == "scanner-pool":
+        f = scanner_pool.measure(plan, out)["figures"]
+        lines = scanner_pool.summary_lines(f)
+        runs = [r for per_size in f.values() for v in per_size.values() for r in v["runs"]]
+        ok = all(r["accepted"] and r["delivered"] == r["accepted"] for r in runs)
+    else:
+        f = cluster_overhead.measure(plan, out)["figures"]
+        lines = cluster_overhead.summary_lines(f)
+        ok = all(r["connections"] for r in f["rounds"])
+    print((out / "report.md").read_text())
+    for line in lines:
+        print(f"poolmgr bench: {line}")
+    print(f"poolmgr bench: result {out}/result.json, report {out}/report.md")
+    return 0 if ok else 1
 
 
 def cmd_bench_source(args) -> int:
@@ -502,7 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "own)")
         else:
             p.add_argument("scenario", help="a scenario file, e.g. bench/scenarios/smoke.toml "
-                                            "(phases, or kind = \"replay\" of a mail log)")
+                                            "(phases, or kind = \"replay\" of a mail log, "
+                                            "\"source\", \"scanner-pool\" or "
+                                            "\"cluster-overhead\")")
             p.add_argument("--config", metavar="FILE",
                            help="pool sizes from a poolmgr config file ([smtp] and [scanner] "
                                 "min_workers, max_workers, max_sessions_per_worker) instead "

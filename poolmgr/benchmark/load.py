@@ -11,11 +11,18 @@ client comes from its own 127.x.y.z address (see `address`), and stops by itself
 their hold or give-up time, everyone at the end of the drain. RESULT gets a per-second series
 (open connections by profile; legitimate messages sent, accepted, deferred, refused) and one
 record per bot connection and per legitimate message.
+
+A closed loop (the scenario's `loop`: profile, clients, duration; the scanner-pool and
+cluster-overhead kinds) instead starts `clients` clients at once, each making one connection of
+the profile after another until `duration` has passed: the load is as fast as the server
+answers, not a rate. A legitimate client with `messages = 0` sends one message after another on
+its connection until then.
 """
 
 __all__ = ["address", "LISTED_PROFILE", "main", "listed_prefixes", "Generator"]
 
 import asyncio
+import itertools
 import json
 import random
 import resource
@@ -91,6 +98,7 @@ class Generator:
         self.series: list[dict] = []
         self.numbers = Counter()
         self.t0 = spec["t0"]
+        self.end = float("inf")  # monotonic time the load ends (set by run)
         self.random = random.Random(spec.get("seed", 1) * 1000 + self.index)
 
     def rel(self) -> float:
@@ -139,6 +147,13 @@ class Generator:
                 break
 
     async def behave(self, profile, knobs, reader, writer, record) -> str:
+        if profile == "probe":
+            client = Client(reader, writer, knobs["give_up"])
+            code, _ = await client.reply()
+            if code != 220:
+                return str(code)
+            code, _ = await client.command(b"QUIT")
+            return "quit" if code == 221 else str(code)
         if profile in ("idle", "slowloris", "pregreet"):
             hold = knobs["hold"]
             deadline = time.monotonic() + hold
@@ -198,7 +213,7 @@ class Generator:
         knobs = self.profiles["legit"]
         size = self.random.choice(knobs["sizes"])
         rcpt = self.random.choice(knobs["recipients"])
-        mid = f"<bench-{self.index}-{connection * 1000 + k}@partner.example>"
+        mid = f"<bench-{self.index}-{connection}-{k}@partner.example>"
         head = (f"From: <sender{connection}@partner.example>\r\nTo: <{rcpt}>\r\n"
                 f"Subject: bench {connection}.{k}\r\nMessage-ID: {mid}\r\n\r\n").encode()
         data = head + (b"x" * 76 + b"\r\n") * max(1, (size - len(head)) // 78)
@@ -224,7 +239,10 @@ class Generator:
             code, text = await client.reply()
             if code == 220:
                 code, text = await client.command(b"EHLO partner.example")
-            for k in range(int(knobs["messages"])):
+            messages = int(knobs["messages"])  # 0: one after another until the load ends
+            for k in range(messages) if messages else itertools.count():
+                if k and not messages and time.monotonic() >= self.end:
+                    break
                 if k:
                     record, data, rcpt = self.legit_record(n, k)
                     started = time.monotonic()
@@ -265,9 +283,24 @@ class Generator:
             except asyncio.TimeoutError:
                 pass
 
+    async def repeat(self, profile: str) -> None:
+        """A closed-loop client: one connection of the profile after another until the load
+        ends (a refused connect waits a little, so a server that is down is not spun on)."""
+        while time.monotonic() < self.end:
+            if profile == "legit":
+                await self.legit_message()
+            else:
+                await self.bot(profile)
+                if self.bots[-1]["ended"] == "connect_failed":
+                    await asyncio.sleep(0.1)
+
     def schedule(self) -> tuple[list[tuple[float, str, float | None]], float]:
         """This process's arrivals (seconds from the start, profile, hold or None for the
         profile's own) and the time the last phase ends."""
+        loop = self.scenario.get("loop")
+        if loop:  # this process's share of the clients, all at once
+            return ([(0.0, loop["profile"], None)] * len(range(loop["clients"])[
+                self.index::self.processes]), loop["duration"])
         if self.scenario.get("kind") == "replay":
             mine = self.scenario["arrivals"][self.index::self.processes]
             end = max((a[0] for a in self.scenario["arrivals"]), default=0.0)
@@ -291,9 +324,15 @@ class Generator:
         tasks: list[asyncio.Task] = []
         start = time.monotonic()
         arrivals, end = self.schedule()
+        self.end = start + end
         for due, profile, hold in arrivals:
             await asyncio.sleep(max(0.0, start + due - time.monotonic()))
-            coro = self.legit_message() if profile == "legit" else self.bot(profile, hold)
+            if self.scenario.get("loop"):
+                coro = self.repeat(profile)
+            elif profile == "legit":
+                coro = self.legit_message()
+            else:
+                coro = self.bot(profile, hold)
             tasks.append(asyncio.ensure_future(coro))
         await asyncio.sleep(max(0.0, start + end - time.monotonic()))
         if tasks:

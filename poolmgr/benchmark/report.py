@@ -9,7 +9,7 @@ rule); `reaction_line` says it in one line; `plots` and `report` write `connecti
 """
 
 __all__ = ["figures", "reaction", "reaction_line", "plots", "report", "compare_report",
-           "source_report"]
+           "source_report", "percentile"]
 
 import json
 import re

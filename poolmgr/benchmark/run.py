@@ -9,11 +9,15 @@ sessions, storm phase).
 Output in OUT: `result.json` (figures and the time series), `connections.png` (open
 connections by profile and pool sizes over time), `latency.png` (legitimate latency over
 time) and `report.md`, which embeds them (`benchmark.report`).
+
+`generate` runs the load generator's processes and gathers their records; the scanner-pool
+and cluster-overhead kinds (`benchmark.scanner_pool`, `benchmark.cluster_overhead`) use it too.
 """
 
-__all__ = ["run", "compare"]
+__all__ = ["run", "compare", "generate", "delivered_count"]
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -28,51 +32,32 @@ from .scenario import Scenario
 from .targets import TARGETS, settled, started, tree_usage
 
 SAMPLE_EVERY = 1.0
-MESSAGE_ID = re.compile(rb"<bench-\d+-\d+@partner\.example>")
+# The generator imports this poolmgr, not another one installed (a checkout beside it)
+SAME_POOLMGR = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(Path(__file__).resolve().parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])])}
+MESSAGE_ID = re.compile(rb"<bench-\d+-\d+-\d+@partner\.example>")
 
 
 def run(scenario: Scenario, target_name: str, out: Path) -> dict:
     """One scenario against one target (poolmgr: `[server] nodes` of them on one Redis)."""
-    samples: list[dict] = []
-    procs: list[subprocess.Popen] = []
     with started(target_name, scenario.server, scenario.profiles["legit"]["recipients"],
                  loadgen.listed_prefixes(scenario.processes)) as (target, sink, dns, work):
         time.sleep(1.0)
         baseline_rss, baseline_pss, cpu_before = tree_usage(*target.pids)
-        t0 = time.time() + 1.0
-        for index in range(scenario.processes):
-            spec = work / f"load{index}.json"
-            spec.write_text(json.dumps({"scenario": scenario.as_dict(),
-                                        "targets": target.addresses, "index": index,
-                                        "processes": scenario.processes, "t0": t0}))
-            procs.append(subprocess.Popen([sys.executable, "-m", "poolmgr.benchmark.load",
-                                           str(spec), str(work / f"result{index}.json")]))
-        limit = time.time() + scenario.duration + scenario.drain + 60
-        while any(p.poll() is None for p in procs) and time.time() < limit:
+
+        def sample(t: float) -> dict:
             rss, pss, cpu = tree_usage(*target.pids)
-            samples.append({"t": round(time.time() - t0, 2), "rss": rss, "pss": pss,
-                            "cpu": round(cpu - cpu_before, 2), **target.sample()})
-            time.sleep(SAMPLE_EVERY)
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            return {"t": t, "rss": rss, "pss": pss, "cpu": round(cpu - cpu_before, 2),
+                    **target.sample()}
+
+        load, samples, t0 = generate(scenario, target.addresses, work, sample)
         _, _, cpu = tree_usage(*target.pids)
         cpu -= cpu_before
         verdicts = target.verdicts()
         extra = {**target.counters(), "dns_queries": len(dns.queries)}
         arrived = settled(sink)
-    load = {"series": [], "bots": [], "messages": []}
-    for index in range(scenario.processes):
-        path = work / f"result{index}.json"
-        if path.exists():
-            part = json.loads(path.read_text())
-            for key in load:
-                load[key] += part[key]
-    load["series"] = merge_series(load["series"])
     out.mkdir(parents=True, exist_ok=True)
-    found = {m.group(0).decode() for data in arrived for m in MESSAGE_ID.finditer(data)}
-    delivered = sum(1 for m in load["messages"] if m["id"] in found)
+    delivered = delivered_count(load["messages"], arrived)
     onset = scenario.onset
     result = {"scenario": scenario.as_dict(), "target": target_name, "started": t0,
               "duration_s": round(time.time() - t0, 1),
@@ -91,6 +76,50 @@ def run(scenario: Scenario, target_name: str, out: Path) -> dict:
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     report(out, result, images)
     return result
+
+
+def generate(scenario: Scenario, addresses: list[list], work: Path,
+             sample=None) -> tuple[dict, list[dict], float]:
+    """The load generator's processes (`scenario.processes`) against `addresses`, from one
+    second from now (t0) until they end (bounded by the scenario's duration and drain);
+    `sample(t)`, if given, is called every second meanwhile (t: seconds from t0) and returns
+    a server sample. Returns the merged records (series, bots, messages), the samples, t0."""
+    samples: list[dict] = []
+    procs: list[subprocess.Popen] = []
+    t0 = time.time() + 1.0
+    for index in range(scenario.processes):
+        spec = work / f"load{index}.json"
+        spec.write_text(json.dumps({"scenario": scenario.as_dict(), "targets": addresses,
+                                    "index": index, "processes": scenario.processes,
+                                    "t0": t0}))
+        (work / f"result{index}.json").unlink(missing_ok=True)  # not a run before's
+        procs.append(subprocess.Popen([sys.executable, "-m", "poolmgr.benchmark.load",
+                                       str(spec), str(work / f"result{index}.json")],
+                                      env=SAME_POOLMGR))
+    limit = time.time() + scenario.duration + scenario.drain + 60
+    while any(p.poll() is None for p in procs) and time.time() < limit:
+        if sample is not None:
+            samples.append(sample(round(time.time() - t0, 2)))
+        time.sleep(SAMPLE_EVERY if sample is not None else 0.2)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    load = {"series": [], "bots": [], "messages": []}
+    for index in range(scenario.processes):
+        path = work / f"result{index}.json"
+        if path.exists():
+            part = json.loads(path.read_text())
+            for key in load:
+                load[key] += part[key]
+    load["series"] = merge_series(load["series"])
+    return load, samples, t0
+
+
+def delivered_count(messages: list[dict], arrived: list[bytes]) -> int:
+    """How many of the load generator's messages the next hop holds, by Message-ID."""
+    found = {m.group(0).decode() for data in arrived for m in MESSAGE_ID.finditer(data)}
+    return sum(1 for m in messages if m["id"] in found)
 
 
 def merge_series(series: list[dict]) -> list[dict]:

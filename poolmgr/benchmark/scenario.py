@@ -49,11 +49,34 @@ defaults unless given), relaying to smtp-sink (`benchmark.source`):
     size = "1k"                # smtp-source -l: message size
     rounds = 5                 # bench compare: rounds of every target in turn (median)
 
+A scanner-pool scenario (`kind = "scanner-pool"`, `benchmark.scanner_pool`) measures
+messages/second through poolmgr's scanner pool alone, per check back-end and pool size:
+
+    kind = "scanner-pool"
+    checks = ["builtin", "clamd", "spamd"]   # each on its own, after builtin as configured
+    workers = [1, 2, 4]        # scanner pool sizes (autoscaler off)
+    clients = 0                # clients at once; 0: as many as the pool has workers
+    duration = "10s"           # of each run
+    runs = 2                   # runs of each size (the spread)
+    size = "10k"               # message size
+
+A cluster-overhead scenario (`kind = "cluster-overhead"`, `benchmark.cluster_overhead`)
+measures what `[cluster]` with Redis costs one poolmgr node (sized by [server]): connections/s
+with it and without, rounds taken in turn:
+
+    kind = "cluster-overhead"
+    rounds = 3                 # each round measures off and on (every other round: on first)
+    duration = "5s"            # of each arm
+    clients = 40               # clients at once, each connecting, reading the banner, QUIT
+
+Both drive the load generator as a closed loop (`Scenario.loop`): every client makes one
+connection after another, as fast as the server answers, for `duration`.
+
 Every duration and count is bounded, so a run stops by itself.
 """
 
-__all__ = ["Scenario", "Phase", "PROFILES", "load", "ScenarioError", "replay_profile", "pool_sizes",
-           "SERVER_DEFAULTS", "from_dict"]
+__all__ = ["Scenario", "Phase", "PROFILES", "load", "ScenarioError", "replay_profile",
+           "pool_sizes", "SERVER_DEFAULTS", "from_dict", "KINDS"]
 
 import math
 import tomllib
@@ -75,7 +98,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "dictionary": {"recipients": 5, "give_up": "60s"},  # random recipients
     "reconnector": {"reconnects": 5, "give_up": "60s"},  # reconnects at once when dropped
     "legit": {"timeout": "300s", "sizes": ["2k", "20k", "100k"],
-              "recipients": ["bob@example.test"], "messages": 1},  # messages per connection
+              "recipients": ["bob@example.test"],
+              "messages": 1},  # per connection; 0: one after another until the load ends
+    "probe": {"give_up": "10s"},                      # banner, QUIT, close (a monitor's check)
 }
 BOTS = tuple(p for p in PROFILES if p != "legit")
 DURATION_KNOBS = ("hold", "interval", "give_up", "timeout")
@@ -127,9 +152,15 @@ class Scenario:
     arrivals: list[list] = field(default_factory=list)
     # source: smtp-source's sessions, messages, size, and the rounds of a compare
     source: dict[str, int] = field(default_factory=dict)
+    # scanner-pool, cluster-overhead: their settings (MEASURE_KEYS)
+    measure: dict[str, Any] = field(default_factory=dict)
+    # a closed loop for one run of the load generator: profile, clients, duration (s)
+    loop: dict[str, Any] = field(default_factory=dict)
 
     @property
     def duration(self) -> float:
+        if self.loop:
+            return self.loop["duration"]
         if self.kind == "replay":
             return math.floor(self.arrivals[-1][0]) + 1.0 if self.arrivals else 0.0
         return sum(p.duration for p in self.phases)
@@ -149,7 +180,8 @@ class Scenario:
                 "server": self.server,
                 "phases": [{"name": p.name, "duration": p.duration, "rates": p.rates}
                            for p in self.phases],
-                "arrivals": self.arrivals, "source": self.source, "profiles": self.profiles}
+                "arrivals": self.arrivals, "source": self.source, "measure": self.measure,
+                "loop": self.loop, "profiles": self.profiles}
 
 
 SERVER_DEFAULTS = {"smtp_workers": 2, "smtp_max_workers": 8, "scanner_workers": 2,
@@ -172,13 +204,15 @@ def from_dict(data: dict, path: str = "") -> Scenario:
         raise ScenarioError(f"{where}: {message}")
 
     kind = data.get("kind", "phases")
-    if kind not in ("phases", "replay", "source"):
-        fail(f"kind: {kind!r}: known kinds are phases, replay, source")
-    phases, arrivals, source = [], [], {}
+    if kind not in KINDS:
+        fail(f"kind: {kind!r}: known kinds are {', '.join(KINDS)}")
+    phases, arrivals, source, measure = [], [], {}, {}
     if kind == "replay":
         arrivals = replay(data, path, fail)
     elif kind == "source":
         source = source_settings(data, fail)
+    elif kind in MEASURE_KEYS:
+        measure = measure_settings(kind, data, fail)
     for n, phase in enumerate(data.get("phases") or [], 1):
         rates = phase.get("rates") or {}
         unknown = sorted(set(rates) - set(PROFILES))
@@ -197,8 +231,8 @@ def from_dict(data: dict, path: str = "") -> Scenario:
                             {k: float(v) for k, v in rates.items()}))
     if kind == "phases" and not phases:
         fail("no [[phases]]")
-    if kind == "source" and phases:
-        fail("a source scenario has no [[phases]]")
+    if kind in ("source", *MEASURE_KEYS) and phases:
+        fail(f"a {kind} scenario has no [[phases]]")
     if kind == "replay" and (phases or not arrivals):
         fail("a replay has no [[phases]]" if phases else "the mail log holds no sessions")
     profiles = {}
@@ -229,11 +263,11 @@ def from_dict(data: dict, path: str = "") -> Scenario:
     processes = int(data.get("processes", 1))
     if not 1 <= processes <= 16:
         fail("processes must be 1..16")
-    drain = data.get("drain") or ("20s" if kind == "phases" else
+    drain = data.get("drain") or ("20s" if kind in ("phases", *MEASURE_KEYS) else
                                   max((a[2] for a in arrivals), default=0.0) + 20)
     return Scenario(str(data.get("name", "scenario")), str(data.get("description", "")),
                     phases, profiles, server, processes, parse_duration(drain), path, data,
-                    kind, arrivals, source)
+                    kind, arrivals, source, measure)
 
 
 # A source scenario's keys: (default, least, most)
@@ -251,6 +285,47 @@ def source_settings(data: dict, fail) -> dict[str, int]:
         except (TypeError, ValueError):
             fail(f"{key}: {value!r} is not a number")
         if not least <= value <= most:
+            fail(f"{key}: {value} is not within {least}..{most}")
+        settings[key] = value
+    return settings
+
+
+KINDS = ("phases", "replay", "source", "scanner-pool", "cluster-overhead")
+# The scanner-pool and cluster-overhead kinds' keys: (default, least, most); a list's bounds
+# hold for each of its items
+SCANNER_CHECKS = ("builtin", "clamd", "spamd")
+MEASURE_KEYS = {
+    "scanner-pool": {"checks": (list(SCANNER_CHECKS), None, None),
+                     "workers": ([1, 2, 4], 1, 64), "clients": (0, 0, 1000),
+                     "duration": ("10s", 1, 600), "runs": (2, 1, 20),
+                     "size": ("10k", 100, 10_000_000)},
+    "cluster-overhead": {"rounds": (3, 1, 20), "duration": ("5s", 1, 600),
+                         "clients": (40, 1, 1000)},
+}
+
+
+def measure_settings(kind: str, data: dict, fail) -> dict[str, Any]:
+    """A scanner-pool or cluster-overhead scenario's settings, each within its bounds."""
+    settings: dict[str, Any] = {}
+    for key, (default, least, most) in MEASURE_KEYS[kind].items():
+        value = data.get(key, default)
+        if key == "checks":
+            if not isinstance(value, list) or not value or \
+                    any(c not in SCANNER_CHECKS for c in value):
+                fail(f"checks: {value!r}: a list of {', '.join(SCANNER_CHECKS)}")
+            settings[key] = list(dict.fromkeys(value))
+            continue
+        try:
+            if key == "workers":
+                if not isinstance(value, list) or not value:
+                    raise ValueError("not a list")
+                value = [int(v) for v in value]
+            else:
+                value = parse_duration(value) if key == "duration" else \
+                    parse_size(value) if key == "size" else int(value)
+        except (TypeError, ValueError):
+            fail(f"{key}: {value!r} is not a {'list of numbers' if key == 'workers' else 'number'}")
+        if not all(least <= v <= most for v in (value if isinstance(value, list) else [value])):
             fail(f"{key}: {value} is not within {least}..{most}")
         settings[key] = value
     return settings
