@@ -37,12 +37,13 @@ class Sizing:
         if not self.scaler.due(time.monotonic(), cfg.interval):
             return
         snap, mark = status.snapshot(view())
+        wanted = self.scaler.state.stress
         smtp, scanner, decisions = self.scaler.run(snap, mark, cfg, time.time())
         for decision in decisions:
             self.log.info("autoscale: %s", decision)
         self.pools["smtp"].target, self.pools["scanner"].target = smtp, scanner
-        if self.scaler.state.stress != self.stress.on:
-            self.set_stress(self.scaler.state.stress, "autoscale")
+        if self.scaler.state.stress != wanted:  # only a change of the autoscaler's mind: a
+            self.set_stress(self.scaler.state.stress, "autoscale")  # sysadmin's ctl stands
 
     def set_stress(self, on: bool, source: str) -> str:
         was = self.stress.on

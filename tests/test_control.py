@@ -68,3 +68,29 @@ def test_stress_and_autoscale_switch_and_say_so():
     assert ask(master, "autoscale", "off") == {"ok": True, "message": "autoscale off"}
     assert master.pools["smtp"].target == 2  # back to its floor
     assert master.sizing.stress.on is True  # set by ctl, not by the autoscaler: kept
+
+
+def test_the_autoscaler_leaves_a_sysadmins_stress_mode_alone():
+    """Stress mode switched on by ctl stays on while the autoscaler, calm, never asked for it
+    (it switches stress mode only when its own wish changes)."""
+    from poolmgr import autoscale, config
+    from poolmgr.pools import PoolView
+    from poolmgr.status import AnvilStatus, ClusterStatus, MasterView, StressStatus
+
+    master = Master()
+    assert ask(master, "stress", "on")["ok"]
+    cfg = config.load(None).autoscale
+    sizing = master.sizing
+
+    def view():
+        pools = {kind: PoolView(p.target, p.floor, p.ceiling, False, {}, [])
+                 for kind, p in master.pools.items()}
+        return MasterView(1000.0, 0.0, "", 1, "", pools, 1000, (0, 128), 128,
+                          {"window": 300.0, "ratio": 0.0, "legit": 0, "nuisance": 0,
+                           "by_reason": {}}, sizing.scaler, sizing.stress, AnvilStatus(0, 0),
+                          ClusterStatus(), [])
+
+    sizing.tick(view, cfg)
+    assert sizing.scaler.last is not None and sizing.scaler.state.phase == autoscale.CALM
+    assert sizing.stress == StressStatus(True, "ctl", sizing.stress.since)
+    assert master.board.slot(0).stress() is True
