@@ -13,8 +13,10 @@ message whose sender was told it would be delivered.
 
 With a `Cache`, a connection whose transaction ended cleanly is kept for the next message to
 the same hop (Postfix's smtp connection cache: smtp_connection_cache_time_limit and
-smtp_connection_reuse_time_limit). A cached connection the server has meanwhile closed is
-noticed before the message data is sent, and the message goes over a new connection instead.
+smtp_connection_reuse_time_limit). A cached connection whose first reply is a 421 or never
+comes (the server closed it meanwhile) is stale, and the message goes over a new connection.
+With pipelining (one `BDAT n LAST`) the message may already have been written to the stale one:
+a server that took it and died before answering sees it twice, a duplicate, never a loss.
 
 Works on blocking sockets (scanner workers) and gevent sockets (SMTP workers).
 """
