@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 
-from . import config, control, handoff, log
+from . import config, handoff, log
 from .board import Board
 from .config import Config
 from .defence.anvil import Anvil, AnvilServer

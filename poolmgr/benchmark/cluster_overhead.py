@@ -19,7 +19,6 @@ in percent of the "off" arm's mean rate. Written to OUT/result.json and OUT/repo
 __all__ = ["measure", "summary_lines", "ARMS"]
 
 import dataclasses
-import json
 import shutil
 import statistics
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import redis as redis_py
 
 from ..testing import Poolmgr, RedisServer
+from .report import save_result
 from .run import generate
 from .scenario import Scenario
 
@@ -107,11 +107,7 @@ def measure(scenario: Scenario, out: Path) -> dict:
                         "stdev": round(statistics.stdev(rates), 1) if len(rates) > 1 else 0.0}
     off, on = figures["off"]["mean"], figures["on"]["mean"]
     figures["overhead_pct"] = round(100 * (off - on) / off, 1) if off else None
-    result = {"scenario": scenario.as_dict(), "target": "poolmgr", "kind": scenario.kind,
-              "started": started, "duration_s": round(time.time() - started, 1),
-              "figures": figures}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    result = save_result(out, scenario, started, figures)
     write_report(out, scenario, figures)
     return result
 

@@ -9,7 +9,7 @@ rule); `reaction_line` says it in one line; `plots` and `report` write `connecti
 """
 
 __all__ = ["figures", "reaction", "reaction_line", "plots", "report", "compare_report",
-           "source_report", "percentile"]
+           "source_report", "percentile", "save_result"]
 
 import json
 import re
@@ -333,3 +333,14 @@ def compare_plot(out: Path, name: str, table: dict, targets: list[str]) -> str:
     fig.savefig(out / "compare.png", dpi=90)
     plt.close(fig)
     return "compare.png"
+
+
+def save_result(out: Path, scenario, started: float, figures: dict) -> dict:
+    """`result.json` of a kind that measures poolmgr alone (scanner-pool, cluster-overhead):
+    the scenario, when and how long, and the kind's figures. Returns the result."""
+    result = {"scenario": scenario.as_dict(), "target": "poolmgr", "kind": scenario.kind,
+              "started": started, "duration_s": round(time.time() - started, 1),
+              "figures": figures}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result

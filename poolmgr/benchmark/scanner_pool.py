@@ -20,7 +20,6 @@ OUT/result.json and OUT/report.md.
 __all__ = ["measure", "summary_lines"]
 
 import dataclasses
-import json
 import shutil
 import statistics
 import tempfile
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 from ..testing import Clamd, Poolmgr, Sink, Spamd
-from .report import percentile
+from .report import percentile, save_result
 from .run import delivered_count, generate
 from .scenario import Scenario
 from .targets import settled, tree_usage
@@ -124,11 +123,7 @@ def measure(scenario: Scenario, out: Path) -> dict:
         for daemon in daemons.values():
             daemon.stop()
         shutil.rmtree(work, ignore_errors=True)
-    result = {"scenario": scenario.as_dict(), "target": "poolmgr", "kind": scenario.kind,
-              "started": started, "duration_s": round(time.time() - started, 1),
-              "figures": figures}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    result = save_result(out, scenario, started, figures)
     write_report(out, scenario, figures)
     return result
 
