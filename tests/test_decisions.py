@@ -7,6 +7,8 @@ holds the line: no module under poolmgr/defence/ writes to a session or a connec
 """
 
 import ast
+import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +22,7 @@ from poolmgr.defence.policy import Defence
 from poolmgr.defence.recipients import RecipientTable
 from poolmgr.defence.screening import Screening
 from poolmgr.smtp import replies as R
-from poolmgr.smtp.protocol import BASE_COMMANDS
+from poolmgr.smtp.protocol import BASE_COMMANDS, ServerSession
 
 HOST = "mx.example.test"
 PEER = ("192.0.2.7", 40312)
@@ -284,6 +286,76 @@ def test_only_unknown_recipients_is_a_dictionary_attack():
     assert not valid.verdict
 
 
+# -- the engine: the one place a decision becomes I/O (a socket pair, no network)
+class Engine(ServerSession):
+    """The shared dialogue with a policy given by the test."""
+
+    __slots__ = ("policy", "verdicts")
+
+    def before_banner(self):
+        return self.policy
+
+    def after_pause(self, arrived, waited):
+        self.verdicts.append((arrived, bytes(self.conn.buf)))
+        return Decision.refuse(R.R521_BLOCKED.format(ip="x", reason="pregreet test")) \
+            if arrived else None
+
+
+def engine(policy=None):
+    ours, theirs = socket.socketpair()
+    limits_ = SimpleNamespace(line_length_limit=2048, message_size_limit=1000,
+                              max_recipients=10, timeout=300.0, per_record_deadline=False,
+                              min_data_rate=0)
+    svc = SimpleNamespace(limits=limits_, hostname=HOST, log=Said(), tls_context=None)
+    session = Engine(svc, ours, PEER)
+    session.policy, session.verdicts = policy, []
+    return session, theirs
+
+
+def received(theirs, expected: bytes) -> bytes:
+    """What the client got, as long as `expected` (or less, at end of stream)."""
+    theirs.settimeout(10)
+    data = b""
+    while len(data) < len(expected):
+        more = theirs.recv(4096)
+        if not more:
+            break
+        data += more
+    return data
+
+
+def test_the_engine_applies_a_decision_timeout_close_delay_reply():
+    session, theirs = engine()
+    started = time.monotonic()
+    session.apply(Decision(reply=R.R421_TOO_MANY_ERRORS.format(host=HOST), close=True,
+                           ended="hard_errors", delay=0.05, timeout=5.0))
+    session.conn.flush()
+    assert time.monotonic() - started >= 0.05
+    wanted = R.R421_TOO_MANY_ERRORS.format(host=HOST).encode()
+    assert received(theirs, wanted) == wanted
+    assert session.closing and session.ended == "hard_errors" and session.conn.timeout == 5.0
+    session.apply(Decision.suspect(30.0))  # a timeout only ever shrinks
+    assert session.conn.timeout == 5.0
+    session.apply(None)
+
+
+def test_the_engine_writes_the_two_part_banner_and_asks_for_the_verdict():
+    session, theirs = engine(Decision.pause(5.0))
+    theirs.sendall(b"EHLO bot\r\n")  # a client that talks first: no wait for the pause
+    session.greet()
+    session.conn.flush()
+    assert session.verdicts == [(10, b"EHLO bot\r\n")]
+    wanted = (f"220-{HOST} ESMTP poolmgr\r\n".encode() +
+              R.R521_BLOCKED.format(ip="x", reason="pregreet test").encode())
+    assert received(theirs, wanted) == wanted
+    assert session.closing
+    polite, theirs = engine(None)  # no pause: the banner at once
+    polite.greet()
+    polite.conn.flush()
+    wanted = f"220 {HOST} ESMTP poolmgr\r\n".encode()
+    assert received(theirs, wanted) == wanted
+
+
 # -- the line between policy and I/O
 DEFENCE = Path(__file__).resolve().parent.parent / "poolmgr" / "defence"
 IO_CALLS = {"reply", "write", "serve", "flush", "park", "greeted", "say_last", "apply",
@@ -295,17 +367,16 @@ def _name(node) -> str:
     return ast.unparse(node)
 
 
-@pytest.mark.parametrize("path", sorted(DEFENCE.glob("*.py")), ids=lambda p: p.name)
-def test_no_defence_writes_to_a_session_or_a_connection(path):
-    """Defences are policy: they return decisions, the session engine does the I/O."""
-    tree = ast.parse(path.read_text(), str(path))
+def session_io(source: str) -> list[str]:
+    """Where `source` writes to a session or a connection: sets an attribute of one, calls
+    one of their I/O methods, or takes one as an argument."""
     wrongs = []
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(source)):
         targets = []
         if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
         for target in targets:
-            for part in ast.walk(target):
+            for part in target.elts if isinstance(target, ast.Tuple) else [target]:
                 if isinstance(part, ast.Attribute) and (
                         _name(part.value) in SESSION_NAMES or
                         _name(part.value).endswith((".conn", ".session"))):
@@ -315,15 +386,25 @@ def test_no_defence_writes_to_a_session_or_a_connection(path):
             wrongs.append(f"line {node.lineno}: calls {_name(node.func)}()")
         if isinstance(node, ast.arg) and node.arg in ("session", "conn"):
             wrongs.append(f"line {node.lineno}: takes a {node.arg}")
-    assert not wrongs, wrongs
+    return wrongs
+
+
+@pytest.mark.parametrize("path", sorted(DEFENCE.glob("*.py")), ids=lambda p: p.name)
+def test_no_defence_writes_to_a_session_or_a_connection(path):
+    """Defences are policy: they return decisions, the session engine does the I/O."""
+    assert session_io(path.read_text()) == []
 
 
 def test_the_static_check_finds_a_defence_that_writes():
     offending = ("def greet(session):\n"
-                 "    session.closing = True\n"
+                 "    session.closing, session.ended = True, 'hard_errors'\n"
                  "    session.reply(R.R421)\n"
-                 "    session.conn.timeout = 3\n")
-    tree = ast.parse(offending)
-    calls = [n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call)]
-    sets = [_name(t) for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets]
-    assert calls == ["reply"] and sets == ["session.closing", "session.conn.timeout"]
+                 "    session.conn.timeout = 3\n"
+                 "    screening.conn.write(b'220-')\n"
+                 "    session.service.parking.park(session, 6, then, then)\n"
+                 "    session.serve()\n")
+    assert sorted(session_io(offending)) == [
+        "line 1: takes a session", "line 2: sets session.closing", "line 2: sets session.ended",
+        "line 3: calls session.reply()", "line 4: sets session.conn.timeout",
+        "line 5: calls screening.conn.write()", "line 6: calls session.service.parking.park()",
+        "line 7: calls session.serve()"]
