@@ -80,9 +80,9 @@ def before_reply(screening, reply: R.Reply, closing: bool) -> Decision | None:
         if screening.errors > d.soft_error_limit and not screening.trusted:
             suspect = screening.suspect()
             delay = max(delay, d.error_sleep_time)
-    if closing or reply.code in (421, 521):
-        delay = 0.0
-    return combine(suspect, Decision.wait(delay) if delay else None)
+    if not delay or closing or reply.code in (421, 521):  # the common case: nothing to do
+        return suspect
+    return Decision(delay=delay, timeout=suspect.timeout if suspect is not None else 0.0)
 
 
 def _anvil_rate(screening, service, peer: tuple, client: str, limit: int, ask, what: str,
