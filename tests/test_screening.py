@@ -3,6 +3,7 @@
 import logging
 
 from poolmgr import config
+from poolmgr.defence.decision import Decision
 from poolmgr.defence.screening import Screening
 from poolmgr.defence.verdicts import REASONS, Action, Reason, classify
 from poolmgr.smtp import replies as R
@@ -11,12 +12,8 @@ CFG = config.from_dict({"defence": {"suspicious_timeout": "7s", "stress_timeout"
                                     "stress_hard_error_limit": 1}}).defence
 
 
-class Conn:
-    timeout = 300.0
-
-
 def screening(stress=False):
-    return Screening(CFG, Conn(), ("192.0.2.1", 4000), logging.getLogger("test"), stress)
+    return Screening(CFG, ("192.0.2.1", 4000), logging.getLogger("test"), stress)
 
 
 def test_flag_applies_each_action_in_one_place():
@@ -24,19 +21,21 @@ def test_flag_applies_each_action_in_one_place():
     assert ignore.flag(Reason.PREGREET, Action.IGNORE, "PREGREET", "pregreet test") is None
     assert ignore.verdict == "pregreet" and not ignore.suspicious and not ignore.blocked
     enforce = screening()
-    assert enforce.flag(Reason.DNSBL, "enforce", "DNSBL", "zen.test") is None
+    # enforce: no reply now, a suspect's shorter timeout (suspicious_timeout)
+    assert enforce.flag(Reason.DNSBL, "enforce", "DNSBL", "zen.test") == Decision(timeout=7.0)
     assert enforce.blocked == "zen.test" and enforce.suspicious
-    assert enforce.conn.timeout == 7.0  # suspicious_timeout
     drop = screening()
-    assert drop.flag(Reason.DENYLIST, "drop", "DENYLISTED", "denylist") == \
-        R.R521_BLOCKED.format(ip="192.0.2.1", reason="denylist")
+    assert drop.flag(Reason.DENYLIST, "drop", "DENYLISTED", "denylist") == Decision(
+        reply=R.R521_BLOCKED.format(ip="192.0.2.1", reason="denylist"), close=True,
+        timeout=7.0)
     drop.flag(Reason.PREGREET, "enforce", "PREGREET", "pregreet test")
     assert drop.verdict == "denylist"  # the first test that fired names the session
 
 
 def test_stress_mode_is_read_when_the_session_starts():
     stressed = screening(stress=True)
-    assert stressed.conn.timeout == 9.0 and stressed.hard_limit == 1
+    assert stressed.stressed and stressed.hard_limit == 1
+    assert not screening().stressed and screening().hard_limit == CFG.hard_error_limit
 
 
 def test_classify_gives_one_label():

@@ -2,45 +2,54 @@
 at connect, the pregreet test with a two-part banner, the DNSBL score settled before the
 banner's end. Their log lines are postscreen's (DENYLISTED, PREGREET, DNSBL rank, PASS NEW).
 
-Each function takes the SMTP session (`smtp.front.FrontSession`) and works on its
-`screening`; a reply returned is sent instead of the banner and the session ends.
+Each function takes the session's defence state (`screening.Screening`) and what it reads
+(the worker's `service`: defence, anvil, log, config; the client's address), and returns a
+`decision.Decision` or None; the session engine (`smtp.front.FrontSession`) applies it. In
+order:
+
+- `on_connect`: a refusal here (521, 421) is sent instead of the banner and the session ends;
+- `before_banner`: a pause (`Decision.pause`) when the greet test runs: the engine writes the
+  banner's first line (`220-`), waits (parked, in an SMTP worker) and asks `after_pause` for
+  the verdict on what arrived; with no pause it asks `unpaused`;
+- `after_pause`, `unpaused`: a refusal instead of the banner's last line, or None (possibly a
+  shorter timeout) to send it.
 """
 
-__all__ = ["on_connect", "greet"]
-
-import time
+__all__ = ["on_connect", "before_banner", "after_pause", "unpaused"]
 
 from ..smtp import replies as R
+from .decision import Decision, combine
 from .networks import in_networks
 from .screening import delta_time, escape
 from .verdicts import Reason
 
 
-def on_connect(session) -> R.Reply | None:
-    service, screening, ip = session.service, session.screening, session.peer[0]
-    defence = service.defence
+def on_connect(screening, service, peer: tuple, client: str) -> Decision | None:
+    ip, defence = peer[0], service.defence
+    # Stress mode is read when the session starts, its timeout with it.
+    stress = Decision.suspect(screening.cfg.stress_timeout) if screening.stressed else None
     if defence.allowlisted(ip):
         screening.trust()
-        service.log.info("ALLOWLISTED [%s]:%s", ip, session.peer[1])
-        return None
+        service.log.info("ALLOWLISTED [%s]:%s", ip, peer[1])
+        return stress
+    denylisted = None
     if defence.denylisted(ip):
-        refusal = screening.flag(Reason.DENYLIST, defence.cfg.denylist_action,
-                                 f"DENYLISTED [{ip}]:{session.peer[1]}", "denylist")
-        if refusal is not None:
-            return refusal
+        denylisted = screening.flag(Reason.DENYLIST, defence.cfg.denylist_action,
+                                    f"DENYLISTED [{ip}]:{peer[1]}", "denylist")
+        if denylisted is not None and denylisted.close:
+            return combine(stress, denylisted)
     screening.exempt = in_networks(ip, service.cfg.smtp.mynetworks)
     if service.rate_limited and not screening.exempt:
-        refusal = _anvil_connect(session)
+        refusal = _anvil_connect(screening, service, peer, client)
         if refusal is not None:
-            return refusal
+            return combine(stress, denylisted, refusal)
     if defence.dnsbl is not None:
         screening.dnsbl_job = defence.spawn(defence.dnsbl.score, ip)
-    return None
+    return combine(stress, denylisted)
 
 
-def _anvil_connect(session) -> R.Reply | None:
-    service, screening, ip = session.service, session.screening, session.peer[0]
-    d = service.defence.cfg
+def _anvil_connect(screening, service, peer: tuple, client: str) -> Decision | None:
+    ip, d = peer[0], service.defence.cfg
     usage = service.anvil.connect(ip)
     if usage is None:
         return None
@@ -49,73 +58,63 @@ def _anvil_connect(session) -> R.Reply | None:
                                (d.client_connection_rate_limit, usage.rate, "rate")):
         if limit and value > limit:
             service.log.warning("Connection %s limit exceeded: %d from %s for service smtp",
-                                what, value, session.client)
+                                what, value, client)
             screening.verdict = Reason.RATE_LIMIT.value
-            return R.R421_TOO_MANY_CONNECTIONS.format(host=service.hostname, ip=ip)
+            return Decision.refuse(R.R421_TOO_MANY_CONNECTIONS.format(host=service.hostname,
+                                                                      ip=ip))
     return None
 
 
-def greet(session) -> R.Reply | None:
-    """The banner, after the pregreet test and the DNSBL score; a refusal instead of it.
-
-    In an SMTP worker the greet pause is a park (`smtp.park`): the session goes on in
-    `_after_pause` and then its command loop, and this returns nothing."""
-    service, screening, conn, ip = (session.service, session.screening, session.conn,
-                                    session.peer[0])
-    defence = service.defence
+def before_banner(screening, defence, ip: str) -> Decision | None:
+    """The greet test's pause (a two-part banner, as postscreen's: bots that talk at once
+    show themselves), or None when the test is not run (trusted, or passed before)."""
     if not screening.trusted and defence.needs_greet_test(ip):
-        # Two-part banner (postscreen): bots that talk at once show themselves.
-        banner = R.R220_BANNER.format(host=service.hostname)
-        conn.write(f"220-{banner.text}\r\n".encode())
-        started = time.monotonic()
-        parking = service.parking
-        if parking is not None:
-            conn.flush()
+        return Decision.pause(defence.cfg.greet_wait)
+    return None
 
-            def then():
-                session.greeted(_after_pause(session, started, conn.wait_input(0)))
-                session.serve()
 
-            parking.park(session, defence.cfg.greet_wait, then, then)
-        return _after_pause(session, started, conn.wait_input(defence.cfg.greet_wait))
+def after_pause(screening, service, peer: tuple, arrived: int, waited: float,
+                sample: bytes) -> Decision | None:
+    """The greet test's verdict: `arrived` bytes came during the pause of `waited` seconds,
+    `sample` the first of them. Then the DNSBL score (`unpaused`'s part)."""
+    defence, ip = service.defence, peer[0]
+    if not arrived:
+        defence.greet_test_passed(ip)
+        return _banner(screening, service, peer, "NEW")
+    # postscreen: the byte count, the time since the banner, what the client said.
+    flagged = screening.flag(Reason.PREGREET, defence.cfg.greet_action,
+                             f"PREGREET {arrived} after {delta_time(waited)} from "
+                             f"[{ip}]:{peer[1]}", "pregreet test",
+                             client_text=escape(sample[:100]))
+    if flagged is not None and flagged.close:
+        return flagged
+    return combine(flagged, _banner(screening, service, peer, ""))
+
+
+def unpaused(screening, service, peer: tuple, pending: int) -> Decision | None:
+    """Before the banner when the greet test did not run: `pending` bytes the client sent
+    already (improper pipelining, judged at its first command), then the DNSBL score."""
     passed = ""
     if not screening.trusted:
-        screening.early = bool(conn.wait_input(0))
-        passed = "OLD" if defence.cfg.greet_wait > 0 else ""
-    return _banner(session, passed)
+        screening.early = bool(pending)
+        passed = "OLD" if service.defence.cfg.greet_wait > 0 else ""
+    return _banner(screening, service, peer, passed)
 
 
-def _after_pause(session, started: float, early: int) -> R.Reply | None:
-    """The greet test's verdict: `early` bytes arrived during the pause."""
-    screening, defence, ip = session.screening, session.service.defence, session.peer[0]
-    if not early:
-        defence.greet_test_passed(ip)
-        return _banner(session, "NEW")
-    # postscreen: the byte count, the time since the banner, what the client said.
-    refusal = screening.flag(Reason.PREGREET, defence.cfg.greet_action,
-                             f"PREGREET {early} after "
-                             f"{delta_time(time.monotonic() - started)} from "
-                             f"[{ip}]:{session.peer[1]}", "pregreet test",
-                             client_text=escape(session.conn.buf[:100]))
-    return refusal if refusal is not None else _banner(session, "")
-
-
-def _banner(session, passed: str) -> R.Reply | None:
-    """After the greet test (`passed`: postscreen's PASS NEW or OLD, or ""): the DNSBL score,
-    then the banner's last line."""
-    service, screening, ip = session.service, session.screening, session.peer[0]
+def _banner(screening, service, peer: tuple, passed: str) -> Decision | None:
+    """After the greet test (`passed`: postscreen's PASS NEW or OLD, or ""): the DNSBL score;
+    None (or a shorter timeout) lets the banner's last line go."""
+    settled = None
     if screening.dnsbl_job is not None and not screening.trusted:
-        refusal = _settle_dnsbl(session)
-        if refusal is not None:
-            return refusal
+        settled = _settle_dnsbl(screening, service.log, peer)
+        if settled is not None and settled.close:
+            return settled
     if passed and not screening.verdict and not screening.trusted:
-        service.log.info("PASS %s [%s]:%s", passed, ip, session.peer[1])
-    session.reply(R.R220_BANNER.format(host=service.hostname))
-    return None
+        service.log.info("PASS %s [%s]:%s", passed, peer[0], peer[1])
+    return settled
 
 
-def _settle_dnsbl(session) -> R.Reply | None:
-    screening, log, peer = session.screening, session.service.log, session.peer
+def _settle_dnsbl(screening, log, peer: tuple) -> Decision | None:
     job, screening.dnsbl_job = screening.dnsbl_job, None
     job.join()  # Dnsbl.score is bounded by dnsbl_timeout
     if not job.successful():
@@ -136,5 +135,5 @@ def _settle_dnsbl(session) -> R.Reply | None:
                               f"DNSBL rank {score.total} for [{peer[0]}]:{peer[1]}; "
                               f"sites={score.describe()}", sites)
     if score.total > 0:
-        screening.suspect()
+        return screening.suspect()
     return None

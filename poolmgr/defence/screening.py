@@ -1,9 +1,11 @@
 """One SMTP session's defence state, kept apart from the session's SMTP state.
 
 A `Screening` is made per session and changes only through its verbs: `flag` (a test fired:
-record the verdict and apply its action, the one place actions are applied), `suspect`
-(short timeout, tarpit) and `trust` (allowlisted: every later test is skipped). The tests
-themselves are in `early` (at connect and around the banner) and `limits` (in the dialogue).
+record the verdict and decide its action, the one place actions are decided), `suspect`
+(short timeout, tarpit) and `trust` (allowlisted: every later test is skipped). It holds no
+connection: what a verb means for the session (a 521, a shorter timeout) it returns as a
+`decision.Decision`, which the session engine applies. The tests themselves are in `early`
+(at connect and around the banner) and `limits` (in the dialogue).
 
 The lines a test logs have the shape of postscreen's (`PREGREET 11 after 0.12 from
 [192.0.2.7]:40312: EHLO bot\\r\\n`, `DNSBL rank 3 for [192.0.2.8]:40313`, `DENYLISTED
@@ -17,17 +19,20 @@ __all__ = ["Screening", "escape", "delta_time"]
 import time
 
 from ..smtp import replies as R
+from .decision import Decision, combine
 from .verdicts import Action, Reason
+
+__all__ = ["Screening", "escape", "delta_time"]
 
 
 class Screening:
-    __slots__ = ("cfg", "conn", "peer", "log", "verdict", "blocked", "trusted", "exempt",
+    __slots__ = ("cfg", "peer", "log", "verdict", "blocked", "trusted", "exempt",
                  "dnsbl_job", "suspicious", "errors", "junk", "bad_rcpts", "anvil_held",
-                 "early", "started", "hard_limit", "junk_limit")
+                 "early", "started", "hard_limit", "junk_limit", "stressed")
 
-    def __init__(self, cfg, conn, peer, log, stress: bool):
+    def __init__(self, cfg, peer, log, stress: bool):
         self.cfg = cfg          # the [defence] section
-        self.conn, self.peer, self.log = conn, peer, log
+        self.peer, self.log = peer, log
         self.verdict = ""       # the first nuisance test that fired (a Reason value)
         self.blocked = ""       # why every RCPT is refused (enforce action), "" when not
         self.trusted = False    # allowlisted: skips every test
@@ -41,14 +46,17 @@ class Screening:
         self.early = False      # talked before the banner (greet test not run)
         self.started = time.monotonic()
         self.hard_limit, self.junk_limit = cfg.hard_error_limit, cfg.junk_command_limit
-        if stress:  # as Postfix's ${stress?...}: read when the session starts
-            conn.timeout = min(conn.timeout, cfg.stress_timeout)
+        # As Postfix's ${stress?...}: read when the session starts (the stress timeout is
+        # part of the connect decision, `early.on_connect`).
+        self.stressed = stress
+        if stress:
             self.hard_limit, self.junk_limit = (cfg.stress_hard_error_limit,
                                                 cfg.stress_junk_command_limit)
 
     def flag(self, reason: Reason, action: str, line: str, because: str,
-             client_text: str | None = None) -> R.Reply | None:
-        """A test fired: log it, record the verdict, apply the action; the 521 for drop.
+             client_text: str | None = None) -> Decision | None:
+        """A test fired: log it, record the verdict, decide the action: nothing for ignore,
+        a suspect's shorter timeout for enforce, and the 521 and close as well for drop.
 
         `line` is postscreen's log line for the test. The action follows it (`; action=`),
         or, when the line ends with the client's own text, comes on a line of its own, so
@@ -62,11 +70,12 @@ class Screening:
         self.verdict = self.verdict or reason.value
         if action == Action.IGNORE:
             return None
-        self.suspect()
+        suspect = self.suspect()
         if action == Action.DROP:
-            return R.R521_BLOCKED.format(ip=self.peer[0], reason=because)
+            return combine(suspect, Decision.refuse(R.R521_BLOCKED.format(ip=self.peer[0],
+                                                                          reason=because)))
         self.blocked = self.blocked or because
-        return None
+        return suspect
 
     def enforced(self) -> R.Reply | None:
         """The reply every RCPT gets after an enforce action; None when none was applied."""
@@ -77,10 +86,11 @@ class Screening:
         """A verdict without an action of its own (the caller answers)."""
         self.verdict = self.verdict or reason.value
 
-    def suspect(self) -> None:
-        """Short timeout, and the tarpit if configured."""
+    def suspect(self) -> Decision:
+        """From now on the tarpit (if configured) and, as the decision returned says, the
+        short timeout (suspicious_timeout)."""
         self.suspicious = True
-        self.conn.timeout = min(self.conn.timeout, self.cfg.suspicious_timeout)
+        return Decision.suspect(self.cfg.suspicious_timeout)
 
     def trust(self) -> None:
         self.trusted = self.exempt = True

@@ -17,6 +17,7 @@ import time
 
 from .. import handoff, log, maildir
 from ..smtp import dsn, relay
+from ..defence.decision import Decision
 from ..defence.networks import in_networks
 from ..smtp import replies as R
 from ..config import format_address
@@ -48,7 +49,7 @@ class ScannerSession(ServerSession):
         if not in_networks(self.peer[0], self.service.cfg.scanner.inet_acl):
             self.service.log.warning("reject: connect from %s: not in scanner.inet_acl",
                                      self.client)
-            return R.R554_ACCESS_DENIED.format(client=self.peer[0])
+            return Decision.refuse(R.R554_ACCESS_DENIED.format(client=self.peer[0]))
         return None
 
     def extensions(self):

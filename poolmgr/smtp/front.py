@@ -2,7 +2,10 @@
 
 The shared dialogue plus the SMTP pool's policy, through the dialogue's hooks: the storm
 defences (`defence.early` at connect and around the banner, `defence.limits` in the dialogue,
-both working on the session's `defence.screening.Screening`), STARTTLS when a certificate is
+both working on the session's `defence.screening.Screening`). Each hook hands a defence what
+it reads (the client, the command, the input waiting) and returns the defence's
+`defence.decision.Decision`, which the dialogue (`protocol.ServerSession.apply`) carries
+out: no defence writes to the session. Also STARTTLS when a certificate is
 configured, a `Received:` header, and at end of DATA the hand-off to the proxy filter (the
 scanner pool) with XFORWARD, whose reply is passed to the client: 250 only when the next hop
 accepted the message, 451 on any failure on the way. The hand-off's rules (the gate whose
@@ -20,9 +23,10 @@ from .. import handoff, log
 from . import dsn, relay
 from ..defence import early, limits
 from ..defence.clientstate import ClientState
+from ..defence.decision import Decision
 from ..defence.policy import Defence
 from ..defence.screening import Screening
-from ..defence.verdicts import LEGIT, Reason, classify
+from ..defence.verdicts import LEGIT, classify
 from ..worker import WorkerContext, limits_for
 from . import replies as R
 from .headers import received
@@ -67,13 +71,14 @@ class FrontService:
 
 class FrontSession(ServerSession):
     """An SMTP session of the SMTP pool; its defence state is `screening`, and the defence
-    tests live in `defence.early` and `defence.limits`, called from the hooks below."""
+    tests live in `defence.early` and `defence.limits`: the hooks below give them what they
+    read and return their decisions to the dialogue, which applies them."""
 
     __slots__ = ("screening", "accepted", "rejected")
 
     def __init__(self, service, sock, peer):
         super().__init__(service, sock, peer)
-        self.screening = Screening(service.defence.cfg, self.conn, self.peer, service.log,
+        self.screening = Screening(service.defence.cfg, self.peer, service.log,
                                    service.slot.stress())
         self.accepted = 0
         self.rejected = 0
@@ -81,30 +86,38 @@ class FrontSession(ServerSession):
     def looks_like_nuisance(self, silent_since: float) -> bool:
         return self.screening.looks_like_nuisance(silent_since, self.stats is None)
 
-    # -- hooks of the dialogue
-    def on_connect(self):
+    # -- hooks of the dialogue: what each defence reads, and its decision
+    def on_connect(self) -> Decision | None:
         self.service.slot.add("connections")
-        return early.on_connect(self)
+        return early.on_connect(self.screening, self.service, self.peer, self.client)
 
-    def greet(self) -> None:
-        self.greeted(early.greet(self))
+    def before_banner(self) -> Decision | None:
+        return early.before_banner(self.screening, self.service.defence, self.peer[0])
 
-    def greeted(self, refusal: R.Reply | None) -> None:
-        if refusal is not None:
-            self.closing = True
-            self.reply(refusal)
+    def after_pause(self, arrived: int, waited: float) -> Decision | None:
+        return early.after_pause(self.screening, self.service, self.peer, arrived, waited,
+                                 self.conn.buf)
 
-    def screen(self, verb: str, command: Command | None):
-        return limits.screen(self, verb, command)
+    def unpaused(self) -> Decision | None:
+        return early.unpaused(self.screening, self.service, self.peer, self.conn.wait_input(0))
 
-    def after_command(self) -> None:
-        limits.after_command(self)
+    def screen(self, verb: str, command: Command | None) -> Decision | None:
+        return limits.screen(self.screening, self.service.log, self.client, verb, command,
+                             self.helo, self.proto, self.conn.buf)
 
-    def check_mail(self, address: str):
-        return limits.check_mail(self, address)
+    def check_mail(self, address: str) -> Decision | None:
+        return limits.check_mail(self.screening, self.service, self.peer, self.client, address)
 
-    def check_rcpt(self, address: str):
-        return limits.check_rcpt(self, address)
+    def check_rcpt(self, address: str) -> Decision | None:
+        return limits.check_rcpt(self.screening, self.service, self.peer, self.client, address)
+
+    def after_command(self) -> Decision | None:
+        return limits.after_command(self.screening, self.service.log, self.client,
+                                    self.last_cmd, self.transactions, self.closing,
+                                    self.service.hostname)
+
+    def before_reply(self, reply: R.Reply) -> Decision | None:
+        return limits.before_reply(self.screening, reply, self.closing)
 
     def log_reject(self, stage: str, reply: R.Reply, rcpt: str | None = None,
                    sender: str | None = None) -> None:
@@ -118,23 +131,11 @@ class FrontSession(ServerSession):
                               self.env.mail_from if self.env else "", rcpt, self.proto,
                               self.helo or "")
 
-    def reply(self, reply: R.Reply) -> None:
-        delay = limits.reply_delay(self, reply)
-        if delay:
-            self.conn.flush()
-            time.sleep(delay)  # gevent-patched in SMTP workers: only this session waits
-        self.conn.write(reply.encode())
-
     def on_close(self) -> None:
         self.service.closed(self)
         screening = self.screening
-        if screening.anvil_held:
-            self.service.anvil.disconnect(self.peer[0])
-        if not screening.verdict and screening.bad_rcpts and not self.transactions and \
-                not self.accepted:
-            screening.note(Reason.BAD_RECIPIENTS)
-            self.service.log.info("DICTIONARY %d unknown recipient(s), none valid, from %s",
-                                  screening.bad_rcpts, self.client)
+        limits.closed(screening, self.service, self.peer, self.client, self.transactions,
+                      self.accepted)
         commands = sum(total for _, total in (self.stats or {}).values())
         label = classify(screening.verdict, self.accepted, self.rejected, self.transactions,
                          self.ended, commands)
@@ -193,8 +194,7 @@ class FrontSession(ServerSession):
         service.slot.add(counter)
         if final.ok:
             self.accepted += 1
-            # Postfix: the error limits count errors without a delivery in between.
-            self.screening.errors = self.screening.junk = 0
+            limits.delivered(self.screening)
         elif not final.temporary:
             self.rejected += 1
         service.log.info("%s: %s: END-OF-MESSAGE: %s; from=<%s> to=<%s> proto=%s helo=<%s>",

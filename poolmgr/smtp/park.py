@@ -8,8 +8,10 @@ something (or hangs up) the session gets a new greenlet and goes on where it sto
 the wait runs out first, it goes on with the step given for that (a timeout, or the rest of
 the greet test).
 
-The SMTP worker parks a session at two places: the greet pause (`defence.early.greet`) and
-the wait for a command with nothing buffered (`ServerSession.serve`). A session with TLS is
+The SMTP worker parks a session at two places, both in the session engine
+(`protocol.ServerSession`): the greet pause (`pause`, when the defence's `before_banner`
+decision asks for one) and the wait for a command with nothing buffered (`serve`). Parking
+is the engine's: no defence parks a session. A session with TLS is
 never parked: decrypted bytes may wait in the TLS layer with nothing to read on the socket.
 """
 

@@ -3,9 +3,15 @@
 `ServerSession` owns one connection: banner, an explicit command table with per-command
 flags, the envelope (replaced whole on RSET and after DATA), strict DATA reading, STARTTLS,
 and Postfix-style logging (`connect from`, `NOQUEUE: reject: ...`, `disconnect from ...
-ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5`). Subclasses decide policy through hooks:
-`on_connect`, `greet`, `extensions`, `screen` and `after_command` around each command,
-`check_mail`, `check_rcpt`, `deliver` and `on_close`.
+ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5`).
+
+Subclasses decide policy through hooks that return a `defence.decision.Decision` (or None:
+go on): `on_connect`, `before_banner` (a pause asks for the two-part banner; then
+`after_pause`, or `unpaused` when there was none), `screen` before each command,
+`check_mail`, `check_rcpt`, `after_command`, and `before_reply` before every reply. The
+session is the one place that acts on them (`apply`): it caps the timeout, closes, parks
+for the greet pause (`smtp.park`), sleeps (the tarpit), and writes. Other hooks:
+`extensions`, `deliver` and `on_close`.
 
 The `service` passed in is the worker-wide object every session shares: `hostname`, `log`,
 `limits` (line_length_limit, message_size_limit, max_recipients, timeout, per_record_deadline,
@@ -18,6 +24,7 @@ __all__ = ["ServerSession", "Envelope", "Command", "Drain", "Refused", "STAT_ORD
 import time
 from typing import Callable, NamedTuple
 
+from ..defence.decision import Decision, combine
 from ..defence.networks import plain_ip
 from . import replies as R
 from .conn import Conn, Disconnected, LineTooLong, Timeout, malformed
@@ -40,11 +47,14 @@ class Drain(Exception):
 
 
 class Refused(Exception):
-    """A command handler refuses its command with this reply; the session goes on."""
+    """A command handler refuses its command with this reply (or decision: a reply that
+    closes); the session applies it and goes on."""
 
-    def __init__(self, reply: R.Reply):
-        super().__init__(reply)
-        self.reply = reply
+    def __init__(self, reply: "R.Reply | Decision"):
+        decision = reply if isinstance(reply, Decision) else Decision.answer(reply)
+        super().__init__(decision.reply)
+        self.decision = decision
+        self.reply = decision.reply
 
 
 class Envelope:
@@ -108,23 +118,44 @@ class ServerSession:
         self.ended = ""  # quit, timeout, slow, lost, drain, error, refused, tls_failure
         self.transactions = 0  # MAIL + accepted RCPT seen
 
-    # -- hooks for subclasses
-    def on_connect(self) -> R.Reply | None:
-        """A reply here (554, 421) is sent instead of the banner and the session ends."""
+    # -- hooks for subclasses: policy, as decisions the session applies
+    def on_connect(self) -> Decision | None:
+        """A refusal here (554, 421) is sent instead of the banner and the session ends."""
         return None
 
-    def greet(self) -> None:
-        """Send the banner; a subclass may test the client first and set `closing`."""
-        self.reply(R.R220_BANNER.format(host=self.service.hostname))
+    def before_banner(self) -> Decision | None:
+        """A pause (`Decision.pause`) asks for the two-part banner, then `after_pause`."""
+        return None
+
+    def after_pause(self, arrived: int, waited: float) -> Decision | None:
+        """The verdict on the `arrived` bytes the client sent in the greet pause; a refusal
+        is sent instead of the banner's last line."""
+        return None
+
+    def unpaused(self) -> Decision | None:
+        """Before the banner when there was no pause; a refusal is sent instead of it."""
+        return None
+
+    def screen(self, verb: str, command: "Command | None") -> Decision | None:
+        """Before a command runs: a reply here refuses it (the command is not run)."""
+        return None
+
+    def check_mail(self, address: str) -> Decision | None:
+        return None
+
+    def check_rcpt(self, address: str) -> Decision | None:
+        return None
+
+    def after_command(self) -> Decision | None:
+        """After a command ran (not after one that `screen` refused)."""
+        return None
+
+    def before_reply(self, reply: R.Reply) -> Decision | None:
+        """Before each reply: a delay (the tarpit) or a shorter timeout; never a reply."""
+        return None
 
     def extensions(self) -> list[str]:
         return []
-
-    def check_mail(self, address: str) -> R.Reply | None:
-        return None
-
-    def check_rcpt(self, address: str) -> R.Reply | None:
-        return None
 
     def deliver(self, env: Envelope, data: bytes) -> list[R.Reply]:
         raise NotImplementedError
@@ -138,14 +169,69 @@ class ServerSession:
         self.resume(self.open)
 
     def open(self) -> None:
-        refusal = self.on_connect()
-        if refusal is not None:
-            self.closing, self.ended = True, "refused"
-            self.reply(refusal)
+        decision = self.on_connect()
+        if decision is not None and decision.close:
+            self.ended = "refused"
+            self.apply(decision)
             self.conn.flush()
             return
+        self.apply(decision)
         self.greet()
         self.serve()
+
+    def greet(self) -> None:
+        """The banner, after the policy's tests: with a pause, its first line goes first and
+        the rest follows `after_pause` (parked meanwhile, in an SMTP worker)."""
+        decision = self.before_banner()
+        if decision is not None and decision.park:
+            self.apply(decision)
+        else:
+            self.banner(combine(decision, self.unpaused()))
+
+    def banner(self, decision: Decision | None) -> None:
+        """The policy's verdict before the banner, then (unless it closed) the banner."""
+        self.apply(decision)
+        if not self.closing:
+            self.reply(R.R220_BANNER.format(host=self.service.hostname))
+
+    def pause(self, seconds: float) -> None:
+        """The greet pause: the banner's first line, then up to `seconds` for the client to
+        talk (postscreen's two-part banner); then the verdict (`after_pause`) and the rest of
+        the banner. With a `parking` service the session is parked meanwhile and goes on with
+        its command loop."""
+        banner = R.R220_BANNER.format(host=self.service.hostname)
+        self.conn.write(f"220-{banner.text}\r\n".encode())
+        started = time.monotonic()
+        parking = getattr(self.service, "parking", None)
+        if parking is not None:
+            self.conn.flush()
+
+            def then():
+                self.banner(self.after_pause(self.conn.wait_input(0),
+                                             time.monotonic() - started))
+                self.serve()
+
+            parking.park(self, seconds, then, then)
+        arrived = self.conn.wait_input(seconds)
+        self.banner(self.after_pause(arrived, time.monotonic() - started))
+
+    def apply(self, decision: Decision | None) -> None:
+        """Carry out a policy's decision: the one place a decision becomes I/O."""
+        if decision is None:
+            return
+        if decision.timeout:
+            self.conn.timeout = min(self.conn.timeout, decision.timeout)
+        if decision.close:
+            self.closing = True
+            if decision.ended:
+                self.ended = decision.ended
+        if decision.park:
+            self.pause(decision.park)
+        if decision.delay:
+            self.conn.flush()
+            time.sleep(decision.delay)  # gevent-patched in SMTP workers: only this session waits
+        if decision.reply is not None:
+            self.reply(decision.reply)
 
     def serve(self) -> None:
         """The command loop; with a `parking` service, an idle wait is a park (`smtp.park`)."""
@@ -228,27 +314,21 @@ class ServerSession:
         except (Timeout, Disconnected, OSError):
             pass
 
-    def screen(self, verb: str, command: Command | None) -> R.Reply | None:
-        """Before a command runs: a reply here refuses it (the command is not run)."""
-        return None
-
-    def after_command(self) -> None:
-        """After a command ran (not after one that `screen` refused)."""
-
     def dispatch(self, line: bytes) -> None:
         text = line.decode("utf-8", "surrogateescape")
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
         command = self.commands.get(verb)
-        refusal = self.screen(verb, command)
-        if refusal is not None:
+        decision = self.screen(verb, command)
+        if decision is not None and decision.reply is not None:
             self.last_cmd = verb if command else "UNKNOWN"
             self.count(command.stat if command else "unknown", False)
-            self.log_reject(self.last_cmd, refusal)
-            self.reply(refusal)
+            self.log_reject(self.last_cmd, decision.reply)
+            self.apply(decision)
             return
+        self.apply(decision)
         self.run_command(verb, command, arg)
-        self.after_command()
+        self.apply(self.after_command())
 
     def run_command(self, verb: str, command: Command | None, arg: str) -> None:
         if command is None or (command.needs_tls_offer and self.service.tls_context is None):
@@ -264,11 +344,12 @@ class ServerSession:
         try:
             ok = command.handler(self, arg.strip())
         except Refused as refusal:
-            self.reply(refusal.reply)
+            self.apply(refusal.decision)
             ok = False
         self.count(command.stat, ok)
 
     def reply(self, reply: R.Reply) -> None:
+        self.apply(self.before_reply(reply))
         self.conn.write(reply.encode())
 
     def count(self, stat: str, ok: bool) -> None:
@@ -329,11 +410,12 @@ class ServerSession:
         except PathError as exc:
             raise Refused(syntax if exc.kind == "syntax" else R.R501_BAD_ADDRESS) from None
 
-    def _checked(self, stage: str, refusal: R.Reply | None, **where) -> None:
+    def _checked(self, stage: str, decision: Decision | None, **where) -> None:
         """A policy hook's refusal is logged (NOQUEUE: reject) and answered."""
-        if refusal is not None:
-            self.log_reject(stage, refusal, **where)
-            raise Refused(refusal)
+        if decision is not None and decision.reply is not None:
+            self.log_reject(stage, decision.reply, **where)
+            raise Refused(decision)
+        self.apply(decision)
 
     def do_mail(self, arg: str) -> bool:
         if self.env is not None:
@@ -351,7 +433,7 @@ class ServerSession:
                 raise Refused(R.R555_UNSUPPORTED_PARAMETER.format(param=key))
         if not smtputf8 and not address.isascii():
             raise Refused(R.R553_SMTPUTF8_REQUIRED)
-        self._checked("MAIL", R.R552_SIZE_EXCEEDED
+        self._checked("MAIL", Decision.answer(R.R552_SIZE_EXCEEDED)
                       if size > self.service.limits.message_size_limit
                       else self.check_mail(address), sender=address)
         self.env = Envelope(address, smtputf8, body_8bit)
@@ -406,8 +488,7 @@ class ServerSession:
         words = arg.split()
         if not 1 <= len(words) <= 2 or not words[0].isdigit() or len(words[0]) > 15 or \
                 (len(words) == 2 and words[1].upper() != "LAST"):
-            self.closing, self.ended = True, "error"
-            raise Refused(R.R501_BDAT_SYNTAX)
+            raise Refused(Decision.refuse(R.R501_BDAT_SYNTAX, "error"))
         size, last, env = int(words[0]), len(words) == 2, self.env
         refusal = R.R503_NEED_MAIL if env is None else R.R503_NEED_RCPT if not env.rcpts \
             else None
