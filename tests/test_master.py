@@ -33,7 +33,9 @@ def smtp_titles(pm) -> list[str]:
 
 def test_status_json_contract(make_poolmgr):
     pm = make_poolmgr()
-    status = pm.status()
+    status = pm.cli_status()  # the real `poolmgr status --json`; the harness asks the socket
+    direct = pm.status()
+    assert direct["master"]["pid"] == status["master"]["pid"] and direct.keys() == status.keys()
     smtp, scanner = status["pools"]["smtp"], status["pools"]["scanner"]
     assert smtp["workers"] == 2 and scanner["workers"] == 2
     assert smtp["slots"] == 2 * 2000 and smtp["sessions"] == 0
