@@ -39,4 +39,7 @@ if ((${#missing[@]})); then
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
-exec python3 -m pytest -q -p no:cacheprovider "$@"
+# The suite mostly waits (on daemons starting, timeouts running out), so four pytest-xdist
+# workers share the two cores well; a test module stays on one worker (--dist loadfile), which
+# starts its module's shared daemons once. The 15 slowest tests close the output.
+exec python3 -m pytest -q -p no:cacheprovider -n 4 --dist loadfile --durations=15 "$@"

@@ -1,3 +1,4 @@
+import os
 import re
 import shutil
 import sys
@@ -6,9 +7,15 @@ from pathlib import Path
 import psutil
 import pytest
 
+from poolmgr.testing.poolmgr import own_code_first
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import Poolmgr, Sink  # noqa: E402
+
+# The tests start `python3 -m poolmgr` (and the CLI) from their own directories, where Python
+# would import whichever checkout pip installed: they must run the poolmgr these tests import.
+os.environ["PYTHONPATH"] = own_code_first()["PYTHONPATH"]
 
 # Log lines that mean something in poolmgr went wrong: an exception caught and logged by a
 # session, a worker or the master (`error:`/`fatal:`), a Python traceback on stderr, or a worker

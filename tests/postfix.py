@@ -7,7 +7,12 @@ poolmgr in front: `front_port` is the README's 10025 listener for that recipe, w
 relaying on its own too (reject_unauth_destination), so that both layers hold; it also refuses
 `REFUSED` as a mailbox that does not exist (550 5.1.1), a next hop that accepts a message for
 some recipients and not for others.
+
+A module's tests share one instance: `reset` gives the next test an empty queue and mailbox and
+a maillog of its own, as a fresh instance would have.
 """
+
+import subprocess
 
 from helpers import free_port
 from poolmgr.testing import Postfix as PrivatePostfix
@@ -53,6 +58,8 @@ scanlmtp  unix  -       -       n       -       2       lmtp
 
 class Postfix(PrivatePostfix):
     def __init__(self, scanner_port: int):
+        self.scanner_port = scanner_port  # where the content filters hand their mail
+        self.maillog_start = 0
         self.inbound_port = free_port()
         self.lmtp_inbound_port = free_port()
         self.reinject_port = free_port()
@@ -64,3 +71,20 @@ class Postfix(PrivatePostfix):
     def delivered(self) -> list[bytes]:
         new = self.dir / "mail" / "inbox" / "new"
         return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
+
+    def maillog(self) -> str:
+        """The log since the last `reset`."""
+        return super().maillog()[self.maillog_start:]
+
+    def reset(self) -> None:
+        """For the next test: no queued message (a deferred bounce the last test left would be
+        retried into this one), an empty mailbox, and the log from here on."""
+        deleted = subprocess.run(["postsuper", "-c", str(self.dir), "-d", "ALL"],
+                                 capture_output=True, text=True, timeout=30)
+        if deleted.returncode != 0:
+            raise RuntimeError(f"postsuper -d ALL: {deleted.stderr}")
+        for folder in ("new", "cur", "tmp"):
+            path = self.dir / "mail" / "inbox" / folder
+            for message in path.iterdir() if path.exists() else ():
+                message.unlink()
+        self.maillog_start = len(PrivatePostfix.maillog(self))

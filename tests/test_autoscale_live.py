@@ -188,7 +188,11 @@ def test_workers_over_max_rss_are_recycled(make_poolmgr):
                what="a fresh SMTP worker")
     with pm.smtp(source="127.0.52.2") as client:  # mail goes on while workers are replaced
         assert client.sendmail("alice@example.org", ["bob@example.test"], message("rss")) == {}
-    time.sleep(6)  # past the next check (every 5 s): master.max_rss 4G spares the scanners
+    # Past the next check (every 5 s), which recycles the fresh SMTP workers again:
+    # master.max_rss 4G spares the scanners.
+    checks = pm.log().count("over max_rss 1.0 MiB -- recycling")
+    wait_until(lambda: pm.log().count("over max_rss 1.0 MiB -- recycling") > checks,
+               timeout=15, what="the next max_rss check")
     assert set(pm.worker_pids("scanner")) == scanners  # the scanner pool: untouched
     assert "scanner worker" not in "".join(l for l in pm.log().splitlines() if "max_rss" in l)
 

@@ -262,7 +262,9 @@ def test_nuisance_accounting_and_no_nuisance_reaches_the_scanner(make_poolmgr, d
     pm = make_poolmgr({"smtp": {"timeout": "2s"},
                        "defence": {"dnsbl_sites": ["zen.test"], "nameservers": [dns.address],
                                    "greet_wait": "0.5s", "denylist": ["127.0.11.2/32"]}})
-    time.sleep(1.5)  # the harness's readiness probe is a lost_after_connect of its own
+    # The harness's readiness probe is a lost_after_connect of its own: counted before we start.
+    wait_until(lambda: counters(pm).get("lost_after_connect", 0) >= 1,
+               what="the readiness probe in the nuisance counters")
     before = Counter(counters(pm))
     talk(pm, "127.0.11.1")                         # dnsbl (enforced)
     talk(pm, "127.0.11.2")                         # denylist (dropped)

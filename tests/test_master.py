@@ -33,7 +33,9 @@ def smtp_titles(pm) -> list[str]:
 
 def test_status_json_contract(make_poolmgr):
     pm = make_poolmgr()
-    status = pm.status()
+    status = pm.cli_status()  # the real `poolmgr status --json`; the harness asks the socket
+    direct = pm.status()
+    assert direct["master"]["pid"] == status["master"]["pid"] and direct.keys() == status.keys()
     smtp, scanner = status["pools"]["smtp"], status["pools"]["scanner"]
     assert smtp["workers"] == 2 and scanner["workers"] == 2
     assert smtp["slots"] == 2 * 2000 and smtp["sessions"] == 0
@@ -103,9 +105,12 @@ def test_process_titles_show_role_and_sessions(make_poolmgr):
 
 def test_ttin_ttou_resize_the_smtp_pool(make_poolmgr):
     pm = make_poolmgr()
-    # A pending signal that arrives again is merged by the kernel: space them like a person.
+    # A pending signal that arrives again is merged by the kernel: the next one is sent once
+    # the master has handled the last (the floor moved).
+    def floor() -> int:
+        return pm.status()["pools"]["smtp"]["floor"]
     pm.send_signal(signal.SIGTTIN)
-    time.sleep(0.3)
+    wait_until(lambda: floor() == 3, what="the first TTIN handled")
     pm.send_signal(signal.SIGTTIN)
     status = pm.wait_workers(4, 2)
     assert status["pools"]["smtp"]["floor"] == 4
@@ -113,9 +118,9 @@ def test_ttin_ttou_resize_the_smtp_pool(make_poolmgr):
     pm.send_signal(signal.SIGTTOU)
     pm.wait_workers(3, 2)
     wait_until(lambda: len(smtp_titles(pm)) == 3, what="3 smtp worker titles in ps")
-    for _ in range(2):
-        pm.send_signal(signal.SIGTTOU)
-        time.sleep(0.3)
+    pm.send_signal(signal.SIGTTOU)
+    wait_until(lambda: floor() == 2, what="the TTOU to 2 handled")
+    pm.send_signal(signal.SIGTTOU)
     wait_until(lambda: "fewer than the 2 scanner workers" in pm.log(), what="refusal")
     pm.wait_workers(2, 2)
     time.sleep(1)

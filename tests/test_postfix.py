@@ -19,30 +19,37 @@ from helpers import HELO, free_port, message, wait_until
 from postfix import REFUSED, Postfix
 
 
-def started(make_poolmgr, listener: str, hand_off: str = "smtp"):
+@pytest.fixture(scope="module")
+def shared_postfix():
+    """One Postfix for the module (its start is 3 s); each test resets it."""
+    postfix = Postfix(free_port()).start()
+    yield postfix
+    postfix.stop()
+
+
+def started(make_poolmgr, postfix: Postfix, listener: str, hand_off: str = "smtp"):
+    """A fresh poolmgr whose scanner pool listens where the shared Postfix hands off."""
+    postfix.reset()
     pm = make_poolmgr(start=False)
-    postfix = Postfix(pm.scanner_port)
-    pm.configure("scanner", next_hop=f"smtp:127.0.0.1:{getattr(postfix, listener)}")
+    pm.scanner_port = postfix.scanner_port
+    pm.configure("scanner", listen=f"127.0.0.1:{pm.scanner_port}",
+                 next_hop=f"smtp:127.0.0.1:{getattr(postfix, listener)}")
     if hand_off != "smtp":
         pm.configure("smtp", proxy_filter=f"{hand_off}:127.0.0.1:{pm.scanner_port}")
-    try:
-        postfix.start()
-        pm.start()
-        yield postfix, pm
-    finally:
-        postfix.stop()
+    pm.start()
+    return postfix, pm
 
 
 @pytest.fixture
-def postfix_and_poolmgr(make_poolmgr):
+def postfix_and_poolmgr(make_poolmgr, shared_postfix):
     """The scanner pool behind Postfix (content_filter), re-injecting into 10025."""
-    yield from started(make_poolmgr, "reinject_port")
+    return started(make_poolmgr, shared_postfix, "reinject_port")
 
 
 @pytest.fixture
-def poolmgr_in_front(make_poolmgr):
+def poolmgr_in_front(make_poolmgr, shared_postfix):
     """poolmgr on the public port, its scanner re-injecting into the in-front 10025."""
-    yield from started(make_poolmgr, "front_port")
+    return started(make_poolmgr, shared_postfix, "front_port")
 
 
 @pytest.mark.parametrize("feed", ["inbound_port", "lmtp_inbound_port"])
@@ -128,11 +135,11 @@ def originals(postfix, subject: str) -> list[bytes]:
 
 
 @pytest.fixture(params=["smtp", "lmtp"])
-def in_front_either_hand_off(make_poolmgr, request):
+def in_front_either_hand_off(make_poolmgr, shared_postfix, request):
     """poolmgr in front, its SMTP pool handing off to the scanner over SMTP (the scanner
     sends the notification) or LMTP (the scanner answers per recipient, the SMTP worker
     sends it)."""
-    yield from started(make_poolmgr, "front_port", request.param)
+    return started(make_poolmgr, shared_postfix, "front_port", request.param)
 
 
 def test_recipient_refused_beside_an_accepted_one_gets_a_dsn(in_front_either_hand_off):

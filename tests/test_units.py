@@ -17,7 +17,7 @@ from poolmgr.listen import accept_queue, bind_all
 from poolmgr.scanner.backends.base import Result
 from poolmgr.scanner.backends.builtin import EICAR, EICAR_NAME, scan
 from poolmgr.smtp.parse import canonical
-from poolmgr.testing import free_port
+from poolmgr.testing import free_port, wait
 
 
 def test_a_signal_to_a_worker_just_forked_waits_for_its_handlers():
@@ -212,3 +212,17 @@ def test_free_ports_differ_and_lie_below_the_ephemeral_range():
     ports = [free_port() for _ in range(200)]
     assert len(set(ports)) == len(ports)
     assert all(port < low for port in ports)
+
+
+def test_xdist_workers_hand_out_ports_from_slices_of_their_own(monkeypatch):
+    """Under pytest-xdist every worker process has its own memory of handed-out ports: each
+    takes its own slice of the range, so two workers never configure the same port."""
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "3")
+    handed = {}
+    for worker in ("gw0", "gw1", "gw2"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        handed[worker] = [free_port() for _ in range(50)]
+    slices = {worker: (min(ports), max(ports)) for worker, ports in handed.items()}
+    assert slices["gw0"][1] < slices["gw1"][0] and slices["gw1"][1] < slices["gw2"][0]
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    assert slices["gw0"][0] >= wait.LOWEST and slices["gw2"][1] < low

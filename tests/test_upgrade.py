@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from urllib.request import urlopen
 
 import psutil
@@ -46,7 +45,7 @@ def test_usr2_during_a_stream_of_messages_refuses_none(make_poolmgr):
          "-M", "client.test", "-f", "alice@example.org", "-t", "bob@example.test",
          f"127.0.0.1:{pm.smtp_port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
-    time.sleep(1.0)  # the stream is under way
+    wait_until(lambda: any((pm.maildir / "new").glob("*")), what="the stream under way")
     os.kill(old, signal.SIGUSR2)
     out, err = source.communicate(timeout=180)
     new = wait_until(lambda: pidfile_pid(pm) not in (0, old) and pidfile_pid(pm), timeout=30,

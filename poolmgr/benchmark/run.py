@@ -17,7 +17,6 @@ and cluster-overhead kinds (`benchmark.scanner_pool`, `benchmark.cluster_overhea
 __all__ = ["run", "compare", "generate", "delivered_count"]
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ..testing.poolmgr import own_code_first
 from . import load as loadgen
 from . import source
 from .report import compare_report, figures, plots, reaction, report, source_report
@@ -32,9 +32,6 @@ from .scenario import Scenario
 from .targets import TARGETS, settled, started, tree_usage
 
 SAMPLE_EVERY = 1.0
-# The generator imports this poolmgr, not another one installed (a checkout beside it)
-SAME_POOLMGR = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    [str(Path(__file__).resolve().parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])])}
 MESSAGE_ID = re.compile(rb"<bench-\d+-\d+-\d+@partner\.example>")
 
 
@@ -95,7 +92,7 @@ def generate(scenario: Scenario, addresses: list[list], work: Path,
         (work / f"result{index}.json").unlink(missing_ok=True)  # not a run before's
         procs.append(subprocess.Popen([sys.executable, "-m", "poolmgr.benchmark.load",
                                        str(spec), str(work / f"result{index}.json")],
-                                      env=SAME_POOLMGR))
+                                      env=own_code_first()))
     limit = time.time() + scenario.duration + scenario.drain + 60
     while any(p.poll() is None for p in procs) and time.time() < limit:
         if sample is not None:

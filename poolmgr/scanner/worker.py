@@ -16,6 +16,7 @@ each message and every `handoff.IDLE_CHECK` seconds while the connection idles).
 
 __all__ = ["ScannerWorker", "main"]
 
+import os
 import select
 import time
 
@@ -92,9 +93,16 @@ class ScannerWorker(WorkerProcess):
         hop = self.cfg.scanner.next_hop
         if hop.kind == "maildir":
             maildir.prepare(hop.path)
+        # A signal handler cannot cut the accept loop's select short (Python retries it): TERM
+        # writes to this pipe, so a stop never waits out the select's second.
+        self.wake_read, self.wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def handle_term(self) -> None:
         self.service.draining = True
+        try:
+            os.write(self.wake_write, b"T")
+        except OSError:
+            pass  # full: the loop is woken already
 
     def serve(self) -> int:
         ctx, service = self.ctx, self.service
@@ -107,9 +115,10 @@ class ScannerWorker(WorkerProcess):
             service.relay_cache.expire()
             self.show(f"{service.messages} messages")
             try:
-                ready, _, _ = select.select(listeners, [], [], 1.0)
+                ready, _, _ = select.select([*listeners, self.wake_read], [], [], 1.0)
             except InterruptedError:
                 continue
+            ready = [sock for sock in ready if sock is not self.wake_read]
             if not ready or service.draining:
                 continue
             try:

@@ -1,11 +1,15 @@
 """A real poolmgr for tests and the bench: `poolmgr run` in a subprocess with its own config,
 loopback ports and directory, stopped by its PID.
 
+The harness asks the control socket itself for the status (`status`, `wait_workers`): a
+`poolmgr status` subprocess costs 0.2 s of Python start-up per poll. `run_cli` runs the real
+command line, for the tests of the CLI.
+
 Clients pass an explicit local hostname, HELO (smtplib would otherwise ask the system resolver,
 which is off on these machines).
 """
 
-__all__ = ["Poolmgr", "write_config", "HELO"]
+__all__ = ["Poolmgr", "write_config", "HELO", "own_code_first"]
 
 import json
 import os
@@ -16,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .. import control
 from ..config import toml_value
 from .wait import free_port, wait_until
 
@@ -33,13 +38,14 @@ def write_config(path: Path, sections: dict) -> Path:
     return path
 
 
-def _own_code_first() -> dict[str, str]:
-    """The environment for `python3 -m poolmgr` in another directory: the poolmgr package this
-    harness belongs to comes first on the path, not whichever one is installed (an editable
-    install points at one checkout; a test run in another worktree must run its own code)."""
+def own_code_first() -> dict[str, str]:
+    """The environment for `python3 -m poolmgr` (or the bench's generator) in another
+    directory: the poolmgr package this harness belongs to comes first on the path, not
+    whichever one is installed (an editable install points at one checkout; a test run in
+    another worktree must run its own code)."""
     tree = str(Path(__file__).resolve().parents[2])
-    path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": tree + (os.pathsep + path if path else "")}
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != tree]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([tree, *path])}
 
 
 class Poolmgr:
@@ -88,7 +94,7 @@ class Poolmgr:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "poolmgr", "run", "-c",
                                       str(self.config)], stdout=self._log, stderr=self._log,
-                                     cwd=self.dir, env=_own_code_first())
+                                     cwd=self.dir, env=own_code_first())
         if wait:
             smtp = self.sections["smtp"]["min_workers"]
             scanner = self.sections["scanner"]["min_workers"]
@@ -109,13 +115,21 @@ class Poolmgr:
                               capture_output=True, text=True, timeout=30, check=check)
 
     def status(self) -> dict:
-        result = self.run_cli("status", "--json", check=True)
-        return json.loads(result.stdout)
+        """What `poolmgr status --json` prints, asked of the control socket directly."""
+        answer = control.request(self.sections["master"]["control_socket"], {"cmd": "status"})
+        if not answer.get("ok"):
+            raise control.ControlError(f"status refused: {answer.get('message')}")
+        return answer["status"]
+
+    def cli_status(self) -> dict:
+        """The same through the real command line (`poolmgr status --json`)."""
+        return json.loads(self.run_cli("status", "--json", check=True).stdout)
 
     def try_status(self) -> dict | None:
+        """The status, or None while the master is not (yet) answering."""
         try:
             return self.status()
-        except subprocess.CalledProcessError:
+        except control.ControlError:
             return None
 
     def wait_workers(self, smtp: int, scanner: int, timeout: float = 20.0) -> dict:
@@ -127,7 +141,7 @@ class Poolmgr:
                     status["pools"]["scanner"]["draining"] == 0:
                 return status
             return None
-        return wait_until(ready, timeout, 0.2, f"{smtp} smtp and {scanner} scanner workers")
+        return wait_until(ready, timeout, 0.05, f"{smtp} smtp and {scanner} scanner workers")
 
     def worker_pids(self, kind: str) -> list[int]:
         return [w["pid"] for w in self.status()["pools"][kind]["worker_list"]

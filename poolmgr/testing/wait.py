@@ -5,8 +5,10 @@ stopping a daemon the tests started.
 use it outside tests too.
 """
 
-__all__ = ["free_port", "free_udp_port", "listening", "wait_until", "WaitTimeout", "terminate"]
+__all__ = ["free_port", "free_udp_port", "listening", "wait_until", "WaitTimeout", "terminate",
+           "LOWEST"]
 
+import os
 import random
 import signal
 import socket
@@ -35,6 +37,20 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
     return _fresh(host, socket.SOCK_DGRAM)
 
 
+def _share() -> tuple[int, int]:
+    """The ports this process may hand out: all from LOWEST up to the ephemeral range, or,
+    under pytest-xdist, this worker's own slice of them (gw0 the first, gw1 the next...), so
+    that two workers never hand out the same port."""
+    low, top = LOWEST, _ephemeral_low() - 1
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    if worker.startswith("gw") and worker[2:].isdigit() and count > 1:
+        width = (top - low + 1) // count
+        low += int(worker[2:]) * width
+        top = low + width - 1
+    return low, top
+
+
 def _ephemeral_low() -> int:
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
@@ -44,9 +60,9 @@ def _ephemeral_low() -> int:
 
 
 def _fresh(host: str, kind: int) -> int:
-    top = _ephemeral_low() - 1
+    low, top = _share()
     for _ in range(1000):
-        port = random.randint(LOWEST, top) if top > LOWEST else 0  # 0: the kernel chooses
+        port = random.randint(low, top) if top > low else 0  # 0: the kernel chooses
         if (kind, port) in _HANDED:
             continue
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as sock:
