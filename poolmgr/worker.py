@@ -15,10 +15,12 @@ listening socket at once. `show` sets the process title `ps` shows (`poolmgr: sm
 """
 
 __all__ = ["WorkerProcess", "WorkerContext", "Limits", "limits_for", "fork", "child_after_fork",
-           "set_title", "DRAIN_IDLE_GRACE", "MASTER_SIGNALS", "STACK_SIGNAL", "become"]
+           "set_title", "DRAIN_IDLE_GRACE", "MASTER_SIGNALS", "STACK_SIGNAL", "become",
+           "forget_unfinished_imports"]
 
 import faulthandler
 import gc
+import importlib._bootstrap
 import os
 import signal
 import sys
@@ -87,8 +89,23 @@ def fork() -> int:
     return pid
 
 
+def forget_unfinished_imports() -> None:
+    """A module another thread of the master was importing at the fork (the cluster monitor's
+    first round imports encodings.idna; a metrics scrape imports too) is half-initialized in
+    the child, and its import lock is held by a thread the child does not have: the child's
+    first import of it would wait for ever (workers were killed as hung, their stacks in
+    `_lock_unlock_module`). Forget both, so that the child imports it afresh."""
+    for name, module in list(sys.modules.items()):
+        if getattr(getattr(module, "__spec__", None), "_initializing", False):
+            del sys.modules[name]
+    locks = getattr(importlib._bootstrap, "_module_locks", None)  # CPython's importlib
+    if locks is not None:
+        locks.clear()  # this process has one thread now: every lock held was another's
+
+
 def child_after_fork(close_fds: list[int]) -> None:
     """The first thing a worker does (forked by `fork`, its signals held)."""
+    forget_unfinished_imports()
     # What came from the master stays out of this process's garbage collections: a
     # collection would write to every object it walks, and copy the master's pages.
     gc.freeze()

@@ -2,12 +2,19 @@
 socket or a master process: each request's shape is checked, and each verb acts through
 `sizing.Sizing`, the one place targets and stress mode change."""
 
-import logging
-
 from poolmgr import control
 from poolmgr.board import Board
 from poolmgr.pools import Pool
 from poolmgr.sizing import Sizing
+
+
+class Log(list):
+    """The master's log, as lines."""
+
+    def info(self, fmt, *args):
+        self.append(fmt % args)
+
+    warning = info
 
 
 class Master:
@@ -17,7 +24,8 @@ class Master:
         self.stopping = ""
         self.pools = {"smtp": Pool("smtp", 2, 6, None), "scanner": Pool("scanner", 2, 4, None)}
         self.board = Board(slots=4)
-        self.sizing = Sizing(self.pools, self.board, True, logging.getLogger("test"))
+        self.log = Log()
+        self.sizing = Sizing(self.pools, self.board, True, self.log)
 
     def status(self):
         class Fake:
@@ -56,11 +64,14 @@ def test_resizes_go_through_the_sizing_rule():
     assert (master.pools["smtp"].target, master.pools["scanner"].target) == (4, 4)
     master.stopping = "graceful"
     assert ask(master, "smtp", "6") == {"ok": False, "message": "refused: poolmgr is stopping"}
+    assert master.log[0] == "resize (ctl): smtp pool 2 -> 4 workers"
+    assert master.log[-1] == "resize (ctl): refused: poolmgr is stopping"
 
 
 def test_stress_and_autoscale_switch_and_say_so():
     master = Master()
     assert ask(master, "stress", "on") == {"ok": True, "message": "stress mode on"}
+    assert master.log == ["stress mode on (ctl)"]
     assert master.board.slot(0).stress() is True
     assert ask(master, "stress", "on")["message"] == "stress mode on (unchanged)"
     assert ask(master, "stress", "maybe") == {"ok": False, "message": control.CTL_USAGE}

@@ -45,6 +45,61 @@ def test_a_signal_to_a_worker_just_forked_waits_for_its_handlers():
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # the master's, as before
 
 
+SLOW_MODULE = """\
+import threading
+
+if threading.current_thread().name == "importer":  # the master's thread, held at the fork
+    __import__("builtins").poolmgr_test_gate.wait(10)
+DONE = 42
+"""
+
+
+def test_a_module_another_thread_was_importing_at_the_fork_imports_afresh_in_the_worker(
+        tmp_path, monkeypatch):
+    """The master's cluster monitor thread imports on its first round (encodings.idna); a
+    worker forked meanwhile inherited the module half-initialized and its import lock held
+    by a thread it does not have, and hung on its first import of it. After
+    child_after_fork the worker imports it afresh."""
+    import importlib
+    import sys
+    import threading
+    import time
+
+    from poolmgr import worker
+
+    (tmp_path / "poolmgr_slow_module.py").write_text(SLOW_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    gate = threading.Event()
+    monkeypatch.setattr("builtins.poolmgr_test_gate", gate, raising=False)
+    importer = threading.Thread(target=importlib.import_module, args=("poolmgr_slow_module",),
+                                name="importer", daemon=True)
+    importer.start()
+    try:
+        wait.wait_until(lambda: "poolmgr_slow_module" in sys.modules, timeout=2,
+                        what="the import under way")
+        pid = worker.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.alarm(5)  # a hung import ends the child (killed by SIGALRM)
+                worker.child_after_fork([])
+                import poolmgr_slow_module
+                code = 0 if poolmgr_slow_module.DONE == 42 else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 10
+        while (result := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if result[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert result[0] == pid and os.waitstatus_to_exitcode(result[1]) == 0
+    finally:
+        gate.set()
+        importer.join()
+        sys.modules.pop("poolmgr_slow_module", None)
+
+
 def test_board_slots_are_shared_across_fork():
     board = Board(slots=4)
     index = board.alloc("smtp", generation=1, number=1)
