@@ -54,6 +54,10 @@ def test_workers_run_as_nobody_and_mail_still_flows(open_dir, make_poolmgr):
     pm.maildir = open_dir / "maildir"
     pm.start()
     assert ps(pm.proc.pid, "user") == "root"
+    # A worker drops to master.user before its first client, once started: the first one
+    # answers as the others may still be starting.
+    wait_until(lambda: all(ps(pid, "user") == "nobody" for pid in worker_pids(pm)),
+               what="every worker running as nobody")
     for pid in worker_pids(pm):
         assert (ps(pid, "user"), ps(pid, "group")) == ("nobody", "nogroup")  # primary group
         assert groups(pid) == []  # no supplementary groups left
