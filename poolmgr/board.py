@@ -8,7 +8,8 @@ words that only the master writes: stress mode, and the hand-off share (how many
 to the scanner pool one SMTP worker may have at once).
 """
 
-__all__ = ["Board", "Slot", "COUNTERS", "SLOTS", "LATENCY_BUCKETS"]
+__all__ = ["Board", "Slot", "COUNTERS", "SLOTS", "LATENCY_BUCKETS", "DNSBL_SITES_COUNTED",
+           "dnsbl_error_counters"]
 
 import bisect
 import mmap
@@ -48,11 +49,17 @@ COUNTERS += ("cluster_calls", "cluster_us", "cluster_failures", "cluster_local")
 # Time hand-offs spent waiting for their turn at a scanner worker (handoff.HandoffGate),
 # microseconds: over an interval, divided by its length, the mean number waiting.
 COUNTERS += ("handoff_queue_us",)
-_NCOUNTERS = 96
+# DNSBL answers that were error codes (defence.dnsbl.error_answer): in all, and per site by its
+# position in [defence] dnsbl_sites for the first DNSBL_SITES_COUNTED sites (the board's
+# counters are fixed; a longer list counts its later sites in the total only).
+DNSBL_SITES_COUNTED = 16
+COUNTERS += ("dnsbl_errors",) + tuple(f"dnsbl_errors_{i}" for i in range(DNSBL_SITES_COUNTED))
+_NCOUNTERS = 128
+assert len(COUNTERS) <= _NCOUNTERS
 _COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 SLOTS = 1024  # generous: pools of up to 128 workers each, plus workers still draining
 # pid, kind, generation, number, heartbeat, started, sessions, busy, suspect, transacting,
-# counters[32]
+# counters[_NCOUNTERS]
 _HEAD = struct.Struct("=iiiiddIIII")
 _SLOT_SIZE = _HEAD.size + 8 * _NCOUNTERS
 _OFF_HEARTBEAT = 16
@@ -61,6 +68,13 @@ _OFF_BUSY = 36
 _OFF_SUSPECT = 40
 _OFF_COUNTERS = _HEAD.size
 KINDS = {"smtp": 1, "scanner": 2}
+
+
+def dnsbl_error_counters(position: int) -> tuple[str, ...]:
+    """The counters an error answer of the site at `position` in dnsbl_sites adds to."""
+    if position < DNSBL_SITES_COUNTED:
+        return ("dnsbl_errors", f"dnsbl_errors_{position}")
+    return ("dnsbl_errors",)
 
 
 class Slot:

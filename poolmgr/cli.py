@@ -201,6 +201,8 @@ def format_status(status: Status) -> str:
                  f"from {anvil.clients} clients, {anvil.greet_passes} greet passes, "
                  f"{anvil.dnsbl_answers} DNSBL answers cached")
     lines.append(status.cluster.summary())
+    if status.dnsbl.by_site:  # DNSBL sites are configured
+        lines.append(status.dnsbl.summary())
     lines.append(status.scanner.summary())
     auto = status.autoscale
     since = time.strftime("%H:%M:%S", time.localtime(auto.since))

@@ -338,6 +338,25 @@ def _parse_redis(value: Any) -> str:
                      f"unix:///PATH, got {value!r}")
 
 
+_DOMAIN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
+
+
+def _parse_domain_map(value: Any) -> dict[str, str]:
+    """{"KEY.zen.dq.spamhaus.net" = "zen.spamhaus.org"} -> the same, keys lower case without
+    a final dot: domain names both sides (a reply to a client shows the value)."""
+    if not isinstance(value, dict):
+        raise ValueError(f'expected a table like {{ "key.zen.dq.example" = "zen.example" }}, '
+                         f"got {value!r}")
+    result = {}
+    for key, name in value.items():
+        if not _DOMAIN.fullmatch(key):
+            raise ValueError(f"expected a domain name as key, got {key!r}")
+        if not isinstance(name, str) or not _DOMAIN.fullmatch(name):
+            raise ValueError(f"{key}: expected a domain name, got {name!r}")
+        result[key.lower().rstrip(".")] = name.rstrip(".")
+    return result
+
+
 def _typed(kinds, what: str, convert=lambda v: v):
     """A converter that accepts only values of the TOML types `kinds` (bool is not a number)."""
     def check(value: Any) -> Any:
@@ -375,6 +394,7 @@ CONVERTERS = {
     "sites": _each(parse_site, '["zen.example*3"]'),
     "addresses": _each(_parse_nameserver, '["127.0.0.1:5353"]'),
     "redis": _parse_redis,
+    "domainmap": _parse_domain_map,
 }
 
 
@@ -416,6 +436,11 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
             defence["recipient_table"] = RecipientTable.load(defence["recipients"])
         except (OSError, ValueError) as exc:
             err("defence.recipients", str(exc))
+    domains = {site.domain for site in defence["dnsbl_sites"]}
+    for queried in defence["dnsbl_reply_map"]:
+        if queried not in domains:
+            warn("defence.dnsbl_reply_map", f"{queried!r} is the domain of no "
+                 f"defence.dnsbl_sites entry, so this mapping is never used")
     node = sections["cluster"]["node"]
     if node and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", node):
         err("cluster.node", f"{node!r}: use at most 64 letters, digits, '.', '_' or '-'")
@@ -666,6 +691,8 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
+        if not value:
+            return "{}"
         return "{ " + ", ".join(f"{k if _BARE_KEY.fullmatch(k) else toml_value(k)} = "
                                 f"{toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(value)

@@ -359,7 +359,7 @@ class Master:
             cfg.smtp.listen_backlog, self.nuisance.summary(), sizing.scaler, sizing.stress,
             AnvilStatus(*self.anvil.figures()),
             ClusterStatus(**monitor.view()) if monitor else ClusterStatus(),
-            list(cfg.scanner.checks))
+            list(cfg.scanner.checks), [site.domain for site in cfg.defence.dnsbl_sites])
 
     def status(self) -> Status:
         return collect(self.view())

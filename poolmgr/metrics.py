@@ -16,7 +16,8 @@ pid: series must outlive a worker), `smtp_sessions`, `smtp_slots`, `smtp_accept_
 `[cluster] redis`: `cluster_up` (1 while the nodes share Redis, 0 while degraded),
 `cluster_nodes`, `cluster_roundtrip_seconds` (the master's last round trip), the histogram
 `cluster_store_seconds` (the SMTP workers' Redis calls), `cluster_failures_total`,
-`cluster_local_total` (questions answered from local state); and the master's own
+`cluster_local_total` (questions answered from local state); `dnsbl_errors_total{site}` (DNSBL
+answers that were error codes, per configured site); and the master's own
 `process_*` metrics.
 """
 
@@ -115,6 +116,16 @@ class StatusCollector:
         yield build
         yield from _scanner(status)
         yield from _cluster(status)
+        yield _dnsbl_errors(status)
+
+
+def _dnsbl_errors(status: Status) -> CounterMetricFamily:
+    """Error answers per configured DNSBL site (status.DnsblStatus)."""
+    errors = CounterMetricFamily("poolmgr_dnsbl_errors", "DNSBL answers that were error codes "
+                                 "(127.255.255.x, or outside 127/8), ignored", labels=["site"])
+    for site, count in status.dnsbl.by_site.items():
+        errors.add_metric([site], count)
+    return errors
 
 
 def _cluster(status: Status):

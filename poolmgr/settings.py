@@ -20,7 +20,8 @@ class Setting:
     section: str
     key: str
     kind: str  # str int float bool duration size address listen optaddress cidrs strlist
-    #            nexthop filter path log rules policies sites addresses redis (config.CONVERTERS)
+    #            nexthop filter path log rules policies sites addresses redis domainmap
+    #            (config.CONVERTERS)
     default: Any
     help: str
     min: float | None = None

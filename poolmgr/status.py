@@ -15,8 +15,8 @@ record, never the master itself.
 
 __all__ = ["Status", "PoolStatus", "WorkerStatus", "MasterStatus", "NuisanceStatus",
            "StressStatus", "StormStatus", "AutoscaleStatus", "Decision", "AnvilStatus",
-           "ClusterStatus", "ScannerStatus", "CheckStatus", "collect", "snapshot", "NuisanceTotal",
-           "MasterView", "summary"]
+           "ClusterStatus", "ScannerStatus", "CheckStatus", "DnsblStatus", "collect", "snapshot",
+           "NuisanceTotal", "MasterView", "summary"]
 
 import dataclasses
 import os
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from . import autoscale
-from .board import LATENCY_BUCKETS
+from .board import DNSBL_SITES_COUNTED, LATENCY_BUCKETS
 from .pools import PoolView
 from .scanner.verdict import KINDS as VERDICT_KINDS
 
@@ -185,6 +185,21 @@ class ScannerStatus:
 
 
 @dataclass
+class DnsblStatus:
+    """DNSBL answers that were error codes (127.255.255.x, or outside 127/8), since start:
+    they never score. `by_site`: per configured domain (the first board.DNSBL_SITES_COUNTED
+    sites of dnsbl_sites; counted by position, so a reload that reorders the sites moves
+    earlier counts to the site now at that position)."""
+    errors: int = 0
+    by_site: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """`dnsbl: 3 error answers (zen.spamhaus.org 3)`"""
+        sites = ", ".join(f"{site} {n}" for site, n in self.by_site.items() if n)
+        return f"dnsbl: {self.errors} error answers" + (f" ({sites})" if sites else "")
+
+
+@dataclass
 class Status:
     version: str
     master: MasterStatus
@@ -196,6 +211,7 @@ class Status:
     anvil: AnvilStatus
     scanner: ScannerStatus = field(default_factory=ScannerStatus)
     cluster: ClusterStatus = field(default_factory=ClusterStatus)
+    dnsbl: DnsblStatus = field(default_factory=DnsblStatus)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -250,6 +266,7 @@ class MasterView:
     anvil: AnvilStatus
     cluster: ClusterStatus
     checks: list[str]         # scanner.checks
+    dnsbl_sites: list[str] = field(default_factory=list)  # defence.dnsbl_sites' domains
 
 
 def _pool(kind: str, pool: PoolView, view: MasterView) -> PoolStatus:
@@ -314,7 +331,15 @@ def collect(view: MasterView) -> Status:
         storm=StormStatus(phase == autoscale.STORM, phase,
                           round(view.autoscaler.phase_since, 1)),
         autoscale=_autoscale(view), anvil=view.anvil,
-        scanner=_scanner(view.checks, pools["scanner"].counters), cluster=view.cluster)
+        scanner=_scanner(view.checks, pools["scanner"].counters), cluster=view.cluster,
+        dnsbl=_dnsbl(view.dnsbl_sites, pools["smtp"].counters))
+
+
+def _dnsbl(sites: list[str], counters: dict) -> DnsblStatus:
+    by_site = Counter()
+    for position, domain in enumerate(sites[:DNSBL_SITES_COUNTED]):
+        by_site[domain] += counters.get(f"dnsbl_errors_{position}", 0)  # a domain listed twice
+    return DnsblStatus(counters.get("dnsbl_errors", 0), dict(by_site))
 
 
 def _scanner(names: list[str], counters: dict) -> ScannerStatus:

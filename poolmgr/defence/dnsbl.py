@@ -10,9 +10,15 @@ scores nothing. Answers are cached per (site, client) for their TTL, clamped to
 [min_ttl, max_ttl], in the client state (`clientstate.ClientState`: the master's, shared by
 the host's SMTP workers, or the cluster's); NXDOMAIN is cached for min_ttl. The cache is asked
 once per score for every site, and only the sites it does not know are queried.
+
+An A record in 127.255.255.0/24, or outside 127.0.0.0/8, is the DNSBL's error code, not a
+listing (`error_answer`: Spamhaus answers 127.255.255.254 to every query that comes through a
+public resolver): it never scores, whatever the site's filter, and is cached as "not listed".
+Each such answer is counted (`count`, with the site's position in the list); the worker's
+Dnsbl logs once when a site starts answering errors, and once when it answers normally again.
 """
 
-__all__ = ["Site", "parse_site", "Dnsbl", "Score"]
+__all__ = ["Site", "parse_site", "Dnsbl", "Score", "error_answer", "ERROR_CODES"]
 
 import ipaddress
 import re
@@ -76,6 +82,32 @@ def query_name(ip: str, domain: str) -> str:
     return f"{reverse}.{domain}"
 
 
+# What the error codes in 127.255.255.0/24 mean: the codes Spamhaus documents (its "return
+# codes" for public mirrors and DQS), which other DNSBLs follow.
+ERROR_CODES = {
+    "127.255.255.252": "typo in the DNSBL name or DQS key",
+    "127.255.255.254": "query refused (public resolver)",
+    "127.255.255.255": "query refused (excessive number of queries)",
+}
+_LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+_ERRORS = ipaddress.ip_network("127.255.255.0/24")
+
+
+def error_answer(address: str) -> str | None:
+    """What an A record of a DNSBL's answer means when it is an error, not a listing: one in
+    127.255.255.0/24 (ERROR_CODES, else "error answer") or one outside 127.0.0.0/8 ("not a
+    DNSBL answer": a resolver that redirects NXDOMAIN, a wildcard). None for a listing."""
+    try:
+        ip = ipaddress.IPv4Address(address)
+    except ValueError:
+        return "not a DNSBL answer"
+    if ip not in _LOOPBACK:
+        return "not a DNSBL answer"
+    if ip in _ERRORS:
+        return ERROR_CODES.get(address, "error answer")
+    return None
+
+
 class Score(NamedTuple):
     total: int
     hits: tuple[str, ...]        # "domain(weight)" of each matching site
@@ -84,10 +116,16 @@ class Score(NamedTuple):
     def describe(self) -> str:
         return ",".join(self.hits) or "none"
 
+    @property
+    def listed(self) -> tuple[str, ...]:
+        """The domains of the sites that scored."""
+        return tuple(hit.rpartition("(")[0] for hit in self.hits)
+
 
 class Dnsbl:
     def __init__(self, sites: tuple[Site, ...], nameservers: tuple, timeout: float,
-                 min_ttl: float, max_ttl: float, spawn: Callable, state=None):
+                 min_ttl: float, max_ttl: float, spawn: Callable, state=None, log=None,
+                 count: Callable[[int], None] | None = None):
         import dns.resolver
         # dnspython imports an rdata class at its first answer of that type; import them now,
         # in init_process, while the worker may still read every file (privileges.drop).
@@ -101,6 +139,9 @@ class Dnsbl:
         self.spawn = spawn
         self.state = state  # a clientstate.ClientState, or None: no cache
         self.queries = 0
+        self.log = log
+        self.count = count  # called with the site's position for each error answer
+        self.erroring: dict[str, str] = {}  # site text -> the error answer it last gave
         if nameservers:
             self.servers = [(host, port) for host, port in nameservers]
         else:  # the system's, from /etc/resolv.conf
@@ -161,11 +202,29 @@ class Dnsbl:
             if rrset.rdtype == dns.rdatatype.A:
                 addresses += [r.address for r in rrset]
                 ttl = rrset.ttl
-        listed = any(site.matches(a) for a in addresses)
+        errors = [a for a in addresses if error_answer(a)]
+        self._note_errors(site, errors)
+        if errors:  # an error is no listing: cached as such, for the shortest time
+            ttl = self.min_ttl
+        listed = any(site.matches(a) for a in addresses if a not in errors)
         if self.state is not None:
             self.state.cache_dnsbl(ip, site.text, listed,
                                    min(self.max_ttl, max(self.min_ttl, ttl)))
         return listed
+
+    def _note_errors(self, site: Site, errors: list[str]) -> None:
+        """Count an answer with error codes; log when the site starts answering errors (or
+        another one) and when it answers normally again."""
+        if errors:
+            if self.count is not None:
+                self.count(self.sites.index(site))
+            if self.erroring.get(site.text) != errors[0]:
+                self.erroring[site.text] = errors[0]
+                if self.log is not None:
+                    self.log.warning("dnsbl: %s: %s: %s; answers ignored", site.domain,
+                                     errors[0], error_answer(errors[0]))
+        elif self.erroring.pop(site.text, None) is not None and self.log is not None:
+            self.log.info("dnsbl: %s answers again", site.domain)
 
     def score(self, ip: str) -> Score:
         deadline = time.monotonic() + self.timeout

@@ -130,10 +130,12 @@ def _settle_dnsbl(screening, log, peer: tuple) -> Decision | None:
             screening.verdict, screening.blocked = "", ""
         return None
     if score.total >= cfg.dnsbl_threshold:
-        sites = ",".join(h.split("(")[0] for h in score.hits)
+        # The client's reply names each site as dnsbl_reply_map shows it (a DQS key in the
+        # domain queried stays secret); the log keeps the domain queried, for the admin.
+        shown = ",".join(cfg.dnsbl_reply_map.get(domain, domain) for domain in score.listed)
         return screening.flag(Reason.DNSBL, cfg.dnsbl_action,
                               f"DNSBL rank {score.total} for [{peer[0]}]:{peer[1]}; "
-                              f"sites={score.describe()}", sites)
+                              f"sites={score.describe()}", shown)
     if score.total > 0:
         return screening.suspect()
     return None

@@ -9,6 +9,7 @@ __all__ = ["Defence"]
 
 from typing import Callable
 
+from ..board import dnsbl_error_counters
 from .clientstate import ClientState
 from .dnsbl import Dnsbl
 from .networks import in_networks
@@ -17,14 +18,20 @@ from .networks import in_networks
 class Defence:
     """Everything the sessions of one SMTP worker share about defences."""
 
-    def __init__(self, cfg, spawn: Callable, state: ClientState | None = None):
+    def __init__(self, cfg, spawn: Callable, state: ClientState | None = None, log=None,
+                 slot=None):
         d = cfg.defence
         self.cfg = d
         self.allowlist = d.allowlist
         self.denylist = d.denylist
         self.state = state
+        count = None
+        if slot is not None:  # the worker's board slot: error answers, in all and per site
+            def count(position: int) -> None:
+                for counter in dnsbl_error_counters(position):
+                    slot.add(counter)
         self.dnsbl = Dnsbl(d.dnsbl_sites, d.nameservers, d.dnsbl_timeout, d.dnsbl_min_ttl,
-                           d.dnsbl_max_ttl, spawn, state) if d.dnsbl_sites else None
+                           d.dnsbl_max_ttl, spawn, state, log, count) if d.dnsbl_sites else None
         self.spawn = spawn
 
     def allowlisted(self, ip: str) -> bool:

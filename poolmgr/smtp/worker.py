@@ -106,7 +106,8 @@ class SmtpWorker(WorkerProcess):
                     cfg, state, ctx.slot, str(os.getpid()),
                     lambda: gevent.Timeout(timeout, TimeoutError("cluster.timeout")))
         self.service = FrontService(ctx, _tls_context(cfg, self.log),
-                                    Defence(cfg, gevent.spawn, state), state)
+                                    Defence(cfg, gevent.spawn, state, self.log, ctx.slot),
+                                    state)
         self.max_sessions = cfg.smtp.max_sessions_per_worker
         hub = gevent.get_hub()
         self.runners = Runners(hub, gevent.spawn)
