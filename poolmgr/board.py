@@ -48,6 +48,8 @@ COUNTERS += ("cluster_calls", "cluster_us", "cluster_failures", "cluster_local")
 # Time hand-offs spent waiting for their turn at a scanner worker (handoff.HandoffGate),
 # microseconds: over an interval, divided by its length, the mean number waiting.
 COUNTERS += ("handoff_queue_us",)
+# Log lines the worker dropped because its log could not take them (log.py, logbuffer.py).
+COUNTERS += ("log_dropped",)
 _NCOUNTERS = 96
 _COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
 SLOTS = 1024  # generous: pools of up to 128 workers each, plus workers still draining

@@ -141,6 +141,7 @@ def become(main, ctx: WorkerContext, close_fds: list[int], logger) -> NoReturn:
     except BaseException:
         logger.exception("%s worker %d failed", ctx.kind, ctx.number)
     finally:
+        log.drain()
         os._exit(code)
 
 
@@ -160,6 +161,7 @@ class WorkerProcess:
         self.master_pid = os.getppid()
         self.log = log.get(ctx.kind)
         self.title = ""
+        self.log_dropped = 0  # log.dropped() as last counted on the board
 
     @classmethod
     def main(cls, ctx: WorkerContext) -> int:
@@ -188,8 +190,14 @@ class WorkerProcess:
         raise NotImplementedError
 
     def notify(self) -> None:
-        """The heartbeat: stamp the slot; a worker whose master died drains and exits."""
+        """The heartbeat: stamp the slot, write the log lines that wait and count the ones
+        dropped; a worker whose master died drains and exits."""
         self.ctx.slot.beat()
+        log.flush()
+        dropped = log.dropped()
+        if dropped != self.log_dropped:
+            self.ctx.slot.add("log_dropped", dropped - self.log_dropped)
+            self.log_dropped = dropped
         if os.getppid() != self.master_pid:
             self.master_pid = os.getppid()
             self.log.warning("%s %d: the master is gone -- draining and exiting", self.kind,

@@ -110,14 +110,27 @@ class ScannerWorker(WorkerProcess):
         for listener in listeners:
             listener.setblocking(False)
         max_requests = self.cfg.scanner.max_requests
+        log_stuck = False
         while not service.draining and service.messages < max_requests:
             self.notify()
             service.relay_cache.expire()
             self.show(f"{service.messages} messages")
+            # Log lines that wait (log.py): the loop wakes when the log can take them, unless
+            # the last time it woke for them none went (then the heartbeat's flush tries).
+            log_fd = log.waiting()
+            log_fds = [log_fd] if log_fd is not None and log_fd >= 0 and not log_stuck else []
             try:
-                ready, _, _ = select.select([*listeners, self.wake_read], [], [], 1.0)
+                ready, writable, _ = select.select([*listeners, self.wake_read], log_fds, [],
+                                                   1.0)
             except InterruptedError:
                 continue
+            except (OSError, ValueError):  # the log's descriptor went meanwhile (a reopen)
+                log_stuck = True
+                continue
+            log_stuck = False
+            if writable:
+                before = log.pending()
+                log_stuck = log.flush() >= before
             ready = [sock for sock in ready if sock is not self.wake_read]
             if not ready or service.draining:
                 continue
