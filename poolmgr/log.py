@@ -29,7 +29,7 @@ to with MSG_DONTWAIT, so it stays blocking for nobody and waits for nobody.
 """
 
 __all__ = ["setup", "reopen", "set_name", "get", "program", "target", "file_of", "flush",
-           "waiting", "pending", "dropped", "drain"]
+           "waiting", "pending", "dropped", "take_dropped", "drain"]
 
 import errno
 import logging
@@ -341,7 +341,14 @@ def waiting() -> int | None:
 
 def dropped() -> int:
     """Log lines this process dropped since it started (its backlog was full)."""
-    return sum(handler.backlog.dropped for handler in _handlers())
+    return sum(handler.backlog.dropped for handler in _handlers()) + _counted[1]
+
+
+def take_dropped() -> int:
+    """Log lines dropped since the last call: what a worker adds to its board counter."""
+    total = dropped()
+    new, _counted[0] = total - _counted[0], total
+    return new
 
 
 EXIT_WAIT = 2.0  # seconds an exiting process gives its log to take the lines that wait
@@ -354,9 +361,14 @@ def drain(timeout: float = EXIT_WAIT) -> None:
         time.sleep(0.05)
 
 
+# Drops counted on the board so far (take_dropped), and those of handlers since replaced.
+_counted = [0, 0]
+
+
 def _forget_parents_lines() -> None:
     for handler in _handlers():
         handler.backlog.clear()
+    _counted[:] = [0, 0]
 
 
 os.register_at_fork(after_in_child=_forget_parents_lines)
@@ -419,6 +431,7 @@ def setup(name: str, master=None, level: int = logging.INFO) -> None:
         root.removeHandler(old)
         if isinstance(old, _Quiet):
             old.write_kept()  # what the old destination can take now; the rest is lost
+            _counted[1] += old.backlog.dropped
         old.close()
     root.addHandler(handler)
     _state["key"] = key

@@ -141,8 +141,11 @@ def become(main, ctx: WorkerContext, close_fds: list[int], logger) -> NoReturn:
     except BaseException:
         logger.exception("%s worker %d failed", ctx.kind, ctx.number)
     finally:
-        log.drain()
-        os._exit(code)
+        try:  # the lines still waiting get a last chance; the master folds the count in
+            log.drain()
+            ctx.slot.add("log_dropped", log.take_dropped())
+        finally:
+            os._exit(code)
 
 
 def set_title(title: str) -> None:
@@ -161,7 +164,6 @@ class WorkerProcess:
         self.master_pid = os.getppid()
         self.log = log.get(ctx.kind)
         self.title = ""
-        self.log_dropped = 0  # log.dropped() as last counted on the board
 
     @classmethod
     def main(cls, ctx: WorkerContext) -> int:
@@ -194,10 +196,7 @@ class WorkerProcess:
         dropped; a worker whose master died drains and exits."""
         self.ctx.slot.beat()
         log.flush()
-        dropped = log.dropped()
-        if dropped != self.log_dropped:
-            self.ctx.slot.add("log_dropped", dropped - self.log_dropped)
-            self.log_dropped = dropped
+        self.ctx.slot.add("log_dropped", log.take_dropped())
         if os.getppid() != self.master_pid:
             self.master_pid = os.getppid()
             self.log.warning("%s %d: the master is gone -- draining and exiting", self.kind,

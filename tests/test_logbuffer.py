@@ -8,10 +8,14 @@ import logging
 import os
 import re
 import socket
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
 
+from helpers import wait_until
 from poolmgr import config, log
 from poolmgr.logbuffer import Backlog
 
@@ -92,14 +96,17 @@ def test_the_rest_of_a_line_partly_written_is_kept_even_when_full():
 @pytest.fixture
 def fresh_logging():
     root = logging.getLogger("poolmgr")
-    saved = (list(root.handlers), root.propagate, root.level, dict(log._state))
+    saved = (list(root.handlers), root.propagate, root.level, dict(log._state),
+             list(log._counted))
     root.handlers = []
+    log._counted[:] = [0, 0]
     yield
     for handler in root.handlers:
         handler.close()
     root.handlers, root.propagate, root.level = saved[:3]
     log._state.clear()
     log._state.update(saved[3])
+    log._counted[:] = saved[4]
 
 
 def receive_all(sock) -> list[str]:
@@ -154,3 +161,65 @@ def test_a_line_logged_while_another_is_being_written_waits_instead_of_the_write
     assert sink.got == [b"outer"] and list(backlog.kept) == [b"inner"]
     backlog.write(b"next", sink.send, gap)
     assert sink.got == [b"outer", b"inner", b"next"]
+
+
+def test_a_full_disk_keeps_then_drops_and_never_raises(fresh_logging):
+    """/dev/full answers every write with ENOSPC, as a full disk does."""
+    log.setup("poolmgr/smtpd", config.from_dict({"master": {"log": "/dev/full",
+                                                            "log_buffer": 10}}).master)
+    for n in range(100):
+        log.get("smtpd").info("line %d", n)
+    log.get("smtpd").warning("and a warning")
+    assert (log.pending(), log.dropped(), log.waiting()) == (11, 91, -1)
+    assert log.flush() == 11
+
+
+# A process whose stderr is a pipe nobody reads: it logs far more than the pipe holds, says
+# what waits and was dropped, and once the test reads the pipe, writes the rest and one more.
+STDERR_CHILD = """
+import sys, time
+from poolmgr import config, log
+log.setup("poolmgr/scanner", config.from_dict({"master": {"log": "stderr",
+                                                          "log_buffer": 100}}).master)
+for n in range(20000):
+    log.get("scanner").info("line %d %s", n, "x" * 80)
+print(log.pending(), log.dropped(), flush=True)
+sys.stdin.readline()
+while log.flush():
+    time.sleep(0.01)
+log.get("scanner").info("after")
+"""
+
+
+def test_a_stderr_pipe_nobody_reads_never_makes_the_process_wait():
+    child = subprocess.Popen([sys.executable, "-c", STDERR_CHILD], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    said, err = [], []
+    threading.Thread(target=lambda: said.append(child.stdout.readline()), daemon=True).start()
+    try:
+        wait_until(lambda: said, timeout=30, what="the child to finish logging")
+        pending, dropped = map(int, said[0].split())
+        reader = threading.Thread(target=lambda: err.append(child.stderr.read()), daemon=True)
+        reader.start()
+        child.stdin.write(b"go\n")
+        child.stdin.close()
+        assert child.wait(30) == 0
+        reader.join(30)
+    finally:
+        child.kill()
+    assert pending == 101 and dropped > 0
+    lines = err[0].decode().splitlines()
+    numbers = [int(m.group(1)) for line in lines if (m := re.search(r": line (\d+) x+$", line))]
+    assert numbers == list(range(len(numbers))) and len(numbers) + dropped == 20000
+    assert re.search(rf"poolmgr/scanner\[{child.pid}\]: warning: {dropped} log lines dropped$",
+                     lines[len(numbers)])
+    assert lines[-1].endswith(f"poolmgr/scanner[{child.pid}]: after")
+
+
+def test_drops_are_taken_once_for_the_board(fresh_logging):
+    log.setup("poolmgr/smtpd", config.from_dict({"master": {"log": "/dev/full",
+                                                            "log_buffer": 0}}).master)
+    log.take_dropped()
+    for n in range(5):
+        log.get("smtpd").info("line %d", n)
+    assert log.take_dropped() == 5 and log.take_dropped() == 0
