@@ -10,10 +10,12 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.request import urlopen
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import message, wait_until
+from helpers import free_port, message, wait_until
 from poolmgr import config, log
 from poolmgr.config import ConfigError
 
@@ -104,10 +106,19 @@ def send_timed(pm, number: int) -> float:
     return time.monotonic() - started
 
 
-def dropped_in_status(pm) -> int:
+def dropped_in_status(pm) -> dict[str, int]:
     status = pm.status()
-    return status["master"]["log_dropped"] + sum(
-        status["pools"][kind]["counters"]["log_dropped"] for kind in ("smtp", "scanner"))
+    return {"master": status["master"]["log_dropped"],
+            **{kind: status["pools"][kind]["counters"]["log_dropped"]
+               for kind in ("smtp", "scanner")}}
+
+
+def dropped_in_metrics(port: int) -> dict[str, int]:
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {sample.labels["process"]: sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == "poolmgr_log_dropped_total"}
 
 
 @pytest.mark.parametrize("buffer", [10000, 100], ids=["kept", "dropped"])
@@ -115,8 +126,10 @@ def test_a_syslog_that_stops_reading_holds_up_no_session(make_poolmgr, syslog, b
     """Every message gets its 250 in normal time while nobody reads the syslog socket; once
     reading resumes the log holds every line (a backlog big enough) or says how many were
     dropped, as many as status counts."""
+    port = free_port()
     pm = make_poolmgr({"master": {"log": "syslog", "syslog_socket": syslog.path,
-                                  "log_buffer": buffer}})
+                                  "log_buffer": buffer},
+                       "metrics": {"listen": f"127.0.0.1:{port}"}})
     wait_until(lambda: syslog.find(r"daemon started"), what="the master's first lines")
     syslog.pause()
     resume = threading.Timer(SYSLOG_PAUSE, syslog.resume)
@@ -136,15 +149,18 @@ def test_a_syslog_that_stops_reading_holds_up_no_session(make_poolmgr, syslog, b
                         r"smtpd\[\d+\]: disconnect from "):
             wait_until(lambda: len(syslog.find(pattern)) >= MESSAGES, timeout=60,
                        what=pattern)
-        assert not syslog.find(r"log lines dropped") and dropped_in_status(pm) == 0
+        assert not syslog.find(r"log lines dropped")
+        assert set(dropped_in_status(pm).values()) == {0}
     else:
         def said():
             return sum(int(re.search(r"warning: (\d+) log lines dropped", line).group(1))
                        for line in syslog.find(r"warning: \d+ log lines dropped$"))
-        wait_until(lambda: said() > 0 and said() == dropped_in_status(pm), timeout=60,
-                   what="the drop lines, as many as status counts")
-        assert re.search(r"log lines dropped: master \d+, smtp [1-9]\d*, scanner [1-9]\d*",
-                         pm.run_cli("status", check=True).stdout)
+        counted = wait_until(lambda: (lambda c: said() > 0 and said() == sum(c.values()) and c)(
+            dropped_in_status(pm)), timeout=60, what="the drop lines, as many as status counts")
+        assert counted["smtp"] > 0 and counted["scanner"] > 0
+        assert (f"log lines dropped: master {counted['master']}, smtp {counted['smtp']}, "
+                f"scanner {counted['scanner']}") in pm.run_cli("status", check=True).stdout
+        wait_until(lambda: dropped_in_metrics(port) == counted, what="the drops in the metrics")
     assert len(syslog.find(r"\]: \w+: client=")) > 10  # more than the kernel's queue held
     with pm.smtp(source="127.0.0.9") as client:  # and the log flows again
         client.noop()
