@@ -7,9 +7,9 @@ line beyond the limit is dropped and counted, and where lines were dropped the l
 `warning: N log lines dropped` line, written in its place when writing resumes. Each new line
 first writes what waits, so lines keep their order; the process also calls `flush` from its
 own loop (log.flush), so that what waits goes out as the reader catches up even when nothing
-new is logged. Threads (the master has a few) never wait for each other here either: one that
-finds another writing keeps its line for the next write. Postfix's own logging (postlogd, or syslog(3)) blocks instead; a mail server's
-sessions must not wait on its log.
+new is logged. Threads (the master has a few) never wait for each other here either: one
+that finds another writing keeps its line for the next write. Postfix's own logging
+(postlogd, or syslog(3)) blocks instead; a mail server's sessions must not wait on its log.
 """
 
 __all__ = ["Backlog", "DEFAULT_LIMIT"]
