@@ -223,3 +223,22 @@ def test_drops_are_taken_once_for_the_board(fresh_logging):
     for n in range(5):
         log.get("smtpd").info("line %d", n)
     assert log.take_dropped() == 5 and log.take_dropped() == 0
+
+
+def test_a_restarted_syslog_daemon_gets_the_lines_that_waited(tmp_path, fresh_logging):
+    path = str(tmp_path / "log")
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    first.bind(path)
+    log.setup("poolmgr/master", config.from_dict({"master": {
+        "log": "syslog", "syslog_socket": path}}).master)
+    first.close()
+    os.unlink(path)  # syslogd stopped
+    log.get("master").info("while syslogd was away")
+    assert log.pending() == 1
+    second = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    second.bind(path)  # ... and started again
+    second.setblocking(False)
+    wait_until(lambda: log.flush() == 0, what="the reconnection")  # once a SYSLOG_RECONNECT
+    log.get("master").info("after")
+    assert [line.split(": ", 1)[1] for line in receive_all(second)] == \
+        ["while syslogd was away", "after"]

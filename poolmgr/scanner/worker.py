@@ -3,7 +3,8 @@
 Plain blocking sockets, no gevent. All scanner workers wait on the inherited listening socket;
 whoever wins `accept` serves that connection to its end. The heartbeat is kept from the accept
 loop and, in a session, from the connection's `tick` while it waits for its client and after
-each command. After `scanner.max_requests` messages the worker finishes its connection and
+each command. The accept loop also wakes when the log can take the lines that wait (log.py).
+After `scanner.max_requests` messages the worker finishes its connection and
 exits, and the master starts a fresh one. SIGTERM: accept nothing more, finish the connection
 in hand (a client idle for DRAIN_IDLE_GRACE seconds with no transaction gets 421), exit.
 SIGQUIT: exit at once. The connection to the next hop is kept between messages (`relay.Cache`,

@@ -10,7 +10,9 @@ accepting on every socket and the kernel's listen queues feed the other workers.
 
 Its sessions ask the client state (`defence.clientstate`) of the master's anvil through one
 socket, or, with `[cluster] redis`, of Redis directly (`cluster.RedisState`, cooperative under
-gevent, each call cut at `cluster.timeout`), with the master's as the fallback.
+gevent, each call cut at `cluster.timeout`), with the master's as the fallback. The log lines
+the log could not take at once (log.py) are written by one greenlet, `write_log`, as the log
+takes them again; no session waits for them.
 
 Signals: SIGTERM drains (stop accepting; a session idle with no transaction for
 DRAIN_IDLE_GRACE seconds gets 421 and is closed; transactions finish; after
