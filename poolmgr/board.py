@@ -54,6 +54,8 @@ COUNTERS += ("handoff_queue_us",)
 # counters are fixed; a longer list counts its later sites in the total only).
 DNSBL_SITES_COUNTED = 16
 COUNTERS += ("dnsbl_errors",) + tuple(f"dnsbl_errors_{i}" for i in range(DNSBL_SITES_COUNTED))
+# Log lines the worker dropped because its log could not take them (log.py, logbuffer.py).
+COUNTERS += ("log_dropped",)
 _NCOUNTERS = 128
 assert len(COUNTERS) <= _NCOUNTERS
 _COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}

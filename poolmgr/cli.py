@@ -56,6 +56,8 @@ def cmd_run(args) -> int:
             log.get("master").critical(exc.code.removeprefix("fatal: "))
             return 1
         raise
+    finally:
+        log.drain()  # the lines a stalled log has not taken yet get a last chance
 
 
 def cmd_check(args) -> int:
@@ -204,6 +206,9 @@ def format_status(status: Status) -> str:
     if status.dnsbl.by_site:  # DNSBL sites are configured
         lines.append(status.dnsbl.summary())
     lines.append(status.scanner.summary())
+    lines.append("log lines dropped: master %d, smtp %d, scanner %d" % (
+        status.master.log_dropped, *(status.pools[kind].counters.get("log_dropped", 0)
+                                     for kind in ("smtp", "scanner"))))
     auto = status.autoscale
     since = time.strftime("%H:%M:%S", time.localtime(auto.since))
     lines.append(f"autoscale {auto.phase if auto.enabled else 'off'} since {since}; pressure "

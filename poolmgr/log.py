@@ -17,16 +17,30 @@ for the lines that Postfix's cleanup, qmgr and delivery agents write and log rea
 pflogsumm count by program. Warnings, errors and fatal errors carry Postfix's `warning: `,
 `error: ` and `fatal: ` in the text. A line on stderr is one write(2), so lines from many
 processes do not interleave.
+
+Logging never makes a process wait (logbuffer.py): a line the log cannot take now (a syslog
+daemon that fell behind, a pipe nobody drains, a full disk) is kept, up to `master.log_buffer`
+lines, and written when the log takes lines again; beyond that, lines are dropped, counted
+(`dropped`, in status and metrics) and replaced by one `warning: N log lines dropped` line.
+Each new line first writes what waits; each process also calls `flush` from its own loop
+(the master's housekeeping, the workers' heartbeat), and `waiting` tells a loop what to wait
+on before it does. The syslog socket, which every process inherits from the master, is sent
+to with MSG_DONTWAIT, so it stays blocking for nobody and waits for nobody.
 """
 
-__all__ = ["setup", "reopen", "set_name", "get", "program", "target", "file_of"]
+__all__ = ["setup", "reopen", "set_name", "get", "program", "target", "file_of", "flush",
+           "waiting", "pending", "dropped", "take_dropped", "drain"]
 
+import errno
 import logging
 import logging.handlers
 import os
 import re
 import socket
+import stat
 import time
+
+from .logbuffer import DEFAULT_LIMIT, Backlog
 
 # As Postfix's printable(): control characters, invalid bytes (surrogate escapes) and
 # undecodable input never reach the log as they came.
@@ -140,13 +154,37 @@ _root = _ours(logging.getLogger("poolmgr"))
 
 class _Quiet:
     """What poolmgr's handlers share: `write_line(level, line)` writes a formatted line, from
-    `emit` and from `_Logger`'s short way; errors are dropped."""
+    `emit` and from `_Logger`'s short way, through `send` (which never waits); what it cannot
+    write now waits in the handler's backlog; errors are dropped."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backlog = Backlog()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.write_line(record.levelno, self.format(record))
         except Exception:
             pass  # logging must never take a worker down
+
+    def write_line(self, level: int, line: str) -> None:
+        self.backlog.write(self.encode(level, line), self.send, self.gap_line)
+
+    def encode(self, level: int, line: str) -> bytes:
+        return (line + "\n").encode("utf-8", "replace")
+
+    def gap_line(self, count: int) -> bytes:
+        return self.encode(logging.WARNING, self.formatter.line(
+            logging.WARNING, _state["name"], f"{count} log lines dropped", _pid[0], time.time()))
+
+    def write_kept(self) -> bool:
+        """Write what waits; True when nothing waits any more."""
+        return self.backlog.flush(self.send, self.gap_line)
+
+    def wait_fd(self) -> int:
+        """The descriptor that turns writable when the log can take more (-1: none does, as
+        a full disk's file)."""
+        return -1
 
     def handleError(self, record: logging.LogRecord) -> None:
         pass
@@ -157,20 +195,53 @@ class _Quiet:
         self.lock = None
 
 
+def _unblocked_stderr() -> tuple[int, socket.socket | None]:
+    """A descriptor for stderr on which a write never waits, and its socket when it is one.
+    A pipe is opened again (/proc/self/fd/2) as a new open file with O_NONBLOCK: setting
+    O_NONBLOCK on fd 2 itself would set it for every process that shares the pipe. A socket
+    (systemd's journal stream) is sent to with MSG_DONTWAIT. A terminal or a file: fd 2."""
+    try:
+        mode = os.fstat(2).st_mode
+        if stat.S_ISFIFO(mode):
+            return os.open("/proc/self/fd/2", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC), None
+        if stat.S_ISSOCK(mode):
+            return 2, socket.socket(fileno=os.dup(2))
+    except OSError:
+        pass
+    return 2, None
+
+
 class _Stderr(_Quiet, logging.Handler):
-    def write_line(self, level: int, line: str) -> None:
-        os.write(2, (line + "\n").encode("utf-8", "replace"))
+    def __init__(self):
+        super().__init__()
+        self.fd, self.sock = _unblocked_stderr()
+
+    def send(self, data: bytes) -> int:
+        if self.sock is not None:
+            return self.sock.send(data, socket.MSG_DONTWAIT)
+        return os.write(self.fd, data)
+
+    def wait_fd(self) -> int:
+        return self.fd if self.fd != 2 or self.sock is not None else -1
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        elif self.fd != 2:
+            os.close(self.fd)
+        self.fd, self.sock = 2, None
+        super().close()
 
 
 class _File(_Quiet, logging.handlers.WatchedFileHandler):
     """Reopens the file when logrotate moved it, as the standard handler does, but opens the
     new file before it lets go of the old one: a worker that may not open the new file yet
-    (the master hands it over on SIGUSR1) keeps writing to the old one."""
+    (the master hands it over on SIGUSR1) keeps writing to the old one. A line is one
+    write(2) on the file (no stream buffer to hold half a line when the disk is full)."""
 
-    def write_line(self, level: int, line: str) -> None:
+    def send(self, data: bytes) -> int:
         self.reopenIfNeeded()
-        self.stream.write(line + "\n")
-        self.stream.flush()
+        return os.write(self.stream.fileno(), data)
 
     def _open(self):
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -200,21 +271,107 @@ class _File(_Quiet, logging.handlers.WatchedFileHandler):
             self.release()
 
 
+SYSLOG_RECONNECT = 1.0  # seconds between attempts to reach a syslog daemon that went away
+_LATER = (errno.EAGAIN, errno.ENOBUFS, errno.EINTR)  # the daemon is there, just behind
+
+
 class _Syslog(_Quiet, logging.handlers.SysLogHandler):
-    def write_line(self, level: int, line: str) -> None:
-        """As the standard emit: the priority, the line, one datagram; reconnect once when
-        syslogd was restarted."""
-        message = b"<%d>%s" % (self.encodePriority(self.facility,
-                                                   self.mapPriority(logging.getLevelName(level))),
-                               line.encode("utf-8", "replace"))
-        if not self.socket:
-            self.createSocket()
+    reconnected = 0.0
+
+    def encode(self, level: int, line: str) -> bytes:
+        """As the standard emit: the priority and the line, one datagram."""
+        return b"<%d>%s" % (self.encodePriority(self.facility,
+                                                self.mapPriority(logging.getLevelName(level))),
+                            line.encode("utf-8", "replace"))
+
+    def send(self, data: bytes) -> int:
+        """One datagram, never waiting (MSG_DONTWAIT: the socket may be shared with other
+        processes, whose flags are not ours to change); reconnect when syslogd was
+        restarted, at most once a SYSLOG_RECONNECT."""
         try:
-            self.socket.send(message)
-        except OSError:
-            self.socket.close()
-            self._connect_unixsocket(self.address)
-            self.socket.send(message)
+            return self.socket.send(data, socket.MSG_DONTWAIT)
+        except OSError as exc:
+            now = time.monotonic()
+            if exc.errno in _LATER or now - self.reconnected < SYSLOG_RECONNECT:
+                raise
+            self.reconnected = now
+        self.socket.close()
+        self._connect_unixsocket(self.address)
+        # A socket of our own: non-blocking (gevent's socket would wait for room otherwise).
+        self.socket.setblocking(False)
+        return self.socket.send(data, socket.MSG_DONTWAIT)
+
+    def wait_fd(self) -> int:
+        return self.socket.fileno()
+
+
+def _handlers() -> list[_Quiet]:
+    return [h for h in logging.getLogger("poolmgr").handlers if isinstance(h, _Quiet)]
+
+
+def flush() -> int:
+    """Write the lines that wait, without waiting; how many still wait (a drop line counts
+    as one)."""
+    left = 0
+    for handler in _handlers():
+        try:
+            handler.write_kept()
+        except Exception:
+            pass  # logging must never take a worker down
+        left += len(handler.backlog)
+    return left
+
+
+def pending() -> int:
+    """How many lines wait (a drop line counts as one)."""
+    return sum(len(handler.backlog) for handler in _handlers())
+
+
+def waiting() -> int | None:
+    """None when no line waits; else the descriptor to wait on until it is writable before
+    `flush`, or -1 when no descriptor says so (a file on a full disk: try again later)."""
+    for handler in _handlers():
+        if handler.backlog:
+            try:
+                return handler.wait_fd()
+            except Exception:
+                return -1
+    return None
+
+
+def dropped() -> int:
+    """Log lines this process dropped since it started (its backlog was full)."""
+    return sum(handler.backlog.dropped for handler in _handlers()) + _counted[1]
+
+
+def take_dropped() -> int:
+    """Log lines dropped since the last call: what a worker adds to its board counter."""
+    total = dropped()
+    new, _counted[0] = total - _counted[0], total
+    return new
+
+
+EXIT_WAIT = 2.0  # seconds an exiting process gives its log to take the lines that wait
+
+
+def drain(timeout: float = EXIT_WAIT) -> None:
+    """At exit: write what waits, trying for up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while flush() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+# Drops counted on the board so far (take_dropped), and those of handlers since replaced.
+_counted = [0, 0]
+
+
+def _forget_parents_lines() -> None:
+    for handler in _handlers():
+        handler.backlog.clear()
+    _counted[:] = [0, 0]
+
+
+os.register_at_fork(after_in_child=_forget_parents_lines)
 
 
 def target(where: str) -> str:
@@ -241,6 +398,9 @@ def setup(name: str, master=None, level: int = logging.INFO) -> None:
     root = logging.getLogger("poolmgr")
     root.setLevel(level)
     root.propagate = False
+    limit = master.log_buffer if master is not None else DEFAULT_LIMIT
+    for handler in _handlers():
+        handler.backlog.limit = limit
     if key == _state["key"]:
         return
     problem = ""
@@ -266,8 +426,12 @@ def setup(name: str, master=None, level: int = logging.INFO) -> None:
                 return
             handler, problem = _Stderr(), problem + "; logging to stderr"
         handler.setFormatter(_Postfix(stamped=True))
+    handler.backlog.limit = limit
     for old in list(root.handlers):
         root.removeHandler(old)
+        if isinstance(old, _Quiet):
+            old.write_kept()  # what the old destination can take now; the rest is lost
+            _counted[1] += old.backlog.dropped
         old.close()
     root.addHandler(handler)
     _state["key"] = key

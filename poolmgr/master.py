@@ -110,7 +110,7 @@ class Master:
                 self.step(self.manage)
                 self.step(self.relieve_predecessor)
             for action in (self.sample, self.recycle_fat_workers, self.update_title,
-                           self.report):
+                           self.report, log.flush):
                 self.step(action)
 
     def on_ready(self, key) -> bool:

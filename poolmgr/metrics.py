@@ -12,7 +12,8 @@ pid: series must outlive a worker), `smtp_sessions`, `smtp_slots`, `smtp_accept_
 `messages_total{outcome}`, `connections_total{pool}`, `handoffs_total`,
 `handoff_wait_seconds_total`, `handoff_queue_seconds_total`, the histograms `handoff_seconds`, `scan_seconds` and
 `check_seconds{check}`, `check_failures_total{check}`, `scanner_verdicts_total{kind}`,
-`nuisance_ratio`, `storm`, `stress`, `autoscale_decisions_total`, `build_info{version}`; with
+`nuisance_ratio`, `storm`, `stress`, `autoscale_decisions_total`,
+`log_dropped_total{process}` (master, smtp, scanner), `build_info{version}`; with
 `[cluster] redis`: `cluster_up` (1 while the nodes share Redis, 0 while degraded),
 `cluster_nodes`, `cluster_roundtrip_seconds` (the master's last round trip), the histogram
 `cluster_store_seconds` (the SMTP workers' Redis calls), `cluster_failures_total`,
@@ -111,6 +112,12 @@ class StatusCollector:
         yield _histogram("poolmgr_scan_seconds", "Scanner time per message (checks and "
                          "re-injection)", scanned, "scan", scanned.get("scanned", 0),
                          scanned.get("scan_ms", 0) / 1000)
+        dropped = CounterMetricFamily("poolmgr_log_dropped", "Log lines dropped because the "
+                                      "log could not take them", labels=["process"])
+        dropped.add_metric(["master"], status.master.log_dropped)
+        for kind, pool in pools.items():
+            dropped.add_metric([kind], pool.counters.get("log_dropped", 0))
+        yield dropped
         build = GaugeMetricFamily("poolmgr_build_info", "poolmgr's version", labels=["version"])
         build.add_metric([status.version], 1)
         yield build

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from . import autoscale
+from . import autoscale, log
 from .board import DNSBL_SITES_COUNTED, LATENCY_BUCKETS
 from .pools import PoolView
 from .scanner.verdict import KINDS as VERDICT_KINDS
@@ -74,6 +74,7 @@ class MasterStatus:
     generation: int
     state: str
     rss: int
+    log_dropped: int = 0  # log lines the master dropped (its log could not take them)
 
 
 @dataclass
@@ -325,7 +326,7 @@ def collect(view: MasterView) -> Status:
         master=MasterStatus(os.getpid(), round(time.time() - view.started, 1), view.config,
                             view.generation,
                             f"stopping ({view.stopping})" if view.stopping else "running",
-                            _rss(os.getpid())),
+                            _rss(os.getpid()), log.dropped()),
         pools=pools, nuisance=_nuisance(view, pools["smtp"].counters),
         stress=dataclasses.replace(view.stress),
         storm=StormStatus(phase == autoscale.STORM, phase,

@@ -141,7 +141,11 @@ def become(main, ctx: WorkerContext, close_fds: list[int], logger) -> NoReturn:
     except BaseException:
         logger.exception("%s worker %d failed", ctx.kind, ctx.number)
     finally:
-        os._exit(code)
+        try:  # the lines still waiting get a last chance; the master folds the count in
+            log.drain()
+            ctx.slot.add("log_dropped", log.take_dropped())
+        finally:
+            os._exit(code)
 
 
 def set_title(title: str) -> None:
@@ -188,8 +192,11 @@ class WorkerProcess:
         raise NotImplementedError
 
     def notify(self) -> None:
-        """The heartbeat: stamp the slot; a worker whose master died drains and exits."""
+        """The heartbeat: stamp the slot, write the log lines that wait and count the ones
+        dropped; a worker whose master died drains and exits."""
         self.ctx.slot.beat()
+        log.flush()
+        self.ctx.slot.add("log_dropped", log.take_dropped())
         if os.getppid() != self.master_pid:
             self.master_pid = os.getppid()
             self.log.warning("%s %d: the master is gone -- draining and exiting", self.kind,

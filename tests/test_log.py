@@ -8,30 +8,55 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.request import urlopen
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import message, wait_until
+from helpers import free_port, message, wait_until
 from poolmgr import config, log
 from poolmgr.config import ConfigError
 
 
 class SyslogSocket:
-    """A syslog daemon's /dev/log, made by the test: every datagram, as text."""
+    """A syslog daemon's /dev/log, made by the test: every datagram, as text. `pause` stops
+    reading (the kernel then queues net.unix.max_dgram_qlen datagrams, and a sender that
+    waits for room waits), `resume` reads again."""
 
     def __init__(self, path):
         self.path = str(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
         self.lines: list[str] = []
+        self.reading = threading.Event()
+        self.reading.set()
+        self.paused = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
         while True:
+            if not self.reading.is_set():
+                self.paused.set()
+                self.reading.wait()
             try:
-                self.lines.append(self.sock.recv(65536).decode("utf-8", "replace"))
+                datagram = self.sock.recv(65536)
             except OSError:
                 return
+            if datagram:  # empty: pause's wake-up
+                self.lines.append(datagram.decode("utf-8", "replace"))
+
+    def pause(self):
+        """Stop reading; returns once the reader has stopped."""
+        self.paused.clear()
+        self.reading.clear()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as waker:
+            waker.sendto(b"", self.path)
+        wait_until(self.paused.is_set, what="the syslog reader to stop")
+
+    def resume(self):
+        self.reading.set()
 
     def find(self, pattern: str) -> list[str]:
         return [line for line in list(self.lines) if re.search(pattern, line)]
@@ -62,6 +87,88 @@ def test_syslog_lines_carry_the_facility_and_postfix_ident(make_poolmgr, syslog,
                         r"unknown\[127\.0\.0\.1\]", connect[0])
     assert master and not any(line.endswith("\0") for line in syslog.lines)
     assert "connect from" not in pm.log()  # nothing went to stderr
+
+
+# Issue 24: "200 messages flow with a syslog reader that sleeps 20 s". The pause is the
+# scenario (a reader that stops for that long), not a wait for a result.
+SYSLOG_PAUSE = 20.0
+MESSAGES, CLIENTS = 200, 8
+REPLY_IN_TIME = 5.0  # seconds: a session held up by its log waits the whole pause
+
+
+def send_timed(pm, number: int) -> float:
+    """One message over its own connection; seconds from connect to the 250 after DATA."""
+    started = time.monotonic()
+    with pm.smtp() as client:
+        refused = client.sendmail("alice@example.org", ["bob@example.test"],
+                                  message(f"stalled log {number}"))
+    assert refused == {}
+    return time.monotonic() - started
+
+
+def dropped_in_status(pm) -> dict[str, int]:
+    status = pm.status()
+    return {"master": status["master"]["log_dropped"],
+            **{kind: status["pools"][kind]["counters"]["log_dropped"]
+               for kind in ("smtp", "scanner")}}
+
+
+def dropped_in_metrics(port: int) -> dict[str, int]:
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {sample.labels["process"]: sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == "poolmgr_log_dropped_total"}
+
+
+@pytest.mark.parametrize("buffer", [10000, 100], ids=["kept", "dropped"])
+def test_a_syslog_that_stops_reading_holds_up_no_session(make_poolmgr, syslog, buffer):
+    """Every message gets its 250 in normal time while nobody reads the syslog socket; once
+    reading resumes the log holds every line (a backlog big enough) or says how many were
+    dropped, as many as status counts."""
+    port = free_port()
+    pm = make_poolmgr({"master": {"log": "syslog", "syslog_socket": syslog.path,
+                                  "log_buffer": buffer},
+                       "metrics": {"listen": f"127.0.0.1:{port}"}})
+    wait_until(lambda: syslog.find(r"daemon started"), what="the master's first lines")
+    syslog.pause()
+    started = time.monotonic()
+    resume = threading.Timer(SYSLOG_PAUSE, syslog.resume)
+    resume.start()
+    try:
+        with ThreadPoolExecutor(CLIENTS) as clients:
+            times = list(clients.map(lambda n: send_timed(pm, n), range(MESSAGES)))
+        print(f"{MESSAGES} messages while the log was stalled: slowest 250 after "
+              f"{max(times):.2f}s, all sent {time.monotonic() - started:.1f}s after the stall")
+        assert not syslog.reading.is_set(), "all messages must go while the log is stalled"
+        assert max(times) < REPLY_IN_TIME, f"slowest 250 after {max(times):.1f}s"
+    finally:
+        resume.join()  # the reader's pause ends
+    if buffer >= 10000:
+        wait_until(lambda: len(syslog.find(r"status=sent")) == MESSAGES, timeout=60,
+                   what="every delivery line")
+        for pattern in (r"smtpd\[\d+\]: \w+: proxy-accept: END-OF-MESSAGE: 250 ",
+                        r"cleanup\[\d+\]: \w+: message-id=<stalled\.log\.\d+\.",
+                        r"smtpd\[\d+\]: disconnect from "):
+            wait_until(lambda: len(syslog.find(pattern)) >= MESSAGES, timeout=60,
+                       what=pattern)
+        assert not syslog.find(r"log lines dropped")
+        assert set(dropped_in_status(pm).values()) == {0}
+    else:
+        def said():
+            return sum(int(re.search(r"warning: (\d+) log lines dropped", line).group(1))
+                       for line in syslog.find(r"warning: \d+ log lines dropped$"))
+        counted = wait_until(lambda: (lambda c: said() > 0 and said() == sum(c.values()) and c)(
+            dropped_in_status(pm)), timeout=60, what="the drop lines, as many as status counts")
+        assert counted["smtp"] > 0 and counted["scanner"] > 0
+        assert (f"log lines dropped: master {counted['master']}, smtp {counted['smtp']}, "
+                f"scanner {counted['scanner']}") in pm.run_cli("status", check=True).stdout
+        wait_until(lambda: dropped_in_metrics(port) == counted, what="the drops in the metrics")
+    assert len(syslog.find(r"\]: \w+: client=")) > 10  # more than the kernel's queue held
+    with pm.smtp(source="127.0.0.9") as client:  # and the log flows again
+        client.noop()
+    wait_until(lambda: syslog.find(r"connect from unknown\[127\.0\.0\.9\]$"),
+               what="a line logged after the stall")
 
 
 def test_log_file_is_the_former_name_of_log():

@@ -3,7 +3,8 @@
 Plain blocking sockets, no gevent. All scanner workers wait on the inherited listening socket;
 whoever wins `accept` serves that connection to its end. The heartbeat is kept from the accept
 loop and, in a session, from the connection's `tick` while it waits for its client and after
-each command. After `scanner.max_requests` messages the worker finishes its connection and
+each command. The accept loop also wakes when the log can take the lines that wait (log.py).
+After `scanner.max_requests` messages the worker finishes its connection and
 exits, and the master starts a fresh one. SIGTERM: accept nothing more, finish the connection
 in hand (a client idle for DRAIN_IDLE_GRACE seconds with no transaction gets 421), exit.
 SIGQUIT: exit at once. The connection to the next hop is kept between messages (`relay.Cache`,
@@ -110,14 +111,27 @@ class ScannerWorker(WorkerProcess):
         for listener in listeners:
             listener.setblocking(False)
         max_requests = self.cfg.scanner.max_requests
+        log_stuck = False
         while not service.draining and service.messages < max_requests:
             self.notify()
             service.relay_cache.expire()
             self.show(f"{service.messages} messages")
+            # Log lines that wait (log.py): the loop wakes when the log can take them, unless
+            # the last time it woke for them none went (then the heartbeat's flush tries).
+            log_fd = log.waiting()
+            log_fds = [log_fd] if log_fd is not None and log_fd >= 0 and not log_stuck else []
             try:
-                ready, _, _ = select.select([*listeners, self.wake_read], [], [], 1.0)
+                ready, writable, _ = select.select([*listeners, self.wake_read], log_fds, [],
+                                                   1.0)
             except InterruptedError:
                 continue
+            except (OSError, ValueError):  # the log's descriptor went meanwhile (a reopen)
+                log_stuck = True
+                continue
+            log_stuck = False
+            if writable:
+                before = log.pending()
+                log_stuck = log.flush() >= before
             ready = [sock for sock in ready if sock is not self.wake_read]
             if not ready or service.draining:
                 continue

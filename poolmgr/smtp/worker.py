@@ -10,7 +10,9 @@ accepting on every socket and the kernel's listen queues feed the other workers.
 
 Its sessions ask the client state (`defence.clientstate`) of the master's anvil through one
 socket, or, with `[cluster] redis`, of Redis directly (`cluster.RedisState`, cooperative under
-gevent, each call cut at `cluster.timeout`), with the master's as the fallback.
+gevent, each call cut at `cluster.timeout`), with the master's as the fallback. The log lines
+the log could not take at once (log.py) are written by one greenlet, `write_log`, as the log
+takes them again; no session waits for them.
 
 Signals: SIGTERM drains (stop accepting; a session idle with no transaction for
 DRAIN_IDLE_GRACE seconds gets 421 and is closed; transactions finish; after
@@ -29,6 +31,11 @@ from ..worker import DRAIN_IDLE_GRACE, WorkerProcess
 # A session that has sent no command this long after the banner counts as nuisance for the
 # autoscaler while it lives (bots that connect and never speak).
 SILENT_NUISANCE = 5.0
+# The log writer (write_log): how often it looks whether lines wait, how long it waits for the
+# log to turn writable before it tries anyway, its pause when the log took nothing.
+LOG_IDLE_CHECK = 0.25
+LOG_RETRY = 1.0
+LOG_PAUSE = 0.1
 
 
 def _tls_context(cfg, logger):
@@ -199,12 +206,38 @@ class SmtpWorker(WorkerProcess):
                 self.cluster.beat()
             self.gevent.sleep(1.0)
 
+    def write_log(self) -> None:
+        """The log lines that could not be written at once (log.py), written as the log
+        takes them: this greenlet waits for the log's socket or pipe to turn writable, and
+        the hub serves the sessions meanwhile."""
+        from gevent.socket import wait_write
+
+        while True:
+            fd = log.waiting()
+            if fd is None:
+                self.gevent.sleep(LOG_IDLE_CHECK)
+                continue
+            if fd < 0:  # a file on a full disk: nothing to wait on but time
+                self.gevent.sleep(LOG_RETRY)
+            else:
+                try:
+                    wait_write(fd, timeout=LOG_RETRY)
+                except Exception:  # the timeout, or a descriptor closed meanwhile (reopen)
+                    pass
+            before = log.pending()
+            left = log.flush()
+            if left and left >= before and fd >= 0:
+                # Writable, yet nothing went (ENOBUFS, a syslogd that went away): not a loop.
+                self.gevent.sleep(LOG_PAUSE)
+
     def serve(self) -> int:
         for server in self.servers:
             server.start()
         beat = self.gevent.spawn(self.heartbeat)
+        writer = self.gevent.spawn(self.write_log)
         self.stopped.wait()
         beat.kill()
+        writer.kill()
         self.service.relay_cache.close()
         return 0
 
