@@ -1,5 +1,5 @@
-"""DNS servers for DNSBL tests: a real one on a loopback UDP port (dnslib), and one that is
-down.
+"""DNS servers for DNSBL and client name tests: a real one on a loopback UDP port (dnslib),
+and one that is down.
 """
 
 __all__ = ["DnsServer", "SilentDns"]
@@ -10,7 +10,8 @@ from .wait import free_udp_port
 
 
 class DnsServer:
-    """A real DNS server on a loopback UDP port (dnslib), serving DNSBL-style A records.
+    """A real DNS server on a loopback UDP port (dnslib), serving DNSBL-style A records, and
+    PTR records for client names (`host_record`, `pointer`).
 
     `records` maps a name ("2.0.0.127.zen.test") to its addresses; other names are NXDOMAIN.
     `queries` lists every name asked, for cache tests. `failing`: every answer is SERVFAIL.
@@ -18,7 +19,7 @@ class DnsServer:
 
     def __init__(self, records: dict[str, list[str]], ttl: int = 300,
                  host: str = "127.0.0.1", port: int | None = None, failing: bool = False):
-        from dnslib import QTYPE, RCODE, RR, A
+        from dnslib import PTR, QTYPE, RCODE, RR, A
         from dnslib.server import BaseResolver, DNSLogger
         from dnslib.server import DNSServer as LibServer
 
@@ -26,6 +27,7 @@ class DnsServer:
         self.records = {name.lower().rstrip("."): list(addrs) for name, addrs in records.items()}
         self.queries: list[str] = []
         self.networks: dict[str, list[str]] = {}  # reversed-prefix suffix -> addresses
+        self.pointers: dict[str, str] = {}  # "7.8.0.127.in-addr.arpa" -> its PTR's name
         self.host, self.port = host, port or free_udp_port(host)
 
         class Resolver(BaseResolver):
@@ -35,6 +37,12 @@ class DnsServer:
                 server.queries.append(name)
                 if failing:
                     reply.header.rcode = RCODE.SERVFAIL
+                    return reply
+                pointer = server.pointers.get(name)
+                if pointer is not None:
+                    if request.q.qtype == QTYPE.PTR:
+                        reply.add_answer(RR(request.q.qname, QTYPE.PTR, rdata=PTR(pointer),
+                                            ttl=ttl))
                     return reply
                 addresses = server.records.get(name)
                 if addresses is None and server.networks:
@@ -57,6 +65,17 @@ class DnsServer:
     def list(self, ip: str, zone: str, *addresses: str) -> None:
         reverse = ".".join(reversed(ip.split(".")))
         self.records[f"{reverse}.{zone}"] = list(addresses or ["127.0.0.2"])
+
+    def pointer(self, ip: str, name: str) -> None:
+        """A PTR record for `ip` naming `name` (which need not resolve back)."""
+        import ipaddress
+
+        self.pointers[ipaddress.ip_address(ip).reverse_pointer] = name.lower().rstrip(".")
+
+    def host_record(self, name: str, ip: str) -> None:
+        """A host as dnsmasq's --host-record gives it: `name` A `ip`, and the PTR back."""
+        self.records[name.lower().rstrip(".")] = [ip]
+        self.pointer(ip, name)
 
     def list_network(self, prefix: str, zone: str, *addresses: str) -> None:
         """List every address that starts with `prefix` ("127.61."): a whole network."""
