@@ -458,6 +458,9 @@ def test_unknown_reverse_client_action_at_rcpt(action, found, reply):
     early.unpaused(screening, svc, PEER, 0)
     decision = limits.check_rcpt(screening, svc, PEER, CLIENT, "a@example.test")
     assert decision == (None if reply is None else Decision.answer(reply))
+    forged = [f"hostname forged.example.test does not resolve to address {PEER[0]}"]
+    assert [line for line in svc.log if line.startswith("hostname")] == \
+        (forged if found == NOT_BACK else [])
     assert str(TEMPFAIL) == ("450 4.7.25 Client host rejected: cannot find your reverse "
                              "hostname, [192.0.2.7]")
 

@@ -164,11 +164,12 @@ class AnvilServer:
         """The master's ends: a forked worker closes them."""
         return [sock.fileno() for sock in self.socks.values()]
 
-    def figures(self) -> tuple[int, int, int, int]:
-        """Clients, their connections, greet passes and DNSBL answers held (for status)."""
+    def figures(self) -> tuple[int, int, int, int, int]:
+        """Clients, their connections, greet passes, DNSBL answers and client names held
+        (for status)."""
         anvil = self.anvil
         return (len(anvil.clients), sum(c.count for c in anvil.clients.values()),
-                len(anvil.greet), len(anvil.dnsbl))
+                len(anvil.greet), len(anvil.dnsbl), len(anvil.names))
 
     def serve(self, sock: socket.socket, owner) -> bool:
         """Answer every pending request; False when the worker's end is closed."""

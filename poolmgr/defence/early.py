@@ -25,7 +25,7 @@ import time
 from ..smtp import replies as R
 from .decision import Decision, combine
 from .networks import in_networks
-from .peername import LOOKUP_FAILED
+from .peername import LOOKUP_FAILED, UNKNOWN
 from .screening import delta_time, escape
 from .verdicts import Reason
 
@@ -143,7 +143,12 @@ def _settle_name(screening) -> Decision | None:
         if not job.ready():
             job.kill(block=False)
         screening.peername = LOOKUP_FAILED
-    return Decision.named(screening.peername.name)
+    found = screening.peername
+    if found.name == UNKNOWN != found.reverse and not found.temporary:
+        # smtpd_peer.c's line for a PTR name that does not resolve back (a forged name)
+        screening.log.warning("hostname %s does not resolve to address %s", found.reverse,
+                              screening.peer[0])
+    return Decision.named(found.name)
 
 
 def _settle_dnsbl(screening, log, peer: tuple) -> Decision | None:

@@ -28,7 +28,8 @@ __all__ = ["Screening", "escape", "delta_time"]
 class Screening:
     __slots__ = ("cfg", "peer", "log", "verdict", "blocked", "trusted", "exempt",
                  "dnsbl_job", "name_job", "peername", "suspicious", "errors", "junk",
-                 "bad_rcpts", "anvil_held", "early", "started", "hard_limit", "junk_limit", "stressed")
+                 "bad_rcpts", "anvil_held", "early", "started", "hard_limit", "junk_limit",
+                 "stressed")
 
     def __init__(self, cfg, peer, log, stress: bool):
         self.cfg = cfg          # the [defence] section
