@@ -9,10 +9,13 @@ the scanner passed on.
 
 import re
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from helpers import message
+from poolmgr.config import parse_address
+from poolmgr.defence.peername import LOOKUP_FAILED, UNKNOWN, Names, Peername
 from poolmgr.testing import DnsServer, Recorder, SilentDns
 
 NAMED = "127.0.8.7"      # mail.example.test, which resolves back
@@ -55,6 +58,39 @@ def rcpt_reply(pm, source):
         if code == 250:
             client.data(message("named"))
     return code, text.decode(), time.monotonic() - started
+
+
+def test_the_lookup_confirms_the_name_with_the_address_family_of_the_client(dns):
+    """PTR, then A for an IPv4 client and AAAA for an IPv6 one (no server, no cache)."""
+    dns.host_record("v6.example.test", "2001:db8::7", "127.0.8.30")
+    dns.pointer("2001:db8::8", "mail.example.test")  # its name has an A record only
+    names = Names(((dns.host, dns.port),), timeout=2.0, min_ttl=60, max_ttl=3600)
+    assert names.find(NAMED) == Peername("mail.example.test", "mail.example.test", False)
+    assert names.find("2001:db8::7") == Peername("v6.example.test", "v6.example.test", False)
+    assert names.find("127.0.8.30") == Peername("v6.example.test", "v6.example.test", False)
+    assert names.find("2001:db8::8") == Peername(UNKNOWN, "mail.example.test", False)
+    assert names.find(NOT_BACK) == Peername(UNKNOWN, "forged.example.test", False)
+    assert names.find(NO_PTR) == Peername(UNKNOWN, UNKNOWN, False)
+    assert "7.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa" \
+        in dns.queries
+
+
+def test_a_lookup_without_answers_is_temporary():
+    """SERVFAIL, or a resolver that is down: given up within the timeout, not cached."""
+    failing, silent = DnsServer({}, failing=True).start(), SilentDns()
+    try:
+        cache = []
+        state = SimpleNamespace(name_cached=lambda ip: None,
+                                cache_name=lambda *answer: cache.append(answer))
+        for server in ((failing.host, failing.port), parse_address(silent.address)):
+            names = Names((server,), timeout=0.3, min_ttl=60, max_ttl=3600, state=state)
+            started = time.monotonic()
+            assert names.find(NAMED) == LOOKUP_FAILED
+            assert time.monotonic() - started < 1.0
+        assert cache == []
+    finally:
+        failing.stop()
+        silent.stop()
 
 
 def test_a_client_whose_name_resolves_back_is_shown_by_name(make_poolmgr, dns, hop):

@@ -60,7 +60,6 @@ class Names:
         self.timeout = timeout
         self.min_ttl, self.max_ttl = min_ttl, max(min_ttl, max_ttl)
         self.state = state  # a clientstate.ClientState, or None: no cache
-        self.queries = 0
         if nameservers:
             self.servers = [(host, port) for host, port in nameservers]
         else:  # the system's, from /etc/resolv.conf
@@ -79,7 +78,6 @@ class Names:
         import dns.query
         import dns.rcode
 
-        self.queries += 1
         query = dns.message.make_query(name, rdtype)
         wire = query.to_wire()
         for host, port in self.servers:

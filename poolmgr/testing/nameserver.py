@@ -13,13 +13,14 @@ class DnsServer:
     """A real DNS server on a loopback UDP port (dnslib), serving DNSBL-style A records, and
     PTR records for client names (`host_record`, `pointer`).
 
-    `records` maps a name ("2.0.0.127.zen.test") to its addresses; other names are NXDOMAIN.
+    `records` maps a name ("2.0.0.127.zen.test") to its addresses (IPv4 for A queries, IPv6
+    for AAAA); other names are NXDOMAIN.
     `queries` lists every name asked, for cache tests. `failing`: every answer is SERVFAIL.
     """
 
     def __init__(self, records: dict[str, list[str]], ttl: int = 300,
                  host: str = "127.0.0.1", port: int | None = None, failing: bool = False):
-        from dnslib import PTR, QTYPE, RCODE, RR, A
+        from dnslib import AAAA, PTR, QTYPE, RCODE, RR, A
         from dnslib.server import BaseResolver, DNSLogger
         from dnslib.server import DNSServer as LibServer
 
@@ -50,9 +51,13 @@ class DnsServer:
                                       if name.endswith(suffix)), None)
                 if addresses is None:
                     reply.header.rcode = RCODE.NXDOMAIN
-                elif request.q.qtype == QTYPE.A:
+                elif request.q.qtype in (QTYPE.A, QTYPE.AAAA):  # each of its family
+                    v6 = request.q.qtype == QTYPE.AAAA
                     for address in addresses:
-                        reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(address), ttl=ttl))
+                        if (":" in address) == v6:
+                            reply.add_answer(RR(request.q.qname, request.q.qtype,
+                                                rdata=AAAA(address) if v6 else A(address),
+                                                ttl=ttl))
                 return reply
 
         self._server = LibServer(Resolver(), address=host, port=self.port,
@@ -72,10 +77,12 @@ class DnsServer:
 
         self.pointers[ipaddress.ip_address(ip).reverse_pointer] = name.lower().rstrip(".")
 
-    def host_record(self, name: str, ip: str) -> None:
-        """A host as dnsmasq's --host-record gives it: `name` A `ip`, and the PTR back."""
-        self.records[name.lower().rstrip(".")] = [ip]
-        self.pointer(ip, name)
+    def host_record(self, name: str, *ips: str) -> None:
+        """A host as dnsmasq's --host-record gives it: `name` A (or AAAA) each of `ips`, and
+        the PTR of each back to `name`."""
+        self.records[name.lower().rstrip(".")] = list(ips)
+        for ip in ips:
+            self.pointer(ip, name)
 
     def list_network(self, prefix: str, zone: str, *addresses: str) -> None:
         """List every address that starts with `prefix` ("127.61."): a whole network."""
