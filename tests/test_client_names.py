@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import message
+from helpers import message, wait_until
+from test_fail2ban import fail2ban_regex
 from poolmgr.config import parse_address
 from poolmgr.defence.peername import LOOKUP_FAILED, UNKNOWN, Names, Peername
 from poolmgr.testing import DnsServer, Recorder, SilentDns
@@ -131,8 +132,12 @@ def test_no_ptr_or_a_name_that_does_not_resolve_back_is_unknown(make_poolmgr, dn
 
 
 @pytest.mark.parametrize("action, code", [("tempfail", 450), ("reject", 550), ("ignore", 250)])
-def test_unknown_reverse_client_action(make_poolmgr, dns, action, code):
+def test_unknown_reverse_client_action(make_poolmgr, dns, action, code, tmp_path):
     pm = named_poolmgr(make_poolmgr, [dns.address], unknown_reverse_client_action=action)
+    # The harness's own probe (connect, read the banner, close) is no part of the test.
+    wait_until(lambda: re.search(r"smtpd\[\d+\]: disconnect from unknown\[127\.0\.0\.1\]",
+                                 pm.log()), what="the harness's probe logged")
+    starts = pm.log_path.stat().st_size
     got, text, _ = rcpt_reply(pm, NO_PTR)
     assert got == code
     if code != 250:
@@ -148,6 +153,10 @@ def test_unknown_reverse_client_action(make_poolmgr, dns, action, code):
         assert rcpt_reply(pm, source)[0] == 250, source
     assert "connect from unknown[127.0.0.1]" in pm.log()  # exempt, not named
     assert len(pm.delivered()) == 3 + (code == 250)
+    if action == "tempfail":  # fail2ban's postfix filter knows the refusal, and only it
+        part = tmp_path / "part.log"
+        part.write_bytes(pm.log_path.read_bytes()[starts:])
+        assert set(fail2ban_regex(part, "--out", "ip").split()) == {NO_PTR}
 
 
 def test_the_embedded_default_delivers_within_3s_whatever_the_resolver_does(make_poolmgr):
