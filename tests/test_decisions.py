@@ -282,6 +282,8 @@ def test_combine_keeps_every_effect():
                    Decision.refuse(R.R421_TOO_MANY_ERRORS, "hard_errors"), Decision.wait(1.0))
     assert both == Decision(reply=R.R421_TOO_MANY_ERRORS, close=True, ended="hard_errors",
                             delay=1.0, timeout=7.0)
+    assert combine(Decision.named("mail.example.test"), Decision.suspect(7.0)) == \
+        Decision(timeout=7.0, client_name="mail.example.test")
 
 
 def test_only_unknown_recipients_is_a_dictionary_attack():
