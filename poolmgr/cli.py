@@ -201,7 +201,8 @@ def format_status(status: Status) -> str:
     stress_text = f"on ({stress.source})" if stress.on else "off"
     lines.append(f"stress mode {stress_text}; anvil: {anvil.connections} connections "
                  f"from {anvil.clients} clients, {anvil.greet_passes} greet passes, "
-                 f"{anvil.dnsbl_answers} DNSBL answers cached")
+                 f"{anvil.dnsbl_answers} DNSBL answers, {anvil.client_names} client names "
+                 "cached")
     lines.append(status.cluster.summary())
     if status.dnsbl.by_site:  # DNSBL sites are configured
         lines.append(status.dnsbl.summary())

@@ -23,7 +23,8 @@ Keys (all under `cluster.key_prefix`): `conns` (sorted set: client -> live conne
 every node), `holder:NODE:PID` (hash: client -> connections one SMTP worker holds), `holders`
 (sorted set: holder key -> expiry, renewed every second by the worker), `nodes` (sorted set:
 node -> last seen), `rate:c|m|r:IP` (fixed-window counters with the window as TTL, as anvil's),
-`greet:IP` (a pass, for greet_ttl) and `dnsbl:SITE:IP` (an answer, for its TTL). A worker or
+`greet:IP` (a pass, for greet_ttl), `dnsbl:SITE:IP` (an answer, for its TTL) and `name:IP`
+(the client's name and PTR name, `NAME REVERSE`, for the answers' TTL). A worker or
 node that dies stops renewing its holder entry; after `cluster.heartbeat_ttl` the next
 monitor round on any node takes its connections off `conns` (Lua, atomic), so no count leaks.
 Time is Redis's own (`TIME` in the scripts): the nodes' clocks need not agree. The scripts name
@@ -157,6 +158,9 @@ class Keys:
     def dnsbl(self, site: str, ip: str) -> str:
         return f"{self.prefix}dnsbl:{site}:{ip}"
 
+    def name(self, ip: str) -> str:
+        return f"{self.prefix}name:{ip}"
+
 
 def _errors():
     import redis
@@ -278,6 +282,17 @@ class RedisState(ClientState):
         self.local.cache_dnsbl(ip, domain, listed, ttl)
         self._call("set", self.keys.dnsbl(domain, ip), "1" if listed else "0", None,
                    max(1, int(ttl * 1000)))
+
+    def name_cached(self, ip: str) -> tuple[str, str] | None:
+        shared = self._call("get", self.keys.name(ip))
+        if shared is None:
+            return self.local.name_cached(ip)
+        name, _, reverse = shared.decode("ascii", "replace").partition(" ")
+        return (name, reverse) if name and reverse else None
+
+    def cache_name(self, ip: str, name: str, reverse: str, ttl: float) -> None:
+        self.local.cache_name(ip, name, reverse, ttl)
+        self._call("set", self.keys.name(ip), f"{name} {reverse}", None, max(1, int(ttl * 1000)))
 
 
 class Monitor:

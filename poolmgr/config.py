@@ -441,6 +441,10 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
         if queried not in domains:
             warn("defence.dnsbl_reply_map", f"{queried!r} is the domain of no "
                  f"defence.dnsbl_sites entry, so this mapping is never used")
+    if defence["unknown_reverse_client_action"] != "ignore" and not defence["reverse_lookup"]:
+        warn("defence.unknown_reverse_client_action",
+             f"{defence['unknown_reverse_client_action']} needs defence.reverse_lookup = true; "
+             "no client is looked up, so none is refused")
     node = sections["cluster"]["node"]
     if node and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", node):
         err("cluster.node", f"{node!r}: use at most 64 letters, digits, '.', '_' or '-'")

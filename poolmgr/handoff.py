@@ -147,18 +147,19 @@ def let_go(*, carried: bool, in_transaction: bool, worker_done: bool,
 
 # -- XFORWARD (both sides)
 def xforward(*, ident: str, addr: str, proto: str, helo: str | None, port: int | None = None,
-             told: Mapping[str, str] | None = None) -> dict[str, str]:
+             name: str = "", told: Mapping[str, str] | None = None) -> dict[str, str]:
     """The XFORWARD attributes (Postfix's XFORWARD_README) a hop sends its next hop with a
     message, in this order: NAME ADDR [PORT] PROTO HELO IDENT SOURCE. `relay.send` sends those
     the server offers, an empty value as [UNAVAILABLE].
 
     The SMTP worker names its own client: `addr`, `port`, `proto` and `helo` of the session,
-    NAME unknown (no reverse lookup is made), SOURCE REMOTE. The scanner re-injecting passes on
-    what its client `told` it (NAME ADDR PROTO HELO SOURCE), its own peer for what it was not
-    told, and no PORT. IDENT is always the queue id this hop logs the message under (the one
-    it was told, when it was)."""
+    NAME the client's name as it looked it up (`unknown` when it has none, as Postfix sends
+    it; [UNAVAILABLE] when no lookup was made: defence.reverse_lookup off), SOURCE REMOTE.
+    The scanner re-injecting passes on what its client `told` it (NAME ADDR PROTO HELO
+    SOURCE), its own peer for what it was not told, and no PORT. IDENT is always the queue
+    id this hop logs the message under (the one it was told, when it was)."""
     told = told or {}
-    fields = {"NAME": told.get("NAME", UNAVAILABLE), "ADDR": told.get("ADDR", addr)}
+    fields = {"NAME": told.get("NAME", name or UNAVAILABLE), "ADDR": told.get("ADDR", addr)}
     if port is not None:
         fields["PORT"] = str(port)
     fields["PROTO"] = told.get("PROTO", proto)

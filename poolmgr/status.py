@@ -135,6 +135,7 @@ class AnvilStatus:
     connections: int
     greet_passes: int = 0   # clients whose greet test pass holds (the host's cache)
     dnsbl_answers: int = 0  # DNSBL answers cached by the host
+    client_names: int = 0   # client names (defence.peername) cached by the host
 
 
 @dataclass

@@ -110,6 +110,26 @@ def test_greet_pass_and_dnsbl_answer_are_shared(make_poolmgr, redis_server):
         dns.stop()
 
 
+def test_client_names_are_shared(make_poolmgr, redis_server):
+    """One node looks the client's name up (PTR, then A); the other finds it in Redis."""
+    dns = DnsServer({}).start()
+    try:
+        dns.host_record("mail.example.test", "127.0.16.7")
+        defence = {"reverse_lookup": True, "nameservers": [dns.address]}
+        a = node(make_poolmgr, redis_server.url, "mx-a", **defence)
+        b = node(make_poolmgr, redis_server.url, "mx-b", **defence)
+        for pm in (a, b):
+            raw, (code, lines) = banner(pm, "127.0.16.7")
+            raw.send(b"QUIT\r\n")
+            raw.reply()
+            raw.close()
+            wait_until(lambda: "connect from mail.example.test[127.0.16.7]" in pm.log(),
+                       what=f"{pm.dir.name}'s connect line")
+        assert dns.queries.count("7.16.0.127.in-addr.arpa") == 1
+        assert dns.queries.count("mail.example.test") == 1
+    finally:
+        dns.stop()
+
 def test_redis_outage_falls_back_to_local_state_and_recovers(make_poolmgr, redis_server):
     a = node(make_poolmgr, redis_server.url, "mx-a", client_connection_count_limit=2)
     b = node(make_poolmgr, redis_server.url, "mx-b", client_connection_count_limit=2)

@@ -86,6 +86,14 @@ def test_pool_rule_in_config_is_mended_with_a_warning(tmp_path):
     assert result.returncode == 0 and "poolmgr: warning:" in result.stderr
 
 
+def test_an_unknown_reverse_action_without_lookups_is_a_warning(tmp_path):
+    path = tmp_path / "names.toml"
+    path.write_text('[defence]\nreverse_lookup = false\nunknown_reverse_client_action = "reject"\n')
+    assert config.load(str(path)).warnings == [
+        f"{path}: [defence] unknown_reverse_client_action: reject needs defence.reverse_lookup "
+        "= true; no client is looked up, so none is refused"]
+    assert config.from_dict({}).warnings == []  # the defaults: lookups on, action ignore
+
 def test_impossible_pool_rule_is_an_error(tmp_path):
     path = tmp_path / "rule.toml"
     path.write_text("[smtp]\nmin_workers = 2\nmax_workers = 3\n"

@@ -18,6 +18,7 @@ from poolmgr import config
 from poolmgr.defence import early, limits
 from poolmgr.defence.decision import Decision, combine
 from poolmgr.defence.dnsbl import Score
+from poolmgr.defence.peername import LOOKUP_FAILED, UNKNOWN, Peername
 from poolmgr.defence.policy import Defence
 from poolmgr.defence.recipients import RecipientTable
 from poolmgr.defence.screening import Screening
@@ -40,7 +41,8 @@ class Said(list):
 
 def service(**defence):
     cfg = config.from_dict({"smtp": {"hostname": HOST, "mydestination": ["example.test"]},
-                            "defence": {"suspicious_timeout": "7s", **defence}})
+                            "defence": {"suspicious_timeout": "7s", "reverse_lookup": False,
+                                        **defence}})
     return SimpleNamespace(cfg=cfg, defence=Defence(cfg, spawn=None), log=Said(), anvil=None,
                            rate_limited=False, hostname=HOST,
                            recipients=cfg.defence.recipient_table,
@@ -280,6 +282,8 @@ def test_combine_keeps_every_effect():
                    Decision.refuse(R.R421_TOO_MANY_ERRORS, "hard_errors"), Decision.wait(1.0))
     assert both == Decision(reply=R.R421_TOO_MANY_ERRORS, close=True, ended="hard_errors",
                             delay=1.0, timeout=7.0)
+    assert combine(Decision.named("mail.example.test"), Decision.suspect(7.0)) == \
+        Decision(timeout=7.0, client_name="mail.example.test")
 
 
 def test_only_unknown_recipients_is_a_dictionary_attack():
@@ -365,6 +369,126 @@ def test_the_engine_writes_the_two_part_banner_and_asks_for_the_verdict():
     polite.conn.flush()
     wanted = f"220 {HOST} ESMTP poolmgr\r\n".encode()
     assert received(theirs, wanted) == wanted
+
+
+
+# -- the client's name
+NAMED = Peername("mail.example.test", "mail.example.test", False)
+NO_PTR = Peername(UNKNOWN, UNKNOWN, False)
+NOT_BACK = Peername(UNKNOWN, "forged.example.test", False)  # a PTR that does not resolve back
+
+
+class Lookup:
+    """A name lookup (the greenlet `Defence.spawn` makes): finished with `value`, or still
+    under way (None)."""
+
+    def __init__(self, value=None):
+        self.value, self.waited, self.killed = value, None, False
+
+    def join(self, timeout=None):
+        self.waited = timeout
+
+    def ready(self):
+        return self.value is not None
+
+    successful = ready
+
+    def kill(self, block=True):
+        self.killed = True
+
+
+def looking_up(found, **defence):
+    """A service whose lookups give `found`, and a session's screening after connect."""
+    svc = service(reverse_lookup=True, **defence)
+    job = Lookup(found)
+    svc.defence.spawn = lambda find, ip: job
+    screening = screening_of(svc)
+    return svc, screening, job
+
+
+def test_the_banner_names_the_client_that_was_looked_up_at_connect():
+    svc, screening, job = looking_up(NAMED)
+    assert early.on_connect(screening, svc, PEER, CLIENT) is None
+    assert screening.name_job is job
+    assert early.unpaused(screening, svc, PEER, 0) == Decision.named("mail.example.test")
+    assert screening.peername == NAMED and 0 < job.waited <= 2.0  # reverse_timeout
+    svc, screening, job = looking_up(NO_PTR, greet_wait="2s")  # after the greet pause too
+    early.on_connect(screening, svc, PEER, CLIENT)
+    assert early.after_pause(screening, svc, PEER, 0, 2.0, b"") == Decision.named(UNKNOWN)
+
+
+def test_an_allowlisted_client_is_named_too():
+    svc, screening, job = looking_up(NAMED, allowlist=["192.0.2.0/24"])
+    early.on_connect(screening, svc, PEER, CLIENT)
+    assert early.unpaused(screening, svc, PEER, 0) == Decision.named("mail.example.test")
+
+
+def test_the_banner_waits_for_the_name_at_most_reverse_timeout_from_connect():
+    svc, screening, job = looking_up(None, reverse_timeout="2s")  # never finishes
+    early.on_connect(screening, svc, PEER, CLIENT)
+    screening.started -= 5.0  # the banner comes 5 s after connect (a greet pause, say)
+    assert early.unpaused(screening, svc, PEER, 0) == Decision.named(UNKNOWN)
+    assert job.waited == 0.0 and job.killed and screening.peername == LOOKUP_FAILED
+
+
+def test_no_lookup_no_name():
+    svc = service()  # reverse_lookup = false
+    screening = screening_of(svc)
+    early.on_connect(screening, svc, PEER, CLIENT)
+    assert screening.name_job is None and early.unpaused(screening, svc, PEER, 0) is None
+    svc = service(reverse_lookup=True, denylist=["192.0.2.0/24"])  # refused at connect
+    svc.defence.spawn = lambda find, ip: pytest.fail("looked up a client refused at connect")
+    assert early.on_connect(screening_of(svc), svc, PEER, CLIENT).close
+
+
+TEMPFAIL = R.R450_UNKNOWN_REVERSE_CLIENT.format(ip=PEER[0])
+REJECT = R.R550_UNKNOWN_REVERSE_CLIENT.format(ip=PEER[0])
+
+
+@pytest.mark.parametrize("action, found, reply", [
+    ("tempfail", NO_PTR, TEMPFAIL), ("reject", NO_PTR, REJECT), ("ignore", NO_PTR, None),
+    # a lookup that got no answer is unknown only for tempfail
+    ("tempfail", LOOKUP_FAILED, TEMPFAIL), ("reject", LOOKUP_FAILED, None),
+    # a PTR is a reverse name even when it does not resolve back (Postfix: that is
+    # reject_unknown_client_hostname's test, not reject_unknown_reverse_client_hostname's)
+    ("reject", NOT_BACK, None), ("tempfail", NAMED, None),
+    ("tempfail", Peername(UNKNOWN, "forged.example.test", True), None),
+])
+def test_unknown_reverse_client_action_at_rcpt(action, found, reply):
+    svc, screening, job = looking_up(found, unknown_reverse_client_action=action)
+    early.on_connect(screening, svc, PEER, CLIENT)
+    early.unpaused(screening, svc, PEER, 0)
+    decision = limits.check_rcpt(screening, svc, PEER, CLIENT, "a@example.test")
+    assert decision == (None if reply is None else Decision.answer(reply))
+    forged = [f"hostname forged.example.test does not resolve to address {PEER[0]}"]
+    assert [line for line in svc.log if line.startswith("hostname")] == \
+        (forged if found == NOT_BACK else [])
+    assert str(TEMPFAIL) == ("450 4.7.25 Client host rejected: cannot find your reverse "
+                             "hostname, [192.0.2.7]")
+
+
+def test_mynetworks_and_the_allowlist_are_exempt_from_the_unknown_reverse_action():
+    for defence, peer in (({}, ("127.0.0.1", 5000)),  # the default mynetworks
+                          ({"allowlist": ["192.0.2.0/24"]}, PEER)):
+        svc, screening, job = looking_up(NO_PTR, unknown_reverse_client_action="reject",
+                                         **defence)
+        early.on_connect(screening, svc, peer, CLIENT)
+        early.unpaused(screening, svc, peer, 0)
+        assert screening.peername == NO_PTR and screening.exempt
+        assert limits.check_rcpt(screening, svc, peer, CLIENT, "a@example.test") is None
+
+
+def test_the_engine_shows_the_name_from_the_banner_on():
+    session, theirs = engine()
+    session.banner(Decision.named("mail.example.test"))
+    session.banner(None)  # the connect line is logged once
+    assert session.client == f"mail.example.test[{PEER[0]}]"
+    assert session.name == "mail.example.test"
+    assert session.service.log == [f"connect from mail.example.test[{PEER[0]}]"]
+    unnamed, theirs = engine()  # a session that ends before its banner logs it at the end
+    unnamed.resume(lambda: None)
+    assert unnamed.service.log == [f"connect from {CLIENT}", f"disconnect from {CLIENT} "
+                                                              "commands=0"]
 
 
 # -- the line between policy and I/O

@@ -104,17 +104,24 @@ def test_drop_clears_supplementary_groups_then_group_then_user():
 @as_root
 def test_workers_as_nobody_still_read_dnsbl_answers(make_poolmgr):
     """dnspython imports an answer's rdata class at first use; after the drop that import may
-    be refused (here Python lives under /root, mode 0700), so the worker imports it before."""
+    be refused (here Python lives under /root, mode 0700), so the worker imports it before
+    (the DNSBL's A records, and the client name's PTR and A)."""
     dns = DnsServer({}, ttl=300).start()
     try:
         dns.list("127.0.3.4", "zen.test")
+        dns.host_record("mail.example.test", "127.0.3.5")
         pm = make_poolmgr({"master": {"user": "nobody"},
                            "defence": {"dnsbl_sites": ["zen.test"], "nameservers": [dns.address],
-                                       "dnsbl_action": "drop"}})
+                                       "dnsbl_action": "drop", "reverse_lookup": True}})
         raw = Raw(pm.smtp_port, "127.0.3.4")
         assert raw.reply() == (521, ["521 5.7.1 Service unavailable; client [127.0.3.4] "
                                      "blocked using zen.test"])
         raw.close()
+        raw = Raw(pm.smtp_port, "127.0.3.5")
+        assert raw.reply()[0] == 220
+        raw.close()
+        wait_until(lambda: "connect from mail.example.test[127.0.3.5]" in pm.log(),
+                   what="the client's name")
     finally:
         dns.stop()
 

@@ -10,6 +10,7 @@ import pytest
 
 from poolmgr import maildir
 from poolmgr.defence.anvil import Anvil, AnvilServer
+from poolmgr.defence.peername import valid_hostname
 from poolmgr.defence.networks import in_networks, parse_cidrs, plain_ip
 from poolmgr.defence.recipients import RecipientTable
 from poolmgr.board import COUNTERS, Board
@@ -212,6 +213,30 @@ def test_anvil_server_answers_over_a_seqpacket_pair():
     assert server.anvil.clients["192.0.2.9"].count == 1
     worker_end.close()
     assert server.serve(master_end, owner=1) is False
+
+
+def test_anvil_caches_client_names_for_their_ttl_over_the_wire():
+    master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    master_end.setblocking(False)
+    now = [5.0]
+    server = AnvilServer(Anvil(time_unit=60), clock=lambda: now[0])
+    for packet in (b"1 N 192.0.2.9", b"0 H 192.0.2.9 mail.example.test mail.example.test 60",
+                   b"0 H 192.0.2.10 unknown unknown 60", b"2 N 192.0.2.9", b"3 N 192.0.2.10"):
+        worker_end.send(packet)
+    assert server.serve(master_end, owner=1) is True
+    assert [worker_end.recv(64) for _ in range(3)] == [
+        b"1 0", b"2 1 mail.example.test mail.example.test", b"3 1 unknown unknown"]
+    now[0] = 65.0  # the TTL has passed
+    worker_end.send(b"4 N 192.0.2.9")
+    server.serve(master_end, owner=1)
+    assert worker_end.recv(64) == b"4 0"
+
+
+def test_a_ptr_name_counts_only_when_it_is_a_hostname():
+    assert valid_hostname("mail.example.test") and valid_hostname("a-b_c.example")
+    for bad in ("", "127.0.0.1", "a..b", "-a.example", "a b.example", "a\\032b.example",
+                "x" * 64 + ".example", "ex\xe4mple.test"):
+        assert not valid_hostname(bad), bad
 
 
 def test_recipient_table(tmp_path):

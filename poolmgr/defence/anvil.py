@@ -1,6 +1,6 @@
 """The host's own client state (`clientstate.ClientState`): per-client connection and rate
-counters for the whole host (Postfix's anvil), the greet test's pass cache and the DNSBL
-answers, kept by the master.
+counters for the whole host (Postfix's anvil), the greet test's pass cache, the DNSBL
+answers and the client names (`peername`), kept by the master.
 
 `Anvil` is the store: plain counters and caches and no I/O, with the clock passed in, so that
 it is unit-testable. The master owns one and serves every SMTP worker over a SOCK_SEQPACKET
@@ -19,7 +19,8 @@ Wire format (ASCII, one request per packet): `SEQ C IP` connect -> `SEQ COUNT RA
 `SEQ M IP` message -> `SEQ RATE`, `SEQ R IP` recipient -> `SEQ RATE`, `0 D IP` disconnect
 (no answer); `SEQ G IP` greet test passed? -> `SEQ 0|1`, `0 P IP TTL` passed it (no answer);
 `SEQ L IP DOMAIN...` cached DNSBL answers -> `SEQ V...` (1 listed, 0 not, -1 unknown),
-`0 S IP DOMAIN 0|1 TTL` cache an answer (no answer).
+`0 S IP DOMAIN 0|1 TTL` cache an answer (no answer); `SEQ N IP` the cached name ->
+`SEQ 1 NAME REVERSE` (`SEQ 0` when none), `0 H IP NAME REVERSE TTL` cache it (no answer).
 """
 
 __all__ = ["Anvil", "AnvilServer", "AnvilClient", "Usage", "ANVIL_TIMEOUT"]
@@ -54,6 +55,7 @@ class Anvil:
         self.requests = 0
         self.greet = TtlCache()  # ip -> True while its greet test pass holds
         self.dnsbl = TtlCache()  # (domain, ip) -> listed, for the answer's TTL
+        self.names = TtlCache()  # ip -> (name, reverse), for the answers' TTL
 
     def _client(self, ip: str, now: float) -> _Client:
         self.requests += 1
@@ -121,6 +123,12 @@ class Anvil:
     def cache_dnsbl(self, ip: str, domain: str, listed: bool, ttl: float, now: float) -> None:
         self.dnsbl.put((domain, ip), listed, now + ttl, now)
 
+    def name_cached(self, ip: str, now: float) -> tuple[str, str] | None:
+        return self.names.get(ip, now)
+
+    def cache_name(self, ip: str, name: str, reverse: str, ttl: float, now: float) -> None:
+        self.names.put(ip, (name, reverse), now + ttl, now)
+
 
 class AnvilServer:
     """The master's side: one socket per SMTP worker (`pair` before the fork, `adopt` after
@@ -156,11 +164,12 @@ class AnvilServer:
         """The master's ends: a forked worker closes them."""
         return [sock.fileno() for sock in self.socks.values()]
 
-    def figures(self) -> tuple[int, int, int, int]:
-        """Clients, their connections, greet passes and DNSBL answers held (for status)."""
+    def figures(self) -> tuple[int, int, int, int, int]:
+        """Clients, their connections, greet passes, DNSBL answers and client names held
+        (for status)."""
         anvil = self.anvil
         return (len(anvil.clients), sum(c.count for c in anvil.clients.values()),
-                len(anvil.greet), len(anvil.dnsbl))
+                len(anvil.greet), len(anvil.dnsbl), len(anvil.names))
 
     def serve(self, sock: socket.socket, owner) -> bool:
         """Answer every pending request; False when the worker's end is closed."""
@@ -208,6 +217,12 @@ class AnvilServer:
         elif op == "S":
             domain, listed, ttl = args
             anvil.cache_dnsbl(ip, domain, listed == "1", float(ttl), now)
+        elif op == "N":
+            cached = anvil.name_cached(ip, now)
+            return "0" if cached is None else "1 %s %s" % cached
+        elif op == "H":
+            name, reverse, ttl = args
+            anvil.cache_name(ip, name, reverse, float(ttl), now)
         return None
 
 
@@ -246,7 +261,9 @@ class AnvilClient(ClientState):
             seq, _, rest = packet.decode("ascii").partition(" ")
             waiter = self.pending.pop(int(seq), None)
             if waiter is not None:
-                waiter.set(tuple(int(v) for v in rest.split()))
+                # Numbers, but for the names of a cached client name (`N`).
+                waiter.set(tuple(int(v) if v.lstrip("-").isdigit() else v
+                                 for v in rest.split()))
         self.closed = True
         self.log.warning("anvil: the master closed the connection -- not limiting")
         for waiter in self.pending.values():
@@ -305,3 +322,12 @@ class AnvilClient(ClientState):
 
     def cache_dnsbl(self, ip: str, domain: str, listed: bool, ttl: float) -> None:
         self._tell(f"S {ip} {domain} {int(listed)} {ttl:g}")
+
+    def name_cached(self, ip: str) -> tuple[str, str] | None:
+        answer = self._ask("N", ip)
+        if not answer or answer[0] != 1 or len(answer) != 3:
+            return None
+        return str(answer[1]), str(answer[2])
+
+    def cache_name(self, ip: str, name: str, reverse: str, ttl: float) -> None:
+        self._tell(f"H {ip} {name} {reverse} {ttl:g}")

@@ -3,9 +3,9 @@
 `ClientState` is the interface a session asks (the SMTP worker's side, under gevent): the
 client's live connection count and its connection, message and recipient rates over
 `defence.anvil_rate_time_unit` (Postfix's anvil), whether it passed the greet test within
-`greet_ttl` (postscreen's cache), and the DNSBL answers cached for their TTL. Every method
-fails open: an answer it cannot get is None (no limit), False (run the greet test) or
-missing (ask the DNS).
+`greet_ttl` (postscreen's cache), and the DNSBL answers and client names (`peername`) cached
+for their TTL. Every method fails open: an answer it cannot get is None (no limit), False
+(run the greet test) or missing (ask the DNS).
 
 Two implementations:
 - the host's own: the master keeps the counters and both caches (`anvil.Anvil`, with a
@@ -53,6 +53,14 @@ class ClientState:
         raise NotImplementedError
 
     def cache_dnsbl(self, ip: str, domain: str, listed: bool, ttl: float) -> None:
+        raise NotImplementedError
+
+    def name_cached(self, ip: str) -> tuple[str, str] | None:
+        """The client's cached name and PTR name (`peername.Peername`'s name and reverse,
+        "unknown" where there is none), or None when nothing is cached."""
+        raise NotImplementedError
+
+    def cache_name(self, ip: str, name: str, reverse: str, ttl: float) -> None:
         raise NotImplementedError
 
 

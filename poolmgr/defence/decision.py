@@ -6,7 +6,9 @@ the greet pause, command screen, MAIL, RCPT, after a command, before a reply) re
 `Decision`, or None for "nothing: go on", and the protocol engine (`smtp.protocol.
 ServerSession.apply`) carries it out: it caps the timeout, marks the session closing, parks,
 sleeps, writes. No defence writes to a session or a socket itself, so a defence can be tested
-by what it returns.
+by what it returns. What a defence finds that the session shows is a decision too: the
+client's name (`client_name`, from `peername`), which the engine puts in its log lines and
+headers.
 """
 
 __all__ = ["Decision", "combine"]
@@ -27,6 +29,7 @@ class Decision:
     park: float = 0.0       # the greet pause: the banner's first line, then this long for input
     timeout: float = 0.0    # the client's timeout from now on is at most this (a suspect client:
     #                         suspicious_timeout; stress: stress_timeout); 0: unchanged
+    client_name: str = ""   # the client's name was looked up: this ("unknown" when none)
 
     @classmethod
     def answer(cls, reply: Reply) -> "Decision":
@@ -49,14 +52,19 @@ class Decision:
         return cls(delay=seconds)
 
     @classmethod
+    def named(cls, name: str) -> "Decision":
+        """The client's name, looked up (`peername`): the session shows it from now on."""
+        return cls(client_name=name)
+
+    @classmethod
     def suspect(cls, timeout: float) -> "Decision":
         """A suspect client: its timeout shrinks to `timeout` (suspicious_timeout)."""
         return cls(timeout=timeout)
 
 
 def combine(*decisions: "Decision | None") -> "Decision | None":
-    """All of these at once (None when there are none): the first reply and end label, any
-    close, the longest park and delay, the shortest timeout."""
+    """All of these at once (None when there are none): the first reply, end label and
+    client name, any close, the longest park and delay, the shortest timeout."""
     present = [d for d in decisions if d is not None]
     if len(present) <= 1:
         return present[0] if present else None
@@ -66,4 +74,5 @@ def combine(*decisions: "Decision | None") -> "Decision | None":
                     ended=next((d.ended for d in present if d.ended), ""),
                     delay=max(d.delay for d in present),
                     park=max(d.park for d in present),
-                    timeout=min(timeouts) if timeouts else 0.0)
+                    timeout=min(timeouts) if timeouts else 0.0,
+                    client_name=next((d.client_name for d in present if d.client_name), ""))

@@ -22,9 +22,10 @@ __all__ = ["Site", "parse_site", "Dnsbl", "Score", "error_answer", "ERROR_CODES"
 
 import ipaddress
 import re
-import socket
 import time
 from typing import Callable, NamedTuple
+
+from .dnsquery import Stub
 
 _SITE = re.compile(r"([A-Za-z0-9._-]+?)(?:=([0-9.;\[\]]+))?(?:\*(-?\d+))?")
 _OCTET = re.compile(r"(\d{1,3})|\[([0-9;.]+)\]")
@@ -142,51 +143,7 @@ class Dnsbl:
         self.log = log
         self.count = count  # called with the site's position for each error answer
         self.erroring: dict[str, str] = {}  # site text -> the error answer it last gave
-        if nameservers:
-            self.servers = [(host, port) for host, port in nameservers]
-        else:  # the system's, from /etc/resolv.conf
-            system = dns.resolver.Resolver()
-            self.servers = [(str(ns), system.port) for ns in system.nameservers]
-        self.try_timeout = min(2.0, timeout)  # per server tried, within the deadline
-
-    def _query(self, name: str, deadline: float):
-        """The A query's answer (a dnspython Message, NOERROR or NXDOMAIN) from the first
-        name server that gives one before `deadline`, trying each in turn; None if none does.
-
-        dnspython makes and reads the messages; the exchange itself is a datagram on a
-        socket of our own (gevent's, in an SMTP worker), which costs half of what its stub
-        resolver spends per query, the largest share of a storm connection's CPU time."""
-        import dns.exception
-        import dns.flags
-        import dns.message
-        import dns.query
-        import dns.rcode
-        import dns.rdatatype
-
-        query = dns.message.make_query(name, dns.rdatatype.A)
-        wire = query.to_wire()
-        for host, port in self.servers:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                with socket.socket(family, socket.SOCK_DGRAM) as sock:
-                    sock.settimeout(min(left, self.try_timeout))
-                    sock.connect((host, port))
-                    sock.send(wire)
-                    while True:  # anything but the answer to this query is ignored
-                        reply = dns.message.from_wire(sock.recv(65535), ignore_trailing=True)
-                        if query.is_response(reply):
-                            break
-                if reply.flags & dns.flags.TC:
-                    reply = dns.query.tcp(query, host, port=port,
-                                          timeout=max(0.05, deadline - time.monotonic()))
-            except (OSError, dns.exception.DNSException):  # a timeout is an OSError
-                continue
-            if reply.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-                return reply
-        return None
+        self.dns = Stub(nameservers, timeout)
 
     def _lookup(self, site: Site, ip: str, deadline: float) -> bool | None:
         """Whether `site` lists `ip`; None on timeout or server failure (the greenlet it runs
@@ -194,7 +151,7 @@ class Dnsbl:
         import dns.rdatatype
 
         self.queries += 1
-        reply = self._query(query_name(ip, site.domain), deadline)
+        reply = self.dns.query(query_name(ip, site.domain), dns.rdatatype.A, deadline)
         if reply is None:
             return None
         addresses, ttl = [], self.min_ttl

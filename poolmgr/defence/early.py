@@ -1,6 +1,8 @@
 """The tests before the dialogue (postscreen_early.c's job): access lists and per-client limits
 at connect, the pregreet test with a two-part banner, the DNSBL score settled before the
 banner's end. Their log lines are postscreen's (DENYLISTED, PREGREET, DNSBL rank, PASS NEW).
+The client's name (`peername`, smtpd's job in Postfix) is looked up beside them, from connect,
+and settled with the banner, which waits for it at most `reverse_timeout` from connect.
 
 Each function takes the session's defence state (`screening.Screening`) and what it reads
 (the worker's `service`: defence, anvil, log, config; the client's address), and returns a
@@ -12,14 +14,18 @@ order:
   banner's first line (`220-`), waits (parked, in an SMTP worker) and asks `after_pause` for
   the verdict on what arrived; with no pause it asks `unpaused`;
 - `after_pause`, `unpaused`: a refusal instead of the banner's last line, or None (possibly a
-  shorter timeout) to send it.
+  shorter timeout) to send it; with the client's name when it was looked up
+  (`Decision.client_name`).
 """
 
 __all__ = ["on_connect", "before_banner", "after_pause", "unpaused"]
 
+import time
+
 from ..smtp import replies as R
 from .decision import Decision, combine
 from .networks import in_networks
+from .peername import LOOKUP_FAILED, UNKNOWN
 from .screening import delta_time, escape
 from .verdicts import Reason
 
@@ -31,6 +37,7 @@ def on_connect(screening, service, peer: tuple, client: str) -> Decision | None:
     if defence.allowlisted(ip):
         screening.trust()
         service.log.info("ALLOWLISTED [%s]:%s", ip, peer[1])
+        _look_up_name(screening, defence, ip)
         return stress
     denylisted = None
     if defence.denylisted(ip):
@@ -45,7 +52,15 @@ def on_connect(screening, service, peer: tuple, client: str) -> Decision | None:
             return combine(stress, denylisted, refusal)
     if defence.dnsbl is not None:
         screening.dnsbl_job = defence.spawn(defence.dnsbl.score, ip)
+    _look_up_name(screening, defence, ip)
     return combine(stress, denylisted)
+
+
+def _look_up_name(screening, defence, ip: str) -> None:
+    """The client's name, for every client that gets a banner (the allowlisted too: it is
+    for the log and the headers), asked now, beside the greet pause and the DNSBL queries."""
+    if defence.names is not None:
+        screening.name_job = defence.spawn(defence.names.find, ip)
 
 
 def _anvil_connect(screening, service, peer: tuple, client: str) -> Decision | None:
@@ -103,15 +118,37 @@ def unpaused(screening, service, peer: tuple, pending: int) -> Decision | None:
 
 def _banner(screening, service, peer: tuple, passed: str) -> Decision | None:
     """After the greet test (`passed`: postscreen's PASS NEW or OLD, or ""): the DNSBL score;
-    None (or a shorter timeout) lets the banner's last line go."""
+    None (or a shorter timeout) lets the banner's last line go; with the client's name."""
+    named = _settle_name(screening)
     settled = None
     if screening.dnsbl_job is not None and not screening.trusted:
         settled = _settle_dnsbl(screening, service.log, peer)
         if settled is not None and settled.close:
-            return settled
+            return combine(named, settled)
     if passed and not screening.verdict and not screening.trusted:
         service.log.info("PASS %s [%s]:%s", passed, peer[0], peer[1])
-    return settled
+    return combine(named, settled)
+
+
+def _settle_name(screening) -> Decision | None:
+    """The looked-up name, waited for until `reverse_timeout` after connect at most; a
+    lookup still under way then is given up (a temporary failure: `unknown`)."""
+    job, screening.name_job = screening.name_job, None
+    if job is None:
+        return None
+    job.join(max(0.0, screening.started + screening.cfg.reverse_timeout - time.monotonic()))
+    if job.ready() and job.successful() and job.value is not None:
+        screening.peername = job.value
+    else:
+        if not job.ready():
+            job.kill(block=False)
+        screening.peername = LOOKUP_FAILED
+    found = screening.peername
+    if found.name == UNKNOWN != found.reverse and not found.temporary:
+        # smtpd_peer.c's line for a PTR name that does not resolve back (a forged name)
+        screening.log.warning("hostname %s does not resolve to address %s", found.reverse,
+                              screening.peer[0])
+    return Decision.named(found.name)
 
 
 def _settle_dnsbl(screening, log, peer: tuple) -> Decision | None:

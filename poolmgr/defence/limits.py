@@ -1,6 +1,7 @@
 """The limits inside the dialogue: errors and junk commands (Postfix's smtpd_soft/hard_error_
 limit, smtpd_junk_command_limit), improper pipelining, the tarpit, per-client message and
-recipient rates (anvil), the recipient table, relay control.
+recipient rates (anvil), a client whose address has no name (Postfix's
+reject_unknown_reverse_client_hostname), the recipient table, relay control.
 
 Each function takes the session's defence state (`screening.Screening`) and what it reads
 (the worker's `service`, the client, the command, the input waiting), and returns a
@@ -14,13 +15,15 @@ Each function takes the session's defence state (`screening.Screening`) and what
 - `closed`, when the session has ended: its anvil connection let go, the DICTIONARY verdict.
 """
 
-__all__ = ["screen", "after_command", "before_reply", "check_mail", "check_rcpt", "delivered",
+__all__ = ["screen", "after_command", "before_reply", "check_mail", "check_rcpt",
+           "unknown_reverse_client", "delivered",
            "closed"]
 
 from ..smtp import replies as R
 from ..smtp.parse import canonical, split_mailbox
 from .decision import Decision, combine
 from .networks import in_networks
+from .peername import UNKNOWN
 from .verdicts import Reason
 
 
@@ -117,6 +120,9 @@ def check_rcpt(screening, service, peer: tuple, client: str,
                           R.R450_RECIPIENT_RATE)
     if refusal is not None:
         return refusal
+    refusal = unknown_reverse_client(screening, peer[0])
+    if refusal is not None:
+        return refusal
     local, domain = split_mailbox(address)
     trusted = in_networks(peer[0], service.cfg.smtp.mynetworks)
     # Postfix's allow_untrusted_routing = no: a next hop that rewrites the percent hack, a
@@ -133,6 +139,21 @@ def check_rcpt(screening, service, peer: tuple, client: str,
         return None
     screening.note(Reason.RELAY_DENIED)  # Postfix's reject_unauth_destination
     return Decision.answer(R.R554_RELAY_DENIED.format(rcpt=address))
+
+
+def unknown_reverse_client(screening, ip: str) -> Decision | None:
+    """`unknown_reverse_client_action`: the address has no PTR record (its name need not
+    resolve back: that is reject_unknown_client_hostname, another test). A lookup that got no
+    answer counts only for tempfail, as a 450 tells the client to come back. Clients in
+    mynetworks or the allowlist are exempt."""
+    action, found = screening.cfg.unknown_reverse_client_action, screening.peername
+    if action == "ignore" or found is None or screening.exempt or found.reverse != UNKNOWN:
+        return None
+    if action == "tempfail":
+        return Decision.answer(R.R450_UNKNOWN_REVERSE_CLIENT.format(ip=ip))
+    if found.temporary:
+        return None
+    return Decision.answer(R.R550_UNKNOWN_REVERSE_CLIENT.format(ip=ip))
 
 
 def delivered(screening) -> None:

@@ -1,8 +1,9 @@
 """What the sessions of one SMTP worker share about defences.
 
 `Defence` is built once per SMTP worker from the `[defence]` config: access lists, the DNSBL
-scorer, and the client state (`clientstate.ClientState`) that holds the greet test's passes
-and the DNSBL answers: the master's, shared by every SMTP worker of the host, or the cluster's.
+scorer, the client name lookup (`peername`), and the client state
+(`clientstate.ClientState`) that holds the greet test's passes, the DNSBL answers and the
+client names: the master's, shared by every SMTP worker of the host, or the cluster's.
 """
 
 __all__ = ["Defence"]
@@ -13,6 +14,7 @@ from ..board import dnsbl_error_counters
 from .clientstate import ClientState
 from .dnsbl import Dnsbl
 from .networks import in_networks
+from .peername import Names
 
 
 class Defence:
@@ -32,6 +34,8 @@ class Defence:
                     slot.add(counter)
         self.dnsbl = Dnsbl(d.dnsbl_sites, d.nameservers, d.dnsbl_timeout, d.dnsbl_min_ttl,
                            d.dnsbl_max_ttl, spawn, state, log, count) if d.dnsbl_sites else None
+        self.names = Names(d.nameservers, d.reverse_timeout, d.dnsbl_min_ttl, d.dnsbl_max_ttl,
+                           state) if d.reverse_lookup else None
         self.spawn = spawn
 
     def allowlisted(self, ip: str) -> bool:

@@ -27,8 +27,9 @@ __all__ = ["Screening", "escape", "delta_time"]
 
 class Screening:
     __slots__ = ("cfg", "peer", "log", "verdict", "blocked", "trusted", "exempt",
-                 "dnsbl_job", "suspicious", "errors", "junk", "bad_rcpts", "anvil_held",
-                 "early", "started", "hard_limit", "junk_limit", "stressed")
+                 "dnsbl_job", "name_job", "peername", "suspicious", "errors", "junk",
+                 "bad_rcpts", "anvil_held", "early", "started", "hard_limit", "junk_limit",
+                 "stressed")
 
     def __init__(self, cfg, peer, log, stress: bool):
         self.cfg = cfg          # the [defence] section
@@ -38,6 +39,8 @@ class Screening:
         self.trusted = False    # allowlisted: skips every test
         self.exempt = False     # allowlisted or in mynetworks: no anvil limits
         self.dnsbl_job = None
+        self.name_job = None    # the client's name being looked up (`peername.Names.find`)
+        self.peername = None    # what it found (a `peername.Peername`), once settled
         self.suspicious = False
         self.errors = 0         # 4xx/5xx replies (and junk commands past the limit)
         self.junk = 0

@@ -153,9 +153,10 @@ class FrontSession(ServerSession):
         started = time.monotonic()
         proto = self.proto + ("S" if self.tls else "")
         header = received(helo=self.helo, addr=self.peer[0], by=service.hostname,
-                          software="poolmgr", proto=proto, queue_id=env.queue_id, rcpts=env.rcpts)
+                          software="poolmgr", proto=proto, queue_id=env.queue_id, rcpts=env.rcpts,
+                          name=self.name or "unknown")
         xforward = handoff.xforward(ident=env.queue_id, addr=self.peer[0], port=self.peer[1],
-                                    proto=self.proto, helo=self.helo)
+                                    proto=self.proto, helo=self.helo, name=self.name)
         outgoing = relay.Outgoing(env.mail_from, env.rcpts, header + data, env.smtputf8,
                                   env.body_8bit, xforward)
         service.slot.add("handoffs")

@@ -14,10 +14,11 @@ _MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*
 
 
 def received(*, helo: str | None, addr: str, by: str, software: str, proto: str,
-             queue_id: str, rcpts: list[str]) -> bytes:
-    """`Received: from helo (unknown [addr]) by host (software) with ESMTP id X for <r>; date`."""
+             queue_id: str, rcpts: list[str], name: str = "unknown") -> bytes:
+    """`Received: from helo (name [addr]) by host (software) with ESMTP id X for <r>; date`,
+    `name` the client's forward-confirmed name, as Postfix's smtpd writes it."""
     literal = f"IPv6:{addr}" if ":" in addr else addr
-    lines = [f"Received: from {_printable(helo or 'unknown')} (unknown [{literal}])",
+    lines = [f"Received: from {_printable(helo or 'unknown')} ({_printable(name)} [{literal}])",
              f"\tby {by} ({software}) with {proto} id {queue_id}"]
     date = _date()
     if len(rcpts) == 1:

@@ -3,7 +3,10 @@
 `ServerSession` owns one connection: banner, an explicit command table with per-command
 flags, the envelope (replaced whole on RSET and after DATA), strict DATA reading, STARTTLS,
 and Postfix-style logging (`connect from`, `NOQUEUE: reject: ...`, `disconnect from ...
-ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5`).
+ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5`). The client is `unknown[ADDR]` until a policy
+names it (`Decision.client_name`, the SMTP pool's reverse lookup); as Postfix's smtpd logs
+`connect from NAME[ADDR]` after its lookup, the line is logged when the name is settled,
+with the banner (or, for a session that ends before its banner, when it ends).
 
 Subclasses decide policy through hooks that return a `defence.decision.Decision` (or None:
 go on): `on_connect`, `before_banner` (a pause asks for the two-part banner; then
@@ -89,9 +92,9 @@ STAT_ORDER = ("helo", "ehlo", "lhlo", "xforward", "starttls", "mail", "rcpt", "d
 
 
 class ServerSession:
-    __slots__ = ("service", "conn", "peer", "client", "helo", "proto", "env", "tls", "closing",
-                 "idle_since", "last_cmd", "stats", "xforward", "greenlet", "running", "parked",
-                 "ended", "transactions")
+    __slots__ = ("service", "conn", "peer", "client", "name", "connect_logged", "helo", "proto",
+                 "env", "tls", "closing", "idle_since", "last_cmd", "stats", "xforward",
+                 "greenlet", "running", "parked", "ended", "transactions")
     commands: dict[str, Command] = {}
     lmtp_only = False
 
@@ -103,6 +106,8 @@ class ServerSession:
         # (address, port) with an IPv4-mapped address as plain IPv4: the one place it is done.
         self.peer = (plain_ip(peer[0]), peer[1])
         self.client = f"unknown[{self.peer[0]}]"
+        self.name = ""  # the client's name once looked up ("unknown" when none); "": not asked
+        self.connect_logged = False
         self.helo: str | None = None
         self.proto = "SMTP"
         self.env: Envelope | None = None
@@ -165,13 +170,19 @@ class ServerSession:
 
     # -- the session
     def run(self) -> None:
-        self.service.log.info("connect from %s", self.client)
         self.resume(self.open)
+
+    def log_connect(self) -> None:
+        """`connect from NAME[ADDR]`, once, when the name is known (or the session ends)."""
+        if not self.connect_logged:
+            self.connect_logged = True
+            self.service.log.info("connect from %s", self.client)
 
     def open(self) -> None:
         decision = self.on_connect()
         if decision is not None and decision.close:
             self.ended = "refused"
+            self.log_connect()
             self.apply(decision)
             self.conn.flush()
             return
@@ -189,8 +200,10 @@ class ServerSession:
             self.banner(combine(decision, self.unpaused()))
 
     def banner(self, decision: Decision | None) -> None:
-        """The policy's verdict before the banner, then (unless it closed) the banner."""
+        """The policy's verdict before the banner (with the client's name), then (unless it
+        closed) the banner."""
         self.apply(decision)
+        self.log_connect()
         if not self.closing:
             self.reply(R.R220_BANNER.format(host=self.service.hostname))
 
@@ -219,6 +232,9 @@ class ServerSession:
         """Carry out a policy's decision: the one place a decision becomes I/O."""
         if decision is None:
             return
+        if decision.client_name:
+            self.name = decision.client_name
+            self.client = f"{self.name}[{self.peer[0]}]"
         if decision.timeout:
             self.conn.timeout = min(self.conn.timeout, decision.timeout)
         if decision.close:
@@ -276,10 +292,12 @@ class ServerSession:
         except Parked:
             parked = True
         except Timeout as exc:  # slow: a deadline (per record, DATA rate) ran out
+            self.log_connect()
             self.ended = "slow" if exc.slow else "timeout"
             log.info("timeout after %s from %s", self.last_cmd, self.client)
             self.say_last(R.R421_TIMEOUT.format(host=self.service.hostname))
         except Disconnected:
+            self.log_connect()
             if not self.closing:
                 self.ended = "lost"
                 log.info("lost connection after %s from %s", self.last_cmd, self.client)
@@ -287,12 +305,14 @@ class ServerSession:
             self.ended = "drain"
             self.say_last(drain.reply or R.R421_SHUTDOWN.format(host=self.service.hostname))
         except Exception:
+            self.log_connect()
             self.ended = "error"
             log.exception("session with %s failed after %s", self.client, self.last_cmd)
             self.say_last(R.R451_LOCAL_ERROR)
         finally:
             self.running = False
             if not parked:
+                self.log_connect()
                 self.conn.close()
                 self.on_close()
                 log.info("disconnect from %s%s", self.client, self.stats_text())

@@ -75,6 +75,9 @@ R421_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "{host} Error: too many connecti
 R421_TOO_MANY_ERRORS = Reply(421, "4.7.0", "{host} Error: too many errors")
 R450_MESSAGE_RATE = Reply(450, "4.7.1", "Error: too much mail from {ip}")
 R450_RECIPIENT_RATE = Reply(450, "4.7.1", "Error: too many recipients from {ip}")
+# Postfix's reject_unknown_reverse_client_hostname (unknown_client_reject_code 450, or 550).
+R450_UNKNOWN_REVERSE_CLIENT = Reply(450, "4.7.25", "Client host rejected: cannot find your "
+                                    "reverse hostname, [{ip}]")
 R451_LOCAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
 R451_FILTER_UNAVAILABLE = Reply(451, "4.3.0", "Error: content filter unavailable, try again later")
 R451_NEXT_HOP_UNAVAILABLE = Reply(451, "4.4.1", "Error: next hop unavailable, try again later")
@@ -110,6 +113,8 @@ R503_DATA_AND_BDAT = Reply(503, "5.5.1", "Error: mixing BDAT and DATA in one tra
 R503_PIPELINING = Reply(503, "5.5.0", "Error: improper use of SMTP command pipelining")
 R503_XFORWARD_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 R550_BLOCKED = Reply(550, "5.7.1", "Service unavailable; client [{ip}] blocked using {reason}")
+R550_UNKNOWN_REVERSE_CLIENT = Reply(550, "5.7.25", "Client host rejected: cannot find your "
+                                    "reverse hostname, [{ip}]")
 R550_UNKNOWN_USER = Reply(
     550, "5.1.1", "<{rcpt}>: Recipient address rejected: User unknown in local recipient table")
 R550_BARE_LF = Reply(550, "5.5.2", "Error: bare <LF> received")

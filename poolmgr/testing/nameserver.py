@@ -1,5 +1,5 @@
-"""DNS servers for DNSBL tests: a real one on a loopback UDP port (dnslib), and one that is
-down.
+"""DNS servers for DNSBL and client name tests: a real one on a loopback UDP port (dnslib),
+and one that is down.
 """
 
 __all__ = ["DnsServer", "SilentDns"]
@@ -10,15 +10,17 @@ from .wait import free_udp_port
 
 
 class DnsServer:
-    """A real DNS server on a loopback UDP port (dnslib), serving DNSBL-style A records.
+    """A real DNS server on a loopback UDP port (dnslib), serving DNSBL-style A records, and
+    PTR records for client names (`host_record`, `pointer`).
 
-    `records` maps a name ("2.0.0.127.zen.test") to its addresses; other names are NXDOMAIN.
+    `records` maps a name ("2.0.0.127.zen.test") to its addresses (IPv4 for A queries, IPv6
+    for AAAA); other names are NXDOMAIN.
     `queries` lists every name asked, for cache tests. `failing`: every answer is SERVFAIL.
     """
 
     def __init__(self, records: dict[str, list[str]], ttl: int = 300,
                  host: str = "127.0.0.1", port: int | None = None, failing: bool = False):
-        from dnslib import QTYPE, RCODE, RR, A
+        from dnslib import AAAA, PTR, QTYPE, RCODE, RR, A
         from dnslib.server import BaseResolver, DNSLogger
         from dnslib.server import DNSServer as LibServer
 
@@ -26,6 +28,7 @@ class DnsServer:
         self.records = {name.lower().rstrip("."): list(addrs) for name, addrs in records.items()}
         self.queries: list[str] = []
         self.networks: dict[str, list[str]] = {}  # reversed-prefix suffix -> addresses
+        self.pointers: dict[str, str] = {}  # "7.8.0.127.in-addr.arpa" -> its PTR's name
         self.host, self.port = host, port or free_udp_port(host)
 
         class Resolver(BaseResolver):
@@ -36,15 +39,25 @@ class DnsServer:
                 if failing:
                     reply.header.rcode = RCODE.SERVFAIL
                     return reply
+                pointer = server.pointers.get(name)
+                if pointer is not None:
+                    if request.q.qtype == QTYPE.PTR:
+                        reply.add_answer(RR(request.q.qname, QTYPE.PTR, rdata=PTR(pointer),
+                                            ttl=ttl))
+                    return reply
                 addresses = server.records.get(name)
                 if addresses is None and server.networks:
                     addresses = next((a for suffix, a in server.networks.items()
                                       if name.endswith(suffix)), None)
                 if addresses is None:
                     reply.header.rcode = RCODE.NXDOMAIN
-                elif request.q.qtype == QTYPE.A:
+                elif request.q.qtype in (QTYPE.A, QTYPE.AAAA):  # each of its family
+                    v6 = request.q.qtype == QTYPE.AAAA
                     for address in addresses:
-                        reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(address), ttl=ttl))
+                        if (":" in address) == v6:
+                            reply.add_answer(RR(request.q.qname, request.q.qtype,
+                                                rdata=AAAA(address) if v6 else A(address),
+                                                ttl=ttl))
                 return reply
 
         self._server = LibServer(Resolver(), address=host, port=self.port,
@@ -57,6 +70,19 @@ class DnsServer:
     def list(self, ip: str, zone: str, *addresses: str) -> None:
         reverse = ".".join(reversed(ip.split(".")))
         self.records[f"{reverse}.{zone}"] = list(addresses or ["127.0.0.2"])
+
+    def pointer(self, ip: str, name: str) -> None:
+        """A PTR record for `ip` naming `name` (which need not resolve back)."""
+        import ipaddress
+
+        self.pointers[ipaddress.ip_address(ip).reverse_pointer] = name.lower().rstrip(".")
+
+    def host_record(self, name: str, *ips: str) -> None:
+        """A host as dnsmasq's --host-record gives it: `name` A (or AAAA) each of `ips`, and
+        the PTR of each back to `name`."""
+        self.records[name.lower().rstrip(".")] = list(ips)
+        for ip in ips:
+            self.pointer(ip, name)
 
     def list_network(self, prefix: str, zone: str, *addresses: str) -> None:
         """List every address that starts with `prefix` ("127.61."): a whole network."""
