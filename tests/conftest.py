@@ -134,3 +134,25 @@ def shared_poolmgr(tmp_path_factory, request):
     problems = stop_cleanly(instance, allowed_patterns(request.node))
     if problems:
         pytest.fail("poolmgr did not end cleanly:\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def fresh_logging():
+    """log.setup changes this process's 'poolmgr' logger and log.py's state (its target, its
+    drop counts): put them back afterwards."""
+    import logging
+
+    from poolmgr import log
+
+    root = logging.getLogger("poolmgr")
+    saved = (list(root.handlers), root.propagate, root.level, dict(log._state),
+             list(log._counted))
+    root.handlers = []
+    log._counted[:] = [0, 0]
+    yield
+    for handler in root.handlers:
+        handler.close()
+    root.handlers, root.propagate, root.level = saved[:3]
+    log._state.clear()
+    log._state.update(saved[3])
+    log._counted[:] = saved[4]

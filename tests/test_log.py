@@ -1,7 +1,6 @@
 """Logging: master.log (syslog, stderr, a file; log_file as its former name), the syslog
 datagrams Postfix's way, and a log that pflogsumm reads as it reads Postfix's."""
 
-import logging
 import os
 import re
 import shutil
@@ -178,20 +177,6 @@ def test_log_file_is_the_former_name_of_log():
         config.from_dict({"master": {"log": "syslog", "log_file": "/tmp/x.log"}})
     with pytest.raises(ConfigError, match=r"\[master\] syslog_facility: must be one of"):
         config.from_dict({"master": {"syslog_facility": "mial"}})
-
-
-@pytest.fixture
-def fresh_logging():
-    """log.setup changes this process's 'poolmgr' logger: put it back afterwards."""
-    root = logging.getLogger("poolmgr")
-    saved = (list(root.handlers), root.propagate, root.level, dict(log._state))
-    root.handlers = []
-    yield
-    for handler in root.handlers:
-        handler.close()
-    root.handlers, root.propagate, root.level = saved[:3]
-    log._state.clear()
-    log._state.update(saved[3])
 
 
 def test_log_goes_to_syslog_under_systemd_or_without_a_terminal(monkeypatch):

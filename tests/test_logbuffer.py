@@ -4,7 +4,6 @@ place once writing resumes; through log.py, a syslog socket nobody reads never m
 process wait."""
 
 import errno
-import logging
 import os
 import re
 import socket
@@ -12,8 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-
-import pytest
 
 from helpers import wait_until
 from poolmgr import config, log
@@ -91,22 +88,6 @@ def test_the_rest_of_a_line_partly_written_is_kept_even_when_full():
     assert list(backlog.kept) == [b"cdef\n"] and backlog.dropped == 0
     backlog.flush(lambda data: written.append(data) or len(data), gap)
     assert b"".join(written) == b"abcdef\n"
-
-
-@pytest.fixture
-def fresh_logging():
-    root = logging.getLogger("poolmgr")
-    saved = (list(root.handlers), root.propagate, root.level, dict(log._state),
-             list(log._counted))
-    root.handlers = []
-    log._counted[:] = [0, 0]
-    yield
-    for handler in root.handlers:
-        handler.close()
-    root.handlers, root.propagate, root.level = saved[:3]
-    log._state.clear()
-    log._state.update(saved[3])
-    log._counted[:] = saved[4]
 
 
 def receive_all(sock) -> list[str]:
