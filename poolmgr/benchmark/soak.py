@@ -21,7 +21,8 @@ latency p50/p99 (messages started from the storm's start until its bots are gone
 steady p99; the memory and fd series, and their growth from `warmup` to the end (master: its
 own figures; a pool: per worker, since the autoscaler changes the pool's size), against
 `max_growth_pct`; tracebacks (0 expected); the events and when they happened. Written to
-OUT/result.json and OUT/report.md.
+OUT/result.json and OUT/report.md, with connections.png and latency.png (`report.plots`) and
+memory.png.
 """
 
 __all__ = ["measure", "summary_lines", "timeline", "LOG_MARKS"]
@@ -35,7 +36,7 @@ from pathlib import Path
 import psutil
 
 from . import load as loadgen
-from .report import percentile, save_result
+from .report import percentile, plots, save_result
 from .run import found_ids, generate
 from .scenario import Scenario, soak_storms
 from .targets import settled, started, tree
@@ -90,7 +91,7 @@ class Soak:
 
     def tick(self, t: float) -> dict:
         while self.due and self.due[0][0] <= t:
-            at, name = self.due.pop(0)
+            _, name = self.due.pop(0)
             self.event(t, name, getattr(self, name)())
         if self.upgrading and self.pm.proc.poll() is not None and \
                 self.master_pid() != self.upgrading:
@@ -239,7 +240,11 @@ def growth(samples: list[dict], warmup: float, end: float) -> dict:
                       if v is not None]
             result[group][measure] = round(100 * (values[-1] - values[0]) / values[0], 1) \
                 if len(values) > 1 and values[0] else None
-    found = [v for g in ("master", *POOLS) for v in result[g].values() if v is not None]
+            # what the percentage is of: a few fds more is a large share of ten
+            result[group][f"{measure}_from_to"] = [round(values[0], 1), round(values[-1], 1)] \
+                if len(values) > 1 else None
+    found = [result[g][m] for g in ("master", *POOLS) for m in MEASURES
+             if result[g][m] is not None]
     result["max_pct"] = max(found) if found else None
     return result
 
@@ -341,8 +346,39 @@ def measure(scenario: Scenario, out: Path) -> dict:
     growth_pct = figures["growth"]["max_pct"]
     figures["flat"] = growth_pct is not None and growth_pct <= settings["max_growth_pct"]
     result = save_result(out, scenario, began, figures)
-    write_report(out, scenario, figures)
+    title = f"{scenario.name} / poolmgr"
+    images = plots(out, load, [], title) + [memory_plot(out, figures, title)]
+    write_report(out, scenario, figures, images)
     return result
+
+
+def memory_plot(out: Path, f: dict, title: str) -> str:
+    """memory.png: PSS and the fd floor of the master and per pool worker over time, with
+    the events; returns its name."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (memory, fds) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    t = [p["t"] for p in f["samples"]]
+    for group, label in (("master", "master"), ("smtp", "SMTP worker"),
+                         ("scanner", "scanner worker")):
+        memory.plot(t, [(per_process(p, group, "pss") or 0) / 2**20 for p in f["samples"]],
+                    marker=".", label=label)
+        fds.plot(t, [per_process(p, group, "fds_floor") or 0 for p in f["samples"]],
+                 marker=".", label=label)
+    for axis in (memory, fds):
+        for event in f["events"]:
+            axis.axvline(event["t"], color="grey", linewidth=0.6, linestyle=":")
+        axis.legend(loc="upper left", fontsize=8)
+    memory.set_ylabel("PSS, MiB")
+    fds.set_ylabel("open fds (floor)")
+    fds.set_xlabel("seconds (dotted: events)")
+    memory.set_title(f"{title}: memory and file descriptors")
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=90)
+    plt.close(fig)
+    return "memory.png"
 
 
 def summary_lines(f: dict) -> list[str]:
@@ -375,7 +411,7 @@ def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value / 2**20:.1f}"
 
 
-def write_report(out: Path, scenario: Scenario, f: dict) -> None:
+def write_report(out: Path, scenario: Scenario, f: dict, images: list[str]) -> None:
     s, m = scenario.measure, f["messages"]
     storm = ", ".join(f"{profile} {rate:g}/s" for profile, rate in s["storm"].items())
     lines = [f"# poolmgr bench: {scenario.name} (a soak of {_minutes(s['duration'])})", "",
@@ -422,9 +458,18 @@ def write_report(out: Path, scenario: Scenario, f: dict) -> None:
         lines.append("| " + " | ".join(row) + " |")
     g = f["growth"]
     lines += ["", f"Growth from {g['from_s']}s to {g['to_s']}s (goal: at most "
-                  f"{f['max_growth_pct']:g}%):", "", "| | RSS | PSS | fds |", "|---|---|---|---|"]
-    lines += [f"| {group} | {g[group]['rss']}% | {g[group]['pss']}% | "
-              f"{g[group]['fds_floor']}% |"
-              for group in ("master", *POOLS)]
+                  f"{f['max_growth_pct']:g}%):", "", "| | RSS (MiB) | PSS (MiB) | fds |",
+              "|---|---|---|---|"]
+
+    def cell(group: str, measure: str) -> str:
+        span = g[group][f"{measure}_from_to"]
+        if span is None:
+            return "-"
+        first, last = (_mib(v) for v in span) if measure != "fds_floor" else span
+        return f"{g[group][measure]}% ({first} -> {last})"
+
+    lines += [f"| {group} | {cell(group, 'rss')} | {cell(group, 'pss')} | "
+              f"{cell(group, 'fds_floor')} |" for group in ("master", *POOLS)]
     lines += ["", *[f"- {line}" for line in summary_lines(f)], ""]
+    lines += [f"![{name}]({name})" for name in images]
     (out / "report.md").write_text("\n".join(lines) + "\n")
