@@ -412,6 +412,8 @@ def test_soak_scenario_is_validated_and_made_of_phases(tmp_path):
              "next_hop_down: the two outages take more than 40% of the duration"),
             ('kind = "soak"\nwarmup = "2h"\n', "warmup: 7200s is not shorter than the duration"),
             ('kind = "soak"\nreload = "yes"\n', "reload: 'yes' is not true or false"),
+            ('kind = "soak"\nduration = "20m"\nwarmup = "2m"\n',
+             "warmup: 120s is not after the upgrade (at 15% of the run, 180s)"),
             ('kind = "soak"\n[[phases]]\nduration = "5s"\nrates = { idle = 1 }\n',
              "a soak scenario has no [[phases]]")):
         bad.write_text(text)

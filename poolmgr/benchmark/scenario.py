@@ -394,6 +394,9 @@ def soak_settings(data: dict, fail) -> dict[str, Any]:
         settings[key] = value
     if settings["warmup"] >= settings["duration"]:
         fail(f"warmup: {settings['warmup']:g}s is not shorter than the duration")
+    if settings["upgrade"] and settings["warmup"] <= 0.15 * settings["duration"]:
+        fail(f"warmup: {settings['warmup']:g}s is not after the upgrade (at 15% of the run, "
+             f"{0.15 * settings['duration']:g}s): growth would span two generations")
     if settings["storm_length"] >= settings["storm_every"]:
         fail("storm_length: a storm must end before the next one starts (storm_every)")
     if 2 * settings["next_hop_down"] >= 0.4 * settings["duration"]:
