@@ -256,7 +256,7 @@ def cmd_bench(args) -> int:
     from .benchmark import report, run, scenario
 
     try:
-        plan = scenario.load(args.scenario)
+        plan = scenario.load(args.scenario, args.set or [])
         if args.config:
             plan.server.update(scenario.pool_sizes(config.load(args.config)))
     except scenario.ScenarioError as exc:
@@ -265,7 +265,7 @@ def cmd_bench(args) -> int:
     except config.ConfigError as exc:
         print("\n".join(f"poolmgr: error: {e}" for e in exc.errors), file=sys.stderr)
         return 2
-    if plan.kind in ("scanner-pool", "cluster-overhead"):
+    if plan.kind in ("scanner-pool", "cluster-overhead", "soak"):
         return bench_poolmgr_alone(args, plan)
     if args.bench_command == "compare":
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -292,9 +292,10 @@ def cmd_bench(args) -> int:
 
 def bench_poolmgr_alone(args, plan) -> int:
     """`bench run` of a scenario that measures poolmgr alone, against itself: the scanner pool
-    by back-end and size (scanner-pool), a node with [cluster] and without (cluster-overhead).
-    Exit 1 when a run lost a message or an arm completed no connection."""
-    from .benchmark import cluster_overhead, scanner_pool
+    by back-end and size (scanner-pool), a node with [cluster] and without (cluster-overhead),
+    one node for a long time (soak). Exit 1 when a run lost a message, an arm completed no
+    connection, or poolmgr logged a traceback during a soak."""
+    from .benchmark import cluster_overhead, scanner_pool, soak
 
     if args.bench_command == "compare" or args.target != "poolmgr" or args.nodes:
         print(f"poolmgr: error: {args.scenario}: a {plan.kind} scenario measures poolmgr "
@@ -307,6 +308,10 @@ def bench_poolmgr_alone(args, plan) -> int:
         lines = scanner_pool.summary_lines(f)
         runs = [r for per_size in f.values() for v in per_size.values() for r in v["runs"]]
         ok = all(r["accepted"] and r["delivered"] == r["accepted"] for r in runs)
+    elif plan.kind == "soak":
+        f = soak.measure(plan, out)["figures"]
+        lines = soak.summary_lines(f)
+        ok = f["messages"]["accepted"] > 0 and not f["messages"]["lost"] and not f["tracebacks"]
     else:
         f = cluster_overhead.measure(plan, out)["figures"]
         lines = cluster_overhead.summary_lines(f)
@@ -541,8 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("scenario", help="a scenario file, e.g. bench/scenarios/smoke.toml "
                                             "(phases, or kind = \"replay\" of a mail log, "
-                                            "\"source\", \"scanner-pool\" or "
-                                            "\"cluster-overhead\")")
+                                            "\"source\", \"scanner-pool\", "
+                                            "\"cluster-overhead\" or \"soak\")")
+            p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                           help="change one of the scenario's keys (a TOML value; a dotted "
+                                "KEY reaches into a table), e.g. --set duration=10m "
+                                "--set server.smtp_workers=4; repeatable")
             p.add_argument("--config", metavar="FILE",
                            help="pool sizes from a poolmgr config file ([smtp] and [scanner] "
                                 "min_workers, max_workers, max_sessions_per_worker) instead "

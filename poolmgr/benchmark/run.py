@@ -10,11 +10,12 @@ Output in OUT: `result.json` (figures and the time series), `connections.png` (o
 connections by profile and pool sizes over time), `latency.png` (legitimate latency over
 time) and `report.md`, which embeds them (`benchmark.report`).
 
-`generate` runs the load generator's processes and gathers their records; the scanner-pool
-and cluster-overhead kinds (`benchmark.scanner_pool`, `benchmark.cluster_overhead`) use it too.
+`generate` runs the load generator's processes and gathers their records; the scanner-pool,
+cluster-overhead and soak kinds (`benchmark.scanner_pool`, `benchmark.cluster_overhead`,
+`benchmark.soak`) use it too.
 """
 
-__all__ = ["run", "compare", "generate", "delivered_count"]
+__all__ = ["run", "compare", "generate", "delivered_count", "found_ids"]
 
 import json
 import re
@@ -113,9 +114,14 @@ def generate(scenario: Scenario, addresses: list[list], work: Path,
     return load, samples, t0
 
 
+def found_ids(arrived: list[bytes]) -> set[str]:
+    """The Message-IDs of the load generator's messages among those the next hop holds."""
+    return {m.group(0).decode() for data in arrived for m in MESSAGE_ID.finditer(data)}
+
+
 def delivered_count(messages: list[dict], arrived: list[bytes]) -> int:
     """How many of the load generator's messages the next hop holds, by Message-ID."""
-    found = {m.group(0).decode() for data in arrived for m in MESSAGE_ID.finditer(data)}
+    found = found_ids(arrived)
     return sum(1 for m in messages if m["id"] in found)
 
 

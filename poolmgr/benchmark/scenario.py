@@ -72,11 +72,31 @@ with it and without, rounds taken in turn:
 Both drive the load generator as a closed loop (`Scenario.loop`): every client makes one
 connection after another, as fast as the server answers, for `duration`.
 
+A soak scenario (`kind = "soak"`, `benchmark.soak`) runs one poolmgr node (sized by [server])
+for a long time under steady legitimate mail, with storms, next-hop outages, a reload, a USR2
+upgrade and (with `cluster`) a Redis restart on the way; its phases are made from its keys:
+
+    kind = "soak"
+    duration = "60m"           # the whole run
+    legit_rate = 2.0           # legitimate messages per second, all along
+    storm_every = "20m"        # a storm at every multiple of this (not at 0)
+    storm_length = "30s"       # each storm's arrivals last this long
+    storm = { idle = 100, pregreet = 10, listed = 10, dictionary = 5 }  # connections/s
+    next_hop_down = "60s"      # smtp-sink stopped this long, twice (at 30% and 70%)
+    reload = true              # SIGHUP at 10% of the run
+    upgrade = true             # USR2 at 15% of the run
+    cluster = false            # [cluster] on a private Redis, restarted at 85% of the run
+    redis_down = "10s"         # for this long
+    sample_every = "1m"        # memory and fds of every poolmgr process
+    warmup = "10m"             # growth is measured from here to the end
+    max_growth_pct = 5.0       # the goal the report checks growth against
+
 Every duration and count is bounded, so a run stops by itself.
 """
 
 __all__ = ["Scenario", "Phase", "PROFILES", "load", "ScenarioError", "replay_profile",
-           "pool_sizes", "SERVER_DEFAULTS", "from_dict", "KINDS"]
+           "pool_sizes", "SERVER_DEFAULTS", "from_dict", "KINDS", "soak_storms",
+           "overridden"]
 
 import math
 import tomllib
@@ -213,6 +233,8 @@ def from_dict(data: dict, path: str = "") -> Scenario:
         source = source_settings(data, fail)
     elif kind in MEASURE_KEYS:
         measure = measure_settings(kind, data, fail)
+    elif kind == "soak":
+        measure = soak_settings(data, fail)
     for n, phase in enumerate(data.get("phases") or [], 1):
         rates = phase.get("rates") or {}
         unknown = sorted(set(rates) - set(PROFILES))
@@ -231,8 +253,10 @@ def from_dict(data: dict, path: str = "") -> Scenario:
                             {k: float(v) for k, v in rates.items()}))
     if kind == "phases" and not phases:
         fail("no [[phases]]")
-    if kind in ("source", *MEASURE_KEYS) and phases:
+    if kind in ("source", "soak", *MEASURE_KEYS) and phases:
         fail(f"a {kind} scenario has no [[phases]]")
+    if kind == "soak":
+        phases = soak_phases(measure)
     if kind == "replay" and (phases or not arrivals):
         fail("a replay has no [[phases]]" if phases else "the mail log holds no sessions")
     profiles = {}
@@ -263,7 +287,7 @@ def from_dict(data: dict, path: str = "") -> Scenario:
     processes = int(data.get("processes", 1))
     if not 1 <= processes <= 16:
         fail("processes must be 1..16")
-    drain = data.get("drain") or ("20s" if kind in ("phases", *MEASURE_KEYS) else
+    drain = data.get("drain") or ("20s" if kind in ("phases", "soak", *MEASURE_KEYS) else
                                   max((a[2] for a in arrivals), default=0.0) + 20)
     return Scenario(str(data.get("name", "scenario")), str(data.get("description", "")),
                     phases, profiles, server, processes, parse_duration(drain), path, data,
@@ -290,7 +314,7 @@ def source_settings(data: dict, fail) -> dict[str, int]:
     return settings
 
 
-KINDS = ("phases", "replay", "source", "scanner-pool", "cluster-overhead")
+KINDS = ("phases", "replay", "source", "scanner-pool", "cluster-overhead", "soak")
 # The scanner-pool and cluster-overhead kinds' keys: (default, least, most); a list's bounds
 # hold for each of its items
 SCANNER_CHECKS = ("builtin", "clamd", "spamd")
@@ -329,6 +353,77 @@ def measure_settings(kind: str, data: dict, fail) -> dict[str, Any]:
             fail(f"{key}: {value} is not within {least}..{most}")
         settings[key] = value
     return settings
+
+
+# A soak scenario's keys: (default, least, most); durations in seconds
+SOAK_KEYS = {"duration": ("60m", 10, 86400), "legit_rate": (2.0, 0.1, 100),
+             "storm_every": ("20m", 5, 86400), "storm_length": ("30s", 1, 3600),
+             "storm": ({"idle": 100, "pregreet": 10, "listed": 10, "dictionary": 5}, 0, 5000),
+             "next_hop_down": ("60s", 1, 3600), "reload": (True, None, None),
+             "upgrade": (True, None, None), "cluster": (False, None, None),
+             "redis_down": ("10s", 1, 600), "sample_every": ("1m", 1, 3600),
+             "warmup": ("10m", 0, 86400), "max_growth_pct": (5.0, 0, 1000)}
+SOAK_DURATIONS = ("duration", "storm_every", "storm_length", "next_hop_down", "redis_down",
+                  "sample_every", "warmup")
+
+
+def soak_settings(data: dict, fail) -> dict[str, Any]:
+    """A soak scenario's settings, each within its bounds."""
+    settings: dict[str, Any] = {}
+    for key, (default, least, most) in SOAK_KEYS.items():
+        value = data.get(key, default)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                fail(f"{key}: {value!r} is not true or false")
+            settings[key] = value
+            continue
+        if key == "storm":
+            if not isinstance(value, dict) or set(value) - set(BOTS) or any(
+                    isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= most
+                    for r in value.values()):
+                fail(f"storm: {value!r}: connections per second (0..{most}) of "
+                     f"{', '.join(BOTS)}")
+            settings[key] = {k: float(v) for k, v in value.items()}
+            continue
+        try:
+            value = parse_duration(value) if key in SOAK_DURATIONS else float(value)
+        except (TypeError, ValueError):
+            fail(f"{key}: {value!r} is not a {'duration' if key in SOAK_DURATIONS else 'number'}")
+        if not least <= value <= most:
+            fail(f"{key}: {value:g} is not within {least}..{most}")
+        settings[key] = value
+    if settings["warmup"] >= settings["duration"]:
+        fail(f"warmup: {settings['warmup']:g}s is not shorter than the duration")
+    if settings["upgrade"] and settings["warmup"] <= 0.15 * settings["duration"]:
+        fail(f"warmup: {settings['warmup']:g}s is not after the upgrade (at 15% of the run, "
+             f"{0.15 * settings['duration']:g}s): growth would span two generations")
+    if settings["storm_length"] >= settings["storm_every"]:
+        fail("storm_length: a storm must end before the next one starts (storm_every)")
+    if 2 * settings["next_hop_down"] >= 0.4 * settings["duration"]:
+        fail("next_hop_down: the two outages take more than 40% of the duration")
+    return settings
+
+
+def soak_storms(settings: dict) -> list[tuple[float, float]]:
+    """A soak's storms: (start, end) seconds, one at every multiple of storm_every."""
+    every, length, end = settings["storm_every"], settings["storm_length"], settings["duration"]
+    return [(k * every, min(end, k * every + length))
+            for k in range(1, math.ceil(end / every)) if k * every < end]
+
+
+def soak_phases(settings: dict) -> list[Phase]:
+    """A soak's arrivals as the load generator's phases: steady legitimate mail, the storm's
+    bots added during each storm."""
+    steady = {"legit": settings["legit_rate"]}
+    phases, at = [], 0.0
+    for n, (start, end) in enumerate(soak_storms(settings), 1):
+        if start > at:
+            phases.append(Phase(f"steady{n}", start - at, steady))
+        phases.append(Phase(f"storm{n}", end - start, {**steady, **settings["storm"]}))
+        at = end
+    if settings["duration"] > at:
+        phases.append(Phase("steady", settings["duration"] - at, steady))
+    return phases
 
 
 def replay(data: dict, path: str, fail) -> list[list]:
@@ -373,7 +468,30 @@ def replay(data: dict, path: str, fail) -> list[list]:
     return sorted(arrivals, key=lambda a: a[0])
 
 
-def load(path: str) -> Scenario:
+def overridden(data: dict, settings: list[str]) -> dict:
+    """The scenario's TOML with `KEY=VALUE` settings (`bench run --set`) put in: VALUE is a
+    TOML value (a bare word is a string), a dotted KEY reaches into a table
+    (`server.smtp_workers=4`, `profiles.legit.timeout="60s"`)."""
+    data = {**data}
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        if not sep or not key.strip():
+            raise ScenarioError(f"--set {setting!r}: expected KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        *tables, last = key.strip().split(".")
+        where = data
+        for name in tables:
+            where[name] = {**(where.get(name) or {})}
+            where = where[name]
+        where[last] = value
+    return data
+
+
+def load(path: str, settings: list[str] = ()) -> Scenario:
+    """A scenario file, with `settings` (KEY=VALUE, `overridden`) put in."""
     try:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
@@ -381,4 +499,4 @@ def load(path: str) -> Scenario:
         raise ScenarioError(f"{path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{path}: {exc}") from None
-    return from_dict(data, path)
+    return from_dict(overridden(data, list(settings)), path)

@@ -3,7 +3,8 @@
 Every target relays to the same `smtp-sink` next hop, so that the next hop costs the same for
 all, and checks the same recipients; a DNS server on a loopback address serves the DNSBL zone.
 Targets: `poolmgr` (both pools; with `[server] nodes = N`, N poolmgr nodes sharing one
-private Redis, whose `addresses` the load generator takes in turn), `postfix` (Debian's
+private Redis, whose `addresses` the load generator takes in turn; `cluster`: [cluster] on
+that Redis even for one node), `postfix` (Debian's
 Postfix, plain smtpd), `postfix-postscreen`
 (postscreen in front of it) and `aiosmtpd` (its stock server and `Proxy` handler). Each
 target's whole process tree is measured the same way (`tree_usage`: RSS, PSS, CPU seconds).
@@ -14,7 +15,7 @@ were shed), `decisions` (poolmgr's autoscaler decisions seen, with their times) 
 `counters()` (poolmgr: hand-offs to the scanner pool, messages scanned).
 """
 
-__all__ = ["started", "settled", "tree_usage", "rule_breaks", "TARGETS", "DNSBL_ZONE"]
+__all__ = ["started", "settled", "tree_usage", "tree", "rule_breaks", "TARGETS", "DNSBL_ZONE"]
 
 import subprocess
 import sys
@@ -69,11 +70,11 @@ class PoolmgrTarget:
     name = "poolmgr"
 
     def __init__(self, s: dict, recipients: list[str], work: Path, sink: Sink,
-                 dns: DnsServer):
+                 dns: DnsServer, cluster: bool = False):
         self.stress = s["stress"]
         self.rules = None
         self.decisions: list[Decision] = []
-        self.redis = RedisServer(work).start() if s["nodes"] > 1 else None
+        self.redis = RedisServer(work).start() if s["nodes"] > 1 or cluster else None
         sections = {
             "smtp": {"min_workers": s["smtp_workers"],
                      "max_workers": max(s["smtp_workers"], s["smtp_max_workers"]),
@@ -316,10 +317,12 @@ class AiosmtpdTarget(ProcessTarget):
 
 @contextmanager
 def started(target_name: str, server: dict, recipients: list[str],
-            listed: list[str] = ()) -> Iterator[tuple[object, Sink, DnsServer, Path]]:
+            listed: list[str] = (), cluster: bool = False
+            ) -> Iterator[tuple[object, Sink, DnsServer, Path]]:
     """A target running with its peers: (target, sink, dns, work directory); all stopped at
     the end. `server` sizes it (scenario.SERVER_DEFAULTS), `recipients` are the valid ones,
-    `listed` address prefixes are in the DNSBL zone."""
+    `listed` address prefixes are in the DNSBL zone; `cluster`: poolmgr has [cluster] on a
+    private Redis even as one node (the soak)."""
     if target_name not in TARGETS:
         raise SystemExit(f"poolmgr bench: unknown target {target_name!r}; "
                          f"known: {', '.join(TARGETS)}")
@@ -335,7 +338,7 @@ def started(target_name: str, server: dict, recipients: list[str],
     try:
         sink = Sink(work).start()
         if target_name == "poolmgr":
-            target = PoolmgrTarget(server, recipients, work, sink, dns)
+            target = PoolmgrTarget(server, recipients, work, sink, dns, cluster)
         elif target_name == "aiosmtpd":
             target = AiosmtpdTarget(work, sink)
         else:
