@@ -152,6 +152,28 @@ def _ours(logger: logging.Logger) -> logging.Logger:
 _root = _ours(logging.getLogger("poolmgr"))
 
 
+class _NoLock:
+    """A lock that never waits, for handlers that need none (`_Quiet.createLock`)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def acquire(self, *args, **kwargs) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+    def _at_fork_reinit(self) -> None:
+        pass
+
+
+_NO_LOCK = _NoLock()
+
+
 class _Quiet:
     """What poolmgr's handlers share: `write_line(level, line)` writes a formatted line, from
     `emit` and from `_Logger`'s short way, through `send` (which never waits); what it cannot
@@ -192,7 +214,8 @@ class _Quiet:
     def createLock(self) -> None:
         # No lock around emit: a line is one write(2) (or one datagram), which greenlets do
         # not interleave, and after gevent's monkey-patching each acquire went through it.
-        self.lock = None
+        # Not None: Python 3.13's Handler.handle says `with self.lock:`.
+        self.lock = _NO_LOCK
 
 
 def _unblocked_stderr() -> tuple[int, socket.socket | None]:
@@ -359,6 +382,8 @@ def drain(timeout: float = EXIT_WAIT) -> None:
     deadline = time.monotonic() + timeout
     while flush() and time.monotonic() < deadline:
         time.sleep(0.05)
+    for handler in _handlers():  # what the log did not take in time is lost: counted
+        handler.backlog.abandon()
 
 
 # Drops counted on the board so far (take_dropped), and those of handlers since replaced.
@@ -430,7 +455,8 @@ def setup(name: str, master=None, level: int = logging.INFO) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
         if isinstance(old, _Quiet):
-            old.write_kept()  # what the old destination can take now; the rest is lost
+            old.write_kept()  # what the old destination can take now; the rest is lost,
+            old.backlog.abandon()  # and counted
             _counted[1] += old.backlog.dropped
         old.close()
     root.addHandler(handler)

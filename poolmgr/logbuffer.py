@@ -53,6 +53,15 @@ class Backlog:
         self.lines = self.dropped = 0
         self.writing = threading.Lock()  # another thread of the parent's may have held it
 
+    def abandon(self) -> int:
+        """The lines still waiting will never be written (the process exits, or its log
+        destination changed): count them as dropped; how many."""
+        lost = self.lines + sum(gap.count for gap in self.kept if isinstance(gap, _Gap))
+        self.dropped += self.lines
+        self.kept.clear()
+        self.lines = 0
+        return lost
+
     def write(self, data: bytes, send, gap_line) -> None:
         if not self.writing.acquire(blocking=False):  # another thread, or a signal handler
             self.keep(data)

@@ -155,6 +155,37 @@ def test_a_full_disk_keeps_then_drops_and_never_raises(fresh_logging):
     assert log.flush() == 11
 
 
+def test_lines_still_waiting_at_exit_or_at_a_new_destination_count_as_dropped(tmp_path,
+                                                                              fresh_logging):
+    """A worker exiting while its log is stalled (drain gives up), or a reload that changes
+    the log's destination: what still waits is lost, and counted, never silently."""
+    log.setup("poolmgr/smtpd", config.from_dict({"master": {"log": "/dev/full",
+                                                            "log_buffer": 10}}).master)
+    for n in range(15):
+        log.get("smtpd").info("line %d", n)
+    assert (log.pending(), log.dropped()) == (11, 5)  # 10 lines and the drop line
+    log.drain(timeout=0.1)
+    assert (log.pending(), log.dropped(), log.take_dropped()) == (0, 15, 15)
+    for n in range(4):
+        log.get("smtpd").info("line %d", n)
+    log.setup("poolmgr/smtpd", config.from_dict(
+        {"master": {"log": str(tmp_path / "mail.log")}}).master)
+    assert log.take_dropped() == 4 and log.pending() == 0
+
+
+def test_the_handlers_lock_never_waits_and_is_a_context_manager(fresh_logging):
+    """Python 3.13's Handler.handle says `with self.lock:`; a handler's lock of None made
+    every log.exception raise (and with it, the master's loop)."""
+    log.setup("poolmgr/master", config.from_dict({"master": {"log": "stderr"}}).master)
+    (handler,) = log._handlers()
+    with handler.lock:
+        assert handler.lock.acquire() is True
+    try:
+        raise ValueError("a bug")
+    except ValueError:
+        log.get("master").exception("caught")  # the standard way, through Handler.handle
+
+
 # A process whose stderr is a pipe nobody reads: it logs far more than the pipe holds, says
 # what waits and was dropped, and once the test reads the pipe, writes the rest and one more.
 STDERR_CHILD = """

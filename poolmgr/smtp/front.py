@@ -86,6 +86,9 @@ class FrontSession(ServerSession):
     def looks_like_nuisance(self, silent_since: float) -> bool:
         return self.screening.looks_like_nuisance(silent_since, self.stats is None)
 
+    def looks_up_name(self) -> bool:
+        return self.service.defence.names is not None
+
     # -- hooks of the dialogue: what each defence reads, and its decision
     def on_connect(self) -> Decision | None:
         self.service.slot.add("connections")

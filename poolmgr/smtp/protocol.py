@@ -168,8 +168,15 @@ class ServerSession:
     def on_close(self) -> None:
         pass
 
+    def looks_up_name(self) -> bool:
+        """Whether the policy looks the client's name up at connect (then `connect from` waits
+        for it); without a lookup the line comes first, before anything the policy logs."""
+        return False
+
     # -- the session
     def run(self) -> None:
+        if not self.looks_up_name():
+            self.log_connect()
         self.resume(self.open)
 
     def log_connect(self) -> None:
@@ -180,8 +187,9 @@ class ServerSession:
 
     def open(self) -> None:
         decision = self.on_connect()
-        if decision is not None and decision.close:
-            self.ended = "refused"
+        if decision is not None and (decision.close or decision.reply is not None):
+            # A reply at connect is said instead of the banner: the session ends with it.
+            self.closing, self.ended = True, "refused"
             self.log_connect()
             self.apply(decision)
             self.conn.flush()
