@@ -10,6 +10,7 @@ import pytest
 
 from poolmgr import maildir
 from poolmgr.defence.anvil import Anvil, AnvilServer
+from poolmgr.defence.clientstate import TtlCache
 from poolmgr.defence.peername import valid_hostname
 from poolmgr.defence.networks import in_networks, parse_cidrs, plain_ip
 from poolmgr.defence.recipients import RecipientTable
@@ -198,6 +199,29 @@ def test_anvil_releases_an_exited_workers_connections_and_forgets_idle_clients()
     assert anvil.clients["192.0.2.1"].count == 1
     anvil.purge(now=20)
     assert list(anvil.clients) == ["192.0.2.1"]  # still has a live connection
+
+
+def test_anvil_forgets_a_storms_clients_once_their_window_ends_without_more_storm():
+    """A storm's bots are gone from the store within a time unit or two of calm traffic, not
+    only after a thousand more requests (an hour's soak grew the master by every bot seen)."""
+    anvil = Anvil(time_unit=60)
+    for n in range(500):
+        anvil.connect("w1", f"192.0.2.{n % 250}", now=n / 10)
+        anvil.disconnect("w1", f"192.0.2.{n % 250}")
+    assert len(anvil.clients) == 250
+    anvil.message("198.51.100.1", now=200)  # one calm request after the window
+    assert list(anvil.clients) == ["198.51.100.1"]
+
+
+def test_ttl_cache_sweeps_expired_entries_by_age():
+    cache = TtlCache(max_entries=1000, sweep_every=60)
+    for n in range(300):
+        cache.put(("zen.example", f"192.0.2.{n}"), True, expires=n + 300, now=n)
+    assert len(cache) == 300  # nothing had expired at the sweeps so far
+    cache.put("late", True, expires=10_000, now=700)
+    assert len(cache) == 1 and cache.get("late", now=700) is True
+    cache.put("bound", True, expires=10_000, now=701)  # no sweep before sweep_every
+    assert len(cache) == 2
 
 
 def test_anvil_server_answers_over_a_seqpacket_pair():

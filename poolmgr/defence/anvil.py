@@ -31,7 +31,7 @@ from collections import Counter
 
 from .clientstate import ClientState, TtlCache, Usage
 
-_PURGE_EVERY = 1024  # requests between sweeps of idle clients
+_PURGE_EVERY = 1024  # requests between sweeps of idle clients, at most
 ANVIL_TIMEOUT = 2.0  # a worker's wait for an answer; after it the client fails open
 _PACKET = 4096  # a request or an answer, at most (a DNSBL lookup names every site)
 
@@ -53,13 +53,14 @@ class Anvil:
         self.clients: dict[str, _Client] = {}
         self.owners: dict[object, Counter] = {}  # worker -> live connections by client
         self.requests = 0
+        self.next_purge = 0.0  # and at least once a time unit, when there are requests
         self.greet = TtlCache()  # ip -> True while its greet test pass holds
         self.dnsbl = TtlCache()  # (domain, ip) -> listed, for the answer's TTL
         self.names = TtlCache()  # ip -> (name, reverse), for the answers' TTL
 
     def _client(self, ip: str, now: float) -> _Client:
         self.requests += 1
-        if self.requests % _PURGE_EVERY == 0:
+        if self.requests % _PURGE_EVERY == 0 or now >= self.next_purge:
             self.purge(now)
         client = self.clients.get(ip)
         if client is None:
@@ -108,6 +109,7 @@ class Anvil:
 
     def purge(self, now: float) -> None:
         """Forget clients with no live connection whose window has ended."""
+        self.next_purge = now + self.time_unit
         self.clients = {ip: c for ip, c in self.clients.items()
                         if c.count or now - c.window_start < self.time_unit}
 

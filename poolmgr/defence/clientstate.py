@@ -20,6 +20,7 @@ __all__ = ["ClientState", "Usage", "TtlCache"]
 from typing import NamedTuple
 
 _MAX_ENTRIES = 200_000  # per cache: a storm of distinct clients cannot grow it without bound
+_SWEEP_EVERY = 60.0  # seconds between sweeps of a cache's expired entries
 
 
 class Usage(NamedTuple):
@@ -65,11 +66,17 @@ class ClientState:
 
 
 class TtlCache:
-    """Values that expire, bounded in size; the clock is passed in."""
+    """Values that expire, bounded in size; the clock is passed in.
 
-    def __init__(self, max_entries: int = _MAX_ENTRIES):
+    Expired entries are swept out at most every `sweep_every` seconds (from `put`), so a
+    storm's clients leave the cache once their answers expire rather than when it is full:
+    an hour of storms of distinct bots does not hold the memory of all of them."""
+
+    def __init__(self, max_entries: int = _MAX_ENTRIES, sweep_every: float = _SWEEP_EVERY):
         self.entries: dict = {}
         self.max_entries = max_entries
+        self.sweep_every = sweep_every
+        self.next_sweep = 0.0
 
     def get(self, key, now: float):
         entry = self.entries.get(key)
@@ -78,13 +85,14 @@ class TtlCache:
         return entry[1]
 
     def put(self, key, value, expires: float, now: float) -> None:
-        if len(self.entries) >= self.max_entries:
+        if now >= self.next_sweep or len(self.entries) >= self.max_entries:
             self.purge(now)
             if len(self.entries) >= self.max_entries:
                 self.entries.clear()  # crude, but bounded
         self.entries[key] = (expires, value)
 
     def purge(self, now: float) -> None:
+        self.next_sweep = now + self.sweep_every
         self.entries = {k: v for k, v in self.entries.items() if v[0] > now}
 
     def __len__(self) -> int:
