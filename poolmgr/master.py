@@ -49,8 +49,7 @@ class Master:
         self.stopping = ""  # "", "graceful" or "fast"
         self.stop_started, self.scanners_stopped = 0.0, False
         self.announced = False  # READY=1 sent for this generation
-        self.started = time.time()
-        self.board = Board()
+        self.started, self.board = time.time(), Board()
         self.nuisance = NuisanceWindow(cfg.defence.nuisance_window)
         self.sampled_at = self.rss_checked = 0.0
         self.handoffs_seen: dict[int, int] = {}  # hand-offs of each SMTP worker, by pid
@@ -369,7 +368,7 @@ class Master:
 
     def sample(self) -> None:
         """Once a second: the nuisance window, each SMTP worker's share of the scanner pool
-        (`handoff.share`, on the board), the copy of the status the metrics serve."""
+        (`handoff.share`, on the board), the status the metrics serve, the heap's trim."""
         now = time.monotonic()
         if now - self.sampled_at < 1.0:
             return
@@ -381,6 +380,7 @@ class Master:
                                                    len(view.pools["scanner"].running())))
         self.handoffs_seen = counts
         self.services.publish(lambda: collect(view), self.sizing.scaler.decision_count)
+        self.services.heap.tick(0, now)
 
     # -- systemd and ps
     def report(self) -> None:

@@ -19,6 +19,7 @@ import time
 
 from . import cluster, control, log, maildir, metrics, pidfile, privileges
 from .config import Config, format_address
+from .heap import Trimmer
 from .notify import Notifier
 from .scanner import quarantine
 from .upgrade import Upgrade
@@ -33,6 +34,7 @@ class Services:
         self.metrics_server = None
         self.notifier = Notifier()
         self.upgrade = Upgrade()
+        self.heap = Trimmer()  # the master's: client state swept after a storm, given back
         self.cluster: cluster.Monitor | None = None
         self.control: control.ControlServer | None = None
 

@@ -402,7 +402,7 @@ def test_cluster_overhead_scenario_measures_both_arms_in_turn(tmp_path, capsys):
 
 def test_soak_scenario_is_validated_and_made_of_phases(tmp_path):
     """A soak's keys are checked; its phases are steady legitimate mail with the storm's bots
-    added at every multiple of storm_every; its events fall at fixed shares of the run; --set
+    added from first_storm on, every storm_every; its events fall at fixed shares of the run; --set
     changes a key, a dotted one inside a table."""
     bad = tmp_path / "bad.toml"
     for text, message in (
@@ -414,16 +414,17 @@ def test_soak_scenario_is_validated_and_made_of_phases(tmp_path):
              "next_hop_down: the two outages take more than 40% of the duration"),
             ('kind = "soak"\nwarmup = "2h"\n', "warmup: 7200s is not shorter than the duration"),
             ('kind = "soak"\nreload = "yes"\n', "reload: 'yes' is not true or false"),
-            ('kind = "soak"\nduration = "20m"\nwarmup = "2m"\n',
-             "warmup: 120s is not after the upgrade (at 15% of the run, 180s)"),
+            ('kind = "soak"\nduration = "20m"\nwarmup = "30s"\n',
+             "warmup: 30s is not after the upgrade (at 5% of the run, 60s)"),
             ('kind = "soak"\n[[phases]]\nduration = "5s"\nrates = { idle = 1 }\n',
              "a soak scenario has no [[phases]]")):
         bad.write_text(text)
         with pytest.raises(scenario.ScenarioError, match=re.escape(message)):
             scenario.load(str(bad))
     shipped = str(Path(SMOKE).parent / "soak.toml")
-    plan = scenario.load(shipped, ["duration=10m", "storm_every=4m", "warmup=2m",
-                                   "storm.idle=50", "profiles.idle.hold=20s", "cluster=true"])
+    plan = scenario.load(shipped, ["duration=10m", "storm_every=4m", "first_storm=4m",
+                                   "warmup=2m", "storm.idle=50", "profiles.idle.hold=20s",
+                                   "cluster=true"])
     m = plan.measure
     assert m["duration"] == 600 and m["warmup"] == 120 and m["cluster"] is True
     storm = {"idle": 50.0, "pregreet": 10.0, "listed": 10.0, "dictionary": 5.0}
@@ -432,7 +433,12 @@ def test_soak_scenario_is_validated_and_made_of_phases(tmp_path):
         ("steady1", 240.0, {"legit": 2.0}), ("storm1", 30.0, {"legit": 2.0, **storm}),
         ("steady2", 210.0, {"legit": 2.0}), ("storm2", 30.0, {"legit": 2.0, **storm}),
         ("steady", 90.0, {"legit": 2.0})]
-    assert soak.timeline(m) == [(60.0, "reload"), (90.0, "upgrade"), (180.0, "next_hop_down"),
+    early = scenario.load(shipped, ["duration=10m", "warmup=2m", "first_storm=1m",
+                                    "storm_every=4m"])
+    assert [(p.name, p.duration) for p in early.phases] == [
+        ("steady1", 60.0), ("storm1", 30.0), ("steady2", 210.0), ("storm2", 30.0),
+        ("steady3", 210.0), ("storm3", 30.0), ("steady", 30.0)]
+    assert soak.timeline(m) == [(18.0, "reload"), (30.0, "upgrade"), (180.0, "next_hop_down"),
                                 (240.0, "next_hop_up"), (420.0, "next_hop_down"),
                                 (480.0, "next_hop_up"), (510.0, "redis_down"),
                                 (520.0, "redis_up")]

@@ -79,12 +79,13 @@ upgrade and (with `cluster`) a Redis restart on the way; its phases are made fro
     kind = "soak"
     duration = "60m"           # the whole run
     legit_rate = 2.0           # legitimate messages per second, all along
-    storm_every = "20m"        # a storm at every multiple of this (not at 0)
+    storm_every = "20m"        # a storm this often,
+    first_storm = "5m"         # the first at this time (default: storm_every), inside warmup
     storm_length = "30s"       # each storm's arrivals last this long
     storm = { idle = 100, pregreet = 10, listed = 10, dictionary = 5 }  # connections/s
     next_hop_down = "60s"      # smtp-sink stopped this long, twice (at 30% and 70%)
-    reload = true              # SIGHUP at 10% of the run
-    upgrade = true             # USR2 at 15% of the run
+    reload = true              # SIGHUP at 3% of the run
+    upgrade = true             # USR2 at 5% of the run
     cluster = false            # [cluster] on a private Redis, restarted at 85% of the run
     redis_down = "10s"         # for this long
     sample_every = "1m"        # memory and fds of every poolmgr process
@@ -96,7 +97,7 @@ Every duration and count is bounded, so a run stops by itself.
 
 __all__ = ["Scenario", "Phase", "PROFILES", "load", "ScenarioError", "replay_profile",
            "pool_sizes", "SERVER_DEFAULTS", "from_dict", "KINDS", "soak_storms",
-           "overridden"]
+           "overridden", "RELOAD_AT", "UPGRADE_AT"]
 
 import math
 import tomllib
@@ -356,14 +357,16 @@ def measure_settings(kind: str, data: dict, fail) -> dict[str, Any]:
 
 
 # A soak scenario's keys: (default, least, most); durations in seconds
+RELOAD_AT, UPGRADE_AT = 0.03, 0.05  # a soak's reload and upgrade, as shares of the run
 SOAK_KEYS = {"duration": ("60m", 10, 86400), "legit_rate": (2.0, 0.1, 100),
-             "storm_every": ("20m", 5, 86400), "storm_length": ("30s", 1, 3600),
+             "storm_every": ("20m", 5, 86400), "first_storm": ("20m", 1, 86400),
+             "storm_length": ("30s", 1, 3600),
              "storm": ({"idle": 100, "pregreet": 10, "listed": 10, "dictionary": 5}, 0, 5000),
              "next_hop_down": ("60s", 1, 3600), "reload": (True, None, None),
              "upgrade": (True, None, None), "cluster": (False, None, None),
              "redis_down": ("10s", 1, 600), "sample_every": ("1m", 1, 3600),
              "warmup": ("10m", 0, 86400), "max_growth_pct": (5.0, 0, 1000)}
-SOAK_DURATIONS = ("duration", "storm_every", "storm_length", "next_hop_down", "redis_down",
+SOAK_DURATIONS = ("duration", "storm_every", "first_storm", "storm_length", "next_hop_down", "redis_down",
                   "sample_every", "warmup")
 
 
@@ -371,7 +374,7 @@ def soak_settings(data: dict, fail) -> dict[str, Any]:
     """A soak scenario's settings, each within its bounds."""
     settings: dict[str, Any] = {}
     for key, (default, least, most) in SOAK_KEYS.items():
-        value = data.get(key, default)
+        value = data.get(key, data.get("storm_every", default) if key == "first_storm" else default)
         if isinstance(default, bool):
             if not isinstance(value, bool):
                 fail(f"{key}: {value!r} is not true or false")
@@ -394,9 +397,10 @@ def soak_settings(data: dict, fail) -> dict[str, Any]:
         settings[key] = value
     if settings["warmup"] >= settings["duration"]:
         fail(f"warmup: {settings['warmup']:g}s is not shorter than the duration")
-    if settings["upgrade"] and settings["warmup"] <= 0.15 * settings["duration"]:
-        fail(f"warmup: {settings['warmup']:g}s is not after the upgrade (at 15% of the run, "
-             f"{0.15 * settings['duration']:g}s): growth would span two generations")
+    if settings["upgrade"] and settings["warmup"] <= UPGRADE_AT * settings["duration"]:
+        fail(f"warmup: {settings['warmup']:g}s is not after the upgrade (at "
+             f"{UPGRADE_AT:.0%} of the run, {UPGRADE_AT * settings['duration']:g}s): growth "
+             f"would span two generations")
     if settings["storm_length"] >= settings["storm_every"]:
         fail("storm_length: a storm must end before the next one starts (storm_every)")
     if 2 * settings["next_hop_down"] >= 0.4 * settings["duration"]:
@@ -405,10 +409,11 @@ def soak_settings(data: dict, fail) -> dict[str, Any]:
 
 
 def soak_storms(settings: dict) -> list[tuple[float, float]]:
-    """A soak's storms: (start, end) seconds, one at every multiple of storm_every."""
+    """A soak's storms: (start, end) seconds, the first at first_storm, then every
+    storm_every."""
     every, length, end = settings["storm_every"], settings["storm_length"], settings["duration"]
-    return [(k * every, min(end, k * every + length))
-            for k in range(1, math.ceil(end / every)) if k * every < end]
+    starts = [settings["first_storm"] + k * every for k in range(math.ceil(end / every) + 1)]
+    return [(start, min(end, start + length)) for start in starts if start < end]
 
 
 def soak_phases(settings: dict) -> list[Phase]:

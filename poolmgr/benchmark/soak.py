@@ -6,10 +6,10 @@ The node is the bench's poolmgr target (`targets.started`: greet test, DNSBL, re
 validation, its scanner pool re-injecting into smtp-sink), sized by [server]; with `cluster`
 it has [cluster] on a private Redis. The load generator (`benchmark.load`) runs the soak's
 phases (`scenario.soak_phases`): `legit_rate` legitimate messages a second all along, and the
-`storm` bots added for `storm_length` at every multiple of `storm_every`. Meanwhile, at fixed
-shares of the duration (`timeline`), `Soak.tick` does to the node what operations and failures
-do: SIGHUP (reload) at 10%, SIGUSR2 (upgrade: a new master from then on, found by the
-pidfile) at 15%, the next hop (smtp-sink) stopped for `next_hop_down` at 30% and at 70%
+`storm` bots added for `storm_length` at `first_storm` and every `storm_every` after it.
+Meanwhile, at fixed shares of the duration (`timeline`), `Soak.tick` does to the node what
+operations and failures do: SIGHUP (reload) at 3%, SIGUSR2 (upgrade: a new master from then
+on, found by the pidfile) at 5%, the next hop (smtp-sink) stopped for `next_hop_down` at 30% and at 70%
 (poolmgr must answer 4xx meanwhile), Redis stopped for `redis_down` at 85%. Every
 `sample_every` it samples the master and each pool: processes, RSS and PSS (psutil
 memory_full_info), open fds, and the tracebacks in poolmgr's log so far.
@@ -38,7 +38,7 @@ import psutil
 from . import load as loadgen
 from .report import percentile, plots, save_result
 from .run import found_ids, generate
-from .scenario import Scenario, soak_storms
+from .scenario import RELOAD_AT, UPGRADE_AT, Scenario, soak_storms
 from .targets import settled, started, tree
 
 TRACEBACK = b"Traceback (most recent call last)"
@@ -55,9 +55,9 @@ def timeline(settings: dict) -> list[tuple[float, str]]:
     length = settings["duration"]
     events = []
     if settings["reload"]:
-        events.append((0.10 * length, "reload"))
+        events.append((RELOAD_AT * length, "reload"))
     if settings["upgrade"]:
-        events.append((0.15 * length, "upgrade"))
+        events.append((UPGRADE_AT * length, "upgrade"))
     for share in (0.30, 0.70):
         events += [(share * length, "next_hop_down"),
                    (share * length + settings["next_hop_down"], "next_hop_up")]

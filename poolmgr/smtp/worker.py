@@ -12,7 +12,8 @@ Its sessions ask the client state (`defence.clientstate`) of the master's anvil 
 socket, or, with `[cluster] redis`, of Redis directly (`cluster.RedisState`, cooperative under
 gevent, each call cut at `cluster.timeout`), with the master's as the fallback. The log lines
 the log could not take at once (log.py) are written by one greenlet, `write_log`, as the log
-takes them again; no session waits for them.
+takes them again; no session waits for them. Once a storm is over, the heartbeat hands the
+memory its sessions freed back to the system (`heap.Trimmer`).
 
 Signals: SIGTERM drains (stop accepting; a session idle with no transaction for
 DRAIN_IDLE_GRACE seconds gets 421 and is closed; transactions finish; after
@@ -26,6 +27,7 @@ import os
 import time
 
 from .. import log
+from ..heap import Trimmer
 from ..worker import DRAIN_IDLE_GRACE, WorkerProcess
 
 # A session that has sent no command this long after the banner counts as nuisance for the
@@ -95,6 +97,7 @@ class SmtpWorker(WorkerProcess):
         from .runners import Runners, Turn
 
         self.gevent, self.session_class, self.drain_exc = gevent, FrontSession, Drain
+        self.heap = Trimmer()  # a storm's freed memory back to the system once it is over
 
         log.set_name("poolmgr/smtpd")
         ctx, cfg = self.ctx, self.cfg
@@ -200,6 +203,7 @@ class SmtpWorker(WorkerProcess):
             self.show(f"{sessions} sessions"
                       + (" draining" if self.service.draining else ""))
             self.service.relay_cache.expire()
+            self.heap.tick(sessions, time.monotonic())
             # The share of the scanner pool the master published (handoff.share).
             self.service.handoff_gate.set_limit(slot.handoff_share())
             if self.cluster is not None:
