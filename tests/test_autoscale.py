@@ -269,3 +269,18 @@ def test_the_same_arrivals_into_a_roomy_pool_change_nothing():
         run.smtp, run.scanner, run.state, decisions = decide(snap, run.state, CFG)
         assert decisions == []
     assert (run.smtp, run.state.phase) == (2, CALM)
+
+
+def test_without_an_smtp_pool_only_the_scanner_pool_is_sized():
+    """Scanner-only mode (smtp ceiling 0): no storm from an SMTP pool that has no sessions,
+    the scanner pool grows with its busyness up to its ceiling (the feeder's maxproc) and
+    shrinks when idle; the SMTP pool stays at 0 and the rules hold at every step."""
+    run = Run(smtp=0, scanner=2, smtp_ceiling=0, scanner_ceiling=3)
+    for _ in range(12):
+        run.step(busy=run.scanner, wait=2.0, queue=1.0)
+    assert run.sizes[-1] == (0, 3, CALM)
+    assert all(smtp == 0 and phase == CALM for smtp, _, phase in run.sizes)
+    assert not any(d.startswith("smtp") or "storm" in d for d in run.log), run.log
+    for _ in range(60):
+        run.step()
+    assert run.sizes[-1] == (0, 2, CALM)  # back to its floor
