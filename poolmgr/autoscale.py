@@ -24,6 +24,9 @@ SMTP pool, by storm phase:
 Scanner pool, by legitimate volume: +1 when busyness or the hand-off wait has stayed high for
 `scanner_grow_after`, -1 after `scanner_shrink_after` of low busyness; slow to shrink, since
 a load-driven pool that flaps "goes bad all the way".
+Without an SMTP pool (scanner-only mode, its ceiling 0: Postfix's content_filter feeds the
+scanner pool) there is no pressure and no storm: only the scanner pool is sized, within a
+ceiling that the feeder's maxproc caps (`pools.configured_bounds`).
 
 Every size goes through the one sizing rule, `pools.fit` (each pool within its floor and
 ceiling, scanner <= SMTP), and `check_rules` checks each decision against it plus, when calm,

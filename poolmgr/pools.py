@@ -273,7 +273,7 @@ def resize(pools: dict[str, Pool], kind: str, spec: str) -> tuple[bool, str]:
     if new > pool.ceiling:
         return False, (f"refused: {kind} {new} is above the pool's ceiling {pool.ceiling} "
                        f"({kind}.max_workers"
-                       + (" or scanner.feeder_maxproc)" if kind == "scanner" else ")"))
+                       + (" or scanner.feeder_maxproc)" if smtp.ceiling == 0 else ")"))
     manual = Bounds(1, smtp.ceiling, 1, scanner.ceiling)
     if kind == "smtp":
         if fit(new, scanner.target, manual)[0] != new:
