@@ -179,3 +179,32 @@ def test_the_autoscaler_sizes_only_the_scanner_pool_up_to_the_feeder(make_poolmg
     assert not any(d.startswith("smtp") or "-> 3" in d or "storm" in d for d in decisions), \
         decisions
     assert status["pools"]["smtp"]["workers"] == 0 and status["pools"]["smtp"]["target"] == 0
+
+
+def test_reload_and_upgrade_without_an_smtp_pool(make_poolmgr):
+    """HUP replaces the scanner workers; USR2's new master counts as serving once its scanner
+    pool serves (no SMTP pool to wait for), so the old master stops."""
+    pm = scanner_only(make_poolmgr)
+    old = pm.proc.pid
+    pm.send_signal(signal.SIGHUP)
+    wait_until(lambda: pm.status()["master"]["generation"] == 2 and
+               all(w["generation"] == 2 for w in pm.status()["pools"]["scanner"]["worker_list"]),
+               what="generation 2's scanner workers")
+    pm.send_signal(signal.SIGUSR2)
+    pidfile = pm.dir / "poolmgr.pid"
+    new = wait_until(lambda: (lambda pid: pid if pid not in (0, old) else None)(
+        int(pidfile.read_text().strip() or 0) if pidfile.exists() else 0), timeout=30,
+        what="the new master's pid in the pidfile")
+    try:
+        assert pm.proc.wait(60) == 0  # the old master stopped: its successor serves
+        assert f"upgrade: serving; stopping the old master, pid {old}" in pm.log()
+        status = pm.wait_workers(0, 2)
+        assert status["master"]["pid"] == new and status["pools"]["smtp"]["ceiling"] == 0
+        with smtplib.SMTP("127.0.0.1", pm.scanner_port, local_hostname=HELO,
+                          timeout=30) as client:
+            assert client.sendmail("alice@example.org", ["bob@example.test"],
+                                   message("after the upgrade")) == {}
+    finally:
+        psutil.Process(new).terminate()
+        psutil.Process(new).wait(60)
+    assert len(pm.delivered()) == 1
