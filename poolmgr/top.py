@@ -54,20 +54,16 @@ def frame(status: Status, before: Status | None = None, seconds: float = 1.0) ->
                  f"{scanner.target:>6} {scanner.floor:>5} {scanner.ceiling:>7} "
                  f"{scanner.busy:>9}  {_bar(scanner.busy / (scanner.workers or 1))}")
     lines.append("")
-    if scanner_only:
-        counters = scanner.counters
-        old = before.pools["scanner"].counters if before else None
-        lines.append(f"connections/s {_rate(counters, old, 'connections', seconds):7.1f}   "
-                     f"messages/s {_rate(counters, old, 'scanned', seconds):6.1f}   "
-                     f"scanned {counters.get('scanned', 0)}")
-    else:
-        counters = smtp.counters
-        old = before.pools["smtp"].counters if before else None
-        lines.append(f"connections/s {_rate(counters, old, 'connections', seconds):7.1f}   "
-                     f"messages/s {_rate(counters, old, 'messages_accepted', seconds):6.1f}   "
-                     f"accepted {counters.get('messages_accepted', 0)}, rejected "
-                     f"{counters.get('messages_rejected', 0)}, deferred "
-                     f"{counters.get('messages_tempfailed', 0)}")
+    # Traffic: the SMTP pool's, or the scanner pool's when only Postfix feeds it.
+    kind, done = ("scanner", "scanned") if scanner_only else ("smtp", "messages_accepted")
+    counters = pools[kind].counters
+    old = before.pools[kind].counters if before else None
+    totals = f"scanned {counters.get('scanned', 0)}" if scanner_only else (
+        f"accepted {counters.get('messages_accepted', 0)}, rejected "
+        f"{counters.get('messages_rejected', 0)}, deferred "
+        f"{counters.get('messages_tempfailed', 0)}")
+    lines.append(f"connections/s {_rate(counters, old, 'connections', seconds):7.1f}   "
+                 f"messages/s {_rate(counters, old, done, seconds):6.1f}   {totals}")
     nuisance = status.nuisance
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(
         nuisance.by_reason.items(), key=lambda kv: -kv[1])[:6]) or "none"
