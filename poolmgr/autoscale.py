@@ -120,6 +120,8 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
         why += f", sessions +{snap.growth:.0f}/s (ahead {ahead:.2f})"
     hot = pressure >= cfg.storm_enter_occupancy or ahead >= 1
     quiet = max(pressure, ahead) < cfg.storm_exit_occupancy
+    if bounds.scanner_only:  # Postfix's smtpd holds the sessions: no pool here to storm
+        hot, quiet = False, True
 
     # -- storm phases
     if phase != STORM and hot and (nuisance >= cfg.storm_nuisance_ratio or ahead >= 1):
