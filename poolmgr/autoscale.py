@@ -24,6 +24,9 @@ SMTP pool, by storm phase:
 Scanner pool, by legitimate volume: +1 when busyness or the hand-off wait has stayed high for
 `scanner_grow_after`, -1 after `scanner_shrink_after` of low busyness; slow to shrink, since
 a load-driven pool that flaps "goes bad all the way".
+Without an SMTP pool (scanner-only mode, its ceiling 0: Postfix's content_filter feeds the
+scanner pool) there is no pressure and no storm: only the scanner pool is sized, within a
+ceiling that the feeder's maxproc caps (`pools.configured_bounds`).
 
 Every size goes through the one sizing rule, `pools.fit` (each pool within its floor and
 ceiling, scanner <= SMTP), and `check_rules` checks each decision against it plus, when calm,
@@ -117,6 +120,8 @@ def decide(snap: Snapshot, state: State, cfg) -> tuple[int, int, State, list[str
         why += f", sessions +{snap.growth:.0f}/s (ahead {ahead:.2f})"
     hot = pressure >= cfg.storm_enter_occupancy or ahead >= 1
     quiet = max(pressure, ahead) < cfg.storm_exit_occupancy
+    if bounds.scanner_only:  # Postfix's smtpd holds the sessions: no pool here to storm
+        hot, quiet = False, True
 
     # -- storm phases
     if phase != STORM and hot and (nuisance >= cfg.storm_nuisance_ratio or ahead >= 1):

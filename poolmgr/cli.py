@@ -11,7 +11,7 @@ Exit codes (sysexits, LSB) are documented in manpage.EXIT_STATUS; the two that a
 2 (argparse's usage error) are named here.
 """
 
-__all__ = ["main", "build_parser", "EXIT_CONFIG", "EXIT_NOT_RUNNING"]
+__all__ = ["main", "build_parser", "format_status", "EXIT_CONFIG", "EXIT_NOT_RUNNING"]
 
 import argparse
 import dataclasses
@@ -183,15 +183,27 @@ def format_status(status: Status) -> str:
              f"up {master.uptime:.0f}s  generation {master.generation}",
              f"{'pool':<8} {'workers':>7} {'target':>6} {'floor':>5} {'ceiling':>7} "
              f"{'sessions':>8} {'slots':>7} {'busy':>4} {'draining':>8} {'rss MiB':>8}"]
+    scanner_only = status.scanner.scanner_only
     for kind, pool in status.pools.items():
+        if kind == "smtp" and scanner_only and not pool.workers + pool.draining:
+            lines.append(f"{kind:<8} {'none':>7}  (scanner-only: Postfix's content_filter "
+                         f"feeds the scanner pool)")
+            continue
         lines.append(f"{kind:<8} {pool.workers:>7} {pool.target:>6} {pool.floor:>5} "
                      f"{pool.ceiling:>7} {pool.sessions:>8} {pool.slots:>7} "
                      f"{pool.busy:>4} {pool.draining:>8} {pool.rss / 2**20:>8.1f}")
-    smtp = status.pools["smtp"].counters
-    lines.append(f"messages: accepted {smtp.get('messages_accepted', 0)}, rejected "
-                 f"{smtp.get('messages_rejected', 0)}, deferred "
-                 f"{smtp.get('messages_tempfailed', 0)}; connections "
-                 f"{smtp.get('connections', 0)}")
+    if scanner_only:
+        fed = status.pools["scanner"].counters
+        feeder = status.scanner.feeder_maxproc
+        lines.append(f"messages: scanned {fed.get('scanned', 0)}; connections from the feeder "
+                     f"{fed.get('connections', 0)}; feeder_maxproc "
+                     f"{feeder if feeder else 'not set'}")
+    else:
+        smtp = status.pools["smtp"].counters
+        lines.append(f"messages: accepted {smtp.get('messages_accepted', 0)}, rejected "
+                     f"{smtp.get('messages_rejected', 0)}, deferred "
+                     f"{smtp.get('messages_tempfailed', 0)}; connections "
+                     f"{smtp.get('connections', 0)}")
     nuisance = status.nuisance
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(nuisance.by_reason.items(),
                                                      key=lambda kv: -kv[1])) or "none"

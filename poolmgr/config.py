@@ -130,11 +130,15 @@ class Config:
         except KeyError:
             raise AttributeError(name) from None
 
+    @property
+    def scanner_only(self) -> bool:
+        """No SMTP pool (smtp.listen = [] or smtp.max_workers = 0): Postfix feeds the scanner
+        pool as its content_filter."""
+        return _scanner_only(self._sections["smtp"].as_dict())
+
     def bounds(self) -> Bounds:
         """Both pools' floors and ceilings at start, fitted to the sizing rule."""
-        smtp, scanner = self._sections["smtp"], self._sections["scanner"]
-        return configured_bounds(smtp.min_workers, smtp.max_workers, scanner.min_workers,
-                                 scanner.max_workers)
+        return _bounds(self._sections["smtp"].as_dict(), self._sections["scanner"].as_dict())
 
     def get(self, name: str) -> Any:
         section, key = name.split(".", 1)
@@ -148,6 +152,8 @@ class Config:
     def restart_needed(self, new: "Config") -> str | None:
         """The first setting a reload to `new` cannot apply (a socket or file the running
         master holds); None when a reload can take them all."""
+        if new.scanner_only != self.scanner_only:  # the SMTP pool's sockets come and go
+            return "smtp.max_workers"
         for key in RESTART_KEYS:
             if key == "scanner.policy":  # a bank's actions may change; its listener may not
                 if new.scanner_addresses() != self.scanner_addresses():
@@ -200,12 +206,12 @@ def parse_address(value: Any) -> tuple[str, int]:
 
 
 def parse_listen(value: Any) -> tuple[tuple[str, int], ...]:
-    """'0.0.0.0:25', or a list ["0.0.0.0:25", "[::1]:25"] -> ((host, port), ...): one or more
-    distinct addresses."""
+    """'0.0.0.0:25', or a list ["0.0.0.0:25", "[::1]:25"] -> ((host, port), ...): distinct
+    addresses, one or more; the empty list [] is none (smtp.listen: no SMTP pool)."""
     if isinstance(value, list) and not all(isinstance(v, str) for v in value):
         raise ValueError(f"expected host:port strings, got {value!r}")
     addresses = tuple(parse_address(v) for v in _words(value, '["0.0.0.0:25", "[::]:25"]'))
-    if not addresses:
+    if not addresses and value != []:
         raise ValueError("expected at least one address")
     if len(set(addresses)) < len(addresses):
         raise ValueError(f"an address is listed twice in {value!r}")
@@ -413,12 +419,47 @@ def _convert(setting: Setting, value: Any) -> Any:
     return result
 
 
+def _scanner_only(smtp: dict[str, Any]) -> bool:
+    return not smtp["listen"] or smtp["max_workers"] == 0
+
+
+def _bounds(smtp: dict[str, Any], scanner: dict[str, Any]) -> Bounds:
+    """Both pools' bounds from their sections (no SMTP pool: its ceiling is 0)."""
+    return configured_bounds(smtp["min_workers"],
+                             0 if _scanner_only(smtp) else smtp["max_workers"],
+                             scanner["min_workers"], scanner["max_workers"],
+                             scanner["feeder_maxproc"])
+
+
+def _check_feeder(scanner: dict[str, Any], scanner_only: bool, warn) -> int:
+    """The scanner pool against what feeds it, Postfix's content_filter transport (its maxproc,
+    feeder_maxproc): more workers than it opens connections never get mail (amavisd's
+    $max_servers above maxproc, the classic misconfiguration); under half as many keep its
+    deliveries waiting. Returns the scanner ceiling the feeder leaves."""
+    feeder, most = scanner["feeder_maxproc"], scanner["max_workers"]
+    if feeder and most > feeder:
+        warn("scanner.max_workers", f"{most} scanner workers are more than "
+             f"scanner.feeder_maxproc ({feeder}), the connections Postfix opens to them (the "
+             f"maxproc of its content_filter transport); the scanner pool is capped at "
+             f"{feeder}: lower max_workers or raise that maxproc")
+    elif feeder > 2 * most:
+        warn("scanner.feeder_maxproc", f"{feeder} connections from Postfix are more than twice "
+             f"scanner.max_workers ({most}): its deliveries wait for a scanner worker; raise "
+             f"max_workers or lower the maxproc of its content_filter transport")
+    elif scanner_only and not feeder:
+        warn("scanner.feeder_maxproc", "not set, and poolmgr has no SMTP pool: set it to the "
+             "maxproc of Postfix's content_filter transport (master.cf), so that the scanner "
+             "pool and Postfix agree on how many deliveries run at once")
+    return min(most, feeder) if feeder else most
+
+
 def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
     smtp, scanner, master = sections["smtp"], sections["scanner"], sections["master"]
     master["ids"], key, reason = privileges.resolve(master["user"], master["group"])
     if reason:
         err(f"master.{key}", reason)
-    for pool in (smtp, scanner):
+    scanner_only = _scanner_only(smtp)
+    for pool in (scanner,) if scanner_only else (smtp, scanner):
         name = "smtp" if pool is smtp else "scanner"
         if pool["min_workers"] > pool["max_workers"]:
             err(f"{name}.min_workers", f"{pool['min_workers']} is above "
@@ -456,16 +497,17 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
         err("autoscale.scanner_busy_low", f"{auto['scanner_busy_low']:g} must be below "
             f"autoscale.scanner_busy_high ({auto['scanner_busy_high']:g})")
     # Never fewer SMTP than scanner workers (pools.fit): what can be mended is mended, and said.
-    bounds = configured_bounds(smtp["min_workers"], smtp["max_workers"], scanner["min_workers"],
-                               scanner["max_workers"])
-    if bounds.scanner_floor > bounds.smtp_ceiling:
+    # Without an SMTP pool the SMTP listeners of the rule are Postfix's (the feeder's maxproc).
+    wanted = _check_feeder(scanner, scanner_only, warn)
+    bounds = _bounds(smtp, scanner)
+    if not scanner_only and bounds.scanner_floor > bounds.smtp_ceiling:
         err("scanner.min_workers", f"{scanner['min_workers']} scanner workers need as many SMTP "
             f"workers, above smtp.max_workers ({smtp['max_workers']})")
     elif bounds.smtp_floor > smtp["min_workers"]:
         warn("scanner.min_workers", f"{scanner['min_workers']} is above smtp.min_workers "
              f"({smtp['min_workers']}); the SMTP pool starts at {bounds.smtp_floor} so that "
              f"scanner workers never outnumber SMTP workers")
-    if bounds.scanner_ceiling < scanner["max_workers"]:
+    if bounds.scanner_ceiling < wanted:
         warn("scanner.max_workers", f"{scanner['max_workers']} is above smtp.max_workers "
              f"({smtp['max_workers']}); the scanner pool's ceiling is {bounds.scanner_ceiling}")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -479,7 +521,8 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
     for key in ("tls_cert", "tls_key"):
         if smtp[key] and not os.access(smtp[key], os.R_OK):
             err(f"smtp.{key}", f"cannot read {smtp[key]}")
-    if smtp["proxy_filter"] is None and scanner["timeout"] >= smtp["proxy_timeout"]:
+    if not scanner_only and smtp["proxy_filter"] is None and \
+            scanner["timeout"] >= smtp["proxy_timeout"]:
         warn("scanner.timeout", f"{scanner['timeout']:g}s is not below smtp.proxy_timeout "
              f"({smtp['proxy_timeout']:g}s): a slow scan gets 451 from the SMTP worker and may be "
              f"delivered twice when the client retries")

@@ -98,10 +98,12 @@ def bind_all(addresses, listen_backlog: int,
 
 
 def bind_pools(cfg, log) -> dict[str, list[socket.socket]]:
-    """Both pools' listening sockets: the SMTP pool's (one per smtp.listen address) and the
-    scanner pool's (scanner.listen and each policy bank's), taken over where inherited."""
+    """Both pools' listening sockets: the SMTP pool's (one per smtp.listen address; none in
+    scanner-only mode) and the scanner pool's (scanner.listen and each policy bank's), taken
+    over where inherited."""
     handed = inherited()  # systemd's socket activation, or a USR2 upgrade
-    sockets = {"smtp": bind_all(cfg.smtp.listen, cfg.smtp.listen_backlog, handed),
+    smtp = () if cfg.scanner_only else cfg.smtp.listen
+    sockets = {"smtp": bind_all(smtp, cfg.smtp.listen_backlog, handed),
                "scanner": bind_all(cfg.scanner_addresses(), cfg.scanner.listen_backlog, handed)}
     for address, sock in handed.items():
         log.warning("inherited socket %s is not in the configuration: closed",

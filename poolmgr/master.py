@@ -348,9 +348,8 @@ class Master:
 
     # -- what the master knows, handed over as one record
     def view(self) -> MasterView:
-        now, cfg, sizing = time.monotonic(), self.cfg, self.sizing
+        now, cfg, sizing, monitor = time.monotonic(), self.cfg, self.sizing, self.services.cluster
         pools = {kind: pool.view(self.board.read, now) for kind, pool in self.pools.items()}
-        monitor = self.services.cluster
         return MasterView(
             now, self.started, cfg.path, self.generation, self.stopping, pools,
             cfg.smtp.max_sessions_per_worker,
@@ -358,7 +357,8 @@ class Master:
             cfg.smtp.listen_backlog, self.nuisance.summary(), sizing.scaler, sizing.stress,
             AnvilStatus(*self.anvil.figures()),
             ClusterStatus(**monitor.view()) if monitor else ClusterStatus(),
-            list(cfg.scanner.checks), [site.domain for site in cfg.defence.dnsbl_sites])
+            list(cfg.scanner.checks), [site.domain for site in cfg.defence.dnsbl_sites],
+            cfg.scanner.feeder_maxproc)
 
     def status(self) -> Status:
         return collect(self.view())
@@ -389,9 +389,9 @@ class Master:
             self.announced = True
 
     def serving(self) -> bool:
-        """Both pools have a worker of the current generation that has opened its listeners."""
-        return all(any(worker.generation == self.generation and self.board.serving(worker.slot)
-                       for worker in pool.running()) for pool in self.pools.values())
+        """Each pool (no SMTP pool when scanner-only) has a worker of this generation serving."""
+        return all(any(w.generation == self.generation and self.board.serving(w.slot)
+                       for w in pool.running()) for pool in self.pools.values() if pool.ceiling)
 
     def update_title(self) -> None:
         smtp, scanner = self.pools["smtp"], self.pools["scanner"]

@@ -6,7 +6,11 @@ and a target the master converges to.
 
 The sizing rule lives in `fit` and nowhere else: each pool within its floor and ceiling, and
 never more scanner workers than SMTP workers (the SMTP pool rises to the scanner pool; the
-scanner pool's ceiling is the SMTP pool's). Every path that sizes the pools goes through it:
+scanner pool's ceiling is the SMTP pool's). Without an SMTP pool (scanner-only mode, behind
+Postfix's content_filter: its ceiling is 0) the SMTP listeners of the rule are Postfix's: the
+scanner pool's ceiling is the feeder's concurrency (`scanner.feeder_maxproc`, the maxproc of
+Postfix's `scan` transport), folded in by `configured_bounds`, and the SMTP pool stays at 0.
+Every path that sizes the pools goes through it:
 the config's start-up floors (`Config.bounds`), `resize` (ctl and TTIN/TTOU), reload, and the
 autoscaler (`autoscale.decide`, whose calm size is `calm_size`); `broken` names what a pair of
 sizes breaks, for the autoscaler's self-check and the bench.
@@ -129,7 +133,7 @@ class Pool:
 
     def set_limits(self, floor: int, ceiling: int) -> None:
         self.ceiling = ceiling
-        self.floor = max(1, min(floor, ceiling))
+        self.floor = max(min(1, ceiling), min(floor, ceiling))  # ceiling 0: no pool
         self.target = max(self.floor, min(self.target, ceiling))
 
 
@@ -162,11 +166,16 @@ class PoolView:
 
 @dataclass(frozen=True)
 class Bounds:
-    """Floors and ceilings of both pools."""
+    """Floors and ceilings of both pools; an SMTP ceiling of 0 means no SMTP pool."""
     smtp_floor: int
     smtp_ceiling: int
     scanner_floor: int
     scanner_ceiling: int
+
+    @property
+    def scanner_only(self) -> bool:
+        """No SMTP pool of its own: Postfix (content_filter) feeds the scanner pool."""
+        return self.smtp_ceiling == 0
 
 
 def _clamp(value: int, low: int, high: int) -> int:
@@ -178,8 +187,11 @@ def fit(smtp: int, scanner: int, bounds: Bounds) -> tuple[int, int]:
 
     Each pool stays within its floor and ceiling; scanner workers never outnumber SMTP workers
     (every hand-off needs an SMTP worker to wait on it): the scanner pool is capped at the SMTP
-    ceiling and the SMTP pool rises to the scanner pool, never the other way round.
+    ceiling and the SMTP pool rises to the scanner pool, never the other way round. Without an
+    SMTP pool the feeder's concurrency is the scanner ceiling already (`configured_bounds`).
     """
+    if bounds.scanner_only:
+        return 0, _clamp(scanner, bounds.scanner_floor, bounds.scanner_ceiling)
     scanner = _clamp(scanner, bounds.scanner_floor,
                      min(bounds.scanner_ceiling, bounds.smtp_ceiling))
     return _clamp(max(smtp, scanner), bounds.smtp_floor, bounds.smtp_ceiling), scanner
@@ -206,10 +218,17 @@ def broken(smtp: int, scanner: int, bounds: Bounds, calm_ratio: float = 0.0) -> 
     return out
 
 
-def configured_bounds(smtp_min: int, smtp_max: int, scanner_min: int,
-                      scanner_max: int) -> Bounds:
+def configured_bounds(smtp_min: int, smtp_max: int, scanner_min: int, scanner_max: int,
+                      feeder_maxproc: int = 0) -> Bounds:
     """The bounds at start from min_workers and max_workers as configured, fitted to the rule
-    (the SMTP floor raised to the scanner floor, the scanner ceiling capped at the SMTP one)."""
+    (the SMTP floor raised to the scanner floor, the scanner ceiling capped at the SMTP one).
+    `smtp_max` 0: no SMTP pool (both its bounds 0). `feeder_maxproc` (0: none) caps the
+    scanner pool: Postfix never opens more connections to it than its transport's maxproc."""
+    if smtp_max == 0:
+        smtp_min = 0
+    if feeder_maxproc:
+        scanner_max = min(scanner_max, feeder_maxproc)
+        scanner_min = min(scanner_min, scanner_max)
     asked = Bounds(smtp_min, smtp_max, scanner_min, scanner_max)
     smtp_floor, scanner_floor = fit(smtp_min, scanner_min, asked)
     return Bounds(smtp_floor, smtp_max, scanner_floor, fit(smtp_max, scanner_max, asked)[1])
@@ -239,6 +258,9 @@ def resize(pools: dict[str, Pool], kind: str, spec: str) -> tuple[bool, str]:
     `fit` would change is refused, except that a scanner raise takes the SMTP pool with it."""
     if kind not in pools:
         return False, f"unknown pool {kind!r}: use smtp or scanner"
+    if pools[kind].ceiling == 0:
+        return False, (f"refused: no {kind} pool (scanner-only mode: smtp.listen = [] or "
+                       f"smtp.max_workers = 0)")
     match = re.fullmatch(r"\s*([+-]?)(\d+)\s*", spec)
     if not match:
         return False, f"bad size {spec!r}: use N, +N or -N"
@@ -250,7 +272,8 @@ def resize(pools: dict[str, Pool], kind: str, spec: str) -> tuple[bool, str]:
         return False, f"refused: the {kind} pool needs at least 1 worker (asked for {new})"
     if new > pool.ceiling:
         return False, (f"refused: {kind} {new} is above the pool's ceiling {pool.ceiling} "
-                       f"({kind}.max_workers)")
+                       f"({kind}.max_workers"
+                       + (" or scanner.feeder_maxproc)" if smtp.ceiling == 0 else ")"))
     manual = Bounds(1, smtp.ceiling, 1, scanner.ceiling)
     if kind == "smtp":
         if fit(new, scanner.target, manual)[0] != new:

@@ -69,6 +69,7 @@ class Services:
             self.log.warning("%s", ROOT_WARNING)
         self.log.info("daemon started -- version %s, configuration %s, smtp %s, scanner %s",
                       __import__("poolmgr").__version__, cfg.path,
+                      "none (scanner-only)" if cfg.scanner_only else
                       ", ".join(map(format_address, cfg.smtp.listen)),
                       format_address(cfg.scanner.listen))
 

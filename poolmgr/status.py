@@ -173,9 +173,13 @@ class CheckStatus:
 
 @dataclass
 class ScannerStatus:
-    """The scanner pool's verdicts by kind (scanner/verdict.py KINDS) and its checks."""
+    """The scanner pool's verdicts by kind (scanner/verdict.py KINDS) and its checks; what
+    feeds it: poolmgr's own SMTP pool, or only Postfix (`scanner_only`, no SMTP pool) with
+    the maxproc of its content_filter transport (`feeder_maxproc`, 0: not given)."""
     verdicts: dict[str, int] = field(default_factory=dict)
     checks: dict[str, CheckStatus] = field(default_factory=dict)
+    scanner_only: bool = False
+    feeder_maxproc: int = 0
 
     def summary(self) -> str:
         """`scanner verdicts: clean 12, ...; checks: clamd 13 runs, 0 failed, 2 ms avg; ...`"""
@@ -269,6 +273,7 @@ class MasterView:
     cluster: ClusterStatus
     checks: list[str]         # scanner.checks
     dnsbl_sites: list[str] = field(default_factory=list)  # defence.dnsbl_sites' domains
+    feeder_maxproc: int = 0   # scanner.feeder_maxproc
 
 
 def _pool(kind: str, pool: PoolView, view: MasterView) -> PoolStatus:
@@ -333,7 +338,7 @@ def collect(view: MasterView) -> Status:
         storm=StormStatus(phase == autoscale.STORM, phase,
                           round(view.autoscaler.phase_since, 1)),
         autoscale=_autoscale(view), anvil=view.anvil,
-        scanner=_scanner(view.checks, pools["scanner"].counters), cluster=view.cluster,
+        scanner=_scanner(view, pools["scanner"].counters), cluster=view.cluster,
         dnsbl=_dnsbl(view.dnsbl_sites, pools["smtp"].counters))
 
 
@@ -344,16 +349,16 @@ def _dnsbl(sites: list[str], counters: dict) -> DnsblStatus:
     return DnsblStatus(counters.get("dnsbl_errors", 0), dict(by_site))
 
 
-def _scanner(names: list[str], counters: dict) -> ScannerStatus:
+def _scanner(view: MasterView, counters: dict) -> ScannerStatus:
     checks = {}
-    for name in names:
+    for name in view.checks:
         prefix = f"check_{name}_"
         checks[name] = CheckStatus(
             counters.get(prefix + "count", 0), counters.get(prefix + "failed", 0),
             counters.get(prefix + "us", 0) / 1e6,
             [counters.get(f"{prefix}le_{i}", 0) for i in range(len(LATENCY_BUCKETS))])
     return ScannerStatus({kind: counters.get(f"verdict_{kind}", 0) for kind in VERDICT_KINDS},
-                         checks)
+                         checks, view.pools["smtp"].ceiling == 0, view.feeder_maxproc)
 
 
 def window_ratio(window: dict) -> float:
@@ -392,10 +397,10 @@ def snapshot(view: MasterView) -> tuple[autoscale.Snapshot, autoscale.Mark]:
 
 def summary(view: MasterView) -> str:
     """`smtp 2/2 workers, scanner 2/2, calm`: running/target, then the storm phase (systemd's
-    STATUS=)."""
+    STATUS=); `no smtp pool, scanner 2/2, calm` in scanner-only mode."""
     smtp, scanner = view.pools["smtp"], view.pools["scanner"]
-    words = [f"smtp {len(smtp.running())}/{smtp.target} workers",
-             f"scanner {len(scanner.running())}/{scanner.target}",
+    words = [f"smtp {len(smtp.running())}/{smtp.target} workers" if smtp.ceiling else
+             "no smtp pool", f"scanner {len(scanner.running())}/{scanner.target}",
              view.autoscaler.state.phase if view.autoscaler.enabled else "autoscale off"]
     if view.stress.on:
         words.append("stress mode")

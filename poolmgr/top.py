@@ -41,20 +41,29 @@ def frame(status: Status, before: Status | None = None, seconds: float = 1.0) ->
     lines.append("")
     lines.append(f"{'pool':<8} {'workers':>9} {'target':>6} {'floor':>5} {'ceiling':>7} "
                  f"{'load':>9}  occupancy")
-    lines.append(f"{'smtp':<8} {smtp.workers:>4}+{smtp.draining:<4} {smtp.target:>6} "
-                 f"{smtp.floor:>5} {smtp.ceiling:>7} {smtp.sessions:>9}  "
-                 f"{_bar(smtp.sessions / (smtp.slots or 1))}")
+    scanner_only = status.scanner.scanner_only
+    if scanner_only:  # Postfix's smtpd holds the sessions; its content_filter feeds the pool
+        feeder = status.scanner.feeder_maxproc
+        lines.append(f"{'smtp':<8} {'none':>9}  scanner-only, fed by Postfix (feeder_maxproc "
+                     f"{feeder if feeder else 'not set'})")
+    else:
+        lines.append(f"{'smtp':<8} {smtp.workers:>4}+{smtp.draining:<4} {smtp.target:>6} "
+                     f"{smtp.floor:>5} {smtp.ceiling:>7} {smtp.sessions:>9}  "
+                     f"{_bar(smtp.sessions / (smtp.slots or 1))}")
     lines.append(f"{'scanner':<8} {scanner.workers:>4}+{scanner.draining:<4} "
                  f"{scanner.target:>6} {scanner.floor:>5} {scanner.ceiling:>7} "
                  f"{scanner.busy:>9}  {_bar(scanner.busy / (scanner.workers or 1))}")
     lines.append("")
-    counters = smtp.counters
-    old = before.pools["smtp"].counters if before else None
+    # Traffic: the SMTP pool's, or the scanner pool's when only Postfix feeds it.
+    kind, done = ("scanner", "scanned") if scanner_only else ("smtp", "messages_accepted")
+    counters = pools[kind].counters
+    old = before.pools[kind].counters if before else None
+    totals = f"scanned {counters.get('scanned', 0)}" if scanner_only else (
+        f"accepted {counters.get('messages_accepted', 0)}, rejected "
+        f"{counters.get('messages_rejected', 0)}, deferred "
+        f"{counters.get('messages_tempfailed', 0)}")
     lines.append(f"connections/s {_rate(counters, old, 'connections', seconds):7.1f}   "
-                 f"messages/s {_rate(counters, old, 'messages_accepted', seconds):6.1f}   "
-                 f"accepted {counters.get('messages_accepted', 0)}, rejected "
-                 f"{counters.get('messages_rejected', 0)}, deferred "
-                 f"{counters.get('messages_tempfailed', 0)}")
+                 f"messages/s {_rate(counters, old, done, seconds):6.1f}   {totals}")
     nuisance = status.nuisance
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(
         nuisance.by_reason.items(), key=lambda kv: -kv[1])[:6]) or "none"

@@ -269,3 +269,40 @@ def test_the_same_arrivals_into_a_roomy_pool_change_nothing():
         run.smtp, run.scanner, run.state, decisions = decide(snap, run.state, CFG)
         assert decisions == []
     assert (run.smtp, run.state.phase) == (2, CALM)
+
+
+def test_without_an_smtp_pool_only_the_scanner_pool_is_sized():
+    """Scanner-only mode (smtp ceiling 0): no storm from an SMTP pool that has no sessions,
+    the scanner pool grows with its busyness up to its ceiling (the feeder's maxproc) and
+    shrinks when idle; the SMTP pool stays at 0 and the rules hold at every step."""
+    run = Run(smtp=0, scanner=2, smtp_ceiling=0, scanner_ceiling=3)
+    for _ in range(12):
+        run.step(busy=run.scanner, wait=2.0, queue=1.0)
+    assert run.sizes[-1] == (0, 3, CALM)
+    assert all(smtp == 0 and phase == CALM for smtp, _, phase in run.sizes)
+    assert not any(d.startswith("smtp") or "storm" in d for d in run.log), run.log
+    for _ in range(60):
+        run.step()
+    assert run.sizes[-1] == (0, 2, CALM)  # back to its floor
+
+
+@settings(max_examples=100, deadline=None)
+@given(events, st.integers(1, 4), st.integers(0, 4))
+def test_without_an_smtp_pool_the_rules_hold_after_every_step(trace, scanner_floor, room):
+    """Scanner-only mode under any trace and any sysadmin's resizes: the SMTP pool stays at 0
+    (its resizes are refused and change nothing), the scanner pool within its floor and the
+    feeder's cap, and no storm."""
+    feeder = scanner_floor + room
+    run = Run(smtp=0, scanner=scanner_floor, smtp_ceiling=0, scanner_ceiling=feeder)
+    for occupancy, backlog, nuisance, busy, wait, manual in trace:
+        if manual:
+            pools = {"smtp": Pool("smtp", 0, 0, None),
+                     "scanner": Pool("scanner", run.scanner_floor, feeder, None)}
+            pools["scanner"].target = run.scanner
+            done, said = resize(pools, manual[:-1], manual[-1] + "1")
+            assert not (done and manual.startswith("smtp")), said
+            assert pools["smtp"].target == pools["smtp"].floor == 0
+            run.scanner_floor, run.scanner = pools["scanner"].floor, pools["scanner"].target
+        run.step(sessions=0, backlog=backlog, nuisance=nuisance, busy=busy, wait=wait)
+        assert run.smtp == 0 and run.scanner_floor <= run.scanner <= feeder
+        assert run.state.phase == CALM

@@ -58,13 +58,13 @@ def test_sizes(text, size):
 
 def test_all_errors_are_reported_with_file_and_key(tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text('[smtp]\nmax_workers = 0\ntimeout = "soon"\nfrobnicate = 1\n'
+    path.write_text('[smtp]\nmax_workers = -1\ntimeout = "soon"\nfrobnicate = 1\n'
                     '[scanner]\nnext_hop = "carrier-pigeon:x"\n[nonsense]\nx = 1\n')
     with pytest.raises(ConfigError) as info:
         config.load(str(path))
     errors = info.value.errors
     text = "\n".join(errors)
-    assert f"{path}: [smtp] max_workers: must be at least 1" in text
+    assert f"{path}: [smtp] max_workers: must be at least 0" in text
     assert f"{path}: [smtp] timeout: expected a duration" in text
     assert f"{path}: [smtp] frobnicate: unknown key" in text
     assert f"{path}: [scanner] next_hop: expected smtp:host:port" in text
@@ -168,10 +168,12 @@ def test_smtp_listen_takes_one_address_or_a_list():
     assert config.from_dict({"smtp": {"listen": "[::]:25"}}).smtp.listen == (("::", 25),)
     both = config.from_dict({"smtp": {"listen": ["0.0.0.0:25", "[::1]:2525"]}}).smtp.listen
     assert both == (("0.0.0.0", 25), ("::1", 2525))
-    for bad, reason in (([], "at least one address"), (["a:1", "a:1"], "listed twice"),
+    for bad, reason in (("", "at least one address"), (["a:1", "a:1"], "listed twice"),
                         ([25], "host:port strings"), (["127.0.0.1:10024"], "scanner.*differ")):
         with pytest.raises(ConfigError, match=reason):
             config.from_dict({"smtp": {"listen": bad}})
+    # The empty list is no SMTP pool at all (scanner-only mode), not a mistake.
+    assert config.from_dict({"smtp": {"listen": []}}).smtp.listen == ()
 
 
 def test_former_names_still_work():
@@ -216,3 +218,53 @@ def test_min_data_rate_in_a_file_is_checked(tmp_path):
     path.write_text("[smtp]\nmin_data_rate = 0\nper_record_deadline = false\n")
     cfg = config.load(str(path))
     assert (cfg.smtp.min_data_rate, cfg.smtp.per_record_deadline) == (0, False)
+
+
+@pytest.mark.parametrize("smtp", ['listen = []\nmax_workers = 2', "max_workers = 0"])
+def test_scanner_only_mode_drops_the_smtp_side_of_the_rule(tmp_path, smtp):
+    """No SMTP pool: 4 scanner workers need no SMTP workers (the refusal of
+    test_impossible_pool_rule_is_an_error does not apply), and none are started."""
+    path = tmp_path / "scanner-only.toml"
+    path.write_text(f"[smtp]\n{smtp}\n[scanner]\nmin_workers = 4\nmax_workers = 4\n"
+                    "feeder_maxproc = 4\n")
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "configuration OK" in result.stdout
+    cfg = config.load(str(path))
+    assert cfg.scanner_only and cfg.warnings == []
+    assert cfg.bounds() == Bounds(smtp_floor=0, smtp_ceiling=0, scanner_floor=4, scanner_ceiling=4)
+
+
+def test_check_warns_when_the_scanner_pool_outgrows_the_feeder(tmp_path):
+    """amavisd's $max_servers above the maxproc of Postfix's transport, the classic
+    misconfiguration: the workers above it never get mail; the pool is capped there."""
+    path = tmp_path / "feeder.toml"
+    path.write_text("[smtp]\nlisten = []\n[scanner]\nmin_workers = 2\nmax_workers = 6\n"
+                    "feeder_maxproc = 4\n")
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0 and "configuration OK" in result.stdout
+    assert result.stderr == (
+        f"poolmgr: warning: {path}: [scanner] max_workers: 6 scanner workers are more than "
+        "scanner.feeder_maxproc (4), the connections Postfix opens to them (the maxproc of its "
+        "content_filter transport); the scanner pool is capped at 4: lower max_workers or "
+        "raise that maxproc\n")
+    assert config.load(str(path)).bounds() == Bounds(0, 0, 2, 4)
+
+
+def test_check_warns_when_the_feeder_is_more_than_twice_the_scanner_pool(tmp_path):
+    path = tmp_path / "feeder.toml"
+    path.write_text("[smtp]\nlisten = []\n[scanner]\nmax_workers = 4\nfeeder_maxproc = 10\n")
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0
+    assert ("[scanner] feeder_maxproc: 10 connections from Postfix are more than twice "
+            "scanner.max_workers (4): its deliveries wait for a scanner worker") in result.stderr
+    unset = config.from_dict({"smtp": {"listen": []}}).warnings
+    assert len(unset) == 1 and "[scanner] feeder_maxproc: not set, and poolmgr has no SMTP " \
+        "pool: set it to the maxproc of Postfix's content_filter transport" in unset[0]
+    assert config.from_dict({"scanner": {"feeder_maxproc": 4}}).warnings == []
+
+
+def test_leaving_or_entering_scanner_only_mode_needs_a_restart():
+    running = config.from_dict({"smtp": {"max_workers": 0}})
+    assert running.restart_needed(config.from_dict({})) == "smtp.max_workers"
+    assert running.restart_needed(config.from_dict({"smtp": {"max_workers": 0}})) is None

@@ -102,3 +102,37 @@ def test_the_rule_holds_straight_after_every_manual_resize(floor, smtp_room, sca
             assert p[kind].target == asked, message
         else:
             assert {k: (pool.floor, pool.target) for k, pool in p.items()} == before, message
+
+
+# -- scanner-only mode: no SMTP pool (its ceiling 0); Postfix's content_filter feeds the
+# scanner pool, whose ceiling the feeder's maxproc caps (configured_bounds).
+
+from poolmgr.pools import configured_bounds  # noqa: E402
+
+
+def test_without_an_smtp_pool_the_scanner_pool_is_sized_alone():
+    b = configured_bounds(2, 0, 2, 6, feeder_maxproc=4)
+    assert b == Bounds(0, 0, 2, 4) and b.scanner_only
+    assert fit(0, 9, b) == (0, 4)      # capped by the feeder, and no SMTP pool rises with it
+    assert fit(3, 1, b) == (0, 2)      # the SMTP pool stays at 0; the scanner floor holds
+    assert calm_size(4, b) == 0
+    assert broken(0, 4, b, calm_ratio=2) == []
+    assert broken(1, 2, b) == ["smtp 1 outside [0, 0]"]
+
+
+def test_the_feeder_caps_the_scanner_pool_beside_an_smtp_pool_too():
+    assert configured_bounds(2, 8, 3, 6, feeder_maxproc=2) == Bounds(2, 8, 2, 2)
+    assert configured_bounds(2, 8, 2, 4) == Bounds(2, 8, 2, 4)  # 0: no feeder given
+
+
+def test_resizes_without_an_smtp_pool():
+    p = {"smtp": Pool("smtp", 0, 0, None), "scanner": Pool("scanner", 2, 4, None)}
+    p["smtp"].set_limits(2, 0)  # a reload's floor cannot raise a pool that does not exist
+    assert (p["smtp"].floor, p["smtp"].target) == (0, 0)
+    done, message = resize(p, "smtp", "+1")
+    assert not done and message.startswith("refused: no smtp pool (scanner-only mode")
+    assert resize(p, "scanner", "+2") == (True, "scanner pool 2 -> 4 workers")
+    assert p["smtp"].target == 0  # no SMTP pool raised with it
+    done, message = resize(p, "scanner", "5")
+    assert not done and "ceiling 4 (scanner.max_workers or scanner.feeder_maxproc)" in message
+    assert resize(p, "scanner", "-3") == (True, "scanner pool 4 -> 1 workers")

@@ -135,3 +135,49 @@ def test_the_autoscaler_keeps_its_state_and_decisions_in_its_record():
     assert scaler.state == autoscale.State(since=5.0) and scaler.phase_since == 99.0
     assert not scaler.due(10_000.0, cfg.interval)
     assert scaler.switch(False, now=6.0, wall=100.0) is False
+
+
+def scanner_only_view() -> MasterView:
+    """No SMTP pool (its ceiling 0): Postfix feeds the scanner pool, feeder_maxproc 3."""
+    scanner = PoolView(3, 2, 3, False, Counter(connections=7, scanned=7, verdict_clean=7), [
+        WorkerView(Worker(21, "scanner", 1, 1, 3, started=90.0), board(busy=1)),
+        WorkerView(Worker(22, "scanner", 2, 1, 4, started=90.0), board()),
+        WorkerView(Worker(23, "scanner", 3, 1, 5, started=90.0), board()),
+    ])
+    return view(pools={"smtp": PoolView(0, 0, 0, False, Counter(), []), "scanner": scanner},
+                accept_queue=(0, 128), nuisance={"window": 300.0, "ratio": 0.0, "legit": 0,
+                                                 "nuisance": 0, "by_reason": {}},
+                feeder_maxproc=3)
+
+
+def test_without_an_smtp_pool_status_top_and_metrics_show_it_absent():
+    from poolmgr.cli import format_status
+    from poolmgr.metrics import StatusCollector
+
+    status = Status.from_json(collect(scanner_only_view()).to_json())
+    smtp = status.pools["smtp"]
+    assert (smtp.workers, smtp.target, smtp.ceiling, smtp.slots, smtp.sessions) == (0,) * 5
+    assert status.scanner.scanner_only and status.scanner.feeder_maxproc == 3
+    assert status.pools["scanner"].workers == 3 and status.pools["scanner"].busy == 1
+    assert summary(scanner_only_view()) == "no smtp pool, scanner 3/3, calm"
+    text = format_status(status).splitlines()
+    assert any(line.split()[:2] == ["smtp", "none"] and "scanner-only" in line for line in text)
+    assert "messages: scanned 7; connections from the feeder 7; feeder_maxproc 3" in text
+    shown = frame(status, status)
+    assert any(line.split()[:2] == ["smtp", "none"] and "feeder_maxproc 3" in line
+               for line in shown)
+    assert any(line.startswith("scanner") and "3+0" in line for line in shown)
+    collector = StatusCollector()
+    collector.publish(status, 0)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in collector.collect() for s in family.samples}
+    assert samples[("poolmgr_pool_workers", (("pool", "smtp"),))] == 0
+    assert samples[("poolmgr_pool_ceiling", (("pool", "smtp"),))] == 0
+    assert samples[("poolmgr_pool_workers", (("pool", "scanner"),))] == 3
+    assert samples[("poolmgr_smtp_slots", ())] == 0 and samples[("poolmgr_scanner_busy", ())] == 1
+
+
+def test_without_an_smtp_pool_the_snapshot_is_calm_and_sized_by_the_scanner_pool():
+    snap, _ = snapshot(scanner_only_view())
+    assert (snap.smtp, snap.smtp_ceiling, snap.slots, snap.pressure) == (0, 0, 0, 0.0)
+    assert snap.bounds.scanner_only and snap.scanner_busy == 1

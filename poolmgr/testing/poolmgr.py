@@ -100,15 +100,24 @@ class Poolmgr:
                                       str(self.config)], stdout=self._log, stderr=self._log,
                                      cwd=self.dir, env=own_code_first())
         if wait:
-            smtp = self.sections["smtp"]["min_workers"]
+            smtp = 0 if self.scanner_only else self.sections["smtp"]["min_workers"]
             scanner = self.sections["scanner"]["min_workers"]
-            self.wait_workers(smtp, scanner)
+            feeder = self.sections["scanner"].get("feeder_maxproc", 0)
+            self.wait_workers(smtp, min(scanner, feeder) if feeder else scanner)
             wait_until(lambda: self.accepting(), what="SMTP banner")
         return self
 
+    @property
+    def scanner_only(self) -> bool:
+        """No SMTP pool (`[smtp] listen = []` or `max_workers = 0`): the scanner pool alone."""
+        smtp = self.sections["smtp"]
+        return smtp.get("listen") == [] or smtp.get("max_workers") == 0
+
     def accepting(self) -> bool:
+        """The public port answers with a banner (the scanner port's in scanner-only mode)."""
+        port = self.scanner_port if self.scanner_only else self.smtp_port
         try:
-            with socket.create_connection(("127.0.0.1", self.smtp_port), timeout=5) as sock:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
                 sock.settimeout(5)
                 return sock.recv(100).startswith(b"220")
         except OSError:
