@@ -8,6 +8,7 @@ import http.server
 import json
 import re
 import shutil
+import smtplib
 import socket
 import subprocess
 import threading
@@ -334,6 +335,14 @@ def test_through_poolmgr_rspamd_actions_headers_and_signature(make_poolmgr, rspa
                 client.rcpt("b@y.example")
                 replies[subject] = client.data(forced(
                     subject, extra="X-Drop-Me: forged\r\nX-Spam-Flag: NO\r\n"))
+        # As Postfix's content_filter hands a message over: the client in XFORWARD.
+        with smtplib.SMTP("127.0.0.1", pm.scanner_port, local_hostname="postfix.test",
+                          timeout=30) as postfix:
+            postfix.ehlo()
+            assert postfix.docmd("XFORWARD", "NAME=mail.example.org ADDR=192.0.2.7 "
+                                 "HELO=helo.example.org")[0] == 250
+            assert postfix.sendmail(f"a@{DKIM_DOMAIN}", ["b@y.example"],
+                                    forced("forwarded")) == {}
     finally:
         hop.stop()
     assert replies["force greylist"] == (451, b"4.7.1 Try again later")
@@ -345,7 +354,10 @@ def test_through_poolmgr_rspamd_actions_headers_and_signature(make_poolmgr, rspa
     assert "Blocked DEFERRED (greylist) {Deferred}" in log
     assert "Blocked DEFERRED (soft reject) {Deferred}" in log
     delivered = {dict(fields(c.data))["Message-ID"]: c.data for c in hop.accepted}
-    assert len(delivered) == 3  # the deferred two were not delivered
+    assert len(delivered) == 4  # the deferred two were not delivered
+    envelope = dict(fields(delivered["<forwarded@x.example>"]))["X-Spamd-Result"]
+    assert "[ip=192.0.2.7,from=a@dkim.example,rcpt=b@y.example,helo=helo.example.org," \
+           "qid=" in envelope and ",hostname=mail.example.org]" in envelope
     tagged, rewritten, plain = (delivered[f"<{s.replace(' ', '.')}@x.example>"]
                                 for s in ("force add header", "force rewrite subject", "plain"))
     for data, flag in ((tagged, "YES"), (rewritten, "YES"), (plain, None)):
