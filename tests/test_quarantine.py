@@ -150,7 +150,7 @@ def test_verdicts_and_check_latency_in_status_top_and_metrics(make_poolmgr, clam
             client.sendmail("alice@example.org", ["bob@example.test"], virus())
     scanner = pm.status()["scanner"]
     assert scanner["verdicts"] == {"clean": 2, "spam_tagged": 0, "spam_killed": 0, "virus": 1,
-                                   "banned": 0, "failed": 0}
+                                   "banned": 0, "failed": 0, "deferred": 0}
     clamd_runs = scanner["checks"]["clamd"]
     assert (clamd_runs["runs"], clamd_runs["failed"]) == (3, 0)
     assert sum(clamd_runs["buckets"]) == 3 and clamd_runs["seconds"] > 0

@@ -2,18 +2,26 @@
 poolmgr.testing.rspamd), and against small fake servers for the failures rspamd will not
 produce on demand (error status, bad JSON, a silent daemon)."""
 
+import base64
+import hashlib
 import http.server
 import json
+import re
 import shutil
+import smtplib
 import socket
+import subprocess
 import threading
 
 import pytest
 
 from poolmgr import config
 from poolmgr.scanner.backends.base import CheckFailed, Message
-from poolmgr.scanner.backends.rspamd import Backend, ask, request_headers
-from poolmgr.testing import ENVELOPE_SYMBOL, Rspamd, free_port
+from poolmgr.scanner.backends.rspamd import Backend, ask, edits, request_headers
+from poolmgr.smtp import replies as R
+from poolmgr.smtp.headers import Insertion, Removal
+from poolmgr.testing import ENVELOPE_SYMBOL, Recorder, Rspamd, free_port
+from poolmgr.testing.rspamd import DKIM_DOMAIN, DKIM_SELECTOR
 
 # The GTUBE test string (https://spamassassin.apache.org/gtube/), which rspamd knows itself.
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -30,9 +38,9 @@ def message(body: str = "Just a note.", **envelope) -> Message:
     return Message(data=data(body), **(fields | envelope))
 
 
-def backend(url: str, timeout: str = "30s") -> Backend:
-    cfg = config.from_dict({"scanner": {"checks": ["rspamd"],
-                                        "rspamd": {"url": url, "timeout": timeout}}})
+def backend(url: str, timeout: str = "30s", use_action: bool = True) -> Backend:
+    cfg = config.from_dict({"scanner": {"checks": ["rspamd"], "rspamd": {
+        "url": url, "timeout": timeout, "use_action": use_action}}})
     return Backend(cfg)
 
 
@@ -56,7 +64,9 @@ def test_gtube_is_rejected(rspamd):
 def test_plain_message_scores_low(rspamd):
     result = backend(rspamd.url).check(message())
     assert (result.action, result.score, result.required) == ("no action", 0.5, 15.0)
-    assert result.tests == (ENVELOPE_SYMBOL,)  # our rule, which hits every message
+    # our rule, which hits every message, and the dkim module's "no signature" (score 0)
+    assert result.tests == (ENVELOPE_SYMBOL, "R_DKIM_NA")
+    assert result.decision == "clean"
 
 
 def envelope_seen(rspamd, msg: Message) -> list[str]:
@@ -194,5 +204,177 @@ def test_through_poolmgr_gtube_is_rejected_and_plain_mail_tagged(make_poolmgr, r
     head = delivered.split(b"\r\n\r\n")[0].decode().replace("\r\n\t", " ")
     assert "X-Spam-Flag: NO" in head
     assert "X-Spam-Status: No, score=0.500 tagged_above=-1 required=6.31" in head
-    assert f"tests=[{ENVELOPE_SYMBOL}]" in head
+    assert f"tests=[{ENVELOPE_SYMBOL}]" in head  # rspamd's dkim module skips local clients
     assert "X-Virus-Scanned" not in head  # no virus check ran
+
+
+# rspamd's actions, forced by the private rspamd's POOLMGR_FORCE rule on the Subject.
+
+def forced(subject: str, extra: str = "", body: str = "Hello.") -> bytes:
+    return (f"Received: from upstream by mx.example; Mon, 7 Dec 2026 10:00:00 +0000\r\n"
+            f"From: <a@{DKIM_DOMAIN}>\r\nTo: <b@y.example>\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject.replace(' ', '.')}@x.example>\r\n{extra}\r\n"
+            f"{body}\r\n").encode()
+
+
+@pytest.mark.parametrize("subject, body, action, decision, text", [
+    ("force greylist", "Hello.", "greylist", "defer", ""),
+    ("force soft reject: Ratelimit exceeded", "Hello.", "soft reject", "defer",
+     "Ratelimit exceeded"),
+    ("force add header", "Hello.", "add header", "tag", ""),
+    ("force rewrite subject", "Hello.", "rewrite subject", "tag", ""),
+    ("gtube", f"Please ignore.\r\n{GTUBE}", "reject", "kill", "Gtube pattern"),
+    ("plain", "Hello.", "no action", "clean", ""),
+])
+def test_rspamd_actions_become_decisions(rspamd, subject, body, action, decision, text):
+    msg = Message(forced(subject, body=body), "Q", "a@x", ("b@y",), "192.0.2.1", "", "h")
+    result = backend(rspamd.url).check(msg)
+    assert (result.action, result.decision) == (action, decision)
+    assert result.reply_text == text  # rspamd's messages.smtp_message
+    assert result.subject == ("[SPAM] force rewrite subject" if action == "rewrite subject"
+                              else "")
+    # use_action = false: the levels decide, rspamd's score meets them as spamd's does
+    assert backend(rspamd.url, use_action=False).check(msg).decision == ""
+
+
+def test_milter_headers_and_dkim_signature_become_edits(rspamd):
+    msg = Message(forced("plain"), "4XyZ1", "a@x", ("b@y",), "192.0.2.1", "", "h")
+    found = backend(rspamd.url).check(msg).edits
+    removed = {e.name: e.index for e in found if isinstance(e, Removal)}
+    added = [e for e in found if isinstance(e, Insertion)]
+    assert removed["X-Drop-Me"] == 0  # every one
+    assert removed["X-Spamd-Result"] == removed["X-Rspamd-Queue-Id"] == 0
+    # removals first, then the additions, then the signature at the top, as rspamd's milter
+    assert found.index(added[0]) == len(removed)
+    positions = {e.name: e.index for e in added}
+    assert positions == {"X-Poolmgr-Top": 0, "X-Spamd-Result": -1, "X-Rspamd-Queue-Id": -1,
+                         "DKIM-Signature": 0}
+    assert added[-1].name == "DKIM-Signature"
+    assert next(e for e in added if e.name == "X-Rspamd-Queue-Id").value == "4XyZ1"
+    spamd_result = next(e for e in added if e.name == "X-Spamd-Result").value
+    assert spamd_result.startswith("default: False [0.50 / 15.00];\r\n\t")  # folded
+
+
+def test_edits_of_any_shape_rspamd_documents():
+    answer = {"milter": {
+        "add_headers": {"X-A": "plain", "X-B": {"value": "at 2", "order": 2},
+                        "X-C": [{"value": "one"}, {"value": "two", "order": -1}, 7],
+                        "X-D": {"order": 1}},
+        "remove_headers": {"X-E": 1, "X-F": -1, "X-G": "all", "X-H": True}},
+        "dkim-signature": ["v=1; first", "v=1; second"]}
+    assert edits(answer) == (
+        Removal("X-E", 1), Removal("X-F", -1), Insertion("X-A", "plain"),
+        Insertion("X-B", "at 2", 2), Insertion("X-C", "one"), Insertion("X-C", "two", -1),
+        Insertion("DKIM-Signature", "v=1; first", 0),
+        Insertion("DKIM-Signature", "v=1; second", 1))
+    assert edits({"milter": "x", "dkim-signature": 3}) == ()
+
+
+def fields(data: bytes) -> list[tuple[str, str]]:
+    """The header fields of `data` in order, as (name, value unfolded)."""
+    head = data.split(b"\r\n\r\n", 1)[0].decode()
+    return [(name, " ".join(value.split())) for name, value in
+            (f.split(":", 1) for f in re.split(r"\r\n(?![ \t])", head))]
+
+
+def relaxed_header(field: str) -> str:
+    """RFC 6376 section 3.4.2."""
+    name, value = field.split(":", 1)
+    value = re.sub(r"[ \t]+", " ", re.sub(r"\r\n(?=[ \t])", "", value)).strip()
+    return f"{name.strip().lower()}:{value}"
+
+
+def dkim_verifies(data: bytes, public_key, tmp_path) -> bool:
+    """Verify the first DKIM-Signature of `data` (rsa-sha256, relaxed/relaxed, as rspamd
+    signs) with `public_key`: the body hash here, the signature by openssl."""
+    head, body = data.split(b"\r\n\r\n", 1)
+    raw = re.split(r"\r\n(?![ \t])", head.decode())
+    signature = next(f for f in raw if f.lower().startswith("dkim-signature:"))
+    tags = dict(t.strip().split("=", 1) for t in
+                re.sub(r"\s+", "", signature.split(":", 1)[1]).split(";") if t)
+    assert (tags["a"], tags["c"]) == ("rsa-sha256", "relaxed/relaxed")
+    lines = [re.sub(rb"[ \t]+", b" ", line).rstrip(b" ") for line in body.split(b"\r\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    canonical_body = b"".join(line + b"\r\n" for line in lines)
+    if base64.b64encode(hashlib.sha256(canonical_body).digest()).decode() != tags["bh"]:
+        return False
+    unused = list(raw)
+    signed = []
+    for name in tags["h"].split(":"):  # the last unused field of each name, upwards
+        match = next((f for f in reversed(unused) if f.split(":", 1)[0].strip().lower()
+                      == name.lower()), None)
+        if match is not None:
+            unused.remove(match)
+            signed.append(relaxed_header(match) + "\r\n")
+    unsigned = re.sub(r"(\bb=)[^;]*", r"\1", signature)
+    (tmp_path / "signed").write_bytes(("".join(signed) + relaxed_header(unsigned)).encode())
+    (tmp_path / "signature").write_bytes(base64.b64decode(tags["b"]))
+    checked = subprocess.run(["openssl", "dgst", "-sha256", "-verify", str(public_key),
+                              "-signature", str(tmp_path / "signature"),
+                              str(tmp_path / "signed")], capture_output=True)
+    return checked.returncode == 0
+
+
+def test_through_poolmgr_rspamd_actions_headers_and_signature(make_poolmgr, rspamd, tmp_path):
+    """use_action: greylist and soft reject are 451 4.7.1 (not delivered: the client retries),
+    add header and rewrite subject reach the next hop flagged, with rspamd's milter headers at
+    their places and its DKIM signature, which verifies there unless the Subject changed."""
+    hop = Recorder().start()
+    try:
+        pm = make_poolmgr(start=False)
+        pm.configure("scanner", checks=["rspamd"], rspamd={"url": rspamd.url},
+                     next_hop=f"smtp:127.0.0.1:{hop.port}")
+        pm.start()
+        with pm.smtp() as client:
+            client.ehlo()
+            replies = {}
+            for subject in ("force greylist", "force soft reject: Ratelimit exceeded",
+                            "force add header", "force rewrite subject", "plain"):
+                client.mail(f"a@{DKIM_DOMAIN}")
+                client.rcpt("b@y.example")
+                replies[subject] = client.data(forced(
+                    subject, extra="X-Drop-Me: forged\r\nX-Spam-Flag: NO\r\n"))
+        # As Postfix's content_filter hands a message over: the client in XFORWARD.
+        with smtplib.SMTP("127.0.0.1", pm.scanner_port, local_hostname="postfix.test",
+                          timeout=30) as postfix:
+            postfix.ehlo()
+            assert postfix.docmd("XFORWARD", "NAME=mail.example.org ADDR=192.0.2.7 "
+                                 "HELO=helo.example.org")[0] == 250
+            assert postfix.sendmail(f"a@{DKIM_DOMAIN}", ["b@y.example"],
+                                    forced("forwarded")) == {}
+    finally:
+        hop.stop()
+    assert replies["force greylist"] == (451, b"4.7.1 Try again later")
+    assert replies["force soft reject: Ratelimit exceeded"] == (451, b"4.7.1 Ratelimit exceeded")
+    assert str(R.R451_DEFERRED_BY_CHECK.format(text="Try again later")) == \
+        "451 4.7.1 Try again later"
+    assert [code for code, _ in replies.values()] == [451, 451, 250, 250, 250]
+    log = pm.log()
+    assert "Blocked DEFERRED (greylist) {Deferred}" in log
+    assert "Blocked DEFERRED (soft reject) {Deferred}" in log
+    delivered = {dict(fields(c.data))["Message-ID"]: c.data for c in hop.accepted}
+    assert len(delivered) == 4  # the deferred two were not delivered
+    envelope = dict(fields(delivered["<forwarded@x.example>"]))["X-Spamd-Result"]
+    assert "[ip=192.0.2.7,from=a@dkim.example,rcpt=b@y.example,helo=helo.example.org," \
+           "qid=" in envelope and ",hostname=mail.example.org]" in envelope
+    tagged, rewritten, plain = (delivered[f"<{s.replace(' ', '.')}@x.example>"]
+                                for s in ("force add header", "force rewrite subject", "plain"))
+    for data, flag in ((tagged, "YES"), (rewritten, "YES"), (plain, None)):
+        names = [name for name, _ in fields(data)]
+        head = dict(fields(data))
+        assert head.get("X-Spam-Flag") == flag  # poolmgr's own; the client's copy is gone
+        assert names.count("X-Spam-Flag") == (1 if flag else 0)
+        assert "X-Drop-Me" not in names  # milter.remove_headers
+        # Our trace and verdict headers, then rspamd's DKIM-Signature and its header at the
+        # top (order 0), the message's own fields, and rspamd's others at the end (order -1).
+        ours = names.index("X-Poolmgr-Scan")
+        assert names[ours + 1:ours + 4] == ["DKIM-Signature", "X-Poolmgr-Top", "Received"]
+        assert set(names[-2:]) == {"X-Spamd-Result", "X-Rspamd-Queue-Id"}
+        # The signature covers the Subject as rspamd saw it: rspamd's own rewrite breaks it
+        # (as it does behind rspamd's milter); the message left as signed verifies.
+        assert dkim_verifies(data, rspamd.dkim_public_key, tmp_path) == (data is not rewritten)
+    assert dict(fields(tagged))["Subject"] == "force add header"  # add header leaves it
+    assert dict(fields(rewritten))["Subject"] == "[SPAM] force rewrite subject"
+    assert dict(fields(plain))["Subject"] == "plain"
+    assert dict(fields(tagged))["X-Spamd-Result"].startswith("default: False [7.00 / 15.00];")

@@ -9,6 +9,7 @@ import pytest
 from poolmgr.scanner.backends.base import Result
 from poolmgr.scanner.verdict import Failure, Policy, decide
 from poolmgr.smtp import replies as R
+from poolmgr.smtp.headers import Insertion, Removal
 
 POLICY = Policy(tag_level=2.0, tag2_level=6.31, kill_level=10.0, spam_subject_tag="***Spam*** ",
                 spam_action="pass", virus_action="reject", hostname="mx.test")
@@ -84,3 +85,63 @@ def test_builtin_tag_rules_and_reject_rules():
     banned = decide([Result("builtin", rule="no-lottery")], [], POLICY, True)
     assert (banned.kind, banned.action) == ("banned", "reject")
     assert banned.reply == R.R554_CONTENT_RULE.format(name="no-lottery")
+
+
+# A back-end that judges the message itself (rspamd's action, Result.decision).
+
+def rspamd(score: float, decision: str, **fields) -> Result:
+    return Result("rspamd", score=score, required=15.0, tests=("R",),
+                  action={"kill": "reject", "defer": "greylist", "tag": "add header",
+                          "clean": "no action"}[decision], decision=decision, **fields)
+
+
+@pytest.mark.parametrize("decision, kind, flag", [
+    ("kill", "spam_killed", "YES"),   # whatever its score: the kill path, spam_action
+    ("tag", "spam_tagged", "YES"),    # below tag2_level, still spam
+    ("clean", "clean", None),         # no spam headers below tag_level
+])
+def test_a_decision_wins_over_the_levels(decision, kind, flag):
+    verdict = decide([rspamd(1.0, decision)], [], replace(POLICY, spam_action="reject"), False)
+    assert verdict.kind == kind
+    assert headers(verdict).get("X-Spam-Flag") == flag
+    if decision == "kill":
+        assert verdict.reply == R.R554_SPAM.format(score="1.000")
+    # rspamd's "add header" leaves the Subject alone; the kill path tags it as at kill_level
+    assert verdict.subject_tag == ("***Spam*** " if decision == "kill" else "")
+
+
+def test_a_defer_decision_is_451_with_the_back_ends_text():
+    verdict = decide([rspamd(0.0, "defer", reply_text="Ratelimit exceeded")], [], POLICY, True)
+    assert (verdict.kind, verdict.action) == ("deferred", "tempfail")
+    assert str(verdict.reply) == "451 4.7.1 Ratelimit exceeded"
+    assert (verdict.summary, verdict.name) == ("deferred (rspamd: greylist)", "greylist")
+    plain = decide([rspamd(4.5, "defer")], [], POLICY, True)
+    assert str(plain.reply) == "451 4.7.1 Try again later"  # rspamd's milter says so too
+    # worse verdicts still win: another back-end's score at kill_level, a virus
+    killed = decide([rspamd(0.0, "defer"), spamd(12.0)], [], POLICY, True)
+    assert killed.kind == "spam_killed"
+    virus = decide([rspamd(0.0, "defer"), Result("clamd", virus="V")], [], POLICY, True)
+    assert virus.kind == "virus"
+
+
+def test_other_back_ends_scores_still_meet_the_levels():
+    high = decide([rspamd(12.0, "clean")], [], POLICY, False)
+    assert (high.kind, headers(high)["X-Spam-Flag"]) == ("clean", "NO")  # headers from tag_level
+    verdict = decide([rspamd(12.0, "clean"), spamd(7.0, "S")], [], POLICY, False)
+    assert verdict.kind == "spam_tagged"  # spamd's 7 >= tag2_level; rspamd's 12 decides nothing
+    assert verdict.subject_tag == "***Spam*** "
+    assert verdict.score == 12.0  # the headers show the highest score
+
+
+def test_a_new_subject_and_header_edits_reach_delivered_verdicts():
+    edits = (Removal("X-Drop", 0), Insertion("X-Top", "first", 0))
+    rewritten = decide([rspamd(8.5, "tag", subject="[SPAM] hi", edits=edits)], [], POLICY,
+                       False)
+    assert (rewritten.kind, rewritten.subject, rewritten.subject_tag) == (
+        "spam_tagged", "[SPAM] hi", "")
+    assert rewritten.edits == edits
+    clean = decide([Result("builtin"), rspamd(0.5, "clean", subject="ignored", edits=edits)],
+                   [], POLICY, True)
+    assert (clean.kind, clean.subject, clean.edits) == ("clean", "", edits)
+    deferred = decide([rspamd(0.0, "defer", edits=edits)], [], POLICY, True)
+    assert deferred.edits == ()  # nothing is delivered

@@ -2,7 +2,8 @@
 
 Accepts SMTP (EHLO) and LMTP (LHLO) on the same port, XFORWARD from the clients in
 `scanner.inet_acl` (the SMTP pool, or Postfix as content_filter), checks each message, removes
-any `X-Poolmgr-Scan:` header it arrived with, adds `Received:` and its own `X-Poolmgr-Scan:`
+any `X-Poolmgr-Scan:` header it arrived with, makes the header edits its checks asked for
+(rspamd's milter headers and DKIM signature), adds `Received:` and its own `X-Poolmgr-Scan:`
 and re-injects it to `scanner.next_hop`. It answers 250 only after the next hop did; a reject
 verdict is 554; any failure is 451. Recipients the next hop refused beside accepted ones are
 reported to an LMTP client one by one, and to an SMTP client's sender by a delivery status
@@ -21,7 +22,8 @@ from ..defence.decision import Decision
 from ..defence.networks import in_networks
 from ..smtp import replies as R
 from ..config import format_address
-from ..smtp.headers import message_id, received, remove_fields, tag_subject
+from ..smtp.headers import (edit_fields, message_id, received, remove_fields, set_subject,
+                            tag_subject)
 from ..smtp.parse import parse_xforward
 from ..smtp.protocol import BASE_COMMANDS, Command, Envelope, Refused, ServerSession
 from . import quarantine
@@ -118,8 +120,9 @@ class ScannerSession(ServerSession):
             headers += verdict.headers + (f"{SCAN_HEADER}: {verdict.summary} by poolmgr at "
                                           f"{service.hostname}\r\n").encode()
             # Only this hop's verdict counts: copies the client sent are forgeries.
-            data = remove_fields(data, FORGEABLE)
-            data = headers + tag_subject(data, verdict.subject_tag)
+            data = edit_fields(remove_fields(data, FORGEABLE), verdict.edits)
+            data = headers + (set_subject(data, verdict.subject) if verdict.subject
+                              else tag_subject(data, verdict.subject_tag))
             self._log_passed(env, verdict, client, len(data), started, bank.name)
             CLEANUP.info("%s: message-id=%s", env.queue_id, message_id(data))
             QMGR.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", env.queue_id,
@@ -183,7 +186,8 @@ class ScannerSession(ServerSession):
             reply = (R.R250_DISCARDED.format(ident=ident, summary=verdict.summary) if ident
                      else R.R451_QUARANTINE_FAILED)
         label = {"virus": f"INFECTED ({verdict.name})", "banned": f"BANNED ({verdict.name})",
-                 "spam_killed": "SPAM", "failed": "UNCHECKED"}[verdict.kind]
+                 "spam_killed": "SPAM", "failed": "UNCHECKED",
+                 "deferred": f"DEFERRED ({verdict.name})"}[verdict.kind]
         outcome = "Deferred" if reply.temporary else \
             {"reject": "Rejected", "discard": "Discarded"}[verdict.action]
         service.log.info("%s: Blocked %s {%s%s%s}, [%s] <%s> -> %s, quarantine: %s, "

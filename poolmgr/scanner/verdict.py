@@ -2,15 +2,21 @@
 that fits where the scanner sits, and amavisd's headers.
 
 Kinds, worst first (amavisd's contents categories): `virus`, `banned` (a builtin rule whose
-action is reject), `spam_killed` (score at or above kill_level), `failed` (a back-end could not
-answer and its on_failure is tempfail), `spam_tagged` (at or above tag2_level), `clean`.
+action is reject), `spam_killed` (score at or above kill_level), `deferred` (a back-end that
+judges itself asks the sender to try later: rspamd's soft reject or greylist), `failed` (a
+back-end could not answer and its on_failure is tempfail), `spam_tagged` (at or above
+tag2_level), `clean`. A back-end that judges itself (`Result.decision`: rspamd's action)
+counts as killing, tagging or clean whatever its score; the others' scores meet the levels.
 Actions: `deliver`, `reject` (554, before the queue), `discard` (accept, quarantine, do not
 deliver) and `tempfail` (451, the sender retries).
 
 Headers as amavisd-new writes them, so sieve and procmail rules written for it keep working:
-`X-Virus-Scanned: poolmgr at HOST`, and from tag_level on `X-Spam-Flag`, `X-Spam-Score`,
-`X-Spam-Level` (one star per point) and `X-Spam-Status: Yes|No, score=... tagged_above=...
-required=... tests=[...]`. Any copy of them in incoming mail is removed first (`FORGEABLE`).
+`X-Virus-Scanned: poolmgr at HOST`, and from tag_level on (or when spam) `X-Spam-Flag`,
+`X-Spam-Score`, `X-Spam-Level` (one star per point) and `X-Spam-Status: Yes|No, score=...
+tagged_above=... required=... tests=[...]`. Any copy of them in incoming mail is removed first
+(`FORGEABLE`). A delivered message also gets the header edits the back-ends asked for
+(`edits`, e.g. rspamd's milter headers and DKIM signature) and the Subject one of them wrote
+(`subject`), else `subject_tag` in front of its own.
 """
 
 __all__ = ["decide", "Verdict", "Failure", "Policy", "KINDS", "FORGEABLE"]
@@ -20,7 +26,7 @@ from dataclasses import dataclass, field
 from ..smtp import replies as R
 from .backends.base import Result
 
-KINDS = ("clean", "spam_tagged", "spam_killed", "virus", "banned", "failed")
+KINDS = ("clean", "spam_tagged", "spam_killed", "virus", "banned", "failed", "deferred")
 # Headers only the scanner may write; a client's copies are removed before it adds its own.
 FORGEABLE = ("X-Poolmgr-Scan", "X-Virus-Scanned", "X-Spam-Flag", "X-Spam-Score",
              "X-Spam-Level", "X-Spam-Status")
@@ -59,6 +65,9 @@ class Verdict:
     reply: R.Reply | None = None       # for reject and tempfail
     headers: bytes = b""               # to add at the top of the message
     subject_tag: str = ""              # to put in front of the Subject
+    subject: str = ""                  # a back-end's whole new Subject (then no subject_tag)
+    edits: tuple = ()                  # back-ends' header edits (smtp.headers Removal,
+    #                                    Insertion), in order, for a delivered message
     summary: str = "clean"             # X-Poolmgr-Scan and the log: "tagged (rule)", ...
     name: str = ""                     # virus or rule name
     score: float | None = None
@@ -66,8 +75,7 @@ class Verdict:
     failures: list[Failure] = field(default_factory=list)
 
 
-def _spam_headers(score: float, tests: tuple[str, ...], policy: Policy) -> str:
-    spam = score >= policy.tag2_level
+def _spam_headers(score: float, tests: tuple[str, ...], policy: Policy, spam: bool) -> str:
     stars = "*" * min(MAX_STARS, max(0, int(score)))
     return (f"X-Spam-Flag: {'YES' if spam else 'NO'}\r\n"
             f"X-Spam-Score: {score:.3f}\r\n"
@@ -96,24 +104,42 @@ def decide(results: list[Result], failures: list[Failure], policy: Policy,
     score = max((r.score for r in scored), default=None)
     spam_tests = tuple(t for r in scored for t in r.tests)
     tags = tuple(t for r in results if r.score is None for t in r.tests)  # builtin tag rules
-    if score is not None and score >= policy.tag_level:
-        headers += _spam_headers(score, spam_tests, policy)
-    if score is not None and score >= policy.kill_level:
+    # Scores meet the levels unless their back-end judged the message itself.
+    level = max((r.score for r in scored if not r.decision), default=None)
+    decisions = [r for r in results if r.decision]
+    killed = any(r.decision == "kill" for r in decisions) or \
+        (level is not None and level >= policy.kill_level)
+    tagged = level is not None and level >= policy.tag2_level
+    spam = killed or tagged or any(r.decision == "tag" for r in decisions)
+    if score is not None and (spam or score >= policy.tag_level):
+        headers += _spam_headers(score, spam_tests, policy, spam)
+    delivered = dict(edits=tuple(e for r in results for e in r.edits), score=score,
+                     tests=spam_tests, failures=failures)
+    # A back-end that tags by itself changes the Subject only when it says how (rspamd's
+    # rewrite subject; its add header leaves it, and the DKIM signature it made, intact).
+    subject = next((r.subject for r in results if r.subject), "") if spam else ""
+    subject_tag = policy.spam_subject_tag if (killed or tagged) and not subject else ""
+    if killed:
         action = {"pass": "deliver"}.get(policy.spam_action, policy.spam_action)
         return Verdict("spam_killed", action, R.R554_SPAM.format(score=f"{score:.3f}")
-                       if action == "reject" else None, headers.encode(),
-                       policy.spam_subject_tag, summary=f"SPAM (score={score:.3f})",
+                       if action == "reject" else None, headers.encode(), subject_tag,
+                       subject, summary=f"SPAM (score={score:.3f})", **delivered)
+    deferring = next((r for r in decisions if r.decision == "defer"), None)
+    if deferring is not None:
+        return Verdict("deferred", "tempfail", R.R451_DEFERRED_BY_CHECK.format(
+                           text=deferring.reply_text or "Try again later"),
+                       summary=f"deferred ({deferring.check}: {deferring.action})",
+                       name=deferring.action,
                        score=score, tests=spam_tests, failures=failures)
     if any(f.on_failure == "tempfail" for f in failures):
         failed = next(f for f in failures if f.on_failure == "tempfail")
         return Verdict("failed", "tempfail", R.R451_CHECK_FAILED.format(check=failed.check),
                        summary=f"failed ({failed.check})", failures=failures)
-    if score is not None and score >= policy.tag2_level:
-        return Verdict("spam_tagged", "deliver", None, headers.encode(),
-                       policy.spam_subject_tag, summary=f"SPAM (score={score:.3f})",
-                       score=score, tests=spam_tests, failures=failures)
+    if spam:
+        return Verdict("spam_tagged", "deliver", None, headers.encode(), subject_tag, subject,
+                       summary=f"SPAM (score={score:.3f})", **delivered)
     summary = f"tagged ({','.join(tags)})" if tags else "clean"
     if failures:
         summary += f" (unchecked by {','.join(f.check for f in failures)})"
-    return Verdict("clean", "deliver", None, headers.encode(), summary=summary, score=score,
-                   tests=spam_tests or tags, failures=failures)
+    delivered["tests"] = spam_tests or tags
+    return Verdict("clean", "deliver", None, headers.encode(), summary=summary, **delivered)

@@ -1,13 +1,16 @@
-"""Trace headers: the Received: line each hop adds (RFC 5321 section 4.4), and removing a
-header field a client must not be able to forge.
+"""Trace headers: the Received: line each hop adds (RFC 5321 section 4.4), removing a header
+field a client must not be able to forge, and the header edits a content check asks for
+(removals and insertions by position, as a milter makes them; a new Subject).
 """
 
-__all__ = ["received", "remove_fields", "header_section", "tag_subject", "message_id"]
+__all__ = ["received", "remove_fields", "header_section", "tag_subject", "message_id",
+           "Removal", "Insertion", "edit_fields", "set_subject"]
 
 import email.utils
 import functools
 import re
 import time
+from dataclasses import dataclass
 
 HELO_MAX = 255  # RFC 1035 section 2.3.4: a domain name has at most 255 octets
 _MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
@@ -102,3 +105,80 @@ def message_id(data: bytes) -> str:
     if match is None:
         return ""
     return " ".join(match.group(1).decode("utf-8", "replace").split())
+
+
+@dataclass(frozen=True)
+class Removal:
+    """Remove the `index`th field called `name` (any case): 1 the first, -1 the last, 0 every
+    one (the milter protocol's smfi_chgheader with no value, as rspamd counts)."""
+    name: str
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class Insertion:
+    """Insert `name: value` before the field at `index` (0: at the top); a negative index counts
+    from the end (-1: after the last field), None appends (smfi_insheader / smfi_addheader)."""
+    name: str
+    value: str
+    index: int | None = None
+
+
+_FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 section 3.6.8: printable ASCII but ':'
+
+
+def edit_fields(data: bytes, edits) -> bytes:
+    """`data` with `edits` (Removal, Insertion) applied to its header fields one after the
+    other, each counting positions on the fields as the edits before it left them; the body
+    is never touched. An insertion whose name is not a field name is skipped."""
+    if not edits:
+        return data
+    head = header_section(data)
+    fields: list[bytes] = []  # one entry per field, continuation lines included
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        else:
+            fields.append(line)
+    for edit in edits:
+        if isinstance(edit, Removal):
+            _remove(fields, edit)
+        elif _FIELD_NAME.fullmatch(edit.name):
+            field = f"{edit.name}: {_fold(edit.value)}\r\n".encode("utf-8", "surrogateescape")
+            index = len(fields) if edit.index is None else \
+                edit.index if edit.index >= 0 else max(0, len(fields) + edit.index + 1)
+            fields.insert(min(index, len(fields)), field)
+    return b"".join(fields) + data[len(head):]
+
+
+def _remove(fields: list[bytes], edit: Removal) -> None:
+    name = _fields((edit.name,))
+    matching = [i for i, field in enumerate(fields) if name.match(field)]
+    if edit.index == 0:
+        chosen = matching
+    elif 1 <= edit.index <= len(matching) or -len(matching) <= edit.index <= -1:
+        chosen = [matching[edit.index - 1 if edit.index > 0 else edit.index]]
+    else:
+        chosen = []
+    for i in reversed(chosen):
+        del fields[i]
+
+
+def _fold(value: str) -> str:
+    """A field value fit for the header: its lines joined by CRLF, each continuation line
+    starting with white space (a bare line break would start a field of its own)."""
+    value = "".join(c if c >= " " or c in "\t\r\n" else "?" for c in value)
+    lines = [line for line in re.split(r"\r\n|\r|\n", value.strip()) if line.strip()]
+    return "\r\n".join(line if i == 0 or line[:1] in (" ", "\t") else "\t" + line
+                        for i, line in enumerate(lines))
+
+
+def set_subject(data: bytes, subject: str) -> bytes:
+    """`data` with its (first) Subject field's value replaced by `subject`; a Subject: field
+    is added at the top when there is none."""
+    head = header_section(data)
+    field = f"Subject: {_fold(subject)}\r\n".encode("utf-8", "surrogateescape")
+    match = re.search(rb"(?im)^subject[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*", head)
+    if match is None:
+        return edit_fields(data, [Insertion("Subject", subject, 0)])
+    return data[:match.start()] + field + data[match.end():]

@@ -82,6 +82,9 @@ R451_LOCAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
 R451_FILTER_UNAVAILABLE = Reply(451, "4.3.0", "Error: content filter unavailable, try again later")
 R451_NEXT_HOP_UNAVAILABLE = Reply(451, "4.4.1", "Error: next hop unavailable, try again later")
 R451_CHECK_FAILED = Reply(451, "4.3.0", "Error: content check {check} unavailable, try again later")
+# A content check that asks the sender to come back (rspamd's soft reject or greylist), in its
+# own words (rspamd's smtp_message) or rspamd milter's "Try again later".
+R451_DEFERRED_BY_CHECK = Reply(451, "4.7.1", "{text}")
 R451_QUARANTINE_FAILED = Reply(
     451, "4.3.0", "Error: cannot quarantine the message, try again later")
 R451_DSN_FAILED = Reply(

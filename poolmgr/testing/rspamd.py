@@ -1,13 +1,19 @@
 """A private rspamd (Debian's package) on a loopback port: one normal worker, no controller or
-proxy, no modules (so no Redis, DNS or HTTP lookups: it works offline), its config, log,
-databases and caches in a temp dir.
+proxy, only the modules a test needs (so no Redis, DNS or HTTP lookups: it works offline), its
+config, log, databases, caches and DKIM key in a temp dir.
 
-rspamd still knows GTUBE without any module (action reject, symbol GTUBE). One rule of ours,
-POOLMGR_ENVELOPE (score 0.5), hits every message and lists in its options the envelope rspamd
-was given: ip=, from=, rcpt= (comma-separated), helo=, qid=, hostname=.
+rspamd still knows GTUBE without any module (action reject, symbol GTUBE). Rules of ours:
+POOLMGR_ENVELOPE (score 0.5) hits every message and lists in its options the envelope rspamd
+was given: ip=, from=, rcpt= (comma-separated), helo=, qid=, hostname=. A Subject
+`force ACTION` (greylist, add header, rewrite subject) scores into that action's range;
+`force ACTION: TEXT` sets ACTION as rspamd's pre-result with TEXT as its SMTP message (e.g.
+`force soft reject: Ratelimit exceeded`). milter_headers adds X-Spamd-Result and
+X-Rspamd-Queue-Id at the end of the header, X-Poolmgr-Top at the top, and removes every
+X-Drop-Me; dkim_signing signs mail From: DKIM_DOMAIN (selector DKIM_SELECTOR) with a key made
+at start (`dkim_public_key`, PEM).
 """
 
-__all__ = ["Rspamd", "ENVELOPE_SYMBOL"]
+__all__ = ["Rspamd", "ENVELOPE_SYMBOL", "DKIM_DOMAIN", "DKIM_SELECTOR"]
 
 import http.client
 import os
@@ -20,9 +26,12 @@ from pathlib import Path
 from .wait import WaitTimeout, free_port, wait_until
 
 ENVELOPE_SYMBOL = "POOLMGR_ENVELOPE"
+DKIM_DOMAIN, DKIM_SELECTOR = "dkim.example", "poolmgr"
+PLUGINS = Path("/usr/share/rspamd/plugins")
 
 RSPAMD_CONF = """\
 options {{
+  filters = "dkim";  # the C module dkim_signing signs with
   pidfile = "{dir}/rspamd.pid";
   dbdir = "{dir}/db";
   hs_cache_dir = "{dir}/db";
@@ -31,12 +40,33 @@ options {{
   dns {{ nameserver = ["127.0.0.1:9"]; timeout = 1s; retransmits = 1; }}
 }}
 logging {{ type = "file"; filename = "{dir}/rspamd.log"; level = "info"; }}
-actions {{ reject = 15; add_header = 6; greylist = 4; }}
-lua = "{dir}/envelope.lua";
+actions {{ reject = 15; rewrite_subject = 8; add_header = 6; greylist = 4; subject = "[SPAM] %s"; }}
+lua = "{dir}/rules.lua";
+modules {{ path = "{dir}/plugins"; }}
+milter_headers {{
+  use = ["x-spamd-result", "x-rspamd-queue-id", "poolmgr-edits"];
+  skip_local = false;
+  skip_authenticated = false;
+  custom {{
+    poolmgr-edits = <<EOD
+return function(task, common)
+  return nil, {{['X-Poolmgr-Top'] = {{value = 'first', order = 0}}}}, {{['X-Drop-Me'] = 0}}, {{}}
+end
+EOD;
+  }}
+}}
+dkim {{ }}
+dkim_signing {{
+  sign_local = true;
+  sign_inbound = true;
+  allow_hdrfrom_mismatch = true;
+  use_esld = false;
+  domain {{ "{dkim_domain}" {{ selector = "{dkim_selector}"; path = "{dir}/dkim.key"; }} }}
+}}
 worker "normal" {{ bind_socket = "127.0.0.1:{port}"; count = 1; }}
 """
 
-ENVELOPE_LUA = """\
+RULES_LUA = """\
 rspamd_config:register_symbol({
   name = '%s', score = 0.5, group = 'poolmgr',
   callback = function(task)
@@ -56,6 +86,23 @@ rspamd_config:register_symbol({
     })
   end,
 })
+
+rspamd_config:register_symbol({
+  name = 'POOLMGR_FORCE', score = 1.0, group = 'poolmgr',
+  callback = function(task)
+    local subject = task:get_subject() or ''
+    local action, text = subject:match('^force ([%%a ]+): (.+)$')
+    if action then
+      task:set_pre_result(action, text, 'poolmgr')
+      return
+    end
+    local weights = {['greylist'] = 4.5, ['add header'] = 6.5, ['rewrite subject'] = 8.5}
+    action = subject:match('^force ([%%a ]+)$')
+    if weights[action] then
+      task:insert_result('POOLMGR_FORCE', weights[action], action)
+    end
+  end,
+})
 """ % (ENVELOPE_SYMBOL, ENVELOPE_SYMBOL)
 
 
@@ -68,13 +115,24 @@ class Rspamd:
         self.url = f"http://127.0.0.1:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix=f"poolmgr-rspamd-{self.port}-"))
         self.proc: subprocess.Popen | None = None
+        self.dkim_public_key = self.dir / "dkim.pub"
 
     def start(self, timeout: float = 90.0) -> "Rspamd":
         (self.dir / "db").mkdir()
         (self.dir / "tmp").mkdir()
-        (self.dir / "envelope.lua").write_text(ENVELOPE_LUA)
+        (self.dir / "rules.lua").write_text(RULES_LUA)
+        (self.dir / "plugins").mkdir()
+        for plugin in ("milter_headers.lua", "dkim_signing.lua"):
+            (self.dir / "plugins" / plugin).symlink_to(PLUGINS / plugin)
+        key = self.dir / "dkim.key"
+        subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True,
+                       capture_output=True)
+        subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-out",
+                        str(self.dkim_public_key)], check=True, capture_output=True)
         config = self.dir / "rspamd.conf"
-        config.write_text(RSPAMD_CONF.format(dir=self.dir, port=self.port))
+        config.write_text(RSPAMD_CONF.format(dir=self.dir, port=self.port,
+                                             dkim_domain=DKIM_DOMAIN,
+                                             dkim_selector=DKIM_SELECTOR))
         # -f: stay in the foreground, our child; -i: let root run the workers (the temp dir is
         # root's), harmless for anyone else.
         command = [shutil.which("rspamd") or "/usr/bin/rspamd", "-f", "-i", "-c", str(config)]

@@ -38,6 +38,13 @@ class Result:
     action: str = ""                  # rspamd's recommended action
     rule: str = ""                    # builtin: a rule whose action is reject
     skipped: str = ""                 # why the message was not checked (too big), logged
+    # A back-end that judges the message itself (rspamd's action) says so here, in the
+    # verdict's terms: "clean", "tag", "kill" or "defer"; "" lets the spam levels decide.
+    decision: str = ""
+    reply_text: str = ""              # its text for the defer reply (rspamd's smtp_message)
+    subject: str = ""                 # the Subject it asks for, whole (rspamd's rewrite)
+    edits: tuple = ()                 # the header edits it asks for (smtp.headers Removal,
+    #                                   Insertion), applied in order to a delivered message
 
 
 MAX_DETAIL = 200  # how much of a daemon's text a CheckFailed detail (and the log) carries

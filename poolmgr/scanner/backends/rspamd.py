@@ -3,22 +3,36 @@
 
 rspamd's protocol (https://rspamd.com/doc/developers/protocol.html): plain HTTP/1.x; the
 envelope goes in the headers IP, From, Rcpt (one per recipient), Helo, Queue-Id and Hostname
-(the client's verified name, left out when unknown); the answer is a JSON object with `score`,
-`required_score`, `action` and `symbols` (symbol name -> details). Blocking `http.client`:
-scanner workers are plain processes. The back-end's timeout bounds each wait (connect, send,
-each read), as in the other back-ends' sockets.
+(the client's name as the SMTP pool or Postfix looked it up, `unknown` when it has none; left
+out when no lookup was made); the answer is a JSON object with `score`, `required_score`,
+`action` and `symbols` (symbol name -> details). Blocking `http.client`: scanner workers are
+plain processes. The back-end's timeout bounds each wait (connect, send, each read), as in
+the other back-ends' sockets.
+
+With `use_action` (the default) rspamd's action decides, mapped as Haraka's rspamd plugin
+maps it (`DECISIONS`): reject -> the spam_killed path, soft reject and greylist -> 451 4.7.1
+with rspamd's `messages.smtp_message`, rewrite subject -> tagged with the `subject` rspamd
+returns, add header -> tagged, no action -> clean. Either way the header edits rspamd asks of
+an MTA are kept for the delivered message (`edits`): `milter.remove_headers` then
+`milter.add_headers`, at the positions rspamd gives (as rspamd's own milter applies them),
+and its `dkim-signature` at the top.
 """
 
-__all__ = ["Backend", "ask", "result", "request_headers"]
+__all__ = ["Backend", "ask", "result", "request_headers", "edits", "DECISIONS"]
 
 import http.client
 import json
 import urllib.parse
 
+from ...smtp.headers import Insertion, Removal
 from .base import Check, CheckFailed, Message, Result, printable
 
 # rspamd's answer is a few kB (one entry per symbol that hit); far more is not rspamd.
 MAX_ANSWER = 1 << 20
+# rspamd's actions in the verdict's terms (Result.decision). Others (discard, quarantine, a
+# site's own) leave the decision to the spam levels.
+DECISIONS = {"reject": "kill", "soft reject": "defer", "greylist": "defer",
+             "rewrite subject": "tag", "add header": "tag", "no action": "clean"}
 
 def request_headers(message: Message) -> list[tuple[str, bytes]]:
     """The /checkv2 request headers that carry the envelope, in order (Rcpt repeats)."""
@@ -101,7 +115,7 @@ def _error_text(body: bytes) -> str:
     return f": {printable(error)}" if isinstance(error, str) and error else ""
 
 
-def result(answer: dict) -> Result:
+def result(answer: dict, use_action: bool = True) -> Result:
     """The Result of a /checkv2 answer; CheckFailed when a field is missing or mistyped."""
     try:
         score = float(answer["score"])
@@ -113,9 +127,47 @@ def result(answer: dict) -> Result:
     except (KeyError, TypeError, ValueError):
         raise CheckFailed("rspamd", "answer lacks score, required_score, action "
                                     "or symbols") from None
+    decision = DECISIONS.get(action, "") if use_action else ""
+    messages = answer.get("messages")
+    text = messages.get("smtp_message") if isinstance(messages, dict) else None
+    subject = answer.get("subject") if decision == "tag" and action == "rewrite subject" \
+        else None
     return Result("rspamd", score=score, required=required,
                   tests=tuple(sorted(printable(name) for name in symbols)),
-                  action=printable(action))
+                  action=printable(action), decision=decision,
+                  reply_text=printable(text) if isinstance(text, str) else "",
+                  subject=subject if isinstance(subject, str) else "", edits=edits(answer))
+
+
+def edits(answer: dict) -> tuple:
+    """The header edits a /checkv2 answer asks for, in the order rspamd's milter makes them:
+    `milter.remove_headers` ({name: index}), `milter.add_headers` ({name: value, or {value,
+    order}, or a list of those}; no order appends), then each `dkim-signature` at the top, in
+    its order. Entries of another shape are ignored, as rspamd's milter ignores them."""
+    found = []
+    milter = answer.get("milter")
+    if isinstance(milter, dict):
+        removals = milter.get("remove_headers")
+        if isinstance(removals, dict):
+            found += [Removal(name, index) for name, index in removals.items()
+                      if type(index) is int]
+        additions = milter.get("add_headers")
+        if isinstance(additions, dict):
+            for name, values in additions.items():
+                for value in values if isinstance(values, list) else [values]:
+                    if isinstance(value, str):
+                        found.append(Insertion(name, value))
+                    elif isinstance(value, dict) and isinstance(value.get("value"), str):
+                        order = value.get("order", value.get("index"))
+                        found.append(Insertion(name, value["value"],
+                                               order if type(order) is int else None))
+    signatures = answer.get("dkim-signature")
+    if isinstance(signatures, str):
+        signatures = [signatures]
+    if isinstance(signatures, list):
+        found += [Insertion("DKIM-Signature", signature, i)
+                  for i, signature in enumerate(s for s in signatures if isinstance(s, str))]
+    return tuple(found)
 
 
 class Backend(Check):
@@ -124,6 +176,7 @@ class Backend(Check):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.url: str = cfg.scanner.rspamd.url
+        self.use_action: bool = cfg.scanner.rspamd.use_action
 
     def check(self, message: Message) -> Result:
-        return result(ask(self.url, self.timeout, message))
+        return result(ask(self.url, self.timeout, message), self.use_action)
