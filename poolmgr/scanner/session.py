@@ -26,10 +26,10 @@ from ..smtp.parse import parse_xforward
 from ..smtp.protocol import BASE_COMMANDS, Command, Envelope, Refused, ServerSession
 from . import quarantine
 from .backends.base import Message
+from .scan import scan_header
 from .verdict import FORGEABLE
 
 
-SCAN_HEADER = FORGEABLE[0]  # X-Poolmgr-Scan
 # A message the scanner passes is received, queued and delivered in one go; it logs the lines
 # Postfix's cleanup, qmgr and delivery agent would, under their names, so that log readers
 # (pflogsumm counts deliveries by these lines) see the usual story.
@@ -115,8 +115,7 @@ class ScannerSession(ServerSession):
             headers = received(helo=self.helo, addr=self.peer[0], by=service.hostname,
                                software="poolmgr scanner", proto=self.proto,
                                queue_id=env.queue_id, rcpts=env.rcpts)
-            headers += verdict.headers + (f"{SCAN_HEADER}: {verdict.summary} by poolmgr at "
-                                          f"{service.hostname}\r\n").encode()
+            headers += verdict.headers + scan_header(verdict, service.hostname)
             # Only this hop's verdict counts: copies the client sent are forgeries.
             data = remove_fields(data, FORGEABLE)
             data = headers + tag_subject(data, verdict.subject_tag)
