@@ -506,7 +506,7 @@ def cmd_scan(args) -> int:
             "kind": verdict.kind, "action": verdict.action, "summary": verdict.summary,
             "reply": str(verdict.reply) if verdict.reply else None, "score": verdict.score,
             "tests": list(verdict.tests), "subject_tag": verdict.subject_tag,
-            "headers": headers, "exit": code,
+            "headers": headers, "exit": code, "spam_lovers": list(found.lovers),
             "checks": [{k: v for k, v in dataclasses.asdict(r).items()
                         if v not in ("", (), [], {}, None)} for r in found.results],
             "failures": [dataclasses.asdict(f) for f in found.failures]}, indent=2))
@@ -522,6 +522,8 @@ def cmd_scan(args) -> int:
     for failure in found.failures:
         print(f"Check {failure.check}: failed ({failure.detail}), on_failure "
               f"{failure.on_failure}")
+    if found.lovers:
+        print("Spam lovers, delivered tagged: " + ", ".join(f"<{r}>" for r in found.lovers))
     for line in headers:
         print(f"Header: {line}")
     if verdict.subject_tag:

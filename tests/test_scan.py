@@ -4,13 +4,14 @@ through a real poolmgr: mail from those clients skips clamd and builtin's EICAR,
 builtin's rules and the spam checks still run."""
 
 import json
+import re
 import smtplib
 import subprocess
 import sys
 
 import pytest
 
-from helpers import HELO, Raw, message, write_config
+from helpers import HELO, Raw, message, wait_until, write_config
 from poolmgr.scanner.backends.builtin import EICAR
 from poolmgr.testing import EICAR_NAME, Clamd, Spamd, free_port
 from test_clamd import mime, zipped
@@ -133,3 +134,84 @@ def test_bypass_virus_checks_skips_clamd_and_eicar_but_not_the_rules(make_poolmg
     assert code == 554 and f"virus found: {EICAR_NAME}" in lines[-1]
     raw.close()
     assert pm.status()["scanner"]["checks"]["clamd"]["runs"] == 1
+
+
+def with_spamd(make_poolmgr, spamd, **scanner):
+    pm = make_poolmgr(start=False)
+    pm.configure("scanner", **{"checks": ["builtin", "spamd"], "spam_action": "reject",
+                               "spamd": {"address": spamd.address},
+                               "quarantine": str(pm.dir / "quarantine"),
+                               "spam_lovers": ["abuse@example.test", "@lovers.test"],
+                               **scanner})
+    return pm
+
+
+def envelope_of(dump: bytes) -> list[bytes]:
+    """The recipients smtp-sink was given (its X-Rcpt-Args lines)."""
+    return [line.split(b": ", 1)[1] for line in dump.split(b"\n")
+            if line.startswith(b"X-Rcpt-Args: ")]
+
+
+def test_spam_lovers_get_spam_tagged_and_the_others_do_not(make_poolmgr, make_sink, spamd):
+    """amavisd's @spam_lovers_maps: spam at kill_level with spam_action = reject is delivered,
+    tagged, to a lover (an address, or anyone @domain); mixed with others over SMTP (one
+    reply), the others' copy is discarded into the quarantine."""
+    sink = make_sink()
+    pm = with_spamd(make_poolmgr, spamd, next_hop=f"smtp:127.0.0.1:{sink.port}").start()
+    with pm.smtp() as client:
+        assert client.sendmail("alice@example.org", ["Abuse@example.test"], spam()) == {}
+        assert client.sendmail("alice@example.org", ["carol@lovers.test", "bob@example.test"],
+                               spam()) == {}
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail("alice@example.org", ["bob@example.test"], spam())
+        assert refused.value.smtp_code == 554
+    wait_until(lambda: len(sink.messages()) == 2, what="the lovers' copies at smtp-sink")
+    dumps = sink.messages()  # named by time of arrival to the second: in no certain order
+    assert sorted(envelope_of(d) for d in dumps) == [[b"<Abuse@example.test>"],
+                                                     [b"<carol@lovers.test>"]]
+    for dump in dumps:
+        assert b"X-Spam-Flag: YES" in dump and b"Subject: ***Spam*** " in dump
+    assert re.search(r"Passed SPAM, \[127\.0\.0\.1\] <alice@example\.org> -> "
+                     r"<carol@lovers\.test>", pm.log())
+    assert re.search(r"Blocked SPAM \{Discarded,Quarantined\}, \[127\.0\.0\.1\] "
+                     r"<alice@example\.org> -> <bob@example\.test>", pm.log())
+    kept = json.loads(pm.run_cli("quarantine", "list", "--json", check=True).stdout)
+    assert [e["recipients"] for e in kept] == [["bob@example.test"], ["bob@example.test"]]
+
+
+def test_spam_lovers_over_lmtp_get_a_reply_each(make_poolmgr, spamd):
+    pm = with_spamd(make_poolmgr, spamd).start()
+    raw = Raw(pm.scanner_port)
+    raw.reply()
+    raw.send(b"LHLO mx.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<bob@example.test>\r\n"
+             b"RCPT TO:<abuse@example.test>\r\nDATA\r\n")
+    assert [raw.reply()[0] for _ in range(5)] == [250, 250, 250, 250, 354]
+    raw.send(spam() + b".\r\n")
+    bob, abuse = raw.reply(), raw.reply()
+    assert bob[0] == 554 and "Rejected: spam, score=" in bob[1][-1]
+    assert abuse[0] == 250
+    raw.close()
+    (delivered,) = pm.delivered()
+    assert b"X-Spam-Flag: YES" in delivered
+    assert json.loads(pm.run_cli("quarantine", "list", "--json", check=True).stdout)[0][
+        "recipients"] == ["bob@example.test"]
+
+
+def test_a_lover_and_others_without_a_quarantine_are_deferred_whole(make_poolmgr, spamd):
+    """Over SMTP the others' copy can only be discarded; with nowhere to keep it the whole
+    message gets 451 and nothing is delivered (the sender retries: nothing lost)."""
+    pm = with_spamd(make_poolmgr, spamd, quarantine="").start()
+    with pm.smtp() as client:
+        with pytest.raises(smtplib.SMTPDataError) as deferred:
+            client.sendmail("alice@example.org", ["abuse@example.test", "bob@example.test"],
+                            spam())
+    assert deferred.value.smtp_code == 451
+    assert pm.delivered() == []
+
+
+def test_poolmgr_scan_names_the_spam_lovers(tmp_path, spamd):
+    result = scan(tmp_path, {"checks": ["spamd"], "spamd": {"address": spamd.address},
+                             "spam_action": "reject", "spam_lovers": ["@lovers.test"]},
+                  spam(), "--rcpt", "bob@example.test", "--rcpt", "eve@lovers.test")
+    assert result.returncode == 1
+    assert b"Spam lovers, delivered tagged: <eve@lovers.test>\n" in result.stdout

@@ -10,9 +10,11 @@ by that bank's settings, the rest by the scanner section's; `bypass_spam_checks`
 `bypass_virus_checks` (of the section or the bank) let mail from those clients skip the spam
 checks, or the virus checks (clamd, and builtin's EICAR while its rules still run).
 
-Banned contents (`scanner.banned_filenames`, banned.py) are looked for first; a banned
-message is still virus-checked (a virus is named as such), not spam-checked (it is blocked
-either way). `poolmgr scan` runs the same on one message, without a worker's slot (`NoSlot`).
+Spam lovers (`scanner.spam_lovers`, amavisd's) get their spam tagged, never blocked: the
+session asks `spam_lovers_of` and splits the recipients. Banned contents
+(`scanner.banned_filenames`, banned.py) are looked for first; a banned message is still
+virus-checked (a virus is named as such), not spam-checked (it is blocked either way).
+`poolmgr scan` runs the same on one message, without a worker's slot (`examine_one`).
 """
 
 __all__ = ["Scanner", "Bank", "Examined", "NoSlot", "examine_one", "scan_header", "SPAM_CHECKS",
@@ -46,6 +48,7 @@ class Examined:
     verdict: Verdict
     results: list      # each check's Result (and banned's), in the order they ran
     failures: list     # each check's Failure
+    lovers: tuple = ()  # recipients who get the spam the verdict blocks (spam_lovers_of)
 
 
 class NoSlot:
@@ -77,6 +80,7 @@ class Scanner:
                 bank.get("bypass_spam_checks", self.default.bypass_spam_checks),
                 bank.get("bypass_virus_checks", self.default.bypass_virus_checks))
         self.banned_filenames = scanner.banned_filenames
+        self.spam_lovers = frozenset(lover.lower() for lover in scanner.spam_lovers)
         self.eicar = scanner.eicar
         self.slot = slot
         self.log = log
@@ -100,6 +104,15 @@ class Scanner:
         if not name:
             return self.default
         return next((b for b in self.banks.values() if b.name == name), None)
+
+    def spam_lovers_of(self, rcpts, verdict: Verdict) -> list[str]:
+        """The recipients who get spam that `verdict` blocks (amavisd's @spam_lovers_maps: an
+        address, or @domain); none when it blocks something else."""
+        if verdict.kind != "spam_killed" or not self.spam_lovers:
+            return []
+        lovers = self.spam_lovers
+        return [rcpt for rcpt in rcpts if rcpt.lower() in lovers
+                or "@" + rcpt.rpartition("@")[2].lower() in lovers]
 
     def scan(self, message: Message, bank: Bank) -> Verdict:
         verdict = self.examine(message, bank).verdict
@@ -160,7 +173,8 @@ def examine_one(cfg, data: bytes, *, sender: str = "", rcpts: tuple = (), client
         raise ValueError(f"no policy bank named {bank!r} in scanner.policy")
     data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     message = Message(data, new_queue_id(), sender, tuple(rcpts), client, "", helo)
-    return scanner.examine(message, chosen)
+    found = scanner.examine(message, chosen)
+    return replace(found, lovers=tuple(scanner.spam_lovers_of(rcpts, found.verdict)))
 
 
 def scan_header(verdict: Verdict, hostname: str) -> bytes:

@@ -14,6 +14,7 @@ __all__ = ["ScannerSession"]
 import functools
 import ipaddress
 import time
+from dataclasses import replace
 
 from .. import handoff, log, maildir
 from ..smtp import dsn, relay
@@ -108,30 +109,16 @@ class ScannerSession(ServerSession):
                               forwarded.get("HELO", self.helo or ""))
             bank = service.scanner.bank(self.local_port)
             verdict = service.scanner.scan(message, bank)
-            if verdict.action != "deliver":
+            if verdict.action == "deliver":
+                return self._pass(env, data, verdict, forwarded, client, started, bank.name)
+            loving = service.scanner.spam_lovers_of(env.rcpts, verdict)
+            if not loving:
                 return self._block(env, data, verdict, client, started, bank.name)
-            # This hop's trace header names the direct peer; the real client is in the
-            # SMTP worker's Received: header already.
-            headers = received(helo=self.helo, addr=self.peer[0], by=service.hostname,
-                               software="poolmgr scanner", proto=self.proto,
-                               queue_id=env.queue_id, rcpts=env.rcpts)
-            headers += verdict.headers + scan_header(verdict, service.hostname)
-            # Only this hop's verdict counts: copies the client sent are forgeries.
-            data = remove_fields(data, FORGEABLE)
-            data = headers + tag_subject(data, verdict.subject_tag)
-            self._log_passed(env, verdict, client, len(data), started, bank.name)
-            CLEANUP.info("%s: message-id=%s", env.queue_id, message_id(data))
-            QMGR.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", env.queue_id,
-                      env.mail_from, len(data), len(env.rcpts))
-            replies = self._forward(env, data, forwarded, started)
-            if self.proto == "LMTP":
-                return replies  # the client gets one reply per recipient
-            hop = service.cfg.scanner.next_hop
-            return dsn.settle(replies, hop=hop, mail_from=env.mail_from, rcpts=env.rcpts,
-                              queue_id=env.queue_id, data=data, smtputf8=env.smtputf8,
-                              hostname=service.hostname, timeouts=service.cfg.timeouts,
-                              deadline=time.monotonic() + service.cfg.scanner.timeout,
-                              log=service.log, cache=service.relay_cache)
+            if len(loving) == len(env.rcpts):
+                return self._pass(env, data, replace(verdict, action="deliver", reply=None),
+                                  forwarded, client, started, bank.name)
+            return self._split(env, data, verdict, loving, forwarded, client, started,
+                               bank.name)
         finally:
             service.slot.set_busy(0)
             service.messages += 1
@@ -139,6 +126,51 @@ class ScannerSession(ServerSession):
             took = time.monotonic() - started
             service.slot.add("scan_ms", int(took * 1000))
             service.slot.observe("scan", took)
+
+    def _pass(self, env: Envelope, data: bytes, verdict, forwarded: dict, client: str,
+              started: float, bank: str) -> list[R.Reply]:
+        """Headers added, the message re-injected; the replies for `env.rcpts`."""
+        service = self.service
+        # This hop's trace header names the direct peer; the real client is in the
+        # SMTP worker's Received: header already.
+        headers = received(helo=self.helo, addr=self.peer[0], by=service.hostname,
+                           software="poolmgr scanner", proto=self.proto,
+                           queue_id=env.queue_id, rcpts=env.rcpts)
+        headers += verdict.headers + scan_header(verdict, service.hostname)
+        # Only this hop's verdict counts: copies the client sent are forgeries.
+        data = remove_fields(data, FORGEABLE)
+        data = headers + tag_subject(data, verdict.subject_tag)
+        self._log_passed(env, verdict, client, len(data), started, bank)
+        CLEANUP.info("%s: message-id=%s", env.queue_id, message_id(data))
+        QMGR.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", env.queue_id,
+                  env.mail_from, len(data), len(env.rcpts))
+        replies = self._forward(env, data, forwarded, started)
+        if self.proto == "LMTP":
+            return replies  # the client gets one reply per recipient
+        hop = service.cfg.scanner.next_hop
+        return dsn.settle(replies, hop=hop, mail_from=env.mail_from, rcpts=env.rcpts,
+                          queue_id=env.queue_id, data=data, smtputf8=env.smtputf8,
+                          hostname=service.hostname, timeouts=service.cfg.timeouts,
+                          deadline=time.monotonic() + service.cfg.scanner.timeout,
+                          log=service.log, cache=service.relay_cache)
+
+    def _split(self, env: Envelope, data: bytes, verdict, loving: list[str], forwarded: dict,
+               client: str, started: float, bank: str) -> list[R.Reply]:
+        """Spam blocked for some recipients and loved by others (scanner.spam_lovers): the
+        others' copy is blocked first, then the lovers' delivered, tagged. An SMTP client
+        gets one reply for all, so there a reject becomes a discard into the quarantine; a
+        copy that cannot be kept defers the whole message (nothing is lost)."""
+        others = _part_of(env, [r for r in env.rcpts if r not in loving])
+        if self.proto != "LMTP" and verdict.action == "reject":
+            verdict = replace(verdict, action="discard", reply=None)
+        blocked = self._block(others, data, verdict, client, started, bank)
+        if self.proto != "LMTP" and any(reply.temporary for reply in blocked):
+            return [blocked[0]] * len(env.rcpts)
+        passed = self._pass(_part_of(env, loving), data,
+                            replace(verdict, action="deliver", reply=None), forwarded, client,
+                            started, bank)
+        replies = {**dict(zip(others.rcpts, blocked)), **dict(zip(loving, passed))}
+        return [replies[rcpt] for rcpt in env.rcpts]
 
     @property
     def local_port(self) -> int:
@@ -246,6 +278,13 @@ ScannerSession.commands = {
     # BDAT answers 503 itself before HELO/MAIL: its chunk must be read either way.
     "BDAT": Command(ScannerSession.do_bdat, "bdat"),
 }
+
+
+def _part_of(env: Envelope, rcpts: list[str]) -> Envelope:
+    """The same transaction for some of its recipients."""
+    part = Envelope(env.mail_from, env.smtputf8, env.body_8bit)
+    part.rcpts, part.queue_id = list(rcpts), env.queue_id
+    return part
 
 
 def _seconds(value: float) -> str:
