@@ -420,7 +420,8 @@ def cmd_quarantine(args) -> int:
         return 1
     try:
         if args.action == "list":
-            kept = quarantine.entries(where)
+            after = quarantine.since(args.since) if args.since else None
+            kept = quarantine.select(quarantine.entries(where), after, args.reason or "")
             if args.json:
                 print(json.dumps([quarantine.as_dict(e) for e in kept], indent=2,
                                  ensure_ascii=False))
@@ -441,15 +442,20 @@ def cmd_quarantine(args) -> int:
         if args.action == "show":
             sys.stdout.buffer.write(quarantine.read(where, entry))
             return 0
+        bad = [a for a in args.to or () if not quarantine.valid_recipient(a)]
+        if bad:
+            print(f"poolmgr: error: --to {bad[0]!r}: not an address", file=sys.stderr)
+            return 2
+        to = args.to or list(entry.recipients)
         log.setup("poolmgr/quarantine", cfg.master)
         try:
-            result = quarantine.release(cfg, entry)
+            result = quarantine.release(cfg, entry, to)
         except quarantine.ReleaseError as exc:
             log.get("quarantine").warning("%s: release failed: %s", entry.id, exc)
             print(f"poolmgr: error: {entry.id}: release failed: {exc}", file=sys.stderr)
             return 1
         log.get("quarantine").info("%s: released from=<%s> to=%s, %s", entry.id, entry.sender,
-                                   ",".join(f"<{r}>" for r in entry.recipients), result)
+                                   ",".join(f"<{r}>" for r in to), result)
         print(f"poolmgr: {entry.id}: released ({result})")
         return 0
     except (OSError, ValueError) as exc:
@@ -596,6 +602,15 @@ def build_parser() -> argparse.ArgumentParser:
     quarantined.add_argument("--json", action="store_true", help="list: machine-readable")
     quarantined.add_argument("--older-than", default="30d", metavar="AGE",
                              help="purge: remove what was kept longer ago (default 30d)")
+    quarantined.add_argument("--since", metavar="WHEN",
+                             help="list: only what was kept since WHEN, an age (2h, 7d) or a "
+                                  "local date and time (2026-12-07, 2026-12-07T10:30)")
+    quarantined.add_argument("--reason", metavar="TEXT",
+                             help="list: only verdicts starting with TEXT (virus, banned, spam) "
+                                  "or reasons containing it (a virus or file name)")
+    quarantined.add_argument("--to", action="append", metavar="ADDR",
+                             help="release: to this recipient instead of the message's own "
+                                  "(amavisd-release's alternate recipient); repeatable")
 
     scan = command(sub, "scan", "scan one message with the configured checks and print the "
                    "verdict, what each check found and the headers (rspamc, amavisd's test "
