@@ -412,6 +412,7 @@ def cmd_plan(args) -> int:
 
 def cmd_quarantine(args) -> int:
     from .scanner import quarantine
+    from .smtp.parse import valid_address
 
     cfg = _load(_config_path(args))
     where = cfg.scanner.quarantine
@@ -442,7 +443,7 @@ def cmd_quarantine(args) -> int:
         if args.action == "show":
             sys.stdout.buffer.write(quarantine.read(where, entry))
             return 0
-        bad = [a for a in args.to or () if not quarantine.valid_recipient(a)]
+        bad = [a for a in args.to or () if not valid_address(a)]
         if bad:
             print(f"poolmgr: error: --to {bad[0]!r}: not an address", file=sys.stderr)
             return 2

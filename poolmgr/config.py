@@ -36,6 +36,7 @@ from .defence.networks import parse_cidrs, read_cidr_file
 from .defence.recipients import RecipientTable
 from .pools import Bounds, configured_bounds
 from .settings import SECTION_HELP, SETTINGS, Setting
+from .smtp.parse import valid_address
 
 CHECK_NAMES = ("builtin", "clamd", "spamd", "rspamd")  # scanner/backends/NAME.py
 
@@ -498,6 +499,8 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
         warn("scanner.timeout", f"{scanner['timeout']:g}s is not below smtp.proxy_timeout "
              f"({smtp['proxy_timeout']:g}s): a slow scan gets 451 from the SMTP worker and may be "
              f"delivered twice when the client retries")
+    if scanner["virus_admin"] and not valid_address(scanner["virus_admin"]):
+        err("scanner.virus_admin", f"not an address: {scanner['virus_admin']!r}")
     for name in scanner["checks"]:
         if name not in CHECK_NAMES:
             err("scanner.checks", f"unknown check {name!r} (known: {', '.join(CHECK_NAMES)})")

@@ -16,7 +16,7 @@ release in the index (`"to"`: the recipients it went to). `select` is what `quar
 """
 
 __all__ = ["keep", "entries", "find", "read", "release", "purge", "as_dict", "Entry",
-           "ReleaseError", "INDEX", "prepare", "select", "since", "valid_recipient"]
+           "ReleaseError", "INDEX", "prepare", "select", "since"]
 
 import email.utils
 import fcntl
@@ -130,14 +130,6 @@ def read(directory: str, entry: Entry) -> bytes:
 
 class ReleaseError(Exception):
     """The next hop did not take the released message; it stays in the quarantine."""
-
-
-_RECIPIENT = re.compile(r"[^\s<>@]+(?:@[^\s<>@]+)?")
-
-
-def valid_recipient(address: str) -> bool:
-    """An address fit for RCPT TO: no spaces, brackets or control characters."""
-    return bool(_RECIPIENT.fullmatch(address)) and address.isprintable()
 
 
 def release(cfg, entry: Entry, to: list[str] | None = None) -> str:

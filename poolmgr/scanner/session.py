@@ -6,7 +6,8 @@ any `X-Poolmgr-Scan:` header it arrived with, adds `Received:` and its own `X-Po
 and re-injects it to `scanner.next_hop`. It answers 250 only after the next hop did; a reject
 verdict is 554; any failure is 451. Recipients the next hop refused beside accepted ones are
 reported to an LMTP client one by one, and to an SMTP client's sender by a delivery status
-notification (`smtp.dsn`).
+notification (`smtp.dsn`). A message blocked as a virus or banned is announced to
+`scanner.virus_admin` (admin_notice.py).
 """
 
 __all__ = ["ScannerSession"]
@@ -25,7 +26,7 @@ from ..config import format_address
 from ..smtp.headers import message_id, received, remove_fields, tag_subject
 from ..smtp.parse import parse_xforward
 from ..smtp.protocol import BASE_COMMANDS, Command, Envelope, Refused, ServerSession
-from . import quarantine
+from . import admin_notice, quarantine
 from .backends.base import Message
 from .scan import scan_header
 from .verdict import FORGEABLE
@@ -222,6 +223,13 @@ class ScannerSession(ServerSession):
                          f",{bank}" if bank else "", client, env.mail_from,
                          ",".join(f"<{r}>" for r in env.rcpts), ident or "-", _hits(verdict),
                          (time.monotonic() - started) * 1000)
+        if service.cfg.scanner.virus_admin and verdict.kind in ("virus", "banned") and \
+                not reply.temporary:  # a deferred message is not blocked yet: it comes back
+            admin_notice.send(service.cfg, summary=label, outcome=outcome,
+                              queue_id=env.queue_id, quarantine_id=ident, client=client,
+                              sender=env.mail_from, rcpts=env.rcpts, data=data,
+                              log=service.log, cache=service.relay_cache,
+                              deadline=started + service.cfg.scanner.timeout)
         return [reply] * len(env.rcpts)
 
     def _forward(self, env: Envelope, data: bytes, forwarded: dict,
