@@ -504,8 +504,9 @@ def cmd_scan(args) -> int:
         print(f"poolmgr: error: {exc}", file=sys.stderr)
         return 2
     verdict = found.verdict
-    code = 2 if verdict.kind in ("virus", "banned") else EXIT_TEMPFAIL if found.failures \
-        else SCAN_EXIT[verdict.kind]
+    code = SCAN_EXIT[verdict.kind]
+    if found.failures and code != SCAN_EXIT["virus"]:
+        code = EXIT_TEMPFAIL  # a check passed unchecked: no clean bill, nor a sure spam
     headers = (verdict.headers + scan_header(verdict, cfg.scanner.hostname)).decode()
     headers = headers.replace("\r\n\t", " ").splitlines()
     if args.json:

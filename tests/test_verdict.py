@@ -84,3 +84,18 @@ def test_builtin_tag_rules_and_reject_rules():
     banned = decide([Result("builtin", rule="no-lottery")], [], POLICY, True)
     assert (banned.kind, banned.action) == ("banned", "reject")
     assert banned.reply == R.R554_CONTENT_RULE.format(name="no-lottery")
+
+
+@pytest.mark.parametrize("virus_action", ["reject", "discard"])
+def test_banned_contents_are_answered_as_a_virus_is(virus_action):
+    path = "multipart/mixed | application/pdf,.pdf,invoice.pdf.exe"
+    policy = replace(POLICY, virus_action=virus_action)
+    verdict = decide([Result("banned", banned=path)], [], policy, True, queue_id="4A1B2C3D4E")
+    assert (verdict.kind, verdict.action) == ("banned", virus_action)
+    assert verdict.summary == f"BANNED ({path})" and verdict.name == path
+    assert verdict.reply == (R.Reply(554, "5.7.0", "Reject, id=4A1B2C3D4E - BANNED: "
+                                     "application/pdf,.pdf,invoice.pdf.exe")
+                             if virus_action == "reject" else None)
+    worse = decide([Result("banned", banned=path), Result("clamd", virus="Win.Test")], [],
+                   POLICY, True)
+    assert worse.kind == "virus"  # a virus is named as such, as amavisd's categories rank

@@ -8,10 +8,10 @@ one JSON object per line: `{"id", "date", "time", "client", "sender", "recipient
 when it was released. Appends are whole lines under an exclusive lock, so scanner workers never
 interleave; purge rewrites the index under the same lock.
 
-`release` re-injects a kept message to `scanner.next_hop` with its original envelope, or to
-other recipients (amavisd-release's alternate recipients) (the message as the scanner
-received it, plus an `X-Poolmgr-Scan: released` line), bypassing the checks, and notes the
-release in the index (`"to"`: the recipients it went to). `select` is what `quarantine list
+`release` re-injects a kept message to `scanner.next_hop` with its original envelope, or for
+other recipients (amavisd-release's alternate recipients): the message as the scanner received
+it, plus an `X-Poolmgr-Scan: released` line, bypassing the checks; it notes the release in the
+index (`"to"`: the recipients it went to). `select` is what `quarantine list
 --since/--reason` shows.
 """
 
@@ -24,9 +24,9 @@ import json
 import os
 import re
 import time
-from datetime import datetime
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 
 from .. import maildir
 from ..config import parse_duration

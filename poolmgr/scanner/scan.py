@@ -81,7 +81,6 @@ class Scanner:
                 bank.get("bypass_virus_checks", self.default.bypass_virus_checks))
         self.banned_filenames = scanner.banned_filenames
         self.spam_lovers = frozenset(lover.lower() for lover in scanner.spam_lovers)
-        self.eicar = scanner.eicar
         self.slot = slot
         self.log = log
 
@@ -119,7 +118,7 @@ class Scanner:
         self.slot.add(f"verdict_{verdict.kind}")
         return verdict
 
-    def examine(self, message: Message, bank: Bank) -> "Examined":
+    def examine(self, message: Message, bank: Bank) -> Examined:
         """The verdict on `message` under `bank`, with what each check found."""
         results, failures, virus_checked = [], [], False
         skip_virus = _bypassed(message.client_addr, bank.bypass_virus_checks)

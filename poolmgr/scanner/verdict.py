@@ -2,8 +2,9 @@
 that fits where the scanner sits, and amavisd's headers.
 
 Kinds, worst first (amavisd's contents categories): `virus`, `banned` (banned contents,
-answered as a virus is, by virus_action; or a builtin rule whose action is reject), `spam_killed` (score at or above kill_level), `failed` (a back-end could not
-answer and its on_failure is tempfail), `spam_tagged` (at or above tag2_level), `clean`.
+answered as a virus is, by virus_action; or a builtin rule whose action is reject),
+`spam_killed` (score at or above kill_level), `failed` (a back-end could not answer and its
+on_failure is tempfail), `spam_tagged` (at or above tag2_level), `clean`.
 Actions: `deliver`, `reject` (554, before the queue), `discard` (accept, quarantine, do not
 deliver) and `tempfail` (451, the sender retries).
 

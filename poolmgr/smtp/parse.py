@@ -1,8 +1,8 @@
 """Parsing of SMTP command arguments: MAIL/RCPT paths and parameters, XFORWARD xtext.
 """
 
-__all__ = ["parse_path", "PathError", "valid_address", "split_mailbox", "domain_of", "canonical", "xtext_encode",
-           "xtext_decode", "parse_xforward", "new_queue_id"]
+__all__ = ["parse_path", "PathError", "valid_address", "split_mailbox", "domain_of", "canonical",
+           "xtext_encode", "xtext_decode", "parse_xforward", "new_queue_id"]
 
 import os
 import re
