@@ -1,4 +1,5 @@
-"""Command line: `poolmgr run|check|config|status|ctl|top|reload|stop|quarantine|bench|plan`.
+"""Command line: `poolmgr run|check|config|status|ctl|top|reload|stop|quarantine|scan|bench|
+plan`.
 
 The configuration is `-c FILE`, else `$POOLMGR_CONFIG`, else /etc/poolmgr/poolmgr.toml when it
 exists, else the embedded defaults (config.find). `reload` and `stop` signal the master whose
@@ -7,11 +8,12 @@ pid is in `master.pidfile` (HUP; TERM, or QUIT with --fast) and `stop` waits unt
 --man [8|5]` the man pages poolmgr(8) and poolmgr.toml(5), `config --markdown` the configuration
 reference (manpage.py, shipped as conf/poolmgr.8, conf/poolmgr.toml.5, docs/configuration.md).
 
-Exit codes (sysexits, LSB) are documented in manpage.EXIT_STATUS; the two that are not 0, 1 or
+Exit codes (sysexits, LSB) are documented in manpage.EXIT_STATUS; those that are not 0, 1 or
 2 (argparse's usage error) are named here.
 """
 
-__all__ = ["main", "build_parser", "format_status", "EXIT_CONFIG", "EXIT_NOT_RUNNING"]
+__all__ = ["main", "build_parser", "format_status", "EXIT_CONFIG", "EXIT_NOT_RUNNING",
+           "EXIT_TEMPFAIL"]
 
 import argparse
 import dataclasses
@@ -27,6 +29,10 @@ from .status import Status
 
 EXIT_CONFIG = 78      # sysexits.h EX_CONFIG, what systemd and Postfix's tools use
 EXIT_NOT_RUNNING = 3  # LSB: `status` of a program that is not running
+EXIT_TEMPFAIL = 75    # sysexits.h EX_TEMPFAIL: `scan`, a check could not answer
+# `scan`'s verdicts as exit codes (rspamc and amavisd's test mode tell them apart too).
+SCAN_EXIT = {"clean": 0, "spam_tagged": 1, "spam_killed": 1, "virus": 2, "banned": 2,
+             "failed": EXIT_TEMPFAIL}
 STOP_MARGIN = 30.0    # seconds `stop` waits beyond the master's own drain and kill deadlines
 
 
@@ -419,6 +425,7 @@ def cmd_plan(args) -> int:
 
 def cmd_quarantine(args) -> int:
     from .scanner import quarantine
+    from .smtp.parse import valid_address
 
     cfg = _load(_config_path(args))
     where = cfg.scanner.quarantine
@@ -427,7 +434,8 @@ def cmd_quarantine(args) -> int:
         return 1
     try:
         if args.action == "list":
-            kept = quarantine.entries(where)
+            after = quarantine.since(args.since) if args.since else None
+            kept = quarantine.select(quarantine.entries(where), after, args.reason or "")
             if args.json:
                 print(json.dumps([quarantine.as_dict(e) for e in kept], indent=2,
                                  ensure_ascii=False))
@@ -448,20 +456,100 @@ def cmd_quarantine(args) -> int:
         if args.action == "show":
             sys.stdout.buffer.write(quarantine.read(where, entry))
             return 0
+        bad = [a for a in args.to or () if not valid_address(a)]
+        if bad:
+            print(f"poolmgr: error: --to {bad[0]!r}: not an address", file=sys.stderr)
+            return 2
+        to = args.to or list(entry.recipients)
         log.setup("poolmgr/quarantine", cfg.master)
         try:
-            result = quarantine.release(cfg, entry)
+            result = quarantine.release(cfg, entry, to)
         except quarantine.ReleaseError as exc:
             log.get("quarantine").warning("%s: release failed: %s", entry.id, exc)
             print(f"poolmgr: error: {entry.id}: release failed: {exc}", file=sys.stderr)
             return 1
         log.get("quarantine").info("%s: released from=<%s> to=%s, %s", entry.id, entry.sender,
-                                   ",".join(f"<{r}>" for r in entry.recipients), result)
+                                   ",".join(f"<{r}>" for r in to), result)
         print(f"poolmgr: {entry.id}: released ({result})")
         return 0
     except (OSError, ValueError) as exc:
         print(f"poolmgr: error: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return 1
+
+
+def _found(result) -> str:
+    """What one check found, as key=value words (lists joined by commas)."""
+    words = [f"{key}={','.join(map(str, value)) if isinstance(value, (tuple, list)) else value}"
+             for key, value in dataclasses.asdict(result).items()
+             if key != "check" and value not in ("", (), [], {}, None)]
+    return " ".join(words) or "nothing found"
+
+
+def cmd_scan(args) -> int:
+    """One message through the configured checks (rspamc, amavisd's test mode): the verdict,
+    what each check found, the headers a delivered copy gets. Exit 0 clean, 1 spam, 2 virus
+    or banned, 75 when a check failed."""
+    import logging
+
+    from .scanner.scan import examine_one, scan_header
+
+    cfg = _load(_config_path(args))
+    try:
+        if args.file == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(args.file, "rb") as handle:
+                data = handle.read()
+    except OSError as exc:
+        print(f"poolmgr: error: {args.file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    warnings = logging.getLogger("poolmgr-scan")  # a check's failure, to stderr
+    if not warnings.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("poolmgr: %(levelname)s: %(message)s"))
+        warnings.addHandler(handler)
+        warnings.propagate = False
+    try:
+        found = examine_one(cfg, data, sender=args.sender, rcpts=args.rcpt or (),
+                            client=args.client, helo=args.helo, bank=args.policy,
+                            log=warnings)
+    except ValueError as exc:
+        print(f"poolmgr: error: {exc}", file=sys.stderr)
+        return 2
+    verdict = found.verdict
+    code = SCAN_EXIT[verdict.kind]
+    if found.failures and code != SCAN_EXIT["virus"]:
+        code = EXIT_TEMPFAIL  # a check passed unchecked: no clean bill, nor a sure spam
+    headers = (verdict.headers + scan_header(verdict, cfg.scanner.hostname)).decode()
+    headers = headers.replace("\r\n\t", " ").splitlines()
+    if args.json:
+        print(json.dumps({
+            "kind": verdict.kind, "action": verdict.action, "summary": verdict.summary,
+            "reply": str(verdict.reply) if verdict.reply else None, "score": verdict.score,
+            "tests": list(verdict.tests), "subject_tag": verdict.subject_tag,
+            "headers": headers, "exit": code, "spam_lovers": list(found.lovers),
+            "checks": [{k: v for k, v in dataclasses.asdict(r).items()
+                        if v not in ("", (), [], {}, None)} for r in found.results],
+            "failures": [dataclasses.asdict(f) for f in found.failures]}, indent=2))
+        return code
+    print(f"Verdict: {verdict.kind} ({verdict.summary})")
+    print(f"Action: {verdict.action}" + (f": {verdict.reply}" if verdict.reply else ""))
+    if verdict.score is not None:
+        print(f"Score: {verdict.score:.3f}")
+    if verdict.tests:
+        print(f"Tests: {', '.join(verdict.tests)}")
+    for result in found.results:
+        print(f"Check {result.check}: {_found(result)}")
+    for failure in found.failures:
+        print(f"Check {failure.check}: failed ({failure.detail}), on_failure "
+              f"{failure.on_failure}")
+    if found.lovers:
+        print("Spam lovers, delivered tagged: " + ", ".join(f"<{r}>" for r in found.lovers))
+    for line in headers:
+        print(f"Header: {line}")
+    if verdict.subject_tag:
+        print(f"Subject tag: {verdict.subject_tag!r}")
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -529,6 +617,31 @@ def build_parser() -> argparse.ArgumentParser:
     quarantined.add_argument("--json", action="store_true", help="list: machine-readable")
     quarantined.add_argument("--older-than", default="30d", metavar="AGE",
                              help="purge: remove what was kept longer ago (default 30d)")
+    quarantined.add_argument("--since", metavar="WHEN",
+                             help="list: only what was kept since WHEN, an age (2h, 7d) or a "
+                                  "local date and time (2026-12-07, 2026-12-07T10:30)")
+    quarantined.add_argument("--reason", metavar="TEXT",
+                             help="list: only verdicts starting with TEXT (virus, banned, spam) "
+                                  "or reasons containing it (a virus or file name)")
+    quarantined.add_argument("--to", action="append", metavar="ADDR",
+                             help="release: to this recipient instead of the message's own "
+                                  "(amavisd-release's alternate recipient); repeatable")
+
+    scan = command(sub, "scan", "scan one message with the configured checks and print the "
+                   "verdict, what each check found and the headers (rspamc, amavisd's test "
+                   "mode); exit 0 clean, 1 spam, 2 virus or banned, 75 a check failed",
+                   cmd_scan, with_config=True)
+    scan.add_argument("file", metavar="FILE", help="the message (RFC 5322), or - for stdin")
+    scan.add_argument("--sender", default="", metavar="ADDR", help="envelope sender")
+    scan.add_argument("--rcpt", action="append", metavar="ADDR",
+                      help="envelope recipient; repeatable")
+    scan.add_argument("--client", default="", metavar="IP",
+                      help="the client's address, as XFORWARD would give it (bypass_*_checks)")
+    scan.add_argument("--helo", default="", metavar="NAME", help="the client's HELO name")
+    scan.add_argument("--policy", default="", metavar="NAME",
+                      help="judge as mail to this [[scanner.policy]] bank's listener "
+                           "(default: scanner.listen)")
+    scan.add_argument("--json", action="store_true", help="machine-readable output")
 
     bench = sub.add_parser("bench", help="benchmark harness: replay a storm scenario or a "
                                          "mail log, or measure throughput with smtp-source")

@@ -36,6 +36,7 @@ from .defence.networks import parse_cidrs, read_cidr_file
 from .defence.recipients import RecipientTable
 from .pools import Bounds, configured_bounds
 from .settings import SECTION_HELP, SETTINGS, Setting
+from .smtp.parse import valid_address
 
 CHECK_NAMES = ("builtin", "clamd", "spamd", "rspamd")  # scanner/backends/NAME.py
 
@@ -283,7 +284,7 @@ def _parse_rules(value: Any) -> tuple:
 # What a [[scanner.policy]] bank may set for mail arriving on its own listener (amavisd's
 # policy banks): these scanner keys, by their own converters and bounds.
 POLICY_KEYS = ("spam_action", "virus_action", "tag_level", "tag2_level", "kill_level",
-               "spam_subject_tag", "bypass_spam_checks")
+               "spam_subject_tag", "bypass_spam_checks", "bypass_virus_checks")
 
 
 def _parse_policies(value: Any) -> tuple:
@@ -363,6 +364,20 @@ def _parse_domain_map(value: Any) -> dict[str, str]:
     return result
 
 
+def _parse_regexps(value: Any) -> tuple:
+    """A list of Python regular expressions -> compiled, case-insensitive (amavisd's qr'...'i).
+    Only a list: a pattern may hold the commas and spaces a string of words is split at."""
+    if not isinstance(value, list):
+        raise ValueError("expected a list like ['\\.exe$', '^application/x-msdownload$']")
+    patterns = []
+    for text in value:
+        try:
+            patterns.append(re.compile(str(text), re.IGNORECASE))
+        except re.error as exc:
+            raise ValueError(f"bad pattern {text!r}: {exc}") from None
+    return tuple(patterns)
+
+
 def _typed(kinds, what: str, convert=lambda v: v):
     """A converter that accepts only values of the TOML types `kinds` (bool is not a number)."""
     def check(value: Any) -> Any:
@@ -393,6 +408,7 @@ CONVERTERS = {
     "optaddress": lambda v: parse_address(v) if str(v).strip() else None,
     "cidrs": lambda v: parse_cidrs(_words(v, '["127.0.0.0/8", "::1/128"]')),
     "strlist": _each(str, '["example.com", "localhost"]'),
+    "regexps": _parse_regexps,
     "nexthop": _parse_nexthop,
     "filter": _parse_filter,
     "rules": _parse_rules,
@@ -526,6 +542,8 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
         warn("scanner.timeout", f"{scanner['timeout']:g}s is not below smtp.proxy_timeout "
              f"({smtp['proxy_timeout']:g}s): a slow scan gets 451 from the SMTP worker and may be "
              f"delivered twice when the client retries")
+    if scanner["virus_admin"] and not valid_address(scanner["virus_admin"]):
+        err("scanner.virus_admin", f"not an address: {scanner['virus_admin']!r}")
     for name in scanner["checks"]:
         if name not in CHECK_NAMES:
             err("scanner.checks", f"unknown check {name!r} (known: {', '.join(CHECK_NAMES)})")

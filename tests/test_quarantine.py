@@ -11,7 +11,7 @@ from urllib.request import urlopen
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import message
+from helpers import message, wait_until
 from poolmgr.scanner import quarantine
 from poolmgr.scanner.backends.builtin import EICAR
 from poolmgr.testing import EICAR_NAME, Clamd, free_port
@@ -166,3 +166,65 @@ def test_verdicts_and_check_latency_in_status_top_and_metrics(make_poolmgr, clam
     assert samples[("poolmgr_check_seconds_count", (("check", "clamd"),))] == 3
     assert samples[("poolmgr_check_seconds_bucket", (("check", "clamd"), ("le", "+Inf")))] == 3
     assert samples[("poolmgr_check_failures_total", (("check", "clamd"),))] == 0
+
+
+def test_release_to_another_recipient(make_poolmgr, make_sink, clamd):
+    """amavisd-release's alternate recipient: `release ID --to ADDR` delivers the kept message
+    to ADDR only (the envelope the next hop sees), and the index notes where it went."""
+    sink = make_sink()
+    pm = with_clamd(make_poolmgr, clamd.address, virus_action="discard",
+                    next_hop=f"smtp:127.0.0.1:{sink.port}")
+    with pm.smtp() as client:
+        assert client.sendmail("alice@example.org", ["bob@example.test"], virus()) == {}
+    (entry,) = listed(pm)
+    bad = pm.run_cli("quarantine", "release", entry["id"], "--to", "x@y>\r\nRCPT TO:<z@w")
+    assert bad.returncode == 2 and "not an address" in bad.stderr
+    released = pm.run_cli("quarantine", "release", entry["id"], "--to", "admin@example.test")
+    assert released.returncode == 0, released.stderr
+    wait_until(lambda: sink.messages(), what="the released message at smtp-sink")
+    (dump,) = sink.messages()
+    rcpts = [line for line in dump.split(b"\n") if line.startswith(b"X-Rcpt-Args: ")]
+    assert rcpts == [b"X-Rcpt-Args: <admin@example.test>"] and b"files.zip" in dump
+    assert b"X-Mail-Args: <alice@example.org>" in dump
+    assert f"{entry['id']}: released from=<alice@example.org> to=<admin@example.test>, " \
+           f"relay=smtp:127.0.0.1:{sink.port}" in released.stderr  # its log: stderr here
+    index = (pm.dir / "quarantine" / quarantine.INDEX).read_text().splitlines()
+    assert json.loads(index[-1])["to"] == ["admin@example.test"]
+
+
+def test_list_since_and_reason(tmp_path, make_poolmgr):
+    """`quarantine list --since AGE|DATE --reason TEXT`: what was kept since then, by verdict
+    (virus, banned, spam) or by a word of the reason (a virus or file name)."""
+    pm = make_poolmgr(start=False)
+    where = str(pm.dir / "quarantine")
+    pm.configure("scanner", quarantine=where)
+    now = time.time()
+    for verdict, reason, age in (("virus", "INFECTED (Win.Trojan.Agent)", 3 * 86400),
+                                 ("spam_killed", "SPAM (score=12.000)", 7200),
+                                 ("banned", "BANNED (multipart/mixed | a.pdf.exe)", 60)):
+        ident = quarantine.keep(where, b"Subject: x\r\n\r\n", queue_id="Q", client="192.0.2.1",
+                                sender="a@x", recipients=["b@y"], verdict=verdict,
+                                reason=reason)
+        lines = (pm.dir / "quarantine" / quarantine.INDEX).read_text().splitlines()
+        record = json.loads(lines[-1])
+        record["time"] = now - age  # kept that long ago
+        lines[-1] = json.dumps(record)
+        (pm.dir / "quarantine" / quarantine.INDEX).write_text("\n".join(lines) + "\n")
+        assert ident
+
+    def verdicts(*args):
+        result = pm.run_cli("quarantine", "list", "--json", *args, check=True)
+        return [e["verdict"] for e in json.loads(result.stdout)]
+
+    assert verdicts() == ["virus", "spam_killed", "banned"]
+    assert verdicts("--since", "1d") == ["spam_killed", "banned"]
+    assert verdicts("--since", "5m") == ["banned"]
+    a_day_ago = time.strftime("%Y-%m-%dT%H:%M", time.localtime(now - 86400))
+    assert verdicts("--since", a_day_ago) == ["spam_killed", "banned"]
+    assert verdicts("--reason", "spam") == ["spam_killed"]
+    assert verdicts("--reason", "trojan") == ["virus"]
+    assert verdicts("--reason", ".EXE", "--since", "1h") == ["banned"]
+    text = pm.run_cli("quarantine", "list", "--reason", "banned", check=True).stdout
+    assert text.count("\n") == 1 and "banned: BANNED (multipart/mixed | a.pdf.exe)" in text
+    bad = pm.run_cli("quarantine", "list", "--since", "yesterday")
+    assert bad.returncode == 1 and "--since: expected an age like 2h" in bad.stderr

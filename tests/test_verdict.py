@@ -145,3 +145,18 @@ def test_a_new_subject_and_header_edits_reach_delivered_verdicts():
     assert (clean.kind, clean.subject, clean.edits) == ("clean", "", edits)
     deferred = decide([rspamd(0.0, "defer", edits=edits)], [], POLICY, True)
     assert deferred.edits == ()  # nothing is delivered
+
+
+@pytest.mark.parametrize("virus_action", ["reject", "discard"])
+def test_banned_contents_are_answered_as_a_virus_is(virus_action):
+    path = "multipart/mixed | application/pdf,.pdf,invoice.pdf.exe"
+    policy = replace(POLICY, virus_action=virus_action)
+    verdict = decide([Result("banned", banned=path)], [], policy, True, queue_id="4A1B2C3D4E")
+    assert (verdict.kind, verdict.action) == ("banned", virus_action)
+    assert verdict.summary == f"BANNED ({path})" and verdict.name == path
+    assert verdict.reply == (R.Reply(554, "5.7.0", "Reject, id=4A1B2C3D4E - BANNED: "
+                                     "application/pdf,.pdf,invoice.pdf.exe")
+                             if virus_action == "reject" else None)
+    worse = decide([Result("banned", banned=path), Result("clamd", virus="Win.Test")], [],
+                   POLICY, True)
+    assert worse.kind == "virus"  # a virus is named as such, as amavisd's categories rank

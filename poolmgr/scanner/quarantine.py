@@ -8,13 +8,15 @@ one JSON object per line: `{"id", "date", "time", "client", "sender", "recipient
 when it was released. Appends are whole lines under an exclusive lock, so scanner workers never
 interleave; purge rewrites the index under the same lock.
 
-`release` re-injects a kept message to `scanner.next_hop` with its original envelope (the
-message as the scanner received it, plus an `X-Poolmgr-Scan: released` line), bypassing the
-checks, and notes the release in the index.
+`release` re-injects a kept message to `scanner.next_hop` with its original envelope, or for
+other recipients (amavisd-release's alternate recipients): the message as the scanner received
+it, plus an `X-Poolmgr-Scan: released` line, bypassing the checks; it notes the release in the
+index (`"to"`: the recipients it went to). `select` is what `quarantine list
+--since/--reason` shows.
 """
 
 __all__ = ["keep", "entries", "find", "read", "release", "purge", "as_dict", "Entry",
-           "ReleaseError", "INDEX", "prepare"]
+           "ReleaseError", "INDEX", "prepare", "select", "since"]
 
 import email.utils
 import fcntl
@@ -24,8 +26,10 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 
 from .. import maildir
+from ..config import parse_duration
 from ..smtp import relay
 
 INDEX = "index"
@@ -128,9 +132,10 @@ class ReleaseError(Exception):
     """The next hop did not take the released message; it stays in the quarantine."""
 
 
-def release(cfg, entry: Entry) -> str:
-    """Re-inject `entry` to cfg.scanner.next_hop; the next hop's reply. ReleaseError when it
-    is not accepted for every recipient."""
+def release(cfg, entry: Entry, to: list[str] | None = None) -> str:
+    """Re-inject `entry` to cfg.scanner.next_hop, for its own recipients or for `to`; the next
+    hop's reply. ReleaseError when it is not accepted for every recipient."""
+    recipients = list(to) if to else list(entry.recipients)
     scanner = cfg.scanner
     data = (f"X-Poolmgr-Scan: released from quarantine ({entry.id}) by poolmgr at "
             f"{scanner.hostname}\r\n").encode() + read(scanner.quarantine, entry)
@@ -144,9 +149,9 @@ def release(cfg, entry: Entry) -> str:
                 from None
         result = f"delivered to maildir as {name}"
     else:
-        outgoing = relay.Outgoing(entry.sender, list(entry.recipients), data,
+        outgoing = relay.Outgoing(entry.sender, recipients, data,
                                   smtputf8=not (entry.sender.isascii() and
-                                                all(r.isascii() for r in entry.recipients)),
+                                                all(r.isascii() for r in recipients)),
                                   body_8bit=not data.isascii(),
                                   xforward={"IDENT": entry.queue_id, "SOURCE": "LOCAL"})
         try:
@@ -154,19 +159,42 @@ def release(cfg, entry: Entry) -> str:
                                  deadline=time.monotonic() + scanner.timeout)
         except relay.RelayError as exc:
             raise ReleaseError(f"next hop {hop} failed at {exc.stage}: {exc.detail}") from None
-        refused = [f"<{r}>: {reply}" for r, reply in zip(entry.recipients, replies)
+        refused = [f"<{r}>: {reply}" for r, reply in zip(recipients, replies)
                    if not reply.ok]
         if refused:
             raise ReleaseError(f"next hop {hop} refused " + "; ".join(refused))
         result = f"relay={hop}, {replies[0]}"
-    mark_released(scanner.quarantine, entry)
+    mark_released(scanner.quarantine, entry, recipients)
     return result
 
 
-def mark_released(directory: str, entry: Entry) -> None:
+def mark_released(directory: str, entry: Entry, to: list[str]) -> None:
     now = time.time()
-    _append(directory, {"id": entry.id, "released": True,
+    _append(directory, {"id": entry.id, "released": True, "to": list(to),
                         "date": email.utils.formatdate(now, localtime=True), "time": now})
+
+
+def since(text: str, now: float | None = None) -> float:
+    """`--since`: an age ("2h", "30m", "7d") or a local date and time ("2026-12-07",
+    "2026-12-07T10:30", "2026-12-07 10:30:00") -> a time stamp. ValueError otherwise."""
+    now = time.time() if now is None else now
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise ValueError(f"--since: expected an age like 2h or a date like 2026-12-07 or "
+                         f"2026-12-07T10:30, got {text!r}") from None
+
+
+def select(kept: list[Entry], after: float | None = None, reason: str = "") -> list[Entry]:
+    """The entries kept at or after `after`, whose verdict starts with `reason` (virus, banned,
+    spam) or whose reason contains it (a virus or file name), case-insensitively."""
+    wanted = reason.lower()
+    return [e for e in kept if (after is None or e.time >= after) and
+            (not wanted or e.verdict.lower().startswith(wanted) or wanted in e.reason.lower())]
 
 
 def purge(directory: str, older_than: float, now: float | None = None) -> list[str]:

@@ -7,7 +7,8 @@ any `X-Poolmgr-Scan:` header it arrived with, makes the header edits its checks 
 and re-injects it to `scanner.next_hop`. It answers 250 only after the next hop did; a reject
 verdict is 554; any failure is 451. Recipients the next hop refused beside accepted ones are
 reported to an LMTP client one by one, and to an SMTP client's sender by a delivery status
-notification (`smtp.dsn`).
+notification (`smtp.dsn`). A message blocked as a virus or banned is announced to
+`scanner.virus_admin` (admin_notice.py).
 """
 
 __all__ = ["ScannerSession"]
@@ -15,6 +16,7 @@ __all__ = ["ScannerSession"]
 import functools
 import ipaddress
 import time
+from dataclasses import replace
 
 from .. import handoff, log, maildir
 from ..smtp import dsn, relay
@@ -26,12 +28,12 @@ from ..smtp.headers import (edit_fields, message_id, received, remove_fields, se
                             tag_subject)
 from ..smtp.parse import parse_xforward
 from ..smtp.protocol import BASE_COMMANDS, Command, Envelope, Refused, ServerSession
-from . import quarantine
+from . import admin_notice, quarantine
 from .backends.base import Message
+from .scan import scan_header
 from .verdict import FORGEABLE
 
 
-SCAN_HEADER = FORGEABLE[0]  # X-Poolmgr-Scan
 # A message the scanner passes is received, queued and delivered in one go; it logs the lines
 # Postfix's cleanup, qmgr and delivery agent would, under their names, so that log readers
 # (pflogsumm counts deliveries by these lines) see the usual story.
@@ -110,32 +112,16 @@ class ScannerSession(ServerSession):
                               forwarded.get("HELO", self.helo or ""))
             bank = service.scanner.bank(self.local_port)
             verdict = service.scanner.scan(message, bank)
-            if verdict.action != "deliver":
+            if verdict.action == "deliver":
+                return self._pass(env, data, verdict, forwarded, client, started, bank.name)
+            loving = service.scanner.spam_lovers_of(env.rcpts, verdict)
+            if not loving:
                 return self._block(env, data, verdict, client, started, bank.name)
-            # This hop's trace header names the direct peer; the real client is in the
-            # SMTP worker's Received: header already.
-            headers = received(helo=self.helo, addr=self.peer[0], by=service.hostname,
-                               software="poolmgr scanner", proto=self.proto,
-                               queue_id=env.queue_id, rcpts=env.rcpts)
-            headers += verdict.headers + (f"{SCAN_HEADER}: {verdict.summary} by poolmgr at "
-                                          f"{service.hostname}\r\n").encode()
-            # Only this hop's verdict counts: copies the client sent are forgeries.
-            data = edit_fields(remove_fields(data, FORGEABLE), verdict.edits)
-            data = headers + (set_subject(data, verdict.subject) if verdict.subject
-                              else tag_subject(data, verdict.subject_tag))
-            self._log_passed(env, verdict, client, len(data), started, bank.name)
-            CLEANUP.info("%s: message-id=%s", env.queue_id, message_id(data))
-            QMGR.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", env.queue_id,
-                      env.mail_from, len(data), len(env.rcpts))
-            replies = self._forward(env, data, forwarded, started)
-            if self.proto == "LMTP":
-                return replies  # the client gets one reply per recipient
-            hop = service.cfg.scanner.next_hop
-            return dsn.settle(replies, hop=hop, mail_from=env.mail_from, rcpts=env.rcpts,
-                              queue_id=env.queue_id, data=data, smtputf8=env.smtputf8,
-                              hostname=service.hostname, timeouts=service.cfg.timeouts,
-                              deadline=time.monotonic() + service.cfg.scanner.timeout,
-                              log=service.log, cache=service.relay_cache)
+            if len(loving) == len(env.rcpts):
+                return self._pass(env, data, replace(verdict, action="deliver", reply=None),
+                                  forwarded, client, started, bank.name)
+            return self._split(env, data, verdict, loving, forwarded, client, started,
+                               bank.name)
         finally:
             service.slot.set_busy(0)
             service.messages += 1
@@ -143,6 +129,52 @@ class ScannerSession(ServerSession):
             took = time.monotonic() - started
             service.slot.add("scan_ms", int(took * 1000))
             service.slot.observe("scan", took)
+
+    def _pass(self, env: Envelope, data: bytes, verdict, forwarded: dict, client: str,
+              started: float, bank: str) -> list[R.Reply]:
+        """Headers added, the message re-injected; the replies for `env.rcpts`."""
+        service = self.service
+        # This hop's trace header names the direct peer; the real client is in the
+        # SMTP worker's Received: header already.
+        headers = received(helo=self.helo, addr=self.peer[0], by=service.hostname,
+                           software="poolmgr scanner", proto=self.proto,
+                           queue_id=env.queue_id, rcpts=env.rcpts)
+        headers += verdict.headers + scan_header(verdict, service.hostname)
+        # Only this hop's verdict counts: copies the client sent are forgeries.
+        data = edit_fields(remove_fields(data, FORGEABLE), verdict.edits)
+        data = headers + (set_subject(data, verdict.subject) if verdict.subject
+                          else tag_subject(data, verdict.subject_tag))
+        self._log_passed(env, verdict, client, len(data), started, bank)
+        CLEANUP.info("%s: message-id=%s", env.queue_id, message_id(data))
+        QMGR.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", env.queue_id,
+                  env.mail_from, len(data), len(env.rcpts))
+        replies = self._forward(env, data, forwarded, started)
+        if self.proto == "LMTP":
+            return replies  # the client gets one reply per recipient
+        hop = service.cfg.scanner.next_hop
+        return dsn.settle(replies, hop=hop, mail_from=env.mail_from, rcpts=env.rcpts,
+                          queue_id=env.queue_id, data=data, smtputf8=env.smtputf8,
+                          hostname=service.hostname, timeouts=service.cfg.timeouts,
+                          deadline=time.monotonic() + service.cfg.scanner.timeout,
+                          log=service.log, cache=service.relay_cache)
+
+    def _split(self, env: Envelope, data: bytes, verdict, loving: list[str], forwarded: dict,
+               client: str, started: float, bank: str) -> list[R.Reply]:
+        """Spam blocked for some recipients and loved by others (scanner.spam_lovers): the
+        others' copy is blocked first, then the lovers' delivered, tagged. An SMTP client
+        gets one reply for all, so there a reject becomes a discard into the quarantine; a
+        copy that cannot be kept defers the whole message (nothing is lost)."""
+        others = _part_of(env, [r for r in env.rcpts if r not in loving])
+        if self.proto != "LMTP" and verdict.action == "reject":
+            verdict = replace(verdict, action="discard", reply=None)
+        blocked = self._block(others, data, verdict, client, started, bank)
+        if self.proto != "LMTP" and any(reply.temporary for reply in blocked):
+            return [blocked[0]] * len(env.rcpts)
+        passed = self._pass(_part_of(env, loving), data,
+                            replace(verdict, action="deliver", reply=None), forwarded, client,
+                            started, bank)
+        replies = {**dict(zip(others.rcpts, blocked)), **dict(zip(loving, passed))}
+        return [replies[rcpt] for rcpt in env.rcpts]
 
     @property
     def local_port(self) -> int:
@@ -195,6 +227,13 @@ class ScannerSession(ServerSession):
                          f",{bank}" if bank else "", client, env.mail_from,
                          ",".join(f"<{r}>" for r in env.rcpts), ident or "-", _hits(verdict),
                          (time.monotonic() - started) * 1000)
+        if service.cfg.scanner.virus_admin and verdict.kind in ("virus", "banned") and \
+                not reply.temporary:  # a deferred message is not blocked yet: it comes back
+            admin_notice.send(service.cfg, summary=label, outcome=outcome,
+                              queue_id=env.queue_id, quarantine_id=ident, client=client,
+                              sender=env.mail_from, rcpts=env.rcpts, data=data,
+                              log=service.log, cache=service.relay_cache,
+                              deadline=started + service.cfg.scanner.timeout)
         return [reply] * len(env.rcpts)
 
     def _forward(self, env: Envelope, data: bytes, forwarded: dict,
@@ -251,6 +290,13 @@ ScannerSession.commands = {
     # BDAT answers 503 itself before HELO/MAIL: its chunk must be read either way.
     "BDAT": Command(ScannerSession.do_bdat, "bdat"),
 }
+
+
+def _part_of(env: Envelope, rcpts: list[str]) -> Envelope:
+    """The same transaction for some of its recipients."""
+    part = Envelope(env.mail_from, env.smtputf8, env.body_8bit)
+    part.rcpts, part.queue_id = list(rcpts), env.queue_id
+    return part
 
 
 def _seconds(value: float) -> str:

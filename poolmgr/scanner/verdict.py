@@ -1,12 +1,13 @@
 """The scanner's verdict on one message: the check back-ends' results merged into one, the action
 that fits where the scanner sits, and amavisd's headers.
 
-Kinds, worst first (amavisd's contents categories): `virus`, `banned` (a builtin rule whose
-action is reject), `spam_killed` (score at or above kill_level), `deferred` (a back-end that
-judges itself asks the sender to try later: rspamd's soft reject or greylist), `failed` (a
-back-end could not answer and its on_failure is tempfail), `spam_tagged` (at or above
-tag2_level), `clean`. A back-end that judges itself (`Result.decision`: rspamd's action)
-counts as killing, tagging or clean whatever its score; the others' scores meet the levels.
+Kinds, worst first (amavisd's contents categories): `virus`, `banned` (banned contents,
+answered as a virus is, by virus_action; or a builtin rule whose action is reject),
+`spam_killed` (score at or above kill_level), `deferred` (a back-end that judges itself asks
+the sender to try later: rspamd's soft reject or greylist), `failed` (a back-end could not
+answer and its on_failure is tempfail), `spam_tagged` (at or above tag2_level), `clean`. A
+back-end that judges itself (`Result.decision`: rspamd's action) counts as killing, tagging
+or clean whatever its score; the others' scores meet the levels.
 Actions: `deliver`, `reject` (554, before the queue), `discard` (accept, quarantine, do not
 deliver) and `tempfail` (451, the sender retries).
 
@@ -24,7 +25,7 @@ __all__ = ["decide", "Verdict", "Failure", "Policy", "KINDS", "FORGEABLE"]
 from dataclasses import dataclass, field
 
 from ..smtp import replies as R
-from .backends.base import Result
+from .backends.base import Result, printable
 
 KINDS = ("clean", "spam_tagged", "spam_killed", "virus", "banned", "failed", "deferred")
 # Headers only the scanner may write; a client's copies are removed before it adds its own.
@@ -86,8 +87,9 @@ def _spam_headers(score: float, tests: tuple[str, ...], policy: Policy, spam: bo
 
 
 def decide(results: list[Result], failures: list[Failure], policy: Policy,
-           virus_checked: bool) -> Verdict:
-    """One verdict from every back-end's result and failure, under `policy`."""
+           virus_checked: bool, queue_id: str = "") -> Verdict:
+    """One verdict from every back-end's result and failure, under `policy`; `queue_id` names
+    the message in a banned reply, as amavisd's id does."""
     headers = f"X-Virus-Scanned: poolmgr at {policy.hostname}\r\n" if virus_checked else ""
     virus = next((r.virus for r in results if r.virus), "")
     if virus:
@@ -95,6 +97,14 @@ def decide(results: list[Result], failures: list[Failure], policy: Policy,
         return Verdict("virus", action, R.R554_VIRUS.format(name=virus)
                        if action == "reject" else None, headers.encode(),
                        summary=f"INFECTED ({virus})", name=virus, failures=failures)
+    found = next((r.banned for r in results if r.banned), "")
+    if found:
+        action = policy.virus_action
+        part = found.rsplit(" | ", 1)[-1]  # amavisd's reply names the part, its log the path
+        reply = R.R554_BANNED.format(queue_id=queue_id, name=printable(part)) \
+            if action == "reject" else None
+        return Verdict("banned", action, reply, headers.encode(), summary=f"BANNED ({found})",
+                       name=found, failures=failures)
     rule = next((r.rule for r in results if r.rule), "")
     if rule:
         return Verdict("banned", "reject", R.R554_CONTENT_RULE.format(name=rule),

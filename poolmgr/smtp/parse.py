@@ -1,8 +1,8 @@
 """Parsing of SMTP command arguments: MAIL/RCPT paths and parameters, XFORWARD xtext.
 """
 
-__all__ = ["parse_path", "PathError", "split_mailbox", "domain_of", "canonical", "xtext_encode",
-           "xtext_decode", "parse_xforward", "new_queue_id"]
+__all__ = ["parse_path", "PathError", "valid_address", "split_mailbox", "domain_of", "canonical",
+           "xtext_encode", "xtext_decode", "parse_xforward", "new_queue_id"]
 
 import os
 import re
@@ -37,6 +37,17 @@ def parse_path(arg: str, keyword: str) -> tuple[str, dict[str, str]]:
         key, _, value = word.partition("=")
         params[key.upper()] = value
     return address, params
+
+
+def valid_address(address: str) -> bool:
+    """An address a command line or a setting may give for RCPT TO: what parse_path reads back
+    unchanged, printable, without brackets (nothing that could end the command early)."""
+    if not address or not address.isprintable() or any(c in address for c in "<>"):
+        return False
+    try:
+        return parse_path(f"TO:<{address}>", "TO")[0] == address
+    except PathError:
+        return False
 
 
 def split_mailbox(address: str) -> tuple[str, str]:

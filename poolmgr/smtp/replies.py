@@ -133,6 +133,7 @@ R554_TLS_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")
 R554_VIRUS = Reply(554, "5.7.0", "Rejected: virus found: {name}")
 R554_SPAM = Reply(554, "5.7.0", "Rejected: spam, score={score}")
 R554_CONTENT_RULE = Reply(554, "5.7.1", "Rejected by content rule {name}")
+R554_BANNED = Reply(554, "5.7.0", "Reject, id={queue_id} - BANNED: {name}")  # amavisd's
 R555_UNSUPPORTED_PARAMETER = Reply(555, "5.5.4", "Unsupported option: {param}")
 
 

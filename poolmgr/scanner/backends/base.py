@@ -37,6 +37,7 @@ class Result:
     tests: tuple[str, ...] = ()       # rule or symbol names that hit
     action: str = ""                  # rspamd's recommended action
     rule: str = ""                    # builtin: a rule whose action is reject
+    banned: str = ""                  # banned contents (scanner/banned.py), amavisd's path
     skipped: str = ""                 # why the message was not checked (too big), logged
     # A back-end that judges the message itself (rspamd's action) says so here, in the
     # verdict's terms: "clean", "tag", "kill" or "defer"; "" lets the spam levels decide.

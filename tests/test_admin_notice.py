@@ -1,0 +1,98 @@
+"""scanner/admin_notice.py through a real poolmgr with smtp-sink as its next hop:
+`scanner.virus_admin` gets one short notice from the null sender for each message blocked as a
+virus or banned (amavisd's $virus_admin), none for clean mail, spam or a deferred message;
+a notice that cannot be sent changes nothing for the message."""
+
+import re
+import smtplib
+
+import pytest
+
+from helpers import message, wait_until
+from poolmgr import config
+from poolmgr.scanner.backends.builtin import EICAR
+from poolmgr.testing import free_port
+from test_banned import AMAVISD, banned_mail
+
+ADMIN = "virusalert@example.test"
+
+
+def envelope(dump: bytes) -> tuple[bytes, list[bytes]]:
+    """smtp-sink's X-Mail-Args and X-Rcpt-Args of one dump."""
+    lines = dump.split(b"\n")
+    sender = next(line[13:] for line in lines if line.startswith(b"X-Mail-Args: "))
+    return sender, [line[13:] for line in lines if line.startswith(b"X-Rcpt-Args: ")]
+
+
+def with_admin(make_poolmgr, next_hop: str, **scanner):
+    pm = make_poolmgr(start=False)
+    pm.configure("scanner", **{"virus_admin": ADMIN, "next_hop": next_hop,
+                               "banned_filenames": AMAVISD,
+                               "quarantine": str(pm.dir / "quarantine"), **scanner})
+    return pm.start()
+
+
+def test_a_rejected_virus_is_announced_once(make_poolmgr, make_sink):
+    sink = make_sink()
+    pm = with_admin(make_poolmgr, f"smtp:127.0.0.1:{sink.port}")
+    with pm.smtp() as client:
+        assert client.sendmail("alice@example.org", ["carol@example.test"],
+                               message("clean")) == {}
+        client.ehlo()
+        client.mail("alice@example.org")
+        client.rcpt("bob@example.test")
+        code, _ = client.data(message("see attached", EICAR.decode() + "\r\n"))
+    assert code == 554
+    wait_until(lambda: len(sink.messages()) == 2, what="the clean message and the notice")
+    notices = [d for d in sink.messages() if b"Subject: INFECTED" in d]
+    assert len(notices) == 1  # and the other one is the clean message
+    (notice,) = notices
+    assert envelope(notice) == (b"<>", [f"<{ADMIN}>".encode()])
+    queue_id = re.search(r"(\w+): Blocked INFECTED", pm.log()).group(1)
+    quarantined = re.search(r"quarantine: (virus-\S+),", pm.log()).group(1)
+    assert b"Subject: INFECTED (Eicar-Test-Signature) in mail FROM <alice@example.org>" in notice
+    for line in (f"Queue-ID: {queue_id}", "Action: Rejected", f"Quarantine: {quarantined}",
+                 "Client: [127.0.0.1]", "Return-Path: <alice@example.org>",
+                 "Recipients: <bob@example.test>", "Subject: see attached"):
+        assert line.encode() in notice, line
+    assert EICAR not in notice  # a notice, not a copy
+    assert re.search(rf"{queue_id}: virus_admin notice \w+ to <{ADMIN}>: relay=smtp:", pm.log())
+
+
+def test_a_discarded_banned_message_is_announced_and_spam_is_not(make_poolmgr, make_sink):
+    sink = make_sink()
+    pm = with_admin(make_poolmgr, f"smtp:127.0.0.1:{sink.port}", virus_action="discard",
+                    rules=[{"name": "lottery", "header": "Subject", "pattern": "lottery",
+                            "action": "tag"}])
+    with pm.smtp() as client:
+        assert client.sendmail("alice@example.org", ["bob@example.test"], banned_mail()) == {}
+        assert client.sendmail("alice@example.org", ["bob@example.test"],
+                               message("lottery")) == {}
+    wait_until(lambda: len(sink.messages()) == 2, what="the notice and the tagged message")
+    (notice,) = [d for d in sink.messages() if b"Subject: BANNED" in d]
+    assert b"Subject: BANNED (multipart/mixed | application/pdf,.pdf,invoice.pdf.exe) in " \
+           b"mail FROM <alice@example.org>" in notice
+    assert b"Action: Discarded" in notice
+    assert pm.log().count("virus_admin notice") == 1
+
+
+@pytest.mark.log_allows(r"virus_admin notice to .* failed", r"next hop .* failed")
+def test_a_notice_that_cannot_be_sent_changes_nothing(make_poolmgr):
+    pm = with_admin(make_poolmgr, f"smtp:127.0.0.1:{free_port()}")  # nothing listens
+    with pm.smtp() as client:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail("alice@example.org", ["bob@example.test"],
+                            message("v", EICAR.decode() + "\r\n"))
+        assert refused.value.smtp_code == 554
+        with pytest.raises(smtplib.SMTPDataError) as deferred:  # not blocked: no notice
+            client.sendmail("alice@example.org", ["bob@example.test"], message("clean"))
+        assert deferred.value.smtp_code == 451
+    wait_until(lambda: f"virus_admin notice to <{ADMIN}> failed at connect" in pm.log(),
+               what="the failed notice logged")
+    assert pm.log().count("virus_admin notice") == 1
+
+
+def test_virus_admin_must_be_an_address():
+    with pytest.raises(config.ConfigError) as error:
+        config.from_dict({"scanner": {"virus_admin": "admin@example.test>\r\nDATA"}})
+    assert "[scanner] virus_admin: not an address" in error.value.errors[0]

@@ -1,0 +1,130 @@
+"""scanner/banned.py: banned contents (amavisd's $banned_filename_re) by file name, declared
+type, file type and zip member; and through a real poolmgr: answered as a virus is (reject
+with amavisd's reply, or discard into the quarantine), logged as amavisd logs it."""
+
+import json
+import re
+
+import pytest
+
+from helpers import message
+from poolmgr import config
+from poolmgr.scanner import banned
+from test_clamd import mime, zipped
+
+# amavisd's Debian default (20-debian_defaults), as the settings' help gives it.
+AMAVISD = [r"\.[^./]*\.(exe|vbs|pif|scr|bat|cmd|com|cpl)\.?$",
+           r"\{[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}\}?$",
+           "^application/x-msdownload$", "^application/x-msdos-program$", "^application/hta$",
+           r".\.(exe|vbs|pif|scr|bat|cmd|com|cpl)$",
+           r"^\.exe-ms$"]
+PROGRAM = b"MZ\x90\x00" + b"\x00" * 60 + b"This program cannot be run in DOS mode.\r\n"
+
+
+def patterns(texts=AMAVISD):
+    return config.from_dict({"scanner": {"banned_filenames": texts}}).scanner.banned_filenames
+
+
+def find(data: bytes, texts=AMAVISD):
+    return banned.find(data, patterns(texts))
+
+
+@pytest.mark.parametrize("name, ctype, content, part", [
+    ("invoice.pdf.exe", "application/pdf", b"%PDF-1.4 not really",
+     "application/pdf,.pdf,invoice.pdf.exe"),                       # a double extension
+    ("Screensaver.SCR", "application/octet-stream", b"data",
+     "application/octet-stream,Screensaver.SCR"),                   # case does not matter
+    ("setup.bin", "application/x-msdownload", b"data",
+     "application/x-msdownload,setup.bin"),                         # the declared type
+    ("report.txt", "text/plain", PROGRAM,
+     "text/plain,.exe,.exe-ms,report.txt"),                         # a program by its content
+])
+def test_banned_parts(name, ctype, content, part):
+    found = find(mime(content, name, ctype))
+    assert found == banned.Banned(part, f"multipart/mixed | {part}")
+
+
+@pytest.mark.parametrize("name, ctype, content", [
+    ("report.pdf", "application/pdf", b"%PDF-1.4"),
+    ("photo.jpg", "image/jpeg", b"\xff\xd8\xff"),
+    ("notes.exe.txt", "text/plain", b"plain text"),  # the extension that counts is the last
+])
+def test_allowed_parts(name, ctype, content):
+    assert find(mime(content, name, ctype)) is None
+
+
+def test_inside_a_zip_as_amavisd_logs_the_path():
+    data = mime(zipped("docs/PAGEANT.EXE", PROGRAM), "putty.zip", "application/zip")
+    found = find(data)
+    assert found.part == ".exe,.exe-ms,PAGEANT.EXE"
+    assert found.path == ("multipart/mixed | application/zip,.zip,putty.zip | "
+                          ".exe,.exe-ms,PAGEANT.EXE")
+    assert find(mime(zipped("readme.txt", b"hello"), "docs.zip", "application/zip")) is None
+
+
+def test_encoded_names_are_decoded_and_control_characters_shown_as_marks():
+    data = mime(b"x", "=?utf-8?q?Rechnung_M=C3=A4rz.pdf.exe?=")
+    assert find(data).part == "application/octet-stream,Rechnung März.pdf.exe"
+    folded = mime(b"x", "a\r\n\tb.exe")  # a line break in a name must not break a log line
+    assert find(folded).part == "application/octet-stream,a???b.exe"
+
+
+def test_no_patterns_and_no_attachments():
+    assert find(mime(PROGRAM, "a.exe"), []) is None
+    assert find(message("plain", "hello\r\n")) is None
+
+
+def test_a_bad_pattern_is_a_configuration_error():
+    with pytest.raises(config.ConfigError) as error:
+        patterns(["(unclosed"])
+    assert "[scanner] banned_filenames: bad pattern '(unclosed'" in error.value.errors[0]
+
+
+def banned_mail() -> bytes:
+    return mime(b"%PDF-1.4 not really", "invoice.pdf.exe", "application/pdf")
+
+
+def test_banned_is_rejected_like_a_virus_with_amavisd_reply_and_log(make_poolmgr):
+    pm = make_poolmgr({"scanner": {"banned_filenames": AMAVISD}}, start=False)
+    pm.configure("scanner", quarantine=str(pm.dir / "quarantine")).start()
+    with pm.smtp() as client:
+        client.ehlo()
+        client.mail("alice@example.org")
+        client.rcpt("bob@example.test")
+        code, text = client.data(banned_mail())
+        assert client.sendmail("alice@example.org", ["bob@example.test"],
+                               mime(b"%PDF-1.4", "invoice.pdf", "application/pdf")) == {}
+    assert code == 554
+    assert re.fullmatch(rb"5\.7\.0 Reject, id=\w+ - BANNED: application/pdf,\.pdf,"
+                        rb"invoice\.pdf\.exe", text), text
+    (delivered,) = pm.delivered()
+    assert b'filename="invoice.pdf"' in delivered
+    assert re.search(r": Blocked BANNED \(multipart/mixed \| application/pdf,\.pdf,"
+                     r"invoice\.pdf\.exe\) \{Rejected,Quarantined\}, \[127\.0\.0\.1\] "
+                     r"<alice@example\.org> -> <bob@example\.test>, quarantine: banned-",
+                     pm.log())
+    (entry,) = json.loads(pm.run_cli("quarantine", "list", "--json", check=True).stdout)
+    assert entry["verdict"] == "banned" and entry["reason"].startswith("BANNED (multipart")
+    assert pm.status()["scanner"]["verdicts"]["banned"] == 1
+
+
+def test_banned_follows_virus_action_discard(make_poolmgr):
+    """After Postfix's queue (virus_action = discard) banned mail is kept, not bounced."""
+    pm = make_poolmgr({"scanner": {"banned_filenames": AMAVISD, "virus_action": "discard"}},
+                      start=False)
+    pm.configure("scanner", quarantine=str(pm.dir / "quarantine")).start()
+    with pm.smtp() as client:
+        assert client.sendmail("alice@example.org", ["bob@example.test"], banned_mail()) == {}
+    assert pm.delivered() == []
+    assert "Blocked BANNED (multipart/mixed | application/pdf,.pdf,invoice.pdf.exe) " \
+           "{Discarded,Quarantined}" in pm.log()
+
+
+def test_poolmgr_scan_exits_2_for_banned(make_poolmgr, tmp_path):
+    pm = make_poolmgr({"scanner": {"banned_filenames": AMAVISD}}, start=False)
+    (tmp_path / "mail.eml").write_bytes(banned_mail())
+    result = pm.run_cli("scan", str(tmp_path / "mail.eml"))
+    assert result.returncode == 2, result.stderr
+    assert "Verdict: banned (BANNED (multipart/mixed | application/pdf,.pdf," \
+           "invoice.pdf.exe))" in result.stdout
+    assert "Check banned: banned=multipart/mixed | application/pdf" in result.stdout
