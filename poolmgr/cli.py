@@ -31,8 +31,10 @@ EXIT_CONFIG = 78      # sysexits.h EX_CONFIG, what systemd and Postfix's tools u
 EXIT_NOT_RUNNING = 3  # LSB: `status` of a program that is not running
 EXIT_TEMPFAIL = 75    # sysexits.h EX_TEMPFAIL: `scan`, a check could not answer
 # `scan`'s verdicts as exit codes (rspamc and amavisd's test mode tell them apart too).
+# A message a check asks to be tried later (rspamd's greylist) would get a 4xx, as when a
+# check fails: 75, no verdict yet.
 SCAN_EXIT = {"clean": 0, "spam_tagged": 1, "spam_killed": 1, "virus": 2, "banned": 2,
-             "failed": EXIT_TEMPFAIL}
+             "failed": EXIT_TEMPFAIL, "deferred": EXIT_TEMPFAIL}
 STOP_MARGIN = 30.0    # seconds `stop` waits beyond the master's own drain and kill deadlines
 
 

@@ -11,6 +11,7 @@ import shutil
 import smtplib
 import socket
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -378,3 +379,18 @@ def test_through_poolmgr_rspamd_actions_headers_and_signature(make_poolmgr, rspa
     assert dict(fields(rewritten))["Subject"] == "[SPAM] force rewrite subject"
     assert dict(fields(plain))["Subject"] == "plain"
     assert dict(fields(tagged))["X-Spamd-Result"].startswith("default: False [7.00 / 15.00];")
+
+
+def test_poolmgr_scan_answers_each_action(rspamd, tmp_path):
+    """`poolmgr scan` with rspamd's action deciding: greylist is 75 (the message would be
+    tried again later), add header 1 (spam), no action 0."""
+    config = tmp_path / "scan.toml"
+    config.write_text(f'[scanner]\nhostname = "mx.test"\nchecks = ["rspamd"]\n\n'
+                      f'[scanner.rspamd]\nurl = "{rspamd.url}"\n')
+    codes = {}
+    for subject in ("force greylist", "force add header", "plain"):
+        done = subprocess.run([sys.executable, "-m", "poolmgr", "scan", "-", "-c", str(config)],
+                              input=forced(subject), capture_output=True, timeout=60)
+        codes[subject] = done.returncode, done.stdout.decode()
+    assert codes["force greylist"][0] == 75 and "deferred" in codes["force greylist"][1]
+    assert codes["force add header"][0] == 1 and codes["plain"][0] == 0
