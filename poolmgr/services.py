@@ -25,6 +25,7 @@ from .scanner import quarantine
 from .upgrade import Upgrade
 
 ROOT_WARNING = "running as root with [master] user unset: workers keep root privileges"
+STATUS_EVERY = 1.0  # seconds between looks at the summary systemd shows (STATUS=)
 
 
 class Services:
@@ -35,6 +36,7 @@ class Services:
         self.notifier = Notifier()
         self.upgrade = Upgrade()
         self.heap = Trimmer()  # the master's: client state swept after a storm, given back
+        self.status_sent_at = 0.0  # systemd's STATUS= line, at most every STATUS_EVERY
         self.cluster: cluster.Monitor | None = None
         self.control: control.ControlServer | None = None
 
@@ -159,7 +161,8 @@ class Services:
 
     def report(self, serving, summary, generation_ready: bool, slack: float) -> bool:
         """Tell systemd (notify.py): READY=1 when `generation_ready` is False and `serving()`
-        (both pools serve this generation), STATUS=`summary()` when it changes, WATCHDOG=1.
+        (both pools serve this generation), STATUS=`summary()` when it changes (looked at once
+        a second), WATCHDOG=1.
         True when READY=1 was sent."""
         notifier, ready = self.notifier, False
         if not notifier.enabled:
@@ -167,6 +170,9 @@ class Services:
         if not generation_ready and serving():
             ready = True
             notifier.ready()
-        notifier.status(summary())
-        notifier.watchdog(time.monotonic(), slack=slack)
+        now = time.monotonic()
+        if ready or now - self.status_sent_at >= STATUS_EVERY:  # a summary builds a view
+            self.status_sent_at = now
+            notifier.status(summary())
+        notifier.watchdog(now, slack=slack)
         return ready
