@@ -16,7 +16,7 @@ Bytes after the header stay in the connection's buffer for the dialogue (a clien
 before the banner is still seen doing so).
 """
 
-__all__ = ["Header", "HeaderError", "parse", "receive", "take_client", "V2_SIGNATURE", "V1_MAX"]
+__all__ = ["Header", "HeaderError", "parse", "receive", "take_client", "V2_SIGNATURE"]
 
 import ipaddress
 import time
