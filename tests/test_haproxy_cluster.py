@@ -150,6 +150,24 @@ def test_version_1_from_a_raw_socket(site):
     assert denied.reply()[0] == 521
 
 
+def test_version_1_ipv6_clients(site):
+    """An IPv6 client, and an IPv4-mapped one (seen as plain IPv4, as on a [::] listener)."""
+    a, b, proxy = site
+    sessions = []
+    for named in ("2001:db8::7", "::ffff:127.0.21.13"):
+        raw = Raw(a.smtp_port, "127.0.0.1")
+        raw.send(f"PROXY TCP6 {named} ::1 41001 25\r\n".encode())
+        sessions.append(raw)
+    for raw in sessions:
+        assert raw.reply()[0] == 220
+        raw.send(b"QUIT\r\n")
+        assert raw.reply()[0] == 221
+    for client in ("2001:db8::7", "127.0.21.13"):
+        wait_until(lambda: f"disconnect from unknown[{client}] quit=1 commands=1" in a.log(),
+                   what=f"{client}'s disconnect line")
+    assert "::ffff:" not in a.log()
+
+
 def test_a_peer_outside_proxy_networks_is_refused(site):
     a, b, proxy = site
     raw = Raw(a.smtp_port, "127.0.22.9")  # straight to the node, past the balancer
