@@ -427,7 +427,8 @@ def _convert(setting: Setting, value: Any) -> Any:
     if setting.kind in ("duration", "size") and result < 0:
         raise ValueError(f"must not be negative, got {value!r}")
     if setting.choices and result not in setting.choices:
-        raise ValueError(f"must be one of {', '.join(setting.choices)}, got {value!r}")
+        shown = (choice or '""' for choice in setting.choices)
+        raise ValueError(f"must be one of {', '.join(shown)}, got {value!r}")
     if setting.min is not None and isinstance(result, (int, float)) and result < setting.min:
         raise ValueError(f"must be at least {setting.min:g}, got {value!r}")
     if setting.max is not None and isinstance(result, (int, float)) and result > setting.max:
@@ -537,6 +538,9 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
     for key in ("tls_cert", "tls_key"):
         if smtp[key] and not os.access(smtp[key], os.R_OK):
             err(f"smtp.{key}", f"cannot read {smtp[key]}")
+    if smtp["proxy_protocol"] and not smtp["proxy_networks"]:
+        err("smtp.proxy_networks", f"empty, and proxy_protocol is {smtp['proxy_protocol']!r}: "
+            "name the load balancers that may send a PROXY header (e.g. [\"10.0.0.5/32\"])")
     if not scanner_only and smtp["proxy_filter"] is None and \
             scanner["timeout"] >= smtp["proxy_timeout"]:
         warn("scanner.timeout", f"{scanner['timeout']:g}s is not below smtp.proxy_timeout "

@@ -227,6 +227,20 @@ class Conn:
             self.buf += data
         return len(self.buf)
 
+    def read_more(self, timeout: float) -> int:
+        """Wait up to `timeout` for input beyond what is buffered (a PROXY header that came in
+        pieces, `smtp.haproxy`); returns bytes now buffered. Disconnected when the peer
+        closed."""
+        data = self._receive(timeout)
+        if data is not None:
+            self.buf += data
+        return len(self.buf)
+
+    def take(self, size: int) -> bytes:
+        """The first `size` bytes of the buffered input, taken off it."""
+        taken, self.buf = self.buf[:size], self.buf[size:]
+        return taken
+
     def discard_input(self) -> int:
         """Forget buffered input (after STARTTLS: CVE-2011-0411); returns bytes dropped."""
         dropped, self.buf = len(self.buf), b""

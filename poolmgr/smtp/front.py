@@ -20,7 +20,7 @@ import time
 from typing import Callable
 
 from .. import handoff, log
-from . import dsn, relay
+from . import dsn, haproxy, relay
 from ..defence import early, limits
 from ..defence.clientstate import ClientState
 from ..defence.decision import Decision
@@ -82,6 +82,30 @@ class FrontSession(ServerSession):
                                    service.slot.stress())
         self.accepted = 0
         self.rejected = 0
+
+    def run(self) -> None:
+        """Behind a load balancer (`smtp.proxy_protocol`), the client's address comes first,
+        in the PROXY header: it replaces the balancer's before anything reads it."""
+        if self.service.cfg.smtp.proxy_protocol:
+            self.resume(self.behind_proxy)
+        else:
+            super().run()
+
+    def behind_proxy(self) -> None:
+        service = self.service
+        client = haproxy.take_client(self.conn, self.peer, service.cfg.smtp, service.log)
+        if client is None:
+            self.closing, self.ended = True, "refused"
+            self.say_last(R.R421_NO_RESOURCES)
+            return
+        self.set_peer(client)
+        # Its defence state starts now, with the client's address (and its clock: the
+        # reverse lookup's time runs from here).
+        self.screening = Screening(service.defence.cfg, self.peer, service.log,
+                                   service.slot.stress())
+        if not self.looks_up_name():
+            self.log_connect()
+        self.open()
 
     def looks_like_nuisance(self, silent_since: float) -> bool:
         return self.screening.looks_like_nuisance(silent_since, self.stats is None)

@@ -103,9 +103,7 @@ class ServerSession:
         limits = service.limits
         self.conn = Conn(sock, limits.timeout, getattr(service, "tick", None),
                          limits.per_record_deadline, limits.min_data_rate)
-        # (address, port) with an IPv4-mapped address as plain IPv4: the one place it is done.
-        self.peer = (plain_ip(peer[0]), peer[1])
-        self.client = f"unknown[{self.peer[0]}]"
+        self.set_peer(peer)
         self.name = ""  # the client's name once looked up ("unknown" when none); "": not asked
         self.connect_logged = False
         self.helo: str | None = None
@@ -122,6 +120,13 @@ class ServerSession:
         self.parked = None  # the watchers of a parked session (smtp.park)
         self.ended = ""  # quit, timeout, slow, lost, drain, error, refused, tls_failure
         self.transactions = 0  # MAIL + accepted RCPT seen
+
+    def set_peer(self, peer: tuple[str, int]) -> None:
+        """The client's (address, port): the connection's peer, or (before anything reads it)
+        the client a load balancer's PROXY header names (`smtp.haproxy`)."""
+        # An IPv4-mapped address as plain IPv4: the one place it is done.
+        self.peer = (plain_ip(peer[0]), peer[1])
+        self.client = f"unknown[{self.peer[0]}]"
 
     # -- hooks for subclasses: policy, as decisions the session applies
     def on_connect(self) -> Decision | None:

@@ -71,6 +71,8 @@ R421_SHUTDOWN = Reply(421, "4.3.2", "{host} Service shutting down, closing trans
 R421_YIELD = Reply(
     421, "4.3.2", "{host} Service busy, closing an idle connection for a waiting client")
 R421_TIMEOUT = Reply(421, "4.4.2", "{host} Error: timeout exceeded")
+# postscreen's reply when the PROXY header (smtp.proxy_protocol) did not come, or came wrong.
+R421_NO_RESOURCES = Reply(421, "4.3.2", "No system resources")
 R421_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "{host} Error: too many connections from {ip}")
 R421_TOO_MANY_ERRORS = Reply(421, "4.7.0", "{host} Error: too many errors")
 R450_MESSAGE_RATE = Reply(450, "4.7.1", "Error: too much mail from {ip}")

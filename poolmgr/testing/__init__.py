@@ -11,10 +11,12 @@ poolmgr at run time.
 - `nameserver`: DnsServer (dnslib, DNSBL records), SilentDns (a server that is down)
 - `rspamd`: Rspamd (a private rspamd, offline), ENVELOPE_SYMBOL
 - `redis`: RedisServer (a private redis-server on a loopback port and a Unix socket)
+- `haproxy`: HAProxy (a private HAProxy in front of nodes, sending PROXY headers)
 - `wait`: free_port, free_udp_port, listening, wait_until, WaitTimeout
 """
 
 from .clamd import EICAR_NAME, Clamd, ping
+from .haproxy import HAProxy
 from .nameserver import DnsServer, SilentDns
 from .poolmgr import HELO, Poolmgr, write_config
 from .postfix import Postfix
@@ -25,7 +27,7 @@ from .sink import Sink
 from .spamd import Spamd
 from .wait import WaitTimeout, free_port, free_udp_port, listening, wait_until
 
-__all__ = ["ENVELOPE_SYMBOL", "EICAR_NAME", "HELO", "Clamd", "Copy", "DnsServer", "Poolmgr",
-           "Postfix", "Recorder", "RedisServer", "Rspamd", "SilentDns", "Sink", "Spamd",
+__all__ = ["ENVELOPE_SYMBOL", "EICAR_NAME", "HELO", "Clamd", "Copy", "DnsServer", "HAProxy",
+           "Poolmgr", "Postfix", "Recorder", "RedisServer", "Rspamd", "SilentDns", "Sink", "Spamd",
            "WaitTimeout", "free_port", "free_udp_port", "listening", "ping", "wait_until",
            "write_config"]

@@ -119,6 +119,8 @@ class Poolmgr:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
                 sock.settimeout(5)
+                if port == self.smtp_port and self.sections["smtp"].get("proxy_protocol"):
+                    sock.sendall(b"PROXY UNKNOWN\r\n")  # as a balancer's health check
                 return sock.recv(100).startswith(b"220")
         except OSError:
             return False
