@@ -169,7 +169,8 @@ def connect(section):
     if section.sentinels:
         from redis.sentinel import Sentinel
 
-        # Each sentinel is asked in turn, each bounded as a Redis call is.
+        # Each sentinel is asked in turn, each bounded as a Redis call is; one that answered
+        # is asked first from then on (a hung one costs cluster.timeout until one does).
         sentinels = Sentinel(list(section.sentinels), sentinel_kwargs=dict(bounded))
         return sentinels.master_for(
             section.sentinel_master, connection_pool_class=_blocking_sentinel_pool(),
@@ -441,7 +442,7 @@ class Monitor:
             return
         if self.master:
             self.log.info("cluster: redis master %s now at %s (was %s)",
-                             self.section.sentinel_master, master, self.master)
+                          self.section.sentinel_master, master, self.master)
         else:
             self.log.info("cluster: redis master %s at %s", self.section.sentinel_master,
                           master)

@@ -3,7 +3,7 @@ config on a loopback port or a Unix socket in a directory of its own, no persist
 and stopped by its PID; `stop` and `start` again on the same port and socket is Redis down and
 back, `kill` is a crash.
 
-`SentinelGroup` is the highly available setup as the README gives it: a master, a replica
+`SentinelGroup` is the highly available setup docs/operations.md gives: a master, a replica
 (`replicaof` the master) and three sentinels (Debian's redis-sentinel: `redis-server CONF
 --sentinel`, each with a config file of its own, which Sentinel rewrites), quorum 2, with a
 short `down-after-milliseconds` and `failover-timeout` so that a failover takes seconds.
@@ -163,7 +163,7 @@ class RedisSentinel(RedisServer):
         conf = self.dir / "sentinel.conf"  # Sentinel rewrites it: its own file, writable
         conf.write_text("\n".join([
             "bind 127.0.0.1", f"port {self.port}", "daemonize no", f"dir {self.dir}",
-            f"logfile {self.dir / 'redis.log'}", "protected-mode no",
+            f"logfile {self.dir / 'redis.log'}", "protected-mode yes",
             f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} {self.quorum}",
             f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}",
             f"sentinel failover-timeout {self.name} {self.failover_timeout_ms}",
@@ -178,13 +178,9 @@ class RedisSentinel(RedisServer):
         fields = ask(self.port, "SENTINEL", "MASTER", self.name)
         return dict(zip(fields[::2], fields[1::2]))
 
-    def master_address(self) -> str:
-        host, port = ask(self.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
-        return f"{host}:{port}"
-
 
 class SentinelGroup:
-    """A master, its replica and `count` sentinels (quorum 2) on loopback: `addresses` is what
+    """A master, its replica and `count` sentinels on loopback: `addresses` is what
     `[cluster] sentinels` lists, `name` its `sentinel_master`. `ready()` waits until every
     sentinel knows the replica and the other sentinels, so that a failover can be voted."""
 
@@ -225,16 +221,6 @@ class SentinelGroup:
         # Sentinels find each other through the master's hello channel, every 2 s.
         wait_until(lambda: all(known(s) for s in self.sentinels), timeout=timeout,
                    interval=0.1, what="every sentinel seeing the replica and the others")
-
-    def master_address(self) -> str:
-        """The master's address as the sentinels agree on it ("" while they do not)."""
-        seen = set()
-        for sentinel in self.sentinels:
-            try:
-                seen.add(sentinel.master_address())
-            except (OSError, RuntimeError):
-                return ""
-        return seen.pop() if len(seen) == 1 else ""
 
     def logs(self) -> str:
         return "\n".join(f"== {s.address}\n{s.log()[-3000:]}"
