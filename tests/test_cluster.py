@@ -33,7 +33,7 @@ def redis_server(tmp_path):
 
 
 @pytest.fixture
-def sentinels(tmp_path):
+def sentinels():
     """A master, its replica and three sentinels (quorum 2, down after 1 s)."""
     group = SentinelGroup().start()
     yield group
