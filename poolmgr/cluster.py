@@ -1,4 +1,5 @@
-"""Several MX nodes sharing their client state in one Redis (`[cluster]`).
+"""Several MX nodes sharing their client state in one Redis (`[cluster]`): at a fixed address
+(`redis`), or the master that Redis Sentinel names (`sentinels`, `sentinel_master`).
 
 Where the Redis calls happen, and why: each SMTP worker talks to Redis itself
 (`RedisState`, redis-py over sockets that gevent's monkey-patching makes cooperative), so a
@@ -19,6 +20,14 @@ and questions answered locally are counted on the scoreboard (`cluster_*`). The 
 monitor logs each change of state once: `warning: cluster: redis URL unavailable: REASON;
 using local state`, then `cluster: redis URL back`.
 
+With `sentinels`, every process asks the sentinels for the master's address whenever it opens
+a connection to Redis (redis-py's `Sentinel.master_for`, its pool bounded as with `redis`), so
+a failover is followed by itself: the calls to the dead master fail (local state meanwhile),
+and the first try after the sentinels promote the replica reaches the new master, where each
+worker writes its live connections back as after any outage. The monitor asks the sentinels
+once a round too, and logs a new master once: `cluster: redis master NAME now at HOST:PORT
+(was HOST:PORT)`. Logs and status name the sentinels as `redis+sentinel://HOST:PORT,.../NAME`.
+
 Keys (all under `cluster.key_prefix`): `conns` (sorted set: client -> live connections over
 every node), `holder:NODE:PID` (hash: client -> connections one SMTP worker holds), `holders`
 (sorted set: holder key -> expiry, renewed every second by the worker), `nodes` (sorted set:
@@ -32,8 +41,10 @@ keys they were not given, so `key_prefix` must keep every key in one hash slot o
 Cluster (e.g. "{poolmgr}:").
 """
 
-__all__ = ["RedisState", "Monitor", "Keys", "connect", "redacted", "RETRY_EVERY", "NODE_SEEN"]
+__all__ = ["RedisState", "Monitor", "Keys", "connect", "enabled", "describe", "redacted",
+           "RETRY_EVERY", "NODE_SEEN"]
 
+import re
 import threading
 import time
 import urllib.parse
@@ -126,18 +137,90 @@ def redacted(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
 
 
+def enabled(section) -> bool:
+    """Whether `[cluster]` names a shared Redis (redis, or sentinels)."""
+    return bool(section.redis or section.sentinels)
+
+
+def _host_port(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describe(section) -> str:
+    """The shared Redis as logs and status name it: its URL without the password, or
+    `redis+sentinel://HOST:PORT,.../NAME`."""
+    if section.sentinels:
+        return (f"redis+sentinel://{','.join(_host_port(a) for a in section.sentinels)}/"
+                f"{section.sentinel_master}")
+    return redacted(section.redis)
+
+
 def connect(section):
     """A redis-py client for `[cluster]`: every call bounded by cluster.timeout, no retries
-    (the caller falls back at once and tries again a second later)."""
+    (the caller falls back at once and tries again a second later). With sentinels, the
+    client of the master they name, each new connection asking them where it is."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
+    bounded = dict(socket_timeout=section.timeout, socket_connect_timeout=section.timeout,
+                   retry=Retry(NoBackoff(), 0))
+    if section.sentinels:
+        from redis.sentinel import Sentinel
+
+        # Each sentinel is asked in turn, each bounded as a Redis call is; one that answered
+        # is asked first from then on (a hung one costs cluster.timeout until one does).
+        sentinels = Sentinel(list(section.sentinels), sentinel_kwargs=dict(bounded))
+        return sentinels.master_for(
+            section.sentinel_master, connection_pool_class=_blocking_sentinel_pool(),
+            max_connections=_MAX_POOL, timeout=section.timeout, health_check_interval=0,
+            **bounded)
     pool = redis.BlockingConnectionPool.from_url(
         section.redis, max_connections=_MAX_POOL, timeout=section.timeout,
-        socket_timeout=section.timeout, socket_connect_timeout=section.timeout,
-        retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        health_check_interval=0, **bounded)
     return redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+
+
+def _blocking_sentinel_pool():
+    """redis-py's pool for a Sentinel-managed master is unbounded (ConnectionPool); this one is
+    its BlockingConnectionPool, as `connect` uses without sentinels: at most _MAX_POOL
+    connections, a session waiting at most cluster.timeout for one."""
+    from redis import BlockingConnectionPool
+    from redis.sentinel import SentinelConnectionPool
+
+    class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+        pass
+
+    return BlockingSentinelPool
+
+
+def master_address(client) -> str:
+    """HOST:PORT of the master the sentinels name now (they are asked), "" without sentinels;
+    raises a redis error when none is named. A new master closes the pool's idle
+    connections to the old one."""
+    pool = client.connection_pool
+    if not hasattr(pool, "get_master_address"):
+        return ""
+    return _host_port(pool.get_master_address())
+
+
+# How redis-py's MasterNotFoundError names each sentinel's failure, after that sentinel's
+# client (a repr of up to several hundred characters): " - network:ConnectionError: Error 111
+# ..." (redis-py 8), " - ConnectionError('Error 111 ...')" (redis-py 5).
+_SENTINEL_FAILURE = re.compile(r" - (?:\w+:)?(\w+Error)(?:\(([\x22\x27])(.*?)\2\)|: (.*?))?"
+                               r"(?=, <redis\.|, Redis<|$)")
+
+
+def reason(exc: Exception) -> str:
+    """Why a call failed, for one log line: without the sentinel clients' reprs."""
+    text = str(exc) or type(exc).__name__
+    head, _, rest = text.partition(" : ")
+    if not rest or not head.startswith("No master found"):
+        return text
+    failures = [quoted or why or kind
+                for kind, _, quoted, why in _SENTINEL_FAILURE.findall(" : " + rest)]
+    return f"{head}: {'; '.join(failures)}" if failures else head
 
 
 class Keys:
@@ -302,7 +385,8 @@ class Monitor:
     def __init__(self, section, log):
         self.section = section
         self.log = log
-        self.url = redacted(section.redis)
+        self.url = describe(section)
+        self.master = ""  # HOST:PORT of the master the sentinels named last
         self.keys = Keys(section.key_prefix)
         self.stopping = threading.Event()
         self.state, self.since, self.error = "starting", time.time(), ""
@@ -334,12 +418,13 @@ class Monitor:
                 self.poll()
                 self.change("shared", "")
             except self.errors as exc:
-                self.change("degraded", str(exc) or type(exc).__name__)
+                self.change("degraded", reason(exc))
             self.latency = round(time.monotonic() - started, 6)
             if self.stopping.wait(max(0.0, RETRY_EVERY - (time.monotonic() - started))):
                 return
 
     def poll(self) -> None:
+        self.follow(master_address(self.client))
         keys = self.keys
         pipe = self.client.pipeline(transaction=False)
         self.heartbeat(keys=(keys.nodes, keys.holders, keys.conns),
@@ -350,6 +435,18 @@ class Monitor:
         self.reaped += int(reaped)
         self.nodes = sorted(n.decode(errors="replace") for n in nodes)
         self.top = {ip.decode(errors="replace"): int(n) for ip, n in top}
+
+    def follow(self, master: str) -> None:
+        """Log the master the sentinels name when it changes (a failover), once."""
+        if master == self.master or not master:
+            return
+        if self.master:
+            self.log.info("cluster: redis master %s now at %s (was %s)",
+                          self.section.sentinel_master, master, self.master)
+        else:
+            self.log.info("cluster: redis master %s at %s", self.section.sentinel_master,
+                          master)
+        self.master = master
 
     def change(self, state: str, error: str) -> None:
         """Log a change of state once (the log style of the master's other lines)."""
@@ -366,7 +463,8 @@ class Monitor:
             self.log.info("cluster: redis %s shared", self.url)
 
     def view(self) -> dict:
-        return {"state": self.state, "redis": self.url, "node": self.section.node,
+        return {"state": self.state, "redis": self.url, "master": self.master,
+                "node": self.section.node,
                 "since": round(self.since, 1), "error": self.error, "nodes": list(self.nodes),
                 "top_clients": dict(self.top), "latency": self.latency,
                 "reaped": self.reaped}

@@ -345,6 +345,17 @@ def _parse_redis(value: Any) -> str:
                      f"unix:///PATH, got {value!r}")
 
 
+def _parse_sentinels(value: Any) -> tuple[tuple[str, int], ...]:
+    """["10.0.0.5:26379", "[::1]:26379"] -> ((host, port), ...): distinct, each with a host."""
+    sentinels = tuple(parse_address(v) for v in _words(value, '["10.0.0.5:26379"]'))
+    for v in _words(value, ""):
+        if str(v).strip().startswith(":"):
+            raise ValueError(f"{v!r}: name the sentinel's host, e.g. \"10.0.0.5:26379\"")
+    if len(set(sentinels)) < len(sentinels):
+        raise ValueError(f"a sentinel is listed twice in {value!r}")
+    return sentinels
+
+
 _DOMAIN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
 
 
@@ -416,6 +427,7 @@ CONVERTERS = {
     "sites": _each(parse_site, '["zen.example*3"]'),
     "addresses": _each(_parse_nameserver, '["127.0.0.1:5353"]'),
     "redis": _parse_redis,
+    "sentinels": _parse_sentinels,
     "domainmap": _parse_domain_map,
 }
 
@@ -470,6 +482,17 @@ def _check_feeder(scanner: dict[str, Any], scanner_only: bool, warn) -> int:
     return min(most, feeder) if feeder else most
 
 
+def _check_cluster(cluster: dict[str, Any], err) -> None:
+    """One shared Redis: a fixed address (redis) or the master the sentinels name, not both."""
+    if cluster["redis"] and cluster["sentinels"]:
+        err("cluster.sentinels", "set either redis or sentinels, not both (sentinels find "
+            "the master that redis would name)")
+    name = cluster["sentinel_master"]
+    if cluster["sentinels"] and not re.fullmatch(r"[^\s\x00-\x1f]{1,128}", name):
+        err("cluster.sentinel_master", f"{name!r}: the name the sentinels monitor the master "
+            "as (sentinel monitor NAME ...), without spaces")
+
+
 def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
     smtp, scanner, master = sections["smtp"], sections["scanner"], sections["master"]
     master["ids"], key, reason = privileges.resolve(master["user"], master["group"])
@@ -503,6 +526,7 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
         warn("defence.unknown_reverse_client_action",
              f"{defence['unknown_reverse_client_action']} needs defence.reverse_lookup = true; "
              "no client is looked up, so none is refused")
+    _check_cluster(sections["cluster"], err)
     node = sections["cluster"]["node"]
     if node and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", node):
         err("cluster.node", f"{node!r}: use at most 64 letters, digits, '.', '_' or '-'")

@@ -14,9 +14,9 @@ pid: series must outlive a worker), `smtp_sessions`, `smtp_slots`, `smtp_accept_
 `check_seconds{check}`, `check_failures_total{check}`, `scanner_verdicts_total{kind}`,
 `nuisance_ratio`, `storm`, `stress`, `autoscale_decisions_total`,
 `log_dropped_total{process}` (master, smtp, scanner), `build_info{version}`; with
-`[cluster] redis`: `cluster_up` (1 while the nodes share Redis, 0 while degraded),
-`cluster_nodes`, `cluster_roundtrip_seconds` (the master's last round trip), the histogram
-`cluster_store_seconds` (the SMTP workers' Redis calls), `cluster_failures_total`,
+`[cluster] redis` or `sentinels`: `cluster_up` (1 while the nodes share Redis, 0 while
+degraded), `cluster_nodes`, `cluster_roundtrip_seconds` (the master's last round trip), the
+histogram `cluster_store_seconds` (the SMTP workers' Redis calls), `cluster_failures_total`,
 `cluster_local_total` (questions answered from local state); `dnsbl_errors_total{site}` (DNSBL
 answers that were error codes, per configured site); and the master's own
 `process_*` metrics.
@@ -136,7 +136,7 @@ def _dnsbl_errors(status: Status) -> CounterMetricFamily:
 
 
 def _cluster(status: Status):
-    """Cluster health and store latency, when [cluster] redis is set."""
+    """Cluster health and store latency, when [cluster] redis or sentinels is set."""
     cluster, counters = status.cluster, status.pools["smtp"].counters
     if cluster.state == "off":
         return

@@ -120,7 +120,7 @@ class Services:
                 return
             self.cluster.stop()
             self.cluster = None
-        if cfg.cluster.redis:
+        if cluster.enabled(cfg.cluster):
             self.cluster = cluster.Monitor(cfg.cluster, self.log).start()
 
     def begin_upgrade(self, config_path: str | None, sockets: list, stopping: str) -> None:

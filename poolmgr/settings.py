@@ -20,8 +20,8 @@ class Setting:
     section: str
     key: str
     kind: str  # str int float bool duration size address listen optaddress cidrs strlist
-    #            nexthop filter path log rules policies sites addresses redis domainmap
-    #            regexps
+    #            nexthop filter path log rules policies sites addresses redis sentinels
+    #            domainmap regexps
     #            (config.CONVERTERS)
     default: Any
     help: str

@@ -141,8 +141,9 @@ class AnvilStatus:
 @dataclass
 class ClusterStatus:
     """`[cluster]`: the shared Redis as the master's monitor sees it (cluster.Monitor)."""
-    state: str = "off"     # off (no [cluster] redis), starting, shared or degraded
-    redis: str = ""        # the URL, without its password
+    state: str = "off"     # off (no [cluster] redis or sentinels), starting, shared or degraded
+    redis: str = ""        # the URL without its password, or redis+sentinel://SENTINELS/NAME
+    master: str = ""       # with sentinels: HOST:PORT of the master they named last
     node: str = ""
     since: float = 0.0     # wall clock of the last change of state
     error: str = ""        # why it is degraded
@@ -155,7 +156,8 @@ class ClusterStatus:
         """`cluster: shared (redis URL, node mx1); nodes mx1, mx2; top clients 192.0.2.7 3`"""
         if self.state == "off":
             return "cluster: off (this host only)"
-        text = f"cluster: {self.state} (redis {self.redis}, node {self.node}"
+        master = f", master {self.master}" if self.master else ""
+        text = f"cluster: {self.state} (redis {self.redis}{master}, node {self.node}"
         text += f"; {self.error})" if self.state == "degraded" else ")"
         clients = ", ".join(f"{ip} {n}" for ip, n in self.top_clients.items()) or "none"
         return (f"{text}; nodes {', '.join(self.nodes) or 'none'}; top clients {clients}; "

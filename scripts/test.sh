@@ -9,10 +9,12 @@ cd "$(dirname "$0")/.."
 # real daemons (clamav-daemon, spamd, rspamd), each started by the tests with a private config;
 # the service tests run systemd-analyze verify (with man-db for the unit's man page), groff,
 # logrotate, fail2ban-regex and pflogsumm on what poolmgr ships and logs; the cluster tests start
-# their own redis-server, and haproxy in front of the nodes (the PROXY protocol).
+# their own redis-server, and for the failover test three sentinels (Debian's redis-sentinel is
+# the same program, run as redis-server --sentinel with a private config each), and haproxy
+# in front of the nodes (the PROXY protocol).
 debs=(postfix swaks dnsmasq-base openssl procps util-linux mount bsdutils tzdata clamav-daemon
       spamd spamassassin rspamd systemd man-db groff-base logrotate fail2ban pflogsumm
-      redis-server haproxy)
+      redis-server redis-sentinel haproxy)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -2,20 +2,24 @@
 
 Real redis-server processes (Debian's, a private config on a loopback port and a Unix socket),
 real poolmgr nodes, raw and smtplib clients from distinct 127.x.y.z addresses, and the
-project's DNS server, which counts the queries it is asked.
+project's DNS server, which counts the queries it is asked. The failover test runs a master,
+a replica and three sentinels (redis-server --sentinel, as Debian's redis-sentinel).
 """
 
 import os
 import re
 import signal
 import socket
+import threading
 import time
 
 import psutil
 import pytest
 
 from helpers import Raw, message, wait_until
-from poolmgr.testing import DnsServer, Poolmgr, RedisServer
+from poolmgr.status import ClusterStatus
+from poolmgr.testing import (DnsServer, Poolmgr, RedisServer, SentinelGroup, WaitTimeout,
+                             free_port)
 
 HOST = "mx.example.test"
 TTL = "2s"  # cluster.heartbeat_ttl in these tests
@@ -28,10 +32,21 @@ def redis_server(tmp_path):
     server.stop()
 
 
-def node(make_poolmgr, redis_url: str, name: str, **defence):
+@pytest.fixture
+def sentinels():
+    """A master, its replica and three sentinels (quorum 2, down after 1 s)."""
+    group = SentinelGroup().start()
+    yield group
+    group.stop()
+
+
+def node(make_poolmgr, redis_url: str | list[str], name: str, **defence):
+    """A node on the Redis at `redis_url`, or on the master the sentinels listed name."""
+    where = {"sentinels": redis_url, "sentinel_master": "poolmgr"} \
+        if isinstance(redis_url, list) else {"redis": redis_url}
     return make_poolmgr({"smtp": {"min_workers": 1, "max_workers": 2},
                          "scanner": {"min_workers": 1, "max_workers": 2},
-                         "cluster": {"redis": redis_url, "node": name, "heartbeat_ttl": TTL},
+                         "cluster": {**where, "node": name, "heartbeat_ttl": TTL},
                          "defence": {"client_connection_count_limit": 3, **defence}},
                         name=name)
 
@@ -226,6 +241,152 @@ def test_a_killed_nodes_connections_leave_redis_within_the_heartbeat_ttl(make_po
             raw.close()
     finally:
         a.kill_all()
+
+
+class Traffic:
+    """A stream of messages to each node and a bounded storm of connections (one per client
+    address at a time, far under the limit), in threads, until `stop()`: what they were
+    answered, and what went wrong."""
+
+    def __init__(self, nodes):
+        self.nodes, self.stopping = nodes, threading.Event()
+        self.delivered, self.greeted, self.problems = 0, 0, []
+        self.threads = [threading.Thread(target=work, args=(pm, n), daemon=True)
+                        for n, pm in enumerate(nodes) for work in (self.stream, self.storm)]
+
+    def start(self) -> "Traffic":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def stream(self, pm, n: int) -> None:
+        count = 0
+        while not self.stopping.is_set():
+            count += 1
+            try:
+                with pm.smtp(source=f"127.0.21.{count % 100 + 1 + 100 * n}") as client:
+                    refused = client.sendmail("alice@example.org", ["bob@example.test"],
+                                              message(f"failover {n} {count}"))
+                if refused:
+                    self.problems.append(refused)
+                else:
+                    self.delivered += 1
+            except Exception as exc:  # an SMTP reply other than 250, or a lost connection
+                self.problems.append(f"message {count} to {pm.dir.name}: {exc!r}")
+
+    def storm(self, pm, n: int) -> None:
+        wave = 0
+        while not self.stopping.is_set():
+            wave += 1
+            raws = []
+            for m in range(40):  # 40 connections at once, each from its own address
+                try:
+                    raw = Raw(pm.smtp_port, f"127.0.{22 + n}.{m + 1}")
+                    raws.append(raw)
+                    code, lines = raw.reply()
+                    if code == 220:
+                        self.greeted += 1
+                    else:
+                        self.problems.append(f"wave {wave} on {pm.dir.name}: {lines}")
+                except OSError as exc:
+                    self.problems.append(f"wave {wave} on {pm.dir.name}: {exc!r}")
+            for raw in raws:
+                raw.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(30)
+
+
+def test_nodes_follow_a_sentinel_failover(sentinels, make_poolmgr):  # nodes stop first
+    """The master dies during a stream of messages and a storm: the nodes serve on local
+    state, find the replica the sentinels promote by themselves, and share again. Node A's
+    first sentinel accepts and never answers (a hung host): it asks the others."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)
+    try:
+        listed = {"mx-a": [f"127.0.0.1:{hung.getsockname()[1]}", *sentinels.addresses],
+                  "mx-b": sentinels.addresses}
+        a, b = (node(make_poolmgr, listed[name], name) for name in ("mx-a", "mx-b"))
+        follow_the_failover(sentinels, a, b, {name: f"redis+sentinel://{','.join(addresses)}"
+                                                    f"/poolmgr"
+                                              for name, addresses in listed.items()})
+    finally:
+        hung.close()
+
+
+def follow_the_failover(sentinels, a, b, urls: dict[str, str]) -> None:
+    old, new = sentinels.master.address, sentinels.replica.address
+    wait_until(lambda: all(cluster(pm)["state"] == "shared" for pm in (a, b)),
+               what="both nodes shared")
+    assert cluster(a)["master"] == old
+    assert f"cluster: shared (redis {urls['mx-a']}, master {old}, node mx-a)" in \
+        a.run_cli("status").stdout
+    client = "127.0.20.1"
+    held = [banner(a, client), banner(a, client), banner(b, client)]
+    assert [reply[0] for _, reply in held] == [220, 220, 220]
+    assert refused(banner(b, client)[1][1], client)
+
+    traffic = Traffic([a, b]).start()
+    wait_until(lambda: traffic.delivered >= 4 and traffic.greeted >= 80, what="traffic")
+    sentinels.master.kill()
+    killed = time.monotonic()
+    try:
+        # Degraded for a second or two: the line `poolmgr status` prints, from the view then.
+        view = wait_until(lambda: (v := cluster(a))["state"] == "degraded" and v,
+                          timeout=5, interval=0.05, what="node A degraded")
+        assert ClusterStatus(**view).summary().startswith(
+            f"cluster: degraded (redis {urls['mx-a']}, master {old}, node mx-a; ")
+        try:  # within 15 s of the kill
+            wait_until(lambda: all(cluster(pm)["state"] == "shared" and
+                                   cluster(pm)["master"] == new for pm in (a, b)),
+                       timeout=15 - (time.monotonic() - killed), interval=0.2,
+                       what="both nodes on the new master")
+        except WaitTimeout:
+            pytest.fail(f"not on {new} within 15 s: {cluster(a)}\n{sentinels.logs()}")
+        delivered = traffic.delivered
+        wait_until(lambda: traffic.delivered >= delivered + 4, what="messages after it")
+    finally:
+        traffic.stop()
+    # Nothing refused that one host alone would accept: every message, every storm banner.
+    assert traffic.problems == []
+    assert traffic.delivered >= 12 and traffic.greeted >= 160
+    status = b.run_cli("status").stdout
+    assert f"cluster: shared (redis {urls['mx-b']}, master {new}, node mx-b)" in status
+    for pm in (a, b):
+        log, url = pm.log(), urls[cluster(pm)["node"]]
+        assert log.count(f"warning: cluster: redis {url} unavailable: ") == 1, log
+        assert f"cluster: redis master poolmgr now at {new} (was {old})" in log
+        assert log.count(f"cluster: redis {url} back") == 1
+    # The cluster-wide limit holds again: the held connections are counted on the new
+    # master (each worker wrote its own back), and a fourth is refused on either node.
+    wait_until(lambda: cluster(b)["top_clients"].get(client) == 3,
+               what="the held connections counted on the new master")
+    for pm in (a, b):
+        raw, (code, lines) = banner(pm, client)
+        assert refused(lines, client), (pm.dir.name, lines)
+    for raw, _ in held:
+        raw.close()
+
+
+def test_unreachable_sentinels_leave_the_node_on_local_state(make_poolmgr):
+    """No sentinel answers: the node serves on its own state, and says why in one line."""
+    ports = [free_port() for _ in range(2)]
+    pm = node(make_poolmgr, [f"127.0.0.1:{port}" for port in ports], "mx-a",
+              client_connection_count_limit=1)
+    with pm.smtp(source="127.0.23.1") as client:
+        assert client.sendmail("alice@example.org", ["bob@example.test"], message()) == {}
+    held = banner(pm, "127.0.23.2")
+    assert held[1][0] == 220
+    assert refused(banner(pm, "127.0.23.2")[1][1], "127.0.23.2")  # local state limits
+    view = wait_until(lambda: (v := cluster(pm))["state"] == "degraded" and v,
+                      what="degraded")
+    assert view["master"] == "" and view["error"] == "No master found for 'poolmgr': " + \
+        "; ".join(f"Error 111 connecting to 127.0.0.1:{port}. Connection refused."
+                  for port in ports)
+    held[0].close()
 
 
 def test_bench_spreads_connections_over_the_nodes_round_robin(monkeypatch):

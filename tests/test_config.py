@@ -268,3 +268,30 @@ def test_leaving_or_entering_scanner_only_mode_needs_a_restart():
     running = config.from_dict({"smtp": {"max_workers": 0}})
     assert running.restart_needed(config.from_dict({})) == "smtp.max_workers"
     assert running.restart_needed(config.from_dict({"smtp": {"max_workers": 0}})) is None
+
+
+def test_cluster_takes_either_redis_or_sentinels(tmp_path):
+    path = tmp_path / "cluster.toml"
+    path.write_text('[cluster]\nsentinels = ["10.0.0.5:26379", "[2001:db8::6]:26379"]\n')
+    cfg = config.load(str(path))
+    assert cfg.cluster.sentinels == (("10.0.0.5", 26379), ("2001:db8::6", 26379))
+    assert cfg.cluster.sentinel_master == "poolmgr" and cfg.cluster.redis == ""
+    for text, error in (
+            ('redis = "redis://10.0.0.5:6379/0"\nsentinels = ["10.0.0.5:26379"]\n',
+             "[cluster] sentinels: set either redis or sentinels, not both"),
+            ('sentinels = ["10.0.0.5"]\n',
+             "[cluster] sentinels: expected host:port or [ipv6]:port, got '10.0.0.5'"),
+            ('sentinels = [":26379"]\n', "[cluster] sentinels: ':26379': name the sentinel's "
+                                         "host, e.g. \"10.0.0.5:26379\""),
+            ('sentinels = ["a:26379", "a:26379"]\n', "[cluster] sentinels: a sentinel is listed "
+                                                      "twice"),
+            ('sentinels = ["a:26379"]\nsentinel_master = "my master"\n',
+             "[cluster] sentinel_master: 'my master': the name the sentinels monitor the "
+             "master as")):
+        path.write_text("[cluster]\n" + text)
+        result = run_cli("check", "-c", str(path))
+        assert result.returncode == 78, (text, result.stdout)
+        assert f"{path}: {error}" in result.stderr, (text, result.stderr)
+    # A master's name alone, without sentinels, changes nothing.
+    path.write_text('[cluster]\nsentinel_master = "mymaster"\n')
+    assert config.load(str(path)).cluster.sentinels == ()

@@ -9,10 +9,10 @@ no greenlet. At `smtp.max_sessions_per_worker` sessions, running and parked, the
 accepting on every socket and the kernel's listen queues feed the other workers.
 
 Its sessions ask the client state (`defence.clientstate`) of the master's anvil through one
-socket, or, with `[cluster] redis`, of Redis directly (`cluster.RedisState`, cooperative under
-gevent, each call cut at `cluster.timeout`), with the master's as the fallback. The log lines
-the log could not take at once (log.py) are written by one greenlet, `write_log`, as the log
-takes them again; no session waits for them. Once a storm is over, the heartbeat hands the
+socket, or, with `[cluster] redis` or `sentinels`, of Redis directly (`cluster.RedisState`,
+cooperative under gevent, each call cut at `cluster.timeout`), with the master's as the
+fallback. The log lines the log could not take at once (log.py) are written by one greenlet,
+`write_log`, as the log takes them again; no session waits for them. Once a storm is over, the heartbeat hands the
 memory its sessions freed back to the system (`heap.Trimmer`).
 
 Signals: SIGTERM drains (stop accepting; a session idle with no transaction for
@@ -108,9 +108,9 @@ class SmtpWorker(WorkerProcess):
 
             state = AnvilClient(socket.socket(fileno=ctx.anvil.detach()), ANVIL_TIMEOUT,
                                 self.log)
-            if cfg.cluster.redis:  # the cluster's state, with the host's as its fallback
-                from ..cluster import RedisState
+            from ..cluster import RedisState, enabled
 
+            if enabled(cfg.cluster):  # the cluster's state, with the host's as its fallback
                 timeout = cfg.cluster.timeout
                 state = self.cluster = RedisState(
                     cfg, state, ctx.slot, str(os.getpid()),

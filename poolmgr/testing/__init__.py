@@ -10,7 +10,8 @@ poolmgr at run time.
 - `postfix`: Postfix (a private Postfix instance)
 - `nameserver`: DnsServer (dnslib, DNSBL records), SilentDns (a server that is down)
 - `rspamd`: Rspamd (a private rspamd, offline), ENVELOPE_SYMBOL
-- `redis`: RedisServer (a private redis-server on a loopback port and a Unix socket)
+- `redis`: RedisServer (a private redis-server on a loopback port and a Unix socket),
+  SentinelGroup (a master, a replica and three sentinels)
 - `haproxy`: HAProxy (a private HAProxy in front of nodes, sending PROXY headers)
 - `wait`: free_port, free_udp_port, listening, wait_until, WaitTimeout
 """
@@ -21,13 +22,14 @@ from .nameserver import DnsServer, SilentDns
 from .poolmgr import HELO, Poolmgr, write_config
 from .postfix import Postfix
 from .recorder import Copy, Recorder
-from .redis import RedisServer
+from .redis import RedisServer, SentinelGroup
 from .rspamd import ENVELOPE_SYMBOL, Rspamd
 from .sink import Sink
 from .spamd import Spamd
 from .wait import WaitTimeout, free_port, free_udp_port, listening, wait_until
 
 __all__ = ["ENVELOPE_SYMBOL", "EICAR_NAME", "HELO", "Clamd", "Copy", "DnsServer", "HAProxy",
-           "Poolmgr", "Postfix", "Recorder", "RedisServer", "Rspamd", "SilentDns", "Sink", "Spamd",
+           "Poolmgr", "Postfix", "Recorder", "RedisServer", "Rspamd", "SentinelGroup",
+           "SilentDns", "Sink", "Spamd",
            "WaitTimeout", "free_port", "free_udp_port", "listening", "ping", "wait_until",
            "write_config"]
