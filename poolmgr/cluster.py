@@ -190,9 +190,23 @@ def _blocking_sentinel_pool():
     from redis.sentinel import SentinelConnectionPool
 
     class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
-        pass
+        def disconnect(self, inuse_connections: bool = True) -> None:
+            # The sentinel pool asks for its idle connections to be closed when the master
+            # moves; before redis-py 5.1 (Debian 12 has 4.3) the blocking pool's disconnect
+            # takes no argument and closes them all: those in use then fail once, and their
+            # sessions fall back to the host's state for that call.
+            if _takes_inuse(BlockingConnectionPool.disconnect):
+                BlockingConnectionPool.disconnect(self, inuse_connections)
+            else:
+                BlockingConnectionPool.disconnect(self)
 
     return BlockingSentinelPool
+
+
+def _takes_inuse(method) -> bool:
+    import inspect
+
+    return "inuse_connections" in inspect.signature(method).parameters
 
 
 def master_address(client) -> str:
