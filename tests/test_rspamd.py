@@ -18,7 +18,7 @@ import pytest
 
 from poolmgr import config
 from poolmgr.scanner.backends.base import CheckFailed, Message
-from poolmgr.scanner.backends.rspamd import Backend, ask, edits, request_headers
+from poolmgr.scanner.backends.rspamd import Backend, ask, edits, request_headers, result
 from poolmgr.smtp import replies as R
 from poolmgr.smtp.headers import Insertion, Removal
 from poolmgr.testing import ENVELOPE_SYMBOL, Recorder, Rspamd, free_port
@@ -269,6 +269,21 @@ def test_edits_of_any_shape_rspamd_documents():
         Insertion("DKIM-Signature", "v=1; first", 0),
         Insertion("DKIM-Signature", "v=1; second", 1))
     assert edits({"milter": "x", "dkim-signature": 3}) == ()
+
+
+def test_answers_no_message_can_carry_fail_or_are_left_out():
+    """JSON carries what no score or header can: numbers past a float, NaN, lone surrogates.
+    A score that is not a number fails the check (on_failure decides); a text that cannot go
+    into a header is left out. Neither may escape as an exception (451 for ever)."""
+    base = {"score": 1.0, "required_score": 15.0, "action": "rewrite subject", "symbols": {}}
+    for bad in ({"score": 10 ** 400}, {"score": float("nan")}, {"required_score": 1e400}):
+        with pytest.raises(CheckFailed, match="answer lacks score"):
+            result({**base, **bad})
+    odd = result({**base, "subject": "\ud800 spam", "milter": {
+        "add_headers": {"X-Ok": "fine", "X-Bad": "\udfff", "\ud800": "v"},
+        "remove_headers": {"\ud800": 1}}, "dkim-signature": ["v=1; \ud800", "v=1; ok"]})
+    assert odd.subject == "" and odd.decision == "tag"
+    assert odd.edits == (Insertion("X-Ok", "fine"), Insertion("DKIM-Signature", "v=1; ok", 0))
 
 
 def fields(data: bytes) -> list[tuple[str, str]]:

@@ -22,6 +22,7 @@ __all__ = ["Backend", "ask", "result", "request_headers", "edits", "DECISIONS"]
 
 import http.client
 import json
+import math
 import urllib.parse
 
 from ...smtp.headers import Insertion, Removal
@@ -122,21 +123,33 @@ def result(answer: dict, use_action: bool = True) -> Result:
         required = float(answer["required_score"])
         action = answer["action"]
         symbols = answer.get("symbols") or {}
-        if not isinstance(action, str) or not isinstance(symbols, dict):
+        if not isinstance(action, str) or not isinstance(symbols, dict) or \
+                not math.isfinite(score) or not math.isfinite(required):
             raise TypeError
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise CheckFailed("rspamd", "answer lacks score, required_score, action "
                                     "or symbols") from None
     decision = DECISIONS.get(action, "") if use_action else ""
     messages = answer.get("messages")
     text = messages.get("smtp_message") if isinstance(messages, dict) else None
-    subject = answer.get("subject") if decision == "tag" and action == "rewrite subject" \
-        else None
+    subject = _text(answer.get("subject")) if action == "rewrite subject" else None
     return Result("rspamd", score=score, required=required,
                   tests=tuple(sorted(printable(name) for name in symbols)),
                   action=printable(action), decision=decision,
                   reply_text=printable(text) if isinstance(text, str) else "",
-                  subject=subject if isinstance(subject, str) else "", edits=edits(answer))
+                  subject=subject if decision == "tag" and subject else "", edits=edits(answer))
+
+
+def _text(value) -> str | None:
+    """A string of the answer that can go into a message (JSON can carry lone surrogates,
+    which no header can); None for anything else."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def edits(answer: dict) -> tuple:
@@ -150,14 +163,16 @@ def edits(answer: dict) -> tuple:
         removals = milter.get("remove_headers")
         if isinstance(removals, dict):
             found += [Removal(name, index) for name, index in removals.items()
-                      if type(index) is int]
+                      if type(index) is int and _text(name)]
         additions = milter.get("add_headers")
         if isinstance(additions, dict):
             for name, values in additions.items():
                 for value in values if isinstance(values, list) else [values]:
-                    if isinstance(value, str):
+                    if not _text(name):
+                        break
+                    if _text(value) is not None:
                         found.append(Insertion(name, value))
-                    elif isinstance(value, dict) and isinstance(value.get("value"), str):
+                    elif isinstance(value, dict) and _text(value.get("value")) is not None:
                         order = value.get("order", value.get("index"))
                         found.append(Insertion(name, value["value"],
                                                order if type(order) is int else None))
@@ -165,8 +180,8 @@ def edits(answer: dict) -> tuple:
     if isinstance(signatures, str):
         signatures = [signatures]
     if isinstance(signatures, list):
-        found += [Insertion("DKIM-Signature", signature, i)
-                  for i, signature in enumerate(s for s in signatures if isinstance(s, str))]
+        found += [Insertion("DKIM-Signature", signature, i) for i, signature in
+                  enumerate(s for s in signatures if _text(s) is not None)]
     return tuple(found)
 
 
