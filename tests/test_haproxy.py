@@ -72,6 +72,9 @@ def test_v1_in_pieces_waits_for_the_rest():
     (b"PROXY TCP4 192.0.2.7 198.51.100.1 40312 -25\r\n", "bad or missing server port"),
     (b"PROXY TCP4 192.0.2.7 198.51.100.1 40312 25\n", "missing CRLF"),
     (b"PROXY TCP4 " + b"1" * 100, "line too long"),
+    # a scope id is any text to ipaddress: control characters would reach Received:
+    (b"PROXY TCP6 fe80::1%a\x1bX 2001:db8::1 1 25\r\n", "bad or missing client address"),
+    (b"PROXY TCP6 fe80::1%a\nb 2001:db8::1 1 25\r\n", "missing CRLF"),
 ])
 def test_v1_malformed(line, reason):
     with pytest.raises(HeaderError) as caught:

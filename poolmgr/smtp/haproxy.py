@@ -71,6 +71,8 @@ def _parse_v1(data: bytes) -> Header | None:
             raise HeaderError("line too long", data[:V1_MAX])
         return None
     line = data[:end]
+    if b"\n" in line or b"\r" in line:
+        raise HeaderError("missing CRLF", line)
     words = line.split(b" ")
     if words[1:2] == [b"UNKNOWN"]:  # the rest of the line is to be ignored
         return Header(end + 2, None, None)
@@ -91,6 +93,8 @@ def _parse_v1(data: bytes) -> Header | None:
 
 
 def _v1_address(word: bytes, version: int) -> str | None:
+    if word.strip(b"0123456789abcdefABCDEF:.") or not word:  # no scope id (%...): no text
+        return None
     try:
         address = ipaddress.ip_address(word.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
