@@ -4,8 +4,9 @@ A storm leaves an SMTP worker with the memory of thousands of finished sessions 
 the master with a storm's worth of client state swept out of its caches; but glibc keeps
 freed pages resident while live blocks lie around them, so each storm would leave the process
 at a new high-water mark (a first hour-long soak grew the SMTP workers and the master by about
-a fifth). `Trimmer.tick` asks glibc to hand back every whole free page (`malloc_trim(0)`, a
-few milliseconds) at most once a `every` seconds, and not while the load is above half of
+a fifth). `Trimmer.tick` asks glibc to hand back every whole free page (`malloc_trim(0)`: about 3
+ms on a quiet 40 MB heap, 20-70 ms when a storm's hundreds of MB lie freed, a pause of the
+worker's hub that is rare and comes when it is calm) at most once a `every` seconds, and not while the load is above half of
 its peak since the last trim (a storm still going on would fault the pages straight back).
 Elsewhere than glibc (musl, macOS) there is nothing to call and `tick` does nothing.
 """
