@@ -34,6 +34,7 @@ Cluster (e.g. "{poolmgr}:").
 
 __all__ = ["RedisState", "Monitor", "Keys", "connect", "redacted", "RETRY_EVERY", "NODE_SEEN"]
 
+import inspect
 import threading
 import time
 import urllib.parse
@@ -135,9 +136,23 @@ def connect(section):
 
     pool = redis.BlockingConnectionPool.from_url(
         section.redis, max_connections=_MAX_POOL, timeout=section.timeout,
-        socket_timeout=section.timeout, socket_connect_timeout=section.timeout,
+        **_socket_timeouts(section.redis, section.timeout),
         retry=Retry(NoBackoff(), 0), health_check_interval=0)
     return redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+
+
+def _socket_timeouts(url: str, timeout: float) -> dict[str, float]:
+    """redis-py's socket timeouts, both `timeout`. Debian 12's redis-py (4.3) refuses
+    socket_connect_timeout for a unix:// URL, where socket_timeout bounds the connect too;
+    later ones take it, and default it to 5s, not to socket_timeout."""
+    import redis
+
+    timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if urllib.parse.urlsplit(url).scheme == "unix":
+        taken = inspect.signature(redis.UnixDomainSocketConnection.__init__).parameters.values()
+        if not any(p.name == "socket_connect_timeout" or p.kind is p.VAR_KEYWORD for p in taken):
+            del timeouts["socket_connect_timeout"]
+    return timeouts
 
 
 class Keys:
