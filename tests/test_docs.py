@@ -25,6 +25,7 @@ GENERATED = {
     "conf/poolmgr.toml.5": (manpage.render_config, ["--man", "5"]),
     "docs/configuration.md": (manpage.configuration_markdown, ["--markdown"]),
     "conf/poolmgr.toml": (config.render_default, []),
+    "conf/poolmgr.sample.toml": (config.render_sample, ["--sample"]),
 }
 
 
