@@ -19,6 +19,7 @@ __all__ = ["load", "find", "differences", "setting_of", "ConfigError", "Config",
            "SYSTEM_CONFIG", "SYSTEM_PATHS", "CHECK_NAMES", "from_dict", "render_reference",
            "reload"]
 
+import importlib.util
 import ipaddress
 import math
 import json
@@ -446,6 +447,9 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
         warn("defence.unknown_reverse_client_action",
              f"{defence['unknown_reverse_client_action']} needs defence.reverse_lookup = true; "
              "no client is looked up, so none is refused")
+    if sections["cluster"]["redis"] and importlib.util.find_spec("redis") is None:
+        err("cluster.redis", "needs the Python package redis (Debian: python3-redis, which "
+            "the poolmgr package recommends)")
     node = sections["cluster"]["node"]
     if node and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", node):
         err("cluster.node", f"{node!r}: use at most 64 letters, digits, '.', '_' or '-'")
