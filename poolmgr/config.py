@@ -716,7 +716,12 @@ def render_default() -> str:
               "# Generated from poolmgr/settings.py by 'poolmgr config'; 'poolmgr check -c FILE'",
               "# validates a file. Durations: \"300s\", \"5m\", \"500ms\". Sizes: \"25M\", \"10k\".",
               ""]
-    return _render(header, lambda setting: _assignment(setting, setting.default))
+
+    def line(setting: Setting) -> str:
+        if setting.kind in ("rules", "policies"):  # tables: their help shows the shape
+            return "# " + _assignment(setting, setting.default)
+        return _assignment(setting, setting.default)
+    return _render(header, line)
 
 
 # What the sample sets; everything else is left at its default.
@@ -741,8 +746,8 @@ def render_sample() -> str:
 
 
 def _assignment(setting: Setting, value: Any) -> str:
-    if setting.kind in ("rules", "policies"):  # tables: the help shows their shape
-        return f"# {setting.key} = []"
+    if setting.kind in ("rules", "policies"):
+        return f"{setting.key} = []"
     if setting.key.endswith("_mode"):
         return f"{setting.key} = 0o{value:o}"
     return f"{setting.key} = {toml_value(value)}"

@@ -169,7 +169,7 @@ def test_sample_sets_only_the_user_and_shows_the_system_defaults(tmp_path, monke
     assert sample.count('\nuser = "poolmgr"\n') == 1
     sample = sample.replace('\nuser = "poolmgr"\n', '\nuser = "nobody"\n')
     commented = re.findall(r"^#(\w+ = .*)$", sample, flags=re.M)
-    assert len(commented) == len(SETTINGS) - 3  # user, and the two tables (rules, policy)
+    assert len(commented) == len(SETTINGS) - 1
     for text in (sample, re.sub(r"^#(\w+ = )", r"\1", sample, flags=re.M)):
         system.write_text(text)
         assert config.differences(str(system)) == [("master.user", "nobody")]
