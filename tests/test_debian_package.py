@@ -39,11 +39,13 @@ def run(command, **options) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, **options)
 
 
-def system_files() -> set[str]:
-    """Files of poolmgr's outside this tree: named after it, or owned by no user or group
-    (what the poolmgr user leaves once it is gone)."""
-    found = run(["find", *SYSTEM_DIRS, "-xdev", "(", "-name", "*poolmgr*", "-o", "-nouser",
-                 "-o", "-nogroup", ")", "-print"])
+def system_files(owner: pwd.struct_passwd | None = None) -> set[str]:
+    """Files in the system's directories named after poolmgr, or owned by `owner` (the
+    poolmgr user, by its uid and gid, once it is gone)."""
+    test = ["-name", "*poolmgr*"]
+    if owner is not None:
+        test += ["-o", "-uid", str(owner.pw_uid), "-o", "-gid", str(owner.pw_gid)]
+    found = run(["find", *SYSTEM_DIRS, "-xdev", "(", *test, ")", "-print"])
     return set(found.stdout.split())
 
 
@@ -99,7 +101,7 @@ def test_the_package_installs_delivers_as_poolmgr_and_purges_clean(tmp_path):
     before = system_files()
 
     source = copy_of_the_tree(tmp_path / "poolmgr")
-    # The sdist carries conf/ and the LICENSE too (a wheel built from it: below, in the package).
+    # The sdist carries conf/ and the LICENSE (the wheel: below, in the package).
     sdist = run(["/usr/bin/python3", "-m", "build", "--sdist", "--no-isolation", "--outdir",
                  str(tmp_path / "dist"), str(source)])
     assert sdist.returncode == 0, sdist.stdout[-3000:] + sdist.stderr[-3000:]
@@ -111,7 +113,7 @@ def test_the_package_installs_delivers_as_poolmgr_and_purges_clean(tmp_path):
     deb = tmp_path / f"poolmgr_{poolmgr.__version__}_all.deb"
     assert deb.exists(), sorted(p.name for p in tmp_path.iterdir())
 
-    master = None
+    master = user = None
     try:
         with no_service_starts():
             added = run([*APT, "install", str(deb)], env={**os.environ,
@@ -182,4 +184,4 @@ def test_the_package_installs_delivers_as_poolmgr_and_purges_clean(tmp_path):
     for lookup in (pwd.getpwnam, grp.getgrnam):
         with pytest.raises(KeyError):
             lookup("poolmgr")
-    assert system_files() == before
+    assert system_files(user) == before
