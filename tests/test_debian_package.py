@@ -16,6 +16,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -120,6 +121,12 @@ def test_the_package_installs_delivers_as_poolmgr_and_purges_clean(tmp_path):
                                                           "DEBIAN_FRONTEND": "noninteractive"})
         assert added.returncode == 0, added.stdout[-3000:] + added.stderr
         assert Path("/usr/bin/poolmgr").read_text().startswith("#!/usr/bin/python3\n")
+        # The suite's Python keeps its pip-installed poolmgr (pip's site-packages, or
+        # /usr/local/lib/python3.X/dist-packages, come before Debian's dist-packages).
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        pip_installed = run([sys.executable, "-c", "import poolmgr; print(poolmgr.__file__)"],
+                            cwd="/", env=env)
+        assert "/usr/lib/python3/dist-packages/" not in pip_installed.stdout, pip_installed
         package = Path("/usr/lib/python3/dist-packages/poolmgr")
         for conf in CONF:  # conf/ as package data
             assert (package / "conf" / conf.name).read_bytes() == conf.read_bytes(), conf.name
