@@ -221,7 +221,7 @@ def test_a_call_to_a_silent_redis_gives_up_after_the_timeout(tmp_path, family):
         started = time.monotonic()
         with pytest.raises(redis.TimeoutError):
             client.ping()
-        assert 0.3 <= time.monotonic() - started < 1.0
+        assert 0.3 <= time.monotonic() - started < 2.0  # not redis-py's 5s default
     finally:
         silent.close()
 
