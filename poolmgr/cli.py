@@ -97,7 +97,7 @@ def cmd_config(args) -> int:
         else:
             sys.stdout.write(manpage.render(build_parser()))
         return 0
-    sys.stdout.write(config.render_default())
+    sys.stdout.write(config.render_sample() if args.sample else config.render_default())
     return 0
 
 
@@ -586,6 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     shown.add_argument("-n", dest="changed", action="store_true",
                        help="print the settings of the configuration file that differ from the "
                             "defaults, as section.key = value (postconf -n)")
+    shown.add_argument("--sample", action="store_true",
+                       help="print the sample /etc/poolmgr/poolmgr.toml that packages install "
+                            "(conf/poolmgr.sample.toml): [master] user = \"poolmgr\", every other "
+                            "key commented out at its default")
     shown.add_argument("--man", nargs="?", const="8", choices=("8", "5"), metavar="SECTION",
                        help="print the man page poolmgr(8) (conf/poolmgr.8), or with 5 "
                             "poolmgr.toml(5) (conf/poolmgr.toml.5)")

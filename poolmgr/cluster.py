@@ -44,6 +44,7 @@ Cluster (e.g. "{poolmgr}:").
 __all__ = ["RedisState", "Monitor", "Keys", "connect", "enabled", "describe", "redacted",
            "RETRY_EVERY", "NODE_SEEN"]
 
+import inspect
 import re
 import threading
 import time
@@ -164,7 +165,7 @@ def connect(section):
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    bounded = dict(socket_timeout=section.timeout, socket_connect_timeout=section.timeout,
+    bounded = dict(_socket_timeouts(section.redis, section.timeout),
                    retry=Retry(NoBackoff(), 0))
     if section.sentinels:
         from redis.sentinel import Sentinel
@@ -204,8 +205,6 @@ def _blocking_sentinel_pool():
 
 
 def _takes_inuse(method) -> bool:
-    import inspect
-
     return "inuse_connections" in inspect.signature(method).parameters
 
 
@@ -235,6 +234,20 @@ def reason(exc: Exception) -> str:
     failures = [quoted or why or kind
                 for kind, _, quoted, why in _SENTINEL_FAILURE.findall(" : " + rest)]
     return f"{head}: {'; '.join(failures)}" if failures else head
+
+
+def _socket_timeouts(url: str, timeout: float) -> dict[str, float]:
+    """redis-py's socket timeouts, both `timeout`. Debian 12's redis-py (4.3) refuses
+    socket_connect_timeout for a unix:// URL, where socket_timeout bounds the connect too;
+    later ones take it, and default it to 5s, not to socket_timeout."""
+    import redis
+
+    timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if urllib.parse.urlsplit(url).scheme == "unix":
+        taken = inspect.signature(redis.UnixDomainSocketConnection.__init__).parameters.values()
+        if not any(p.name == "socket_connect_timeout" or p.kind is p.VAR_KEYWORD for p in taken):
+            del timeouts["socket_connect_timeout"]
+    return timeouts
 
 
 class Keys:

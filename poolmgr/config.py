@@ -14,10 +14,12 @@ for the socket and pidfile, /var/lib/poolmgr for mail), any other place `./var` 
 """
 
 __all__ = ["load", "find", "differences", "setting_of", "ConfigError", "Config", "Section",
-           "NextHop", "render_default", "control_socket_of", "parse_duration", "parse_size",
-           "parse_address", "parse_listen", "format_address", "toml_value", "SYSTEM_CONFIG",
-           "SYSTEM_PATHS", "CHECK_NAMES", "from_dict", "render_reference", "reload"]
+           "NextHop", "render_default", "render_sample", "control_socket_of", "parse_duration",
+           "parse_size", "parse_address", "parse_listen", "format_address", "toml_value",
+           "SYSTEM_CONFIG", "SYSTEM_PATHS", "CHECK_NAMES", "from_dict", "render_reference",
+           "reload"]
 
+import importlib.util
 import ipaddress
 import math
 import json
@@ -487,6 +489,10 @@ def _check_cluster(cluster: dict[str, Any], err) -> None:
     if cluster["redis"] and cluster["sentinels"]:
         err("cluster.sentinels", "set either redis or sentinels, not both (sentinels find "
             "the master that redis would name)")
+    for key in ("redis", "sentinels"):
+        if cluster[key] and importlib.util.find_spec("redis") is None:
+            err(f"cluster.{key}", "needs the Python package redis (Debian: python3-redis, "
+                "which the poolmgr package recommends)")
     name = cluster["sentinel_master"]
     if cluster["sentinels"] and not re.fullmatch(r"[^\s\x00-\x1f]{1,128}", name):
         err("cluster.sentinel_master", f"{name!r}: the name the sentinels monitor the master "
@@ -796,21 +802,57 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 def render_default() -> str:
     """The documented default configuration, as shipped in conf/poolmgr.toml."""
-    lines = ["# poolmgr configuration: every key with its default value.",
-             "# Generated from poolmgr/settings.py by 'poolmgr config'; 'poolmgr check -c FILE'",
-             "# validates a file. Durations: \"300s\", \"5m\", \"500ms\". Sizes: \"25M\", \"10k\".", ""]
-    current = None
+    header = ["# poolmgr configuration: every key with its default value.",
+              "# Generated from poolmgr/settings.py by 'poolmgr config'; 'poolmgr check -c FILE'",
+              "# validates a file. Durations: \"300s\", \"5m\", \"500ms\". Sizes: \"25M\", \"10k\".",
+              ""]
+
+    def line(setting: Setting) -> str:
+        if setting.kind in ("rules", "policies"):  # tables: their help shows the shape
+            return "# " + _assignment(setting, setting.default)
+        return _assignment(setting, setting.default)
+    return _render(header, line)
+
+
+# What the sample sets; everything else is left at its default.
+SAMPLE_SETTINGS = {"master.user": "poolmgr"}
+
+
+def render_sample() -> str:
+    """The sample /etc/poolmgr/poolmgr.toml that packages install (conf/poolmgr.sample.toml):
+    it sets SAMPLE_SETTINGS only; every other key is there commented out, at its default in
+    that directory (SYSTEM_PATHS), to be uncommented and changed."""
+    header = ["# /etc/poolmgr/poolmgr.toml: poolmgr's configuration. It sets only [master] user;",
+              "# every other key is commented out at its default. Uncomment a key to change it,",
+              "# then 'poolmgr check' validates the file and 'poolmgr config -n' lists what it",
+              "# changes. Generated from poolmgr/settings.py by 'poolmgr config --sample'.",
+              "# Durations: \"300s\", \"5m\", \"500ms\". Sizes: \"25M\", \"10k\".", ""]
+
+    def line(setting: Setting) -> str:
+        if setting.name in SAMPLE_SETTINGS:
+            return _assignment(setting, SAMPLE_SETTINGS[setting.name])
+        return "#" + _assignment(setting, SYSTEM_PATHS.get(setting.name, setting.default))
+    return _render(header, line)
+
+
+def _assignment(setting: Setting, value: Any) -> str:
+    if setting.kind in ("rules", "policies"):
+        return f"{setting.key} = []"
+    if setting.key.endswith("_mode"):
+        return f"{setting.key} = 0o{value:o}"
+    return f"{setting.key} = {toml_value(value)}"
+
+
+def _render(header: list[str], line) -> str:
+    """A config file: `header`, then each section with its help, and each setting with its
+    help and `line(setting)`."""
+    lines, current = list(header), None
     for setting in SETTINGS:
         if setting.section != current:
             current = setting.section
             lines += [f"[{current}]"] + [f"# {h}" for h in SECTION_HELP[current].splitlines()] + [""]
         lines += [f"# {h}".rstrip() for h in setting.help.splitlines()]
-        if setting.kind in ("rules", "policies"):
-            lines += [f"# {setting.key} = []", ""]
-        elif setting.key.endswith("_mode"):
-            lines += [f"{setting.key} = 0o{setting.default:o}", ""]
-        else:
-            lines += [f"{setting.key} = {toml_value(setting.default)}", ""]
+        lines += [line(setting), ""]
     return "\n".join(lines)
 
 

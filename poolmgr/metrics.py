@@ -24,7 +24,12 @@ answers that were error codes, per configured site); and the master's own
 
 __all__ = ["StatusCollector", "start", "serve", "stop"]
 
-from prometheus_client import ProcessCollector, start_http_server
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import ProcessCollector, make_wsgi_app
 from prometheus_client.core import (CollectorRegistry, CounterMetricFamily,
                                      GaugeMetricFamily, HistogramMetricFamily)
 
@@ -194,13 +199,28 @@ def _scanner(status: Status):
     yield failures
 
 
-def start(address: tuple[str, int], collector: StatusCollector):
-    """Serve /metrics; returns the HTTP server (its socket is closed in workers)."""
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress does not keep the master alive
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # scrapes are not for the mail log
+        pass
+
+
+def start(address: tuple[str, int], collector: StatusCollector) -> WSGIServer:
+    """Serve /metrics from a daemon thread; returns the HTTP server (its socket is closed in
+    workers, and by `stop`). What prometheus_client's start_http_server does, with the server
+    in hand: Debian 12's prometheus_client (0.16) returns None from that one."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     ProcessCollector(registry=registry)  # the master's own process_* metrics
-    started = start_http_server(address[1], addr=address[0], registry=registry)
-    return started[0] if isinstance(started, tuple) else None
+    family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)[0][0]
+    server_class = type("MetricsServer", (_Server,), {"address_family": family})
+    server = make_server(address[0], address[1], make_wsgi_app(registry), server_class,
+                         _QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
 
 
 def serve(address: tuple[str, int], collector: StatusCollector, log):

@@ -11,10 +11,17 @@ cd "$(dirname "$0")/.."
 # logrotate, fail2ban-regex and pflogsumm on what poolmgr ships and logs; the cluster tests start
 # their own redis-server, and for the failover test three sentinels (Debian's redis-sentinel is
 # the same program, run as redis-server --sentinel with a private config each), and haproxy
-# in front of the nodes (the PROXY protocol).
+# in front of the nodes (the PROXY protocol). The Debian package is built (debian/control's
+# Build-Depends), installed, run in a network namespace of its own (iproute2) and purged; part
+# of the suite runs on Debian's own python3 with the python3-* packages the package depends on.
 debs=(postfix swaks dnsmasq-base openssl procps util-linux mount bsdutils tzdata clamav-daemon
       spamd spamassassin rspamd systemd man-db groff-base logrotate fail2ban pflogsumm
-      redis-server redis-sentinel haproxy)
+      redis-server redis-sentinel haproxy iproute2
+      build-essential debhelper dh-python python3-all pybuild-plugin-pyproject
+      python3-setuptools python3-wheel python3-build
+      python3-gevent python3-greenlet python3-psutil python3-setproctitle python3-dnspython
+      python3-prometheus-client python3-redis python3-pytest python3-pytest-timeout
+      python3-dnslib)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -36,7 +43,7 @@ if ((${#missing[@]})); then
         $sudo chmod 755 "$policy"
     fi
     $sudo apt-get update -q
-    $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+    $sudo apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300 "${missing[@]}"
     [ -z "$policy" ] || $sudo rm -f "$policy"
 fi
 

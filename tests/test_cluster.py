@@ -12,11 +12,13 @@ import signal
 import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import psutil
 import pytest
 
 from helpers import Raw, message, wait_until
+from poolmgr.cluster import connect
 from poolmgr.status import ClusterStatus
 from poolmgr.testing import (DnsServer, Poolmgr, RedisServer, SentinelGroup, WaitTimeout,
                              free_port)
@@ -209,6 +211,32 @@ def test_a_silent_redis_costs_at_most_the_timeout(make_poolmgr):
         assert refused(banner(pm, "127.0.18.1")[1][1], "127.0.18.1")
         wait_until(lambda: cluster(pm)["state"] == "degraded", what="degraded")
         assert "unavailable: Timeout" in pm.log()
+    finally:
+        silent.close()
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_a_call_to_a_silent_redis_gives_up_after_the_timeout(tmp_path, family):
+    """cluster.connect over TCP and over a Unix socket (Debian 12's redis-py 4.3 takes no
+    socket_connect_timeout for a unix:// URL): a Redis that accepts and never answers costs
+    a call cluster.timeout, and then an error the caller falls back on."""
+    import redis
+
+    if family == "unix":
+        silent = socket.socket(socket.AF_UNIX)
+        silent.bind(str(tmp_path / "redis.sock"))
+        url = f"unix://{tmp_path / 'redis.sock'}?db=0"
+    else:
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    silent.listen(8)
+    try:
+        client = connect(SimpleNamespace(redis=url, sentinels=(), timeout=0.3))
+        started = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            client.ping()
+        assert 0.3 <= time.monotonic() - started < 2.0  # not redis-py's 5s default
     finally:
         silent.close()
 

@@ -103,6 +103,18 @@ def test_impossible_pool_rule_is_an_error(tmp_path):
         config.load(str(path))
 
 
+def test_a_cluster_without_the_redis_package_is_an_error(tmp_path, monkeypatch):
+    """The Debian package only recommends python3-redis: without it, [cluster] redis is a
+    config error, not a worker that fails at its first client."""
+    path = tmp_path / "cluster.toml"
+    path.write_text('[cluster]\nredis = "redis://127.0.0.1:6379/0"\n')
+    assert config.load(str(path)).cluster.redis
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if it were not installed
+    with pytest.raises(ConfigError, match=r"\[cluster\] redis: needs the Python package redis "
+                                          r"\(Debian: python3-redis"):
+        config.load(str(path))
+
+
 def test_too_many_sessions_for_the_open_files_limit(tmp_path):
     path = tmp_path / "files.toml"
     path.write_text("[smtp]\nmax_sessions_per_worker = 999999\n")

@@ -25,6 +25,7 @@ GENERATED = {
     "conf/poolmgr.toml.5": (manpage.render_config, ["--man", "5"]),
     "docs/configuration.md": (manpage.configuration_markdown, ["--markdown"]),
     "conf/poolmgr.toml": (config.render_default, []),
+    "conf/poolmgr.sample.toml": (config.render_sample, ["--sample"]),
 }
 
 
@@ -149,6 +150,10 @@ def test_links_between_the_docs_resolve():
 def test_version_is_one_and_has_release_notes():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["version"] == poolmgr.__version__
+    # The Debian package's version (native: poolmgr_VERSION_all.deb), from its last entry.
+    debian = (ROOT / "debian" / "changelog").read_text().partition("\n")[0]
+    assert debian.startswith(f"poolmgr ({poolmgr.__version__}) "), \
+        "add an entry to debian/changelog: dch -v " + poolmgr.__version__
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert re.search(rf"^## \[{re.escape(poolmgr.__version__)}\]", changelog, re.M)
     assert "## Unreleased" not in changelog and "third pass" not in changelog

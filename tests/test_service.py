@@ -3,6 +3,7 @@ the verbs `reload`, `stop`, `config -n`, exit codes, and the files in conf/ (uni
 logrotate snippet) checked by the tools that read them."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from helpers import wait_until
 from poolmgr import config
 from poolmgr.cli import build_parser
 from poolmgr.manpage import render
+from poolmgr.settings import SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -153,6 +155,27 @@ def test_unit_file_verifies(tmp_path):
                             env={**os.environ, "MANPATH": str(tmp_path / "man")})
     # A bad value is a warning with exit 0: the output must be empty too.
     assert result.returncode == 0 and result.stdout + result.stderr == "", result.stderr
+
+
+def test_sample_sets_only_the_user_and_shows_the_system_defaults(tmp_path, monkeypatch):
+    """conf/poolmgr.sample.toml, the packages' /etc/poolmgr/poolmgr.toml: it sets only
+    [master] user; every key commented out in it is at its default in /etc/poolmgr/, so
+    uncommenting them all changes nothing."""
+    system = tmp_path / "etc" / "poolmgr" / "poolmgr.toml"
+    system.parent.mkdir(parents=True)
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", str(system))
+    # 'poolmgr' need not exist on the machine that runs the tests: an account that does.
+    sample = (CONF / "poolmgr.sample.toml").read_text()
+    assert sample.count('\nuser = "poolmgr"\n') == 1
+    sample = sample.replace('\nuser = "poolmgr"\n', '\nuser = "nobody"\n')
+    commented = re.findall(r"^#(\w+ = .*)$", sample, flags=re.M)
+    assert len(commented) == len(SETTINGS) - 1
+    for text in (sample, re.sub(r"^#(\w+ = )", r"\1", sample, flags=re.M)):
+        system.write_text(text)
+        assert config.differences(str(system)) == [("master.user", "nobody")]
+        cfg = config.load(str(system))
+        assert cfg.master.control_socket == "/run/poolmgr/poolmgr.sock"
+        assert str(cfg.scanner.next_hop) == "maildir:/var/lib/poolmgr/maildir"
 
 
 def test_logrotate_snippet_reopens_the_log(make_poolmgr, tmp_path):
