@@ -27,12 +27,15 @@ from dataclasses import dataclass, replace
 from ..defence.networks import in_networks
 from ..smtp.parse import new_queue_id
 from . import backends, banned
-from .backends.base import CheckFailed, Message, Result
+from .backends.base import CheckFailed, Message, Result, printable
 from .verdict import FORGEABLE, Failure, Policy, Verdict, decide
 
 
 SPAM_CHECKS = ("spamd", "rspamd")
 VIRUS_CHECKS = ("clamd",)  # and the builtin check's EICAR
+# The banned check has no setting of its own: when it fails, the message cannot be said not
+# to be banned, so it is tried later (451), as a virus check that fails is by default.
+BANNED_ON_FAILURE = "tempfail"
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,13 @@ class Scanner:
         results, failures, virus_checked = [], [], False
         skip_virus = _bypassed(message.client_addr, bank.bypass_virus_checks)
         skip_spam = _bypassed(message.client_addr, bank.bypass_spam_checks)
-        found = banned.find(message.data, self.banned_filenames)
+        try:
+            found = banned.find(message.data, self.banned_filenames)
+        except Exception as exc:  # content it did not foresee: a failure, never a crash
+            found = None
+            failures.append(self._failed(message, "banned",
+                                         printable(f"{type(exc).__name__}: {exc}"),
+                                         BANNED_ON_FAILURE))
         if found:
             results.append(Result("banned", banned=found.path))
             skip_spam = True  # blocked either way: the spam checks' time would be lost
@@ -134,11 +143,8 @@ class Scanner:
             try:
                 result = check.check(message)
             except CheckFailed as exc:
-                failures.append(Failure(check.name, exc.detail, check.on_failure))
-                self.slot.add(f"check_{check.name}_failed")
-                self.log.warning("%s: %s check failed: %s (%s)", message.queue_id, check.name,
-                                 exc.detail, "try again later" if check.on_failure == "tempfail"
-                                 else "passed unchecked")
+                failures.append(self._failed(message, check.name, exc.detail,
+                                             check.on_failure))
                 result = None
             finally:
                 self._time(check.name, time.monotonic() - started)
@@ -153,6 +159,13 @@ class Scanner:
                 check.name == "builtin" and check.eicar)
         verdict = decide(results, failures, bank.policy, virus_checked, message.queue_id)
         return Examined(verdict, results, failures)
+
+    def _failed(self, message: Message, check: str, detail: str, on_failure: str) -> Failure:
+        """A check's failure, counted and logged."""
+        self.slot.add(f"check_{check}_failed")
+        self.log.warning("%s: %s check failed: %s (%s)", message.queue_id, check, detail,
+                         "try again later" if on_failure == "tempfail" else "passed unchecked")
+        return Failure(check, detail, on_failure)
 
     def _time(self, name: str, seconds: float) -> None:
         slot = self.slot
