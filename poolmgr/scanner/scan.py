@@ -17,8 +17,8 @@ virus-checked (a virus is named as such), not spam-checked (it is blocked either
 `poolmgr scan` runs the same on one message, without a worker's slot (`examine_one`).
 """
 
-__all__ = ["Scanner", "Bank", "Examined", "NoSlot", "examine_one", "scan_header", "SPAM_CHECKS",
-           "VIRUS_CHECKS"]
+__all__ = ["Scanner", "Bank", "Examined", "NoSlot", "UnknownBank", "examine_one", "scan_header",
+           "SPAM_CHECKS", "VIRUS_CHECKS"]
 
 import copy
 import time
@@ -52,6 +52,10 @@ class Examined:
     results: list      # each check's Result (and banned's), in the order they ran
     failures: list     # each check's Failure
     lovers: tuple = ()  # recipients who get the spam the verdict blocks (spam_lovers_of)
+
+
+class UnknownBank(ValueError):
+    """`poolmgr scan --policy NAME`: no policy bank of that name."""
 
 
 class NoSlot:
@@ -178,11 +182,11 @@ def examine_one(cfg, data: bytes, *, sender: str = "", rcpts: tuple = (), client
                 helo: str = "", bank: str = "", log) -> Examined:
     """`poolmgr scan`: one message through the configured checks, as a scanner worker would
     judge it on the listener of policy bank `bank` ("" for scanner.listen); LF line ends are
-    made CRLF, as they arrive over SMTP. ValueError for an unknown bank."""
+    made CRLF, as they arrive over SMTP. UnknownBank for an unknown bank."""
     scanner = Scanner(cfg, NoSlot(), log)
     chosen = scanner.bank_named(bank)
     if chosen is None:
-        raise ValueError(f"no policy bank named {bank!r} in scanner.policy")
+        raise UnknownBank(f"no policy bank named {bank!r} in scanner.policy")
     data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     message = Message(data, new_queue_id(), sender, tuple(rcpts), client, "", helo)
     found = scanner.examine(message, chosen)
