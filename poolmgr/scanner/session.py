@@ -7,7 +7,7 @@ any `X-Poolmgr-Scan:` header it arrived with, makes the header edits its checks 
 and re-injects it to `scanner.next_hop`. It answers 250 only after the next hop did; a reject
 verdict is 554; any failure is 451. Recipients the next hop refused beside accepted ones are
 reported to an LMTP client one by one, and to an SMTP client's sender by a delivery status
-notification (`smtp.dsn`). A message blocked as a virus or banned is announced to
+notification (`smtp.dsn`). A message blocked as a virus or banned contents is announced to
 `scanner.virus_admin` (admin_notice.py).
 """
 
@@ -237,13 +237,12 @@ class ScannerSession(ServerSession):
                          f",{bank}" if bank else "", client, env.mail_from,
                          ",".join(f"<{r}>" for r in env.rcpts), ident or "-", _hits(verdict),
                          (time.monotonic() - started) * 1000)
-        if service.cfg.scanner.virus_admin and verdict.kind in ("virus", "banned") and \
+        if service.cfg.scanner.virus_admin and admin_notice.announced(verdict) and \
                 not reply.temporary:  # a deferred message is not blocked yet: it comes back
             admin_notice.send(service.cfg, summary=label, outcome=outcome,
                               queue_id=env.queue_id, quarantine_id=ident, client=client,
                               sender=env.mail_from, rcpts=env.rcpts, data=data,
-                              log=service.log, cache=service.relay_cache,
-                              deadline=started + service.cfg.scanner.timeout)
+                              log=service.log, cache=service.relay_cache)
         return [reply] * len(env.rcpts)
 
     def _forward(self, env: Envelope, data: bytes, forwarded: dict,
