@@ -120,11 +120,28 @@ def test_a_banned_check_that_breaks_is_a_check_failure_not_a_crash(monkeypatch):
         raise RuntimeError("unforeseen\r\nforged line")
     monkeypatch.setattr(banned, "find", broken)
     cfg = config.from_dict({"scanner": {"banned_filenames": AMAVISD}})
-    found = scan.examine_one(cfg, mime(b"x", "a.txt"), log=logging.getLogger("test"))
+    lines = Lines()
+    log = logging.Logger("banned-test")  # on its own: not through the root's handlers
+    log.addHandler(lines)
+    found = scan.examine_one(cfg, mime(b"x", "a.txt"), log=log)
     assert (found.verdict.kind, found.verdict.action) == ("failed", "tempfail")
     assert found.verdict.reply.code == 451
     assert found.failures == [Failure("banned", "RuntimeError: unforeseen??forged line",
                                       "tempfail")]
+    (line,) = lines.lines
+    assert re.fullmatch(r"\w+: banned check failed: RuntimeError: unforeseen\?\?forged line "
+                        r"\(try again later\)", line), line
+
+
+class Lines(logging.Handler):
+    """The messages logged, each as one string."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
 
 
 def test_no_patterns_and_no_attachments():
