@@ -13,7 +13,7 @@ Exit codes (sysexits, LSB) are documented in manpage.EXIT_STATUS; those that are
 """
 
 __all__ = ["main", "build_parser", "format_status", "EXIT_CONFIG", "EXIT_NOT_RUNNING",
-           "EXIT_TEMPFAIL"]
+           "EXIT_TEMPFAIL", "EXIT_USAGE"]
 
 import argparse
 import dataclasses
@@ -30,6 +30,7 @@ from .status import Status
 EXIT_CONFIG = 78      # sysexits.h EX_CONFIG, what systemd and Postfix's tools use
 EXIT_NOT_RUNNING = 3  # LSB: `status` of a program that is not running
 EXIT_TEMPFAIL = 75    # sysexits.h EX_TEMPFAIL: `scan`, a check could not answer
+EXIT_USAGE = 64       # sysexits.h EX_USAGE: `scan --policy` names no bank (2 is a verdict there)
 # `scan`'s verdicts as exit codes (rspamc and amavisd's test mode tell them apart too).
 # A message a check asks to be tried later (rspamd's greylist) would get a 4xx, as when a
 # check fails: 75, no verdict yet.
@@ -490,10 +491,10 @@ def _found(result) -> str:
 def cmd_scan(args) -> int:
     """One message through the configured checks (rspamc, amavisd's test mode): the verdict,
     what each check found, the headers a delivered copy gets. Exit 0 clean, 1 spam, 2 virus
-    or banned, 75 when a check failed."""
+    or banned, 75 when a check failed, 64 for an unknown --policy bank."""
     import logging
 
-    from .scanner.scan import examine_one, scan_header
+    from .scanner.scan import UnknownBank, examine_one, scan_header
 
     cfg = _load(_config_path(args))
     try:
@@ -515,9 +516,9 @@ def cmd_scan(args) -> int:
         found = examine_one(cfg, data, sender=args.sender, rcpts=args.rcpt or (),
                             client=args.client, helo=args.helo, bank=args.policy,
                             log=warnings)
-    except ValueError as exc:
+    except UnknownBank as exc:
         print(f"poolmgr: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     verdict = found.verdict
     code = SCAN_EXIT[verdict.kind]
     if found.failures and code != SCAN_EXIT["virus"]:

@@ -61,6 +61,7 @@ EXIT_STATUS = (
           "out"),
     ("2", "a usage error"),
     ("3", "from `status`: the master is not running (LSB)"),
+    ("64", "from `scan`: `--policy` names no policy bank (`EX_USAGE`)"),
     ("75", "from `scan`: a check could not answer (`EX_TEMPFAIL`); `scan` also exits 1 for "
            "spam and 2 for a virus or banned contents"),
     ("78", "an invalid configuration (`EX_CONFIG`, as systemd and sysexits.h use it), from "

@@ -1,10 +1,14 @@
 """scanner/admin_notice.py through a real poolmgr with smtp-sink as its next hop:
 `scanner.virus_admin` gets one short notice from the null sender for each message blocked as a
-virus or banned (amavisd's $virus_admin), none for clean mail, spam or a deferred message;
-a notice that cannot be sent changes nothing for the message."""
+virus or banned (amavisd's $virus_admin), none for clean mail, spam, a content rule's reject
+or a deferred message; a notice that cannot be sent changes nothing for the message, and a
+slow scan does not eat its time."""
 
 import re
 import smtplib
+import socket
+import struct
+import threading
 
 import pytest
 
@@ -90,6 +94,82 @@ def test_a_notice_that_cannot_be_sent_changes_nothing(make_poolmgr):
     wait_until(lambda: f"virus_admin notice to <{ADMIN}> failed at connect" in pm.log(),
                what="the failed notice logged")
     assert pm.log().count("virus_admin notice") == 1
+
+
+def test_a_content_rule_reject_is_not_announced(make_poolmgr, make_sink):
+    """builtin's rules reject with a verdict of kind banned; amavisd's $virus_admin hears of
+    viruses and banned contents only."""
+    sink = make_sink()
+    pm = with_admin(make_poolmgr, f"smtp:127.0.0.1:{sink.port}",
+                    rules=[{"name": "no-lottery", "header": "Subject", "pattern": "lottery"}])
+    with pm.smtp() as client:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail("alice@example.org", ["bob@example.test"], message("lottery"))
+        assert refused.value.smtp_code == 554
+        assert b"content rule no-lottery" in refused.value.smtp_error
+        client.ehlo()
+        client.mail("alice@example.org")
+        client.rcpt("bob@example.test")
+        assert client.data(banned_mail())[0] == 554
+    wait_until(lambda: sink.messages(), what="the banned message's notice")
+    (notice,) = sink.messages()
+    assert b"Subject: BANNED (multipart/mixed" in notice
+    assert pm.log().count("virus_admin notice") == 1
+
+
+class SlowClamd:
+    """A stand-in for clamd (zINSTREAM) that finds a virus in everything, `delay` seconds
+    after the message's last chunk: a scan longer than scanner.timeout. The delay is the
+    condition under test (the scan's duration), not a wait for something to happen."""
+
+    VIRUS = "Slow-Test-Signature"
+
+    def __init__(self, delay: float):
+        self.delay, self.port = delay, free_port()
+        self.sock = socket.create_server(("127.0.0.1", self.port))
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        with conn, conn.makefile("rb") as reader:
+            reader.read(len(b"zINSTREAM\0"))
+            while (size := struct.unpack(">I", reader.read(4))[0]):
+                reader.read(size)
+            self.stopped.wait(self.delay)
+            conn.sendall(f"stream: {self.VIRUS} FOUND\0".encode())
+
+    def stop(self):
+        self.stopped.set()
+        self.sock.close()
+
+
+def test_a_notice_after_a_scan_slower_than_scanner_timeout_still_goes(make_poolmgr,
+                                                                     make_sink):
+    """The notice has scanner.timeout of its own: a scan that took longer (clamd has its
+    own, longer, timeout) does not leave it none."""
+    sink, clamd = make_sink(), SlowClamd(delay=1.5)
+    try:
+        pm = with_admin(make_poolmgr, f"smtp:127.0.0.1:{sink.port}", timeout="1s",
+                        checks=["builtin", "clamd"],
+                        clamd={"address": f"127.0.0.1:{clamd.port}", "timeout": "10s"})
+        with pm.smtp() as client:
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                client.sendmail("alice@example.org", ["bob@example.test"], message("slow"))
+            assert refused.value.smtp_code == 554
+    finally:
+        clamd.stop()
+    wait_until(lambda: sink.messages(), what="the notice")
+    (notice,) = sink.messages()
+    assert f"Subject: INFECTED ({SlowClamd.VIRUS}) in mail FROM".encode() in notice
+    assert re.search(rf"virus_admin notice \w+ to <{ADMIN}>: relay=smtp:", pm.log())
 
 
 def test_virus_admin_must_be_an_address():

@@ -2,14 +2,18 @@
 type, file type and zip member; and through a real poolmgr: answered as a virus is (reject
 with amavisd's reply, or discard into the quarantine), logged as amavisd logs it."""
 
+import io
 import json
+import logging
 import re
+import zipfile
 
 import pytest
 
 from helpers import message
 from poolmgr import config
-from poolmgr.scanner import banned
+from poolmgr.scanner import banned, scan
+from poolmgr.scanner.verdict import Failure
 from test_clamd import mime, zipped
 
 # amavisd's Debian default (20-debian_defaults), as the settings' help gives it.
@@ -69,6 +73,77 @@ def test_encoded_names_are_decoded_and_control_characters_shown_as_marks():
     assert find(folded).part == "application/octet-stream,a???b.exe"
 
 
+def test_a_broken_encoded_name_is_matched_as_written():
+    broken = mime(b"x", "=?utf-8?b?QUJDR?=")  # base64 that does not decode
+    assert find(broken) is None
+    assert find(broken, [r"^=\?utf-8\?b\?QUJDR\?=$"]).part == \
+        "application/octet-stream,=?utf-8?b?QUJDR?="
+
+
+def damaged_member(name: str) -> bytes:
+    """A zip whose member's deflate stream is broken: zipfile's read raises zlib.error."""
+    data = zipped(name, b"hello world " * 100)
+    start = 30 + len(name)  # the local header, then the compressed bytes
+    return data[:start] + b"\xff" * 8 + data[start + 8:]
+
+
+def unknown_version(name: str) -> bytes:
+    """A zip whose central directory asks for version 9.9 to extract: zipfile refuses the
+    whole archive (NotImplementedError)."""
+    data = bytearray(zipped(name, b"hello"))
+    data[data.find(b"PK\x01\x02") + 6] = 99
+    return bytes(data)
+
+
+def test_a_damaged_archive_is_judged_by_its_name_and_a_damaged_member_by_its_own():
+    assert find(mime(damaged_member("evil.exe"), "files.zip")).part == "evil.exe"
+    assert find(mime(damaged_member("notes.txt"), "files.zip")) is None
+    assert find(mime(unknown_version("evil.exe"), "files.zip")) is None  # unreadable
+    assert find(mime(unknown_version("a.txt"), "files.zip.exe")).part == \
+        "application/octet-stream,.zip,files.zip.exe"
+
+
+def test_every_member_name_counts_and_only_the_first_members_are_read():
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for number in range(banned.MAX_MEMBERS):
+            archive.writestr(f"padding/{number}.txt", b"")
+        archive.writestr("evil.exe", PROGRAM)  # past the cap: its name, not its bytes
+    found = find(mime(out.getvalue(), "files.zip", "application/zip"))
+    assert found.part == "evil.exe"
+
+
+def test_a_banned_check_that_breaks_is_a_check_failure_not_a_crash(monkeypatch):
+    """Whatever else banned.find may raise is the banned check's failure: 451 (tempfail),
+    logged on one line, as a virus check's failure is."""
+    def broken(data, patterns):
+        raise RuntimeError("unforeseen\r\nforged line")
+    monkeypatch.setattr(banned, "find", broken)
+    cfg = config.from_dict({"scanner": {"banned_filenames": AMAVISD}})
+    lines = Lines()
+    log = logging.Logger("banned-test")  # on its own: not through the root's handlers
+    log.addHandler(lines)
+    found = scan.examine_one(cfg, mime(b"x", "a.txt"), log=log)
+    assert (found.verdict.kind, found.verdict.action) == ("failed", "tempfail")
+    assert found.verdict.reply.code == 451
+    assert found.failures == [Failure("banned", "RuntimeError: unforeseen??forged line",
+                                      "tempfail")]
+    (line,) = lines.lines
+    assert re.fullmatch(r"\w+: banned check failed: RuntimeError: unforeseen\?\?forged line "
+                        r"\(try again later\)", line), line
+
+
+class Lines(logging.Handler):
+    """The messages logged, each as one string."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 def test_no_patterns_and_no_attachments():
     assert find(mime(PROGRAM, "a.exe"), []) is None
     assert find(message("plain", "hello\r\n")) is None
@@ -106,6 +181,21 @@ def test_banned_is_rejected_like_a_virus_with_amavisd_reply_and_log(make_poolmgr
     (entry,) = json.loads(pm.run_cli("quarantine", "list", "--json", check=True).stdout)
     assert entry["verdict"] == "banned" and entry["reason"].startswith("BANNED (multipart")
     assert pm.status()["scanner"]["verdicts"]["banned"] == 1
+
+
+def test_damaged_zips_through_poolmgr_are_judged_not_deferred(make_poolmgr):
+    """A damaged member banned by its name is rejected; an archive zipfile cannot read at
+    all passes by its outer name: neither is a 451 and a traceback."""
+    pm = make_poolmgr({"scanner": {"banned_filenames": AMAVISD}})
+    with pm.smtp() as client:
+        client.ehlo()
+        client.mail("alice@example.org")
+        client.rcpt("bob@example.test")
+        code, text = client.data(mime(damaged_member("evil.exe"), "files.zip"))
+        assert client.sendmail("alice@example.org", ["bob@example.test"],
+                               mime(unknown_version("evil.exe"), "files.zip")) == {}
+    assert code == 554 and text.endswith(b"BANNED: evil.exe"), text
+    assert len(pm.delivered()) == 1
 
 
 def test_banned_follows_virus_action_discard(make_poolmgr):

@@ -84,7 +84,8 @@ def test_every_signal_the_master_and_workers_take_is_in_the_one_table():
 
 def test_every_exit_code_is_in_the_one_table():
     codes = {int(code) for code, _ in manpage.EXIT_STATUS}
-    assert codes == {0, 1, 2, cli.EXIT_NOT_RUNNING, cli.EXIT_CONFIG, cli.EXIT_TEMPFAIL}
+    assert codes == {0, 1, 2, cli.EXIT_NOT_RUNNING, cli.EXIT_CONFIG, cli.EXIT_TEMPFAIL,
+                     cli.EXIT_USAGE}
 
 
 def test_readme_and_man_page_are_made_from_the_tables():

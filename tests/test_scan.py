@@ -13,7 +13,7 @@ import pytest
 
 from helpers import HELO, Raw, message, wait_until, write_config
 from poolmgr.scanner.backends.builtin import EICAR
-from poolmgr.testing import EICAR_NAME, Clamd, Spamd, free_port
+from poolmgr.testing import EICAR_NAME, Clamd, Recorder, Spamd, free_port
 from test_clamd import mime, zipped
 from test_spamd import PLAIN, spam
 
@@ -100,7 +100,7 @@ def test_the_client_decides_the_bypass_and_a_bank_its_policy(tmp_path):
     banked = scan(tmp_path, settings, eicar, "--client", "192.0.2.7", "--policy", "after-queue")
     assert banked.returncode == 2 and b"Action: discard\n" in banked.stdout
     unknown = scan(tmp_path, settings, eicar, "--policy", "nonesuch")
-    assert unknown.returncode == 2 and b"no policy bank named 'nonesuch'" in unknown.stderr
+    assert unknown.returncode == 64 and b"no policy bank named 'nonesuch'" in unknown.stderr
 
 
 def test_bypass_virus_checks_skips_clamd_and_eicar_but_not_the_rules(make_poolmgr, clamd):
@@ -177,6 +177,41 @@ def test_spam_lovers_get_spam_tagged_and_the_others_do_not(make_poolmgr, make_si
                      r"<alice@example\.org> -> <bob@example\.test>", pm.log())
     kept = json.loads(pm.run_cli("quarantine", "list", "--json", check=True).stdout)
     assert [e["recipients"] for e in kept] == [["bob@example.test"], ["bob@example.test"]]
+
+
+@pytest.fixture
+def hop():
+    recorder = Recorder().start()
+    yield recorder
+    recorder.stop()
+
+
+def test_lovers_the_next_hop_refuses_are_told_to_the_sender(make_poolmgr, hop, spamd):
+    """Over SMTP the others' copy is discarded (250); when the next hop then refuses every
+    lover, the sender gets a non-delivery notification naming them, as for any recipient
+    refused beside accepted ones; when that cannot go either, the whole message gets 451."""
+    unknown = "550 5.1.1 <abuse@example.test>: Recipient address rejected: User unknown"
+    hop.rcpt_replies = {"abuse@example.test": unknown}
+    pm = with_spamd(make_poolmgr, spamd, next_hop=f"smtp:127.0.0.1:{hop.port}").start()
+    with pm.smtp() as client:
+        assert client.sendmail("alice@example.org", ["abuse@example.test", "bob@example.test"],
+                               spam()) == {}
+    (report,) = hop.copies("alice@example.org")
+    assert report.mail_from == "" and b"report-type=delivery-status" in report.data
+    assert b"Final-Recipient: rfc822; abuse@example.test\r\n" in report.data
+    assert f"Diagnostic-Code: smtp; {unknown}\r\n".encode() in report.data
+    assert b"Final-Recipient: rfc822; bob@example.test" not in report.data
+    assert re.search(r"Blocked SPAM \{Discarded,Quarantined\}, .* -> <bob@example\.test>",
+                     pm.log())
+    assert "sender non-delivery notification: " in pm.log()
+    hop.rcpt_replies["alice@example.org"] = unknown.replace("abuse@", "alice@")
+    with pm.smtp() as client:
+        with pytest.raises(smtplib.SMTPDataError) as deferred:
+            client.sendmail("alice@example.org", ["abuse@example.test", "bob@example.test"],
+                            spam())
+    assert deferred.value.smtp_code == 451
+    assert "sender non-delivery notification to <alice@example.org> failed" in pm.log()
+    assert len(hop.accepted) == 1  # the first notification: nothing was delivered
 
 
 def test_spam_lovers_over_lmtp_get_a_reply_each(make_poolmgr, spamd):

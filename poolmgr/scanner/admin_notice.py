@@ -5,20 +5,25 @@ message for each message blocked as a virus or as banned, sent from the null sen
 Its subject is amavisd's, `INFECTED (NAME) in mail FROM <sender>` or `BANNED (PATH) in mail
 FROM <sender>`; its body names the queue id, the action, the quarantine id, the client, the
 envelope and the blocked message's From, Message-ID and Subject. A notice that cannot be
-handed over is logged; the blocked message's fate does not depend on it.
+handed over is logged; the blocked message's fate does not depend on it. The notice has its
+own time (`scanner.timeout` from when it is sent, as a sender's non-delivery notification
+has), whatever the scan took. A builtin content rule's reject is no virus nor banned contents:
+no notice (`announced`).
 """
 
-__all__ = ["compose", "send"]
+__all__ = ["compose", "send", "announced"]
 
 import email
 import email.policy
 import email.utils
+import time
 
 from .. import maildir
 from ..smtp import relay
 from ..smtp.headers import header_section
 from ..smtp.parse import new_queue_id
 from .backends.base import printable
+from .verdict import Verdict
 
 QUOTED_FIELDS = ("From", "Message-ID", "Subject")  # of the blocked message, in the body
 
@@ -26,6 +31,14 @@ QUOTED_FIELDS = ("From", "Message-ID", "Subject")  # of the blocked message, in 
 def _visible(text: str) -> str:
     """One line: folding and control characters gone (a header value may carry them)."""
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
+def announced(verdict: Verdict) -> bool:
+    """Whether the virus administrator hears of a message blocked with `verdict`: a virus or
+    banned contents (banned.py), not a content rule's reject, which is of kind banned too but
+    summarized `rejected (RULE)` (verdict.decide)."""
+    return verdict.kind == "virus" or (verdict.kind == "banned"
+                                       and verdict.summary.startswith("BANNED ("))
 
 
 def compose(*, admin: str, hostname: str, notice_id: str, summary: str, outcome: str,
@@ -58,7 +71,7 @@ def compose(*, admin: str, hostname: str, notice_id: str, summary: str, outcome:
 
 
 def send(cfg, *, summary: str, outcome: str, queue_id: str, quarantine_id: str, client: str,
-         sender: str, rcpts: list[str], data: bytes, log, deadline: float,
+         sender: str, rcpts: list[str], data: bytes, log,
          cache: relay.Cache | None = None) -> bool:
     """Compose the notice for cfg.scanner.virus_admin and hand it to the next hop; logged
     either way. Whether it was taken."""
@@ -77,7 +90,7 @@ def send(cfg, *, summary: str, outcome: str, queue_id: str, quarantine_id: str, 
                                       body_8bit=not notice.isascii(),
                                       xforward={"IDENT": notice_id, "SOURCE": "LOCAL"})
             (answer,) = relay.send(hop, outgoing, helo=scanner.hostname, timeouts=cfg.timeouts,
-                                   deadline=deadline, cache=cache)
+                                   deadline=time.monotonic() + scanner.timeout, cache=cache)
             if not answer.ok:
                 log.warning("%s: virus_admin notice to <%s> refused by %s: %s", queue_id,
                             admin, hop, answer)

@@ -14,6 +14,7 @@ log line shows it: `multipart/mixed | application/zip,.zip,files.zip | .exe,.exe
 __all__ = ["Banned", "find", "describe", "file_types", "MAX_MEMBERS"]
 
 import email
+import email.errors
 import email.header
 import email.policy
 import email.utils
@@ -30,7 +31,8 @@ MAGIC = ((b"MZ", (".exe", ".exe-ms")),
          (b"7z\xbc\xaf\x27\x1c", (".7z",)),
          (b"%PDF-", (".pdf",)),
          (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", (".doc",)))  # OLE2: MS Office 97-2003
-MAX_MEMBERS = 1000  # members of one zip archive looked at; a bigger one is judged by these
+MAX_MEMBERS = 1000  # members of one zip archive whose first bytes are read; every member's
+# name is matched (the directory is parsed already), the rest by their names alone
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ def _name(part) -> str:
         raw = email.utils.collapse_rfc2231_value(raw)
     try:
         name = str(email.header.make_header(email.header.decode_header(str(raw))))
-    except (ValueError, LookupError):  # a broken encoded word is content, not a failure
+    except (ValueError, LookupError, email.errors.HeaderParseError):
+        # a broken encoded word is content, not a failure: the name as it was written
         name = str(raw)
     return _visible(name)
 
@@ -72,21 +75,26 @@ def _matches(patterns, declared: str, types: tuple[str, ...], name: str) -> bool
 
 
 def _members(payload: bytes):
-    """(name, file types) of the members of a zip archive; nothing when it is not one."""
+    """(name, file types) of the members of a zip archive; nothing when it is not one or
+    cannot be read (the archive is then judged by its own name and type). A member that
+    cannot be read (encrypted, damaged, an unknown method) is judged by its name alone."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(payload))
-    except (zipfile.BadZipFile, ValueError, OSError):
+    except Exception:  # not a zip, or one zipfile cannot read (a version it does not know...)
         return
     with archive:
-        for info in archive.infolist()[:MAX_MEMBERS]:
+        for number, info in enumerate(archive.infolist()):
             if info.is_dir():
                 continue
-            try:
-                with archive.open(info) as member:
-                    head = member.read(8)
-            except (RuntimeError, zipfile.BadZipFile, ValueError, OSError, EOFError,
-                    NotImplementedError):
-                head = b""  # encrypted or damaged: judged by its name alone
+            head = b""
+            if number < MAX_MEMBERS:
+                # A damaged member (zlib.error, BadZipFile, NotImplementedError...) is
+                # content, not a scanner failure: it keeps no file type.
+                try:
+                    with archive.open(info) as member:
+                        head = member.read(8)
+                except Exception:
+                    head = b""
             yield _visible(info.filename.rsplit("/", 1)[-1]), file_types(head)
 
 

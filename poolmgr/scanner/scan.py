@@ -17,8 +17,8 @@ virus-checked (a virus is named as such), not spam-checked (it is blocked either
 `poolmgr scan` runs the same on one message, without a worker's slot (`examine_one`).
 """
 
-__all__ = ["Scanner", "Bank", "Examined", "NoSlot", "examine_one", "scan_header", "SPAM_CHECKS",
-           "VIRUS_CHECKS"]
+__all__ = ["Scanner", "Bank", "Examined", "NoSlot", "UnknownBank", "examine_one", "scan_header",
+           "SPAM_CHECKS", "VIRUS_CHECKS"]
 
 import copy
 import time
@@ -27,12 +27,15 @@ from dataclasses import dataclass, replace
 from ..defence.networks import in_networks
 from ..smtp.parse import new_queue_id
 from . import backends, banned
-from .backends.base import CheckFailed, Message, Result
+from .backends.base import CheckFailed, Message, Result, printable
 from .verdict import FORGEABLE, Failure, Policy, Verdict, decide
 
 
 SPAM_CHECKS = ("spamd", "rspamd")
 VIRUS_CHECKS = ("clamd",)  # and the builtin check's EICAR
+# The banned check has no setting of its own: when it fails, the message cannot be said not
+# to be banned, so it is tried later (451), as a virus check that fails is by default.
+BANNED_ON_FAILURE = "tempfail"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class Examined:
     results: list      # each check's Result (and banned's), in the order they ran
     failures: list     # each check's Failure
     lovers: tuple = ()  # recipients who get the spam the verdict blocks (spam_lovers_of)
+
+
+class UnknownBank(ValueError):
+    """`poolmgr scan --policy NAME`: no policy bank of that name."""
 
 
 class NoSlot:
@@ -123,7 +130,13 @@ class Scanner:
         results, failures, virus_checked = [], [], False
         skip_virus = _bypassed(message.client_addr, bank.bypass_virus_checks)
         skip_spam = _bypassed(message.client_addr, bank.bypass_spam_checks)
-        found = banned.find(message.data, self.banned_filenames)
+        try:
+            found = banned.find(message.data, self.banned_filenames)
+        except Exception as exc:  # content it did not foresee: a failure, never a crash
+            found = None
+            failures.append(self._failed(message, "banned",
+                                         printable(f"{type(exc).__name__}: {exc}"),
+                                         BANNED_ON_FAILURE))
         if found:
             results.append(Result("banned", banned=found.path))
             skip_spam = True  # blocked either way: the spam checks' time would be lost
@@ -134,11 +147,8 @@ class Scanner:
             try:
                 result = check.check(message)
             except CheckFailed as exc:
-                failures.append(Failure(check.name, exc.detail, check.on_failure))
-                self.slot.add(f"check_{check.name}_failed")
-                self.log.warning("%s: %s check failed: %s (%s)", message.queue_id, check.name,
-                                 exc.detail, "try again later" if check.on_failure == "tempfail"
-                                 else "passed unchecked")
+                failures.append(self._failed(message, check.name, exc.detail,
+                                             check.on_failure))
                 result = None
             finally:
                 self._time(check.name, time.monotonic() - started)
@@ -154,6 +164,13 @@ class Scanner:
         verdict = decide(results, failures, bank.policy, virus_checked, message.queue_id)
         return Examined(verdict, results, failures)
 
+    def _failed(self, message: Message, check: str, detail: str, on_failure: str) -> Failure:
+        """A check's failure, counted and logged."""
+        self.slot.add(f"check_{check}_failed")
+        self.log.warning("%s: %s check failed: %s (%s)", message.queue_id, check, detail,
+                         "try again later" if on_failure == "tempfail" else "passed unchecked")
+        return Failure(check, detail, on_failure)
+
     def _time(self, name: str, seconds: float) -> None:
         slot = self.slot
         slot.add(f"check_{name}_count")
@@ -165,11 +182,11 @@ def examine_one(cfg, data: bytes, *, sender: str = "", rcpts: tuple = (), client
                 helo: str = "", bank: str = "", log) -> Examined:
     """`poolmgr scan`: one message through the configured checks, as a scanner worker would
     judge it on the listener of policy bank `bank` ("" for scanner.listen); LF line ends are
-    made CRLF, as they arrive over SMTP. ValueError for an unknown bank."""
+    made CRLF, as they arrive over SMTP. UnknownBank for an unknown bank."""
     scanner = Scanner(cfg, NoSlot(), log)
     chosen = scanner.bank_named(bank)
     if chosen is None:
-        raise ValueError(f"no policy bank named {bank!r} in scanner.policy")
+        raise UnknownBank(f"no policy bank named {bank!r} in scanner.policy")
     data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     message = Message(data, new_queue_id(), sender, tuple(rcpts), client, "", helo)
     found = scanner.examine(message, chosen)

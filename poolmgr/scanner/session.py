@@ -7,7 +7,7 @@ any `X-Poolmgr-Scan:` header it arrived with, makes the header edits its checks 
 and re-injects it to `scanner.next_hop`. It answers 250 only after the next hop did; a reject
 verdict is 554; any failure is 451. Recipients the next hop refused beside accepted ones are
 reported to an LMTP client one by one, and to an SMTP client's sender by a delivery status
-notification (`smtp.dsn`). A message blocked as a virus or banned is announced to
+notification (`smtp.dsn`). A message blocked as a virus or banned contents is announced to
 `scanner.virus_admin` (admin_notice.py).
 """
 
@@ -131,8 +131,9 @@ class ScannerSession(ServerSession):
             service.slot.observe("scan", took)
 
     def _pass(self, env: Envelope, data: bytes, verdict, forwarded: dict, client: str,
-              started: float, bank: str) -> list[R.Reply]:
-        """Headers added, the message re-injected; the replies for `env.rcpts`."""
+              started: float, bank: str, settle: bool = True) -> list[R.Reply]:
+        """Headers added, the message re-injected; the replies for `env.rcpts`, settled for
+        an SMTP client (`_settled`) unless the caller settles them with others."""
         service = self.service
         # This hop's trace header names the direct peer; the real client is in the
         # SMTP worker's Received: header already.
@@ -149,12 +150,19 @@ class ScannerSession(ServerSession):
         QMGR.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", env.queue_id,
                   env.mail_from, len(data), len(env.rcpts))
         replies = self._forward(env, data, forwarded, started)
+        return self._settled(env, data, replies) if settle else replies
+
+    def _settled(self, env: Envelope, data: bytes, replies: list[R.Reply]) -> list[R.Reply]:
+        """The replies for an SMTP client, which gets one for all: recipients the next hop
+        refused beside accepted ones are told to the sender by a notification (dsn.settle;
+        the whole message 451 when it cannot go). An LMTP client gets them one by one."""
         if self.proto == "LMTP":
-            return replies  # the client gets one reply per recipient
-        hop = service.cfg.scanner.next_hop
-        return dsn.settle(replies, hop=hop, mail_from=env.mail_from, rcpts=env.rcpts,
-                          queue_id=env.queue_id, data=data, smtputf8=env.smtputf8,
-                          hostname=service.hostname, timeouts=service.cfg.timeouts,
+            return replies
+        service = self.service
+        return dsn.settle(replies, hop=service.cfg.scanner.next_hop, mail_from=env.mail_from,
+                          rcpts=env.rcpts, queue_id=env.queue_id, data=data,
+                          smtputf8=env.smtputf8, hostname=service.hostname,
+                          timeouts=service.cfg.timeouts,
                           deadline=time.monotonic() + service.cfg.scanner.timeout,
                           log=service.log, cache=service.relay_cache)
 
@@ -163,7 +171,9 @@ class ScannerSession(ServerSession):
         """Spam blocked for some recipients and loved by others (scanner.spam_lovers): the
         others' copy is blocked first, then the lovers' delivered, tagged. An SMTP client
         gets one reply for all, so there a reject becomes a discard into the quarantine; a
-        copy that cannot be kept defers the whole message (nothing is lost)."""
+        copy that cannot be kept defers the whole message (nothing is lost), and lovers the
+        next hop refuses are told to the sender as any refused recipient is (`_settled`:
+        beside the others' discard even when it refused them all)."""
         others = _part_of(env, [r for r in env.rcpts if r not in loving])
         if self.proto != "LMTP" and verdict.action == "reject":
             verdict = replace(verdict, action="discard", reply=None)
@@ -172,9 +182,9 @@ class ScannerSession(ServerSession):
             return [blocked[0]] * len(env.rcpts)
         passed = self._pass(_part_of(env, loving), data,
                             replace(verdict, action="deliver", reply=None), forwarded, client,
-                            started, bank)
+                            started, bank, settle=False)
         replies = {**dict(zip(others.rcpts, blocked)), **dict(zip(loving, passed))}
-        return [replies[rcpt] for rcpt in env.rcpts]
+        return self._settled(env, data, [replies[rcpt] for rcpt in env.rcpts])
 
     @property
     def local_port(self) -> int:
@@ -227,13 +237,12 @@ class ScannerSession(ServerSession):
                          f",{bank}" if bank else "", client, env.mail_from,
                          ",".join(f"<{r}>" for r in env.rcpts), ident or "-", _hits(verdict),
                          (time.monotonic() - started) * 1000)
-        if service.cfg.scanner.virus_admin and verdict.kind in ("virus", "banned") and \
+        if service.cfg.scanner.virus_admin and admin_notice.announced(verdict) and \
                 not reply.temporary:  # a deferred message is not blocked yet: it comes back
             admin_notice.send(service.cfg, summary=label, outcome=outcome,
                               queue_id=env.queue_id, quarantine_id=ident, client=client,
                               sender=env.mail_from, rcpts=env.rcpts, data=data,
-                              log=service.log, cache=service.relay_cache,
-                              deadline=started + service.cfg.scanner.timeout)
+                              log=service.log, cache=service.relay_cache)
         return [reply] * len(env.rcpts)
 
     def _forward(self, env: Envelope, data: bytes, forwarded: dict,
