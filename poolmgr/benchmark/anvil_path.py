@@ -88,7 +88,7 @@ def _worker(sock: socket.socket, index: int, args, out) -> None:
             gevent.sleep(0.005)
     else:
         group = [gevent.spawn(closed_loop, i) for i in range(args.concurrency)]
-    gevent.joinall(group, timeout=args.hold + 2 * ANVIL_TIMEOUT + 1)
+    gevent.joinall(group, timeout=end - time.monotonic() + args.hold + 2 * ANVIL_TIMEOUT + 1)
     latencies.sort()
 
     def pct(p: float) -> float:

@@ -104,7 +104,7 @@ class SmtpWorker(WorkerProcess):
             from ..defence.anvil import ANVIL_TIMEOUT, AnvilClient
 
             state = AnvilClient(socket.socket(fileno=ctx.anvil.detach()), ANVIL_TIMEOUT,
-                                self.log)
+                                self.log, lambda: ctx.slot.add("anvil_fallbacks"))
             if cfg.cluster.redis:  # the cluster's state, with the host's as its fallback
                 from ..cluster import RedisState
 
