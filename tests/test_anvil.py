@@ -4,7 +4,9 @@ travel in batches; a request the master does not answer in time fails open, coun
 logged once per episode; a connect that was sent but not answered is released, so no count is
 left behind. Real SOCK_SEQPACKET socketpairs; the gevent side runs in a Python of its own (the
 test process must not import gevent: the bench checks that it does not); then a real poolmgr
-under a flood of loopback connections, and with its master stopped.
+under a flood of loopback connections, and with its master stopped. And the banners: an SMTP
+worker takes at most GREETING_MAX sessions whose banner has not gone out (`smtp.worker`), so
+the rest wait in the kernel's accept queue and get theirs in arrival order.
 """
 
 import os
@@ -21,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import free_port, wait_until
 from poolmgr.defence.anvil import _PACKET, Anvil, AnvilServer, _packets
+from poolmgr.smtp.worker import GREETING_MAX
 
 
 def seqpacket_pair():
@@ -252,10 +255,10 @@ def test_a_closed_master_fails_open_at_once_and_is_logged_once():
 
 
 # -- a real poolmgr
-def flood(port: int, sources: list[str], connected=None) -> list[bytes]:
+def flood(port: int, sources: list[str], connected=None) -> list[tuple[bytes, float]]:
     """Open a connection from each source at once (non-blocking connects), call `connected`
-    when all are, read each one's first banner line, then close them all; the first lines,
-    in the sources' order."""
+    when all are, read each one's first banner line, then close them all: each one's first
+    line and when it came, in the sources' order."""
     socks = []
     for source in sources:
         sock = socket.socket()
@@ -282,11 +285,15 @@ def flood(port: int, sources: list[str], connected=None) -> list[bytes]:
                 data = b""
             got[fd] += data
             if b"\n" in got[fd] or not data:
-                first[fd] = got[fd].split(b"\n")[0]
+                first[fd] = (got[fd].split(b"\n")[0], time.monotonic())
                 poller.unregister(fd)
     for sock in socks:
         sock.close()
-    return [first.get(fd, b"") for fd in by_fd]
+    return [first.get(fd, (b"", deadline)) for fd in by_fd]
+
+
+def first_lines(port: int, sources: list[str], connected=None) -> list[bytes]:
+    return [line[:3] for line, _ in flood(port, sources, connected)]
 
 
 def sources(second: int, count: int) -> list[str]:
@@ -315,12 +322,12 @@ def test_a_flood_of_connections_is_counted_and_released_and_no_session_fails(mak
     started = time.monotonic()
     os.kill(pm.proc.pid, signal.SIGSTOP)
     try:
-        firsts = flood(pm.smtp_port, sources(61, 3000),
-                       lambda: os.kill(pm.proc.pid, signal.SIGCONT))
+        firsts = first_lines(pm.smtp_port, sources(61, 3000),
+                             lambda: os.kill(pm.proc.pid, signal.SIGCONT))
     finally:
         os.kill(pm.proc.pid, signal.SIGCONT)
     took = time.monotonic() - started
-    assert [line[:3] for line in firsts] == [b"220"] * 3000, set(firsts)
+    assert firsts == [b"220"] * 3000, set(firsts)
     wait_until(lambda: pm.status()["anvil"]["connections"] == 0, timeout=30,
                what="every count released")
     status = pm.status()
@@ -347,10 +354,10 @@ def test_a_stopped_master_is_a_counted_fallback_episode_logged_once_per_worker(m
     workers = pm.worker_pids("smtp")
     os.kill(pm.proc.pid, signal.SIGSTOP)
     try:
-        firsts = flood(pm.smtp_port, sources(62, 300))
+        firsts = first_lines(pm.smtp_port, sources(62, 300))
     finally:
         os.kill(pm.proc.pid, signal.SIGCONT)
-    assert [line[:3] for line in firsts] == [b"220"] * 300, set(firsts)
+    assert firsts == [b"220"] * 300, set(firsts)
     wait_until(lambda: pm.status()["anvil"]["fallbacks"] >= 300, what="the fallbacks counted")
     wait_until(lambda: pm.status()["anvil"]["connections"] == 0, timeout=30,
                what="every count released")
@@ -365,7 +372,43 @@ def test_a_stopped_master_is_a_counted_fallback_episode_logged_once_per_worker(m
         "status", check=True).stdout
 
     def answered_again() -> bool:
-        flood(pm.smtp_port, sources(63, 4))
+        first_lines(pm.smtp_port, sources(63, 4))
         return "anvil: the master answers again;" in pm.log()
 
     wait_until(answered_again, timeout=30, what="the episode's end logged")
+
+
+def accept_queue(port: int) -> int:
+    """Connections waiting in the kernel's accept queue of the listener on `port`."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return int(out[1])
+
+
+def test_a_worker_holds_few_sessions_before_their_banner_and_banners_go_in_arrival_order(
+        make_poolmgr):
+    """Sessions whose banner waits (here for a client name that a silent name server never
+    gives, up to reverse_timeout): one SMTP worker takes GREETING_MAX of them and leaves the
+    rest in the kernel's accept queue, where the autoscaler sees them and any worker may take
+    them; their banners go out after the first ones', in the order they arrived."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a name server that never answers
+    silent.bind(("127.0.0.1", 0))
+    pm = make_poolmgr({"smtp": {"min_workers": 1, "max_workers": 1},
+                       "scanner": {"min_workers": 1, "max_workers": 1},
+                       "autoscale": {"enabled": False},
+                       "defence": {"reverse_lookup": True, "reverse_timeout": "3s",
+                                   "nameservers": ["127.0.0.1:%d" % silent.getsockname()[1]]}})
+    pm.wait_workers(smtp=1, scanner=1)
+    count = GREETING_MAX + 144
+
+    def held_back():
+        wait_until(lambda: accept_queue(pm.smtp_port) == count - GREETING_MAX, timeout=10,
+                   what="the sessions past GREETING_MAX left in the accept queue")
+
+    try:
+        firsts = flood(pm.smtp_port, sources(64, count), held_back)
+    finally:
+        silent.close()
+    assert [line[:3] for line, _ in firsts] == [b"220"] * count
+    first, rest = firsts[:GREETING_MAX], firsts[GREETING_MAX:]
+    assert max(when for _, when in first) < min(when for _, when in rest)

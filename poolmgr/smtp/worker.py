@@ -5,8 +5,10 @@ listening socket the master bound (one per `smtp.listen` address) is re-wrapped 
 socket (otherwise accept() would block the whole worker) and gets a `StreamServer`. A session
 is made in the hub as it is accepted and runs in a greenlet of its own (a kept one:
 `smtp.runners`) until it waits for its client; an idle session is parked (`smtp.park`), with
-no greenlet. At `smtp.max_sessions_per_worker` sessions, running and parked, the worker stops
-accepting on every socket and the kernel's listen queues feed the other workers.
+no greenlet. At `smtp.max_sessions_per_worker` sessions, running and parked, or GREETING_MAX
+sessions accepted whose banner has not gone out yet, the worker stops accepting on every
+socket and the kernel's listen queues feed the other workers: in a storm, banners go out in
+arrival order, and a new client's banner waits behind at most GREETING_MAX others here.
 
 Its sessions ask the client state (`defence.clientstate`) of the master's anvil through one
 socket, or, with `[cluster] redis`, of Redis directly (`cluster.RedisState`, cooperative under
@@ -20,7 +22,7 @@ DRAIN_IDLE_GRACE seconds gets 421 and is closed; transactions finish; after
 the log file.
 """
 
-__all__ = ["SmtpWorker", "main"]
+__all__ = ["SmtpWorker", "main", "GREETING_MAX"]
 
 import os
 import time
@@ -28,6 +30,12 @@ import time
 from .. import log
 from ..worker import DRAIN_IDLE_GRACE, WorkerProcess
 
+# Sessions accepted whose banner has not gone out yet (waiting for the master's anvil, the
+# allow/deny lists, their turn in the hub): at this many the worker stops accepting until
+# one goes out, so that a storm's connections wait in the kernel's accept queue, in arrival
+# order and for any worker, rather than by thousands in one worker, each new client's banner
+# behind all of theirs (and the accept queue is what the autoscaler reads as a storm).
+GREETING_MAX = 256
 # A session that has sent no command this long after the banner counts as nuisance for the
 # autoscaler while it lives (bots that connect and never speak).
 SILENT_NUISANCE = 5.0
@@ -116,6 +124,7 @@ class SmtpWorker(WorkerProcess):
                                     Defence(cfg, gevent.spawn, state, self.log, ctx.slot),
                                     state)
         self.max_sessions = cfg.smtp.max_sessions_per_worker
+        self.stopped_full = False  # the servers stopped accepting because the worker was full
         hub = gevent.get_hub()
         self.runners = Runners(hub, gevent.spawn)
         self.service.parking = Parking(hub.loop, self.runners.spawn)
@@ -128,11 +137,18 @@ class SmtpWorker(WorkerProcess):
                         for sock in ctx.socks]
 
     def full(self) -> bool:
-        return len(self.service.sessions) >= self.max_sessions
+        """Asked by the servers before each accept: when True they stop accepting."""
+        service = self.service
+        if len(service.sessions) >= self.max_sessions or service.greeting >= GREETING_MAX:
+            self.stopped_full = True
+            return True
+        return False
 
     def room(self) -> None:
-        """A session closed: accept again if the worker was full."""
-        if len(self.service.sessions) == self.max_sessions - 1:
+        """A session closed or sent its banner: accept again if the worker stopped when it
+        was full (not after an accept error: gevent's back-off starts it again)."""
+        if self.stopped_full and not self.full():
+            self.stopped_full = False
             for server in self.servers:
                 if server.started:
                     server.start_accepting()
