@@ -51,7 +51,7 @@ class FrontService:
         self.greeting = 0  # sessions accepted whose banner has not gone out yet
         self.parking: Parking | None = None  # set by the SMTP worker (gevent)
         self.handoff_gate: handoff.HandoffGate | None = None  # likewise
-        self.on_room: Callable[[], None] | None = None  # a session closed (the worker's)
+        self.on_room: Callable[[], None] | None = None  # one closed or greeted (the worker's)
         self.mydestination = frozenset(cfg.smtp.mydestination)
         self.defence = defence
         self.anvil = anvil
