@@ -31,9 +31,11 @@ limited`).
 
 Wire format (ASCII, SOCK_SEQPACKET): a packet is one or more requests, or one or more
 answers, separated by newlines, at most _PACKET bytes. Requests: `SEQ C IP` connect ->
-`SEQ COUNT RATE`, `SEQ M IP` message -> `SEQ RATE`, `SEQ R IP` recipient -> `SEQ RATE`,
-`0 D IP` disconnect (no answer); `SEQ G IP` greet test passed? -> `SEQ 0|1`, `0 P IP TTL`
-passed it (no answer); `SEQ L IP DOMAIN...` cached DNSBL answers -> `SEQ V...` (1 listed,
+`SEQ COUNT RATE 0|1` (the last: whether the client's greet test pass holds, kept by the
+worker for GREET_KEPT seconds for the session's `greet_passed` that follows, so that a new
+session waits for one answer before its banner, not two), `SEQ M IP` message -> `SEQ RATE`,
+`SEQ R IP` recipient -> `SEQ RATE`, `0 D IP` disconnect (no answer); `SEQ G IP` greet test
+passed? -> `SEQ 0|1`, `0 P IP TTL` passed it (no answer); `SEQ L IP DOMAIN...` cached DNSBL answers -> `SEQ V...` (1 listed,
 0 not, -1 unknown), `0 S IP DOMAIN 0|1 TTL` cache an answer (no answer); `SEQ N IP` the
 cached name -> `SEQ 1 NAME REVERSE` (`SEQ 0` when none), `0 H IP NAME REVERSE TTL` cache it
 (no answer). A malformed request is skipped; requests are served in the order sent.
@@ -54,6 +56,9 @@ _PACKET = 4096  # requests or answers, at most (a DNSBL lookup names every site)
 _PACKETS_PER_TURN = 64  # packets the master serves from one worker before its loop goes on
 # Requests a worker holds for a master that has stopped reading; past it, new ones fail open.
 _OUTBOX_MAX = 100_000
+# Seconds a worker keeps the greet test pass that came with a connect's answer, for the
+# session's greet_passed right after (a session refused at connect never asks).
+GREET_KEPT = 1.0
 
 
 class _Client:
@@ -236,7 +241,8 @@ class AnvilServer:
         """One request (ValueError when malformed); None for those that get no answer."""
         anvil, now = self.anvil, self.clock()
         if op == "C":
-            return "%d %d" % anvil.connect(owner, ip, now)
+            count, rate = anvil.connect(owner, ip, now)
+            return "%d %d %d" % (count, rate, anvil.greet_passed(ip, now))
         if op == "M":
             return str(anvil.message(ip, now))
         if op == "R":
@@ -302,6 +308,7 @@ class AnvilClient(ClientState):
         self.fallbacks = 0  # requests failed open, since the start
         self.failing = 0  # ... in the current episode (0: none)
         self.failed_at = 0.0  # when the last one failed
+        self.greet_seen: dict[str, tuple[bool, float]] = {}  # ip -> (passed, when): see C
         self.result_type = gevent.event.AsyncResult
         self.timeout_type = gevent.Timeout
         self.queued = gevent.event.Event()
@@ -411,7 +418,16 @@ class AnvilClient(ClientState):
 
     def connect(self, ip: str) -> Usage | None:
         answer = self._ask("C", ip)
-        return Usage(*answer) if answer else None
+        if not answer:
+            return None
+        seen, now = self.greet_seen, time.monotonic()
+        if seen:  # forget the oldest if nobody asked for it in time (oldest first: pop, put)
+            oldest = next(iter(seen))
+            if now - seen[oldest][1] >= GREET_KEPT:
+                del seen[oldest]
+        seen.pop(ip, None)
+        seen[ip] = (bool(answer[2]), now)
+        return Usage(answer[0], answer[1])
 
     def _tell(self, request: str) -> None:
         """A request that gets no answer."""
@@ -431,6 +447,9 @@ class AnvilClient(ClientState):
         return answer[0] if answer else None
 
     def greet_passed(self, ip: str) -> bool:
+        seen = self.greet_seen.pop(ip, None)
+        if seen is not None and time.monotonic() - seen[1] < GREET_KEPT:
+            return seen[0]  # from the connect's answer, a moment ago
         answer = self._ask("G", ip)
         return bool(answer and answer[0])
 
