@@ -6,9 +6,10 @@ socket (otherwise accept() would block the whole worker) and gets a `StreamServe
 is made in the hub as it is accepted and runs in a greenlet of its own (a kept one:
 `smtp.runners`) until it waits for its client; an idle session is parked (`smtp.park`), with
 no greenlet. At `smtp.max_sessions_per_worker` sessions, running and parked, or GREETING_MAX
-sessions accepted whose banner has not gone out yet, the worker stops accepting on every
-socket and the kernel's listen queues feed the other workers: in a storm, banners go out in
-arrival order, and a new client's banner waits behind at most GREETING_MAX others here.
+sessions accepted whose banner has not gone out yet (while the accept queue is less than half
+full), the worker stops accepting on every socket and the kernel's listen queues feed the
+other workers: in a storm, banners go out in arrival order, and a new client's banner waits
+behind at most GREETING_MAX others here.
 
 Its sessions ask the client state (`defence.clientstate`) of the master's anvil through one
 socket, or, with `[cluster] redis`, of Redis directly (`cluster.RedisState`, cooperative under
@@ -28,13 +29,15 @@ import os
 import time
 
 from .. import log
+from ..listen import accept_queue
 from ..worker import DRAIN_IDLE_GRACE, WorkerProcess
 
 # Sessions accepted whose banner has not gone out yet (waiting for the master's anvil, the
-# allow/deny lists, their turn in the hub): at this many the worker stops accepting until
-# one goes out, so that a storm's connections wait in the kernel's accept queue, in arrival
+# client's name, their turn in the hub): at this many the worker stops accepting until one
+# goes out, so that a storm's connections wait in the kernel's accept queue, in arrival
 # order and for any worker, rather than by thousands in one worker, each new client's banner
-# behind all of theirs (and the accept queue is what the autoscaler reads as a storm).
+# behind all of theirs (and the accept queue is what the autoscaler reads as a storm). But
+# not while that queue is half full or more: beyond it the kernel would drop connections.
 GREETING_MAX = 256
 # A session that has sent no command this long after the banner counts as nuisance for the
 # autoscaler while it lives (bots that connect and never speak).
@@ -139,10 +142,17 @@ class SmtpWorker(WorkerProcess):
     def full(self) -> bool:
         """Asked by the servers before each accept: when True they stop accepting."""
         service = self.service
-        if len(service.sessions) >= self.max_sessions or service.greeting >= GREETING_MAX:
+        if len(service.sessions) >= self.max_sessions or (
+                service.greeting >= GREETING_MAX and not self.queue_filling()):
             self.stopped_full = True
             return True
         return False
+
+    def queue_filling(self) -> bool:
+        """The fullest accept queue is half full or more."""
+        waiting, limit = accept_queue([server.socket for server in self.servers],
+                                      self.cfg.smtp.listen_backlog)
+        return waiting * 2 >= limit
 
     def room(self) -> None:
         """A session closed or sent its banner: accept again if the worker stopped when it
