@@ -39,6 +39,7 @@ from ..worker import DRAIN_IDLE_GRACE, WorkerProcess
 # behind all of theirs (and the accept queue is what the autoscaler reads as a storm). But
 # not while that queue is half full or more: beyond it the kernel would drop connections.
 GREETING_MAX = 256
+QUEUE_CHECK = 0.05  # seconds between looks at the accept queue while held back by GREETING_MAX
 # A session that has sent no command this long after the banner counts as nuisance for the
 # autoscaler while it lives (bots that connect and never speak).
 SILENT_NUISANCE = 5.0
@@ -128,6 +129,7 @@ class SmtpWorker(WorkerProcess):
                                     state)
         self.max_sessions = cfg.smtp.max_sessions_per_worker
         self.stopped_full = False  # the servers stopped accepting because the worker was full
+        self.queue_check = gevent.get_hub().loop.timer(QUEUE_CHECK, QUEUE_CHECK)
         hub = gevent.get_hub()
         self.runners = Runners(hub, gevent.spawn)
         self.service.parking = Parking(hub.loop, self.runners.spawn)
@@ -142,9 +144,13 @@ class SmtpWorker(WorkerProcess):
     def full(self) -> bool:
         """Asked by the servers before each accept: when True they stop accepting."""
         service = self.service
-        if len(service.sessions) >= self.max_sessions or (
-                service.greeting >= GREETING_MAX and not self.queue_filling()):
+        if len(service.sessions) >= self.max_sessions:
             self.stopped_full = True
+            return True
+        if service.greeting >= GREETING_MAX and not self.queue_filling():
+            self.stopped_full = True
+            if not self.queue_check.active:  # the queue may fill before a banner goes out
+                self.queue_check.start(self.room)
             return True
         return False
 
@@ -155,10 +161,12 @@ class SmtpWorker(WorkerProcess):
         return waiting * 2 >= limit
 
     def room(self) -> None:
-        """A session closed or sent its banner: accept again if the worker stopped when it
-        was full (not after an accept error: gevent's back-off starts it again)."""
+        """A session closed or sent its banner (or QUEUE_CHECK passed): accept again if the
+        worker stopped when it was full (not after an accept error: gevent's back-off starts
+        it again)."""
         if self.stopped_full and not self.full():
             self.stopped_full = False
+            self.queue_check.stop()
             for server in self.servers:
                 if server.started:
                     server.start_accepting()
