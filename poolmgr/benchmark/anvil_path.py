@@ -10,9 +10,9 @@ and disconnect one after another. Every session comes from an address of its own
 distinct bots).
 
 Figures: connections asked, answered and failed open (no answer within ANVIL_TIMEOUT: the
-fallback), answered per second, the answer's p50/p99 latency, and the master's CPU seconds
+fallback), answered per second, the answer's p50/p99 latency, the master's CPU seconds
 per 1,000 connections (connect and disconnect), which is what it can keep up with on an
-otherwise idle core.
+otherwise idle core, and the workers' CPU seconds in all.
 
     python3 -m poolmgr.benchmark.anvil_path --workers 4 --rate 5000 --seconds 10
 """
@@ -94,8 +94,10 @@ def _worker(sock: socket.socket, index: int, args, out) -> None:
     def pct(p: float) -> float:
         return latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else 0
 
+    used = os.times()
     out.write(json.dumps({**figures, "answered": len(latencies), "warnings": log.warnings,
-                          "p50": pct(0.5), "p99": pct(0.99)}) + "\n")
+                          "p50": pct(0.5), "p99": pct(0.99),
+                          "cpu": used.user + used.system}) + "\n")
     out.flush()
 
 
@@ -141,6 +143,7 @@ def run(args) -> dict:
             "p99_ms": round(1000 * max(w["p99"] for w in workers), 2),
             "master_cpu_s": round(master_cpu, 2),
             "master_cpu_ms_per_1000": round(1000 * master_cpu / max(1, asked) * 1000, 1),
+            "workers_cpu_s": round(sum(w["cpu"] for w in workers), 2),
             "wall_s": round(time.monotonic() - started, 2)}
 
 
