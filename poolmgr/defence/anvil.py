@@ -323,9 +323,9 @@ class AnvilClient(ClientState):
                 break
             if not packet:
                 break
-            for line in packet.decode("ascii").split("\n"):
+            for line in packet.decode("ascii", "replace").split("\n"):
                 seq, _, rest = line.partition(" ")
-                waiter = self.pending.pop(int(seq), None)
+                waiter = self.pending.pop(int(seq) if seq.isdigit() else 0, None)
                 if waiter is not None:
                     # Numbers, but for the names of a cached client name (`N`).
                     waiter.set(tuple(int(v) if v.lstrip("-").isdigit() else v
@@ -387,10 +387,11 @@ class AnvilClient(ClientState):
             return None
         self.seq += 1
         seq = self.seq
+        waiter = self.pending[seq] = self.result_type()
         if not self._queue(seq, f"{seq} {op} {ip}"):
+            del self.pending[seq]
             self._fell_back(op, ip, "queue full")
             return None
-        waiter = self.pending[seq] = self.result_type()
         try:
             answer = waiter.get(timeout=self.timeout)
         except self.timeout_type:
