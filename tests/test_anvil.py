@@ -267,6 +267,33 @@ def test_a_closed_master_fails_open_at_once_and_is_logged_once():
     assert run_gevent(CLOSED).strip() == "ok"
 
 
+QUEUE_FULL = """
+import poolmgr.defence.anvil as anvil_module
+anvil_module._OUTBOX_MAX = 50
+master, worker_end = pair()
+log, counted = Log(), []
+client = AnvilClient(worker_end, 5.0, log, lambda: counted.append(1))
+# A burst before the writer's turn: the queue takes its fill, the rest fail open at once.
+for n in range(2000):
+    client.pass_greet("192.0.2.%d" % (n % 250), 60)
+assert client.connect("192.0.2.1") is None
+assert client.fallbacks == len(counted) == 1951, client.fallbacks
+assert log.said("warning") == [
+    "anvil: no answer from the master for P 192.0.2.50: queue full -- not limiting"]
+running = gevent.event.Event()
+running.set()
+gevent.spawn(serving, server, master, 1, running)
+until(lambda: not client.outbox)  # the writer's turn: the queue has room again
+assert client.connect("192.0.2.1") == (1, 1)  # served after the 50 queued
+assert len(server.anvil.greet) == 50
+print("ok")
+"""
+
+
+def test_a_full_queue_fails_requests_open_at_once():
+    assert run_gevent(QUEUE_FULL).strip() == "ok"
+
+
 # -- a real poolmgr
 def flood(port: int, sources: list[str], connected=None) -> list[tuple[bytes, float]]:
     """Open a connection from each source at once (non-blocking connects), call `connected`
