@@ -454,25 +454,26 @@ def test_a_worker_holds_few_sessions_before_their_banner_and_banners_go_in_arriv
     assert max(when for _, when in first) < min(when for _, when in rest)
 
 
-def test_past_greeting_max_a_worker_accepts_while_the_accept_queue_is_half_full(make_poolmgr):
-    """Held back sessions fill the accept queue; before the kernel would drop connections
-    (from half of smtp.listen_backlog) the worker takes them beyond GREETING_MAX."""
+def test_past_greeting_max_a_worker_accepts_while_the_queue_is_at_the_storm_mark(make_poolmgr):
+    """Held back sessions fill the accept queue; once it is as full as the autoscaler's storm
+    mark (storm_enter_occupancy of smtp.listen_backlog), before the kernel would drop
+    connections, the worker takes them beyond GREETING_MAX."""
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))
     backlog = 300
     pm = make_poolmgr({"smtp": {"min_workers": 1, "max_workers": 1, "listen_backlog": backlog},
                        "scanner": {"min_workers": 1, "max_workers": 1},
-                       "autoscale": {"enabled": False},
+                       "autoscale": {"enabled": False, "storm_enter_occupancy": 0.5},
                        "defence": {"reverse_lookup": True, "reverse_timeout": "3s",
                                    "nameservers": ["127.0.0.1:%d" % silent.getsockname()[1]]}})
     pm.wait_workers(smtp=1, scanner=1)
 
-    def taken_to_below_half():
+    def taken_to_below_the_mark():
         wait_until(lambda: accept_queue(pm.smtp_port) == backlog // 2 - 1, timeout=10,
                    what="the worker taking sessions past GREETING_MAX")
 
     try:
-        firsts = flood(pm.smtp_port, sources(65, GREETING_MAX + 200), taken_to_below_half)
+        firsts = flood(pm.smtp_port, sources(65, GREETING_MAX + 200), taken_to_below_the_mark)
     finally:
         silent.close()
     assert [line[:3] for line, _ in firsts] == [b"220"] * (GREETING_MAX + 200)

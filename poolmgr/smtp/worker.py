@@ -6,8 +6,8 @@ socket (otherwise accept() would block the whole worker) and gets a `StreamServe
 is made in the hub as it is accepted and runs in a greenlet of its own (a kept one:
 `smtp.runners`) until it waits for its client; an idle session is parked (`smtp.park`), with
 no greenlet. At `smtp.max_sessions_per_worker` sessions, running and parked, or GREETING_MAX
-sessions accepted whose banner has not gone out yet (while the accept queue is less than half
-full), the worker stops accepting on every socket and the kernel's listen queues feed the
+sessions accepted whose banner has not gone out yet (while the accept queue is under the
+autoscaler's storm mark), the worker stops accepting on every socket and the kernel's listen queues feed the
 other workers: in a storm, banners go out in arrival order, and a new client's banner waits
 behind at most GREETING_MAX others here.
 
@@ -37,7 +37,9 @@ from ..worker import DRAIN_IDLE_GRACE, WorkerProcess
 # goes out, so that a storm's connections wait in the kernel's accept queue, in arrival
 # order and for any worker, rather than by thousands in one worker, each new client's banner
 # behind all of theirs (and the accept queue is what the autoscaler reads as a storm). But
-# not while that queue is half full or more: beyond it the kernel would drop connections.
+# not once that queue is as full as the autoscaler's storm mark (autoscale.storm_enter_
+# occupancy of smtp.listen_backlog): the autoscaler has seen it, and beyond it the kernel
+# would soon drop connections.
 GREETING_MAX = 256
 QUEUE_CHECK = 0.05  # seconds between looks at the accept queue while held back by GREETING_MAX
 # A session that has sent no command this long after the banner counts as nuisance for the
@@ -155,10 +157,11 @@ class SmtpWorker(WorkerProcess):
         return False
 
     def queue_filling(self) -> bool:
-        """The fullest accept queue is half full or more."""
+        """The fullest accept queue is at the autoscaler's storm mark or past it."""
+        cfg = self.cfg
         waiting, limit = accept_queue([server.socket for server in self.servers],
-                                      self.cfg.smtp.listen_backlog)
-        return waiting * 2 >= limit
+                                      cfg.smtp.listen_backlog)
+        return waiting >= limit * cfg.autoscale.storm_enter_occupancy
 
     def room(self) -> None:
         """A session closed or sent its banner (or QUEUE_CHECK passed): accept again if the
