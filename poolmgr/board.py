@@ -56,6 +56,8 @@ DNSBL_SITES_COUNTED = 16
 COUNTERS += ("dnsbl_errors",) + tuple(f"dnsbl_errors_{i}" for i in range(DNSBL_SITES_COUNTED))
 # Log lines the worker dropped because its log could not take them (log.py, logbuffer.py).
 COUNTERS += ("log_dropped",)
+# SMTP workers' requests to the master's anvil that failed open (defence.anvil.AnvilClient).
+COUNTERS += ("anvil_fallbacks",)
 _NCOUNTERS = 128
 assert len(COUNTERS) <= _NCOUNTERS
 _COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}

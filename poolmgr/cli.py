@@ -223,7 +223,7 @@ def format_status(status: Status) -> str:
     lines.append(f"stress mode {stress_text}; anvil: {anvil.connections} connections "
                  f"from {anvil.clients} clients, {anvil.greet_passes} greet passes, "
                  f"{anvil.dnsbl_answers} DNSBL answers, {anvil.client_names} client names "
-                 "cached")
+                 f"cached; {anvil.fallbacks} requests not answered in time (not limited)")
     lines.append(status.cluster.summary())
     if status.dnsbl.by_site:  # DNSBL sites are configured
         lines.append(status.dnsbl.summary())

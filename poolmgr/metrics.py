@@ -13,7 +13,8 @@ pid: series must outlive a worker), `smtp_sessions`, `smtp_slots`, `smtp_accept_
 `handoff_wait_seconds_total`, `handoff_queue_seconds_total`, the histograms `handoff_seconds`, `scan_seconds` and
 `check_seconds{check}`, `check_failures_total{check}`, `scanner_verdicts_total{kind}`,
 `nuisance_ratio`, `storm`, `stress`, `autoscale_decisions_total`,
-`log_dropped_total{process}` (master, smtp, scanner), `build_info{version}`; with
+`log_dropped_total{process}` (master, smtp, scanner), `anvil_fallbacks_total` (requests to
+the master's anvil not answered in time, so not limited), `build_info{version}`; with
 `[cluster] redis` or `sentinels`: `cluster_up` (1 while the nodes share Redis, 0 while
 degraded), `cluster_nodes`, `cluster_roundtrip_seconds` (the master's last round trip), the
 histogram `cluster_store_seconds` (the SMTP workers' Redis calls), `cluster_failures_total`,
@@ -123,6 +124,9 @@ class StatusCollector:
         for kind, pool in pools.items():
             dropped.add_metric([kind], pool.counters.get("log_dropped", 0))
         yield dropped
+        yield CounterMetricFamily("poolmgr_anvil_fallbacks", "Requests to the master's anvil "
+                                  "not answered in time (those clients were not limited)",
+                                  value=status.anvil.fallbacks)
         build = GaugeMetricFamily("poolmgr_build_info", "poolmgr's version", labels=["version"])
         build.add_metric([status.version], 1)
         yield build

@@ -136,6 +136,7 @@ class AnvilStatus:
     greet_passes: int = 0   # clients whose greet test pass holds (the host's cache)
     dnsbl_answers: int = 0  # DNSBL answers cached by the host
     client_names: int = 0   # client names (defence.peername) cached by the host
+    fallbacks: int = 0      # SMTP workers' requests it did not answer in time: not limited
 
 
 @dataclass
@@ -339,7 +340,9 @@ def collect(view: MasterView) -> Status:
         stress=dataclasses.replace(view.stress),
         storm=StormStatus(phase == autoscale.STORM, phase,
                           round(view.autoscaler.phase_since, 1)),
-        autoscale=_autoscale(view), anvil=view.anvil,
+        autoscale=_autoscale(view),
+        anvil=dataclasses.replace(view.anvil,
+                                  fallbacks=pools["smtp"].counters.get("anvil_fallbacks", 0)),
         scanner=_scanner(view, pools["scanner"].counters), cluster=view.cluster,
         dnsbl=_dnsbl(view.dnsbl_sites, pools["smtp"].counters))
 

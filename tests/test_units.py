@@ -233,7 +233,7 @@ def test_anvil_server_answers_over_a_seqpacket_pair():
         worker_end.send(packet)
     assert server.serve(master_end, owner=1) is True
     answers = [worker_end.recv(64) for _ in range(4)]
-    assert answers == [b"7 1 1", b"8 2 2", b"9 1", b"10 1"]
+    assert answers == [b"7 1 1 0", b"8 2 2 0", b"9 1", b"10 1"]
     assert server.anvil.clients["192.0.2.9"].count == 1
     worker_end.close()
     assert server.serve(master_end, owner=1) is False

@@ -15,25 +15,50 @@ as Postfix's anvil does. The connection count is of live sessions: a session rel
 count when it ends, and the master releases all of a worker's counts when the worker exits, so
 a crashed worker leaves nothing behind.
 
-Wire format (ASCII, one request per packet): `SEQ C IP` connect -> `SEQ COUNT RATE`,
-`SEQ M IP` message -> `SEQ RATE`, `SEQ R IP` recipient -> `SEQ RATE`, `0 D IP` disconnect
-(no answer); `SEQ G IP` greet test passed? -> `SEQ 0|1`, `0 P IP TTL` passed it (no answer);
-`SEQ L IP DOMAIN...` cached DNSBL answers -> `SEQ V...` (1 listed, 0 not, -1 unknown),
-`0 S IP DOMAIN 0|1 TTL` cache an answer (no answer); `SEQ N IP` the cached name ->
-`SEQ 1 NAME REVERSE` (`SEQ 0` when none), `0 H IP NAME REVERSE TTL` cache it (no answer).
+A storm asks thousands of times a second, so neither side pays a system call per request:
+in a worker, sessions only queue their requests, and one writer greenlet sends what was
+queued meanwhile in as few packets as fit (one reader greenlet takes the answers), so no two
+greenlets ever wait on the socket; the master answers each packet's requests in one packet.
+A request whose session has given up before it was sent is not sent; a connect that was sent
+but not answered in time is released (`D`) at once, so a late answer never leaves a count
+behind. The queue holds at most _OUTBOX_MAX requests (a master that reads nothing for
+long); past it, a request fails open at once. When the master does not answer within
+ANVIL_TIMEOUT, the session fails open (not limited): counted (`anvil_fallbacks` on the board: `poolmgr status`, the metric
+`poolmgr_anvil_fallbacks_total`) and logged once per episode, from the first such request
+(`anvil: no answer from the master for OP IP: Timeout -- not limiting`) to the first answer
+ANVIL_TIMEOUT after the last one (`anvil: the master answers again; N request(s) were not
+limited`).
+
+Wire format (ASCII, SOCK_SEQPACKET): a packet is one or more requests, or one or more
+answers, separated by newlines, at most _PACKET bytes. Requests: `SEQ C IP` connect ->
+`SEQ COUNT RATE 0|1` (the last: whether the client's greet test pass holds, kept by the
+worker for GREET_KEPT seconds for the session's `greet_passed` that follows, so that a new
+session waits for one answer before its banner, not two), `SEQ M IP` message -> `SEQ RATE`,
+`SEQ R IP` recipient -> `SEQ RATE`, `0 D IP` disconnect (no answer); `SEQ G IP` greet test
+passed? -> `SEQ 0|1`, `0 P IP TTL` passed it (no answer); `SEQ L IP DOMAIN...` cached DNSBL answers -> `SEQ V...` (1 listed,
+0 not, -1 unknown), `0 S IP DOMAIN 0|1 TTL` cache an answer (no answer); `SEQ N IP` the
+cached name -> `SEQ 1 NAME REVERSE` (`SEQ 0` when none), `0 H IP NAME REVERSE TTL` cache it
+(no answer). A malformed request is skipped; requests are served in the order sent.
 """
 
 __all__ = ["Anvil", "AnvilServer", "AnvilClient", "Usage", "ANVIL_TIMEOUT"]
 
 import selectors
 import socket
-from collections import Counter
+import time
+from collections import Counter, deque
 
 from .clientstate import ClientState, TtlCache, Usage
 
 _PURGE_EVERY = 1024  # requests between sweeps of idle clients, at most
 ANVIL_TIMEOUT = 2.0  # a worker's wait for an answer; after it the client fails open
-_PACKET = 4096  # a request or an answer, at most (a DNSBL lookup names every site)
+_PACKET = 4096  # requests or answers, at most (a DNSBL lookup names every site)
+_PACKETS_PER_TURN = 64  # packets the master serves from one worker before its loop goes on
+# Requests a worker holds for a master that has stopped reading; past it, new ones fail open.
+_OUTBOX_MAX = 100_000
+# Seconds a worker keeps the greet test pass that came with a connect's answer, for the
+# session's greet_passed right after (a session refused at connect never asks).
+GREET_KEPT = 1.0
 
 
 class _Client:
@@ -174,8 +199,9 @@ class AnvilServer:
                 len(anvil.greet), len(anvil.dnsbl), len(anvil.names))
 
     def serve(self, sock: socket.socket, owner) -> bool:
-        """Answer every pending request; False when the worker's end is closed."""
-        while True:
+        """Answer the pending requests (up to _PACKETS_PER_TURN packets of them: the loop has
+        other workers and its housekeeping); False when the worker's end is closed."""
+        for _ in range(_PACKETS_PER_TURN):
             try:
                 packet = sock.recv(_PACKET)
             except BlockingIOError:
@@ -185,24 +211,40 @@ class AnvilServer:
             if not packet:
                 return False
             try:
-                seq, op, ip, *args = packet.decode("ascii").split()
-                answer = self.answer(owner, op, ip, args)
-            except (UnicodeDecodeError, ValueError):
+                lines = packet.decode("ascii").split("\n")
+            except UnicodeDecodeError:
                 continue
-            if answer is None:
-                continue
+            answers = []
+            for line in lines:
+                try:
+                    seq, op, ip, *args = line.split()
+                    answer = self.answer(owner, op, ip, args)
+                except ValueError:
+                    continue
+                if answer is not None:
+                    answers.append(f"{seq} {answer}")
+            if answers and not self._send(sock, answers):
+                return False
+        return True
+
+    @staticmethod
+    def _send(sock: socket.socket, answers: list[str]) -> bool:
+        """The answers, in as few packets as fit; False when the worker's end is closed."""
+        for packet in _packets(answers):
             try:
-                sock.send(f"{seq} {answer}".encode("ascii"))
+                sock.send(packet)
             except BlockingIOError:
-                pass  # the worker is not reading: it will time out and carry on
+                pass  # the worker is not reading: its sessions time out and carry on
             except OSError:
                 return False
+        return True
 
     def answer(self, owner, op: str, ip: str, args: list[str]) -> str | None:
         """One request (ValueError when malformed); None for those that get no answer."""
         anvil, now = self.anvil, self.clock()
         if op == "C":
-            return "%d %d" % anvil.connect(owner, ip, now)
+            count, rate = anvil.connect(owner, ip, now)
+            return "%d %d %d" % (count, rate, anvil.greet_passed(ip, now))
         if op == "M":
             return str(anvil.message(ip, now))
         if op == "R":
@@ -228,29 +270,52 @@ class AnvilServer:
         return None
 
 
-class AnvilClient(ClientState):
-    """A worker's side (gevent): one socket shared by all sessions, answers matched by seq.
+def _packets(lines: list[str]):
+    """`lines` joined by newlines into packets of at most _PACKET bytes (a longer line goes
+    alone: the receiver drops what is cut off, and that request fails open)."""
+    batch, size = [], 0
+    for line in lines:
+        if batch and size + len(line) >= _PACKET:
+            yield "\n".join(batch).encode("ascii")
+            batch, size = [], 0
+        batch.append(line)
+        size += len(line) + 1
+    if batch:
+        yield "\n".join(batch).encode("ascii")
 
-    When the master does not answer within `timeout`, the request fails open (None) and a
-    warning is logged: a slow master must not stop mail.
+
+class AnvilClient(ClientState):
+    """A worker's side (gevent): one socket shared by all sessions, answers matched by seq;
+    one writer greenlet sends what the sessions queue, one reader takes the answers.
+
+    When the master does not answer within `timeout`, the request fails open (None): a slow
+    master must not stop mail. Each such request is counted (`fallbacks`, and `count()`,
+    the worker's board counter); the first of an episode is logged (see the module's
+    docstring).
     """
 
-    def __init__(self, sock: socket.socket, timeout: float, logger):
+    def __init__(self, sock: socket.socket, timeout: float, logger, count=None):
         import gevent
         import gevent.event
-        import gevent.exceptions
 
         self.sock = sock
         self.timeout = timeout
         self.log = logger
+        self.count = count  # called once per request failed open
         self.seq = 0
+        self.sent = 0  # the highest seq handed to the socket
         self.closed = False  # the master's end is gone: stop asking
         self.pending: dict[int, "gevent.event.AsyncResult"] = {}
+        self.outbox: deque[tuple[int, str]] = deque()  # (seq, request); 0: no answer awaited
+        self.fallbacks = 0  # requests failed open, since the start
+        self.failing = 0  # ... in the current episode (0: none)
+        self.failed_at = 0.0  # when the last one failed
+        self.greet_seen: dict[str, tuple[bool, float]] = {}  # ip -> (passed, when): see C
         self.result_type = gevent.event.AsyncResult
-        # ConcurrentObjectUseError: another session is already waiting to send (the master is
-        # behind and the socket's buffer is full); this one fails open instead of waiting too.
-        self.failures = (gevent.Timeout, OSError, gevent.exceptions.ConcurrentObjectUseError)
+        self.timeout_type = gevent.Timeout
+        self.queued = gevent.event.Event()
         self.reader = gevent.spawn(self._read)
+        self.writer = gevent.spawn(self._write)
 
     def _read(self) -> None:
         while True:
@@ -260,45 +325,118 @@ class AnvilClient(ClientState):
                 break
             if not packet:
                 break
-            seq, _, rest = packet.decode("ascii").partition(" ")
-            waiter = self.pending.pop(int(seq), None)
-            if waiter is not None:
-                # Numbers, but for the names of a cached client name (`N`).
-                waiter.set(tuple(int(v) if v.lstrip("-").isdigit() else v
-                                 for v in rest.split()))
+            for line in packet.decode("ascii", "replace").split("\n"):
+                seq, _, rest = line.partition(" ")
+                waiter = self.pending.pop(int(seq) if seq.isdigit() else 0, None)
+                if waiter is not None:
+                    # Numbers, but for the names of a cached client name (`N`).
+                    waiter.set(tuple(int(v) if v.lstrip("-").isdigit() else v
+                                     for v in rest.split()))
+            if self.failing and time.monotonic() - self.failed_at >= self.timeout:
+                self.log.info("anvil: the master answers again; %d request(s) were not limited",
+                              self.failing)
+                self.failing = 0
         self.closed = True
+        self.queued.set()  # the writer ends
         self.log.warning("anvil: the master closed the connection -- not limiting")
         for waiter in self.pending.values():
-            waiter.set(())
+            waiter.set(None)
+
+    def _write(self) -> None:
+        """What the sessions queue, in the order queued, a packet at a time as the socket
+        takes them: a request whose session gave up while it waited here is left out."""
+        outbox = self.outbox
+        while not self.closed:
+            self.queued.wait()
+            self.queued.clear()
+            while outbox and not self.closed:
+                packet = self._packet()
+                try:
+                    if packet:
+                        self.sock.send(packet)  # waits while the master is behind
+                except OSError:
+                    return  # the reader sees the socket closed too
+
+    def _packet(self) -> bytes:
+        """The next packet's worth of the queue."""
+        outbox, pending = self.outbox, self.pending
+        lines, size = [], 0
+        while outbox:
+            seq, request = outbox[0]
+            if seq and seq not in pending:
+                outbox.popleft()  # its session has given up
+                continue
+            if lines and size + len(request) >= _PACKET:
+                break
+            outbox.popleft()
+            lines.append(request)
+            size += len(request) + 1
+            if seq:
+                self.sent = seq  # queued in order: the highest so far
+        return "\n".join(lines).encode("ascii")
+
+    def _queue(self, seq: int, request: str) -> bool:
+        """False when the queue is full (the master has read nothing for long)."""
+        if len(self.outbox) >= _OUTBOX_MAX:
+            return False
+        self.outbox.append((seq, request))
+        self.queued.set()
+        return True
 
     def _ask(self, op: str, ip: str):
         if self.closed:
+            self._fell_back(op, ip, "closed")
             return None
         self.seq += 1
         seq = self.seq
         waiter = self.pending[seq] = self.result_type()
+        if not self._queue(seq, f"{seq} {op} {ip}"):
+            del self.pending[seq]
+            self._fell_back(op, ip, "queue full")
+            return None
         try:
-            self.sock.send(f"{seq} {op} {ip}".encode("ascii"))
-            return waiter.get(timeout=self.timeout)
-        except self.failures as exc:  # fail open
-            self.log.warning("anvil: no answer from the master for %s %s: %s -- not limiting",
-                             op, ip, type(exc).__name__)
+            answer = waiter.get(timeout=self.timeout)
+        except self.timeout_type:
+            if op == "C" and seq <= self.sent:
+                # The master counts it when it gets there: the session will not release it.
+                self._queue(0, f"0 D {ip}")
+            self._fell_back(op, ip, "Timeout")
             return None
         finally:
             self.pending.pop(seq, None)
+        if answer is None:  # the master closed the connection meanwhile
+            self._fell_back(op, ip, "closed")
+        return answer
+
+    def _fell_back(self, op: str, ip: str, why: str) -> None:
+        """A request failed open: counted, and logged if it is the first of an episode."""
+        self.fallbacks += 1
+        if self.count is not None:
+            self.count()
+        if not self.failing and not self.closed:
+            self.log.warning("anvil: no answer from the master for %s %s: %s -- not limiting",
+                             op, ip.split()[0], why)
+        self.failing += 1
+        self.failed_at = time.monotonic()
 
     def connect(self, ip: str) -> Usage | None:
         answer = self._ask("C", ip)
-        return Usage(*answer) if answer else None
+        if not answer:
+            return None
+        seen, now = self.greet_seen, time.monotonic()
+        if seen:  # forget the oldest if nobody asked for it in time (oldest first: pop, put)
+            oldest = next(iter(seen))
+            if now - seen[oldest][1] >= GREET_KEPT:
+                del seen[oldest]
+        seen.pop(ip, None)
+        seen[ip] = (bool(answer[2]), now)
+        return Usage(answer[0], answer[1])
 
     def _tell(self, request: str) -> None:
         """A request that gets no answer."""
-        if self.closed:
-            return
-        try:
-            self.sock.send(f"0 {request}".encode("ascii"))
-        except self.failures:
-            pass
+        if not self.closed and not self._queue(0, f"0 {request}"):
+            op, ip = request.split()[:2]
+            self._fell_back(op, ip, "queue full")
 
     def disconnect(self, ip: str) -> None:
         self._tell(f"D {ip}")
@@ -312,6 +450,9 @@ class AnvilClient(ClientState):
         return answer[0] if answer else None
 
     def greet_passed(self, ip: str) -> bool:
+        seen = self.greet_seen.pop(ip, None)
+        if seen is not None and time.monotonic() - seen[1] < GREET_KEPT:
+            return seen[0]  # from the connect's answer, a moment ago
         answer = self._ask("G", ip)
         return bool(answer and answer[0])
 

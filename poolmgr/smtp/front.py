@@ -48,9 +48,10 @@ class FrontService:
         self.log = log.get("smtpd")
         self.draining = False
         self.sessions: set[ServerSession] = set()  # running and parked
+        self.greeting = 0  # sessions accepted whose banner has not gone out yet
         self.parking: Parking | None = None  # set by the SMTP worker (gevent)
         self.handoff_gate: handoff.HandoffGate | None = None  # likewise
-        self.on_room: Callable[[], None] | None = None  # a session closed (the worker's)
+        self.on_room: Callable[[], None] | None = None  # one closed or greeted (the worker's)
         self.mydestination = frozenset(cfg.smtp.mydestination)
         self.defence = defence
         self.anvil = anvil
@@ -63,6 +64,12 @@ class FrontService:
         self.proxy_filter = handoff.proxy_filter(cfg)
         self.relay_cache = handoff.kept_connections(cfg)
 
+    def greeted(self) -> None:
+        """A session's banner went out, or it ended before: the worker may accept more."""
+        self.greeting -= 1
+        if self.on_room is not None:
+            self.on_room()
+
     def closed(self, session: ServerSession) -> None:
         self.sessions.discard(session)
         if self.on_room is not None:
@@ -74,7 +81,7 @@ class FrontSession(ServerSession):
     tests live in `defence.early` and `defence.limits`: the hooks below give them what they
     read and return their decisions to the dialogue, which applies them."""
 
-    __slots__ = ("screening", "accepted", "rejected")
+    __slots__ = ("screening", "accepted", "rejected", "greeting")
 
     def __init__(self, service, sock, peer):
         super().__init__(service, sock, peer)
@@ -82,6 +89,8 @@ class FrontSession(ServerSession):
                                    service.slot.stress())
         self.accepted = 0
         self.rejected = 0
+        self.greeting = True  # counted in service.greeting until its banner goes out
+        service.greeting += 1
 
     def run(self) -> None:
         """Behind a load balancer (`smtp.proxy_protocol`), the client's address comes first,
@@ -158,7 +167,15 @@ class FrontSession(ServerSession):
                               self.env.mail_from if self.env else "", rcpt, self.proto,
                               self.helo or "")
 
+    def on_banner(self) -> None:
+        if self.greeting:
+            self.greeting = False
+            self.service.greeted()
+
     def on_close(self) -> None:
+        if self.greeting:  # it ended before its banner
+            self.greeting = False
+            self.service.greeting -= 1
         self.service.closed(self)
         screening = self.screening
         limits.closed(screening, self.service, self.peer, self.client, self.transactions,

@@ -14,7 +14,7 @@ go on): `on_connect`, `before_banner` (a pause asks for the two-part banner; the
 `check_mail`, `check_rcpt`, `after_command`, and `before_reply` before every reply. The
 session is the one place that acts on them (`apply`): it caps the timeout, closes, parks
 for the greet pause (`smtp.park`), sleeps (the tarpit), and writes. Other hooks:
-`extensions`, `deliver` and `on_close`.
+`extensions`, `deliver`, `on_banner` (the banner's first line is on its way) and `on_close`.
 
 The `service` passed in is the worker-wide object every session shares: `hostname`, `log`,
 `limits` (line_length_limit, message_size_limit, max_recipients, timeout, per_record_deadline,
@@ -170,6 +170,9 @@ class ServerSession:
     def deliver(self, env: Envelope, data: bytes) -> list[R.Reply]:
         raise NotImplementedError
 
+    def on_banner(self) -> None:
+        """The banner's first line is written (once with a pause; again with its rest)."""
+
     def on_close(self) -> None:
         pass
 
@@ -219,6 +222,7 @@ class ServerSession:
         self.log_connect()
         if not self.closing:
             self.reply(R.R220_BANNER.format(host=self.service.hostname))
+            self.on_banner()
 
     def pause(self, seconds: float) -> None:
         """The greet pause: the banner's first line, then up to `seconds` for the client to
@@ -227,6 +231,7 @@ class ServerSession:
         its command loop."""
         banner = R.R220_BANNER.format(host=self.service.hostname)
         self.conn.write(f"220-{banner.text}\r\n".encode())
+        self.on_banner()
         started = time.monotonic()
         parking = getattr(self.service, "parking", None)
         if parking is not None:

@@ -5,8 +5,11 @@ listening socket the master bound (one per `smtp.listen` address) is re-wrapped 
 socket (otherwise accept() would block the whole worker) and gets a `StreamServer`. A session
 is made in the hub as it is accepted and runs in a greenlet of its own (a kept one:
 `smtp.runners`) until it waits for its client; an idle session is parked (`smtp.park`), with
-no greenlet. At `smtp.max_sessions_per_worker` sessions, running and parked, the worker stops
-accepting on every socket and the kernel's listen queues feed the other workers.
+no greenlet. At `smtp.max_sessions_per_worker` sessions, running and parked, or GREETING_MAX
+sessions accepted whose banner has not gone out yet (while the accept queue is under the
+autoscaler's storm mark), the worker stops accepting on every socket and the kernel's listen queues feed the
+other workers: in a storm, banners go out in arrival order, and a new client's banner waits
+behind at most GREETING_MAX others here.
 
 Its sessions ask the client state (`defence.clientstate`) of the master's anvil through one
 socket, or, with `[cluster] redis` or `sentinels`, of Redis directly (`cluster.RedisState`,
@@ -21,15 +24,26 @@ DRAIN_IDLE_GRACE seconds gets 421 and is closed; transactions finish; after
 the log file.
 """
 
-__all__ = ["SmtpWorker", "main"]
+__all__ = ["SmtpWorker", "main", "GREETING_MAX"]
 
 import os
 import time
 
 from .. import log
 from ..heap import Trimmer
+from ..listen import accept_queue
 from ..worker import DRAIN_IDLE_GRACE, WorkerProcess
 
+# Sessions accepted whose banner has not gone out yet (waiting for the master's anvil, the
+# client's name, their turn in the hub): at this many the worker stops accepting until one
+# goes out, so that a storm's connections wait in the kernel's accept queue, in arrival
+# order and for any worker, rather than by thousands in one worker, each new client's banner
+# behind all of theirs (and the accept queue is what the autoscaler reads as a storm). But
+# not once that queue is as full as the autoscaler's storm mark (autoscale.storm_enter_
+# occupancy of smtp.listen_backlog): the autoscaler has seen it, and beyond it the kernel
+# would soon drop connections.
+GREETING_MAX = 256
+QUEUE_CHECK = 0.05  # seconds between looks at the accept queue while held back by GREETING_MAX
 # A session that has sent no command this long after the banner counts as nuisance for the
 # autoscaler while it lives (bots that connect and never speak).
 SILENT_NUISANCE = 5.0
@@ -107,7 +121,7 @@ class SmtpWorker(WorkerProcess):
             from ..defence.anvil import ANVIL_TIMEOUT, AnvilClient
 
             state = AnvilClient(socket.socket(fileno=ctx.anvil.detach()), ANVIL_TIMEOUT,
-                                self.log)
+                                self.log, lambda: ctx.slot.add("anvil_fallbacks"))
             from ..cluster import RedisState, enabled
 
             if enabled(cfg.cluster):  # the cluster's state, with the host's as its fallback
@@ -119,6 +133,8 @@ class SmtpWorker(WorkerProcess):
                                     Defence(cfg, gevent.spawn, state, self.log, ctx.slot),
                                     state)
         self.max_sessions = cfg.smtp.max_sessions_per_worker
+        self.stopped_full = False  # the servers stopped accepting because the worker was full
+        self.queue_check = gevent.get_hub().loop.timer(QUEUE_CHECK, QUEUE_CHECK)
         hub = gevent.get_hub()
         self.runners = Runners(hub, gevent.spawn)
         self.service.parking = Parking(hub.loop, self.runners.spawn)
@@ -131,11 +147,32 @@ class SmtpWorker(WorkerProcess):
                         for sock in ctx.socks]
 
     def full(self) -> bool:
-        return len(self.service.sessions) >= self.max_sessions
+        """Asked by the servers before each accept: when True they stop accepting."""
+        service = self.service
+        if len(service.sessions) >= self.max_sessions:
+            self.stopped_full = True
+            return True
+        if service.greeting >= GREETING_MAX and not self.queue_filling():
+            self.stopped_full = True
+            if not self.queue_check.active:  # the queue may fill before a banner goes out
+                self.queue_check.start(self.room)
+            return True
+        return False
+
+    def queue_filling(self) -> bool:
+        """The fullest accept queue is at the autoscaler's storm mark or past it."""
+        cfg = self.cfg
+        waiting, limit = accept_queue([server.socket for server in self.servers],
+                                      cfg.smtp.listen_backlog)
+        return waiting >= limit * cfg.autoscale.storm_enter_occupancy
 
     def room(self) -> None:
-        """A session closed: accept again if the worker was full."""
-        if len(self.service.sessions) == self.max_sessions - 1:
+        """A session closed or sent its banner (or QUEUE_CHECK passed): accept again if the
+        worker stopped when it was full (not after an accept error: gevent's back-off starts
+        it again)."""
+        if self.stopped_full and not self.full():
+            self.stopped_full = False
+            self.queue_check.stop()
             for server in self.servers:
                 if server.started:
                     server.start_accepting()
