@@ -213,6 +213,19 @@ def test_anvil_forgets_a_storms_clients_once_their_window_ends_without_more_stor
     assert list(anvil.clients) == ["198.51.100.1"]
 
 
+
+def test_anvil_sweeps_a_flood_of_live_clients_rarely():
+    """With every client live a sweep finds nothing to forget: it waits until the store has
+    doubled (or a time unit has passed), so each request does not walk them all."""
+    anvil = Anvil(time_unit=60)
+    sweeps = []
+    purge = anvil.purge
+    anvil.purge = lambda now: (sweeps.append(len(anvil.clients)), purge(now))
+    for n in range(20_000):
+        anvil.connect("w1", f"10.0.{n // 250}.{n % 250}", now=n / 2000)
+    assert len(sweeps) <= 6 and len(anvil.clients) == 20_000  # 0, 1024, 2048, ... 16384
+
+
 def test_ttl_cache_sweeps_expired_entries_by_age():
     cache = TtlCache(max_entries=1000, sweep_every=60)
     for n in range(300):
