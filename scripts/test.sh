@@ -9,10 +9,11 @@ cd "$(dirname "$0")/.."
 # real daemons (clamav-daemon, spamd, rspamd), each started by the tests with a private config;
 # the service tests run systemd-analyze verify (with man-db for the unit's man page), groff,
 # logrotate, fail2ban-regex and pflogsumm on what poolmgr ships and logs; the cluster tests start
-# their own redis-server.
+# their own redis-server; the bench compares the scanner pool with amavisd-new, started with a
+# private config.
 debs=(postfix swaks dnsmasq-base openssl procps util-linux mount bsdutils tzdata clamav-daemon
       spamd spamassassin rspamd systemd man-db groff-base logrotate fail2ban pflogsumm
-      redis-server)
+      redis-server amavisd-new)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -23,7 +24,8 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     # Postfix must not configure or start a system instance: the tests run their own.
     echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
-    # Nor may the daemons start system instances (clamd, spamd, rspamd, fail2ban, redis):
+    # Nor may the daemons start system instances (clamd, spamd, rspamd, fail2ban, redis,
+    # amavisd):
     # unless the machine already says so (Docker images do), a policy-rc.d for the time of
     # the install.
     policy=""

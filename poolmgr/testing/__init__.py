@@ -5,6 +5,7 @@ poolmgr at run time.
 - `poolmgr`: Poolmgr (a `poolmgr run` subprocess), write_config, HELO
 - `sink`: Sink (Postfix's smtp-sink)
 - `recorder`: Recorder (a scripted SMTP/LMTP next hop that records what it accepted), Copy
+- `amavisd`: Amavisd (Debian's amavisd-new with a private config, home and ports)
 - `clamd`: Clamd (a private ClamAV clamd with a local EICAR signature), EICAR_NAME, ping
 - `spamd`: Spamd (SpamAssassin's spamd, local tests only)
 - `postfix`: Postfix (a private Postfix instance)
@@ -14,6 +15,7 @@ poolmgr at run time.
 - `wait`: free_port, free_udp_port, listening, wait_until, WaitTimeout
 """
 
+from .amavisd import Amavisd
 from .clamd import EICAR_NAME, Clamd, ping
 from .nameserver import DnsServer, SilentDns
 from .poolmgr import HELO, Poolmgr, write_config
@@ -25,7 +27,7 @@ from .sink import Sink
 from .spamd import Spamd
 from .wait import WaitTimeout, free_port, free_udp_port, listening, wait_until
 
-__all__ = ["ENVELOPE_SYMBOL", "EICAR_NAME", "HELO", "Clamd", "Copy", "DnsServer", "Poolmgr",
+__all__ = ["ENVELOPE_SYMBOL", "EICAR_NAME", "HELO", "Amavisd", "Clamd", "Copy", "DnsServer", "Poolmgr",
            "Postfix", "Recorder", "RedisServer", "Rspamd", "SilentDns", "Sink", "Spamd",
            "WaitTimeout", "free_port", "free_udp_port", "listening", "ping", "wait_until",
            "write_config"]
