@@ -1,6 +1,6 @@
 """Test support shared by the test suite and the bench's targets: real poolmgr, Postfix,
-smtp-sink, clamd, spamd, rspamd and DNS server processes on loopback ports. Not used by
-poolmgr at run time.
+smtp-sink, amavisd-new, clamd, spamd, rspamd and DNS server processes on loopback ports. Not
+used by poolmgr at run time.
 
 - `poolmgr`: Poolmgr (a `poolmgr run` subprocess), write_config, HELO
 - `sink`: Sink (Postfix's smtp-sink)
@@ -27,7 +27,7 @@ from .sink import Sink
 from .spamd import Spamd
 from .wait import WaitTimeout, free_port, free_udp_port, listening, wait_until
 
-__all__ = ["ENVELOPE_SYMBOL", "EICAR_NAME", "HELO", "Amavisd", "Clamd", "Copy", "DnsServer", "Poolmgr",
-           "Postfix", "Recorder", "RedisServer", "Rspamd", "SilentDns", "Sink", "Spamd",
+__all__ = ["ENVELOPE_SYMBOL", "EICAR_NAME", "HELO", "Amavisd", "Clamd", "Copy", "DnsServer",
+           "Poolmgr", "Postfix", "Recorder", "RedisServer", "Rspamd", "SilentDns", "Sink", "Spamd",
            "WaitTimeout", "free_port", "free_udp_port", "listening", "ping", "wait_until",
            "write_config"]
