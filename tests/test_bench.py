@@ -168,7 +168,7 @@ def test_source_mode_against_poolmgr(tmp_path, capsys):
 def test_content_filter_scenarios_are_validated_and_amavisd_is_no_mta(tmp_path):
     plan = scenario.load(str(Path(SMOKE).parent / "content_filter.toml"))
     assert plan.measure == {"checks": ["builtin", "clamd"], "workers": 4, "messages": 2000,
-                            "size": 10240, "rounds": 3}
+                            "size": 10240, "rounds": 5}
     bad = tmp_path / "bad.toml"
     for text, message in (
             ('kind = "content-filter"\nchecks = ["spamd"]\n',

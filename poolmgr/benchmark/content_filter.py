@@ -3,10 +3,11 @@ Debian's amavisd-new, each in the place where Postfix's content_filter hands it 
 
 For each comparison in `checks` (`builtin`: poolmgr's builtin check beside amavisd with virus
 and spam checks bypassed; `clamd`: both asking the same clamd, started once for the scenario),
-`rounds` rounds of every target in turn (`bench compare --targets poolmgr,amavisd`): a fresh
-target with `workers` workers (poolmgr scanner-only, fixed, `feeder_maxproc` = workers;
-amavisd `$max_servers` = workers) and `smtp-source -s WORKERS -m MESSAGES -l SIZE`, the feeder
-at its maxproc, through it to smtp-sink (`benchmark.source`, `benchmark.targets`).
+`rounds` rounds of every target in turn (`bench compare --targets poolmgr,amavisd`; the order
+reversed every other round): a fresh target with `workers` workers (poolmgr scanner-only,
+fixed, `feeder_maxproc` = workers; amavisd `$max_servers` = workers) and `smtp-source -s
+WORKERS -m MESSAGES -l SIZE`, the feeder at its maxproc, through it to smtp-sink
+(`benchmark.source`, `benchmark.targets`).
 
 Figures per round and target: messages/second, CPU ms per message (the target's process tree,
 plus clamd's when asked), PSS of each worker and of the whole tree after the round, and
@@ -61,7 +62,8 @@ def rounds(scenario: Scenario, targets: list[str], out: Path) -> dict:
         for check in s["checks"]:
             runs: dict[str, list[dict]] = {t: [] for t in targets}
             for number in range(1, s["rounds"] + 1):
-                for target in targets:
+                # the order reversed every other round: neither target always runs first
+                for target in targets if number % 2 else targets[::-1]:
                     f = one_round(scenario, target, check, clamd,
                                   out / check / target / f"round{number}")
                     runs[target].append(f)
