@@ -112,7 +112,7 @@ Every duration and count is bounded, so a run stops by itself.
 
 __all__ = ["Scenario", "Phase", "PROFILES", "load", "ScenarioError", "replay_profile",
            "pool_sizes", "SERVER_DEFAULTS", "from_dict", "KINDS", "soak_storms",
-           "overridden", "RELOAD_AT", "UPGRADE_AT", "CONTENT_FILTER_CHECKS"]
+           "overridden", "RELOAD_AT", "UPGRADE_AT"]
 
 import math
 import tomllib
