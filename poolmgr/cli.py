@@ -289,7 +289,10 @@ def cmd_bench(args) -> int:
     if plan.kind in ("scanner-pool", "cluster-overhead", "soak"):
         return bench_poolmgr_alone(args, plan)
     if args.bench_command == "compare":
-        targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+        from .benchmark.targets import CONTENT_FILTERS, MTAS
+        given = args.targets or ",".join(
+            CONTENT_FILTERS if plan.kind == "content-filter" else MTAS)
+        targets = [t.strip() for t in given.split(",") if t.strip()]
         out = Path(args.out or os.path.join("bench", "out", f"{plan.name}-compare"))
         run.compare(plan, targets, out)
         print((out / "compare.md").read_text())
@@ -297,7 +300,7 @@ def cmd_bench(args) -> int:
     if args.nodes:
         plan.server["nodes"] = args.nodes
     out = Path(args.out or os.path.join("bench", "out", f"{plan.name}-{args.target}"))
-    if plan.kind == "source":  # the rounds against one target
+    if plan.kind in ("source", "content-filter"):  # the rounds against one target
         run.compare(plan, [args.target], out)
         print((out / "compare.md").read_text())
         return 0
@@ -653,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark harness: replay a storm scenario or a "
                                          "mail log, or measure throughput with smtp-source")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    targets = "poolmgr, postfix, postfix-postscreen, aiosmtpd"
+    mtas = "poolmgr, postfix, postfix-postscreen, aiosmtpd"
+    targets = f"{mtas}; poolmgr, amavisd in a content-filter scenario"
     for name, help_text, func in (
             ("run", "run one scenario against one target", cmd_bench),
             ("compare", "run one scenario against several targets, side by side", cmd_bench),
@@ -661,10 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
              cmd_bench_source)):
         p = command(bench_sub, name, help_text, func)
         if name == "compare":
-            p.add_argument("--targets", default=targets.replace(" ", ""),
-                           help=f"comma-separated: {targets} (default: all)")
+            p.add_argument("--targets",
+                           help=f"comma-separated: {targets} (default: all of the kind)")
         else:
-            p.add_argument("--target", default="poolmgr", help=f"one of {targets}")
+            p.add_argument("--target", default="poolmgr",
+                           help=f"one of {mtas if name == 'source' else targets}")
         default_out = {"run": "NAME-TARGET", "compare": "NAME-compare", "source": "source-TARGET"}
         p.add_argument("--out", help=f"output directory (default bench/out/{default_out[name]})")
         if name == "source":
@@ -679,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("scenario", help="a scenario file, e.g. bench/scenarios/smoke.toml "
                                             "(phases, or kind = \"replay\" of a mail log, "
                                             "\"source\", \"scanner-pool\", "
-                                            "\"cluster-overhead\" or \"soak\")")
+                                            "\"cluster-overhead\", \"soak\" or "
+                                            "\"content-filter\")")
             p.add_argument("--set", action="append", metavar="KEY=VALUE",
                            help="change one of the scenario's keys (a TOML value; a dotted "
                                 "KEY reaches into a table), e.g. --set duration=10m "

@@ -13,10 +13,11 @@ cd "$(dirname "$0")/.."
 # the same program, run as redis-server --sentinel with a private config each), and haproxy
 # in front of the nodes (the PROXY protocol). The Debian package is built (debian/control's
 # Build-Depends), installed, run in a network namespace of its own (iproute2) and purged; part
-# of the suite runs on Debian's own python3 with the python3-* packages the package depends on.
+# of the suite runs on Debian's own python3 with the python3-* packages the package depends on;
+# the bench compares the scanner pool with amavisd-new, started with a private config.
 debs=(postfix swaks dnsmasq-base openssl procps util-linux mount bsdutils tzdata clamav-daemon
       spamd spamassassin rspamd systemd man-db groff-base logrotate fail2ban pflogsumm
-      redis-server redis-sentinel haproxy iproute2
+      redis-server redis-sentinel haproxy iproute2 amavisd-new
       build-essential debhelper dh-python python3-all pybuild-plugin-pyproject
       python3-setuptools python3-wheel python3-build
       python3-gevent python3-greenlet python3-psutil python3-setproctitle python3-dnspython
@@ -33,8 +34,8 @@ if ((${#missing[@]})); then
     # Postfix must not configure or start a system instance: the tests run their own.
     echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
     # Nor may the daemons start system instances (clamd, spamd, rspamd, fail2ban, redis,
-    # haproxy): unless the machine already says so (Docker images do), a policy-rc.d for the
-    # time of the install.
+    # haproxy, amavisd): unless the machine already says so (Docker images do), a policy-rc.d
+    # for the time of the install.
     policy=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         policy=/usr/sbin/policy-rc.d

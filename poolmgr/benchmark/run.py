@@ -10,6 +10,9 @@ Output in OUT: `result.json` (figures and the time series), `connections.png` (o
 connections by profile and pool sizes over time), `latency.png` (legitimate latency over
 time) and `report.md`, which embeds them (`benchmark.report`).
 
+A source scenario (smtp-source, `benchmark.source`) and a content-filter one (poolmgr's scanner
+pool beside amavisd-new, `benchmark.content_filter`) compare round by round instead.
+
 `generate` runs the load generator's processes and gathers their records; the scanner-pool,
 cluster-overhead and soak kinds (`benchmark.scanner_pool`, `benchmark.cluster_overhead`,
 `benchmark.soak`) use it too.
@@ -26,11 +29,11 @@ from collections import Counter
 from pathlib import Path
 
 from ..testing.poolmgr import own_code_first
+from . import content_filter, source
 from . import load as loadgen
-from . import source
 from .report import compare_report, figures, plots, reaction, report, source_report
 from .scenario import Scenario
-from .targets import TARGETS, settled, started, tree_usage
+from .targets import TARGETS, check_target, settled, started, tree_usage
 
 SAMPLE_EVERY = 1.0
 MESSAGE_ID = re.compile(rb"<bench-\d+-\d+-\d+@partner\.example>")
@@ -144,10 +147,16 @@ def compare(scenario: Scenario, targets: list[str], out: Path) -> dict:
     if unknown:
         raise SystemExit(f"poolmgr bench: unknown target(s) {', '.join(unknown)}; "
                          f"known: {', '.join(TARGETS)}")
+    for target in targets:  # before anything starts
+        check_target(target, scenario.kind == "content-filter")
     out.mkdir(parents=True, exist_ok=True)
     if scenario.kind == "source":
         table = source.rounds(scenario, targets, out)
         source_report(out, scenario, table, targets)
+        return table
+    if scenario.kind == "content-filter":
+        table = content_filter.rounds(scenario, targets, out)
+        content_filter.write_report(out, scenario, table, targets)
         return table
     results = {t: run(scenario, t, out / t) for t in targets}
     table = {t: r["figures"] for t, r in results.items()}

@@ -72,6 +72,21 @@ with it and without, rounds taken in turn:
 Both drive the load generator as a closed loop (`Scenario.loop`): every client makes one
 connection after another, as fast as the server answers, for `duration`.
 
+A content-filter scenario (`kind = "content-filter"`, `benchmark.content_filter`) puts
+poolmgr's scanner pool alone (scanner-only, `[smtp] listen = []`) beside Debian's
+amavisd-new, each in Postfix's content_filter place: `workers` scanner workers against
+amavisd's `$max_servers`, fed by smtp-source with as many sessions (the `maxproc` of the
+`scan` transport), both re-injecting into smtp-sink; `bench compare --targets
+poolmgr,amavisd`:
+
+    kind = "content-filter"
+    checks = ["builtin", "clamd"]  # each a comparison: amavisd's checks bypassed beside
+                                   # builtin, then both asking the same clamd
+    workers = 4                # scanner workers = $max_servers = feeder_maxproc = smtp-source -s
+    messages = 2000            # smtp-source -m: messages per round
+    size = "10k"               # smtp-source -l: message size
+    rounds = 3                 # rounds of every target in turn (the spread)
+
 A soak scenario (`kind = "soak"`, `benchmark.soak`) runs one poolmgr node (sized by [server])
 for a long time under steady legitimate mail, with storms, next-hop outages, a reload, a USR2
 upgrade and (with `cluster`) a Redis restart on the way; its phases are made from its keys:
@@ -173,7 +188,7 @@ class Scenario:
     arrivals: list[list] = field(default_factory=list)
     # source: smtp-source's sessions, messages, size, and the rounds of a compare
     source: dict[str, int] = field(default_factory=dict)
-    # scanner-pool, cluster-overhead: their settings (MEASURE_KEYS)
+    # scanner-pool, cluster-overhead, content-filter: their settings (MEASURE_KEYS)
     measure: dict[str, Any] = field(default_factory=dict)
     # a closed loop for one run of the load generator: profile, clients, duration (s)
     loop: dict[str, Any] = field(default_factory=dict)
@@ -315,10 +330,13 @@ def source_settings(data: dict, fail) -> dict[str, int]:
     return settings
 
 
-KINDS = ("phases", "replay", "source", "scanner-pool", "cluster-overhead", "soak")
-# The scanner-pool and cluster-overhead kinds' keys: (default, least, most); a list's bounds
-# hold for each of its items
+KINDS = ("phases", "replay", "source", "scanner-pool", "cluster-overhead", "soak",
+         "content-filter")
+# The scanner-pool, cluster-overhead and content-filter kinds' keys: (default, least, most);
+# a list's bounds hold for each of its items
 SCANNER_CHECKS = ("builtin", "clamd", "spamd")
+# What both poolmgr and amavisd-new are set up to do in a content-filter scenario
+CONTENT_FILTER_CHECKS = ("builtin", "clamd")
 MEASURE_KEYS = {
     "scanner-pool": {"checks": (list(SCANNER_CHECKS), None, None),
                      "workers": ([1, 2, 4], 1, 64), "clients": (0, 0, 1000),
@@ -326,22 +344,26 @@ MEASURE_KEYS = {
                      "size": ("10k", 100, 10_000_000)},
     "cluster-overhead": {"rounds": (3, 1, 20), "duration": ("5s", 1, 600),
                          "clients": (40, 1, 1000)},
+    "content-filter": {"checks": (list(CONTENT_FILTER_CHECKS), None, None),
+                       "workers": (4, 1, 64), "messages": (2000, 1, 1_000_000),
+                       "size": ("10k", 0, 10_000_000), "rounds": (3, 1, 50)},
 }
 
 
 def measure_settings(kind: str, data: dict, fail) -> dict[str, Any]:
-    """A scanner-pool or cluster-overhead scenario's settings, each within its bounds."""
+    """A scanner-pool, cluster-overhead or content-filter scenario's settings, each within its
+    bounds."""
     settings: dict[str, Any] = {}
     for key, (default, least, most) in MEASURE_KEYS[kind].items():
         value = data.get(key, default)
         if key == "checks":
-            if not isinstance(value, list) or not value or \
-                    any(c not in SCANNER_CHECKS for c in value):
-                fail(f"checks: {value!r}: a list of {', '.join(SCANNER_CHECKS)}")
+            known = CONTENT_FILTER_CHECKS if kind == "content-filter" else SCANNER_CHECKS
+            if not isinstance(value, list) or not value or any(c not in known for c in value):
+                fail(f"checks: {value!r}: a list of {', '.join(known)}")
             settings[key] = list(dict.fromkeys(value))
             continue
         try:
-            if key == "workers":
+            if isinstance(default, list):
                 if not isinstance(value, list) or not value:
                     raise ValueError("not a list")
                 value = [int(v) for v in value]
@@ -349,7 +371,8 @@ def measure_settings(kind: str, data: dict, fail) -> dict[str, Any]:
                 value = parse_duration(value) if key == "duration" else \
                     parse_size(value) if key == "size" else int(value)
         except (TypeError, ValueError):
-            fail(f"{key}: {value!r} is not a {'list of numbers' if key == 'workers' else 'number'}")
+            fail(f"{key}: {value!r} is not a "
+                 f"{'list of numbers' if isinstance(default, list) else 'number'}")
         if not all(least <= v <= most for v in (value if isinstance(value, list) else [value])):
             fail(f"{key}: {value} is not within {least}..{most}")
         settings[key] = value

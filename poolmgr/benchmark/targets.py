@@ -6,8 +6,13 @@ Targets: `poolmgr` (both pools; with `[server] nodes = N`, N poolmgr nodes shari
 private Redis, whose `addresses` the load generator takes in turn; `cluster`: [cluster] on
 that Redis even for one node), `postfix` (Debian's
 Postfix, plain smtpd), `postfix-postscreen`
-(postscreen in front of it) and `aiosmtpd` (its stock server and `Proxy` handler). Each
-target's whole process tree is measured the same way (`tree_usage`: RSS, PSS, CPU seconds).
+(postscreen in front of it) and `aiosmtpd` (its stock server and `Proxy` handler). In a
+content-filter comparison (`content_filter` of `started`: a pool size and a clamd or none),
+`poolmgr` is its scanner pool alone (scanner-only, fixed at that size, fed as by Postfix's
+`scan` transport of that maxproc) and `amavisd` is Debian's amavisd-new with as many
+`$max_servers`, each asking the same clamd or bypassing virus and spam checks. Each
+target's whole process tree is measured the same way (`tree_usage`: RSS, PSS, CPU seconds;
+`children_pss`: each worker's PSS).
 
 A target answers `sample()` each second (sessions held; poolmgr: its pools, storm phase,
 stress mode and the pool rules each sample breaks), and at the end `verdicts()` (why sessions
@@ -15,7 +20,8 @@ were shed), `decisions` (poolmgr's autoscaler decisions seen, with their times) 
 `counters()` (poolmgr: hand-offs to the scanner pool, messages scanned).
 """
 
-__all__ = ["started", "settled", "tree_usage", "tree", "rule_breaks", "TARGETS", "DNSBL_ZONE"]
+__all__ = ["started", "check_target", "settled", "tree_usage", "tree", "rule_breaks",
+           "children_pss", "TARGETS", "MTAS", "CONTENT_FILTERS", "DNSBL_ZONE"]
 
 import subprocess
 import sys
@@ -31,10 +37,14 @@ import psutil
 from .. import config
 from ..autoscale import Snapshot, check_rules
 from ..status import Decision, Status
-from ..testing import (DnsServer, Poolmgr, Postfix, RedisServer, Sink, free_port, listening,
-                       wait_until)
+from ..testing import (Amavisd, DnsServer, Poolmgr, Postfix, RedisServer, Sink, free_port,
+                       listening, wait_until)
 
-TARGETS = ("poolmgr", "postfix", "postfix-postscreen", "aiosmtpd")
+# The targets in the MTA's place (every kind of scenario but content-filter), and those in
+# the place of Postfix's content_filter (poolmgr: its scanner pool alone)
+MTAS = ("poolmgr", "postfix", "postfix-postscreen", "aiosmtpd")
+CONTENT_FILTERS = ("poolmgr", "amavisd")
+TARGETS = (*MTAS, "amavisd")
 DNSBL_ZONE = "zen.bench.test"
 RESOLVER = "127.53.53.53"
 
@@ -61,6 +71,21 @@ def tree_usage(*pids: int) -> tuple[int, int, float]:
         except psutil.Error:
             pass
     return rss, pss, cpu
+
+
+def children_pss(pid: int) -> list[int]:
+    """The PSS bytes of each child of a process (a pre-forking server's workers)."""
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.Error:
+        return []
+    sizes = []
+    for child in children:
+        try:
+            sizes.append(child.memory_full_info().pss)
+        except psutil.Error:
+            pass
+    return sizes
 
 
 class PoolmgrTarget:
@@ -180,6 +205,43 @@ class PoolmgrTarget:
             pm.stop()
         if self.redis is not None:
             self.redis.stop()
+
+
+class ScannerOnlyTarget(PoolmgrTarget):
+    """poolmgr's scanner pool alone (`[smtp] listen = []`), in amavisd's place behind Postfix:
+    `workers` scanner workers, fixed (autoscaler off), capped by `feeder_maxproc` as by the
+    maxproc of Postfix's `scan` transport; checks `builtin`, and `clamd` when given."""
+
+    def __init__(self, workers: int, sink: Sink, clamd, work: Path):
+        self.stress = False
+        self.rules = None
+        self.decisions = []
+        self.redis = None
+        scanner = {"min_workers": workers, "max_workers": workers, "feeder_maxproc": workers,
+                   "checks": ["builtin", "clamd"] if clamd else ["builtin"],
+                   "next_hop": f"smtp:127.0.0.1:{sink.port}", "quarantine": "",
+                   "max_requests": 1_000_000}
+        if clamd:
+            scanner["clamd"] = {"address": clamd.address}
+        self.pm = Poolmgr(work / "poolmgr", {"smtp": {"listen": []}, "scanner": scanner,
+                                             "autoscale": {"enabled": False}})
+        self.pms = [self.pm]
+
+    @property
+    def port(self) -> int:
+        return self.pm.scanner_port
+
+    @property
+    def addresses(self) -> list[list]:
+        return [["127.0.0.1", self.pm.scanner_port]]
+
+    def counters(self) -> dict:
+        """Messages scanned, and how many times each check ran."""
+        status = self.status()
+        found = status.pools["scanner"].counters if status else {}
+        return {"scanned": found.get("scanned", 0),
+                **{k: v for k, v in found.items() if k.startswith("check_") and
+                   k.endswith("_count")}}
 
 
 def held_sessions(pids: set[int], port: int) -> int:
@@ -315,17 +377,51 @@ class AiosmtpdTarget(ProcessTarget):
             self.proc.wait(10)
 
 
+class AmavisdTarget(ProcessTarget):
+    """Debian's amavisd-new (`testing.Amavisd`): `workers` children ($max_servers), relaying
+    to the same smtp-sink; virus checks by the same clamd, or bypassed, spam checks bypassed."""
+
+    name = "amavisd"
+
+    def __init__(self, workers: int, sink: Sink, clamd):
+        self.amavisd = Amavisd(sink.port, workers, str(clamd.socket) if clamd else None)
+        self.port = self.amavisd.port
+
+    @property
+    def pid(self) -> int:
+        return self.amavisd.pid
+
+    def start(self) -> None:
+        self.amavisd.start()
+
+    def stop(self) -> None:
+        self.amavisd.stop()
+
+
+def check_target(name: str, content_filter: bool) -> None:
+    """SystemExit unless `name` is a target of a content-filter scenario (`content_filter`)
+    or of the other kinds."""
+    if name not in TARGETS:
+        raise SystemExit(f"poolmgr bench: unknown target {name!r}; known: {', '.join(TARGETS)}")
+    if content_filter and name not in CONTENT_FILTERS:
+        raise SystemExit(f"poolmgr bench: {name} is not a content filter: the targets of a "
+                         f"content-filter scenario are {', '.join(CONTENT_FILTERS)}")
+    if name == "amavisd" and not content_filter:
+        raise SystemExit("poolmgr bench: amavisd is a content filter, not an MTA: compare it "
+                         "in a content-filter scenario (bench/scenarios/content_filter.toml)")
+
+
 @contextmanager
 def started(target_name: str, server: dict, recipients: list[str],
-            listed: list[str] = (), cluster: bool = False
+            listed: list[str] = (), cluster: bool = False, content_filter: dict | None = None
             ) -> Iterator[tuple[object, Sink, DnsServer, Path]]:
     """A target running with its peers: (target, sink, dns, work directory); all stopped at
     the end. `server` sizes it (scenario.SERVER_DEFAULTS), `recipients` are the valid ones,
     `listed` address prefixes are in the DNSBL zone; `cluster`: poolmgr has [cluster] on a
-    private Redis even as one node (the soak)."""
-    if target_name not in TARGETS:
-        raise SystemExit(f"poolmgr bench: unknown target {target_name!r}; "
-                         f"known: {', '.join(TARGETS)}")
+    private Redis even as one node (the soak); `content_filter` ({"workers": N, "clamd":
+    a running testing.Clamd or None}): one of CONTENT_FILTERS in Postfix's content_filter
+    place, N workers, `server` unused."""
+    check_target(target_name, bool(content_filter))
     work = Path(tempfile.mkdtemp(prefix=f"poolmgr-bench-{target_name}-"))
     # Postfix asks the system resolver: the DNS server then listens on port 53 of an address
     # of its own, named in the resolv.conf of Postfix's mount namespace.
@@ -337,7 +433,12 @@ def started(target_name: str, server: dict, recipients: list[str],
     target = None
     try:
         sink = Sink(work).start()
-        if target_name == "poolmgr":
+        if content_filter and target_name == "poolmgr":
+            target = ScannerOnlyTarget(content_filter["workers"], sink, content_filter["clamd"],
+                                       work)
+        elif content_filter:
+            target = AmavisdTarget(content_filter["workers"], sink, content_filter["clamd"])
+        elif target_name == "poolmgr":
             target = PoolmgrTarget(server, recipients, work, sink, dns, cluster)
         elif target_name == "aiosmtpd":
             target = AiosmtpdTarget(work, sink)

@@ -1,10 +1,11 @@
 """Test support shared by the test suite and the bench's targets: real poolmgr, Postfix,
-smtp-sink, clamd, spamd, rspamd and DNS server processes on loopback ports. Not used by
-poolmgr at run time.
+smtp-sink, amavisd-new, clamd, spamd, rspamd and DNS server processes on loopback ports. Not
+used by poolmgr at run time.
 
 - `poolmgr`: Poolmgr (a `poolmgr run` subprocess), write_config, HELO
 - `sink`: Sink (Postfix's smtp-sink)
 - `recorder`: Recorder (a scripted SMTP/LMTP next hop that records what it accepted), Copy
+- `amavisd`: Amavisd (Debian's amavisd-new with a private config, home and ports)
 - `clamd`: Clamd (a private ClamAV clamd with a local EICAR signature), EICAR_NAME, ping
 - `spamd`: Spamd (SpamAssassin's spamd, local tests only)
 - `postfix`: Postfix (a private Postfix instance)
@@ -16,6 +17,7 @@ poolmgr at run time.
 - `wait`: free_port, free_udp_port, listening, wait_until, WaitTimeout
 """
 
+from .amavisd import Amavisd
 from .clamd import EICAR_NAME, Clamd, ping
 from .haproxy import HAProxy
 from .nameserver import DnsServer, SilentDns
@@ -28,8 +30,8 @@ from .sink import Sink
 from .spamd import Spamd
 from .wait import WaitTimeout, free_port, free_udp_port, listening, wait_until
 
-__all__ = ["ENVELOPE_SYMBOL", "EICAR_NAME", "HELO", "Clamd", "Copy", "DnsServer", "HAProxy",
-           "Poolmgr", "Postfix", "Recorder", "RedisServer", "Rspamd", "SentinelGroup",
+__all__ = ["ENVELOPE_SYMBOL", "EICAR_NAME", "HELO", "Amavisd", "Clamd", "Copy", "DnsServer",
+           "HAProxy", "Poolmgr", "Postfix", "Recorder", "RedisServer", "Rspamd", "SentinelGroup",
            "SilentDns", "Sink", "Spamd",
            "WaitTimeout", "free_port", "free_udp_port", "listening", "ping", "wait_until",
            "write_config"]
