@@ -10,7 +10,7 @@ processes-th arrival, each client holding as long as its session in the mail log
 client comes from its own 127.x.y.z address (see `address`), and stops by itself: bots after
 their hold or give-up time, everyone at the end of the drain. RESULT gets a per-second series
 (open connections by profile; legitimate messages sent, accepted, deferred, refused) and one
-record per bot connection and per legitimate message.
+record per bot connection (how it ended, whether its banner came) and per legitimate message.
 
 A closed loop (the scenario's `loop`: profile, clients, duration; the scanner-pool and
 cluster-overhead kinds) instead starts `clients` clients at once, each making one connection of
@@ -38,15 +38,21 @@ SPAM = (b"From: <offer@bot.example>\r\nTo: <bob@example.test>\r\nSubject: cheap 
         b"Buy now.\r\n")
 
 
+# Each (profile, process) pair has a /16 of its own: 64,000 clients, each from its own address,
+# so that no source address runs out of ephemeral ports and no two runs' clients share one
+# for long (TIME_WAIT). 16 processes (scenario's most) x 9 profiles fit in 127.60-203.
+MAX_PROCESSES = 16
+
+
 def address(profile: str, index: int, n: int) -> str:
-    """Client n of a profile in generator process `index`: 127.(60+8k+index).x.y."""
-    second = 60 + 8 * _ORDER.index(profile) + index
+    """Client n of a profile in generator process `index`: 127.(60+16k+index).x.y."""
+    second = 60 + MAX_PROCESSES * _ORDER.index(profile) + index
     return f"127.{second}.{(n // 250) % 256}.{n % 250 + 1}"
 
 
 def listed_prefixes(processes: int) -> list[str]:
     k = _ORDER.index(LISTED_PROFILE)
-    return [f"127.{60 + 8 * k + i}." for i in range(processes)]
+    return [f"127.{60 + MAX_PROCESSES * k + i}." for i in range(processes)]
 
 
 class Stalled(Exception):
@@ -152,6 +158,7 @@ class Generator:
             code, _ = await client.reply()
             if code != 220:
                 return str(code)
+            record["greeted"] = True
             code, _ = await client.command(b"QUIT")
             return "quit" if code == 221 else str(code)
         if profile in ("idle", "slowloris", "pregreet"):
@@ -168,6 +175,7 @@ class Generator:
                 try:
                     code, text = await client.reply()
                     last = str(code)
+                    record["greeted"] = record.get("greeted") or code == 220
                     if code in (421, 521, 554):
                         return last
                 except Stalled:
@@ -181,6 +189,7 @@ class Generator:
         code, _ = await client.reply()
         if code != 220:
             return str(code)
+        record["greeted"] = True
         code, _ = await client.command(b"EHLO bot.example")
         if code != 250:
             return str(code)

@@ -6,6 +6,13 @@ in its own process(es) (`benchmark.load`). Every second the server side is sampl
 and CPU seconds of the target's whole process tree (psutil), and poolmgr's status (pool sizes,
 sessions, storm phase).
 
+Before the load, the kernel's settings that bound a large storm are read and what the
+scenario would run into is printed (`benchmark.kernel`); each second the target's accept
+queue is sampled too, and the machine's accept-queue drops are counted over the run. Against
+poolmgr, the planner's forecast of the scenario's peak sessions (`forecast`, from the
+scenario alone, with the pool sizes and settings the run uses) is set beside what the run
+measured.
+
 Output in OUT: `result.json` (figures and the time series), `connections.png` (open
 connections by profile and pool sizes over time), `latency.png` (legitimate latency over
 time) and `report.md`, which embeds them (`benchmark.report`).
@@ -25,11 +32,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from .. import config as poolmgr_config
+from .. import forecast
 from ..testing.poolmgr import own_code_first
+from . import kernel
 from . import load as loadgen
 from . import source
 from .report import compare_report, figures, plots, reaction, report, source_report
-from .scenario import Scenario
+from .scenario import Scenario, peak_connections
 from .targets import TARGETS, settled, started, tree_usage
 
 SAMPLE_EVERY = 1.0
@@ -38,31 +48,48 @@ MESSAGE_ID = re.compile(rb"<bench-\d+-\d+-\d+@partner\.example>")
 
 def run(scenario: Scenario, target_name: str, out: Path) -> dict:
     """One scenario against one target (poolmgr: `[server] nodes` of them on one Redis)."""
+    settings = kernel.settings()
+    connections = peak_connections(scenario)
+    for warning in kernel.warnings(settings, connections, scenario.listen_backlog,
+                                   scenario.server["max_sessions_per_worker"]
+                                   if target_name == "poolmgr" else None):
+        print(f"poolmgr bench: warning: kernel: {warning}", file=sys.stderr)
     with started(target_name, scenario.server, scenario.profiles["legit"]["recipients"],
-                 loadgen.listed_prefixes(scenario.processes)) as (target, sink, dns, work):
+                 loadgen.listed_prefixes(scenario.processes),
+                 settings=scenario.config) as (target, sink, dns, work):
         time.sleep(1.0)
         baseline_rss, baseline_pss, cpu_before = tree_usage(*target.pids)
+        drops_before = kernel.drops()
 
         def sample(t: float) -> dict:
             rss, pss, cpu = tree_usage(*target.pids)
             return {"t": t, "rss": rss, "pss": pss, "cpu": round(cpu - cpu_before, 2),
-                    **target.sample()}
+                    "accept_queue": kernel.accept_queue(target.ports), **target.sample()}
 
         load, samples, t0 = generate(scenario, target.addresses, work, sample)
         _, _, cpu = tree_usage(*target.pids)
         cpu -= cpu_before
+        drops_after = kernel.drops()
         verdicts = target.verdicts()
         extra = {**target.counters(), "dns_queries": len(dns.queries)}
         arrived = settled(sink)
     out.mkdir(parents=True, exist_ok=True)
     delivered = delivered_count(load["messages"], arrived)
-    onset = scenario.onset
+    queued = [s["accept_queue"] for s in samples if s.get("accept_queue") is not None]
+    accept = {"accept_queue_peak": max(queued, default=None),
+              # the machine's counters: any listener's drops during the run (loopback only)
+              "accept_queue_drops": drops_after.get("ListenDrops", 0) -
+              drops_before.get("ListenDrops", 0) if drops_before else None,
+              "accept_queue_overflows": drops_after.get("ListenOverflows", 0) -
+              drops_before.get("ListenOverflows", 0) if drops_before else None,
+              "syncookies_sent": drops_after.get("SyncookiesSent", 0) -
+              drops_before.get("SyncookiesSent", 0) if drops_before else None}
     result = {"scenario": scenario.as_dict(), "target": target_name, "started": t0,
-              "duration_s": round(time.time() - t0, 1),
+              "duration_s": round(time.time() - t0, 1), "kernel": settings,
               "figures": {**figures(load, samples, (baseline_rss, baseline_pss), cpu,
                                     delivered, verdicts),
-                          **reaction(samples, target.decisions, load["series"], onset, t0),
-                          **extra},
+                          **reaction(samples, target.decisions, load, scenario, t0),
+                          **accept, **extra},
               "server_series": samples, "client_series": load["series"],
               # [start (s from t0), held (s), legitimate, profile, reached DATA]: input of
               # `poolmgr plan --bench`
@@ -70,10 +97,30 @@ def run(scenario: Scenario, target_name: str, out: Path) -> dict:
                               for b in load["bots"]] +
                              [[m["t"], m["latency"] or 0.0, True, "legit", True]
                               for m in load["messages"]]}
+    if target_name == "poolmgr" and scenario.kind in ("phases", "replay"):
+        result["forecast"] = forecast_of(scenario, result)
+        result["figures"].update(
+            forecast_peak_sessions=result["forecast"]["predicted"]["peak_sessions"],
+            forecast_error_pct=result["forecast"]["figures"][0]["error_pct"],
+            forecast_within_tolerance=result["forecast"]["within_tolerance"])
     images = plots(out, load, samples, f"{scenario.name} / {target_name}")
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     report(out, result, images)
     return result
+
+
+def forecast_of(scenario: Scenario, result: dict) -> dict:
+    """The planner's forecast of the scenario (its offered sessions, the run's pool sizes and
+    settings) and how it compares with what the run measured (`poolmgr plan --scenario FILE
+    --check result.json` prints the same)."""
+    cfg = poolmgr_config.from_dict(scenario.config)
+    predicted = forecast.forecast(scenario.sessions(), forecast.sizes_of_bench(result),
+                                  result["figures"].get("handoff_mean_s") or 1.0, cfg)
+    rows, ok = forecast.compare(predicted, forecast.measured(result))
+    return {"predicted": {"peak_sessions": predicted.peak_sessions,
+                          "smtp_workers": predicted.smtp_workers,
+                          "scanner_workers": predicted.scanner_workers},
+            "figures": rows, "within_tolerance": ok, "lines": predicted.lines}
 
 
 def generate(scenario: Scenario, addresses: list[list], work: Path,

@@ -10,13 +10,20 @@ Postfix, plain smtpd), `postfix-postscreen`
 target's whole process tree is measured the same way (`tree_usage`: RSS, PSS, CPU seconds).
 
 A target answers `sample()` each second (sessions held; poolmgr: its pools, storm phase,
-stress mode and the pool rules each sample breaks), and at the end `verdicts()` (why sessions
-were shed), `decisions` (poolmgr's autoscaler decisions seen, with their times) and
-`counters()` (poolmgr: hand-offs to the scanner pool, messages scanned).
+stress mode, the pool rules each sample breaks, and each SMTP worker's start and sessions, from
+which the bench finds the first new worker accepting), and at the end `verdicts()` (why
+sessions were shed), `decisions` (poolmgr's autoscaler decisions seen, with their times) and
+`counters()` (poolmgr: hand-offs to the scanner pool, messages scanned, and from its log the
+sessions that failed after CONNECT and the anvil's `no answer` fallbacks). `ports` are its
+listening SMTP ports (their accept queue is sampled too). A scenario's `[config]` settings
+reach poolmgr's config; the peers take its listen backlog.
 """
 
-__all__ = ["started", "settled", "tree_usage", "tree", "rule_breaks", "TARGETS", "DNSBL_ZONE"]
+__all__ = ["started", "settled", "tree_usage", "tree", "rule_breaks", "TARGETS", "DNSBL_ZONE",
+           "log_problems", "LOG_PROBLEMS"]
 
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -70,7 +77,7 @@ class PoolmgrTarget:
     name = "poolmgr"
 
     def __init__(self, s: dict, recipients: list[str], work: Path, sink: Sink,
-                 dns: DnsServer, cluster: bool = False):
+                 dns: DnsServer, cluster: bool = False, settings: dict | None = None):
         self.stress = s["stress"]
         self.rules = None
         self.decisions: list[Decision] = []
@@ -88,6 +95,8 @@ class PoolmgrTarget:
                         "dnsbl_threshold": 2, "nameservers": [dns.address],
                         "recipients": str(self._recipients(work, recipients))},
         }
+        for section, values in (settings or {}).items():  # the scenario's [config]
+            sections[section] = {**sections.get(section, {}), **values}
         self.pms = []
         for n in range(s["nodes"]):
             cluster = {"cluster": {"redis": self.redis.url, "node": f"mx{n + 1}"}} \
@@ -118,6 +127,10 @@ class PoolmgrTarget:
     def addresses(self) -> list[list]:
         return [["127.0.0.1", pm.smtp_port] for pm in self.pms]
 
+    @property
+    def ports(self) -> list[int]:
+        return [pm.smtp_port for pm in self.pms]
+
     def start(self) -> None:
         for pm in self.pms:
             pm.start()
@@ -145,7 +158,13 @@ class PoolmgrTarget:
         def total(pool: str, field: str) -> int:
             return sum(getattr(st.pools[pool], field) for st in statuses)
 
+        now = time.time()
         return {"sessions": total("smtp", "sessions"), "smtp_workers": total("smtp", "workers"),
+                # pid: [started (wall clock), sessions held] of each running SMTP worker
+                "smtp_worker_sessions": {str(w.pid): [round(now - w.age, 2), w.sessions]
+                                         for st in statuses
+                                         for w in st.pools["smtp"].worker_list
+                                         if w.state == "running"},
                 "smtp_draining": total("smtp", "draining"), "smtp_floor": total("smtp", "floor"),
                 "scanner_workers": total("scanner", "workers"),
                 "phase": statuses[0].autoscale.phase,
@@ -170,16 +189,54 @@ class PoolmgrTarget:
                            # grew them to)
                            "smtp_workers": st.pools["smtp"].workers,
                            "scanner_workers": st.pools["scanner"].workers})
+            if "anvil_fallbacks" in smtp:  # counted by the workers since the anvil's batching
+                totals["anvil_fallbacks_counted"] += smtp["anvil_fallbacks"]
         handoffs, wait_ms = totals["handoffs_to_scanner"], totals.pop("handoff_wait_ms")
         # SMTP worker to next hop through the scanner: what a scanner worker is busy for
         totals["handoff_mean_s"] = round(wait_ms / 1000 / handoffs, 4) if handoffs else None
-        return dict(totals)
+        return {**totals, **self.log_counts()}
+
+    def log_counts(self) -> dict:
+        """What poolmgr's logs say went wrong in sessions (`log_problems`), over every node."""
+        counts = Counter()
+        for pm in self.pms:
+            try:
+                counts.update(log_problems(pm.log_path))
+            except OSError:
+                pass
+        return {key: counts[key] for key in LOG_PROBLEMS}
 
     def stop(self) -> None:
         for pm in self.pms:
             pm.stop()
         if self.redis is not None:
             self.redis.stop()
+
+
+# The log lines a large storm's figures count (poolmgr's shapes, as Postfix words them):
+# sessions that ended in an exception, and the SMTP workers' requests the master's anvil did not
+# answer in time (a connection not limited; since the anvil's batching one line per episode,
+# the episodes' requests counted in status: anvil_fallbacks_counted).
+LOG_PROBLEMS = {
+    "failed_after_connect": re.compile(rb"error: session with .* failed after CONNECT"),
+    "sessions_failed": re.compile(rb"error: session with .* failed after "),
+    "anvil_no_answer": re.compile(rb"warning: anvil: no answer from the master"),
+    "log_lines_dropped": re.compile(rb"warning: (\d+) log lines dropped"),
+}
+
+
+def log_problems(path: Path) -> Counter:
+    """`LOG_PROBLEMS` counted in one log file (dropped lines: their sum)."""
+    counts = Counter()
+    with open(path, "rb") as handle:
+        for line in handle:
+            if b"error: " not in line and b"warning: " not in line:
+                continue
+            for key, pattern in LOG_PROBLEMS.items():
+                found = pattern.search(line)
+                if found:
+                    counts[key] += int(found[1]) if pattern.groups else 1
+    return counts
 
 
 def held_sessions(pids: set[int], port: int) -> int:
@@ -222,6 +279,10 @@ class ProcessTarget:
     @property
     def addresses(self) -> list[list]:
         return [["127.0.0.1", self.port]]
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.port]
 
     def sample(self) -> dict:
         return {"sessions": held_sessions({p.pid for p in tree(self.pid)}, self.port)}
@@ -292,9 +353,11 @@ class AiosmtpdTarget(ProcessTarget):
 
     name = "aiosmtpd"
 
-    def __init__(self, work: Path, sink: Sink):
+    def __init__(self, work: Path, sink: Sink, backlog: int = 1024):
         self.port = free_port()
         self.sink = sink
+        self.backlog = backlog
+        self.sockets_at_rest = 0
         self.proc: subprocess.Popen | None = None
         self.log = open(work / "aiosmtpd.log", "ab")
 
@@ -305,9 +368,16 @@ class AiosmtpdTarget(ProcessTarget):
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "poolmgr.benchmark.aiosmtpd_relay", str(self.port),
-             str(self.sink.port)],
+             str(self.sink.port), str(self.backlog)],
             stdout=self.log, stderr=self.log)
         wait_until(lambda: listening(self.port), what="aiosmtpd")
+        self.sockets_at_rest = socket_count(self.proc.pid)
+
+    def sample(self) -> dict:
+        """Sessions held: the sockets it holds beyond those it had at rest. One process: its
+        file descriptors say it without parsing the machine's socket table, which at 100,000
+        connections takes longer than a second."""
+        return {"sessions": max(0, socket_count(self.proc.pid) - self.sockets_at_rest)}
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -315,14 +385,29 @@ class AiosmtpdTarget(ProcessTarget):
             self.proc.wait(10)
 
 
+def socket_count(pid: int) -> int:
+    """The sockets among a process's open files."""
+    count = 0
+    try:
+        for fd in os.scandir(f"/proc/{pid}/fd"):
+            try:
+                count += os.readlink(fd.path).startswith("socket:")
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return count
+
+
 @contextmanager
 def started(target_name: str, server: dict, recipients: list[str],
-            listed: list[str] = (), cluster: bool = False
+            listed: list[str] = (), cluster: bool = False, settings: dict | None = None
             ) -> Iterator[tuple[object, Sink, DnsServer, Path]]:
     """A target running with its peers: (target, sink, dns, work directory); all stopped at
     the end. `server` sizes it (scenario.SERVER_DEFAULTS), `recipients` are the valid ones,
     `listed` address prefixes are in the DNSBL zone; `cluster`: poolmgr has [cluster] on a
-    private Redis even as one node (the soak)."""
+    private Redis even as one node (the soak); `settings`: further poolmgr settings by section
+    (a scenario's [config]), whose smtp.listen_backlog aiosmtpd takes too."""
     if target_name not in TARGETS:
         raise SystemExit(f"poolmgr bench: unknown target {target_name!r}; "
                          f"known: {', '.join(TARGETS)}")
@@ -338,9 +423,10 @@ def started(target_name: str, server: dict, recipients: list[str],
     try:
         sink = Sink(work).start()
         if target_name == "poolmgr":
-            target = PoolmgrTarget(server, recipients, work, sink, dns, cluster)
+            target = PoolmgrTarget(server, recipients, work, sink, dns, cluster, settings)
         elif target_name == "aiosmtpd":
-            target = AiosmtpdTarget(work, sink)
+            backlog = (settings or {}).get("smtp", {}).get("listen_backlog", 1024)
+            target = AiosmtpdTarget(work, sink, backlog)
         else:
             target = PostfixTarget(recipients, sink, dns, target_name == "postfix-postscreen")
         target.start()
