@@ -25,6 +25,7 @@ cluster-overhead and soak kinds (`benchmark.scanner_pool`, `benchmark.cluster_ov
 __all__ = ["run", "compare", "generate", "delivered_count", "found_ids"]
 
 import json
+import random
 import re
 import subprocess
 import sys
@@ -142,10 +143,17 @@ def generate(scenario: Scenario, addresses: list[list], work: Path,
                                        str(spec), str(work / f"result{index}.json")],
                                       env=own_code_first()))
     limit = time.time() + scenario.duration + scenario.drain + 60
+    every = SAMPLE_EVERY if sample is not None else 0.2
+    due = time.time()
     while any(p.poll() is None for p in procs) and time.time() < limit:
         if sample is not None:
             samples.append(sample(round(time.time() - t0, 2)))
-        time.sleep(SAMPLE_EVERY if sample is not None else 0.2)
+        # On a steady beat, however long a sample took (a slow one does not push the next
+        # ones, nor a soak's events, later and later), each a little off it at random so that
+        # the beat does not lock onto the phase of the load's own periodic arrivals.
+        due = max(due + every, time.time() + every / 10)
+        due += random.uniform(-0.1, 0.1) * every
+        time.sleep(max(0.0, due - time.time()))
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
