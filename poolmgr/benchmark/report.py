@@ -184,10 +184,12 @@ def reaction_line(f: dict) -> str | None:
     """The autoscaler's reaction in one line, or None for a target without pools."""
     if f.get("peak_smtp_workers") is None:
         return None
-    grew = (f"first SMTP worker added {f['onset_to_first_smtp_worker_s']}s after the storm "
-            f"began, accepting after {f['storm_reaction_s']}s (storm reaction), peak "
-            f"{f['peak_smtp_workers']} SMTP workers, back at the floor "
-            f"{f['storm_end_to_floor_s']}s after it ended" if f["first_smtp_grow"]
+    floor = ("not back at the floor by the end of the run" if f["storm_end_to_floor_s"] is None
+             else f"back at the floor {f['storm_end_to_floor_s']}s after it ended")
+    grew = (f"first SMTP worker added {_seconds(f['onset_to_first_smtp_worker_s'])} after the "
+            f"storm began, accepting after {_seconds(f['storm_reaction_s'])} (storm "
+            f"reaction), peak {f['peak_smtp_workers']} SMTP workers, {floor}"
+            if f["first_smtp_grow"]
             else f"SMTP pool never grew (peak {f['peak_smtp_workers']} workers)")
     stress = (f"stress mode on t={f['stress_on_s'][0]}s..{f['stress_on_s'][1]}s"
               if f["stress_on_s"] else "stress mode off")
