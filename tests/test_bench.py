@@ -160,6 +160,22 @@ def test_log_problems_counts_failed_sessions_and_anvil_fallbacks(tmp_path):
                                  "anvil_no_answer": 3, "log_lines_dropped": 120}
 
 
+def test_merged_series_carry_a_process_over_a_second_its_ticker_missed():
+    """Seven busy generator processes do not each tick every second: a second one missed
+    counts its last point before (not 0, which made flood100k's plot a saw), and a second
+    ticked twice its last point."""
+    from poolmgr.benchmark.run import merge_series
+
+    def point(t, process, idle):
+        return {"t": t, "process": process, "open": {"idle": idle}, "legit": {}}
+
+    merged = merge_series([point(0.1, 0, 1), point(0.2, 1, 10), point(1.9, 0, 2),
+                           point(2.5, 0, 3), point(2.6, 1, 30), point(2.9, 1, 31),
+                           point(3.1, 1, 40)])
+    assert [(p["t"], p["open"]["idle"]) for p in merged] == [(0, 11), (1, 12), (2, 34),
+                                                            (3, 40)]
+
+
 FLOOD_MINI = """
 name = "floodmini"
 description = "flood100k's shape scaled down: 2,000 idle bots at 500/s, two processes."

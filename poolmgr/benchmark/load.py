@@ -285,7 +285,7 @@ class Generator:
     # -- the run
     async def ticker(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            self.series.append({"t": self.rel(), "open": dict(self.open),
+            self.series.append({"t": self.rel(), "process": self.index, "open": dict(self.open),
                                 "legit": dict(self.legit)})
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)

@@ -181,16 +181,30 @@ def delivered_count(messages: list[dict], arrived: list[bytes]) -> int:
 
 
 def merge_series(series: list[dict]) -> list[dict]:
-    """Several generator processes' per-second points, summed by whole second."""
-    by_second: dict[int, dict] = {}
+    """Several generator processes' per-second points, summed by whole second. A process
+    whose ticker missed a second (its loop busy with connections) counts there as at its last
+    point before, not as nothing; a second it ticked twice, as its last point in it."""
+    last: dict[tuple, dict] = {}  # (process, second) -> its last point in that second
     for point in series:
-        second = int(point["t"])
-        merged = by_second.setdefault(second, {"t": second, "open": Counter(),
-                                               "legit": Counter()})
-        merged["open"].update(point["open"])
-        merged["legit"].update(point["legit"])
+        last[(point.get("process", 0), int(point["t"]))] = point
+    if not last:
+        return []
+    seconds = range(min(s for _, s in last), max(s for _, s in last) + 1)
+    merged = {second: {"t": second, "open": Counter(), "legit": Counter()}
+              for second in seconds}
+    for process in {p for p, _ in last}:
+        mine = sorted(s for p, s in last if p == process)
+        held = None
+        for second in seconds:
+            if (process, second) in last:
+                held = last[(process, second)]
+            elif second > mine[-1]:
+                break  # the process has ended
+            if held is not None:
+                merged[second]["open"].update(held["open"])
+                merged[second]["legit"].update(held["legit"])
     return [{"t": p["t"], "open": dict(p["open"]), "legit": dict(p["legit"])}
-            for _, p in sorted(by_second.items())]
+            for p in merged.values()]
 
 
 def compare(scenario: Scenario, targets: list[str], out: Path) -> dict:
