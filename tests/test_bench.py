@@ -176,6 +176,53 @@ def test_merged_series_carry_a_process_over_a_second_its_ticker_missed():
                                                             (3, 40)]
 
 
+def test_a_load_generator_told_to_stop_writes_what_it_has(tmp_path):
+    """Past the bench's time limit a generator process gets TERM and still writes its
+    records (a process killed at the limit left flood100k a seventh short)."""
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    from poolmgr.testing import wait_until
+    from poolmgr.testing.poolmgr import own_code_first
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(100)
+    listener.settimeout(0.1)
+    plan = scenario.from_dict({"processes": 1, "phases": [
+        {"duration": "60s", "rates": {"idle": 20}}]})
+    spec = tmp_path / "load0.json"
+    spec.write_text(json.dumps({"scenario": plan.as_dict(), "targets": [
+        ["127.0.0.1", listener.getsockname()[1]]], "index": 0, "processes": 1,
+        "t0": time.time()}))
+    out = tmp_path / "result0.json"
+    proc = subprocess.Popen([sys.executable, "-m", "poolmgr.benchmark.load", str(spec),
+                             str(out)], env=own_code_first())
+    accepted = []
+
+    def five_connected():
+        try:
+            accepted.append(listener.accept()[0])
+        except OSError:
+            pass
+        return len(accepted) >= 5
+
+    try:
+        wait_until(five_connected, 30, what="five bots connected")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+    bots = json.loads(out.read_text())["bots"]
+    assert len(bots) >= 5 and all(b["profile"] == "idle" for b in bots)
+
+
 FLOOD_MINI = """
 name = "floodmini"
 description = "flood100k's shape scaled down: 2,000 idle bots at 500/s, two processes."

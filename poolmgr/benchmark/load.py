@@ -26,6 +26,7 @@ import itertools
 import json
 import random
 import resource
+import signal
 import sys
 import time
 from collections import Counter
@@ -327,6 +328,9 @@ class Generator:
         return sorted(arrivals, key=lambda a: a[0]), offset
 
     async def run(self) -> None:
+        # TERM (the bench past its time limit) ends the run; main() still writes the records.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM,
+                                                      asyncio.current_task().cancel)
         await asyncio.sleep(max(0.0, self.t0 - time.time()))
         stop = asyncio.Event()
         ticker = asyncio.ensure_future(self.ticker(stop))
@@ -360,7 +364,10 @@ def main(argv: list[str]) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     generator = Generator(spec)
-    asyncio.run(generator.run())
+    try:
+        asyncio.run(generator.run())
+    except asyncio.CancelledError:  # TERM: what was done so far is written
+        pass
     with open(out_path, "w") as handle:
         json.dump({"series": generator.series, "bots": generator.bots,
                    "messages": generator.messages}, handle)

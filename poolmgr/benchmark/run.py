@@ -44,6 +44,7 @@ from .scenario import Scenario, peak_connections
 from .targets import TARGETS, settled, started, tree_usage
 
 SAMPLE_EVERY = 1.0
+STOP_GRACE = 30.0  # seconds a load generator past its time has to write its records
 MESSAGE_ID = re.compile(rb"<bench-\d+-\d+-\d+@partner\.example>")
 
 
@@ -89,6 +90,8 @@ def run(scenario: Scenario, target_name: str, out: Path) -> dict:
               "duration_s": round(time.time() - t0, 1), "kernel": settings,
               "figures": {**figures(load, samples, (baseline_rss, baseline_pss), cpu,
                                     delivered, verdicts),
+                          "generator_processes_reported":
+                              f"{load['processes_reported']}/{scenario.processes}",
                           **reaction(samples, target.decisions, load, scenario, t0),
                           **accept, **extra},
               "server_series": samples, "client_series": load["series"],
@@ -154,17 +157,27 @@ def generate(scenario: Scenario, addresses: list[list], work: Path,
         due = max(due + every, time.time() + every / 10)
         due += random.uniform(-0.1, 0.1) * every
         time.sleep(max(0.0, due - time.time()))
-    for proc in procs:
+    for proc in procs:  # past the limit: TERM writes what the process has, then KILL
         if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
             proc.kill()
-        proc.wait()
-    load = {"series": [], "bots": [], "messages": []}
+            proc.wait()
+    load = {"series": [], "bots": [], "messages": [], "processes_reported": 0}
     for index in range(scenario.processes):
         path = work / f"result{index}.json"
         if path.exists():
             part = json.loads(path.read_text())
-            for key in load:
+            load["processes_reported"] += 1
+            for key in ("series", "bots", "messages"):
                 load[key] += part[key]
+    if load["processes_reported"] < scenario.processes:
+        print(f"poolmgr bench: warning: {scenario.processes - load['processes_reported']} of "
+              f"{scenario.processes} load-generator processes wrote no records",
+              file=sys.stderr)
     load["series"] = merge_series(load["series"])
     return load, samples, t0
 
