@@ -126,7 +126,7 @@ def test_flood100k_offers_100000_idle_bots_at_2000_a_second_as_the_readme_config
     section = README[README.index("## Large storms"):]
     section = section[:section.index("\n## ")]
     for words in (f"max_sessions_per_worker = {s['max_sessions_per_worker']}",
-                  f"max_workers = {s['smtp_max_workers']}",
+                  f"min_workers = {s['smtp_workers']}", f"max_workers = {s['smtp_max_workers']}",
                   f"listen_backlog = {plan.config['smtp']['listen_backlog']}",
                   "stress = false", "somaxconn", "ip_local_port_range", "nf_conntrack",
                   "bench/scenarios/flood100k.toml"):
@@ -285,6 +285,7 @@ def test_a_scaled_down_flood_side_by_side_with_aiosmtpd(tmp_path, capsys):
         assert f["accept_queue_peak"] >= 0 and f["accept_queue_drops"] >= 0, target
         # The onset: the flood's first second (500/s against the calm phase's 2/s).
         assert f["calm_rate"] <= 3 and f["storm_onset_s"] in (2, 3, 4), (target, f)
+        assert 200 <= f["offered_peak_per_s"] <= 2002 and 6 <= f["last_bot_arrival_s"] < 20, f
     f = table["poolmgr"]
     assert 0 < f["latency_p50_s"] <= f["latency_p99_s"] < 10
     # The pool (2 x 600 slots) grew for 2,000 bots: the first new worker accepted within

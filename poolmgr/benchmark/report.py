@@ -145,9 +145,15 @@ def reaction(samples: list[dict], decisions: list, load: dict, scenario: Scenari
     at its floor at the first sample after that with no worker above the floor, none draining
     and the autoscaler calm."""
     calm, onset = storm_onset(load, scenario)
+    per = offered(load)
+    # What the load generator managed to offer (on a busy machine, less than the scenario
+    # asks): its busiest second, and when its last bot connection began.
+    arrived = {"offered_peak_per_s": max(per.values(), default=0),
+               "last_bot_arrival_s": round(max((b["t"] for b in load["bots"]), default=0.0),
+                                           1) if load["bots"] else None}
     pooled = [s for s in samples if "smtp_workers" in s]
     if not pooled:
-        return {"calm_rate": calm, "storm_onset_s": onset, **dict.fromkeys((
+        return {"calm_rate": calm, "storm_onset_s": onset, **arrived, **dict.fromkeys((
             "storm_end_s", "onset_to_first_smtp_worker_s", "first_smtp_grow",
             "first_new_smtp_worker_started_s", "first_new_smtp_worker_accepting_s",
             "storm_reaction_s", "peak_smtp_workers", "stress_on_s", "storm_end_to_floor_s",
@@ -165,7 +171,7 @@ def reaction(samples: list[dict], decisions: list, load: dict, scenario: Scenari
     stress = [s["t"] for s in pooled if s["stress"]]
     broken = [s for s in pooled if s["rule_breaks"]]
     return {
-        "calm_rate": calm, "storm_onset_s": onset, "storm_end_s": end,
+        "calm_rate": calm, "storm_onset_s": onset, **arrived, "storm_end_s": end,
         "onset_to_first_smtp_worker_s": round(grows[0][0] - onset, 1)
         if grows and onset is not None else None,
         "first_smtp_grow": grows[0][1] if grows else None,
@@ -287,7 +293,9 @@ def report(out: Path, result: dict, images: list[str]) -> None:
                   f"{f['forecast_peak_sessions']} / {_value(f['forecast_error_pct'])}%")]
     if f.get("storm_onset_s") is not None or f.get("calm_rate") is not None:
         rows += [("calm rate / storm onset (offered connections/s above calm + threshold)",
-                  f"{f['calm_rate']}/s / {_seconds(f['storm_onset_s'])}")]
+                  f"{f['calm_rate']}/s / {_seconds(f['storm_onset_s'])}"),
+                 ("offered: busiest second / last bot connection began",
+                  f"{f.get('offered_peak_per_s')}/s / t={_seconds(f.get('last_bot_arrival_s'))}")]
     if f.get("peak_smtp_workers") is not None:
         rows += [("storm onset / end (t)",
                   f"{_seconds(f['storm_onset_s'])} / {_seconds(f['storm_end_s'])}"),
@@ -339,6 +347,8 @@ COMPARE_ROWS = (("legitimate delivered %", "legit_delivered_pct", "{}"),
                 ("connect failed (client)", "connect_failed", "{}"),
                 ("failed after CONNECT (log)", "failed_after_connect", "{}"),
                 ("anvil no-answer lines (log)", "anvil_no_answer", "{}"),
+                ("offered: busiest second", "offered_peak_per_s", "{}"),
+                ("last bot connection began, s", "last_bot_arrival_s", "{}"),
                 ("storm reaction s", "storm_reaction_s", "{}"),
                 ("forecast peak sessions", "forecast_peak_sessions", "{}"),
                 ("forecast error %", "forecast_error_pct", "{}"))

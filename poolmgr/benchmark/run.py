@@ -22,7 +22,7 @@ cluster-overhead and soak kinds (`benchmark.scanner_pool`, `benchmark.cluster_ov
 `benchmark.soak`) use it too.
 """
 
-__all__ = ["run", "compare", "generate", "delivered_count", "found_ids"]
+__all__ = ["run", "compare", "generate", "delivered_count", "found_ids", "merge_series"]
 
 import json
 import random
