@@ -365,13 +365,26 @@ def cmd_bench_source(args) -> int:
 def cmd_plan(args) -> int:
     from . import forecast, plan
 
-    if bool(args.maillog) == bool(args.bench) or (args.check and not args.bench):
-        print("poolmgr: error: give one of --maillog FILE or --bench result.json (--check "
-              "needs --bench)", file=sys.stderr)
+    if sum(map(bool, (args.maillog, args.bench, args.scenario))) != 1 or \
+            (args.check and args.maillog):
+        print("poolmgr: error: give one of --maillog FILE, --bench result.json or --scenario "
+              "FILE (--check needs --bench or --scenario)", file=sys.stderr)
         return 2
-    tz, bench, second = None, {}, None
+    tz, bench, second, offered, cfg = None, {}, None, None, None
     try:
-        if args.maillog:
+        if args.scenario:  # the load a scenario offers, with the sizes it names
+            from .benchmark import scenario
+
+            offered = scenario.load(args.scenario)
+            bench = {"scenario": offered.as_dict()}
+            sessions = offered.sessions()
+            cfg = config.from_dict(offered.config)
+            if args.check:
+                with open(args.check) as handle:
+                    second = json.load(handle)
+                bench["figures"] = {"handoff_mean_s":
+                                    second.get("figures", {}).get("handoff_mean_s")}
+        elif args.maillog:
             tz = plan.zone(args.tz)
             print(f"poolmgr plan: syslog timestamps read in time zone "
                   f"{args.tz if tz else 'local (' + time.strftime('%Z') + ')'}", file=sys.stderr)
@@ -384,7 +397,7 @@ def cmd_plan(args) -> int:
             if args.check:
                 with open(args.check) as handle:
                     second = json.load(handle)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, config.ConfigError) as exc:
         print(f"poolmgr: error: {exc}", file=sys.stderr)
         return 1
     # A bench result knows its sessions per worker and the time a hand-off took.
@@ -396,15 +409,17 @@ def cmd_plan(args) -> int:
         print(json.dumps(result, indent=2) if args.json else plan.render(result, tz))
         return 0
     sizes = forecast.sizes_of(result, per_worker)
-    if second is not None:  # what the second run ran with, which should be the recommendation
+    if offered is not None:  # the scenario's own sizes
+        sizes = forecast.sizes_of_bench(bench)
+    elif second is not None:  # what the second run ran with: should be the recommendation
         sizes = forecast.sizes_of_bench(second)
-    predicted = forecast.forecast(sessions, sizes, scan)
+    predicted = forecast.forecast(sessions, sizes, scan, cfg)
     result["forecast"] = dataclasses.asdict(predicted)
     if args.write_config:
         try:
             with open(args.write_config, "w") as handle:
                 handle.write(forecast.config_text(forecast.sizes_of(result, per_worker),
-                                                  args.bench or args.maillog))
+                                                  args.bench or args.maillog or args.scenario))
         except OSError as exc:
             print(f"poolmgr: error: {exc}", file=sys.stderr)
             return 1
@@ -416,12 +431,13 @@ def cmd_plan(args) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(plan.render(result, tz))
-        print("\n".join(forecast.render(predicted)))
+        print("\n".join(forecast.render(predicted, "the scenario's sizes" if offered else
+                                         "the recommended sizes")))
         if second is not None:
             if sizes != forecast.sizes_of(result, per_worker):
                 print(f"note: {args.check} ran with other pool sizes than recommended: "
                       f"the forecast is for the sizes it ran with")
-            print(f"\nforecast of {args.bench} against {args.check}:")
+            print(f"\nforecast of {args.bench or args.scenario} against {args.check}:")
             print("\n".join(forecast.render_check(rows, ok)))
         if args.write_config:
             print(f"\nrecommended sizes written to {args.write_config}: "
@@ -706,6 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
                       cmd_plan)
     planner.add_argument("--maillog", metavar="FILE", help="a Postfix (or poolmgr) mail log")
     planner.add_argument("--bench", metavar="RESULT", help="a result.json of poolmgr bench run")
+    planner.add_argument("--scenario", metavar="FILE",
+                         help="a bench scenario (phases or replay): the load it offers, "
+                              "forecast with the pool sizes and settings it names")
     planner.add_argument("--sessions-per-worker", type=int,
                          help="smtp.max_sessions_per_worker (default: the bench run's, else "
                               "2000)")
@@ -718,7 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     planner.add_argument("--check", metavar="RESULT",
                          help="with --bench: compare the forecast (peak sessions, peak SMTP "
                               "and scanner workers) with a second run's result.json, made "
-                              "with the recommended sizes; exit 1 if an error is beyond 20%%")
+                              "with the recommended sizes; with --scenario: with a run of "
+                              "that scenario; exit 1 if an error is beyond 20%%")
     planner.add_argument("--year", type=int, help="year of syslog timestamps (default: this one)")
     planner.add_argument("--tz", default="local", metavar="ZONE",
                          help="time zone of syslog timestamps, e.g. Europe/Berlin (default: "

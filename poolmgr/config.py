@@ -563,6 +563,10 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
         err("smtp.max_sessions_per_worker", f"{smtp['max_sessions_per_worker']} sessions need "
             f"more open files than this host allows (RLIMIT_NOFILE hard limit {limit}); "
             f"use at most {limit - 100}")
+    somaxconn = _somaxconn()
+    if somaxconn is not None and smtp["listen_backlog"] > somaxconn:
+        warn("smtp.listen_backlog", f"{smtp['listen_backlog']} is above net.core.somaxconn "
+             f"({somaxconn}), which caps it: raise the sysctl or the backlog is {somaxconn}")
     if bool(smtp["tls_cert"]) != bool(smtp["tls_key"]):
         err("smtp.tls_cert", "tls_cert and tls_key must be set together")
     for key in ("tls_cert", "tls_key"):
@@ -591,6 +595,15 @@ def _cross_check(sections: dict[str, dict[str, Any]], err, warn) -> None:
             err("scanner.policy", f"{bank['name']}: listen {format_address(bank['listen'])} "
                 "is taken by another listener")
         taken.add(bank["listen"])
+
+
+def _somaxconn() -> int | None:
+    """The kernel's cap on every listen backlog (Linux), None where it cannot be read."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return None
 
 
 def _expand(sections: dict[str, dict[str, Any]]) -> None:

@@ -193,8 +193,8 @@ def compare(predicted: Forecast, seen: dict) -> tuple[list[dict], bool]:
     return rows, ok
 
 
-def render(predicted: Forecast) -> list[str]:
-    return ["", "forecast with the recommended sizes:", *predicted.lines]
+def render(predicted: Forecast, sizes: str = "the recommended sizes") -> list[str]:
+    return ["", f"forecast with {sizes}:", *predicted.lines]
 
 
 def render_check(rows: list[dict], ok: bool) -> list[str]:

@@ -122,6 +122,18 @@ def test_too_many_sessions_for_the_open_files_limit(tmp_path):
         config.load(str(path))
 
 
+def test_a_listen_backlog_above_somaxconn_is_a_warning():
+    """The kernel cuts any listen backlog to net.core.somaxconn without a word: check says so
+    (the README's "Large storms")."""
+    with open("/proc/sys/net/core/somaxconn") as handle:
+        somaxconn = int(handle.read())
+    assert config.from_dict({"smtp": {"listen_backlog": somaxconn}}).warnings == []
+    warnings = config.from_dict({"smtp": {"listen_backlog": somaxconn + 1}}).warnings
+    assert warnings == [f"(embedded defaults): [smtp] listen_backlog: {somaxconn + 1} is above "
+                        f"net.core.somaxconn ({somaxconn}), which caps it: raise the sysctl or "
+                        f"the backlog is {somaxconn}"]
+
+
 def test_invalid_toml_names_the_file(tmp_path):
     path = tmp_path / "broken.toml"
     path.write_text("[smtp\n")

@@ -10,7 +10,7 @@ processes-th arrival, each client holding as long as its session in the mail log
 client comes from its own 127.x.y.z address (see `address`), and stops by itself: bots after
 their hold or give-up time, everyone at the end of the drain. RESULT gets a per-second series
 (open connections by profile; legitimate messages sent, accepted, deferred, refused) and one
-record per bot connection and per legitimate message.
+record per bot connection (how it ended, whether its banner came) and per legitimate message.
 
 A closed loop (the scenario's `loop`: profile, clients, duration; the scanner-pool and
 cluster-overhead kinds) instead starts `clients` clients at once, each making one connection of
@@ -26,6 +26,7 @@ import itertools
 import json
 import random
 import resource
+import signal
 import sys
 import time
 from collections import Counter
@@ -38,15 +39,21 @@ SPAM = (b"From: <offer@bot.example>\r\nTo: <bob@example.test>\r\nSubject: cheap 
         b"Buy now.\r\n")
 
 
+# Each (profile, process) pair has a /16 of its own: 64,000 clients, each from its own address,
+# so that no source address runs out of ephemeral ports and no two runs' clients share one
+# for long (TIME_WAIT). 16 processes (scenario's most) x 9 profiles fit in 127.60-203.
+MAX_PROCESSES = 16
+
+
 def address(profile: str, index: int, n: int) -> str:
-    """Client n of a profile in generator process `index`: 127.(60+8k+index).x.y."""
-    second = 60 + 8 * _ORDER.index(profile) + index
+    """Client n of a profile in generator process `index`: 127.(60+16k+index).x.y."""
+    second = 60 + MAX_PROCESSES * _ORDER.index(profile) + index
     return f"127.{second}.{(n // 250) % 256}.{n % 250 + 1}"
 
 
 def listed_prefixes(processes: int) -> list[str]:
     k = _ORDER.index(LISTED_PROFILE)
-    return [f"127.{60 + 8 * k + i}." for i in range(processes)]
+    return [f"127.{60 + MAX_PROCESSES * k + i}." for i in range(processes)]
 
 
 class Stalled(Exception):
@@ -152,6 +159,7 @@ class Generator:
             code, _ = await client.reply()
             if code != 220:
                 return str(code)
+            record["greeted"] = True
             code, _ = await client.command(b"QUIT")
             return "quit" if code == 221 else str(code)
         if profile in ("idle", "slowloris", "pregreet"):
@@ -168,6 +176,7 @@ class Generator:
                 try:
                     code, text = await client.reply()
                     last = str(code)
+                    record["greeted"] = record.get("greeted") or code == 220
                     if code in (421, 521, 554):
                         return last
                 except Stalled:
@@ -181,6 +190,7 @@ class Generator:
         code, _ = await client.reply()
         if code != 220:
             return str(code)
+        record["greeted"] = True
         code, _ = await client.command(b"EHLO bot.example")
         if code != 250:
             return str(code)
@@ -276,7 +286,7 @@ class Generator:
     # -- the run
     async def ticker(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            self.series.append({"t": self.rel(), "open": dict(self.open),
+            self.series.append({"t": self.rel(), "process": self.index, "open": dict(self.open),
                                 "legit": dict(self.legit)})
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
@@ -318,6 +328,9 @@ class Generator:
         return sorted(arrivals, key=lambda a: a[0]), offset
 
     async def run(self) -> None:
+        # TERM (the bench past its time limit) ends the run; main() still writes the records.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM,
+                                                      asyncio.current_task().cancel)
         await asyncio.sleep(max(0.0, self.t0 - time.time()))
         stop = asyncio.Event()
         ticker = asyncio.ensure_future(self.ticker(stop))
@@ -351,7 +364,10 @@ def main(argv: list[str]) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     generator = Generator(spec)
-    asyncio.run(generator.run())
+    try:
+        asyncio.run(generator.run())
+    except asyncio.CancelledError:  # TERM: what was done so far is written
+        pass
     with open(out_path, "w") as handle:
         json.dump({"series": generator.series, "bots": generator.bots,
                    "messages": generator.messages}, handle)

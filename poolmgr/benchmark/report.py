@@ -1,15 +1,17 @@
 """The bench's figures and reports: what one run measured, as numbers, plots and Markdown.
 
 `figures` turns the load generator's records and the server samples into the figures of
-`result.json`, and `reaction` adds the autoscaler's reaction to the storm (poolmgr: when the
-SMTP pool grew, how far, stress mode, when it was back at its floor, samples that broke a pool
-rule); `reaction_line` says it in one line; `plots` and `report` write `connections.png`, `latency.png` and `report.md`;
+`result.json`, and `reaction` adds the autoscaler's reaction to the storm (its onset by the
+offered rate, `storm_onset`; poolmgr: when the SMTP pool grew, the storm reaction, which is the
+time from the onset to the first new SMTP worker accepting, `first_new_worker`; how far it grew,
+stress mode, when it was back at its floor, samples that broke a pool rule); `reaction_line` says it in one line; `plots` and `report` write `connections.png`, `latency.png` and `report.md`;
 `compare_report` puts several targets' figures side by side (`compare.md`, `compare.json`,
 `compare.png`).
 """
 
 __all__ = ["figures", "reaction", "reaction_line", "plots", "report", "compare_report",
-           "source_report", "percentile", "save_result"]
+           "source_report", "percentile", "save_result", "first_new_worker", "storm_onset",
+           "storm_onsets", "offered"]
 
 import json
 import re
@@ -70,6 +72,8 @@ def figures(load: dict, samples: list[dict], baseline: tuple[int, int], cpu: flo
             profile: round(100 * sum(1 for b in group if not b["data"]) / len(group), 2)
             for profile, group in sorted(by_profile.items())},
         "bots_ended": dict(ended.most_common()),
+        "bots_greeted": sum(1 for b in bots if b.get("greeted")),
+        "connect_failed": ended["connect_failed"],
         "spam_accepted": ended["spam_accepted"],
         "server_verdicts": verdicts,
         "peak_sessions_held": peak_sessions, "peak_client_connections": peak_open,
@@ -82,24 +86,84 @@ def figures(load: dict, samples: list[dict], baseline: tuple[int, int], cpu: flo
 
 
 SMTP_GROWS = re.compile(r"smtp (\d+) -> (\d+)")
+FIRST_MESSAGE = re.compile(r"-0@partner\.example>$")
 
 
-def reaction(samples: list[dict], decisions: list, series: list[dict], onset: float | None,
+def offered(load: dict) -> Counter:
+    """Connections the load generator opened in each whole second from t0: every bot
+    connection (a reconnector's each), every legitimate connection (its first message)."""
+    per = Counter(int(b["t"]) for b in load["bots"])
+    per.update(int(m["t"]) for m in load["messages"] if FIRST_MESSAGE.search(m["id"]))
+    return per
+
+
+def storm_onsets(load: dict, scenario: Scenario) -> tuple[float, list[int]]:
+    """(calm rate, onsets): the offered rate over the scenario's calmest phase (0 with one
+    phase), and each second whose offered connections exceed it by the scenario's
+    storm_threshold after a second that did not (a storm's onset)."""
+    per = offered(load)
+    calm = 0.0
+    if scenario.calm is not None:
+        start, end = scenario.calm
+        calm = sum(per[s] for s in range(int(start), int(end))) / max(1.0, end - start)
+    stormy = {s for s in per if per[s] > calm + scenario.storm_threshold}
+    return round(calm, 2), sorted(s for s in stormy if s - 1 not in stormy)
+
+
+def storm_onset(load: dict, scenario: Scenario) -> tuple[float, int | None]:
+    """(calm rate, the first storm's onset or None)."""
+    calm, onsets = storm_onsets(load, scenario)
+    return calm, onsets[0] if onsets else None
+
+
+def first_new_worker(samples: list[dict], onset: float | None, t0: float
+                     ) -> tuple[float | None, float | None]:
+    """(started, accepting): when the first SMTP worker started at or after `onset` was
+    started, and the first sample (`t`, seconds from t0) in which one such worker holds
+    sessions; None where there is none (no onset, the pool never grew)."""
+    started = None
+    if onset is None:
+        return None, None
+    for s in samples:
+        new = [(begun - t0, held) for begun, held in s.get("smtp_worker_sessions",
+                                                           {}).values()
+               if begun - t0 >= onset]
+        if new and started is None:
+            started = min(t for t, _ in new)
+        if any(held for _, held in new):
+            return started, s["t"]
+    return started, None
+
+
+def reaction(samples: list[dict], decisions: list, load: dict, scenario: Scenario,
              t0: float) -> dict:
     """The autoscaler's reaction, from poolmgr's samples and decisions (times in seconds from
-    t0): all None for a target without pools. `onset` is when the first bots were due (None:
-    no bots); the storm ends when the last bot connection has closed (the client series);
-    the pool is back at its floor at the first sample after that with no worker above the
-    floor, none draining and the autoscaler calm."""
+    t0): all None for a target without pools. The storm's onset is `storm_onset`'s; the
+    storm reaction is the time from it to the first sample in which an SMTP worker started
+    after it holds sessions (the first new worker accepting; samples are a second apart); the
+    storm ends when the last bot connection has closed (the client series); the pool is back
+    at its floor at the first sample after that with no worker above the floor, none draining
+    and the autoscaler calm."""
+    calm, onset = storm_onset(load, scenario)
+    per = offered(load)
+    # What the load generator managed to offer (on a busy machine, less than the scenario
+    # asks): its busiest second, and when its last bot connection began.
+    arrived = {"offered_peak_per_s": max(per.values(), default=0),
+               "last_bot_arrival_s": round(max((b["t"] for b in load["bots"]), default=0.0),
+                                           1) if load["bots"] else None}
     pooled = [s for s in samples if "smtp_workers" in s]
     if not pooled:
-        return dict.fromkeys(("storm_onset_s", "storm_end_s", "onset_to_first_smtp_worker_s",
-                              "first_smtp_grow", "peak_smtp_workers", "stress_on_s",
-                              "storm_end_to_floor_s", "samples_checked",
-                              "samples_breaking_rules", "rule_breaks"))
+        return {"calm_rate": calm, "storm_onset_s": onset, **arrived, **dict.fromkeys((
+            "storm_end_s", "onset_to_first_smtp_worker_s", "first_smtp_grow",
+            "first_new_smtp_worker_started_s", "first_new_smtp_worker_accepting_s",
+            "storm_reaction_s", "peak_smtp_workers", "stress_on_s", "storm_end_to_floor_s",
+            "samples_checked", "samples_breaking_rules", "rule_breaks"))}
     grows = [(round(d.time - t0, 1), d.decision) for d in decisions
              if (m := SMTP_GROWS.match(d.decision)) and int(m[2]) > int(m[1])]
-    busy = [p["t"] for p in series if any(v for k, v in p["open"].items() if k != "legit")]
+    grows = [g for g in grows if onset is None or g[0] >= onset]
+    started, accepting = first_new_worker(pooled, onset, t0)
+    busy = [p["t"] for p in load["series"] if any(v for k, v in p["open"].items()
+                                                  if k != "legit")]
     end = max(busy) + 1 if busy else None
     floor = next((s["t"] for s in pooled if end is not None and s["t"] >= end and
                   s["smtp_workers"] == s["smtp_floor"] and not s["smtp_draining"] and
@@ -107,10 +171,13 @@ def reaction(samples: list[dict], decisions: list, series: list[dict], onset: fl
     stress = [s["t"] for s in pooled if s["stress"]]
     broken = [s for s in pooled if s["rule_breaks"]]
     return {
-        "storm_onset_s": onset, "storm_end_s": end,
+        "calm_rate": calm, "storm_onset_s": onset, **arrived, "storm_end_s": end,
         "onset_to_first_smtp_worker_s": round(grows[0][0] - onset, 1)
         if grows and onset is not None else None,
         "first_smtp_grow": grows[0][1] if grows else None,
+        "first_new_smtp_worker_started_s": round(started, 1) if started is not None else None,
+        "first_new_smtp_worker_accepting_s": accepting,
+        "storm_reaction_s": round(accepting - onset, 1) if accepting is not None else None,
         "peak_smtp_workers": max(s["smtp_workers"] for s in pooled),
         "stress_on_s": [stress[0], stress[-1]] if stress else None,
         "storm_end_to_floor_s": round(floor - end, 1) if grows and floor is not None else None,
@@ -123,9 +190,12 @@ def reaction_line(f: dict) -> str | None:
     """The autoscaler's reaction in one line, or None for a target without pools."""
     if f.get("peak_smtp_workers") is None:
         return None
-    grew = (f"first SMTP worker added {f['onset_to_first_smtp_worker_s']}s after the storm "
-            f"began, peak {f['peak_smtp_workers']} SMTP workers, back at the floor "
-            f"{f['storm_end_to_floor_s']}s after it ended" if f["first_smtp_grow"]
+    floor = ("not back at the floor by the end of the run" if f["storm_end_to_floor_s"] is None
+             else f"back at the floor {f['storm_end_to_floor_s']}s after it ended")
+    grew = (f"first SMTP worker added {_seconds(f['onset_to_first_smtp_worker_s'])} after the "
+            f"storm began, accepting after {_seconds(f['storm_reaction_s'])} (storm "
+            f"reaction), peak {f['peak_smtp_workers']} SMTP workers, {floor}"
+            if f["first_smtp_grow"]
             else f"SMTP pool never grew (peak {f['peak_smtp_workers']} workers)")
     stress = (f"stress mode on t={f['stress_on_s'][0]}s..{f['stress_on_s'][1]}s"
               if f["stress_on_s"] else "stress mode off")
@@ -201,6 +271,7 @@ def report(out: Path, result: dict, images: list[str]) -> None:
             ("bot connections", f["bot_connections"]),
             ("bots shed before DATA", f"{f['bots_shed_before_data_pct']}%"),
             ("how bot connections ended", f["bots_ended"]),
+            ("bot connections greeted (banner received)", f["bots_greeted"]),
             ("spam accepted", f["spam_accepted"]),
             ("server verdicts", f["server_verdicts"] or "-"),
             ("peak sessions held", f["peak_sessions_held"]),
@@ -209,13 +280,32 @@ def report(out: Path, result: dict, images: list[str]) -> None:
             ("peak PSS of the server tree", f"{f['pss_peak_bytes'] / 2**20:.1f} MiB"),
             ("PSS per held session", f"{(f['pss_per_held_session_bytes'] or 0) / 1024:.1f} KiB"),
             ("CPU seconds (server tree)", f["cpu_seconds"]),
+            ("accept queue: peak waiting / drops (machine-wide ListenDrops)",
+             f"{_value(f.get('accept_queue_peak'))} / {_value(f.get('accept_queue_drops'))}"),
             ("DNS queries answered", f["dns_queries"])]
+    if "failed_after_connect" in f:
+        rows += [("sessions failed after CONNECT (log) / any step",
+                  f"{f['failed_after_connect']} / {f['sessions_failed']}"),
+                 ("anvil fallbacks: `no answer` lines (log) / counted by the workers",
+                  f"{f['anvil_no_answer']} / {_value(f.get('anvil_fallbacks_counted'))}")]
+    if f.get("forecast_peak_sessions") is not None:
+        rows += [("planner's forecast of peak sessions (from the scenario) / error",
+                  f"{f['forecast_peak_sessions']} / {_value(f['forecast_error_pct'])}%")]
+    if f.get("storm_onset_s") is not None or f.get("calm_rate") is not None:
+        rows += [("calm rate / storm onset (offered connections/s above calm + threshold)",
+                  f"{f['calm_rate']}/s / {_seconds(f['storm_onset_s'])}"),
+                 ("offered: busiest second / last bot connection began",
+                  f"{f.get('offered_peak_per_s')}/s / t={_seconds(f.get('last_bot_arrival_s'))}")]
     if f.get("peak_smtp_workers") is not None:
         rows += [("storm onset / end (t)",
                   f"{_seconds(f['storm_onset_s'])} / {_seconds(f['storm_end_s'])}"),
                  ("onset to the first added SMTP worker",
                   f"{_seconds(f['onset_to_first_smtp_worker_s'])} "
                   f"({f['first_smtp_grow'] or 'the pool never grew'})"),
+                 ("storm reaction: onset to the first new SMTP worker accepting",
+                  f"{_seconds(f['storm_reaction_s'])} (started "
+                  f"t={_seconds(f['first_new_smtp_worker_started_s'])}, accepting by "
+                  f"t={_seconds(f['first_new_smtp_worker_accepting_s'])})"),
                  ("peak SMTP workers", f["peak_smtp_workers"]),
                  ("stress mode on (t from, to)", " .. ".join(map(_seconds, f["stress_on_s"]))
                   if f["stress_on_s"] else "-"),
@@ -234,18 +324,34 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:g}s"
 
 
+def _value(value) -> str:
+    return "-" if value is None else str(value)
+
+
 COMPARE_ROWS = (("legitimate delivered %", "legit_delivered_pct", "{}"),
                 ("legitimate accepted / s", "legit_accepted_per_s", "{}"),
                 ("latency p50 s", "latency_p50_s", "{}"),
                 ("latency p99 s", "latency_p99_s", "{}"),
                 ("bots shed before DATA %", "bots_shed_before_data_pct", "{}"),
                 ("spam accepted", "spam_accepted", "{}"),
+                ("bot connections", "bot_connections", "{}"),
+                ("bots greeted", "bots_greeted", "{}"),
                 ("peak sessions held", "peak_sessions_held", "{}"),
                 ("peak RSS MiB", "rss_peak_bytes", "{:.1f}"),
                 ("RSS per held session KiB", "rss_per_held_session_bytes", "{:.1f}"),
                 ("peak PSS MiB", "pss_peak_bytes", "{:.1f}"),
                 ("PSS per held session KiB", "pss_per_held_session_bytes", "{:.1f}"),
-                ("CPU seconds", "cpu_seconds", "{}"))
+                ("CPU seconds", "cpu_seconds", "{}"),
+                ("accept queue peak", "accept_queue_peak", "{}"),
+                ("accept-queue drops (machine)", "accept_queue_drops", "{}"),
+                ("connect failed (client)", "connect_failed", "{}"),
+                ("failed after CONNECT (log)", "failed_after_connect", "{}"),
+                ("anvil no-answer lines (log)", "anvil_no_answer", "{}"),
+                ("offered: busiest second", "offered_peak_per_s", "{}"),
+                ("last bot connection began, s", "last_bot_arrival_s", "{}"),
+                ("storm reaction s", "storm_reaction_s", "{}"),
+                ("forecast peak sessions", "forecast_peak_sessions", "{}"),
+                ("forecast error %", "forecast_error_pct", "{}"))
 
 
 RATIO_KEYS = ("legit_delivered_pct", "latency_p50_s", "latency_p99_s", "peak_sessions_held",

@@ -16,6 +16,12 @@ A scenario is a TOML file (see bench/scenarios/):
     nodes = 1                  # poolmgr: nodes sharing one Redis ([cluster]); clients are
                                # spread over them round-robin, as senders over equal MX records
 
+    [config.smtp]              # optional: further poolmgr settings, by section, as in
+    listen_backlog = 4096      # poolmgr.toml (checked as poolmgr check would); the peers
+                               # take the same listen backlog
+
+    storm_threshold = 20       # connections/s above the calm rate that mark a storm's onset
+
     [[phases]]
     name = "storm"
     duration = "10s"
@@ -107,20 +113,30 @@ upgrade and (with `cluster`) a Redis restart on the way; its phases are made fro
     warmup = "10m"             # growth is measured from here to the end
     max_growth_pct = 5.0       # the goal the report checks growth against
 
-Every duration and count is bounded, so a run stops by itself.
+Every duration and count is bounded, so a run stops by itself. Each load-generator process
+must hold its share of the connections open at once under the open-files limit
+(RLIMIT_NOFILE, 20,000 here): `peak_connections` bounds that share from the scenario
+(arrival rates x the longest a profile's connection lasts) before anything starts.
+
+A storm's onset, from which the bench measures the autoscaler's reaction, is the first second
+the offered rate (connections the load generator opened in it) exceeds the calm rate by
+`storm_threshold`; the calm rate is the offered rate of the scenario's calmest phase (`calm`:
+the seconds it spans), 0 for a scenario of one phase (nothing before its load).
 """
 
 __all__ = ["Scenario", "Phase", "PROFILES", "load", "ScenarioError", "replay_profile",
            "pool_sizes", "SERVER_DEFAULTS", "from_dict", "KINDS", "soak_storms",
-           "overridden", "RELOAD_AT", "UPGRADE_AT"]
+           "overridden", "RELOAD_AT", "UPGRADE_AT", "peak_connections", "OPEN_FILES"]
 
 import math
+import resource
 import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import config as poolmgr_config
 from .. import plan as planner
 from ..config import parse_duration, parse_size
 
@@ -140,6 +156,15 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 BOTS = tuple(p for p in PROFILES if p != "legit")
 DURATION_KNOBS = ("hold", "interval", "give_up", "timeout")
+# The open files one process may hold here (a hard limit that root cannot raise), less what a
+# load-generator process needs beside its connections.
+OPEN_FILES = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+OPEN_FILES_SPARE = 200
+STORM_THRESHOLD = 20.0  # connections/s above the calm rate: a storm's onset
+# How long a client that talks stays connected, for the planner's forecast of a scenario: the
+# bench's poolmgr holds every new client's banner for its greet pause (2 s), and a dialogue
+# on loopback takes well under a second.
+SPOKEN_HOLD = 3.0
 
 
 # A replay's bounds: clients in all, and the replayed span (after `speed`)
@@ -192,6 +217,46 @@ class Scenario:
     measure: dict[str, Any] = field(default_factory=dict)
     # a closed loop for one run of the load generator: profile, clients, duration (s)
     loop: dict[str, Any] = field(default_factory=dict)
+    # poolmgr settings beyond [server]'s, by section ([config.SECTION] in the file)
+    config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    storm_threshold: float = STORM_THRESHOLD
+
+    @property
+    def calm(self) -> tuple[float, float] | None:
+        """The calmest phase's span (start, end; seconds from the start), None with one phase
+        or none (the calm rate is then 0)."""
+        if len(self.phases) < 2:
+            return None
+        starts = [sum(p.duration for p in self.phases[:n]) for n in range(len(self.phases))]
+        n = min(range(len(self.phases)), key=lambda k: sum(self.phases[k].rates.values()))
+        return starts[n], starts[n] + self.phases[n].duration
+
+    def sessions(self) -> list[planner.Session]:
+        """The sessions the scenario offers, as the planner takes them (`forecast`): its
+        arrivals spread evenly over each phase, each holding as long as its profile does (a
+        silent bot: its hold; a client that talks: `SPOKEN_HOLD`); a replay's arrivals with
+        their own holds. What a server makes of the load (a bot shed early) is not in it."""
+        if self.kind == "replay":
+            return [planner.Session(t, t + (SPOKEN_HOLD if profile == "legit" else hold),
+                                    profile == "legit", "" if profile == "legit" else profile,
+                                    "scenario", data=profile == "legit")
+                    for t, profile, hold in self.arrivals]
+        found, at = [], 0.0
+        for phase in self.phases:
+            for profile, rate in phase.rates.items():
+                hold = self.profiles[profile].get("hold", SPOKEN_HOLD)
+                legit = profile == "legit"
+                found += [planner.Session(at + i / rate, at + i / rate + hold, legit,
+                                          "" if legit else profile, "scenario", data=legit)
+                          for i in range(int(rate * phase.duration))]
+            at += phase.duration
+        return sorted(found, key=lambda s: s.start)
+
+    @property
+    def listen_backlog(self) -> int:
+        """The SMTP listen backlog the targets are given (poolmgr's default unless set)."""
+        return int(self.config.get("smtp", {}).get(
+            "listen_backlog", poolmgr_config.load(None).smtp.listen_backlog))
 
     @property
     def duration(self) -> float:
@@ -217,7 +282,8 @@ class Scenario:
                 "phases": [{"name": p.name, "duration": p.duration, "rates": p.rates}
                            for p in self.phases],
                 "arrivals": self.arrivals, "source": self.source, "measure": self.measure,
-                "loop": self.loop, "profiles": self.profiles}
+                "loop": self.loop, "profiles": self.profiles, "config": self.config,
+                "storm_threshold": self.storm_threshold}
 
 
 SERVER_DEFAULTS = {"smtp_workers": 2, "smtp_max_workers": 8, "scanner_workers": 2,
@@ -303,11 +369,67 @@ def from_dict(data: dict, path: str = "") -> Scenario:
     processes = int(data.get("processes", 1))
     if not 1 <= processes <= 16:
         fail("processes must be 1..16")
+    settings = data.get("config") or {}
+    if not isinstance(settings, dict) or any(not isinstance(v, dict) for v in settings.values()):
+        fail("config: poolmgr settings by section, e.g. [config.smtp] listen_backlog = 4096")
+    try:
+        poolmgr_config.from_dict(settings, f"{where} [config]")
+    except poolmgr_config.ConfigError as exc:
+        fail("config: " + "; ".join(exc.errors))
+    threshold = data.get("storm_threshold", STORM_THRESHOLD)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold <= 0:
+        fail(f"storm_threshold: {threshold!r} is not a rate above 0 (connections/s)")
     drain = data.get("drain") or ("20s" if kind in ("phases", "soak", *MEASURE_KEYS) else
                                   max((a[2] for a in arrivals), default=0.0) + 20)
-    return Scenario(str(data.get("name", "scenario")), str(data.get("description", "")),
+    plan = Scenario(str(data.get("name", "scenario")), str(data.get("description", "")),
                     phases, profiles, server, processes, parse_duration(drain), path, data,
-                    kind, arrivals, source, measure)
+                    kind, arrivals, source, measure, config=settings,
+                    storm_threshold=float(threshold))
+    share = math.ceil(peak_connections(plan) / processes)
+    if share > OPEN_FILES - OPEN_FILES_SPARE:
+        fail(f"processes: {processes} load-generator process(es) would each hold up to "
+             f"{share} connections at once, over the open-files limit of one process "
+             f"({OPEN_FILES}, less {OPEN_FILES_SPARE} spare): raise processes to at least "
+             f"{math.ceil(peak_connections(plan) / (OPEN_FILES - OPEN_FILES_SPARE))}")
+    return plan
+
+
+def lasts(profile: str, knobs: dict) -> float:
+    """The longest one connection of a profile stays open, as the load generator runs it."""
+    if profile == "reconnector":
+        return knobs["give_up"] * (1 + int(knobs["reconnects"]))
+    for key in ("hold", "give_up", "timeout"):
+        if key in knobs:
+            return float(knobs[key])
+    return 0.0
+
+
+def peak_connections(plan: Scenario) -> int:
+    """A bound on the connections the load generator holds open at once: at each second, the
+    arrivals of each profile within the longest its connections last (a closed loop: its
+    clients; a replay: its arrivals within their holds)."""
+    if plan.loop:
+        return int(plan.loop["clients"])
+    if plan.kind == "replay":
+        events = sorted([(a[0], 1) for a in plan.arrivals] +
+                        [(a[0] + (a[2] if a[1] != "legit" else
+                                  lasts("legit", plan.profiles["legit"])), -1)
+                         for a in plan.arrivals])
+        live = best = 0
+        for _, step in events:
+            live += step
+            best = max(best, live)
+        return best
+    spans, at = [], 0.0
+    for phase in plan.phases:
+        spans += [(at, at + phase.duration, rate, lasts(profile, plan.profiles[profile]))
+                  for profile, rate in phase.rates.items() if rate > 0]
+        at += phase.duration
+    best = 0.0
+    for second in range(int(at) + 1):
+        best = max(best, sum(rate * max(0.0, min(end, second) - max(start, second - hold))
+                             for start, end, rate, hold in spans))
+    return math.ceil(best)
 
 
 # A source scenario's keys: (default, least, most)

@@ -3,26 +3,29 @@ under steady legitimate mail, with what a real MX lives through on the way, and 
 anything grows or gets lost.
 
 The node is the bench's poolmgr target (`targets.started`: greet test, DNSBL, recipient
-validation, its scanner pool re-injecting into smtp-sink), sized by [server]; with `cluster`
-it has [cluster] on a private Redis. The load generator (`benchmark.load`) runs the soak's
-phases (`scenario.soak_phases`): `legit_rate` legitimate messages a second all along, and the
-`storm` bots added for `storm_length` at `first_storm` and every `storm_every` after it.
-Meanwhile, at fixed shares of the duration (`timeline`), `Soak.tick` does to the node what
-operations and failures do: SIGHUP (reload) at 3%, SIGUSR2 (upgrade: a new master from then
-on, found by the pidfile) at 5%, the next hop (smtp-sink) stopped for `next_hop_down` at 30% and at 70%
-(poolmgr must answer 4xx meanwhile), Redis stopped for `redis_down` at 85%. Every
-`sample_every` it samples the master and each pool: processes, RSS and PSS (psutil
-memory_full_info), open fds, and the tracebacks in poolmgr's log so far.
+validation, its scanner pool re-injecting into smtp-sink), sized by [server]; with `cluster` it
+has [cluster] on a private Redis. The load generator (`benchmark.load`) runs the soak's phases
+(`scenario.soak_phases`): `legit_rate` legitimate messages a second all along, and the `storm`
+bots added for `storm_length` at `first_storm` and every `storm_every` after it. Meanwhile, at
+fixed shares of the duration (`timeline`), `Soak.tick` does to the node what operations and
+failures do: SIGHUP (reload) at 3%, SIGUSR2 (upgrade: a new master from then on, found by the
+pidfile) at 5%, the next hop (smtp-sink) stopped for `next_hop_down` at 30% and at 70% (poolmgr
+must answer 4xx meanwhile), Redis stopped for `redis_down` at 85%. Every `sample_every` it
+samples the master and each pool: processes, RSS and PSS (psutil memory_full_info), open fds,
+and the tracebacks in poolmgr's log so far.
 
 Figures: messages sent, 250'd, 4xx'd, 5xx'd, failed, found at the sink by Message-ID and lost
 (250'd yet not at the sink: must be 0; a 4xx'd message stays with its sender, which retries
-it); per outage the replies given while the next hop was down; per storm the legitimate
-latency p50/p99 (messages started from the storm's start until its bots are gone) beside the
-steady p99; the memory and fd series, and their growth from `warmup` to the end (master: its
-own figures; a pool: per worker, since the autoscaler changes the pool's size), against
-`max_growth_pct`; tracebacks (0 expected); the events and when they happened. Written to
-OUT/result.json and OUT/report.md, with connections.png and latency.png (`report.plots`) and
-memory.png.
+it); per outage the replies to messages sent and answered while the next hop was down; per
+storm the legitimate latency p50/p99 (messages started from the storm's start until its bots
+are gone) beside the steady p99, the storm's onset (the first second its offered rate exceeds
+the calm one by `storm_threshold`, `report.storm_onsets`) and its storm reaction (from the
+onset to the first new SMTP worker accepting, from a status sample each second while a storm is
+on; None when the pool did not grow); the memory and fd series, and their growth from `warmup`
+to the end (master: its own figures; a pool: per worker, since the autoscaler changes the
+pool's size), against `max_growth_pct`; tracebacks (0 expected); the events and when they
+happened. Written to OUT/result.json and OUT/report.md, with connections.png and latency.png
+(`report.plots`) and memory.png.
 """
 
 __all__ = ["measure", "summary_lines", "timeline", "LOG_MARKS"]
@@ -36,7 +39,7 @@ from pathlib import Path
 import psutil
 
 from . import load as loadgen
-from .report import percentile, plots, save_result
+from .report import first_new_worker, percentile, plots, save_result, storm_onsets
 from .run import found_ids, generate
 from .scenario import RELOAD_AT, UPGRADE_AT, Scenario, soak_storms
 from .targets import settled, started, tree
@@ -81,6 +84,10 @@ class Soak:
         self.upgrading: int | None = None  # the old master's pid until the new one serves
         self.log_offset, self.log_tails, self.marks = 0, {}, Counter()
         self.fd_floor: dict[str, float] = {}
+        # The SMTP pool each second around a storm (its workers' starts and sessions): the
+        # storm reaction. From a little before the storm until its bots are well in.
+        self.storms = [(start - 2, end + 15) for start, end in soak_storms(self.settings)]
+        self.pool_samples: list[dict] = []
 
     def master_pid(self) -> int:
         """The master now: after a USR2 upgrade the successor, which wrote the pidfile."""
@@ -97,6 +104,8 @@ class Soak:
                 self.master_pid() != self.upgrading:
             self.event(t, "upgraded", f"master {self.upgrading} -> {self.master_pid()}")
             self.upgrading = None
+        if any(start <= t <= end for start, end in self.storms):
+            self.pool_samples.append({"t": t, **self.target.sample()})
         if t >= self.next_sample:
             self.samples.append(self.sample(t))
             self.next_sample += self.settings["sample_every"]
@@ -271,11 +280,13 @@ def windows(events: list[dict], down: str, up: str) -> list[tuple[float, float]]
 
 
 def outage_figures(messages: list[dict], spans: list[tuple[float, float]]) -> list[dict]:
-    """Per outage of the next hop: the replies given while it was down."""
+    """Per outage of the next hop: the replies to the messages sent and answered while it was
+    down (one sent just before may have reached the next hop before it stopped: a 250 then is
+    right, and not counted here)."""
     result = []
     for start, end in spans:
         replied = [m for m in messages if m["latency"] is not None and
-                   start <= m["t"] + m["latency"] <= end]
+                   start <= m["t"] and m["t"] + m["latency"] <= end]
         outcomes = Counter(m["outcome"] for m in replied)
         result.append({"from_s": start, "to_s": end, "replies": len(replied),
                        "accepted": outcomes["accepted"], "deferred": outcomes["deferred"],
@@ -285,10 +296,13 @@ def outage_figures(messages: list[dict], spans: list[tuple[float, float]]) -> li
     return result
 
 
-def storm_figures(scenario: Scenario, messages: list[dict], bots: list[dict],
-                  outages: list[tuple[float, float]]) -> tuple[list[dict], dict]:
+def storm_figures(scenario: Scenario, load: dict, outages: list[tuple[float, float]],
+                  pool_samples: list[dict] = (), t0: float = 0.0) -> tuple[list[dict], dict]:
     """Per storm, the legitimate latency from its start until its bots are gone (their
-    longest hold or patience), and the same outside every storm and outage (steady)."""
+    longest hold or patience), its onset and storm reaction; and the latency outside every
+    storm and outage (steady)."""
+    messages, bots = load["messages"], load["bots"]
+    _, onsets = storm_onsets(load, scenario)
     settings = scenario.measure
     storms = soak_storms(settings)
     linger = max((v for p in settings["storm"] for k, v in scenario.profiles[p].items()
@@ -305,9 +319,13 @@ def storm_figures(scenario: Scenario, messages: list[dict], bots: list[dict],
     result = []
     for n, (start, end) in enumerate(spans):
         mine = [m for m in messages if start <= m["t"] < end]
+        onset = next((o for o in onsets if start - 1 <= o < storms[n][1]), None)
+        _, accepting = first_new_worker(pool_samples, onset, t0)
         result.append({"storm": n + 1, "from_s": start, "to_s": round(end, 1),
                        "bot_connections": sum(1 for b in bots
                                               if storms[n][0] <= b["t"] < storms[n][1]),
+                       "onset_s": onset, "storm_reaction_s": round(accepting - onset, 1)
+                       if accepting is not None else None,
                        **latency(mine)})
     busy = spans + outages
     steady = [m for m in messages
@@ -333,7 +351,7 @@ def measure(scenario: Scenario, out: Path) -> dict:
             soak.stop_successor()
     found = found_ids(arrived)
     outages = windows(soak.events, "next_hop_down", "next_hop_up")
-    storms, steady = storm_figures(scenario, load["messages"], load["bots"], outages)
+    storms, steady = storm_figures(scenario, load, outages, soak.pool_samples, t0)
     figures = {"messages": message_figures(load["messages"], found),
                "outages": outage_figures(load["messages"], outages),
                "storms": storms, "steady": steady,
@@ -395,7 +413,9 @@ def summary_lines(f: dict) -> list[str]:
     lines += [f"next hop down {o['from_s']:.0f}s..{o['to_s']:.0f}s: {o['deferred']} replies 4xx, "
               f"{o['accepted']} 250" for o in f["outages"]]
     lines += [f"storm {s['storm']} at {s['from_s']:.0f}s: legitimate p99 {s['p99_s']}s "
-              f"({s['accepted']} of {s['messages']} accepted; {s['bot_connections']} bots)"
+              f"({s['accepted']} of {s['messages']} accepted; {s['bot_connections']} bots); "
+              f"onset {_seconds(s.get('onset_s'))}, storm reaction "
+              f"{_seconds(s.get('storm_reaction_s'))} ('-': the SMTP pool did not grow)"
               for s in f["storms"]]
     lines.append(f"steady: legitimate p99 {f['steady']['p99_s']}s")
     return lines
@@ -405,6 +425,10 @@ def _minutes(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     return f"{seconds / 60:.1f} minutes" if seconds >= 120 else f"{seconds:.0f}s"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}s"
 
 
 def _mib(value: float | None) -> str:
@@ -432,14 +456,16 @@ def write_report(out: Path, scenario: Scenario, f: dict, images: list[str]) -> N
     lines += [f"| {o['from_s']} | {o['to_s']} | {o['replies']} | {o['deferred']} | "
               f"{o['accepted']} | {o['deferred_reply'] or '-'} |" for o in f["outages"]]
     lines += ["", "## Legitimate latency per storm", "",
-              "| storm | from (s) | to (s) | bots | messages | accepted | p50 (s) | p99 (s) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| storm | from (s) | to (s) | bots | messages | accepted | p50 (s) | p99 (s) "
+              "| onset (s) | storm reaction (s) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {x['storm']} | {x['from_s']} | {x['to_s']} | {x['bot_connections']} | "
-              f"{x['messages']} | {x['accepted']} | {x['p50_s']} | {x['p99_s']} |"
+              f"{x['messages']} | {x['accepted']} | {x['p50_s']} | {x['p99_s']} | "
+              f"{_seconds(x.get('onset_s'))} | {_seconds(x.get('storm_reaction_s'))} |"
               for x in f["storms"]]
     st = f["steady"]
     lines += [f"| steady | | | | {st['messages']} | {st['accepted']} | {st['p50_s']} | "
-              f"{st['p99_s']} |", "",
+              f"{st['p99_s']} | | |", "",
               "## Memory and file descriptors", "",
               "Master: its own; a pool: per worker. RSS and PSS in MiB at the sample; fds: the "
               "fewest open since the sample before (sessions hold sockets; the floor is what "

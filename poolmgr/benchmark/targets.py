@@ -15,14 +15,21 @@ target's whole process tree is measured the same way (`tree_usage`: RSS, PSS, CP
 `children_pss`: each worker's PSS).
 
 A target answers `sample()` each second (sessions held; poolmgr: its pools, storm phase,
-stress mode and the pool rules each sample breaks), and at the end `verdicts()` (why sessions
-were shed), `decisions` (poolmgr's autoscaler decisions seen, with their times) and
-`counters()` (poolmgr: hand-offs to the scanner pool, messages scanned).
+stress mode, the pool rules each sample breaks, and each SMTP worker's start and sessions, from
+which the bench finds the first new worker accepting), and at the end `verdicts()` (why
+sessions were shed), `decisions` (poolmgr's autoscaler decisions seen, with their times) and
+`counters()` (poolmgr: hand-offs to the scanner pool, messages scanned, and from its log the
+sessions that failed after CONNECT and the anvil's `no answer` fallbacks). `ports` are its
+listening SMTP ports (their accept queue is sampled too). A scenario's `[config]` settings
+reach poolmgr's config; the peers take its listen backlog.
 """
 
 __all__ = ["started", "check_target", "settled", "tree_usage", "tree", "rule_breaks",
-           "children_pss", "TARGETS", "MTAS", "CONTENT_FILTERS", "DNSBL_ZONE"]
+           "children_pss", "TARGETS", "MTAS", "CONTENT_FILTERS", "DNSBL_ZONE", "log_problems",
+           "LOG_PROBLEMS"]
 
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -95,7 +102,7 @@ class PoolmgrTarget:
     name = "poolmgr"
 
     def __init__(self, s: dict, recipients: list[str], work: Path, sink: Sink,
-                 dns: DnsServer, cluster: bool = False):
+                 dns: DnsServer, cluster: bool = False, settings: dict | None = None):
         self.stress = s["stress"]
         self.rules = None
         self.decisions: list[Decision] = []
@@ -113,6 +120,8 @@ class PoolmgrTarget:
                         "dnsbl_threshold": 2, "nameservers": [dns.address],
                         "recipients": str(self._recipients(work, recipients))},
         }
+        for section, values in (settings or {}).items():  # the scenario's [config]
+            sections[section] = {**sections.get(section, {}), **values}
         self.pms = []
         for n in range(s["nodes"]):
             cluster = {"cluster": {"redis": self.redis.url, "node": f"mx{n + 1}"}} \
@@ -143,6 +152,10 @@ class PoolmgrTarget:
     def addresses(self) -> list[list]:
         return [["127.0.0.1", pm.smtp_port] for pm in self.pms]
 
+    @property
+    def ports(self) -> list[int]:
+        return [pm.smtp_port for pm in self.pms]
+
     def start(self) -> None:
         for pm in self.pms:
             pm.start()
@@ -170,7 +183,13 @@ class PoolmgrTarget:
         def total(pool: str, field: str) -> int:
             return sum(getattr(st.pools[pool], field) for st in statuses)
 
+        now = time.time()
         return {"sessions": total("smtp", "sessions"), "smtp_workers": total("smtp", "workers"),
+                # pid: [started (wall clock), sessions held] of each running SMTP worker
+                "smtp_worker_sessions": {str(w.pid): [round(now - w.age, 2), w.sessions]
+                                         for st in statuses
+                                         for w in st.pools["smtp"].worker_list
+                                         if w.state == "running"},
                 "smtp_draining": total("smtp", "draining"), "smtp_floor": total("smtp", "floor"),
                 "scanner_workers": total("scanner", "workers"),
                 "phase": statuses[0].autoscale.phase,
@@ -195,10 +214,22 @@ class PoolmgrTarget:
                            # grew them to)
                            "smtp_workers": st.pools["smtp"].workers,
                            "scanner_workers": st.pools["scanner"].workers})
+            if "anvil_fallbacks" in smtp:  # counted by the workers since the anvil's batching
+                totals["anvil_fallbacks_counted"] += smtp["anvil_fallbacks"]
         handoffs, wait_ms = totals["handoffs_to_scanner"], totals.pop("handoff_wait_ms")
         # SMTP worker to next hop through the scanner: what a scanner worker is busy for
         totals["handoff_mean_s"] = round(wait_ms / 1000 / handoffs, 4) if handoffs else None
-        return dict(totals)
+        return {**totals, **self.log_counts()}
+
+    def log_counts(self) -> dict:
+        """What poolmgr's logs say went wrong in sessions (`log_problems`), over every node."""
+        counts = Counter()
+        for pm in self.pms:
+            try:
+                counts.update(log_problems(pm.log_path))
+            except OSError:
+                pass
+        return {key: counts[key] for key in LOG_PROBLEMS}
 
     def stop(self) -> None:
         for pm in self.pms:
@@ -244,6 +275,32 @@ class ScannerOnlyTarget(PoolmgrTarget):
                    k.endswith("_count")}}
 
 
+# The log lines a large storm's figures count (poolmgr's shapes, as Postfix words them):
+# sessions that ended in an exception, and the SMTP workers' requests the master's anvil did not
+# answer in time (a connection not limited; since the anvil's batching one line per episode,
+# the episodes' requests counted in status: anvil_fallbacks_counted).
+LOG_PROBLEMS = {
+    "failed_after_connect": re.compile(rb"error: session with .* failed after CONNECT"),
+    "sessions_failed": re.compile(rb"error: session with .* failed after "),
+    "anvil_no_answer": re.compile(rb"warning: anvil: no answer from the master"),
+    "log_lines_dropped": re.compile(rb"warning: (\d+) log lines dropped"),
+}
+
+
+def log_problems(path: Path) -> Counter:
+    """`LOG_PROBLEMS` counted in one log file (dropped lines: their sum)."""
+    counts = Counter()
+    with open(path, "rb") as handle:
+        for line in handle:
+            if b"error: " not in line and b"warning: " not in line:
+                continue
+            for key, pattern in LOG_PROBLEMS.items():
+                found = pattern.search(line)
+                if found:
+                    counts[key] += int(found[1]) if pattern.groups else 1
+    return counts
+
+
 def held_sessions(pids: set[int], port: int) -> int:
     """Established connections to `port` held by the server's processes (not the ones still
     waiting in the kernel's accept queue, which no process owns yet)."""
@@ -284,6 +341,10 @@ class ProcessTarget:
     @property
     def addresses(self) -> list[list]:
         return [["127.0.0.1", self.port]]
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.port]
 
     def sample(self) -> dict:
         return {"sessions": held_sessions({p.pid for p in tree(self.pid)}, self.port)}
@@ -354,9 +415,11 @@ class AiosmtpdTarget(ProcessTarget):
 
     name = "aiosmtpd"
 
-    def __init__(self, work: Path, sink: Sink):
+    def __init__(self, work: Path, sink: Sink, backlog: int = 1024):
         self.port = free_port()
         self.sink = sink
+        self.backlog = backlog
+        self.sockets_at_rest = 0
         self.proc: subprocess.Popen | None = None
         self.log = open(work / "aiosmtpd.log", "ab")
 
@@ -367,9 +430,16 @@ class AiosmtpdTarget(ProcessTarget):
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "poolmgr.benchmark.aiosmtpd_relay", str(self.port),
-             str(self.sink.port)],
+             str(self.sink.port), str(self.backlog)],
             stdout=self.log, stderr=self.log)
         wait_until(lambda: listening(self.port), what="aiosmtpd")
+        self.sockets_at_rest = socket_count(self.proc.pid)
+
+    def sample(self) -> dict:
+        """Sessions held: the sockets it holds beyond those it had at rest. One process: its
+        file descriptors say it without parsing the machine's socket table, which at 100,000
+        connections takes longer than a second."""
+        return {"sessions": max(0, socket_count(self.proc.pid) - self.sockets_at_rest)}
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -411,16 +481,31 @@ def check_target(name: str, content_filter: bool) -> None:
                          "in a content-filter scenario (bench/scenarios/content_filter.toml)")
 
 
+def socket_count(pid: int) -> int:
+    """The sockets among a process's open files."""
+    count = 0
+    try:
+        for fd in os.scandir(f"/proc/{pid}/fd"):
+            try:
+                count += os.readlink(fd.path).startswith("socket:")
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return count
+
+
 @contextmanager
 def started(target_name: str, server: dict, recipients: list[str],
-            listed: list[str] = (), cluster: bool = False, content_filter: dict | None = None
-            ) -> Iterator[tuple[object, Sink, DnsServer, Path]]:
+            listed: list[str] = (), cluster: bool = False, content_filter: dict | None = None,
+            settings: dict | None = None) -> Iterator[tuple[object, Sink, DnsServer, Path]]:
     """A target running with its peers: (target, sink, dns, work directory); all stopped at
     the end. `server` sizes it (scenario.SERVER_DEFAULTS), `recipients` are the valid ones,
     `listed` address prefixes are in the DNSBL zone; `cluster`: poolmgr has [cluster] on a
     private Redis even as one node (the soak); `content_filter` ({"workers": N, "clamd":
     a running testing.Clamd or None}): one of CONTENT_FILTERS in Postfix's content_filter
-    place, N workers, `server` unused."""
+    place, N workers, `server` unused; `settings`: further poolmgr settings by section (a
+    scenario's [config]), whose smtp.listen_backlog aiosmtpd takes too."""
     check_target(target_name, bool(content_filter))
     work = Path(tempfile.mkdtemp(prefix=f"poolmgr-bench-{target_name}-"))
     # Postfix asks the system resolver: the DNS server then listens on port 53 of an address
@@ -439,9 +524,10 @@ def started(target_name: str, server: dict, recipients: list[str],
         elif content_filter:
             target = AmavisdTarget(content_filter["workers"], sink, content_filter["clamd"])
         elif target_name == "poolmgr":
-            target = PoolmgrTarget(server, recipients, work, sink, dns, cluster)
+            target = PoolmgrTarget(server, recipients, work, sink, dns, cluster, settings)
         elif target_name == "aiosmtpd":
-            target = AiosmtpdTarget(work, sink)
+            backlog = (settings or {}).get("smtp", {}).get("listen_backlog", 1024)
+            target = AiosmtpdTarget(work, sink, backlog)
         else:
             target = PostfixTarget(recipients, sink, dns, target_name == "postfix-postscreen")
         target.start()
