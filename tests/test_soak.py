@@ -116,7 +116,8 @@ sizes = ["2k", "20k"]
     # While the next hop was down, poolmgr answered 4xx and never 250.
     assert len(f["outages"]) == 2
     for outage in f["outages"]:
-        assert 4.5 <= outage["to_s"] - outage["from_s"] < 10, outage
+        # 5 s asked; the events are ticked on a jittered 1 s beat: the window may be ~1 s short
+        assert 4.0 <= outage["to_s"] - outage["from_s"] < 10, outage
         assert outage["deferred"] >= 3 and outage["accepted"] == 0, outage
         assert outage["deferred_reply"].startswith("451 4.4.1 "), outage
     assert m["deferred"] >= sum(o["deferred"] for o in f["outages"])
