@@ -655,7 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     scan = command(sub, "scan", "scan one message with the configured checks and print the "
                    "verdict, what each check found and the headers (rspamc, amavisd's test "
-                   "mode); exit 0 clean, 1 spam, 2 virus or banned, 75 a check failed",
+                   "mode); exit 0 clean, 1 spam, 2 virus or banned, 75 a check failed or asks "
+                   "to try later, 64 an unknown --policy",
                    cmd_scan, with_config=True)
     scan.add_argument("file", metavar="FILE", help="the message (RFC 5322), or - for stdin")
     scan.add_argument("--sender", default="", metavar="ADDR", help="envelope sender")
