@@ -5,12 +5,13 @@ import os
 import re
 import signal
 import socket
+import tracemalloc
 
 import pytest
 
 from poolmgr import maildir
 from poolmgr.defence.anvil import Anvil, AnvilServer
-from poolmgr.defence.clientstate import TtlCache
+from poolmgr.defence.clientstate import PassCache, TtlCache
 from poolmgr.defence.peername import valid_hostname
 from poolmgr.defence.networks import in_networks, parse_cidrs, plain_ip
 from poolmgr.defence.recipients import RecipientTable
@@ -235,6 +236,43 @@ def test_ttl_cache_sweeps_expired_entries_by_age():
     assert len(cache) == 1 and cache.get("late", now=700) is True
     cache.put("bound", True, expires=10_000, now=701)  # no sweep before sweep_every
     assert len(cache) == 2
+
+
+def test_ttl_cache_is_not_copied_while_every_entry_holds():
+    cache = TtlCache(max_entries=1000, sweep_every=60)
+    cache.put("a", 1, expires=1000, now=0)
+    entries = cache.entries
+    cache.put("b", 2, expires=1000, now=500)  # a sweep is due, but nothing has expired
+    assert cache.entries is entries
+    cache.put("c", 3, expires=2000, now=1001)  # now something has
+    assert cache.entries is not entries and set(cache.entries) == {"c"}
+
+
+def test_greet_passes_hold_for_their_ttl_per_address_and_family():
+    passes = PassCache(max_entries=1000, sweep_every=60)
+    passes.add("192.0.2.7", ttl=86400, now=0)
+    passes.add("2001:db8::7", ttl=2, now=0)
+    passes.add("not an address", ttl=2, now=0)
+    assert passes.holds("192.0.2.7", now=86000) and not passes.holds("192.0.2.7", now=86400)
+    assert passes.holds("2001:db8::7", now=1.9) and not passes.holds("2001:db8::7", now=2)
+    assert not passes.holds("::192.0.2.7", now=1) and not passes.holds("192.0.2.8", now=1)
+    assert passes.holds("not an address", now=1)
+    passes.add("192.0.2.9", ttl=10, now=100)  # the sweep: the expired ones are gone
+    assert len(passes) == 2 and len(passes.stamps) == 2
+
+
+def test_a_greet_pass_costs_less_than_half_a_cache_entry():
+    def cost(add) -> float:
+        tracemalloc.start()
+        for n in range(5000):
+            add(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", n / 10)
+        size = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        return size / 5000
+
+    cache, passes = TtlCache(), PassCache()
+    entry = cost(lambda ip, now: cache.put(ip, True, now + 86400, now))
+    assert cost(lambda ip, now: passes.add(ip, 86400, now)) < entry / 2
 
 
 def test_anvil_server_answers_over_a_seqpacket_pair():

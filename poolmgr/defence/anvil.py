@@ -48,7 +48,7 @@ import socket
 import time
 from collections import Counter, deque
 
-from .clientstate import ClientState, TtlCache, Usage
+from .clientstate import ClientState, PassCache, TtlCache, Usage
 
 # Idle clients are swept out once a time unit, or sooner when the store has doubled since
 # the last sweep (at least _PURGE_SIZE): a sweep walks every client, so it is kept amortised
@@ -82,7 +82,7 @@ class Anvil:
         self.owners: dict[object, Counter] = {}  # worker -> live connections by client
         self.requests = 0
         self.next_purge, self.purge_size = 0.0, _PURGE_SIZE  # see _PURGE_SIZE
-        self.greet = TtlCache()  # ip -> True while its greet test pass holds
+        self.greet = PassCache()  # the clients whose greet test pass holds
         self.dnsbl = TtlCache()  # (domain, ip) -> listed, for the answer's TTL
         self.names = TtlCache()  # ip -> (name, reverse), for the answers' TTL
 
@@ -143,10 +143,10 @@ class Anvil:
         self.purge_size = max(_PURGE_SIZE, 2 * len(self.clients))
 
     def greet_passed(self, ip: str, now: float) -> bool:
-        return bool(self.greet.get(ip, now))
+        return self.greet.holds(ip, now)
 
     def pass_greet(self, ip: str, ttl: float, now: float) -> None:
-        self.greet.put(ip, True, now + ttl, now)
+        self.greet.add(ip, ttl, now)
 
     def dnsbl_cached(self, ip: str, domains, now: float) -> list[bool | None]:
         return [self.dnsbl.get((domain, ip), now) for domain in domains]
