@@ -9,7 +9,9 @@ amavisd's own decoded parts, as Debian's `15-av_scanners` does).
 
 amavisd refuses to run as root: started by root it drops to the package's `amavis` user, so
 its home is a directory of its own under /tmp owned by that user (the config file beside it,
-which that user may not write), and a clamd socket must be reachable by it.
+which that user may not write), and a clamd socket must be reachable by it. Its $TEMPBASE,
+where each message is taken apart, is in memory (`wait.ram_directory`), as amavisd's
+documentation advises and as the clamd the bench shares with poolmgr has its own.
 """
 
 __all__ = ["Amavisd"]
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from .wait import WaitTimeout, free_port, listening, terminate, wait_until
+from .wait import WaitTimeout, free_port, listening, ram_directory, terminate, wait_until
 
 AMAVISD = "/usr/sbin/amavisd"
 AMAVIS_USER = "amavis"  # created by Debian's amavisd-new package
@@ -34,7 +36,7 @@ AMAVIS_USER = "amavis"  # created by Debian's amavisd-new package
 CONFIG = """\
 use strict;
 $MYHOME = '{home}';
-$TEMPBASE = "$MYHOME/tmp";
+$TEMPBASE = '{tempbase}';
 $pid_file = "$MYHOME/amavisd.pid";
 $lock_file = "$MYHOME/amavisd.lock";
 $unix_socketname = "$MYHOME/amavisd.sock";
@@ -86,21 +88,22 @@ class Amavisd:
         os.chmod(self.dir, 0o755)
         self.home = self.dir / "home"
         self.home.mkdir()
+        self.tempbase = ram_directory("poolmgr-amavisd-tmp-")
         self.config = self.dir / "amavisd.conf"
         self.log = self.home / "amavis.log"
         self.proc: subprocess.Popen | None = None
 
     def write_config(self) -> Path:
-        (self.home / "tmp").mkdir(exist_ok=True)
         user = ""
         if os.geteuid() == 0:
             user = f"$daemon_user = '{AMAVIS_USER}';\n$daemon_group = '{AMAVIS_USER}';"
             entry = pwd.getpwnam(AMAVIS_USER)
-            for path in (self.home, self.home / "tmp"):
+            for path in (self.home, self.tempbase):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
         virus = CLAMD.format(socket=self.clamd) if self.clamd else BYPASS_VIRUS
         self.config.write_text(CONFIG.format(
-            home=self.home, user=user, port=self.port, max_servers=self.max_servers,
+            home=self.home, tempbase=self.tempbase, user=user, port=self.port,
+            max_servers=self.max_servers,
             max_requests=self.max_requests, next_hop=self.next_hop, virus=virus))
         return self.config
 
@@ -148,6 +151,7 @@ class Amavisd:
             except psutil.Error:
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.tempbase, ignore_errors=True)
 
     def __enter__(self) -> "Amavisd":
         return self.start()

@@ -1,6 +1,7 @@
 """A private ClamAV clamd (Debian's clamav-daemon): its own clamd.conf, socket, log and a
 signature database holding only a local signature for the EICAR test string, so nothing is
-downloaded and it starts in a few seconds.
+downloaded and it starts in a few seconds. Its TemporaryDirectory (a directory made and
+removed for every scan) is in memory (`wait.ram_directory`).
 
 The signature is an `.ndb` body signature (any file type, any offset), so clamd finds EICAR in
 base64 MIME attachments and in zip archives too, after decoding them itself. clamd reports
@@ -17,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from ..scanner.backends.builtin import EICAR
-from .wait import WaitTimeout, free_port, terminate, wait_until
+from .wait import WaitTimeout, free_port, ram_directory, terminate, wait_until
 
 EICAR_NAME = "Poolmgr.Test.Eicar"
 CLAMD = "/usr/sbin/clamd"
@@ -58,10 +59,12 @@ class Clamd:
         self.stream_max_length = stream_max_length
         self.log = self.dir / "clamd.log"
         self.proc: subprocess.Popen | None = None
+        self.scratch: Path | None = None
 
     def write_config(self) -> Path:
         db = self.dir / "db"
         db.mkdir(exist_ok=True)
+        self.scratch = self.scratch or ram_directory("poolmgr-clamd-tmp-")
         # NAME:TARGET:OFFSET:HEXSIG; target 0 is any file type, offset * anywhere.
         (db / "poolmgr-test.ndb").write_text(f"{EICAR_NAME}:0:*:{EICAR.hex()}\n")
         lines = ["Foreground yes",
@@ -69,6 +72,7 @@ class Clamd:
                  f"DatabaseDirectory {db}",
                  f"LogFile {self.log}",
                  f"PidFile {self.dir / 'clamd.pid'}",
+                 f"TemporaryDirectory {self.scratch}",
                  # No User line: clamd keeps the identity it was started with (no drop to
                  # clamav, who could not read this directory).
                  "SelfCheck 0"]
@@ -101,6 +105,8 @@ class Clamd:
     def stop(self) -> None:
         terminate(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def __enter__(self) -> "Clamd":
         return self.start()

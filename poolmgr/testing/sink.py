@@ -6,10 +6,9 @@ __all__ = ["Sink"]
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
-from .wait import free_port, listening, wait_until
+from .wait import free_port, listening, ram_directory, wait_until
 
 
 class Sink:
@@ -18,8 +17,9 @@ class Sink:
     def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None):
         self.port = port or free_port()
         # smtp-sink drops privileges to nobody when run as root: pytest's tmp dirs are 0700,
-        # so the dumps go to a directory of their own that nobody can reach.
-        self.dir = Path(tempfile.mkdtemp(prefix=f"poolmgr-sink-{self.port}-"))
+        # so the dumps go to a directory of their own that nobody can reach, in memory (a
+        # file made per message: the bench's peers share the sink, not the disk's costs).
+        self.dir = ram_directory(f"poolmgr-sink-{self.port}-")
         os.chmod(self.dir, 0o777)
         self.extra = extra or []
         self.proc: subprocess.Popen | None = None

@@ -1,19 +1,21 @@
-"""Free loopback ports, waiting for a process to be ready or a condition to hold, and
-stopping a daemon the tests started.
+"""Free loopback ports, waiting for a process to be ready or a condition to hold, stopping a
+daemon the tests started, and a scratch directory in memory for a daemon's temporary files.
 
 `wait_until` raises `WaitTimeout` (a TimeoutError), never AssertionError: the bench's targets
 use it outside tests too.
 """
 
 __all__ = ["free_port", "free_udp_port", "listening", "wait_until", "WaitTimeout", "terminate",
-           "LOWEST"]
+           "LOWEST", "ram_directory"]
 
 import os
 import random
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 
 class WaitTimeout(TimeoutError):
@@ -110,3 +112,16 @@ def terminate(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+
+
+RAM = "/dev/shm"
+
+
+def ram_directory(prefix: str) -> Path:
+    """A new directory on a tmpfs (/dev/shm) where there is one to write, else under the
+    system's temporary directory: where a daemon's per-scan files go (clamd's
+    TemporaryDirectory, amavisd's $TEMPBASE), as their docs advise and as Debian 13's tmpfs
+    /tmp has them. On this machine's ext4 /tmp, creating and removing clamd's directory for
+    each scan cost it 1.4 ms a message, against 0.2 ms on a tmpfs."""
+    where = RAM if os.path.isdir(RAM) and os.access(RAM, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=where))
