@@ -217,6 +217,16 @@ def test_relay_sends_only_the_xforward_attributes_the_server_offers(server):
     assert commands[1] == b"XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.1"
 
 
+@pytest.mark.parametrize("line, long", [(b"x" * 998, False), (b"x" * 999, True),
+                                        (b"x" * 998 + b"\r", False),
+                                        (b"x" * 600 + b"\r" + b"y" * 600, False)],
+                         ids=["998", "999", "998-and-CR", "1201-with-CR"])
+def test_a_line_is_long_from_999_octets_between_line_breaks(line, long):
+    data = b"Subject: s\r\n\r\n" + line + b"\r\nshort\r\n"
+    assert relay._has_long_line(data) is long
+    assert (relay.fold(data) != data) is long
+
+
 def test_lines_over_998_octets_are_folded_not_refused_downstream(server):
     """Postfix's smtp_line_length_limit: a strict next hop would answer 500 to a 3000-octet
     line; the relay breaks it with CRLF SPACE, each piece within 998 octets."""

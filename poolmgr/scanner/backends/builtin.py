@@ -53,10 +53,18 @@ def _parts(message) -> list[bytes]:
 _ENCODED = re.compile(rb"(?im)^content-transfer-encoding[ \t]*:\s*(?:base64|quoted-printable)")
 
 
+def _encoded(data: bytes) -> bool:
+    """Whether a part is base64 or quoted-printable; the regex runs only where those words
+    are (a tenth of its cost on a message that has none)."""
+    lowered = data.lower()
+    return (b"base64" in lowered or b"quoted-printable" in lowered) and \
+        _ENCODED.search(data) is not None
+
+
 def scan(data: bytes, rules, eicar: bool) -> Result:
     if eicar and EICAR in data:
         return Result("builtin", virus=EICAR_NAME)
-    if not rules and not (eicar and _ENCODED.search(data)):
+    if not rules and not (eicar and _encoded(data)):
         return Result("builtin")  # nothing needs the MIME structure: skip parsing it
     message = email.message_from_bytes(data, policy=email.policy.compat32)
     bodies = None
