@@ -10,7 +10,8 @@ StreamMaxLength: clamd refuses a stream longer than its StreamMaxLength (25M by 
 a bigger message would let a virus hide behind padding, so that answer is a failure like any
 other ERROR (`CheckFailed`, the scanner applies on_failure); raise StreamMaxLength in clamd.conf
 to scan bigger messages. Between chunks the socket is polled, so nothing more is sent once
-clamd has answered early.
+clamd has answered early. The command goes with the first chunk and the zero-length chunk
+with the last: a message under CHUNK is one write.
 
 A hit is `Result("clamd", virus=NAME)`, NAME as clamd reports it (signatures from a database
 that is not signed by ClamAV carry clamd's `.UNOFFICIAL` suffix). Unreachable daemon, timeout,
@@ -59,16 +60,22 @@ class Backend(Check):
         return parse_reply(reply, len(message.data))
 
     def _instream(self, sock: socket.socket, data: bytes, deadline: float) -> bytes:
-        view = memoryview(data)
+        """The command goes with the first chunk and the end with the last: a message of one
+        chunk is one write."""
+        view, end = memoryview(data), struct.pack(">I", 0)
+        head = b"zINSTREAM\0"
         try:
-            _send(sock, b"zINSTREAM\0", deadline)
             for start in range(0, len(data), CHUNK):
-                if _readable(sock):
+                if start and _readable(sock):
                     break  # clamd answered early (size limit, error): stop sending
                 chunk = view[start:start + CHUNK]
-                _send(sock, struct.pack(">I", len(chunk)) + chunk, deadline)
+                last = start + CHUNK >= len(data)
+                _send(sock, b"".join((head, struct.pack(">I", len(chunk)), chunk,
+                                      end if last else b"")), deadline)
+                head = b""
             else:
-                _send(sock, struct.pack(">I", 0), deadline)
+                if not data:
+                    _send(sock, head + end, deadline)
         except (BrokenPipeError, ConnectionResetError):
             pass  # clamd closed while we sent: its answer, if any, is waiting to be read
         return _read_reply(sock, deadline)
