@@ -72,6 +72,7 @@ class FrontService:
 
     def closed(self, session: ServerSession) -> None:
         self.sessions.discard(session)
+        self.slot.set_sessions(len(self.sessions))
         if self.on_room is not None:
             self.on_room()
 

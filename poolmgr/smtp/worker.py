@@ -184,6 +184,9 @@ class SmtpWorker(WorkerProcess):
         """In the hub, at accept: the session counts from now (until its on_close)."""
         session = self.session_class(self.service, sock, peer)
         self.service.sessions.add(session)
+        # The count on the board as it changes, not at the next heartbeat: the autoscaler
+        # sees a storm's sessions the moment they arrive (and a new worker's first one).
+        self.ctx.slot.set_sessions(len(self.service.sessions))
         session.greenlet = self.runners.spawn(session.run)
 
     def close_sessions(self, idle_only: bool) -> None:
