@@ -15,11 +15,13 @@ from poolmgr.benchmark.load import address, listed_prefixes
 from poolmgr.cli import main as cli_main
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "bench" / "scenarios" / "smoke.toml")
+STORM = str(Path(SMOKE).parent / "storm.toml")
 
 
 def test_scenario_files_are_validated_with_readable_errors(tmp_path):
     plan = scenario.load(SMOKE)
     assert plan.name == "smoke" and plan.duration == 12 and plan.drain == 25
+    assert plan.sample_every == 1.0 and scenario.load(STORM).sample_every == 0.2
     assert plan.profiles["impatient"]["give_up"] == 5.0
     assert plan.profiles["legit"]["sizes"] == [2048, 20480, 61440]
     bad = tmp_path / "bad.toml"
@@ -29,7 +31,9 @@ def test_scenario_files_are_validated_with_readable_errors(tmp_path):
             ('[[phases]]\nduration = "forever"\nrates = { idle = 3 }\n', "phase 1: duration"),
             ('name = "x"\n', "no [[phases]]"),
             ('[[phases]]\nduration = "5s"\nrates = { idle = 3 }\n[profiles.idle]\nwait = 3\n',
-             "profiles.idle: unknown key(s) wait")):
+             "profiles.idle: unknown key(s) wait"),
+            ('sample_every = "10ms"\n[[phases]]\nduration = "5s"\nrates = { idle = 3 }\n',
+             "sample_every: 0.01s is not within 0.1s..60s")):
         bad.write_text(text)
         with pytest.raises(scenario.ScenarioError, match=re.escape(message)):
             scenario.load(str(bad))

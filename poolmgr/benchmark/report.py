@@ -140,10 +140,10 @@ def reaction(samples: list[dict], decisions: list, load: dict, scenario: Scenari
     """The autoscaler's reaction, from poolmgr's samples and decisions (times in seconds from
     t0): all None for a target without pools. The storm's onset is `storm_onset`'s; the
     storm reaction is the time from it to the first sample in which an SMTP worker started
-    after it holds sessions (the first new worker accepting; samples are a second apart); the
-    storm ends when the last bot connection has closed (the client series); the pool is back
-    at its floor at the first sample after that with no worker above the floor, none draining
-    and the autoscaler calm."""
+    after it holds sessions (the first new worker accepting; samples are `sample_every`
+    apart, a second by default); the storm ends when the last bot connection has closed
+    (the client series); the pool is back at its floor at the first sample after that with
+    no worker above the floor, none draining and the autoscaler calm."""
     calm, onset = storm_onset(load, scenario)
     per = offered(load)
     # What the load generator managed to offer (on a busy machine, less than the scenario

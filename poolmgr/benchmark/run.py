@@ -45,7 +45,6 @@ from .report import compare_report, figures, plots, reaction, report, source_rep
 from .scenario import Scenario, peak_connections
 from .targets import TARGETS, check_target, settled, started, tree_usage
 
-SAMPLE_EVERY = 1.0
 STOP_GRACE = 30.0  # seconds a load generator past its time has to write its records
 MESSAGE_ID = re.compile(rb"<bench-\d+-\d+-\d+@partner\.example>")
 
@@ -133,8 +132,8 @@ def generate(scenario: Scenario, addresses: list[list], work: Path,
              sample=None) -> tuple[dict, list[dict], float]:
     """The load generator's processes (`scenario.processes`) against `addresses`, from one
     second from now (t0) until they end (bounded by the scenario's duration and drain);
-    `sample(t)`, if given, is called every second meanwhile (t: seconds from t0) and returns
-    a server sample. Returns the merged records (series, bots, messages), the samples, t0."""
+    `sample(t)`, if given, is called every `scenario.sample_every` meanwhile (t: seconds
+    from t0) and returns a server sample. Returns the merged records (series, bots, messages), the samples, t0."""
     samples: list[dict] = []
     procs: list[subprocess.Popen] = []
     t0 = time.time() + 1.0
@@ -148,7 +147,7 @@ def generate(scenario: Scenario, addresses: list[list], work: Path,
                                        str(spec), str(work / f"result{index}.json")],
                                       env=own_code_first()))
     limit = time.time() + scenario.duration + scenario.drain + 60
-    every = SAMPLE_EVERY if sample is not None else 0.2
+    every = scenario.sample_every if sample is not None else 0.2
     due = time.time()
     while any(p.poll() is None for p in procs) and time.time() < limit:
         if sample is not None:

@@ -21,6 +21,7 @@ A scenario is a TOML file (see bench/scenarios/):
                                # take the same listen backlog
 
     storm_threshold = 20       # connections/s above the calm rate that mark a storm's onset
+    sample_every = "1s"        # poolmgr's status, sampled (storm reaction, pool sizes)
 
     [[phases]]
     name = "storm"
@@ -160,6 +161,7 @@ DURATION_KNOBS = ("hold", "interval", "give_up", "timeout")
 # load-generator process needs beside its connections.
 OPEN_FILES = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 OPEN_FILES_SPARE = 200
+SAMPLE_EVERY = 1.0  # seconds between samples of poolmgr's status (`sample_every`)
 STORM_THRESHOLD = 20.0  # connections/s above the calm rate: a storm's onset
 # How long a client that talks stays connected, for the planner's forecast of a scenario: the
 # bench's poolmgr holds every new client's banner for its greet pause (2 s), and a dialogue
@@ -220,6 +222,7 @@ class Scenario:
     # poolmgr settings beyond [server]'s, by section ([config.SECTION] in the file)
     config: dict[str, dict[str, Any]] = field(default_factory=dict)
     storm_threshold: float = STORM_THRESHOLD
+    sample_every: float = SAMPLE_EVERY
 
     @property
     def calm(self) -> tuple[float, float] | None:
@@ -283,7 +286,7 @@ class Scenario:
                            for p in self.phases],
                 "arrivals": self.arrivals, "source": self.source, "measure": self.measure,
                 "loop": self.loop, "profiles": self.profiles, "config": self.config,
-                "storm_threshold": self.storm_threshold}
+                "storm_threshold": self.storm_threshold, "sample_every": self.sample_every}
 
 
 SERVER_DEFAULTS = {"smtp_workers": 2, "smtp_max_workers": 8, "scanner_workers": 2,
@@ -379,12 +382,19 @@ def from_dict(data: dict, path: str = "") -> Scenario:
     threshold = data.get("storm_threshold", STORM_THRESHOLD)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold <= 0:
         fail(f"storm_threshold: {threshold!r} is not a rate above 0 (connections/s)")
+    every = data.get("sample_every", "1s") if kind != "soak" else "1s"
+    try:
+        every = parse_duration(every)
+    except (TypeError, ValueError) as exc:
+        fail(f"sample_every: {exc}")
+    if not 0.1 <= every <= 60:
+        fail(f"sample_every: {every:g}s is not within 0.1s..60s")
     drain = data.get("drain") or ("20s" if kind in ("phases", "soak", *MEASURE_KEYS) else
                                   max((a[2] for a in arrivals), default=0.0) + 20)
     plan = Scenario(str(data.get("name", "scenario")), str(data.get("description", "")),
                     phases, profiles, server, processes, parse_duration(drain), path, data,
                     kind, arrivals, source, measure, config=settings,
-                    storm_threshold=float(threshold))
+                    storm_threshold=float(threshold), sample_every=every)
     share = math.ceil(peak_connections(plan) / processes)
     if share > OPEN_FILES - OPEN_FILES_SPARE:
         fail(f"processes: {processes} load-generator process(es) would each hold up to "
