@@ -9,7 +9,8 @@ used by poolmgr at run time.
 - `clamd`: Clamd (a private ClamAV clamd with a local EICAR signature), EICAR_NAME, ping
 - `spamd`: Spamd (SpamAssassin's spamd, local tests only)
 - `postfix`: Postfix (a private Postfix instance)
-- `nameserver`: DnsServer (dnslib, DNSBL records), SilentDns (a server that is down)
+- `nameserver`: DnsServer (dnslib, DNSBL records), Dnsmasq (the bench's), SilentDns (a server
+  that is down)
 - `rspamd`: Rspamd (a private rspamd, offline), ENVELOPE_SYMBOL
 - `redis`: RedisServer (a private redis-server on a loopback port and a Unix socket),
   SentinelGroup (a master, a replica and three sentinels)
@@ -20,7 +21,7 @@ used by poolmgr at run time.
 from .amavisd import Amavisd
 from .clamd import EICAR_NAME, Clamd, ping
 from .haproxy import HAProxy
-from .nameserver import DnsServer, SilentDns
+from .nameserver import DnsServer, Dnsmasq, SilentDns
 from .poolmgr import HELO, Poolmgr, write_config
 from .postfix import Postfix
 from .recorder import Copy, Recorder
@@ -31,7 +32,7 @@ from .spamd import Spamd
 from .wait import WaitTimeout, free_port, free_udp_port, listening, wait_until
 
 __all__ = ["ENVELOPE_SYMBOL", "EICAR_NAME", "HELO", "Amavisd", "Clamd", "Copy", "DnsServer",
-           "HAProxy", "Poolmgr", "Postfix", "Recorder", "RedisServer", "Rspamd", "SentinelGroup",
+           "Dnsmasq", "HAProxy", "Poolmgr", "Postfix", "Recorder", "RedisServer", "Rspamd", "SentinelGroup",
            "SilentDns", "Sink", "Spamd",
            "WaitTimeout", "free_port", "free_udp_port", "listening", "ping", "wait_until",
            "write_config"]

@@ -1,12 +1,18 @@
 """DNS servers for DNSBL and client name tests: a real one on a loopback UDP port (dnslib),
-and one that is down.
+Debian's dnsmasq for the bench's floods (thousands of queries a second, in C, beside the
+load), and one that is down.
 """
 
-__all__ = ["DnsServer", "SilentDns"]
+__all__ = ["DnsServer", "Dnsmasq", "SilentDns"]
 
+import ipaddress
+import shutil
 import socket
+import subprocess
+import tempfile
+from pathlib import Path
 
-from .wait import free_udp_port
+from .wait import free_udp_port, terminate, wait_until
 
 
 class DnsServer:
@@ -73,8 +79,6 @@ class DnsServer:
 
     def pointer(self, ip: str, name: str) -> None:
         """A PTR record for `ip` naming `name` (which need not resolve back)."""
-        import ipaddress
-
         self.pointers[ipaddress.ip_address(ip).reverse_pointer] = name.lower().rstrip(".")
 
     def host_record(self, name: str, *ips: str) -> None:
@@ -97,6 +101,81 @@ class DnsServer:
     def stop(self) -> None:
         self._server.stop()
         self._server.server.server_close()
+
+
+DNSMASQ = "/usr/sbin/dnsmasq"
+
+
+class Dnsmasq:
+    """Debian's dnsmasq as the bench's DNS server: what `DnsServer` serves (listed networks
+    under a DNSBL zone, NXDOMAIN for the rest of it and for every reverse name, TTL `ttl`),
+    configured before `start` and answered in C, so that a flood's queries (a DNSBL query and
+    a PTR query per new client, thousands a second) are answered rather than timed out.
+    `queries` is read from its query log, as DnsServer's is kept."""
+
+    def __init__(self, zone: str, ttl: int = 300, host: str = "127.0.0.1",
+                 port: int | None = None):
+        self.zone, self.ttl = zone, ttl
+        self.host, self.port = host, port or free_udp_port(host)
+        self.networks: dict[str, str] = {}  # "60.127" -> the address the names under it get
+        self.dir = Path(tempfile.mkdtemp(prefix="poolmgr-dnsmasq-"))
+        self.log = self.dir / "queries.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def list_network(self, prefix: str, zone: str, address: str = "127.0.0.2") -> None:
+        """List every address that starts with `prefix` ("127.61."): before `start`."""
+        assert zone == self.zone and self.proc is None
+        octets = [o for o in prefix.split(".") if o]
+        self.networks[".".join(reversed(octets))] = address
+
+    def start(self, timeout: float = 10.0) -> "Dnsmasq":
+        if not shutil.which(DNSMASQ):
+            raise FileNotFoundError(f"{DNSMASQ} not found: install Debian's dnsmasq-base")
+        command = [DNSMASQ, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+                   "--no-hosts", "--no-poll", "--pid-file=", "--user=", "--bind-interfaces",
+                   f"--listen-address={self.host}", f"--port={self.port}",
+                   f"--local-ttl={self.ttl}", f"--neg-ttl={self.ttl}", "--cache-size=0",
+                   f"--local=/{self.zone}/", "--local=/in-addr.arpa/", "--local=/ip6.arpa/",
+                   "--log-queries", f"--log-facility={self.log}", "--dns-forward-max=10000"]
+        command += [f"--address=/{suffix}.{self.zone}/{address}"
+                    for suffix, address in self.networks.items()]
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: self.proc.poll() is not None or self._answers(), timeout=timeout,
+                   interval=0.05, what="dnsmasq")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"dnsmasq exited: {self.proc.stderr.read().decode()[-500:]}")
+        return self
+
+    def _answers(self) -> bool:
+        import dns.message
+        import dns.query
+
+        try:
+            dns.query.udp(dns.message.make_query(f"probe.{self.zone}", "A"), self.host,
+                          port=self.port, timeout=0.2)
+            return True
+        except Exception:
+            return False
+
+    @property
+    def queries(self) -> list[str]:
+        """Every name asked (the probe at start included), from the query log."""
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        return [line.split()[-3] for line in lines if "]: query[" in line]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            terminate(self.proc)
+            self.proc.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class SilentDns:
