@@ -18,10 +18,15 @@ Two implementations:
 __all__ = ["ClientState", "Usage", "TtlCache", "PassCache"]
 
 import socket
+from array import array
+from bisect import bisect_left
+from itertools import compress
 from typing import NamedTuple
 
 _MAX_ENTRIES = 200_000  # per cache: a storm of distinct clients cannot grow it without bound
 _SWEEP_EVERY = 60.0  # seconds between sweeps of a cache's expired entries
+_MERGE_AT = 4096  # new greet passes kept in a dict before they are merged into the arrays
+_V4_END = 1 << 32  # PassCache: IPv4 addresses as ints lie below, IPv6 ones above 2**128
 
 
 class Usage(NamedTuple):
@@ -120,15 +125,25 @@ class TtlCache:
         return len(self.entries)
 
 
-class PassCache(TtlCache):
+class PassCache:
     """The greet test's passes: addresses held for `greet_ttl` (a day by default), so the
-    cache that grows longest. Each is kept small (about 70 bytes, against 170 as a
-    `TtlCache` entry): the address as an int, its expiry rounded down to a 1,024th of the
-    TTL and shared by every pass that expires then (a pass ends at most that much early)."""
+    cache that grows longest, by every new client (a storm's bots pass the test too). IPv4
+    passes are kept as two sorted arrays, the addresses (8 bytes each) and their expiries (8
+    bytes): no Python object per pass, so that a day of distinct clients neither grows the
+    master's heap by 80 to 170 bytes each nor leaves it in fragments. New passes wait in a
+    small dict and are merged into the arrays _MERGE_AT at a time (and at each sweep); IPv6
+    passes (and anything that is not an address) are kept in a dict. Expired passes are swept
+    out at most every `sweep_every` seconds, once the earliest expiry is past; at
+    `max_entries` the cache is emptied (crude, but bounded)."""
 
     def __init__(self, max_entries: int = _MAX_ENTRIES, sweep_every: float = _SWEEP_EVERY):
-        super().__init__(max_entries, sweep_every)
-        self.stamps: dict[float, float] = {}  # each expiry in use, one object for all
+        self.max_entries, self.sweep_every = max_entries, sweep_every
+        self.keys = array("Q")       # IPv4 addresses as ints, ascending
+        self.expiries = array("d")   # each one's expiry, at the same index
+        self.fresh: dict[int, float] = {}  # IPv4 passes since the last merge
+        self.others: dict = {}       # IPv6 addresses (ints above 2**32), other strings
+        self.next_sweep = 0.0
+        self.earliest = float("inf")
 
     @staticmethod
     def _key(ip: str):
@@ -140,24 +155,74 @@ class PassCache(TtlCache):
             return ip
 
     def holds(self, ip: str, now: float) -> bool:
-        expires = self.entries.get(self._key(ip))
+        key = self._key(ip)
+        expires = self.fresh.get(key)
+        if expires is None:
+            if type(key) is int and key < _V4_END:
+                keys = self.keys
+                i = bisect_left(keys, key)
+                if i < len(keys) and keys[i] == key:
+                    expires = self.expiries[i]
+            else:
+                expires = self.others.get(key)
         return expires is not None and expires > now
 
     def add(self, ip: str, ttl: float, now: float) -> None:
-        self._make_room(now)
-        grain = ttl / 1024
-        expires = now + ttl if grain <= 0 else (now + ttl) // grain * grain
-        expires = self.stamps.setdefault(expires, expires)
-        self.entries[self._key(ip)] = expires
+        key, expires = self._key(ip), now + ttl
+        if type(key) is int and key < _V4_END:
+            keys = self.keys
+            i = bisect_left(keys, key)
+            if i < len(keys) and keys[i] == key:
+                self.expiries[i] = expires  # renewed in place: a key is in one place only
+            else:
+                self.fresh[key] = expires
+                if len(self.fresh) >= _MERGE_AT:
+                    self._merge()
+        else:
+            self.others[key] = expires
         self.earliest = min(self.earliest, expires)
+        if now >= self.next_sweep:
+            self.next_sweep = now + self.sweep_every
+            self._merge()
+            if now >= self.earliest:
+                self.purge(now)
+        if len(self) > self.max_entries:
+            self.clear()
 
-    def _expiry(self, entry) -> float:
-        return entry
+    def _merge(self) -> None:
+        """The fresh passes into the arrays, in order (the arrays copied once, slice by
+        slice)."""
+        if not self.fresh:
+            return
+        keys, expiries = self.keys, self.expiries
+        new = sorted(self.fresh.items())  # none of them is in the arrays (see add)
+        self.fresh = {}
+        merged_keys, merged_expiries, start = array("Q"), array("d"), 0
+        for key, expires in new:
+            i = bisect_left(keys, key, start)
+            merged_keys.extend(keys[start:i])
+            merged_expiries.extend(expiries[start:i])
+            merged_keys.append(key)
+            merged_expiries.append(expires)
+            start = i
+        merged_keys.extend(keys[start:])
+        merged_expiries.extend(expiries[start:])
+        self.keys, self.expiries = merged_keys, merged_expiries
 
     def purge(self, now: float) -> None:
-        super().purge(now)
-        self.stamps = {t: t for t in self.stamps if t > now}
+        self._merge()
+        self.next_sweep = now + self.sweep_every
+        held = array("b", map(float(now).__lt__, self.expiries))
+        if not all(held):
+            self.keys = array("Q", compress(self.keys, held))
+            self.expiries = array("d", compress(self.expiries, held))
+        self.others = {k: e for k, e in self.others.items() if e > now}
+        self.earliest = min(min(self.expiries, default=float("inf")),
+                            min(self.others.values(), default=float("inf")))
 
     def clear(self) -> None:
-        super().clear()
-        self.stamps.clear()
+        self.keys, self.expiries, self.fresh, self.others = array("Q"), array("d"), {}, {}
+        self.earliest = float("inf")
+
+    def __len__(self) -> int:
+        return len(self.keys) + len(self.fresh) + len(self.others)
