@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .wait import free_udp_port, terminate, wait_until
+from .wait import WaitTimeout, free_udp_port, terminate, wait_until
 
 
 class DnsServer:
@@ -143,12 +143,19 @@ class Dnsmasq:
                    "--log-queries", f"--log-facility={self.log}", "--dns-forward-max=10000"]
         command += [f"--address=/{suffix}.{self.zone}/{address}"
                     for suffix, address in self.networks.items()]
-        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_until(lambda: self.proc.poll() is not None or self._answers(), timeout=timeout,
-                   interval=0.05, what="dnsmasq")
+        with open(self.dir / "stderr", "wb") as err:
+            self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_until(lambda: self.proc.poll() is not None or self._answers(),
+                       timeout=timeout, interval=0.05, what="dnsmasq")
+        except WaitTimeout:
+            self.stop()
+            raise
         if self.proc.poll() is not None:
-            raise RuntimeError(f"dnsmasq exited: {self.proc.stderr.read().decode()[-500:]}")
+            said = (self.dir / "stderr").read_text(errors="replace")[-500:]
+            self.stop()
+            raise RuntimeError(f"dnsmasq exited: {said}")
         return self
 
     def _answers(self) -> bool:
@@ -174,7 +181,6 @@ class Dnsmasq:
     def stop(self) -> None:
         if self.proc is not None:
             terminate(self.proc)
-            self.proc.stderr.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
