@@ -78,6 +78,11 @@ def fork() -> int:
     (`child_after_fork`): a signal sent to a worker just forked (a retire by the max_rss check,
     a reload) would otherwise find the master's handler, which writes the signal to the
     master's wakeup pipe, or a default action that kills the worker."""
+    # What the master holds now stays out of its own garbage collections from here on: a
+    # full collection (a storm's allocations bring one) writes to every object it walks and
+    # so copies each page the new worker shares with the master. Frozen objects are still
+    # freed when nothing refers to them; only a reference cycle among them would stay.
+    gc.freeze()
     held = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
     try:
         pid = os.fork()
