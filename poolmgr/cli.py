@@ -272,10 +272,20 @@ def cmd_top(args) -> int:
     return top.run(fetch)
 
 
+def _interrupt_on_term() -> None:
+    """A bench stopped with SIGTERM (kill PID) stops what it started, as with Ctrl-C: the
+    daemons, the target and the load generator go in their `finally`s."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_bench(args) -> int:
     """`bench run` and `bench compare`: one scenario against one target, or several."""
     from .benchmark import report, run, scenario
 
+    _interrupt_on_term()
     try:
         plan = scenario.load(args.scenario, args.set or [])
         if args.config:
@@ -351,6 +361,7 @@ def cmd_bench_source(args) -> int:
     """`bench source`: Postfix's smtp-source through a target to smtp-sink."""
     from .benchmark import source
 
+    _interrupt_on_term()
     out = Path(args.out or os.path.join("bench", "out", f"source-{args.target}"))
     f = source.source(args.target, args.sessions, args.messages, args.size, out)
     print(f"poolmgr bench source: {f['messages']} messages in {f['seconds']}s through "

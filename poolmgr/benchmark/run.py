@@ -149,24 +149,27 @@ def generate(scenario: Scenario, addresses: list[list], work: Path,
     limit = time.time() + scenario.duration + scenario.drain + 60
     every = scenario.sample_every if sample is not None else 0.2
     due = time.time()
-    while any(p.poll() is None for p in procs) and time.time() < limit:
-        if sample is not None:
-            samples.append(sample(round(time.time() - t0, 2)))
-        # On a steady beat, however long a sample took (a slow one does not push the next
-        # ones, nor a soak's events, later and later), each a little off it at random so that
-        # the beat does not lock onto the phase of the load's own periodic arrivals.
-        due = max(due + every, time.time() + every / 10)
-        due += random.uniform(-0.1, 0.1) * every
-        time.sleep(max(0.0, due - time.time()))
-    for proc in procs:  # past the limit: TERM writes what the process has, then KILL
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    try:
+        while any(p.poll() is None for p in procs) and time.time() < limit:
+            if sample is not None:
+                samples.append(sample(round(time.time() - t0, 2)))
+            # On a steady beat, however long a sample took (a slow one does not push the
+            # next ones, nor a soak's events, later and later), each a little off it at
+            # random so that the beat does not lock onto the phase of the load's own
+            # periodic arrivals.
+            due = max(due + every, time.time() + every / 10)
+            due += random.uniform(-0.1, 0.1) * every
+            time.sleep(max(0.0, due - time.time()))
+    finally:  # past the limit, or the bench stopped: TERM writes what it has, then KILL
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     load = {"series": [], "bots": [], "messages": [], "processes_reported": 0}
     for index in range(scenario.processes):
         path = work / f"result{index}.json"
