@@ -81,7 +81,9 @@ def fork() -> int:
     # What the master holds now stays out of its own garbage collections from here on: a
     # full collection (a storm's allocations bring one) writes to every object it walks and
     # so copies each page the new worker shares with the master. Frozen objects are still
-    # freed when nothing refers to them; only a reference cycle among them would stay.
+    # freed when nothing refers to them; the cycles that are garbage now are collected first
+    # (it walks only what came since the last fork's freeze).
+    gc.collect()
     gc.freeze()
     held = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
     try:

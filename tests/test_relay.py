@@ -227,6 +227,13 @@ def test_a_line_is_long_from_999_octets_between_line_breaks(line, long):
     assert (relay.fold(data) != data) is long
 
 
+def test_a_message_over_the_precheck_bound_is_searched_by_the_regex_alone():
+    lines = b"x" * 78 + b"\r\n"
+    big = b"Subject: s\r\n\r\n" + lines * (relay.PRECHECK_MAX // len(lines) + 1)
+    assert len(big) > relay.PRECHECK_MAX and not relay._has_long_line(big)
+    assert relay._has_long_line(big + b"y" * 999 + b"\r\n")
+
+
 def test_lines_over_998_octets_are_folded_not_refused_downstream(server):
     """Postfix's smtp_line_length_limit: a strict next hop would answer 500 to a 3000-octet
     line; the relay breaks it with CRLF SPACE, each piece within 998 octets."""

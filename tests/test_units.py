@@ -278,6 +278,17 @@ def test_greet_passes_answer_as_a_dict_would_through_merges_and_sweeps():
     assert list(passes.keys) == sorted(passes.keys)
 
 
+def test_a_full_pass_cache_drops_the_expired_first_and_keeps_the_newest_pass():
+    passes = PassCache(max_entries=3, sweep_every=600)
+    for n, ttl in enumerate((5, 100, 100)):
+        passes.add(f"10.0.0.{n}", ttl, now=n)
+    passes.add("10.0.0.9", 100, now=10)  # over the bound: 10.0.0.0's pass had expired
+    assert len(passes) == 3 and passes.holds("10.0.0.9", now=11)
+    assert passes.holds("10.0.0.1", now=11) and not passes.holds("10.0.0.0", now=11)
+    passes.add("10.0.0.8", 100, now=12)  # over it with none expired: emptied but for this one
+    assert len(passes) == 1 and passes.holds("10.0.0.8", now=13)
+
+
 def test_a_greet_pass_costs_a_fifth_of_a_cache_entry():
     def cost(add) -> float:  # the passes of 5,000 clients, once merged into the arrays
         tracemalloc.start()

@@ -133,7 +133,8 @@ def generate(scenario: Scenario, addresses: list[list], work: Path,
     """The load generator's processes (`scenario.processes`) against `addresses`, from one
     second from now (t0) until they end (bounded by the scenario's duration and drain);
     `sample(t)`, if given, is called every `scenario.sample_every` meanwhile (t: seconds
-    from t0) and returns a server sample. Returns the merged records (series, bots, messages), the samples, t0."""
+    from t0) and returns a server sample. Returns the merged records (series, bots,
+    messages), the samples, t0."""
     samples: list[dict] = []
     procs: list[subprocess.Popen] = []
     t0 = time.time() + 1.0

@@ -14,7 +14,7 @@ content-filter comparison (`content_filter` of `started`: a pool size and a clam
 target's whole process tree is measured the same way (`tree_usage`: RSS, PSS, CPU seconds;
 `children_pss`: each worker's PSS).
 
-A target answers `sample()` each second (sessions held; poolmgr: its pools, storm phase,
+A target answers `sample()` each `sample_every` (sessions held; poolmgr: its pools, storm phase,
 stress mode, the pool rules each sample breaks, and each SMTP worker's start and sessions, from
 which the bench finds the first new worker accepting), and at the end `verdicts()` (why
 sessions were shed), `decisions` (poolmgr's autoscaler decisions seen, with their times) and

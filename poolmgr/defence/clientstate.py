@@ -112,14 +112,10 @@ class TtlCache:
         self.entries.clear()
         self.earliest = float("inf")
 
-    def _expiry(self, entry) -> float:
-        return entry[0]
-
     def purge(self, now: float) -> None:
         self.next_sweep = now + self.sweep_every
-        expiry = self._expiry
-        self.entries = {k: v for k, v in self.entries.items() if expiry(v) > now}
-        self.earliest = min(map(expiry, self.entries.values()), default=float("inf"))
+        self.entries = {k: v for k, v in self.entries.items() if v[0] > now}
+        self.earliest = min((v[0] for v in self.entries.values()), default=float("inf"))
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -133,8 +129,9 @@ class PassCache:
     master's heap by 80 to 170 bytes each nor leaves it in fragments. New passes wait in a
     small dict and are merged into the arrays _MERGE_AT at a time (and at each sweep); IPv6
     passes (and anything that is not an address) are kept in a dict. Expired passes are swept
-    out at most every `sweep_every` seconds, once the earliest expiry is past; at
-    `max_entries` the cache is emptied (crude, but bounded)."""
+    out at most every `sweep_every` seconds, once the earliest expiry is past; over
+    `max_entries` even then, the cache is emptied but for the newest pass (crude, but
+    bounded)."""
 
     def __init__(self, max_entries: int = _MAX_ENTRIES, sweep_every: float = _SWEEP_EVERY):
         self.max_entries, self.sweep_every = max_entries, sweep_every
@@ -186,8 +183,11 @@ class PassCache:
             self._merge()
             if now >= self.earliest:
                 self.purge(now)
-        if len(self) > self.max_entries:
-            self.clear()
+        if len(self) > self.max_entries:  # full: the expired go first, then all but this one
+            self.purge(now)
+            if len(self) > self.max_entries:
+                self.clear()
+                self.add(ip, ttl, now)
 
     def _merge(self) -> None:
         """The fresh passes into the arrays, in order (the arrays copied once, slice by

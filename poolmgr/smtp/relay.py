@@ -21,7 +21,7 @@ a server that took it and died before answering sees it twice, a duplicate, neve
 Works on blocking sockets (scanner workers) and gevent sockets (SMTP workers).
 """
 
-__all__ = ["send", "fold", "Cache", "RelayError", "Outgoing", "LINE_LENGTH_LIMIT"]
+__all__ = ["send", "fold", "Cache", "RelayError", "Outgoing", "LINE_LENGTH_LIMIT", "PRECHECK_MAX"]
 
 import ipaddress
 import re
@@ -38,6 +38,7 @@ _STATUS = re.compile(r"([245]\.\d{1,3}\.\d{1,3})\s+(.*)")
 _XFORWARD_LINE = 400  # Postfix keeps XFORWARD lines well under the 512-octet command limit
 LINE_LENGTH_LIMIT = 998  # RFC 5322 section 2.1.1; Postfix's smtp_line_length_limit
 # Anchored at line starts: a search costs one pass over the data, not one per byte and line.
+PRECHECK_MAX = 1 << 20  # bytes: above, a precheck's copy of the message costs more than it saves
 _LONG_LINE = re.compile(rb"(?m)^[^\r\n]{%d,}" % (LINE_LENGTH_LIMIT + 1))
 
 
@@ -257,10 +258,13 @@ def fold(data: bytes) -> bytes:
 def _has_long_line(data: bytes) -> bool:
     """Whether a line is over LINE_LENGTH_LIMIT. Lines are measured by a split first (a tenth
     of the regex's cost on ordinary mail, which has none); the regex looks only where one
-    may be."""
-    return len(data) > LINE_LENGTH_LIMIT and \
-        max(map(len, data.split(b"\n"))) > LINE_LENGTH_LIMIT and \
-        _LONG_LINE.search(data) is not None
+    may be. A message over PRECHECK_MAX goes to the regex at once (the split would hold a
+    copy of it)."""
+    if len(data) <= LINE_LENGTH_LIMIT:
+        return False
+    if len(data) <= PRECHECK_MAX and max(map(len, data.split(b"\n"))) <= LINE_LENGTH_LIMIT:
+        return False
+    return _LONG_LINE.search(data) is not None
 
 
 def send(hop: NextHop, msg: Outgoing, *, helo: str, timeouts, deadline: float,

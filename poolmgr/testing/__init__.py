@@ -32,7 +32,7 @@ from .spamd import Spamd
 from .wait import WaitTimeout, free_port, free_udp_port, listening, wait_until
 
 __all__ = ["ENVELOPE_SYMBOL", "EICAR_NAME", "HELO", "Amavisd", "Clamd", "Copy", "DnsServer",
-           "Dnsmasq", "HAProxy", "Poolmgr", "Postfix", "Recorder", "RedisServer", "Rspamd", "SentinelGroup",
-           "SilentDns", "Sink", "Spamd",
+           "Dnsmasq", "HAProxy", "Poolmgr", "Postfix", "Recorder", "RedisServer", "Rspamd",
+           "SentinelGroup", "SilentDns", "Sink", "Spamd",
            "WaitTimeout", "free_port", "free_udp_port", "listening", "ping", "wait_until",
            "write_config"]

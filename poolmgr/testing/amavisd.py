@@ -88,7 +88,7 @@ class Amavisd:
         os.chmod(self.dir, 0o755)
         self.home = self.dir / "home"
         self.home.mkdir()
-        self.tempbase = ram_directory("poolmgr-amavisd-tmp-")
+        self.tempbase = ram_directory("poolmgr-amavisd-tmp-", "/usr/sbin/clamd")
         self.config = self.dir / "amavisd.conf"
         self.log = self.home / "amavis.log"
         self.proc: subprocess.Popen | None = None

@@ -64,7 +64,7 @@ class Clamd:
     def write_config(self) -> Path:
         db = self.dir / "db"
         db.mkdir(exist_ok=True)
-        self.scratch = self.scratch or ram_directory("poolmgr-clamd-tmp-")
+        self.scratch = self.scratch or ram_directory("poolmgr-clamd-tmp-", CLAMD)
         # NAME:TARGET:OFFSET:HEXSIG; target 0 is any file type, offset * anywhere.
         (db / "poolmgr-test.ndb").write_text(f"{EICAR_NAME}:0:*:{EICAR.hex()}\n")
         lines = ["Foreground yes",

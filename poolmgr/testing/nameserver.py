@@ -134,6 +134,7 @@ class Dnsmasq:
 
     def start(self, timeout: float = 10.0) -> "Dnsmasq":
         if not shutil.which(DNSMASQ):
+            self.stop()
             raise FileNotFoundError(f"{DNSMASQ} not found: install Debian's dnsmasq-base")
         command = [DNSMASQ, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
                    "--no-hosts", "--no-poll", "--pid-file=", "--user=", "--bind-interfaces",
@@ -171,12 +172,13 @@ class Dnsmasq:
 
     @property
     def queries(self) -> list[str]:
-        """Every name asked (the probe at start included), from the query log."""
+        """Every name asked, from the query log (but the probes of `start`)."""
         try:
             lines = self.log.read_text(errors="replace").splitlines()
         except OSError:
             return []
-        return [line.split()[-3] for line in lines if "]: query[" in line]
+        names = (line.split()[-3] for line in lines if "]: query[" in line)
+        return [name for name in names if name != f"probe.{self.zone}"]
 
     def stop(self) -> None:
         if self.proc is not None:
