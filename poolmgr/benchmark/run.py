@@ -165,9 +165,10 @@ def generate(scenario: Scenario, addresses: list[list], work: Path,
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE  # one grace for all, not one each
         for proc in procs:
             try:
-                proc.wait(STOP_GRACE)
+                proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
