@@ -382,6 +382,7 @@ def from_dict(data: dict, path: str = "") -> Scenario:
     threshold = data.get("storm_threshold", STORM_THRESHOLD)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold <= 0:
         fail(f"storm_threshold: {threshold!r} is not a rate above 0 (connections/s)")
+    # A soak's own sample_every is its memory sampling (SOAK_KEYS); its status tick stays 1s.
     every = data.get("sample_every", "1s") if kind != "soak" else "1s"
     try:
         every = parse_duration(every)
