@@ -23,7 +23,7 @@ from .config import Config
 from .defence.anvil import Anvil, AnvilServer
 from .listen import accept_queue, bind_pools
 from .nuisance import NuisanceWindow
-from .pools import DRAINING, RUNNING, Pool, Worker, set_bounds
+from .pools import DRAINING, RUNNING, Pool, Vigil, Worker, set_bounds
 from .scanner import worker as scanner_worker
 from .services import ROOT_WARNING, Services
 from .signals import SignalQueue
@@ -45,8 +45,8 @@ SIG_NAMES = {sig: sig.name.removeprefix("SIG").lower() for sig in MASTER_SIGNALS
 class Master:
     def __init__(self, cfg: Config, config_path: str | None):
         self.cfg, self.config_path, self.log = cfg, config_path, log.get("master")
-        self.generation = 1
-        self.stopping = ""  # "", "graceful" or "fast"
+        self.generation, self.stopping = 1, ""  # stopping: "", "graceful" or "fast"
+        self.vigil = Vigil(self.log)  # whether the master ran: heartbeats are judged fairly
         self.stop_started, self.scanners_stopped = 0.0, False
         self.announced = False  # READY=1 sent for this generation
         self.started, self.board = time.time(), Board()
@@ -182,8 +182,7 @@ class Master:
         number = pool.free_number()
         index = self.board.alloc(pool.kind, self.generation, number)
         socks = tuple(self.sockets[pool.kind])
-        mine = theirs = None
-        step = "socketpair"
+        mine, theirs, step = None, None, "socketpair"
         try:
             if pool.kind == "smtp":
                 mine, theirs = self.anvil.pair()
@@ -253,6 +252,7 @@ class Master:
         """Kill hung workers (stale heartbeat) and draining workers past their grace: each is
         asked for its stack first (STACK_SIGNAL), and killed STACK_WAIT later."""
         now, cfg = time.monotonic(), self.cfg
+        self.vigil.watch(now, cfg.master.worker_timeout / 2)
         for pool in self.pools.values():
             for worker in pool.stack_written(now, STACK_WAIT):
                 self.kill(worker, signal.SIGKILL)
@@ -260,7 +260,7 @@ class Master:
             grace = max(cfg.master.graceful_timeout, cfg.scanner.timeout
                         if pool.kind == "scanner" else 0) + KILL_MARGIN
             for worker, reason in pool.hung(self.board.read, now, cfg.master.worker_timeout,
-                                            cfg.scanner.timeout, grace):
+                                            cfg.scanner.timeout, grace, self.vigil.since):
                 self.log.warning("%s worker %d pid %d: %s -- killing", pool.kind,
                                  worker.number, worker.pid, reason)
                 worker.killed_at = now

@@ -16,7 +16,7 @@ autoscaler (`autoscale.decide`, whose calm size is `calm_size`); `broken` names 
 sizes breaks, for the autoscaler's self-check and the bench.
 """
 
-__all__ = ["Pool", "Worker", "Bounds", "fit", "calm_size", "broken", "configured_bounds",
+__all__ = ["Pool", "Worker", "Vigil", "Bounds", "fit", "calm_size", "broken", "configured_bounds",
            "bounds_of", "set_bounds", "resize", "RUNNING", "DRAINING", "PoolView", "WorkerView"]
 
 import re
@@ -97,19 +97,20 @@ class Pool:
         return due
 
     def hung(self, read, now: float, timeout: float, busy_extra: float,
-             grace: float) -> list[tuple[Worker, str]]:
+             grace: float, since: float = 0.0) -> list[tuple[Worker, str]]:
         """Workers to kill, with why: no heartbeat for `timeout` (plus `busy_extra` while busy
-        with a message), or still draining `grace` after being retired. `read` is the board's
-        (slot -> its fields)."""
+        with a message), or still draining `grace` after being retired; both counted from
+        `since` at the earliest (the master's `Vigil`). `read` is the board's (slot -> its
+        fields)."""
         found = []
         for worker in self.workers.values():
             if worker.killed_at is not None:
                 continue
             info = read(worker.slot)
-            age = now - info["heartbeat"]
+            age = now - max(info["heartbeat"], since)
             if age > timeout + (busy_extra if info["busy"] else 0):
                 found.append((worker, f"no heartbeat for {age:.0f}s"))
-            elif worker.state == DRAINING and now - worker.term_at > grace:
+            elif worker.state == DRAINING and now - max(worker.term_at, since) > grace:
                 found.append((worker, "still draining"))
         return found
 
@@ -135,6 +136,23 @@ class Pool:
         self.ceiling = ceiling
         self.floor = max(min(1, ceiling), min(floor, ceiling))  # ceiling 0: no pool
         self.target = max(self.floor, min(self.target, ceiling))
+
+
+class Vigil:
+    """Whether the master itself ran: a master that was stopped, or whose host was suspended
+    or its VM paused (the monotonic clock may jump then), finds every heartbeat old when it
+    runs again, though no worker was due to beat. `watch` at each check: after a gap over
+    `limit` it logs one warning, and heartbeats and drains count from then (`since`)."""
+
+    def __init__(self, log):
+        self.log, self.seen, self.since = log, None, 0.0
+
+    def watch(self, now: float, limit: float) -> None:
+        gap, self.seen = now - (self.seen or now), now
+        if gap > limit:
+            self.since = now
+            self.log.warning("master: did not run for %.0fs (stopped, or its host suspended): "
+                             "heartbeats count from now", gap)
 
 
 @dataclass

@@ -174,6 +174,28 @@ def test_hung_worker_is_found_by_heartbeat_and_replaced(make_poolmgr):
                len(pm.worker_pids("scanner")) == 2, what="a replacement scanner worker")
 
 
+@pytest.mark.log_allows(r"warning: master: did not run for \d+s")
+def test_a_host_that_wakes_from_a_pause_kills_no_worker(make_poolmgr):
+    """A suspended host or a paused VM stops the master and its workers alike: when it
+    wakes, every heartbeat is old though no worker hung (a paused CI VM once had a healthy
+    scanner worker killed for "no heartbeat for 30254s"). The master did not run either: it
+    says so, and judges heartbeats from its waking."""
+    pm = make_poolmgr({"master": {"worker_timeout": "2s"}})
+    workers = pm.worker_pids("smtp") + pm.worker_pids("scanner")
+    for pid in (pm.proc.pid, *workers):
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(3)  # the pause itself: longer than worker_timeout
+    os.kill(pm.proc.pid, signal.SIGCONT)  # the master first: it finds every heartbeat 3 s old
+    wait_until(lambda: re.search(r"warning: master: did not run for [3-9]s", pm.log()),
+               what="the master to notice its own pause")
+    for pid in workers:
+        os.kill(pid, signal.SIGCONT)
+    with pm.smtp() as client:
+        assert client.sendmail("a@example.org", ["bob@example.test"], message()) == {}
+    assert sorted(pm.worker_pids("smtp") + pm.worker_pids("scanner")) == sorted(workers)
+    assert "no heartbeat" not in pm.log()
+
+
 def test_a_worker_asked_for_its_stack_writes_it_and_serves_on(make_poolmgr):
     """The master asks a hung worker for its stack (SIGUSR2) before it kills it: each worker
     writes where it is to stderr, and a worker that was not hung after all goes on."""
