@@ -10,7 +10,6 @@ project's dnslib server on a loopback port.
 import re
 from urllib.request import urlopen
 
-import gevent
 import pytest
 
 from helpers import Raw, free_port, message, wait_until
@@ -68,7 +67,7 @@ class Said:
 
 def scorer(dns, sites, log, counted):
     return Dnsbl(tuple(parse_site(s) for s in sites), (("127.0.0.1", dns.port),), 2.0, 0, 0,
-                 gevent.spawn, None, log, counted.append)
+                 None, log, counted.append)
 
 
 def test_error_answers_never_score_and_are_logged_once_per_change_of_state(dns):

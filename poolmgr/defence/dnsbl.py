@@ -3,10 +3,9 @@
 A site is written as in Postfix's postscreen_dnsbl_sites: `domain[=filter][*weight]`, where the
 filter matches the A record of the reply octet by octet (`127.0.0.2`, `127.0.0.[2..11]`,
 `127.0.0.[2;4;6]`) and the weight (default 1, may be negative) is added once per site that
-answers with a matching address. `Dnsbl.score(ip)` asks every site in parallel (the caller's
-`spawn`, gevent's in the SMTP worker: it returns a greenlet-like object with join, ready,
-successful, value and kill) and waits at most `timeout`; a site that has not answered
-scores nothing. Answers are cached per (site, client) for their TTL, clamped to
+answers with a matching address. `Dnsbl.score(ip)` sends every site's query at once
+(`dnsquery.Stub.ask`), then reads the answers, waiting at most `timeout` in all; a site that
+has not answered scores nothing. Answers are cached per (site, client) for their TTL, clamped to
 [min_ttl, max_ttl], in the client state (`clientstate.ClientState`: the master's, shared by
 the host's SMTP workers, or the cluster's); NXDOMAIN is cached for min_ttl. The cache is asked
 once per score for every site, and only the sites it does not know are queried.
@@ -125,7 +124,7 @@ class Score(NamedTuple):
 
 class Dnsbl:
     def __init__(self, sites: tuple[Site, ...], nameservers: tuple, timeout: float,
-                 min_ttl: float, max_ttl: float, spawn: Callable, state=None, log=None,
+                 min_ttl: float, max_ttl: float, state=None, log=None,
                  count: Callable[[int], None] | None = None):
         import dns.resolver
         # dnspython imports an rdata class at its first answer of that type; import them now,
@@ -137,7 +136,6 @@ class Dnsbl:
         self.sites = sites
         self.timeout = timeout
         self.min_ttl, self.max_ttl = min_ttl, max(min_ttl, max_ttl)
-        self.spawn = spawn
         self.state = state  # a clientstate.ClientState, or None: no cache
         self.queries = 0
         self.log = log
@@ -145,13 +143,10 @@ class Dnsbl:
         self.erroring: dict[str, str] = {}  # site text -> the error answer it last gave
         self.dns = Stub(nameservers, timeout)
 
-    def _lookup(self, site: Site, ip: str, deadline: float) -> bool | None:
-        """Whether `site` lists `ip`; None on timeout or server failure (the greenlet it runs
-        in ends quietly: gevent would print a traceback for each one raised)."""
+    def _listed(self, site: Site, ip: str, reply) -> bool | None:
+        """Whether `site` lists `ip` by its `reply`; None without one (timeout, SERVFAIL)."""
         import dns.rdatatype
 
-        self.queries += 1
-        reply = self.dns.query(query_name(ip, site.domain), dns.rdatatype.A, deadline)
         if reply is None:
             return None
         addresses, ttl = [], self.min_ttl
@@ -184,24 +179,23 @@ class Dnsbl:
             self.log.info("dnsbl: %s answers again", site.domain)
 
     def score(self, ip: str) -> Score:
+        import dns.rdatatype
+
         deadline = time.monotonic() + self.timeout
         cached = self.state.dnsbl_cached(ip, [s.text for s in self.sites]) if self.state else {}
-        jobs = {site.text: self.spawn(self._lookup, site, ip, deadline)
-                for site in self.sites if site.text not in cached}
+        asked = {site.text: self.dns.ask(query_name(ip, site.domain), dns.rdatatype.A)
+                 for site in self.sites if site.text not in cached}
+        self.queries += len(asked)
         total, hits, unanswered = 0, [], []
         for site in self.sites:
-            job = jobs.get(site.text)
-            if job is None:
+            question = asked.get(site.text)
+            if question is None:
                 listed = cached[site.text]
             else:
-                job.join(max(0.0, deadline - time.monotonic()))
-                if not job.successful() or job.value is None:
-                    # timeout, SERVFAIL, refused: the site scores nothing
-                    if not job.ready():
-                        job.kill(block=False)
+                listed = self._listed(site, ip, question.answer(deadline))
+                if listed is None:  # timeout, SERVFAIL, refused: the site scores nothing
                     unanswered.append(site.domain)
                     continue
-                listed = job.value
             if listed:
                 total += site.weight
                 hits.append(f"{site.domain}({site.weight:+d})")

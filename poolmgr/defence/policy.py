@@ -33,7 +33,7 @@ class Defence:
                 for counter in dnsbl_error_counters(position):
                     slot.add(counter)
         self.dnsbl = Dnsbl(d.dnsbl_sites, d.nameservers, d.dnsbl_timeout, d.dnsbl_min_ttl,
-                           d.dnsbl_max_ttl, spawn, state, log, count) if d.dnsbl_sites else None
+                           d.dnsbl_max_ttl, state, log, count) if d.dnsbl_sites else None
         self.names = Names(d.nameservers, d.reverse_timeout, d.dnsbl_min_ttl, d.dnsbl_max_ttl,
                            state) if d.reverse_lookup else None
         self.spawn = spawn
