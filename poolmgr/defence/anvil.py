@@ -302,6 +302,8 @@ class AnvilClient(ClientState):
         import gevent
         import gevent.event
 
+        from ..smtp.runners import Turn
+
         self.sock = sock
         self.timeout = timeout
         self.log = logger
@@ -309,14 +311,14 @@ class AnvilClient(ClientState):
         self.seq = 0
         self.sent = 0  # the highest seq handed to the socket
         self.closed = False  # the master's end is gone: stop asking
-        self.pending: dict[int, "gevent.event.AsyncResult"] = {}
+        self.pending: dict[int, list] = {}  # seq -> [its Turn, the answer when it came]
         self.outbox: deque[tuple[int, str]] = deque()  # (seq, request); 0: no answer awaited
         self.fallbacks = 0  # requests failed open, since the start
         self.failing = 0  # ... in the current episode (0: none)
         self.failed_at = 0.0  # when the last one failed
         self.greet_seen: dict[str, tuple[bool, float]] = {}  # ip -> (passed, when): see C
-        self.result_type = gevent.event.AsyncResult
-        self.timeout_type = gevent.Timeout
+        hub = gevent.get_hub()
+        self.turn = lambda: Turn(hub)  # an answer's wake-up: one timer, no Timeout object
         self.queued = gevent.event.Event()
         self.reader = gevent.spawn(self._read)
         self.writer = gevent.spawn(self._write)
@@ -332,10 +334,11 @@ class AnvilClient(ClientState):
             for line in packet.decode("ascii", "replace").split("\n"):
                 seq, _, rest = line.partition(" ")
                 waiter = self.pending.pop(int(seq) if seq.isdigit() else 0, None)
-                if waiter is not None:
+                if waiter is not None:  # [its Turn, the answer]
                     # Numbers, but for the names of a cached client name (`N`).
-                    waiter.set(tuple(int(v) if v.lstrip("-").isdigit() else v
-                                     for v in rest.split()))
+                    waiter[1] = tuple(int(v) if v.lstrip("-").isdigit() else v
+                                      for v in rest.split())
+                    waiter[0].set()
             if self.failing and time.monotonic() - self.failed_at >= self.timeout:
                 self.log.info("anvil: the master answers again; %d request(s) were not limited",
                               self.failing)
@@ -344,7 +347,7 @@ class AnvilClient(ClientState):
         self.queued.set()  # the writer ends
         self.log.warning("anvil: the master closed the connection -- not limiting")
         for waiter in self.pending.values():
-            waiter.set(None)
+            waiter[0].set()  # its answer None: closed
 
     def _write(self) -> None:
         """What the sessions queue, in the order queued, a packet at a time as the socket
@@ -393,21 +396,22 @@ class AnvilClient(ClientState):
             return None
         self.seq += 1
         seq = self.seq
-        waiter = self.pending[seq] = self.result_type()
+        waiter = self.pending[seq] = [self.turn(), None]
         if not self._queue(seq, f"{seq} {op} {ip}"):
             del self.pending[seq]
             self._fell_back(op, ip, "queue full")
             return None
         try:
-            answer = waiter.get(timeout=self.timeout)
-        except self.timeout_type:
+            answered = waiter[0].wait(self.timeout)
+        finally:
+            self.pending.pop(seq, None)
+        if not answered:
             if op == "C" and seq <= self.sent:
                 # The master counts it when it gets there: the session will not release it.
                 self._queue(0, f"0 D {ip}")
             self._fell_back(op, ip, "Timeout")
             return None
-        finally:
-            self.pending.pop(seq, None)
+        answer = waiter[1]
         if answer is None:  # the master closed the connection meanwhile
             self._fell_back(op, ip, "closed")
         return answer
