@@ -19,14 +19,16 @@ answers, not a rate. A legitimate client with `messages = 0` sends one message a
 its connection until then.
 """
 
-__all__ = ["address", "LISTED_PROFILE", "main", "listed_prefixes", "Generator", "Held"]
+__all__ = ["address", "LISTED_PROFILE", "main", "listed_prefixes", "Generator", "IdleBot"]
 
 import asyncio
+import errno
 import itertools
 import json
 import random
 import resource
 import signal
+import socket
 import sys
 import time
 from collections import Counter
@@ -91,38 +93,77 @@ class Client:
         return await self.reply()
 
 
-class Held(asyncio.Protocol):
-    """An idle bot's connection: the code of each reply noted as it comes (the banner's 220
-    greets it; 421, 521 or 554 and the server's close end it), closed at its hold's end.
-    `ended` says how: "held", or the last reply's code ("closed" if none came)."""
+class IdleBot:
+    """An idle bot, the bulk of a flood, with no task, stream or transport (the generator
+    shares the machine with the server: this is a third of the CPU an asyncio stream takes):
+    a non-blocking socket whose connect goes out at once, read when the loop finds it
+    readable, its replies' codes noted (the banner's 220 greets it; 421, 521 or 554 and the
+    server's close end it), closed at its hold's end. `done`, when set (a future), gets how
+    it ended: "held", the last reply's code, "closed" if none came, or "connect_failed"."""
 
-    def __init__(self, record: dict):
-        self.record, self.pending, self.last = record, b"", ""
-        self.ended = asyncio.get_running_loop().create_future()
+    __slots__ = ("generator", "loop", "sock", "record", "started", "pending", "last", "timer",
+                 "done")
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def __init__(self, generator: "Generator", source: str, target: tuple, hold: float,
+                 done=None):
+        self.generator, self.loop, self.done = generator, asyncio.get_running_loop(), done
+        self.record, self.started = generator.bot_record("idle"), time.monotonic()
+        self.pending, self.last, self.timer = b"", "", None
+        self.sock = socket.socket(socket.AF_INET6 if ":" in target[0] else socket.AF_INET,
+                                  socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            self.sock.bind((source, 0))
+            refused = self.sock.connect_ex(target) not in (0, errno.EINPROGRESS)
+        except OSError:
+            refused = True
+        if refused:
+            self.end("connect_failed")
+            return
+        self.loop.add_reader(self.sock.fileno(), self.readable)
+        self.timer = self.loop.call_later(hold, self.end, "held")
 
-    def data_received(self, data: bytes) -> None:
+    def readable(self) -> None:
+        try:
+            data = self.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:  # refused or reset: before any reply, the connect failed
+            self.end(self.last or ("closed" if self.record.get("greeted") is not None
+                                   else "connect_failed"))
+            return
+        if not data:
+            self.end(self.last or "closed")
+            return
+        self.record.setdefault("greeted", False)  # connected: something came
         *lines, self.pending = (self.pending + data).split(b"\n")
         for line in lines:
             if line[3:4] == b"-":
                 continue
             self.last = line[:3].decode("ascii", "replace")
-            self.record["greeted"] = self.record.get("greeted") or self.last == "220"
+            self.record["greeted"] = self.record["greeted"] or self.last == "220"
             if self.last in ("421", "521", "554"):
-                self.transport.close()
+                self.end(self.last)
+                return
 
-    def hold_ends(self) -> None:
-        self._end("held")
-        self.transport.close()
-
-    def connection_lost(self, exc) -> None:
-        self._end(self.last or "closed")
-
-    def _end(self, how: str) -> None:
-        if not self.ended.done():
-            self.ended.set_result(how)
+    def end(self, how: str) -> None:
+        if self.sock is None:
+            return
+        if how == "held" and "greeted" not in self.record:  # nothing came: connected at all?
+            try:
+                self.sock.getpeername()
+            except OSError:
+                how = "connect_failed"
+        if self.timer is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self.timer.cancel()
+        self.sock.close()
+        self.sock = None
+        self.record["ended"] = how
+        if how != "connect_failed":
+            self.record["held"] = round(time.monotonic() - self.started, 3)
+        self.generator.idle_ended(self)
+        if self.done is not None and not self.done.done():
+            self.done.set_result(how)
 
 
 class Generator:
@@ -142,19 +183,16 @@ class Generator:
         self.t0 = spec["t0"]
         self.end = float("inf")  # monotonic time the load ends (set by run)
         self.random = random.Random(spec.get("seed", 1) * 1000 + self.index)
+        self.idle_bots: set[IdleBot] = set()  # open now
+        self.idle_drained: asyncio.Event | None = None  # set when the last one ends
 
     def rel(self) -> float:
         return round(time.time() - self.t0, 3)
 
-    async def connect(self, profile: str, source: str, protocol=None):
-        """A stream (reader, writer), or with `protocol` (a factory) a transport and its
-        protocol; within 30 s."""
+    async def connect(self, profile: str, source: str):
         host, port = self.targets[self.turn % len(self.targets)]
         self.turn += 1
-        async with asyncio.timeout(30):
-            if protocol is not None:
-                return await asyncio.get_running_loop().create_connection(
-                    protocol, host, port, local_addr=(source, 0))
+        async with asyncio.timeout(30):  # no task of its own, as wait_for's
             return await asyncio.open_connection(host, port, local_addr=(source, 0))
 
     # -- bots
@@ -166,7 +204,7 @@ class Generator:
         if hold is not None and "hold" in knobs:  # a replayed session's own hold
             knobs = {**knobs, "hold": hold}
         if profile == "idle":
-            return await self.idle(source, knobs["hold"])
+            return await self.idle(source, knobs["hold"])  # a closed loop's
         tries = 1 + (int(knobs.get("reconnects", 0)) if profile == "reconnector" else 0)
         for attempt in range(tries):
             record, started = self.bot_record(profile, attempt), time.monotonic()
@@ -198,25 +236,32 @@ class Generator:
         self.open[profile] += 1
         return record
 
+    def idle_arrival(self, hold: float | None) -> None:
+        """An idle bot of the schedule (`hold`: a replayed session's own), left to itself."""
+        n = self.numbers["idle"]
+        self.numbers["idle"] += 1
+        self.start_idle(address("idle", self.index, n),
+                        self.profiles["idle"]["hold"] if hold is None else hold)
+
+    def start_idle(self, source: str, hold: float, done=None) -> IdleBot:
+        target = self.targets[self.turn % len(self.targets)]
+        self.turn += 1
+        bot = IdleBot(self, source, target, hold, done)
+        if bot.sock is not None:
+            self.idle_bots.add(bot)
+        return bot
+
+    def idle_ended(self, bot: IdleBot) -> None:
+        self.open["idle"] -= 1
+        self.idle_bots.discard(bot)
+        if not self.idle_bots and self.idle_drained is not None:
+            self.idle_drained.set()
+
     async def idle(self, source: str, hold: float) -> None:
-        """An idle bot, the bulk of a flood, without a stream or a task per reply (a third
-        of the CPU a streamed one takes: the generator shares the machine with the server):
-        its replies are noted as they come (`Held`), it is closed at its hold's end."""
-        record, started = self.bot_record("idle"), time.monotonic()
-        try:
-            transport, held = await self.connect("idle", source, lambda: Held(record))
-        except (OSError, asyncio.TimeoutError):
-            record["ended"] = "connect_failed"
-            self.open["idle"] -= 1
-            return
-        timer = asyncio.get_running_loop().call_later(hold, held.hold_ends)
-        try:
-            record["ended"] = await held.ended
-        finally:
-            timer.cancel()
-            transport.close()
-            self.open["idle"] -= 1
-            record["held"] = round(time.monotonic() - started, 3)
+        """An idle bot that the caller waits for (a closed loop's)."""
+        done = asyncio.get_running_loop().create_future()
+        self.start_idle(source, hold, done)
+        await done
 
     async def behave(self, profile, knobs, reader, writer, record) -> str:
         if profile == "probe":
@@ -409,15 +454,27 @@ class Generator:
                 coro = self.repeat(profile)
             elif profile == "legit":
                 coro = self.legit_message()
+            elif profile == "idle":
+                self.idle_arrival(hold)
+                continue
             else:
                 coro = self.bot(profile, hold)
             tasks.append(asyncio.ensure_future(coro))
         await asyncio.sleep(max(0.0, start + end - time.monotonic()))
+        drained = time.monotonic() + self.scenario["drain"]
         if tasks:
             done, pending = await asyncio.wait(tasks, timeout=self.scenario["drain"])
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self.idle_bots:
+            self.idle_drained = asyncio.Event()
+            try:
+                async with asyncio.timeout(max(0.0, drained - time.monotonic())):
+                    await self.idle_drained.wait()
+            except TimeoutError:
+                for bot in list(self.idle_bots):
+                    bot.end("held")
         stop.set()
         await ticker
 

@@ -30,6 +30,7 @@ __all__ = ["started", "check_target", "settled", "tree_usage", "tree", "rule_bre
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -499,8 +500,8 @@ def socket_count(pid: int) -> int:
 def started(target_name: str, server: dict, recipients: list[str],
             listed: list[str] = (), cluster: bool = False, content_filter: dict | None = None,
             settings: dict | None = None) -> Iterator[tuple[object, Sink, Dnsmasq, Path]]:
-    """A target running with its peers: (target, sink, dns, work directory); all stopped at
-    the end. `server` sizes it (scenario.SERVER_DEFAULTS), `recipients` are the valid ones,
+    """A target running with its peers: (target, sink, dns, work directory); all stopped and
+    the directory removed at the end. `server` sizes it (scenario.SERVER_DEFAULTS), `recipients` are the valid ones,
     `listed` address prefixes are in the DNSBL zone; `cluster`: poolmgr has [cluster] on a
     private Redis even as one node (the soak); `content_filter` ({"workers": N, "clamd":
     a running testing.Clamd or None}): one of CONTENT_FILTERS in Postfix's content_filter
@@ -540,6 +541,7 @@ def started(target_name: str, server: dict, recipients: list[str],
         if sink is not None:
             sink.stop()
         dns.stop()
+        shutil.rmtree(work, ignore_errors=True)  # a flood's log alone is tens of MB
 
 
 def settled(sink: Sink, quiet: float = 3.0, limit: float = 90.0,
