@@ -8,6 +8,13 @@ one reader greenlet per socket hands each answer to the query that waits for it 
 one timer, no greenlet of its own). A storm's connections each ask one to three queries, and
 a socket, a greenlet and a timeout object per query were a third of an SMTP worker's CPU.
 
+The query's few bytes (header, one question) are written here; the answer is read by
+dnspython (`from_wire`), once its ID and question show it is the one asked: dnspython's
+query making took more of a storm connection's time than the rest of the DNS exchange. IDs
+come from the system's randomness, and each socket is replaced after `ROTATE` queries, so
+the source port changes too (an answer forged from off the path must guess both, as with a
+socket per query).
+
 `ask` sends a query and returns a `Question` at once (a DNSBL score sends one per site, then
 reads them); `Question.answer(deadline)` waits for it. Each server is tried in turn, each for
 at most 2 s within the caller's deadline; a server that refuses (an ICMP port unreachable) or
@@ -17,13 +24,38 @@ over TCP. Waiting is gevent's: it works in an SMTP worker and, unpatched, in a t
 
 __all__ = ["Stub", "Question", "Channel"]
 
-import random
+import os
 import socket
+import struct
 import time
 
 TRY_TIMEOUT = 2.0  # seconds per server tried, within the caller's deadline
 RECEIVE_BUFFER = 4 << 20
-_REFUSED = object()  # what a waiting query gets when its server's port refuses
+ROTATE = 64  # queries a socket sends before a new one (a new source port) takes over
+_REFUSED = object()
+_HEADER = struct.Struct(">HHHHHH")  # ID, flags (RD), one question, no other records
+_ids: list[int] = []
+
+
+def _new_id() -> int:
+    if not _ids:
+        _ids.extend(struct.unpack(">1024H", os.urandom(2048)))
+    return _ids.pop()
+
+
+def question_section(name: str, rdtype: int) -> bytes:
+    """The question's wire form (IN class); ValueError for a name DNS cannot carry."""
+    out = bytearray()
+    for label in name.rstrip(".").split("."):
+        raw = label.encode("ascii")  # UnicodeEncodeError is a ValueError
+        if not 0 < len(raw) < 64:
+            raise ValueError(f"bad DNS label in {name!r}")
+        out.append(len(raw))
+        out += raw
+    out.append(0)
+    if len(out) > 255:
+        raise ValueError(f"DNS name too long: {name!r}")
+    return bytes(out) + struct.pack(">HH", rdtype, 1)  # what a waiting query gets when its server's port refuses
 
 
 class Stub:
@@ -40,15 +72,16 @@ class Stub:
 
     def channel(self, index: int) -> "Channel":
         channel = self.channels.get(index)
-        if channel is None or channel.closed:
+        if channel is None or channel.closed or channel.sent >= ROTATE:
+            if channel is not None:
+                channel.retire()
             channel = self.channels[index] = Channel(*self.servers[index])
         return channel
 
     def ask(self, name: str, rdtype) -> "Question":
-        """Send the query to the first server; its answer comes with `Question.answer`."""
-        import dns.message
-
-        return Question(self, dns.message.make_query(name, rdtype))
+        """Send the query to the first server; its answer comes with `Question.answer`. A
+        name DNS cannot carry gets no answer."""
+        return Question(self, name, int(rdtype))
 
     def query(self, name: str, rdtype, deadline: float):
         """The answer (a dnspython Message, NOERROR or NXDOMAIN) from the first name server
@@ -59,11 +92,17 @@ class Stub:
 class Question:
     """One query on its way: to one server after another until one answers."""
 
-    __slots__ = ("stub", "query", "server", "turn", "reply", "tried_at", "channel")
+    __slots__ = ("stub", "name", "rdtype", "section", "id", "server", "turn", "reply",
+                 "tried_at", "channel")
 
-    def __init__(self, stub: Stub, query):
-        self.stub, self.query = stub, query
+    def __init__(self, stub: Stub, name: str, rdtype: int):
+        self.stub, self.name, self.rdtype = stub, name, rdtype
         self.server, self.turn, self.reply, self.tried_at, self.channel = -1, None, None, 0.0, None
+        self.id = 0
+        try:
+            self.section = question_section(name, rdtype)
+        except ValueError:
+            return  # no channel: answer() gives None
         self._send_next()
 
     def _send_next(self) -> bool:
@@ -91,9 +130,10 @@ class Question:
         self.turn.set()
 
     def answer(self, deadline: float):
-        """The answer (NOERROR or NXDOMAIN) by `deadline`, or None."""
+        """The answer (a dnspython Message, NOERROR or NXDOMAIN) by `deadline`, or None."""
         import dns.exception
         import dns.flags
+        import dns.message
         import dns.query
         import dns.rcode
 
@@ -105,8 +145,9 @@ class Question:
             reply, host, port = self.reply, *self.stub.servers[self.server]
             if reply is not None and reply is not _REFUSED:
                 if reply.flags & dns.flags.TC:
+                    query = dns.message.make_query(self.name, self.rdtype)
                     try:
-                        reply = dns.query.tcp(self.query, host, port=port,
+                        reply = dns.query.tcp(query, host, port=port,
                                               timeout=max(0.05, deadline - time.monotonic()))
                     except (OSError, dns.exception.DNSException):
                         reply = None
@@ -115,8 +156,6 @@ class Question:
                     return reply
             if time.monotonic() >= deadline or not self._send_next():
                 break
-        if self.channel is not None:
-            self.channel.forget(self)
         return None
 
 
@@ -134,46 +173,67 @@ class Channel:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         self.sock.connect((host, port))
         self.waiting: dict[int, Question] = {}  # by query ID
-        self.closed = False
+        self.sent = 0
+        self.closed = self.retired = False
         self.reader = gevent.spawn(self._read)
 
     def send(self, question: Question) -> None:
-        query = question.query
-        while query.id in self.waiting:  # another query on this socket has this ID
-            query.id = random.randrange(65536)
-        self.waiting[query.id] = question
+        question.id = _new_id()
+        while question.id in self.waiting:  # another query on this socket has this ID
+            question.id = _new_id()
+        self.waiting[question.id] = question
+        self.sent += 1
         try:
-            self.sock.send(query.to_wire())
+            self.sock.send(_HEADER.pack(question.id, 0x0100, 1, 0, 0, 0) + question.section)
         except OSError:
-            self.waiting.pop(query.id, None)
+            self.waiting.pop(question.id, None)
             raise
 
     def forget(self, question: Question) -> None:
-        if self.waiting.get(question.query.id) is question:
-            del self.waiting[question.query.id]
+        if self.waiting.get(question.id) is question:
+            del self.waiting[question.id]
+        if self.retired and not self.waiting:
+            self.close()
+
+    def retire(self) -> None:
+        """No more queries: closed once those it waits for are answered or given up."""
+        self.retired = True
+        if not self.waiting:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()  # its reader ends
 
     def _read(self) -> None:
         import dns.exception
         import dns.message
 
-        while True:
+        while not self.closed:
             try:
                 data = self.sock.recv(65535)
             except ConnectionRefusedError:  # the server's port is closed: try the next
                 for question in list(self.waiting.values()):
                     question.settle(_REFUSED)
                 self.waiting.clear()
+                if self.retired:
+                    self.close()
                 continue
             except OSError:
                 break
+            question = self.waiting.get(int.from_bytes(data[:2], "big"))
+            if question is None or not len(data) > 2 or not data[2] & 0x80 or \
+                    data[12:12 + len(question.section)].lower() != question.section.lower():
+                continue  # not an answer to a query that waits (late, or forged)
             try:
                 reply = dns.message.from_wire(data, ignore_trailing=True)
             except dns.exception.DNSException:
                 continue
-            question = self.waiting.get(reply.id)
-            if question is not None and question.query.is_response(reply):
-                del self.waiting[reply.id]
-                question.settle(reply)
+            del self.waiting[question.id]
+            question.settle(reply)
+            if self.retired and not self.waiting:
+                self.close()
         self.closed = True
         for question in list(self.waiting.values()):
             question.settle(_REFUSED)
