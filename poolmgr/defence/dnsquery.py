@@ -22,7 +22,7 @@ answers SERVFAIL or REFUSED hands over to the next at once; a truncated answer i
 over TCP. Waiting is gevent's: it works in an SMTP worker and, unpatched, in a test.
 """
 
-__all__ = ["Stub", "Question", "Channel"]
+__all__ = ["Stub", "Question", "Channel", "ROTATE", "question_section"]
 
 import os
 import socket
