@@ -254,7 +254,7 @@ class Master:
         now, cfg = time.monotonic(), self.cfg
         self.vigil.watch(now, cfg.master.worker_timeout / 2)
         for pool in self.pools.values():
-            for worker in pool.stack_written(now, STACK_WAIT):
+            for worker in pool.stack_written(now, STACK_WAIT, self.vigil.since):
                 self.kill(worker, signal.SIGKILL)
             # A draining scanner worker may be inside a message: it gets scanner.timeout.
             grace = max(cfg.master.graceful_timeout, cfg.scanner.timeout

@@ -87,11 +87,12 @@ class Pool:
         return PoolView(self.target, self.floor, self.ceiling, self.backoff_until > now,
                         self.totals, [WorkerView(w, read(w.slot)) for w in self.workers.values()])
 
-    def stack_written(self, now: float, wait: float) -> list[Worker]:
-        """Hung workers asked for their stack `wait` seconds ago or more, not yet killed;
-        each is marked killed."""
-        due = [w for w in self.workers.values()
-               if w.killed_at is not None and not w.kill_sent and now - w.killed_at >= wait]
+    def stack_written(self, now: float, wait: float, since: float = 0.0) -> list[Worker]:
+        """Hung workers asked for their stack `wait` seconds ago or more (counted from
+        `since` at the earliest: the master's `Vigil`), not yet killed; each is marked
+        killed."""
+        due = [w for w in self.workers.values() if w.killed_at is not None and
+               not w.kill_sent and now - max(w.killed_at, since) >= wait]
         for worker in due:
             worker.kill_sent = True
         return due
@@ -139,9 +140,9 @@ class Pool:
 
 
 class Vigil:
-    """Whether the master itself ran: a master that was stopped, or whose host was suspended
-    or its VM paused (the monotonic clock may jump then), finds every heartbeat old when it
-    runs again, though no worker was due to beat. `watch` at each check: after a gap over
+    """Whether the master itself ran: a master that was stopped, or whose VM was paused (the
+    monotonic clock may jump then), finds every heartbeat old when it runs again, though no
+    worker was due to beat. `watch` at each check: after a gap over
     `limit` it logs one warning, and heartbeats and drains count from then (`since`)."""
 
     def __init__(self, log):
@@ -151,7 +152,7 @@ class Vigil:
         gap, self.seen = now - (self.seen or now), now
         if gap > limit:
             self.since = now
-            self.log.warning("master: did not run for %.0fs (stopped, or its host suspended): "
+            self.log.warning("master: did not run for %.0fs (stopped, or its VM paused): "
                              "heartbeats count from now", gap)
 
 

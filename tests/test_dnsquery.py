@@ -63,3 +63,40 @@ def test_a_server_that_refuses_or_says_nothing_hands_over_to_the_next(dns_server
             assert time.monotonic() - started < within
     finally:
         silent.stop()
+
+
+def test_questions_given_up_or_killed_leave_nothing_behind():
+    """A lookup whose greenlet is killed while it waits (a name lookup past reverse_timeout)
+    is no longer waited for, and a replaced socket closes once nothing waits on it."""
+    import gevent
+
+    silent = SilentDns()
+    try:
+        stub = Stub((parse_address(silent.address),), 5.0)
+        first, deadline = stub.channel(0), time.monotonic() + 5.0
+        waiting = [gevent.spawn(stub.query, f"h{n}.example.test.", dns.rdatatype.A, deadline)
+                   for n in range(dnsquery.ROTATE + 6)]
+        gevent.sleep(0.2)
+        assert first is not stub.channels[0] and first.retired and len(first.waiting) == dnsquery.ROTATE and not first.closed
+        gevent.killall(waiting)
+        assert first.closed and not first.waiting and not stub.channels[0].waiting
+        unread = stub.ask("x.example.test.", dns.rdatatype.A)
+        unread.cancel()
+        assert not stub.channels[0].waiting
+    finally:
+        silent.stop()
+
+
+def test_questions_move_on_from_a_refusing_server_together(dns_server):
+    """A DNSBL score reads its sites' answers one after another: when the first server
+    refuses, the others go on to the next server without waiting for their turn."""
+    for n in range(3):
+        dns_server.host_record(f"s{n}.example.test", f"192.0.2.{n + 1}")
+    stub = Stub((("127.0.0.1", free_udp_port()), (dns_server.host, dns_server.port)), 5.0)
+    asked = [stub.ask(f"s{n}.example.test.", dns.rdatatype.A) for n in range(3)]
+    assert asked[0].answer(time.monotonic() + 5.0) is not None
+    for question in asked[1:]:
+        question.advance()
+        assert question.server == 1
+    assert [[r.address for rrset in q.answer(time.monotonic() + 5.0).answer for r in rrset]
+            for q in asked[1:]] == [["192.0.2.2"], ["192.0.2.3"]]

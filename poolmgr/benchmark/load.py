@@ -108,10 +108,10 @@ class IdleBot:
                  done=None):
         self.generator, self.loop, self.done = generator, asyncio.get_running_loop(), done
         self.record, self.started = generator.bot_record("idle"), time.monotonic()
-        self.pending, self.last, self.timer = b"", "", None
-        self.sock = socket.socket(socket.AF_INET6 if ":" in target[0] else socket.AF_INET,
-                                  socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        try:
+        self.pending, self.last, self.timer, self.sock = b"", "", None, None
+        try:  # out of files or buffers is a failed connect too, not the generator's end
+            self.sock = socket.socket(socket.AF_INET6 if ":" in target[0] else socket.AF_INET,
+                                      socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             self.sock.bind((source, 0))
             refused = self.sock.connect_ex(target) not in (0, errno.EINPROGRESS)
         except OSError:
@@ -146,18 +146,19 @@ class IdleBot:
                 return
 
     def end(self, how: str) -> None:
-        if self.sock is None:
+        if self.record["ended"]:
             return
-        if how == "held" and "greeted" not in self.record:  # nothing came: connected at all?
-            try:
-                self.sock.getpeername()
-            except OSError:
-                how = "connect_failed"
-        if self.timer is not None:
-            self.loop.remove_reader(self.sock.fileno())
-            self.timer.cancel()
-        self.sock.close()
-        self.sock = None
+        if self.sock is not None:
+            if how == "held" and "greeted" not in self.record:  # nothing came: connected?
+                try:
+                    self.sock.getpeername()
+                except OSError:
+                    how = "connect_failed"
+            if self.timer is not None:
+                self.loop.remove_reader(self.sock.fileno())
+                self.timer.cancel()
+            self.sock.close()
+            self.sock = None
         self.record["ended"] = how
         if how != "connect_failed":
             self.record["held"] = round(time.monotonic() - self.started, 3)

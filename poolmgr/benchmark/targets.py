@@ -501,7 +501,7 @@ def started(target_name: str, server: dict, recipients: list[str],
             listed: list[str] = (), cluster: bool = False, content_filter: dict | None = None,
             settings: dict | None = None) -> Iterator[tuple[object, Sink, Dnsmasq, Path]]:
     """A target running with its peers: (target, sink, dns, work directory); all stopped and
-    the directory removed at the end. `server` sizes it (scenario.SERVER_DEFAULTS), `recipients` are the valid ones,
+    the directory removed at the end (kept, and named, when the run failed). `server` sizes it (scenario.SERVER_DEFAULTS), `recipients` are the valid ones,
     `listed` address prefixes are in the DNSBL zone; `cluster`: poolmgr has [cluster] on a
     private Redis even as one node (the soak); `content_filter` ({"workers": N, "clamd":
     a running testing.Clamd or None}): one of CONTENT_FILTERS in Postfix's content_filter
@@ -517,8 +517,8 @@ def started(target_name: str, server: dict, recipients: list[str],
     for prefix in listed:
         dns.list_network(prefix, DNSBL_ZONE)
     dns.start()
-    sink = None
-    target = None
+    sink = target = None
+    done = False
     try:
         sink = Sink(work).start()
         if content_filter and target_name == "poolmgr":
@@ -535,13 +535,18 @@ def started(target_name: str, server: dict, recipients: list[str],
             target = PostfixTarget(recipients, sink, dns, target_name == "postfix-postscreen")
         target.start()
         yield target, sink, dns, work
+        done = True
     finally:
         if target is not None:
             target.stop()
         if sink is not None:
             sink.stop()
         dns.stop()
-        shutil.rmtree(work, ignore_errors=True)  # a flood's log alone is tens of MB
+        if done:  # a flood's log alone is tens of MB; a failed run's is kept
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"poolmgr bench: the run's files (the target's log) are in {work}",
+                  file=sys.stderr)
 
 
 def settled(sink: Sink, quiet: float = 3.0, limit: float = 90.0,

@@ -187,16 +187,22 @@ class Dnsbl:
                  for site in self.sites if site.text not in cached}
         self.queries += len(asked)
         total, hits, unanswered = 0, [], []
-        for site in self.sites:
-            question = asked.get(site.text)
-            if question is None:
-                listed = cached[site.text]
-            else:
-                listed = self._listed(site, ip, question.answer(deadline))
-                if listed is None:  # timeout, SERVFAIL, refused: the site scores nothing
-                    unanswered.append(site.domain)
-                    continue
-            if listed:
-                total += site.weight
-                hits.append(f"{site.domain}({site.weight:+d})")
+        try:
+            for site in self.sites:
+                question = asked.pop(site.text, None)
+                if question is None:
+                    listed = cached[site.text]
+                else:
+                    for other in asked.values():  # a failed server: on to the next, all
+                        other.advance()
+                    listed = self._listed(site, ip, question.answer(deadline))
+                    if listed is None:  # timeout, SERVFAIL, refused: the site scores nothing
+                        unanswered.append(site.domain)
+                        continue
+                if listed:
+                    total += site.weight
+                    hits.append(f"{site.domain}({site.weight:+d})")
+        finally:  # killed, or a failure: the questions not read are given up
+            for question in asked.values():
+                question.cancel()
         return Score(total, tuple(hits), tuple(unanswered))
