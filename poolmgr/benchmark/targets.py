@@ -501,8 +501,9 @@ def started(target_name: str, server: dict, recipients: list[str],
             listed: list[str] = (), cluster: bool = False, content_filter: dict | None = None,
             settings: dict | None = None) -> Iterator[tuple[object, Sink, Dnsmasq, Path]]:
     """A target running with its peers: (target, sink, dns, work directory); all stopped and
-    the directory removed at the end (kept, and named, when the run failed). `server` sizes it (scenario.SERVER_DEFAULTS), `recipients` are the valid ones,
-    `listed` address prefixes are in the DNSBL zone; `cluster`: poolmgr has [cluster] on a
+    the directory removed at the end (kept, and named, when the run failed). `server` sizes
+    it (scenario.SERVER_DEFAULTS), `recipients` are the valid ones, `listed` address
+    prefixes are in the DNSBL zone; `cluster`: poolmgr has [cluster] on a
     private Redis even as one node (the soak); `content_filter` ({"workers": N, "clamd":
     a running testing.Clamd or None}): one of CONTENT_FILTERS in Postfix's content_filter
     place, N workers, `server` unused; `settings`: further poolmgr settings by section (a

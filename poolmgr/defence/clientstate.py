@@ -151,25 +151,30 @@ class PassCache:
         except OSError:  # not an address (as in tests): itself
             return ip
 
+    def _index(self, key) -> int | None:
+        """Where an IPv4 pass is in the arrays (-1: not there); None for any other key."""
+        if type(key) is not int or key >= _V4_END:
+            return None
+        keys = self.keys
+        i = bisect_left(keys, key)
+        return i if i < len(keys) and keys[i] == key else -1
+
     def holds(self, ip: str, now: float) -> bool:
         key = self._key(ip)
         expires = self.fresh.get(key)
         if expires is None:
-            if type(key) is int and key < _V4_END:
-                keys = self.keys
-                i = bisect_left(keys, key)
-                if i < len(keys) and keys[i] == key:
-                    expires = self.expiries[i]
-            else:
+            i = self._index(key)
+            if i is None:
                 expires = self.others.get(key)
+            elif i >= 0:
+                expires = self.expiries[i]
         return expires is not None and expires > now
 
     def add(self, ip: str, ttl: float, now: float) -> None:
         key, expires = self._key(ip), now + ttl
-        if type(key) is int and key < _V4_END:
-            keys = self.keys
-            i = bisect_left(keys, key)
-            if i < len(keys) and keys[i] == key:
+        i = self._index(key)
+        if i is not None:
+            if i >= 0:
                 self.expiries[i] = expires  # renewed in place: a key is in one place only
             else:
                 self.fresh[key] = expires

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from .clamd import CLAMD as CLAMD_PROGRAM
 from .wait import WaitTimeout, free_port, listening, ram_directory, terminate, wait_until
 
 AMAVISD = "/usr/sbin/amavisd"
@@ -88,7 +89,8 @@ class Amavisd:
         os.chmod(self.dir, 0o755)
         self.home = self.dir / "home"
         self.home.mkdir()
-        self.tempbase = ram_directory("poolmgr-amavisd-tmp-", "/usr/sbin/clamd")
+        # clamd reads amavisd's files there (CONTSCAN): not where clamd is confined.
+        self.tempbase = ram_directory("poolmgr-amavisd-tmp-", CLAMD_PROGRAM)
         self.config = self.dir / "amavisd.conf"
         self.log = self.home / "amavis.log"
         self.proc: subprocess.Popen | None = None

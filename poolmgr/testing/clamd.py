@@ -8,7 +8,7 @@ base64 MIME attachments and in zip archives too, after decoding them itself. cla
 signatures from unsigned databases with an `.UNOFFICIAL` suffix: `EICAR_NAME.UNOFFICIAL`.
 """
 
-__all__ = ["Clamd", "EICAR_NAME", "ping"]
+__all__ = ["Clamd", "CLAMD", "EICAR_NAME", "ping"]
 
 import os
 import shutil
