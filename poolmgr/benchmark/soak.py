@@ -98,8 +98,13 @@ class Soak:
 
     def tick(self, t: float) -> dict:
         while self.due and self.due[0][0] <= t:
-            _, name = self.due.pop(0)
+            due, name = self.due.pop(0)
             self.event(t, name, getattr(self, name)())
+            if name.endswith("_down"):  # an outage lasts as asked, however late it began
+                up = next(i for i, (_, event) in enumerate(self.due)
+                          if event == name[:-5] + "_up")
+                self.due[up] = (self.due[up][0] + t - due, self.due[up][1])
+                self.due.sort()
         if self.upgrading and self.pm.proc.poll() is not None and \
                 self.master_pid() != self.upgrading:
             self.event(t, "upgraded", f"master {self.upgrading} -> {self.master_pid()}")
