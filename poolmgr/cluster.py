@@ -41,7 +41,7 @@ keys they were not given, so `key_prefix` must keep every key in one hash slot o
 Cluster (e.g. "{poolmgr}:").
 """
 
-__all__ = ["RedisState", "Monitor", "Keys", "connect", "enabled", "describe", "redacted",
+__all__ = ["RedisState", "Gate", "Monitor", "Keys", "connect", "enabled", "describe", "redacted",
            "RETRY_EVERY", "NODE_SEEN"]
 
 import inspect
@@ -50,6 +50,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
+from contextlib import contextmanager
 
 from .defence.clientstate import ClientState, Usage
 
@@ -157,22 +158,28 @@ def describe(section) -> str:
     return redacted(section.redis)
 
 
-def connect(section):
+def connect(section, queue_class=None):
     """A redis-py client for `[cluster]`: every call bounded by cluster.timeout, no retries
     (the caller falls back at once and tries again a second later). With sentinels, the
-    client of the master they name, each new connection asking them where it is."""
+    client of the master they name, each new connection asking them where it is.
+    `queue_class` holds the pool's idle connections (redis-py's default is the standard
+    library's LifoQueue)."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
     bounded = dict(_socket_timeouts(section.redis, section.timeout),
                    retry=Retry(NoBackoff(), 0))
+    if queue_class is not None:
+        bounded["queue_class"] = queue_class
     if section.sentinels:
         from redis.sentinel import Sentinel
 
         # Each sentinel is asked in turn, each bounded as a Redis call is; one that answered
         # is asked first from then on (a hung one costs cluster.timeout until one does).
-        sentinels = Sentinel(list(section.sentinels), sentinel_kwargs=dict(bounded))
+        sentinels = Sentinel(list(section.sentinels),
+                             sentinel_kwargs={k: v for k, v in bounded.items()
+                                              if k != "queue_class"})
         return sentinels.master_for(
             section.sentinel_master, connection_pool_class=_blocking_sentinel_pool(),
             max_connections=_MAX_POOL, timeout=section.timeout, health_check_interval=0,
@@ -278,6 +285,49 @@ def _errors():
     return (redis.RedisError, OSError)
 
 
+class Gate:
+    """Orders one worker's calls that change its connection counts in Redis (CONNECT and
+    DISCONNECT) against the resync that rewrites them from what the worker holds: a resync
+    waits until the calls in flight have ended and holds new ones back until it has run. A
+    call that Redis ran after the resync was counted twice (a disconnect: one too few), one
+    that it ran before, on another connection, but that the worker's count did not have yet
+    was wiped (one too few again, and the cluster-wide limit let a connection through)."""
+
+    COUNTED = frozenset({"connect", "disconnect"})
+
+    def __init__(self):
+        from gevent.event import Event
+
+        self.running = 0
+        self.idle, self.open = Event(), Event()
+        self.idle.set()
+        self.open.set()
+
+    @contextmanager
+    def enter(self, name: str):
+        if name not in self.COUNTED and name != "resync":
+            yield
+            return
+        while not self.open.is_set():  # a resync is on (checked again: no switch after it)
+            self.open.wait()
+        if name == "resync":
+            self.open.clear()
+            try:
+                self.idle.wait()
+                yield
+            finally:
+                self.open.set()
+            return
+        self.running += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.running -= 1
+            if not self.running:
+                self.idle.set()
+
+
 class RedisState(ClientState):
     """An SMTP worker's client state in Redis, with this host's state (`local`) beside it;
     see the module's docstring. `bounded()` gives the context that cuts a call at
@@ -286,8 +336,13 @@ class RedisState(ClientState):
     def __init__(self, cfg, local: ClientState, slot, owner: str, bounded):
         c = cfg.cluster
         self.local, self.slot, self.bounded = local, slot, bounded
-        self.redis = connect(c)
-        self.errors = _errors()
+        # A gevent queue for the pool, not the standard library's, whose lock and Condition
+        # are not made for an exception thrown into a waiting greenlet: with calls cut by
+        # `bounded` during a failover, its lock came out unbalanced, and the next use of the
+        # pool raised "Semaphore released too many times" in a session's close.
+        from gevent.queue import LifoQueue
+
+        self.redis = connect(c, LifoQueue)
         self.keys = Keys(c.key_prefix)
         self.holder = self.keys.holder(c.node, owner)
         self.window_ms = int(cfg.defence.anvil_rate_time_unit * 1000)
@@ -296,6 +351,7 @@ class RedisState(ClientState):
             ("connect", CONNECT), ("disconnect", DISCONNECT), ("rate", RATE),
             ("renew", RENEW), ("resync", RESYNC))}
         self.held: Counter = Counter()  # this worker's live connections, by client
+        self.gate = Gate()
         self.retry_at = 0.0  # while set: local mode, the next try not before then
 
     def _call(self, name: str, *args, keys=(), argv=()):
@@ -308,12 +364,14 @@ class RedisState(ClientState):
                 return None
             self.retry_at = now + RETRY_EVERY  # this call is the try; the others stay local
         try:
-            with self.bounded():
+            with self.bounded(), self.gate.enter(name):
+                if callable(argv):  # what it writes is read once the gate lets it in
+                    argv = argv()
                 if name in self.scripts:
                     result = self.scripts[name](keys=keys, args=argv)
                 else:
                     result = getattr(self.redis, name)(*args)
-        except self.errors:
+        except Exception:  # redis-py's errors, the sockets', and any other of the library's
             self.slot.add("cluster_failures")
             self.slot.add("cluster_local")
             self.retry_at = time.monotonic() + RETRY_EVERY
@@ -329,9 +387,9 @@ class RedisState(ClientState):
 
     def resync(self) -> None:
         """Write this worker's live connections back into Redis."""
-        pairs = [str(v) for ip, n in self.held.items() for v in (ip, n)]
         self._call("resync", keys=(self.keys.conns, self.holder, self.keys.holders),
-                   argv=(self.ttl_ms, *pairs))
+                   argv=lambda: (self.ttl_ms, *(str(v) for ip, n in self.held.items()
+                                                for v in (ip, n))))
 
     def beat(self) -> None:
         """Every second: renew this worker's holder entry; the try while Redis is down."""
@@ -343,13 +401,18 @@ class RedisState(ClientState):
     # -- ClientState
     def connect(self, ip: str) -> Usage | None:
         local = self.local.connect(ip)
+        # Every live connection is held, so that a resync writes them all back; this one
+        # from before its call, as a resync that this call's success sets off must have it.
+        self.held[ip] += 1
         shared = self._call("connect", keys=(self.keys.conns, self.holder, self.keys.holders,
                                              self.keys.rate("c", ip)),
                             argv=(ip, self.window_ms, self.ttl_ms))
-        if shared is None and local is None:
-            return None  # not counted anywhere: the session will not disconnect it
-        lost = shared is not None and int(shared[2]) and sum(self.held.values()) > 0
-        self.held[ip] += 1  # every live connection, so that a resync writes them all back
+        if shared is None and local is None:  # not counted anywhere: no disconnect will come
+            self.held[ip] -= 1
+            if not self.held[ip]:
+                del self.held[ip]
+            return None
+        lost = shared is not None and int(shared[2]) and sum(self.held.values()) > 1
         if lost:  # flushed, or reaped while this worker stood still
             self.resync()
         return local if shared is None else Usage(int(shared[0]), int(shared[1]))

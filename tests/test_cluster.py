@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from helpers import Raw, message, wait_until
-from poolmgr.cluster import connect
+from poolmgr.cluster import Gate, connect
 from poolmgr.status import ClusterStatus
 from poolmgr.testing import (DnsServer, Poolmgr, RedisServer, SentinelGroup, WaitTimeout,
                              free_port)
@@ -448,3 +448,36 @@ def test_bench_spreads_connections_over_the_nodes_round_robin(monkeypatch):
     for _ in range(5):
         asyncio.run(generator.connect("idle", "127.0.60.1"))
     assert ports == [2501, 2502, 2501, 2502, 2501]
+
+
+def test_a_resync_waits_for_count_changes_in_flight_and_holds_new_ones_back():
+    """A worker's resync rewrites its counts in Redis from what it holds: a CONNECT or
+    DISCONNECT that Redis ran beside it was counted twice or wiped (under load, the
+    failover test above saw the cluster-wide count one short, and a fourth connection let
+    through). The gate orders them: calls in flight end first, new ones wait for it."""
+    import gevent
+    from gevent.event import Event
+
+    gate, order, release = Gate(), [], {name: Event() for name in ("first", "resync", "late")}
+
+    def call(kind, label):
+        with gate.enter(kind):
+            order.append(f"{label} in")
+            release[label].wait()
+        order.append(f"{label} out")
+
+    first = gevent.spawn(call, "disconnect", "first")
+    gevent.sleep(0)
+    resync = gevent.spawn(call, "resync", "resync")
+    gevent.sleep(0)
+    late = gevent.spawn(call, "connect", "late")
+    other = gevent.spawn(lambda: gate.enter("get").__enter__() or order.append("get"))
+    gevent.sleep(0.01)
+    assert order == ["first in", "get"]  # a call that counts nothing never waits
+    release["first"].set()
+    gevent.sleep(0.01)
+    assert order == ["first in", "get", "first out", "resync in"]
+    release["resync"].set()
+    release["late"].set()
+    gevent.joinall([first, resync, late, other], timeout=5, raise_error=True)
+    assert order[-3:] == ["resync out", "late in", "late out"]

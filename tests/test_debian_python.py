@@ -14,6 +14,9 @@ ON_DEBIAN_PYTHON = [
     "tests/test_delivery.py", "tests/test_defence.py", "tests/test_master.py",
     "tests/test_scanner.py", "tests/test_metrics.py",
     "tests/test_cluster.py::test_a_call_to_a_silent_redis_gives_up_after_the_timeout",
+    "tests/test_cluster.py::test_redis_outage_falls_back_to_local_state_and_recovers",
+    "tests/test_cluster.py::"
+    "test_a_resync_waits_for_count_changes_in_flight_and_holds_new_ones_back",
 ]
 # Timers of 5-20 s that exercise no dependency of poolmgr's: the main run has them.
 SLOW = [
