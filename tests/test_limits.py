@@ -270,7 +270,9 @@ def test_suspicious_clients_get_short_timeouts_and_the_tarpit(make_poolmgr):
     started = time.monotonic()
     legit.send(b"EHLO client.test\r\n")
     assert legit.reply()[0] == 250
-    assert tarpitted >= 0.7 > time.monotonic() - started
+    # The tarpit's timer runs on the event loop's clock, read when its iteration began: it
+    # may end a few ms before 0.7 s of ours after the banner (CI saw 0.6993).
+    assert tarpitted >= 0.65 and time.monotonic() - started < 0.65
     time.sleep(2)
     legit.send(b"NOOP\r\n")  # still served: the normal timeout is 30s
     assert legit.reply()[0] == 250
