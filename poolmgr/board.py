@@ -89,24 +89,32 @@ class Slot:
         self.index = index
         self._base = index * _SLOT_SIZE
         self._flags = board.flags_offset
-        # The counters as 8-byte words (slots and counters are 8-aligned): a counter is
-        # one item assignment, not an unpack and a pack.
+        # Every field this worker writes while the master reads is one item assignment
+        # through a typed view (slots and counters are 8-aligned): a single store, which
+        # the master never sees half done. struct.pack_into clears its bytes before it
+        # writes them, and the master read a heartbeat of 0.0 there (1 read in 50 while a
+        # worker beat in a loop): "no heartbeat for" the machine's uptime, and a healthy
+        # worker killed.
         self._words = memoryview(board._mm).cast("Q")
+        self._doubles = memoryview(board._mm).cast("d")
+        self._u32 = memoryview(board._mm).cast("I")
         self._first = (self._base + _OFF_COUNTERS) // 8
 
     def beat(self) -> None:
-        struct.pack_into("=d", self._mm, self._base + _OFF_HEARTBEAT, time.monotonic())
+        self._doubles[(self._base + _OFF_HEARTBEAT) // 8] = time.monotonic()
 
     def set_sessions(self, value: int) -> None:
-        struct.pack_into("=I", self._mm, self._base + _OFF_SESSIONS, value)
+        self._u32[(self._base + _OFF_SESSIONS) // 4] = value
 
     def set_busy(self, value: int) -> None:
-        struct.pack_into("=I", self._mm, self._base + _OFF_BUSY, value)
+        self._u32[(self._base + _OFF_BUSY) // 4] = value
 
     def set_states(self, suspect: int, transacting: int) -> None:
         """SMTP sessions by state: suspect (a test fired, or silent too long), in a mail
         transaction."""
-        struct.pack_into("=II", self._mm, self._base + _OFF_SUSPECT, suspect, transacting)
+        at = (self._base + _OFF_SUSPECT) // 4
+        self._u32[at] = suspect
+        self._u32[at + 1] = transacting
 
     def stress(self) -> bool:
         """Stress mode, as the master set it for every worker."""
@@ -132,6 +140,7 @@ class Board:
     def __init__(self, slots: int = SLOTS):
         self.flags_offset = slots * _SLOT_SIZE
         self._mm = mmap.mmap(-1, self.flags_offset + 8)
+        self._doubles = memoryview(self._mm).cast("d")
         self._free = list(range(slots - 1, -1, -1))
 
     def alloc(self, kind: str, generation: int, number: int) -> int:
@@ -154,8 +163,9 @@ class Board:
 
     def read(self, index: int) -> dict:
         base = index * _SLOT_SIZE
-        pid, kind, generation, number, heartbeat, started, sessions, busy, suspect, \
+        pid, kind, generation, number, _, started, sessions, busy, suspect, \
             transacting = _HEAD.unpack_from(self._mm, base)
+        heartbeat = self._doubles[(base + _OFF_HEARTBEAT) // 8]  # one load: never torn
         counters = struct.unpack_from(f"={_NCOUNTERS}Q", self._mm, base + _OFF_COUNTERS)
         return {"heartbeat": heartbeat, "sessions": sessions, "busy": busy, "suspect": suspect,
                 "transacting": transacting,

@@ -6,6 +6,7 @@ import random
 import re
 import signal
 import socket
+import time
 import tracemalloc
 
 import pytest
@@ -123,6 +124,34 @@ def test_board_slots_are_shared_across_fork():
     again = board.alloc("scanner", generation=2, number=1)
     assert again == index and board.read(again)["counters"] == dict.fromkeys(COUNTERS, 0)
 
+
+
+def test_the_master_never_reads_a_heartbeat_half_written():
+    """A worker beats while the master reads: every heartbeat read is one the worker wrote
+    (struct.pack_into cleared the field before writing it, and the master once read 0.0:
+    "no heartbeat for" the machine's uptime, and killed a healthy worker)."""
+    board = Board(slots=4)
+    index = board.alloc("scanner", generation=1, number=1)
+    floor = board.read(index)["heartbeat"]
+    pid = os.fork()
+    if pid == 0:
+        slot, end = board.slot(index), time.monotonic() + 1.5
+        while time.monotonic() < end:
+            slot.beat()
+            slot.set_busy(1)
+        os._exit(0)
+    reads = []
+    try:
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            info = board.read(index)
+            reads.append((info["heartbeat"], info["busy"]))
+    finally:
+        os.waitpid(pid, 0)
+    assert len(reads) > 10_000
+    assert min(heartbeat for heartbeat, _ in reads) >= floor
+    busy = [b for _, b in reads]  # set to 1 again and again: once seen, never 0 again
+    assert 0 not in busy[busy.index(1) if 1 in busy else len(busy):]
 
 def test_maildir_delivery_is_atomic_and_unique(tmp_path):
     maildir.prepare(str(tmp_path))
