@@ -281,11 +281,12 @@ def test_replay_against_poolmgr_arrives_as_the_log_did(tmp_path):
     connections = result["connections"]
     assert len(connections) == 199
     assert Counter(c[3] for c in connections) == Counter(a[1] for a in plan.arrivals)
-    expected = Counter(int(a[0]) for a in plan.arrivals)
-    seen = Counter(int(c[0]) for c in connections)
-    for second in range(int(plan.duration)):
-        assert abs(seen[second] - expected[second]) <= max(2, expected[second] // 10), \
-            (second, seen, expected)
+    # The n-th client arrives within half a second of the log's n-th session (counted per
+    # second, a client a little late on a busy machine fell into the next second: CI saw
+    # 14 of 18 in one).
+    late = [round(c - a, 3) for c, a in zip(sorted(c[0] for c in connections),
+                                            sorted(a[0] for a in plan.arrivals))]
+    assert max(map(abs, late)) < 0.5, late
     # idle clients held as long as their sessions did (poolmgr let them)
     holds = sorted(a[2] for a in plan.arrivals if a[1] == "idle")
     held = sorted(c[1] for c in connections if c[3] == "idle")
@@ -296,6 +297,7 @@ def test_replay_against_poolmgr_arrives_as_the_log_did(tmp_path):
     # No phases, so no calm one: the storm begins with the first second of more than
     # storm_threshold (20) connections (at twice the log's speed, its fifth), and the SMTP
     # pool never grew for it.
+    expected = Counter(int(a[0]) for a in plan.arrivals)
     first = min(second for second, n in expected.items() if n > plan.storm_threshold)
     assert f["calm_rate"] == 0 and abs(f["storm_onset_s"] - first) <= 1, (f, expected)
     assert f["first_smtp_grow"] is None and f["storm_reaction_s"] is None
