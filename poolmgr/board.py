@@ -141,6 +141,7 @@ class Board:
         self.flags_offset = slots * _SLOT_SIZE
         self._mm = mmap.mmap(-1, self.flags_offset + 8)
         self._doubles = memoryview(self._mm).cast("d")
+        self._u32 = memoryview(self._mm).cast("I")
         self._free = list(range(slots - 1, -1, -1))
 
     def alloc(self, kind: str, generation: int, number: int) -> int:
@@ -152,11 +153,11 @@ class Board:
             bytes(8 * _NCOUNTERS)
         return index
 
-    def set_stress(self, on: bool) -> None:
-        struct.pack_into("=I", self._mm, self.flags_offset, int(on))
+    def set_stress(self, on: bool) -> None:  # one store each, as a worker's own fields
+        self._u32[self.flags_offset // 4] = int(on)
 
     def set_handoff_share(self, share: int) -> None:
-        struct.pack_into("=I", self._mm, self.flags_offset + 4, share)
+        self._u32[self.flags_offset // 4 + 1] = share
 
     def slot(self, index: int) -> Slot:
         return Slot(self, index)

@@ -354,17 +354,25 @@ class RedisState(ClientState):
         self.gate = Gate()
         self.retry_at = 0.0  # while set: local mode, the next try not before then
 
-    def _call(self, name: str, *args, keys=(), argv=()):
+    def _call(self, name: str, *args, keys=(), argv=(), held=None):
         """One Redis call (a script by name, or a client method); None when it failed or
-        Redis is being left alone until the next try."""
+        Redis is being left alone until the next try. `held` (a connect's or disconnect's
+        change to what the worker holds) runs once, whatever happens: when the gate lets the
+        call in, so that a resync's snapshot has it exactly when Redis will, or when the
+        call is not made."""
         now = time.monotonic()
         if self.retry_at:
             if now < self.retry_at:
+                if held is not None:
+                    held()
                 self.slot.add("cluster_local")
                 return None
             self.retry_at = now + RETRY_EVERY  # this call is the try; the others stay local
         try:
             with self.bounded(), self.gate.enter(name):
+                if held is not None:
+                    held, change = None, held
+                    change()
                 if callable(argv):  # what it writes is read once the gate lets it in
                     argv = argv()
                 if name in self.scripts:
@@ -372,6 +380,8 @@ class RedisState(ClientState):
                 else:
                     result = getattr(self.redis, name)(*args)
         except Exception:  # redis-py's errors, the sockets', and any other of the library's
+            if held is not None:
+                held()
             self.slot.add("cluster_failures")
             self.slot.add("cluster_local")
             self.retry_at = time.monotonic() + RETRY_EVERY
@@ -401,16 +411,14 @@ class RedisState(ClientState):
     # -- ClientState
     def connect(self, ip: str) -> Usage | None:
         local = self.local.connect(ip)
-        # Every live connection is held, so that a resync writes them all back; this one
-        # from before its call, as a resync that this call's success sets off must have it.
-        self.held[ip] += 1
+        # Every live connection is held, so that a resync writes them all back (this one
+        # from before its CONNECT runs: a resync that the call's success sets off has it).
         shared = self._call("connect", keys=(self.keys.conns, self.holder, self.keys.holders,
                                              self.keys.rate("c", ip)),
-                            argv=(ip, self.window_ms, self.ttl_ms))
+                            argv=(ip, self.window_ms, self.ttl_ms),
+                            held=lambda: self.held.update((ip,)))
         if shared is None and local is None:  # not counted anywhere: no disconnect will come
-            self.held[ip] -= 1
-            if not self.held[ip]:
-                del self.held[ip]
+            self._release(ip)
             return None
         lost = shared is not None and int(shared[2]) and sum(self.held.values()) > 1
         if lost:  # flushed, or reaped while this worker stood still
@@ -422,10 +430,14 @@ class RedisState(ClientState):
         if self.held[ip] <= 0:
             self.held.pop(ip, None)
             return
-        self.held[ip] -= 1
-        if not self.held[ip]:
-            del self.held[ip]
-        self._call("disconnect", keys=(self.keys.conns, self.holder), argv=(ip,))
+        self._call("disconnect", keys=(self.keys.conns, self.holder), argv=(ip,),
+                   held=lambda: self._release(ip))
+
+    def _release(self, ip: str) -> None:
+        if self.held[ip] > 1:
+            self.held[ip] -= 1
+        else:
+            self.held.pop(ip, None)
 
     def _rate(self, kind: str, ip: str, local: int | None) -> int | None:
         shared = self._call("rate", keys=(self.keys.rate(kind, ip),), argv=(self.window_ms,))

@@ -29,6 +29,8 @@ def test_soak_scenario_is_validated_and_made_of_phases(tmp_path):
             ('kind = "soak"\nduration = "60s"\nwarmup = "10s"\nnext_hop_down = "15s"\n',
              "next_hop_down: the two outages take more than 40% of the duration"),
             ('kind = "soak"\nwarmup = "2h"\n', "warmup: 7200s is not shorter than the duration"),
+            ('kind = "soak"\nduration = "30m"\n',
+             "warmup: the run after it (1200s) must hold two storm periods"),
             ('kind = "soak"\nreload = "yes"\n', "reload: 'yes' is not true or false"),
             ('kind = "soak"\nduration = "20m"\nwarmup = "30s"\n',
              "warmup: 30s is not after the upgrade (at 5% of the run, 60s)"),

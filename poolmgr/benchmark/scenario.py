@@ -561,6 +561,10 @@ def soak_settings(data: dict, fail) -> dict[str, Any]:
         fail("storm_length: a storm must end before the next one starts (storm_every)")
     if 2 * settings["next_hop_down"] >= 0.4 * settings["duration"]:
         fail("next_hop_down: the two outages take more than 40% of the duration")
+    if settings["duration"] - settings["warmup"] < 2 * settings["storm_every"]:
+        fail(f"warmup: the run after it ({settings['duration'] - settings['warmup']:g}s) "
+             f"must hold two storm periods (storm_every, {settings['storm_every']:g}s): "
+             f"growth compares the first one's peak with the last one's")
     return settings
 
 
