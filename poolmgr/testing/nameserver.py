@@ -14,6 +14,8 @@ from pathlib import Path
 
 from .wait import WaitTimeout, free_udp_port, terminate, wait_until
 
+SO_RCVBUFFORCE = 33  # Linux's (socket(7)): root may pass net.core.rmem_max; Python names it not
+
 
 class DnsServer:
     """A real DNS server on a loopback UDP port (dnslib), serving DNSBL-style A records, and
@@ -68,6 +70,13 @@ class DnsServer:
 
         self._server = LibServer(Resolver(), address=host, port=self.port,
                                  logger=DNSLogger(logf=lambda *args: None))
+        # A burst of queries waits in the socket while this Python server answers them one
+        # thread each: room for thousands (a busy CI machine dropped some of 200 at once).
+        sock = self._server.server.socket
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
+        except OSError:  # not root: as much as net.core.rmem_max allows
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
 
     @property
     def address(self) -> str:
