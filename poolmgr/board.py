@@ -95,9 +95,7 @@ class Slot:
         # writes them, and the master read a heartbeat of 0.0 there (1 read in 50 while a
         # worker beat in a loop): "no heartbeat for" the machine's uptime, and a healthy
         # worker killed.
-        self._words = memoryview(board._mm).cast("Q")
-        self._doubles = memoryview(board._mm).cast("d")
-        self._u32 = memoryview(board._mm).cast("I")
+        self._words, self._doubles, self._u32 = board._words, board._doubles, board._u32
         self._first = (self._base + _OFF_COUNTERS) // 8
 
     def beat(self) -> None:
@@ -140,8 +138,9 @@ class Board:
     def __init__(self, slots: int = SLOTS):
         self.flags_offset = slots * _SLOT_SIZE
         self._mm = mmap.mmap(-1, self.flags_offset + 8)
-        self._doubles = memoryview(self._mm).cast("d")
-        self._u32 = memoryview(self._mm).cast("I")
+        # The board as 8-byte words, doubles and 4-byte words (see Slot), one view each.
+        view = memoryview(self._mm)
+        self._words, self._doubles, self._u32 = view.cast("Q"), view.cast("d"), view.cast("I")
         self._free = list(range(slots - 1, -1, -1))
 
     def alloc(self, kind: str, generation: int, number: int) -> int:
