@@ -1,7 +1,8 @@
 """Header edits as a milter makes them (smtp/headers.py edit_fields, set_subject): removals by
 instance, insertions by position, folded values, and a body that is never touched."""
 
-from poolmgr.smtp.headers import Insertion, Removal, edit_fields, set_subject
+from poolmgr.smtp.headers import (Insertion, Removal, edit_fields, set_subject, subject_of,
+                                  tag_subject)
 
 MESSAGE = (b"Received: from a\r\n\tby b\r\nX-Tag: one\r\nSubject: hello\r\n there\r\n"
            b"x-tag: two\r\nX-Tag: three\r\n\r\nX-Tag: in the body\r\n")
@@ -48,4 +49,34 @@ def test_set_subject_replaces_the_first_subject_with_its_folds():
     assert set_subject(MESSAGE, "[SPAM] hello there") == MESSAGE.replace(
         b"Subject: hello\r\n there\r\n", b"Subject: [SPAM] hello there\r\n")
     assert set_subject(b"From: a\r\n\r\nbody", "new") == b"Subject: new\r\nFrom: a\r\n\r\nbody"
-    assert set_subject(b"From: a\r\n\r\n", "caf\u00e9").startswith("Subject: caf\u00e9\r\n".encode())
+
+
+def test_a_subject_that_is_not_ascii_is_written_as_encoded_words():
+    """A new subject that is not ASCII goes in as RFC 2047 encoded words, folded, never as
+    raw 8-bit text in a message that may not travel with SMTPUTF8."""
+    assert set_subject(b"From: a\r\n\r\n", "caf\u00e9") == \
+        b"Subject: =?utf-8?b?Y2Fmw6k=?=\r\nFrom: a\r\n\r\n"
+    long = "[SPAM] Gr\u00fc\u00dfe aus Berlin " + "x" * 80
+    edited = set_subject(MESSAGE, long)
+    field = edited.split(b"\r\n\r\n")[0].split(b"Subject: ")[1].split(b"\r\nFrom")[0]
+    assert field.isascii() and all(len(line) <= 78 for line in field.split(b"\r\n"))
+    assert subject_of(edited) == long
+
+
+def test_subject_of_decodes_encoded_words_and_folds():
+    assert subject_of(b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= aus\r\n Berlin\r\n\r\n") == \
+        "Gr\u00fc\u00dfe aus Berlin"
+    assert subject_of("Subject: caf\u00e9\r\n\r\n".encode()) == "caf\u00e9"  # raw UTF-8
+    assert subject_of(b"Subject: =?x-unknown?q?abc?=\r\n\r\n") == "=?x-unknown?q?abc?="
+    assert subject_of(b"From: a\r\n\r\nSubject: in the body\r\n") == ""
+
+
+def test_a_subject_tag_that_is_not_ascii_is_encoded_with_the_subject_once():
+    message = b"From: a\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n\r\nbody\r\n"
+    tagged = tag_subject(message, "[\u0421\u041f\u0410\u041c] ")
+    assert subject_of(tagged) == "[\u0421\u041f\u0410\u041c] Gr\u00fc\u00dfe"
+    assert tagged.split(b"\r\n\r\n")[0].isascii()
+    assert tag_subject(tagged, "[\u0421\u041f\u0410\u041c] ") == tagged  # once
+    # An ASCII tag leaves the field's bytes as they were (a DKIM signature may cover them).
+    assert tag_subject(message, "***Spam*** ") == message.replace(b"Subject: ",
+                                                                  b"Subject: ***Spam*** ")

@@ -20,7 +20,7 @@ from poolmgr import config
 from poolmgr.scanner.backends.base import CheckFailed, Message
 from poolmgr.scanner.backends.rspamd import Backend, ask, edits, request_headers, result
 from poolmgr.smtp import replies as R
-from poolmgr.smtp.headers import Insertion, Removal
+from poolmgr.smtp.headers import Insertion, Removal, subject_of
 from poolmgr.testing import ENVELOPE_SYMBOL, Recorder, Rspamd, free_port
 from poolmgr.testing.rspamd import DKIM_DOMAIN, DKIM_SELECTOR
 
@@ -394,6 +394,24 @@ def test_through_poolmgr_rspamd_actions_headers_and_signature(make_poolmgr, rspa
     assert dict(fields(rewritten))["Subject"] == "[SPAM] force rewrite subject"
     assert dict(fields(plain))["Subject"] == "plain"
     assert dict(fields(tagged))["X-Spamd-Result"].startswith("default: False [7.00 / 15.00];")
+
+
+def test_a_rewritten_subject_that_is_not_ascii_reaches_the_next_hop_encoded(make_poolmgr,
+                                                                           rspamd):
+    """rspamd decodes the Subject to match its rules and returns the rewritten one as RFC 2047
+    encoded words: it reaches the next hop so, the header all ASCII, saying what rspamd
+    wrote."""
+    pm = make_poolmgr(start=False)
+    pm.configure("scanner", checks=["rspamd"], rspamd={"url": rspamd.url})
+    pm.start()
+    encoded = "=?utf-8?q?force_rewrite_subject_=28Gr=C3=BC=C3=9Fe=29?="
+    with pm.smtp() as client:
+        assert client.sendmail(f"a@{DKIM_DOMAIN}", ["b@y.example"], forced(encoded)) == {}
+    (delivered,) = pm.delivered()
+    head = delivered.split(b"\r\n\r\n")[0]
+    assert head.isascii()
+    assert subject_of(delivered) == "[SPAM] force rewrite subject (Gr\u00fc\u00dfe)"
+    assert dict(fields(delivered))["X-Spam-Flag"] == "YES"
 
 
 def test_poolmgr_scan_answers_each_action(rspamd, tmp_path):

@@ -4,8 +4,9 @@ field a client must not be able to forge, and the header edits a content check a
 """
 
 __all__ = ["received", "remove_fields", "header_section", "tag_subject", "message_id",
-           "Removal", "Insertion", "edit_fields", "set_subject"]
+           "Removal", "Insertion", "edit_fields", "set_subject", "subject_of"]
 
+import email.header
 import email.utils
 import functools
 import re
@@ -13,6 +14,8 @@ import time
 from dataclasses import dataclass
 
 HELO_MAX = 255  # RFC 1035 section 2.3.4: a domain name has at most 255 octets
+_SUBJECT = re.compile(rb"(?im)^subject[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
+_SUBJECT_FIELD = re.compile(rb"(?im)^subject[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 _MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
 
 
@@ -86,17 +89,34 @@ def remove_fields(data: bytes, names: tuple[str, ...]) -> bytes:
 
 def tag_subject(data: bytes, tag: str) -> bytes:
     """`data` with `tag` in front of its Subject (amavisd's $sa_spam_subject_tag), once; a
-    Subject: header is added when there is none."""
+    Subject: header is added when there is none. A tag that is not ASCII goes in front of the
+    decoded Subject and the whole is encoded anew (RFC 2047)."""
     if not tag:
         return data
+    if not tag.isascii():
+        current = subject_of(data)
+        return data if current.startswith(tag) else set_subject(data, tag + current)
     head = header_section(data)
-    encoded = tag.encode("utf-8")
+    encoded = tag.encode("ascii")
     match = re.search(rb"(?im)^subject[ \t]*:[ \t]*", head)
     if match is None:
         return b"Subject: " + encoded.rstrip() + b"\r\n" + data
     if data[match.end():].startswith(encoded):
         return data
     return data[:match.end()] + encoded + data[match.end():]
+
+
+def subject_of(data: bytes) -> str:
+    """The Subject field's value, unfolded and decoded (RFC 2047 encoded words; raw 8-bit
+    text read as UTF-8), or "" when there is none."""
+    match = _SUBJECT.search(header_section(data))
+    if match is None:
+        return ""
+    raw = re.sub(r"\r\n(?=[ \t])", "", match.group(1).decode("utf-8", "replace")).strip()
+    try:
+        return str(email.header.make_header(email.header.decode_header(raw)))
+    except (ValueError, LookupError):  # a broken encoded word, an unknown charset
+        return raw
 
 
 def message_id(data: bytes) -> str:
@@ -175,10 +195,17 @@ def _fold(value: str) -> str:
 
 def set_subject(data: bytes, subject: str) -> bytes:
     """`data` with its (first) Subject field's value replaced by `subject`; a Subject: field
-    is added at the top when there is none."""
+    is added at the top when there is none. A subject that is not ASCII (a spam_subject_tag
+    that is not, in front of the decoded subject) is written as RFC 2047 encoded words: a
+    header field must be ASCII unless the message travels with SMTPUTF8, and encoded words
+    suit both. rspamd returns its rewritten subject encoded already."""
+    value = _fold(subject)
+    if not value.isascii():
+        value = email.header.Header(" ".join(value.split()), "utf-8",
+                                    header_name="Subject").encode(linesep="\r\n")
     head = header_section(data)
-    field = f"Subject: {_fold(subject)}\r\n".encode("utf-8", "surrogateescape")
-    match = re.search(rb"(?im)^subject[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*", head)
+    match = _SUBJECT_FIELD.search(head)
     if match is None:
-        return edit_fields(data, [Insertion("Subject", subject, 0)])
+        return edit_fields(data, [Insertion("Subject", value, 0)])
+    field = f"Subject: {value}\r\n".encode("ascii", "replace")
     return data[:match.start()] + field + data[match.end():]

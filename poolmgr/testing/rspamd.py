@@ -5,12 +5,12 @@ config, log, databases, caches and DKIM key in a temp dir.
 rspamd still knows GTUBE without any module (action reject, symbol GTUBE). Rules of ours:
 POOLMGR_ENVELOPE (score 0.5) hits every message and lists in its options the envelope rspamd
 was given: ip=, from=, rcpt= (comma-separated), helo=, qid=, hostname=. A Subject
-`force ACTION` (greylist, add header, rewrite subject) scores into that action's range;
-`force ACTION: TEXT` sets ACTION as rspamd's pre-result with TEXT as its SMTP message (e.g.
-`force soft reject: Ratelimit exceeded`). milter_headers adds X-Spamd-Result and
-X-Rspamd-Queue-Id at the end of the header, X-Poolmgr-Top at the top, and removes every
-X-Drop-Me; dkim_signing signs mail From: DKIM_DOMAIN (selector DKIM_SELECTOR) with a key made
-at start (`dkim_public_key`, PEM).
+`force ACTION` or `force ACTION (any text)` (greylist, add header, rewrite subject) scores
+into that action's range; `force ACTION: TEXT` sets ACTION as rspamd's pre-result with TEXT
+as its SMTP message (e.g. `force soft reject: Ratelimit exceeded`). milter_headers adds
+X-Spamd-Result and X-Rspamd-Queue-Id at the end of the header, X-Poolmgr-Top at the top, and
+removes every X-Drop-Me; dkim_signing signs mail From: DKIM_DOMAIN (selector DKIM_SELECTOR)
+with a key made at start (`dkim_public_key`, PEM).
 """
 
 __all__ = ["Rspamd", "ENVELOPE_SYMBOL", "DKIM_DOMAIN", "DKIM_SELECTOR"]
@@ -97,7 +97,7 @@ rspamd_config:register_symbol({
       return
     end
     local weights = {['greylist'] = 4.5, ['add header'] = 6.5, ['rewrite subject'] = 8.5}
-    action = subject:match('^force ([%%a ]+)$')
+    action = subject:match('^force ([%%a ]+)$') or subject:match('^force ([%%a ]-) %%(.*%%)$')
     if weights[action] then
       task:insert_result('POOLMGR_FORCE', weights[action], action)
     end
