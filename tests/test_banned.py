@@ -13,6 +13,9 @@ import pytest
 from helpers import message
 from poolmgr import config
 from poolmgr.scanner import banned, scan
+from poolmgr.scanner.backends import builtin
+from poolmgr.scanner.backends.base import (MIME_NESTING_LIMIT, TOO_DEEP, Result, TooDeep,
+                                           leaf_parts)
 from poolmgr.scanner.verdict import Failure
 from test_clamd import mime, zipped
 
@@ -218,3 +221,49 @@ def test_poolmgr_scan_exits_2_for_banned(make_poolmgr, tmp_path):
     assert "Verdict: banned (BANNED (multipart/mixed | application/pdf,.pdf," \
            "invoice.pdf.exe))" in result.stdout
     assert "Check banned: banned=multipart/mixed | application/pdf" in result.stdout
+
+
+def nested(depth: int) -> bytes:
+    """A message whose multiparts nest `depth` deep around one base64 text part."""
+    opening = b"".join(b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i)
+                       for i in range(depth))
+    closing = b"".join(b"\r\n--b%d--" % i for i in reversed(range(depth)))
+    return (b"From: a@x\r\nTo: b@y\r\nSubject: deep\r\nMIME-Version: 1.0\r\n" + opening +
+            b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\naGVsbG8="
+            + closing + b"\r\n")
+
+
+def test_multiparts_nested_past_the_safety_limit_are_banned_not_a_crash():
+    """Postfix's mime_nesting_limit (100): deeper is banned contents for both checks that take
+    the message apart, also where the standard library's parser would recurse too deep."""
+    limit = MIME_NESTING_LIMIT
+    message, parts = leaf_parts(nested(limit))
+    assert [part.get_payload(decode=True) for part in parts] == [b"hello"]
+    for depth in (limit + 1, 1000):
+        with pytest.raises(TooDeep):
+            leaf_parts(nested(depth))
+        assert find(nested(depth)) == banned.Banned(TOO_DEEP, TOO_DEEP)
+        assert builtin.scan(nested(depth), [], True) == Result("builtin", banned=TOO_DEEP)
+    assert find(nested(limit)) is None
+    assert builtin.scan(nested(limit), [], True) == Result("builtin")
+
+
+def test_a_message_nested_too_deep_gets_554_and_the_worker_serves_on(make_poolmgr, tmp_path):
+    """Through the pool with the default checks (builtin): 554 naming the reason, amavisd's
+    Blocked line, the next message delivered; `poolmgr scan` exits 2 without a traceback."""
+    pm = make_poolmgr()
+    with pm.smtp() as client:
+        client.ehlo()
+        client.mail("alice@example.org")
+        client.rcpt("bob@example.test")
+        code, text = client.data(nested(1000))
+        assert client.sendmail("alice@example.org", ["bob@example.test"], nested(3)) == {}
+    assert code == 554
+    assert re.fullmatch(rb"5\.7\.0 Reject, id=\w+ - BANNED: MIME nesting exceeds safety limit",
+                        text), text
+    assert len(pm.delivered()) == 1
+    assert "Blocked BANNED (MIME nesting exceeds safety limit) {Rejected," in pm.log()
+    (tmp_path / "deep.eml").write_bytes(nested(1000))
+    result = pm.run_cli("scan", str(tmp_path / "deep.eml"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "Verdict: banned (BANNED (MIME nesting exceeds safety limit))" in result.stdout

@@ -13,14 +13,14 @@ log line shows it: `multipart/mixed | application/zip,.zip,files.zip | .exe,.exe
 
 __all__ = ["Banned", "find", "describe", "file_types", "MAX_MEMBERS"]
 
-import email
 import email.errors
 import email.header
-import email.policy
 import email.utils
 import io
 import zipfile
 from dataclasses import dataclass
+
+from .backends.base import TooDeep, leaf_parts
 
 # (first bytes, file types) as amavisd names what file(1) says of them; only what a banned rule
 # is commonly written for.
@@ -102,11 +102,12 @@ def find(data: bytes, patterns) -> Banned | None:
     """The first part of the message `data` that a pattern matches, or None."""
     if not patterns:
         return None
-    message = email.message_from_bytes(data, policy=email.policy.compat32)
+    try:
+        message, parts = leaf_parts(data)
+    except TooDeep as exc:  # the parts cannot be looked into: the message is banned
+        return Banned(str(exc), str(exc))
     top = message.get_content_type() if message.is_multipart() else ""
-    for part in message.walk():
-        if part.is_multipart():
-            continue
+    for part in parts:
         declared, name = part.get_content_type(), _name(part)
         try:
             payload = part.get_payload(decode=True) or b""

@@ -1,13 +1,17 @@
-"""What every check back-end shares: the message it is shown, the result it gives, the failure it
-raises, and the connection to a daemon.
+"""What every check back-end shares: the message it is shown (and its MIME parts, for the
+checks that take it apart), the result it gives, the failure it raises, and the connection to
+a daemon.
 
 A back-end is a `Check`: a name, a timeout, what to do when it fails (`on_failure`: tempfail or
 pass), and `check(message) -> Result`. A back-end that cannot give an answer (daemon down,
 timeout, a reply it cannot read) raises `CheckFailed`; the scanner applies `on_failure`.
 """
 
-__all__ = ["Message", "Result", "Check", "CheckFailed", "connect", "printable"]
+__all__ = ["Message", "Result", "Check", "CheckFailed", "connect", "printable", "leaf_parts",
+           "TooDeep", "MIME_NESTING_LIMIT", "TOO_DEEP"]
 
+import email
+import email.policy
 import socket
 from dataclasses import dataclass
 
@@ -25,6 +29,36 @@ class Message:
     client_addr: str   # the real client (XFORWARD ADDR), else the scanner's direct peer
     client_name: str   # XFORWARD NAME, "" when unknown
     helo: str
+
+
+# Postfix's mime_nesting_limit: multiparts nested deeper are not taken apart. The standard
+# library's parser recurses once a level and gives up near a thousand.
+MIME_NESTING_LIMIT = 100
+TOO_DEEP = "MIME nesting exceeds safety limit"  # Postfix's words, as the banned part
+
+
+class TooDeep(Exception):
+    """The message's multiparts nest deeper than MIME_NESTING_LIMIT: hostile, or broken
+    beyond checking (banned contents, as Postfix would reject it)."""
+
+
+def leaf_parts(data: bytes):
+    """The message parsed by the standard library's `email` (compat32) and its parts that are
+    not multiparts, in order; TooDeep when they nest deeper than MIME_NESTING_LIMIT."""
+    try:
+        message = email.message_from_bytes(data, policy=email.policy.compat32)
+    except RecursionError:
+        raise TooDeep(TOO_DEEP) from None
+    leaves, todo = [], [(message, 0)]
+    while todo:  # message.walk() recurses once a level too
+        part, depth = todo.pop()
+        if not part.is_multipart():
+            leaves.append(part)
+        elif depth >= MIME_NESTING_LIMIT:
+            raise TooDeep(TOO_DEEP)
+        else:
+            todo.extend((inner, depth + 1) for inner in reversed(part.get_payload()))
+    return message, leaves
 
 
 @dataclass(frozen=True)

@@ -3,19 +3,19 @@ test string.
 
 The message is parsed with the standard library's `email` package, so the EICAR string is
 found in base64 or quoted-printable attachments too, as a virus scanner would find it; a message
-with no such part and no rules to check is searched as it is, without parsing. A hit
-on EICAR is a virus; a rule with action reject names itself in `Result.rule`, a rule with
-action tag in `Result.tests`.
+with no such part and no rules to check is searched as it is, without parsing. A hit on EICAR
+is a virus; a rule with action reject names itself in `Result.rule`, a rule with action tag in
+`Result.tests`. A message whose multiparts nest deeper than Postfix's mime_nesting_limit
+(base.MIME_NESTING_LIMIT) cannot be looked into: it is banned contents, `MIME nesting exceeds
+safety limit`.
 """
 
 __all__ = ["Backend", "EICAR", "EICAR_NAME", "scan"]
 
-import email
-import email.policy
 import re
 
 from ...smtp.relay import PRECHECK_MAX
-from .base import Check, Message, Result
+from .base import Check, Message, Result, TooDeep, leaf_parts
 
 # The EICAR anti-virus test file (https://www.eicar.org/download-anti-malware-testfile/).
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
@@ -36,11 +36,9 @@ class Backend(Check):
         return scan(message.data, self.rules, self.eicar)
 
 
-def _parts(message) -> list[bytes]:
+def _bodies(parts) -> list[bytes]:
     out = []
-    for part in message.walk():
-        if part.is_multipart():
-            continue
+    for part in parts:
         try:
             payload = part.get_payload(decode=True)
         except Exception:  # a broken encoding is content, not a scanner failure
@@ -69,10 +67,13 @@ def scan(data: bytes, rules, eicar: bool) -> Result:
         return Result("builtin", virus=EICAR_NAME)
     if not rules and not (eicar and _encoded(data)):
         return Result("builtin")  # nothing needs the MIME structure: skip parsing it
-    message = email.message_from_bytes(data, policy=email.policy.compat32)
+    try:
+        message, parts = leaf_parts(data)
+    except TooDeep as exc:  # its parts cannot be looked into: banned, as Postfix rejects it
+        return Result("builtin", banned=str(exc))
     bodies = None
     if eicar:
-        bodies = _parts(message)
+        bodies = _bodies(parts)
         if any(EICAR in body for body in bodies):
             return Result("builtin", virus=EICAR_NAME)
     tagged = []
@@ -81,7 +82,7 @@ def scan(data: bytes, rules, eicar: bool) -> Result:
             texts = [str(v) for v in message.get_all(rule["header"], [])]
         else:
             if bodies is None:
-                bodies = _parts(message)
+                bodies = _bodies(parts)
             texts = [b.decode("utf-8", "replace") for b in bodies]
         if any(rule["pattern"].search(text) for text in texts):
             if rule["action"] == "reject":
