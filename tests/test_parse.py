@@ -1,7 +1,7 @@
 import pytest
 
-from poolmgr.smtp.parse import (PathError, canonical, domain_of, parse_path, parse_xforward,
-                                split_mailbox, xtext_decode, xtext_encode)
+from poolmgr.smtp.parse import (BadAddress, PathError, canonical, domain_of, parse_path,
+                                parse_xforward, split_mailbox, xtext_decode, xtext_encode)
 
 
 @pytest.mark.parametrize("arg,address,params", [
@@ -41,6 +41,19 @@ def test_xforward_parsing():
     for bad in ["", "NAME", "COLOR=red"]:
         with pytest.raises(ValueError):
             parse_xforward(bad)
+
+
+def test_xforward_addr_is_an_ip_address_as_postfix_takes_it():
+    """Postfix's smtpd: IPv6 with or without `IPv6:` (any case), [UNAVAILABLE] erases the
+    attribute (None), anything else is `501 5.5.4 Bad ADDR syntax`."""
+    assert parse_xforward("ADDR=IPv6:2001:db8::1")["ADDR"] == "2001:db8::1"
+    assert parse_xforward("ADDR=ipv6:2001:DB8::1")["ADDR"] == "2001:DB8::1"
+    assert parse_xforward("ADDR=2001:db8::1")["ADDR"] == "2001:db8::1"
+    assert parse_xforward("ADDR=[unavailable] NAME=x") == {"ADDR": None, "NAME": "x"}
+    for bad in ["not-an-address", "IPv6:192.0.2.1", "[192.0.2.1]", "192.0.2.300", "IPv6:"]:
+        with pytest.raises(BadAddress) as refused:
+            parse_xforward(f"NAME=x ADDR={bad}")
+        assert refused.value.args[0] == bad
 
 
 @pytest.mark.parametrize("address, local, domain", [

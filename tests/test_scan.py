@@ -136,6 +136,33 @@ def test_bypass_virus_checks_skips_clamd_and_eicar_but_not_the_rules(make_poolmg
     assert pm.status()["scanner"]["checks"]["clamd"]["runs"] == 1
 
 
+def test_the_forwarded_client_address_is_taken_as_postfix_takes_it(make_poolmgr):
+    """XFORWARD ADDR in the bypass lists' terms: an IPv6 address with its `IPv6:` prefix is the
+    address; [UNAVAILABLE] (a forwarded local submission) leaves the direct peer; one that is
+    no address is refused (501, the message goes on from the peer). Each was a session failed
+    after DATA (451) when a bypass list asked about it."""
+    pm = make_poolmgr(start=False)
+    pm.configure("scanner", bypass_virus_checks=["2001:db8::/32"], virus_action="reject",
+                 quarantine=str(pm.dir / "quarantine"))
+    pm.start()
+    codes = {}
+    for addr in ("IPv6:2001:db8::7", "[UNAVAILABLE]", "not-an-address"):
+        raw = Raw(pm.scanner_port)
+        raw.reply()
+        raw.send(f"EHLO {HELO}\r\nXFORWARD ADDR={addr}\r\n"
+                 "MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n".encode())
+        replies = [raw.reply() for _ in range(5)]
+        raw.send(message("eicar", EICAR.decode() + "\r\n") + b".\r\n")  # builtin finds it
+        codes[addr] = replies[1][1][-1], raw.reply()[0]
+        raw.close()
+    assert codes["IPv6:2001:db8::7"] == ("250 2.0.0 Ok", 250)  # bypassed: delivered
+    assert codes["[UNAVAILABLE]"] == ("250 2.0.0 Ok", 554)  # 127.0.0.1: virus-checked
+    assert codes["not-an-address"] == ("501 5.5.4 Bad ADDR syntax: not-an-address", 554)
+    assert len(pm.delivered()) == 1
+    assert "client=unknown[2001:db8::7]" in pm.log()
+    assert "failed after" not in pm.log()
+
+
 def with_spamd(make_poolmgr, spamd, **scanner):
     pm = make_poolmgr(start=False)
     pm.configure("scanner", **{"checks": ["builtin", "spamd"], "spam_action": "reject",

@@ -26,7 +26,7 @@ from ..smtp import replies as R
 from ..config import format_address
 from ..smtp.headers import (edit_fields, message_id, received, remove_fields, set_subject,
                             tag_subject)
-from ..smtp.parse import parse_xforward
+from ..smtp.parse import BadAddress, parse_xforward
 from ..smtp.protocol import BASE_COMMANDS, Command, Envelope, Refused, ServerSession
 from . import admin_notice, quarantine
 from .backends.base import Message
@@ -92,9 +92,14 @@ class ScannerSession(ServerSession):
             raise Refused(R.R503_XFORWARD_IN_TRANSACTION)
         try:
             attrs = parse_xforward(arg)
+        except BadAddress as exc:
+            raise Refused(R.R501_XFORWARD_ADDR.format(value=exc.args[0])) from None
         except ValueError:
             raise Refused(R.R501_XFORWARD_SYNTAX) from None
-        self.xforward = {**(self.xforward or {}), **attrs}
+        # An attribute given as [UNAVAILABLE] is erased (only ADDR's is None: a forwarded
+        # local submission, judged as this hop's peer).
+        merged = {**(self.xforward or {}), **attrs}
+        self.xforward = {key: value for key, value in merged.items() if value is not None}
         self.reply(R.R250_OK)
         return True
 

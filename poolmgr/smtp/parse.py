@@ -2,8 +2,9 @@
 """
 
 __all__ = ["parse_path", "PathError", "valid_address", "split_mailbox", "domain_of", "canonical",
-           "xtext_encode", "xtext_decode", "parse_xforward", "new_queue_id"]
+           "xtext_encode", "xtext_decode", "parse_xforward", "BadAddress", "new_queue_id"]
 
+import ipaddress
 import os
 import re
 
@@ -111,8 +112,30 @@ XFORWARD_MAX = 255  # Postfix's xforward attribute values: a hostname or an addr
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def parse_xforward(arg: str) -> dict[str, str]:
-    """'NAME=x ADDR=1.2.3.4' -> {'NAME': 'x', 'ADDR': '1.2.3.4'}; ValueError on bad syntax."""
+class BadAddress(ValueError):
+    """An XFORWARD ADDR that is not an IP address (Postfix's smtpd: `501 5.5.4 Bad ADDR
+    syntax`); args[0] the value."""
+
+
+def _forwarded_address(value: str) -> str | None:
+    """ADDR as Postfix's smtpd takes it: an IPv4 or IPv6 address, the latter with or without
+    its `IPv6:` prefix (which goes); None for [UNAVAILABLE], any case (the attribute is
+    erased: XFORWARD_README's forwarded local submission). BadAddress for anything else."""
+    if value.upper() == "[UNAVAILABLE]":
+        return None
+    plain = value[5:] if value[:5].lower() == "ipv6:" else value
+    try:
+        address = ipaddress.ip_address(plain)
+    except ValueError:
+        raise BadAddress(value) from None
+    if value is not plain and address.version != 6:
+        raise BadAddress(value)
+    return plain
+
+
+def parse_xforward(arg: str) -> dict[str, str | None]:
+    """'NAME=x ADDR=1.2.3.4' -> {'NAME': 'x', 'ADDR': '1.2.3.4'}; ValueError on bad syntax,
+    BadAddress for an ADDR that is not an IP address; ADDR None when it was [UNAVAILABLE]."""
     attrs = {}
     words = arg.split()
     if not words:
@@ -132,7 +155,7 @@ def parse_xforward(arg: str) -> dict[str, str]:
                 raise ValueError(word)
         if len(value) > XFORWARD_MAX:
             raise ValueError(word)
-        attrs[key] = value
+        attrs[key] = _forwarded_address(value) if key == "ADDR" else value
     return attrs
 
 

@@ -107,6 +107,7 @@ R501_NO_ARGUMENTS = Reply(501, "5.5.4", "Syntax: {verb}")
 R501_BAD_ADDRESS = Reply(501, "5.1.3", "Bad address syntax")
 R501_BAD_SIZE = Reply(501, "5.5.4", "Bad message size syntax")
 R501_XFORWARD_SYNTAX = Reply(501, "5.5.4", "Syntax: XFORWARD attribute=value...")
+R501_XFORWARD_ADDR = Reply(501, "5.5.4", "Bad ADDR syntax: {value}")  # Postfix's smtpd
 R502_NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
 R502_UNRECOGNIZED = Reply(502, "5.5.2", "Error: command not recognized")
 R503_NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
