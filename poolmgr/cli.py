@@ -518,6 +518,17 @@ def _found(result) -> str:
     return " ".join(words) or "nothing found"
 
 
+def _client_address(value: str) -> str:
+    """`poolmgr scan --client`: an address as XFORWARD ADDR takes it ("" none given)."""
+    from .smtp.parse import BadAddress, forwarded_address
+    if not value:
+        return ""
+    try:
+        return forwarded_address(value) or ""
+    except BadAddress:
+        raise argparse.ArgumentTypeError(f"not an IP address: {value!r}") from None
+
+
 def cmd_scan(args) -> int:
     """One message through the configured checks (rspamc, amavisd's test mode): the verdict,
     what each check found, the headers a delivered copy gets. Exit 0 clean, 1 spam, 2 virus
@@ -673,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--sender", default="", metavar="ADDR", help="envelope sender")
     scan.add_argument("--rcpt", action="append", metavar="ADDR",
                       help="envelope recipient; repeatable")
-    scan.add_argument("--client", default="", metavar="IP",
+    scan.add_argument("--client", default="", metavar="IP", type=_client_address,
                       help="the client's address, as XFORWARD would give it (bypass_*_checks)")
     scan.add_argument("--helo", default="", metavar="NAME", help="the client's HELO name")
     scan.add_argument("--policy", default="", metavar="NAME",

@@ -101,6 +101,11 @@ def test_the_client_decides_the_bypass_and_a_bank_its_policy(tmp_path):
     assert banked.returncode == 2 and b"Action: discard\n" in banked.stdout
     unknown = scan(tmp_path, settings, eicar, "--policy", "nonesuch")
     assert unknown.returncode == 64 and b"no policy bank named 'nonesuch'" in unknown.stderr
+    prefixed = scan(tmp_path, settings, eicar, "--client", "IPv6:2001:db8::7")
+    assert prefixed.returncode == 2 and b"X-Virus-Scanned" in prefixed.stdout
+    garbage = scan(tmp_path, settings, eicar, "--client", "foo")
+    assert garbage.returncode == 2 and b"--client: not an IP address: 'foo'" in garbage.stderr
+    assert b"Traceback" not in garbage.stderr
 
 
 def test_bypass_virus_checks_skips_clamd_and_eicar_but_not_the_rules(make_poolmgr, clamd):

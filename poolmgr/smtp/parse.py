@@ -2,7 +2,8 @@
 """
 
 __all__ = ["parse_path", "PathError", "valid_address", "split_mailbox", "domain_of", "canonical",
-           "xtext_encode", "xtext_decode", "parse_xforward", "BadAddress", "new_queue_id"]
+           "xtext_encode", "xtext_decode", "parse_xforward", "BadAddress", "forwarded_address",
+           "new_queue_id"]
 
 import ipaddress
 import os
@@ -117,7 +118,7 @@ class BadAddress(ValueError):
     syntax`); args[0] the value."""
 
 
-def _forwarded_address(value: str) -> str | None:
+def forwarded_address(value: str) -> str | None:
     """ADDR as Postfix's smtpd takes it: an IPv4 or IPv6 address, the latter with or without
     its `IPv6:` prefix (which goes); None for [UNAVAILABLE], any case (the attribute is
     erased: XFORWARD_README's forwarded local submission). BadAddress for anything else."""
@@ -155,7 +156,7 @@ def parse_xforward(arg: str) -> dict[str, str | None]:
                 raise ValueError(word)
         if len(value) > XFORWARD_MAX:
             raise ValueError(word)
-        attrs[key] = _forwarded_address(value) if key == "ADDR" else value
+        attrs[key] = forwarded_address(value) if key == "ADDR" else value
     return attrs
 
 
