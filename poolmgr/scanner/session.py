@@ -96,8 +96,8 @@ class ScannerSession(ServerSession):
             raise Refused(R.R501_XFORWARD_ADDR.format(value=exc.args[0])) from None
         except ValueError:
             raise Refused(R.R501_XFORWARD_SYNTAX) from None
-        # An attribute given as [UNAVAILABLE] is erased (only ADDR's is None: a forwarded
-        # local submission, judged as this hop's peer).
+        # ADDR=[UNAVAILABLE] (None) erases the address: a forwarded local submission, judged
+        # as from this hop's peer. The other attributes keep the marker as they came.
         merged = {**(self.xforward or {}), **attrs}
         self.xforward = {key: value for key, value in merged.items() if value is not None}
         self.reply(R.R250_OK)

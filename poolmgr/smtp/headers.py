@@ -200,9 +200,9 @@ def set_subject(data: bytes, subject: str) -> bytes:
     header field must be ASCII unless the message travels with SMTPUTF8, and encoded words
     suit both. rspamd returns its rewritten subject encoded already."""
     value = _fold(subject)
-    if not value.isascii():
-        value = email.header.Header(" ".join(value.split()), "utf-8",
-                                    header_name="Subject").encode(linesep="\r\n")
+    if not value.isascii():  # (a lone surrogate, which UTF-8 cannot carry, becomes "?")
+        text = " ".join(value.split()).encode("utf-8", "replace").decode("utf-8")
+        value = email.header.Header(text, "utf-8", header_name="Subject").encode(linesep="\r\n")
     head = header_section(data)
     match = _SUBJECT_FIELD.search(head)
     if match is None:

@@ -124,12 +124,13 @@ def forwarded_address(value: str) -> str | None:
     erased: XFORWARD_README's forwarded local submission). BadAddress for anything else."""
     if value.upper() == "[UNAVAILABLE]":
         return None
-    plain = value[5:] if value[:5].lower() == "ipv6:" else value
+    prefixed = value[:5].lower() == "ipv6:"
+    plain = value[5:] if prefixed else value
     try:
         address = ipaddress.ip_address(plain)
     except ValueError:
         raise BadAddress(value) from None
-    if value is not plain and address.version != 6:
+    if prefixed and address.version != 6:
         raise BadAddress(value)
     return plain
 
