@@ -518,24 +518,15 @@ def _found(result) -> str:
     return " ".join(words) or "nothing found"
 
 
-def _client_address(value: str) -> str:
-    """`poolmgr scan --client`: an address as XFORWARD ADDR takes it ("" none given)."""
-    from .smtp.parse import BadAddress, forwarded_address
-    if not value:
-        return ""
-    try:
-        return forwarded_address(value) or ""
-    except BadAddress:
-        raise argparse.ArgumentTypeError(f"not an IP address: {value!r}") from None
-
-
 def cmd_scan(args) -> int:
     """One message through the configured checks (rspamc, amavisd's test mode): the verdict,
     what each check found, the headers a delivered copy gets. Exit 0 clean, 1 spam, 2 virus
-    or banned, 75 when a check failed, 64 for an unknown --policy bank."""
+    or banned, 75 when a check failed, 64 for an unknown --policy bank or a --client that is
+    no address."""
     import logging
 
     from .scanner.scan import UnknownBank, examine_one, scan_header
+    from .smtp.parse import BadAddress, forwarded_address
 
     cfg = _load(_config_path(args))
     try:
@@ -554,9 +545,13 @@ def cmd_scan(args) -> int:
         warnings.addHandler(handler)
         warnings.propagate = False
     try:
+        client = forwarded_address(args.client) if args.client else ""
+    except BadAddress:  # 2 is a verdict here: a usage error is 64
+        print(f"poolmgr: error: --client {args.client!r} is not an IP address", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         found = examine_one(cfg, data, sender=args.sender, rcpts=args.rcpt or (),
-                            client=args.client, helo=args.helo, bank=args.policy,
-                            log=warnings)
+                            client=client, helo=args.helo, bank=args.policy, log=warnings)
     except UnknownBank as exc:
         print(f"poolmgr: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -678,13 +673,13 @@ def build_parser() -> argparse.ArgumentParser:
     scan = command(sub, "scan", "scan one message with the configured checks and print the "
                    "verdict, what each check found and the headers (rspamc, amavisd's test "
                    "mode); exit 0 clean, 1 spam, 2 virus or banned, 75 a check failed or asks "
-                   "to try later, 64 an unknown --policy",
+                   "to try later, 64 an unknown --policy or a --client that is no address",
                    cmd_scan, with_config=True)
     scan.add_argument("file", metavar="FILE", help="the message (RFC 5322), or - for stdin")
     scan.add_argument("--sender", default="", metavar="ADDR", help="envelope sender")
     scan.add_argument("--rcpt", action="append", metavar="ADDR",
                       help="envelope recipient; repeatable")
-    scan.add_argument("--client", default="", metavar="IP", type=_client_address,
+    scan.add_argument("--client", default="", metavar="IP",
                       help="the client's address, as XFORWARD would give it (bypass_*_checks)")
     scan.add_argument("--helo", default="", metavar="NAME", help="the client's HELO name")
     scan.add_argument("--policy", default="", metavar="NAME",

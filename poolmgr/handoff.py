@@ -25,6 +25,7 @@ from typing import Callable, Mapping
 
 from .config import Config, NextHop
 from .smtp import relay
+from .smtp.parse import mailhost_address
 from .smtp import replies as R
 
 __all__ = ["HANDOFF_IDLE", "IDLE_CHECK", "HandoffGate", "share", "proxy_filter",
@@ -156,10 +157,13 @@ def xforward(*, ident: str, addr: str, proto: str, helo: str | None, port: int |
     NAME the client's name as it looked it up (`unknown` when it has none, as Postfix sends
     it; [UNAVAILABLE] when no lookup was made: defence.reverse_lookup off), SOURCE REMOTE.
     The scanner re-injecting passes on what its client `told` it (NAME ADDR PROTO HELO
-    SOURCE), its own peer for what it was not told, and no PORT. IDENT is always the queue
-    id this hop logs the message under (the one it was told, when it was)."""
+    SOURCE), its own peer for what it was not told, and no PORT. ADDR goes as Postfix's
+    smtpd requires it: `IPv6:` before an IPv6 address (`smtp.parse.mailhost_address`).
+    IDENT is always the queue id this hop logs the message under (the one it was told, when
+    it was)."""
     told = told or {}
-    fields = {"NAME": told.get("NAME", name or UNAVAILABLE), "ADDR": told.get("ADDR", addr)}
+    fields = {"NAME": told.get("NAME", name or UNAVAILABLE),
+              "ADDR": mailhost_address(told.get("ADDR", addr))}
     if port is not None:
         fields["PORT"] = str(port)
     fields["PROTO"] = told.get("PROTO", proto)

@@ -88,6 +88,11 @@ def test_each_side_builds_its_xforward_attributes():
                             told={}) == {"NAME": "[UNAVAILABLE]", "ADDR": "127.0.0.1",
                                          "PROTO": "LMTP", "HELO": "mx.test", "IDENT": "Q",
                                          "SOURCE": "REMOTE"}
+    # An IPv6 address as Postfix's smtpd takes it (a bare one is 501 Bad ADDR syntax there).
+    assert handoff.xforward(ident="Q", addr="2001:db8::7", port=1, proto="ESMTP",
+                            helo=None)["ADDR"] == "IPv6:2001:db8::7"
+    assert handoff.xforward(ident="Q", addr="127.0.0.1", proto="SMTP", helo="mx.test",
+                            told={"ADDR": "2001:db8::8"})["ADDR"] == "IPv6:2001:db8::8"
 
 
 def test_the_hand_off_module_imports_no_gevent():

@@ -69,6 +69,7 @@ def test_subject_of_decodes_encoded_words_and_folds():
     assert subject_of("Subject: caf\u00e9\r\n\r\n".encode()) == "caf\u00e9"  # raw UTF-8
     assert subject_of(b"Subject: =?x-unknown?q?abc?=\r\n\r\n") == "=?x-unknown?q?abc?="
     assert subject_of(b"From: a\r\n\r\nSubject: in the body\r\n") == ""
+    assert subject_of(b"Subject: =?utf-8?b?4?=\r\n\r\n") == "=?utf-8?b?4?="  # bad base64
 
 
 def test_a_subject_tag_that_is_not_ascii_is_encoded_with_the_subject_once():
@@ -77,6 +78,11 @@ def test_a_subject_tag_that_is_not_ascii_is_encoded_with_the_subject_once():
     assert subject_of(tagged) == "[\u0421\u041f\u0410\u041c] Gr\u00fc\u00dfe"
     assert tagged.split(b"\r\n\r\n")[0].isascii()
     assert tag_subject(tagged, "[\u0421\u041f\u0410\u041c] ") == tagged  # once
+    broken = tag_subject(b"Subject: =?utf-8?b?4?=\r\n\r\n", "[\u0421\u041f\u0410\u041c] ")
+    assert subject_of(broken) == "[\u0421\u041f\u0410\u041c] =?utf-8?b?4?="
+    bare = tag_subject(b"From: a\r\n\r\nbody\r\n", "[\u0421\u041f\u0410\u041c] ")
+    assert bare.startswith(b"Subject: =?utf-8?")
+    assert subject_of(bare) == "[\u0421\u041f\u0410\u041c]"
     # An ASCII tag leaves the field's bytes as they were (a DKIM signature may cover them).
     assert tag_subject(message, "***Spam*** ") == message.replace(b"Subject: ",
                                                                   b"Subject: ***Spam*** ")

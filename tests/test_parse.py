@@ -1,7 +1,8 @@
 import pytest
 
-from poolmgr.smtp.parse import (BadAddress, PathError, canonical, domain_of, parse_path,
-                                parse_xforward, split_mailbox, xtext_decode, xtext_encode)
+from poolmgr.smtp.parse import (BadAddress, PathError, canonical, domain_of, mailhost_address,
+                                parse_path, parse_xforward, split_mailbox, xtext_decode,
+                                xtext_encode)
 
 
 @pytest.mark.parametrize("arg,address,params", [
@@ -44,16 +45,21 @@ def test_xforward_parsing():
 
 
 def test_xforward_addr_is_an_ip_address_as_postfix_takes_it():
-    """Postfix's smtpd: IPv6 with or without `IPv6:` (any case), [UNAVAILABLE] erases the
-    attribute (None), anything else is `501 5.5.4 Bad ADDR syntax`."""
+    """Postfix's smtpd: IPv6 with `IPv6:` (any case; bare too, as poolmgr once sent it),
+    v4-mapped as IPv4, [UNAVAILABLE] an unknown client (""), anything else `501 5.5.4 Bad ADDR
+    syntax`; sent on with `IPv6:` again, which Postfix's smtpd requires."""
     assert parse_xforward("ADDR=IPv6:2001:db8::1")["ADDR"] == "2001:db8::1"
-    assert parse_xforward("ADDR=ipv6:2001:DB8::1")["ADDR"] == "2001:DB8::1"
+    assert parse_xforward("ADDR=IPV6:::1")["ADDR"] == "::1"
     assert parse_xforward("ADDR=2001:db8::1")["ADDR"] == "2001:db8::1"
-    assert parse_xforward("ADDR=[unavailable] NAME=x") == {"ADDR": None, "NAME": "x"}
-    for bad in ["not-an-address", "IPv6:192.0.2.1", "[192.0.2.1]", "192.0.2.300", "IPv6:"]:
+    assert parse_xforward("ADDR=IPv6:::ffff:192.0.2.1")["ADDR"] == "192.0.2.1"
+    assert parse_xforward("ADDR=[unavailable] NAME=x") == {"ADDR": "", "NAME": "x"}
+    for bad in ["not-an-address", "IPv6:192.0.2.1", "[192.0.2.1]", "192.0.2.300", "IPv6:",
+                "IPv6:fe80::1%eth0", "fe80::1%]x"]:
         with pytest.raises(BadAddress) as refused:
             parse_xforward(f"NAME=x ADDR={bad}")
         assert refused.value.args[0] == bad
+    assert [mailhost_address(a) for a in ("2001:db8::1", "192.0.2.1", "")] == \
+        ["IPv6:2001:db8::1", "192.0.2.1", ""]
 
 
 @pytest.mark.parametrize("address, local, domain", [

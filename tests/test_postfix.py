@@ -98,6 +98,26 @@ def test_poolmgr_in_front_of_postfix(poolmgr_in_front):
     assert "client=unknown[127.0.0.8]" in postfix.maillog()  # XFORWARD from the scanner
 
 
+def test_an_ipv6_client_reaches_an_ipv4_only_postfix_through_the_scanner(poolmgr_in_front):
+    """XFORWARD ADDR for an IPv6 client goes as Postfix's smtpd wants it, `IPv6:` before it,
+    told bare (as poolmgr's SMTP pool sent it) or prefixed (as Postfix sends it). This Postfix
+    (inet_protocols = ipv4, as many are) refuses any IPv6 ADDR: as Postfix's smtp client does,
+    the scanner logs the refusal and delivers (it was a 451 for every such message)."""
+    postfix, pm = poolmgr_in_front
+    for told in ("2001:db8::7", "IPv6:2001:db8::8"):
+        with smtplib.SMTP("127.0.0.1", pm.scanner_port, local_hostname=HELO,
+                          timeout=30) as client:
+            client.ehlo()
+            assert client.docmd("XFORWARD", f"NAME=v6.example ADDR={told}")[0] == 250
+            assert client.sendmail("alice@example.org", ["bob@example.test"],
+                                   message(f"from {told}")) == {}
+    wait_until(lambda: len(postfix.delivered()) == 2, timeout=60, what="delivery by Postfix")
+    for address in ("2001:db8::7", "2001:db8::8"):
+        assert f"said: 501 5.5.4 Bad ADDR syntax: IPv6:{address} (in reply to XFORWARD " \
+               "command)" in pm.log()
+    assert postfix.maillog().count("client=unknown[127.0.0.1]") == 2
+
+
 def test_in_front_no_relay_battery_address_reaches_postfix(poolmgr_in_front):
     """The README's in-front recipe: a client outside mynetworks tries every routing trick;
     poolmgr refuses each at RCPT, only the local recipient's message reaches Postfix, and

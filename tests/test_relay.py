@@ -1,13 +1,15 @@
 """The relay client: its connection cache (reuse, a cached connection the server closed, expiry),
-XFORWARD to a next hop that offers fewer attributes, and long lines folded on the way."""
+XFORWARD to a next hop that offers fewer attributes or refuses it, and long lines folded on the
+way."""
 
+import logging
 import socket
 import threading
 import time
 
 import pytest
 
-from poolmgr import config
+from poolmgr import config, log
 from poolmgr.smtp import relay
 from poolmgr.config import NextHop
 
@@ -23,7 +25,8 @@ class Server:
     """
 
     def __init__(self, close_idle_after: int = 0, refuse_after: int = 0, ehlo: bytes = b"250-PIPELINING\r\n"
-                 b"250-XFORWARD NAME ADDR\r\n250 SIZE 1000000\r\n"):
+                 b"250-XFORWARD NAME ADDR\r\n250 SIZE 1000000\r\n",
+                 xforward_reply: bytes = b"250 2.0.0 Ok\r\n"):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
@@ -32,6 +35,7 @@ class Server:
         self.close_idle_after = close_idle_after
         self.refuse_after = refuse_after
         self.ehlo = ehlo
+        self.xforward_reply = xforward_reply
         self.connections: list[list[bytes]] = []
         self.data: list[list[bytes]] = []  # each message's lines as received, CRLF included
         self.lock = threading.Lock()
@@ -75,6 +79,8 @@ class Server:
                     break
                 if line.startswith(b"EHLO"):
                     conn.sendall(b"250-test.example\r\n" + self.ehlo)
+                elif line.startswith(b"XFORWARD"):
+                    conn.sendall(self.xforward_reply)
                 elif line.startswith(b"MAIL") and b"reject" in line:
                     conn.sendall(b"550 5.1.0 Sender rejected\r\n")
                 elif line == b"DATA":
@@ -215,6 +221,30 @@ def test_relay_sends_only_the_xforward_attributes_the_server_offers(server):
     assert [r.code for r in replies] == [250]
     (commands,) = srv.commands()
     assert commands[1] == b"XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.1"
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_refused_xforward_is_logged_and_the_message_goes_on(server, pipelining):
+    """As Postfix's smtp client: XFORWARD only names the client in the next hop's log, so a
+    501 to it (an IPv6 ADDR to an IPv4-only Postfix) is no reason to defer the message."""
+    ehlo = b"250-XFORWARD NAME ADDR\r\n250 SIZE 1000000\r\n"
+    srv = server(ehlo=(b"250-PIPELINING\r\n" if pipelining else b"") + ehlo,
+                 xforward_reply=b"501 5.5.4 Bad ADDR syntax: IPv6:2001:db8::1\r\n")
+    said, logger = [], log.get("relay")
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger.addHandler(handler)
+    logger.propagate = False  # pytest's handler cannot format poolmgr's lean records
+    try:
+        assert [r.code for r in send(srv.hop, None)] == [250]
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    (commands,) = srv.commands()
+    assert commands[1:4] == [b"XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.1",
+                             b"MAIL FROM:<a@example.org> SIZE=18", b"RCPT TO:<b@example.test>"]
+    assert said == [f"host {srv.hop} said: 501 5.5.4 Bad ADDR syntax: IPv6:2001:db8::1 "
+                    "(in reply to XFORWARD command)"]
 
 
 @pytest.mark.parametrize("line, long", [(b"x" * 998, False), (b"x" * 999, True),

@@ -103,9 +103,9 @@ def test_the_client_decides_the_bypass_and_a_bank_its_policy(tmp_path):
     assert unknown.returncode == 64 and b"no policy bank named 'nonesuch'" in unknown.stderr
     prefixed = scan(tmp_path, settings, eicar, "--client", "IPv6:2001:db8::7")
     assert prefixed.returncode == 2 and b"X-Virus-Scanned" in prefixed.stdout
-    garbage = scan(tmp_path, settings, eicar, "--client", "foo")
-    assert garbage.returncode == 2 and b"--client: not an IP address: 'foo'" in garbage.stderr
-    assert b"Traceback" not in garbage.stderr
+    garbage = scan(tmp_path, settings, eicar, "--client", "foo")  # 2 would be a verdict
+    assert garbage.returncode == 64 and garbage.stderr == \
+        b"poolmgr: error: --client 'foo' is not an IP address\n"
 
 
 def test_bypass_virus_checks_skips_clamd_and_eicar_but_not_the_rules(make_poolmgr, clamd):
@@ -142,29 +142,40 @@ def test_bypass_virus_checks_skips_clamd_and_eicar_but_not_the_rules(make_poolmg
 
 
 def test_the_forwarded_client_address_is_taken_as_postfix_takes_it(make_poolmgr):
-    """XFORWARD ADDR in the bypass lists' terms: an IPv6 address with its `IPv6:` prefix is the
-    address; [UNAVAILABLE] (a forwarded local submission) leaves the direct peer; one that is
-    no address is refused (501, the message goes on from the peer). Each was a session failed
-    after DATA (451) when a bypass list asked about it."""
+    """XFORWARD ADDR in the bypass lists' terms: an IPv6 address with its `IPv6:` prefix (as
+    Postfix sends it) is the address, and goes on to the next hop with the prefix again (as
+    Postfix's smtpd requires it); [UNAVAILABLE] (a forwarded local submission) is an unknown
+    client, which no bypass list matches; one that is no address is refused (501, the odd
+    octets said as ?), the message going on from the peer. Each was a session failed after
+    DATA (451) when a bypass list asked about it."""
+    hop = Recorder().start()
     pm = make_poolmgr(start=False)
-    pm.configure("scanner", bypass_virus_checks=["2001:db8::/32"], virus_action="reject",
+    pm.configure("scanner", bypass_virus_checks=["2001:db8::/32", "127.0.0.0/8"],
+                 virus_action="reject", next_hop=f"smtp:127.0.0.1:{hop.port}",
                  quarantine=str(pm.dir / "quarantine"))
     pm.start()
     codes = {}
-    for addr in ("IPv6:2001:db8::7", "[UNAVAILABLE]", "not-an-address"):
-        raw = Raw(pm.scanner_port)
-        raw.reply()
-        raw.send(f"EHLO {HELO}\r\nXFORWARD ADDR={addr}\r\n"
-                 "MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n".encode())
-        replies = [raw.reply() for _ in range(5)]
-        raw.send(message("eicar", EICAR.decode() + "\r\n") + b".\r\n")  # builtin finds it
-        codes[addr] = replies[1][1][-1], raw.reply()[0]
-        raw.close()
+    try:
+        for addr in ("IPv6:2001:db8::7", "[UNAVAILABLE]", "not-an-\xe9ddress"):
+            raw = Raw(pm.scanner_port)
+            raw.reply()
+            raw.send(f"EHLO {HELO}\r\nXFORWARD ADDR={addr}\r\n"
+                     "MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"
+                     .encode("latin-1"))
+            replies = [raw.reply() for _ in range(5)]
+            raw.send(message("eicar", EICAR.decode() + "\r\n") + b".\r\n")  # builtin finds it
+            codes[addr] = replies[1][1][-1], raw.reply()[0]
+            raw.close()
+    finally:
+        hop.stop()
     assert codes["IPv6:2001:db8::7"] == ("250 2.0.0 Ok", 250)  # bypassed: delivered
-    assert codes["[UNAVAILABLE]"] == ("250 2.0.0 Ok", 554)  # 127.0.0.1: virus-checked
-    assert codes["not-an-address"] == ("501 5.5.4 Bad ADDR syntax: not-an-address", 554)
-    assert len(pm.delivered()) == 1
+    assert codes["[UNAVAILABLE]"] == ("250 2.0.0 Ok", 554)  # unknown: virus-checked
+    # The peer, 127.0.0.1, is in a bypass list: delivered.
+    assert codes["not-an-\xe9ddress"] == ("501 5.5.4 Bad ADDR syntax: not-an-?ddress", 250)
+    assert sorted(copy.xforward["ADDR"] for copy in hop.accepted) == \
+        ["127.0.0.1", "IPv6:2001:db8::7"]
     assert "client=unknown[2001:db8::7]" in pm.log()
+    assert "client=unknown[unknown]" in pm.log()
     assert "failed after" not in pm.log()
 
 

@@ -11,6 +11,7 @@ import pytest
 from poolmgr import config
 from poolmgr.scanner.backends.base import CheckFailed, Message, Result
 from poolmgr.scanner.backends.spamd import Backend, parse_reply, request
+from poolmgr.smtp.headers import subject_of
 from poolmgr.testing import Spamd, free_port, wait_until
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -238,6 +239,17 @@ def test_tag_and_tag2_levels_through_poolmgr(make_poolmgr, spamd):
     assert "Subject: ***Spam*** minutes" in gtube
     assert "X-Virus-Scanned: poolmgr at" in gtube
     assert "Passed SPAMMY" in pm.log() and "Passed CLEAN" in pm.log()
+
+
+def test_a_subject_tag_that_is_not_ascii_reaches_the_next_hop_encoded(make_poolmgr, spamd):
+    """spam_subject_tag `[СПАМ] ` (amavisd's $sa_spam_subject_tag may be any text): the tagged
+    Subject reaches the next hop as RFC 2047 encoded words, the header all ASCII."""
+    pm = with_spamd(make_poolmgr, spamd.address, tag2_level=50.0, kill_level=5000.0,
+                    spam_subject_tag="[\u0421\u041f\u0410\u041c] ")
+    assert send(pm, spam())[0] == 250
+    (delivered,) = pm.delivered()
+    assert delivered.split(b"\r\n\r\n")[0].isascii()
+    assert subject_of(delivered) == "[\u0421\u041f\u0410\u041c] minutes of Tuesday's meeting"
 
 
 def test_gtube_at_kill_level_is_rejected_before_the_queue(make_poolmgr, spamd):

@@ -92,14 +92,12 @@ class ScannerSession(ServerSession):
             raise Refused(R.R503_XFORWARD_IN_TRANSACTION)
         try:
             attrs = parse_xforward(arg)
-        except BadAddress as exc:
-            raise Refused(R.R501_XFORWARD_ADDR.format(value=exc.args[0])) from None
+        except BadAddress as exc:  # said back as Postfix does, its odd characters as "?"
+            value = "".join(c if " " < c < "\x7f" else "?" for c in exc.args[0])
+            raise Refused(R.R501_XFORWARD_ADDR.format(value=value)) from None
         except ValueError:
             raise Refused(R.R501_XFORWARD_SYNTAX) from None
-        # ADDR=[UNAVAILABLE] (None) erases the address: a forwarded local submission, judged
-        # as from this hop's peer. The other attributes keep the marker as they came.
-        merged = {**(self.xforward or {}), **attrs}
-        self.xforward = {key: value for key, value in merged.items() if value is not None}
+        self.xforward = {**(self.xforward or {}), **attrs}
         self.reply(R.R250_OK)
         return True
 

@@ -115,7 +115,7 @@ def subject_of(data: bytes) -> str:
     raw = re.sub(r"\r\n(?=[ \t])", "", match.group(1).decode("utf-8", "replace")).strip()
     try:
         return str(email.header.make_header(email.header.decode_header(raw)))
-    except (ValueError, LookupError):  # a broken encoded word, an unknown charset
+    except Exception:  # a broken encoded word (HeaderParseError), an unknown charset...
         return raw
 
 

@@ -3,7 +3,7 @@
 
 __all__ = ["parse_path", "PathError", "valid_address", "split_mailbox", "domain_of", "canonical",
            "xtext_encode", "xtext_decode", "parse_xforward", "BadAddress", "forwarded_address",
-           "new_queue_id"]
+           "mailhost_address", "new_queue_id"]
 
 import ipaddress
 import os
@@ -118,26 +118,40 @@ class BadAddress(ValueError):
     syntax`); args[0] the value."""
 
 
-def forwarded_address(value: str) -> str | None:
-    """ADDR as Postfix's smtpd takes it: an IPv4 or IPv6 address, the latter with or without
-    its `IPv6:` prefix (which goes); None for [UNAVAILABLE], any case (the attribute is
-    erased: XFORWARD_README's forwarded local submission). BadAddress for anything else."""
+def forwarded_address(value: str) -> str:
+    """ADDR as Postfix's smtpd takes it (normalize_mailhost_addr), as a bare address: an IPv4
+    address, or an IPv6 one with its `IPv6:` prefix (any case; also without it, as poolmgr's
+    SMTP pool once sent it), an IPv4-mapped one as the IPv4 address; "" for [UNAVAILABLE],
+    any case (XFORWARD_README's forwarded local submission: the client is unknown).
+    BadAddress for anything else. `mailhost_address` gives it back the way Postfix wants it."""
     if value.upper() == "[UNAVAILABLE]":
-        return None
+        return ""
     prefixed = value[:5].lower() == "ipv6:"
     plain = value[5:] if prefixed else value
     try:
         address = ipaddress.ip_address(plain)
     except ValueError:
         raise BadAddress(value) from None
+    if address.version == 6 and (address.scope_id or address.ipv4_mapped):
+        if address.scope_id:  # fe80::1%eth0: no scope outside the host
+            raise BadAddress(value)
+        return str(address.ipv4_mapped)
     if prefixed and address.version != 6:
         raise BadAddress(value)
     return plain
 
 
-def parse_xforward(arg: str) -> dict[str, str | None]:
+def mailhost_address(address: str) -> str:
+    """XFORWARD ADDR's value for a bare address, as Postfix's smtp client sends it and its
+    smtpd requires it (RFC 5321's address literal without brackets): `IPv6:` before an IPv6
+    address; "" (sent as [UNAVAILABLE]) stays ""."""
+    return f"IPv6:{address}" if ":" in address else address
+
+
+def parse_xforward(arg: str) -> dict[str, str]:
     """'NAME=x ADDR=1.2.3.4' -> {'NAME': 'x', 'ADDR': '1.2.3.4'}; ValueError on bad syntax,
-    BadAddress for an ADDR that is not an IP address; ADDR None when it was [UNAVAILABLE]."""
+    BadAddress for an ADDR that is not an IP address; ADDR bare (`forwarded_address`), ""
+    when it was [UNAVAILABLE]."""
     attrs = {}
     words = arg.split()
     if not words:

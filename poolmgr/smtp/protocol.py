@@ -498,7 +498,8 @@ class ServerSession:
             forwarded = self.xforward or {}
             env.queue_id = forwarded.get("IDENT") or new_queue_id()
             name = forwarded.get("NAME", "[UNAVAILABLE]")
-            client = (f"{'unknown' if name.startswith('[') else name}[{forwarded['ADDR']}]"
+            client = (f"{'unknown' if name.startswith('[') else name}"
+                      f"[{forwarded['ADDR'] or 'unknown'}]"
                       if "ADDR" in forwarded else self.client)
             self.service.log.info("%s: client=%s", env.queue_id, client)
         env.rcpts.append(address)

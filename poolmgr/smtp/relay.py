@@ -3,9 +3,12 @@
 Banner, EHLO (LHLO for LMTP), XFORWARD when the server offers it (Postfix's XFORWARD_README),
 then XFORWARD, MAIL, RCPT and DATA in one group when PIPELINING is offered (as Postfix's smtp
 client does), the data dot-stuffed, then the final reply: one for SMTP, one per accepted
-recipient for LMTP. Every step has its RFC 5321 section 4.5.3.2 timeout (config [timeouts]) and
-the whole exchange is bounded by `deadline`. Any network failure raises `RelayError` so the
-caller can answer 4xx: a message is never reported accepted unless the server said so.
+recipient for LMTP. An XFORWARD the server refuses (an IPv6 ADDR to an IPv4-only Postfix) is
+logged as Postfix's smtp client logs it, and the message goes on: XFORWARD only names the
+client in the next hop's log. Every step has its RFC 5321 section 4.5.3.2 timeout (config
+[timeouts]) and the whole exchange is bounded by `deadline`. Any network failure raises
+`RelayError` so the caller can answer 4xx: a message is never reported accepted unless the
+server said so.
 
 Lines longer than RFC 5322's 998 octets are folded as Postfix's smtp client does
 (smtp_line_length_limit: CRLF and a space inserted), so a strict next hop does not refuse a
@@ -29,10 +32,13 @@ import socket
 import time
 from dataclasses import dataclass, field, replace
 
+from .. import log
 from ..config import NextHop
 from .conn import Conn, Disconnected, Timeout
 from .parse import xtext_encode
 from .replies import Reply
+
+_log = log.get("relay")
 
 _STATUS = re.compile(r"([245]\.\d{1,3}\.\d{1,3})\s+(.*)")
 _XFORWARD_LINE = 400  # Postfix keeps XFORWARD lines well under the 512-octet command limit
@@ -354,12 +360,15 @@ def _transaction(link: _Link, msg: Outgoing, timeouts, deadline: float, reused: 
     else:
         for line, timeout in steps:
             _command(conn, line)
-            if not read(timeout).ok and line.startswith(("XFORWARD", "MAIL", "DATA")):
+            reply = read(timeout)
+            if not reply.ok and (line.startswith(("MAIL", "DATA")) or reply.code == 421):
                 break
     xforward_replies = results[:len(steps) - len(msg.rcpts) - 2]
     for reply in xforward_replies:
-        if not reply.ok:
+        if reply.code == 421:
             raise RelayError("xforward", f"server said {reply}")
+        if not reply.ok:
+            _log.warning("host %s said: %s (in reply to XFORWARD command)", link.hop, reply)
     results = results[len(xforward_replies):]
     mail_reply = results[0]
     if not mail_reply.ok:
