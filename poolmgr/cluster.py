@@ -177,13 +177,14 @@ def connect(section, queue_class=None):
 
         # Each sentinel is asked in turn, each bounded as a Redis call is; one that answered
         # is asked first from then on (a hung one costs cluster.timeout until one does).
-        sentinels = Sentinel(list(section.sentinels),
-                             sentinel_kwargs={k: v for k, v in bounded.items()
-                                              if k != "queue_class"})
+        asking = {k: v for k, v in bounded.items() if k != "queue_class"}
+        if section.sentinel_password:
+            asking["password"] = section.sentinel_password
+        sentinels = Sentinel(list(section.sentinels), sentinel_kwargs=asking)
         return sentinels.master_for(
             section.sentinel_master, connection_pool_class=_blocking_sentinel_pool(),
             max_connections=_MAX_POOL, timeout=section.timeout, health_check_interval=0,
-            **bounded)
+            password=section.password or None, **bounded)
     pool = redis.BlockingConnectionPool.from_url(
         section.redis, max_connections=_MAX_POOL, timeout=section.timeout,
         health_check_interval=0, **bounded)

@@ -493,6 +493,10 @@ def _check_cluster(cluster: dict[str, Any], err) -> None:
         if cluster[key] and importlib.util.find_spec("redis") is None:
             err(f"cluster.{key}", "needs the Python package redis (Debian: python3-redis, "
                 "which the poolmgr package recommends)")
+    for key in ("password", "sentinel_password"):
+        if cluster[key] and not cluster["sentinels"]:
+            err(f"cluster.{key}", "used only with sentinels (with redis, put the password in "
+                "the URL: rediss://:PASSWORD@HOST:6379/0)")
     name = cluster["sentinel_master"]
     if cluster["sentinels"] and not re.fullmatch(r"[^\s\x00-\x1f]{1,128}", name):
         err("cluster.sentinel_master", f"{name!r}: the name the sentinels monitor the master "

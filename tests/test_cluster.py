@@ -34,17 +34,24 @@ def redis_server(tmp_path):
     server.stop()
 
 
+# Sentinel deployments put passwords on the master and on the sentinels: the tests' do too.
+PASSWORDS = {"password": "master-secret", "sentinel_password": "sentinel-secret"}
+
+
 @pytest.fixture
 def sentinels():
-    """A master, its replica and three sentinels (quorum 2, down after 1 s)."""
-    group = SentinelGroup().start()
+    """A master, its replica and three sentinels (quorum 2, down after 1 s), each with a
+    password (PASSWORDS)."""
+    group = SentinelGroup(**PASSWORDS).start()
     yield group
     group.stop()
 
 
-def node(make_poolmgr, redis_url: str | list[str], name: str, **defence):
-    """A node on the Redis at `redis_url`, or on the master the sentinels listed name."""
-    where = {"sentinels": redis_url, "sentinel_master": "poolmgr"} \
+def node(make_poolmgr, redis_url: str | list[str], name: str, passwords=PASSWORDS,
+         **defence):
+    """A node on the Redis at `redis_url`, or on the master the sentinels listed name (with
+    `passwords`)."""
+    where = {"sentinels": redis_url, "sentinel_master": "poolmgr", **passwords} \
         if isinstance(redis_url, list) else {"redis": redis_url}
     return make_poolmgr({"smtp": {"min_workers": 1, "max_workers": 2},
                          "scanner": {"min_workers": 1, "max_workers": 2},
@@ -410,6 +417,24 @@ def follow_the_failover(sentinels, a, b, urls: dict[str, str]) -> None:
                    what=f"a fourth connection refused on {pm.dir.name}")
     for raw, _ in held:
         raw.close()
+
+
+@pytest.mark.parametrize("passwords, error", [
+    ({"password": "master-secret"}, "authenticated"),  # the sentinels ask for their own
+    ({"password": "wrong", "sentinel_password": "sentinel-secret"}, "invalid username-password"),
+])
+def test_a_wrong_password_leaves_the_node_on_local_state_saying_why(sentinels, make_poolmgr,
+                                                                     passwords, error):
+    """The sentinels' password missing, the master's wrong: the node serves on its own state
+    and says why in status (the right ones are the failover test's)."""
+    pm = node(make_poolmgr, sentinels.addresses, "mx-a", passwords=passwords)
+    with pm.smtp(source="127.0.23.5") as client:
+        assert client.sendmail("alice@example.org", ["bob@example.test"], message()) == {}
+    view = wait_until(lambda: (v := cluster(pm))["state"] == "degraded" and v,
+                      what="degraded")
+    assert error in view["error"], view
+    for said in (pm.run_cli("status").stdout, pm.run_cli("status", "--json").stdout, pm.log()):
+        assert "secret" not in said
 
 
 def test_unreachable_sentinels_leave_the_node_on_local_state(make_poolmgr):

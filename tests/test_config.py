@@ -311,7 +311,10 @@ def test_cluster_takes_either_redis_or_sentinels(tmp_path):
                                                       "twice"),
             ('sentinels = ["a:26379"]\nsentinel_master = "my master"\n',
              "[cluster] sentinel_master: 'my master': the name the sentinels monitor the "
-             "master as")):
+             "master as"),
+            ('redis = "redis://10.0.0.5:6379/0"\npassword = "secret"\n',
+             "[cluster] password: used only with sentinels (with redis, put the password in "
+             "the URL")):
         path.write_text("[cluster]\n" + text)
         result = run_cli("check", "-c", str(path))
         assert result.returncode == 78, (text, result.stdout)

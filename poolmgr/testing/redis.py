@@ -6,7 +6,10 @@ back, `kill` is a crash.
 `SentinelGroup` is the highly available setup docs/operations.md gives: a master, a replica
 (`replicaof` the master) and three sentinels (Debian's redis-sentinel: `redis-server CONF
 --sentinel`, each with a config file of its own, which Sentinel rewrites), quorum 2, with a
-short `down-after-milliseconds` and `failover-timeout` so that a failover takes seconds.
+short `down-after-milliseconds` and `failover-timeout` so that a failover takes seconds. With
+`password`, the master and the replica ask for it (requirepass, masterauth) and the sentinels
+use it (auth-pass); with `sentinel_password`, the sentinels ask for their own (requirepass,
+sentinel-pass among themselves).
 """
 
 __all__ = ["RedisServer", "RedisSentinel", "SentinelGroup", "ping", "ask"]
@@ -24,13 +27,18 @@ from .wait import WaitTimeout, free_port, terminate, wait_until
 REDIS_SERVER = "/usr/bin/redis-server"
 
 
-def ask(port: int, *words: str, host: str = "127.0.0.1") -> list | str | int | None:
+def ask(port: int, *words: str, host: str = "127.0.0.1",
+        password: str | None = None) -> list | str | int | None:
     """One command to the Redis or Sentinel on `port` (RESP2), its reply decoded: a list, a
-    string, an int or None; an error reply raises RuntimeError."""
+    string, an int or None; an error reply raises RuntimeError. `password`: AUTH first."""
     with socket.create_connection((host, port), timeout=2) as sock:
-        request = f"*{len(words)}\r\n" + "".join(f"${len(w.encode())}\r\n{w}\r\n" for w in words)
-        sock.sendall(request.encode())
-        return _reply(sock.makefile("rb"))
+        stream = sock.makefile("rb")
+        for command in ([("AUTH", password)] if password else []) + [words]:
+            request = f"*{len(command)}\r\n" + "".join(f"${len(w.encode())}\r\n{w}\r\n"
+                                                        for w in command)
+            sock.sendall(request.encode())
+            reply = _reply(stream)
+        return reply
 
 
 def _reply(stream):
@@ -52,7 +60,8 @@ def _reply(stream):
 
 
 def ping(host: str = "127.0.0.1", port: int = 0, path: str = "") -> bool:
-    """Whether Redis answers PING with PONG (over TCP, or the Unix socket `path`)."""
+    """Whether Redis answers PING (over TCP, or the Unix socket `path`): PONG, or that it
+    wants a password."""
     try:
         if path:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -64,7 +73,7 @@ def ping(host: str = "127.0.0.1", port: int = 0, path: str = "") -> bool:
             sock.settimeout(2)
             sock.connect(target)
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # up, with a password
     except OSError:
         return False
 
@@ -73,12 +82,13 @@ class RedisServer:
     """redis-server in the foreground on 127.0.0.1:`port` and the socket `socket`."""
 
     def __init__(self, workdir: Path | None = None, port: int | None = None,
-                 replica_of: int | None = None):
+                 replica_of: int | None = None, password: str | None = None):
         # A directory of our own: the socket path must stay under the 107-byte limit.
         self.dir = Path(tempfile.mkdtemp(prefix="poolmgr-redis-", dir=workdir))
         self.port = port or free_port()
         self.socket = self.dir / "redis.sock"
         self.replica_of = replica_of  # the master's port on 127.0.0.1
+        self.password = password  # requirepass, and a replica's masterauth
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -101,7 +111,9 @@ class RedisServer:
             f"dir {self.dir}", f"logfile {self.dir / 'redis.log'}", "databases 4",
             "protected-mode yes",
             "repl-diskless-sync-delay 0"] +  # a replica syncs at once, not 5 s later
-            ([f"replicaof 127.0.0.1 {self.replica_of}"] if self.replica_of else [])) + "\n")
+            ([f"replicaof 127.0.0.1 {self.replica_of}"] if self.replica_of else []) +
+            ([f"requirepass {self.password}", f"masterauth {self.password}"]
+             if self.password else [])) + "\n")
         return conf
 
     def start(self, timeout: float = 20.0) -> "RedisServer":
@@ -154,10 +166,12 @@ class RedisSentinel(RedisServer):
     `name`, on 127.0.0.1:`port`, in a directory of its own."""
 
     def __init__(self, master_port: int, name: str, quorum: int, down_after_ms: int,
-                 failover_timeout_ms: int, workdir: Path | None = None):
-        super().__init__(workdir)
+                 failover_timeout_ms: int, workdir: Path | None = None,
+                 password: str | None = None, auth_pass: str | None = None):
+        super().__init__(workdir, password=password)  # the sentinel's own requirepass
         self.master_port, self.name, self.quorum = master_port, name, quorum
         self.down_after_ms, self.failover_timeout_ms = down_after_ms, failover_timeout_ms
+        self.auth_pass = auth_pass  # the master's and the replica's password
 
     def write_config(self) -> Path:
         conf = self.dir / "sentinel.conf"  # Sentinel rewrites it: its own file, writable
@@ -167,7 +181,11 @@ class RedisSentinel(RedisServer):
             f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} {self.quorum}",
             f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}",
             f"sentinel failover-timeout {self.name} {self.failover_timeout_ms}",
-            f"sentinel parallel-syncs {self.name} 1"]) + "\n")
+            f"sentinel parallel-syncs {self.name} 1"] +
+            ([f"sentinel auth-pass {self.name} {self.auth_pass}"] if self.auth_pass else []) +
+            # The sentinels talk to each other with their own password.
+            ([f"requirepass {self.password}", f"sentinel sentinel-pass {self.password}"]
+             if self.password else [])) + "\n")
         return conf
 
     def command(self, conf: Path) -> list[str]:
@@ -175,7 +193,7 @@ class RedisSentinel(RedisServer):
 
     def master(self) -> dict[str, str]:
         """`SENTINEL MASTER name`: this sentinel's view of the master, field by field."""
-        fields = ask(self.port, "SENTINEL", "MASTER", self.name)
+        fields = ask(self.port, "SENTINEL", "MASTER", self.name, password=self.password)
         return dict(zip(fields[::2], fields[1::2]))
 
 
@@ -186,12 +204,15 @@ class SentinelGroup:
 
     def __init__(self, name: str = "poolmgr", count: int = 3, quorum: int = 2,
                  down_after_ms: int = 1000, failover_timeout_ms: int = 2000,
-                 workdir: Path | None = None):
+                 workdir: Path | None = None, password: str | None = None,
+                 sentinel_password: str | None = None):
         self.name = name
-        self.master = RedisServer(workdir)
-        self.replica = RedisServer(workdir, replica_of=self.master.port)
+        self.password = password  # the master's and the replica's requirepass
+        self.master = RedisServer(workdir, password=password)
+        self.replica = RedisServer(workdir, replica_of=self.master.port, password=password)
         self.sentinels = [RedisSentinel(self.master.port, name, quorum, down_after_ms,
-                                        failover_timeout_ms, workdir) for _ in range(count)]
+                                        failover_timeout_ms, workdir, sentinel_password,
+                                        password) for _ in range(count)]
 
     @property
     def addresses(self) -> list[str]:
@@ -209,7 +230,7 @@ class SentinelGroup:
 
     def ready(self, timeout: float = 20.0) -> None:
         def replicating() -> bool:
-            info = ask(self.replica.port, "INFO", "replication")
+            info = ask(self.replica.port, "INFO", "replication", password=self.password)
             return "master_link_status:up" in info
 
         def known(sentinel: RedisSentinel) -> bool:
