@@ -52,6 +52,7 @@ import urllib.parse
 from collections import Counter
 from contextlib import contextmanager
 
+from .config import redacted
 from .defence.clientstate import ClientState, Usage
 
 RETRY_EVERY = 1.0   # seconds between tries while Redis is down
@@ -127,16 +128,6 @@ for _, holder in ipairs(dead) do
 end
 return {#dead, now}
 """
-
-
-def redacted(url: str) -> str:
-    """The URL without its password, for logs and status."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
 
 
 def enabled(section) -> bool:

@@ -17,7 +17,7 @@ __all__ = ["load", "find", "differences", "setting_of", "ConfigError", "Config",
            "NextHop", "render_default", "render_sample", "control_socket_of", "parse_duration",
            "parse_size", "parse_address", "parse_listen", "format_address", "toml_value",
            "SYSTEM_CONFIG", "SYSTEM_PATHS", "CHECK_NAMES", "from_dict", "render_reference",
-           "reload"]
+           "reload", "redacted"]
 
 import importlib.util
 import ipaddress
@@ -325,6 +325,26 @@ def _parse_nameserver(text: str) -> tuple[str, int]:
     return (text, 53)
 
 
+def redacted(url: str) -> str:
+    """The URL without its password (`redis://:***@HOST...`), for logs, status, `poolmgr
+    config -n` and errors."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
+
+
+def _parse_secret(value: Any) -> str:
+    """A password: a string, never said back (an error names only its type)."""
+    if not isinstance(value, str):
+        kind = {bool: "true or false", int: "an integer", float: "a number", list: "an array",
+                dict: "a table"}.get(type(value), "something else")
+        raise ValueError(f"expected a string, got {kind} (not shown)")
+    return value
+
+
 def _parse_redis(value: Any) -> str:
     """'redis://HOST:PORT/DB', 'rediss://...', 'unix:///PATH' or '' -> the same string."""
     if not isinstance(value, str):
@@ -344,7 +364,7 @@ def _parse_redis(value: Any) -> str:
     if url.scheme == "unix" and url.path.startswith("/"):
         return text
     raise ValueError(f"expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB or "
-                     f"unix:///PATH, got {value!r}")
+                     f"unix:///PATH, got {redacted(text)!r}")
 
 
 def _parse_sentinels(value: Any) -> tuple[tuple[str, int], ...]:
@@ -429,6 +449,7 @@ CONVERTERS = {
     "sites": _each(parse_site, '["zen.example*3"]'),
     "addresses": _each(_parse_nameserver, '["127.0.0.1:5353"]'),
     "redis": _parse_redis,
+    "secret": _parse_secret,
     "sentinels": _parse_sentinels,
     "domainmap": _parse_domain_map,
 }
@@ -772,8 +793,18 @@ def differences(path: str | None) -> list[tuple[str, Any]]:
         raw = table[given[0]]
         convert = lambda value: _convert(setting, _anchor(setting, value, base))  # noqa: E731
         if convert(raw) != convert(_default(setting, path)):
-            found.append((setting.name, raw))
+            found.append((setting.name, _shown(setting, raw)))
     return found
+
+
+def _shown(setting: Setting, value: Any) -> Any:
+    """A setting's value as `poolmgr config -n` prints it: passwords hidden (a sysadmin pastes
+    it into a bug report)."""
+    if setting.kind == "secret":
+        return "***"
+    if setting.kind == "redis" and isinstance(value, str):
+        return redacted(value)
+    return value
 
 
 def setting_of(path: str | None, name: str) -> Any:

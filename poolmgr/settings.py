@@ -21,7 +21,7 @@ class Setting:
     key: str
     kind: str  # str int float bool duration size address listen optaddress cidrs strlist
     #            nexthop filter path log rules policies sites addresses redis sentinels
-    #            domainmap regexps
+    #            domainmap regexps secret
     #            (config.CONVERTERS)
     default: Any
     help: str

@@ -294,6 +294,28 @@ def test_leaving_or_entering_scanner_only_mode_needs_a_restart():
     assert running.restart_needed(config.from_dict({"smtp": {"max_workers": 0}})) is None
 
 
+def test_passwords_are_never_said_back(tmp_path):
+    """`poolmgr config -n` (pasted into bug reports) and `poolmgr check` hide the cluster's
+    passwords: the sentinels' and the master's, and the one in a redis URL."""
+    path = tmp_path / "secret.toml"
+    path.write_text('[cluster]\nsentinels = ["10.0.0.5:26379"]\npassword = "s3cretPW"\n'
+                    'sentinel_password = "s3nt"\n')
+    assert config.load(str(path)).cluster.password == "s3cretPW"
+    shown = run_cli("config", "-n", "-c", str(path))
+    assert shown.returncode == 0 and shown.stdout.splitlines()[1:] == [
+        'cluster.password = "***"', 'cluster.sentinel_password = "***"']
+    path.write_text('[cluster]\nredis = "redis://:s3cretPW@10.0.0.5:6379/0"\n')
+    assert run_cli("config", "-n", "-c", str(path)).stdout == \
+        'cluster.redis = "redis://:***@10.0.0.5:6379/0"\n'
+    for text in ('sentinels = ["10.0.0.5:26379"]\npassword = 12345678\n',
+                 'redis = "redis://:s3cretPW@10.0.0.5:port/0"\n'):
+        path.write_text("[cluster]\n" + text)
+        result = run_cli("check", "-c", str(path))
+        assert result.returncode == 78 and "12345678" not in result.stderr
+        assert "s3cretPW" not in result.stderr and "***" in result.stderr or \
+            "got an integer (not shown)" in result.stderr, result.stderr
+
+
 def test_cluster_takes_either_redis_or_sentinels(tmp_path):
     path = tmp_path / "cluster.toml"
     path.write_text('[cluster]\nsentinels = ["10.0.0.5:26379", "[2001:db8::6]:26379"]\n')

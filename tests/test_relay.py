@@ -26,7 +26,7 @@ class Server:
 
     def __init__(self, close_idle_after: int = 0, refuse_after: int = 0, ehlo: bytes = b"250-PIPELINING\r\n"
                  b"250-XFORWARD NAME ADDR\r\n250 SIZE 1000000\r\n",
-                 xforward_reply: bytes = b"250 2.0.0 Ok\r\n"):
+                 xforward_reply: bytes = b"250 2.0.0 Ok\r\n", closing_rcpt: bool = False):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
@@ -36,6 +36,7 @@ class Server:
         self.refuse_after = refuse_after
         self.ehlo = ehlo
         self.xforward_reply = xforward_reply
+        self.closing_rcpt = closing_rcpt  # answer RCPT with 421 and close
         self.connections: list[list[bytes]] = []
         self.data: list[list[bytes]] = []  # each message's lines as received, CRLF included
         self.lock = threading.Lock()
@@ -81,6 +82,9 @@ class Server:
                     conn.sendall(b"250-test.example\r\n" + self.ehlo)
                 elif line.startswith(b"XFORWARD"):
                     conn.sendall(self.xforward_reply)
+                elif line.startswith(b"RCPT") and self.closing_rcpt:
+                    conn.sendall(b"421 4.3.2 test.example Service shutting down\r\n")
+                    break
                 elif line.startswith(b"MAIL") and b"reject" in line:
                     conn.sendall(b"550 5.1.0 Sender rejected\r\n")
                 elif line == b"DATA":
@@ -245,6 +249,17 @@ def test_a_refused_xforward_is_logged_and_the_message_goes_on(server, pipelining
                              b"MAIL FROM:<a@example.org> SIZE=18", b"RCPT TO:<b@example.test>"]
     assert said == [f"host {srv.hop} said: 501 5.5.4 Bad ADDR syntax: IPv6:2001:db8::1 "
                     "(in reply to XFORWARD command)"]
+
+
+def test_a_server_closing_at_rcpt_without_pipelining_is_a_relay_error(server):
+    """421 to the first of three recipients, then the connection closed: a RelayError (the
+    caller answers 4xx for all), never fewer replies than recipients."""
+    srv = server(ehlo=b"250 SIZE 1000000\r\n", closing_rcpt=True)
+    msg = relay.Outgoing("a@example.org", ["b@example.test", "c@example.test", "d@example.test"],
+                         b"Subject: x\r\n\r\nhi\r\n")
+    with pytest.raises(relay.RelayError):
+        relay.send(srv.hop, msg, helo="mx.test", timeouts=TIMEOUTS,
+                   deadline=time.monotonic() + 10)
 
 
 @pytest.mark.parametrize("line, long", [(b"x" * 998, False), (b"x" * 999, True),

@@ -361,7 +361,8 @@ def _transaction(link: _Link, msg: Outgoing, timeouts, deadline: float, reused: 
         for line, timeout in steps:
             _command(conn, line)
             reply = read(timeout)
-            if not reply.ok and (line.startswith(("MAIL", "DATA")) or reply.code == 421):
+            if not reply.ok and (line.startswith(("MAIL", "DATA")) or
+                                 line.startswith("XFORWARD") and reply.code == 421):
                 break
     xforward_replies = results[:len(steps) - len(msg.rcpts) - 2]
     for reply in xforward_replies:
