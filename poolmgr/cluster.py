@@ -50,7 +50,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from .config import redacted
 from .defence.clientstate import ClientState, Usage
@@ -277,6 +277,9 @@ def _errors():
     return (redis.RedisError, OSError)
 
 
+_UNGATED = nullcontext()
+
+
 class Gate:
     """Orders one worker's calls that change its connection counts in Redis (CONNECT and
     DISCONNECT) against the resync that rewrites them from what the worker holds: a resync
@@ -295,11 +298,15 @@ class Gate:
         self.idle.set()
         self.open.set()
 
-    @contextmanager
     def enter(self, name: str):
+        """The context a call named `name` runs in: the gate's for counted calls and the
+        resync, nothing for the others (every rate check and renewal of a session)."""
         if name not in self.COUNTED and name != "resync":
-            yield
-            return
+            return _UNGATED
+        return self._entered(name)
+
+    @contextmanager
+    def _entered(self, name: str):
         while not self.open.is_set():  # a resync is on (checked again: no switch after it)
             self.open.wait()
         if name == "resync":
