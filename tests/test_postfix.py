@@ -115,7 +115,9 @@ def test_an_ipv6_client_reaches_an_ipv4_only_postfix_through_the_scanner(poolmgr
     for address in ("2001:db8::7", "2001:db8::8"):
         assert f"said: 501 5.5.4 Bad ADDR syntax: IPv6:{address} (in reply to XFORWARD " \
                "command)" in pm.log()
-    assert postfix.maillog().count("client=unknown[127.0.0.1]") == 2
+    # Postfix's log lines reach its maillog through postlogd, a little after the mail.
+    wait_until(lambda: postfix.maillog().count("client=unknown[127.0.0.1]") == 2,
+               what="both clients in Postfix's log")
 
 
 def test_in_front_no_relay_battery_address_reaches_postfix(poolmgr_in_front):
