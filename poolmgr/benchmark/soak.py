@@ -100,7 +100,12 @@ class Soak:
     def tick(self, t: float) -> dict:
         while self.due and self.due[0][0] <= t:
             due, name = self.due.pop(0)
-            self.event(t, name, getattr(self, name)())
+            began = time.monotonic()
+            detail = getattr(self, name)()
+            # An outage begins once the next hop is down: a message sent while it was being
+            # stopped may still have reached it (a 250 then is right, and no outage's).
+            at = t + (time.monotonic() - began) if name.endswith("_down") else t
+            self.event(at, name, detail)
             if name.endswith("_down"):  # an outage lasts as asked, however late it began
                 up = next(i for i, (_, event) in enumerate(self.due)
                           if event == name[:-5] + "_up")
