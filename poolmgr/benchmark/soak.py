@@ -125,7 +125,9 @@ class Soak:
         return {"t": t}
 
     def event(self, t: float, name: str, detail: str) -> None:
-        self.events.append({"t": round(t, 1), "event": name, "detail": detail})
+        # To the millisecond, as the load's records: an outage's span rounded to a tenth could
+        # take in the 250 of a message answered just after the next hop came back.
+        self.events.append({"t": round(t, 3), "event": name, "detail": detail})
         print(f"poolmgr bench: soak t={t:.0f}s {name}: {detail}", flush=True)
 
     # -- the events
@@ -472,10 +474,10 @@ def write_report(out: Path, scenario: Scenario, f: dict, images: list[str]) -> N
              "A 4xx'd message stays with its sender, which retries it; lost counts 250'd "
              "messages the next hop does not hold.", "",
              "## Events", "", "| t (s) | event | detail |", "|---|---|---|"]
-    lines += [f"| {e['t']} | {e['event']} | {e['detail']} |" for e in f["events"]]
+    lines += [f"| {e['t']:.1f} | {e['event']} | {e['detail']} |" for e in f["events"]]
     lines += ["", "## Next hop down", "", "| from (s) | to (s) | replies | 4xx | 250 | 4xx text |",
               "|---|---|---|---|---|---|"]
-    lines += [f"| {o['from_s']} | {o['to_s']} | {o['replies']} | {o['deferred']} | "
+    lines += [f"| {o['from_s']:.1f} | {o['to_s']:.1f} | {o['replies']} | {o['deferred']} | "
               f"{o['accepted']} | {o['deferred_reply'] or '-'} |" for o in f["outages"]]
     lines += ["", "## Legitimate latency per storm", "",
               "| storm | from (s) | to (s) | bots | messages | accepted | p50 (s) | p99 (s) "
