@@ -14,6 +14,7 @@ import pytest
 
 from helpers import message, wait_until
 from poolmgr import config
+from poolmgr.scanner import admin_notice
 from poolmgr.scanner.backends.builtin import EICAR
 from poolmgr.testing import free_port
 from test_banned import AMAVISD, banned_mail
@@ -176,3 +177,13 @@ def test_virus_admin_must_be_an_address():
     with pytest.raises(config.ConfigError) as error:
         config.from_dict({"scanner": {"virus_admin": "admin@example.test>\r\nDATA"}})
     assert "[scanner] virus_admin: not an address" in error.value.errors[0]
+
+
+def test_a_notice_says_an_unknown_client_is_unknown():
+    """A client Postfix forwarded as XFORWARD ADDR=[UNAVAILABLE] is no address: the notice
+    says so, not `[]`."""
+    notice = admin_notice.compose(
+        admin=ADMIN, hostname="mx.example.test", notice_id="n1", summary="INFECTED (X)",
+        outcome="Rejected", queue_id="Q1", quarantine_id="", client="", sender="a@example.org",
+        rcpts=["b@example.test"], data=message("local"))
+    assert b"Client: unknown\r\n" in notice and b"[]" not in notice

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from helpers import HELO, Raw, message, wait_until, write_config
+from poolmgr.scanner import quarantine
 from poolmgr.scanner.backends.builtin import EICAR
 from poolmgr.testing import EICAR_NAME, Clamd, Recorder, Spamd, free_port
 from test_clamd import mime, zipped
@@ -177,6 +178,10 @@ def test_the_forwarded_client_address_is_taken_as_postfix_takes_it(make_poolmgr)
     assert "client=unknown[2001:db8::7]" in pm.log()
     assert "client=unknown[unknown]" in pm.log()
     assert "failed after" not in pm.log()
+    # amavisd leaves an unknown client out of its Blocked line, not an empty [].
+    assert re.search(r"Blocked INFECTED \(.+\) \{Rejected,Quarantined\}, "
+                     r"<a@example.org> -> <b@example.test>", pm.log()), pm.log()
+    assert [e.client for e in quarantine.entries(str(pm.dir / "quarantine"))] == [""]
 
 
 def with_spamd(make_poolmgr, spamd, **scanner):

@@ -63,7 +63,7 @@ def compose(*, admin: str, hostname: str, notice_id: str, summary: str, outcome:
             f"Queue-ID: {queue_id}\r\n"
             f"Action: {outcome}\r\n"
             f"Quarantine: {quarantine_id or 'none'}\r\n"
-            f"Client: [{client}]\r\n"
+            f"Client: {f'[{client}]' if client else 'unknown'}\r\n"
             f"Return-Path: <{sender}>\r\n"
             f"Recipients: {', '.join(f'<{r}>' for r in rcpts)}\r\n"
             f"{quoted}")

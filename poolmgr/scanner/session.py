@@ -205,8 +205,8 @@ class ScannerSession(ServerSession):
             verdict.kind, "UNCHECKED" if verdict.failures else "CLEAN")
         if bank:
             label += f" {{{bank}}}"
-        self.service.log.info("%s: Passed %s, [%s] <%s> -> %s, Hits: %s, size: %d, %d ms",
-                              env.queue_id, label, client, env.mail_from,
+        self.service.log.info("%s: Passed %s,%s <%s> -> %s, Hits: %s, size: %d, %d ms",
+                              env.queue_id, label, _client(client), env.mail_from,
                               ",".join(f"<{r}>" for r in env.rcpts), _hits(verdict), size,
                               (time.monotonic() - started) * 1000)
 
@@ -235,9 +235,9 @@ class ScannerSession(ServerSession):
                  "deferred": f"DEFERRED ({verdict.name})"}[verdict.kind]
         outcome = "Deferred" if reply.temporary else \
             {"reject": "Rejected", "discard": "Discarded"}[verdict.action]
-        service.log.info("%s: Blocked %s {%s%s%s}, [%s] <%s> -> %s, quarantine: %s, "
+        service.log.info("%s: Blocked %s {%s%s%s},%s <%s> -> %s, quarantine: %s, "
                          "Hits: %s, %d ms", env.queue_id, label, outcome, kept,
-                         f",{bank}" if bank else "", client, env.mail_from,
+                         f",{bank}" if bank else "", _client(client), env.mail_from,
                          ",".join(f"<{r}>" for r in env.rcpts), ident or "-", _hits(verdict),
                          (time.monotonic() - started) * 1000)
         if service.cfg.scanner.virus_admin and admin_notice.announced(verdict) and \
@@ -324,6 +324,12 @@ def _is_address(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _client(client: str) -> str:
+    """amavisd's ` [client]`, and nothing where the client is unknown (XFORWARD ADDR
+    [UNAVAILABLE])."""
+    return f" [{client}]" if client else ""
 
 
 def _hits(verdict) -> str:
