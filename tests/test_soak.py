@@ -112,9 +112,14 @@ sizes = ["2k", "20k"]
     assert m["lost"] == 0 and m["lost_ids"] == [] and m["found_at_sink"] >= m["accepted"], m
     assert m["accepted"] + m["deferred"] == m["sent"] and m["refused"] == m["failed"] == 0, m
     assert f["tracebacks"] == 0 and f["log"] == {"tracebacks": 0, "reloads": 1, "upgrades": 1}
+    # Each kind's events in order; an outage begun late on the jittered beat ends late, so
+    # the second next hop outage may still be on when Redis goes down.
     events = [e["event"] for e in f["events"]]
-    assert events == ["reload", "upgrade", "upgraded", "next_hop_down", "next_hop_up",
-                      "next_hop_down", "next_hop_up", "redis_down", "redis_up"], f["events"]
+    assert events[:2] == ["reload", "upgrade"] and events.count("upgraded") == 1, f["events"]
+    assert [e for e in events if e.startswith("next_hop")] == \
+        ["next_hop_down", "next_hop_up"] * 2, f["events"]
+    assert [e for e in events if e.startswith("redis")] == ["redis_down", "redis_up"], f["events"]
+    assert len(events) == 9, f["events"]
     # While the next hop was down, poolmgr answered 4xx and never 250.
     assert len(f["outages"]) == 2
     for outage in f["outages"]:
