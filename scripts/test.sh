@@ -51,5 +51,7 @@ fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 # The suite mostly waits (on daemons starting, timeouts running out), so four pytest-xdist
 # workers share the two cores well; a test module stays on one worker (--dist loadfile), which
-# starts its module's shared daemons once. The 15 slowest tests close the output.
-exec python3 -m pytest -q -p no:cacheprovider -n 4 --dist loadfile --durations=15 "$@"
+# starts its module's shared daemons once, and the files go out in the order collected
+# (tests/conftest.py puts the longest first). The 15 slowest tests close the output.
+exec python3 -m pytest -q -p no:cacheprovider -n 4 --dist loadfile --no-loadscope-reorder \
+    --durations=15 "$@"

@@ -30,9 +30,9 @@ def pytest_configure(config):
                                        "of these regular expressions do not fail the test")
 
 
-# The longest files first (a minute or more each on 2 cores): pytest-xdist's --dist loadfile
-# hands the files out in collection order, and a long one handed out last runs on alone at
-# the end while the other workers stand idle.
+# The longest files first (most take a minute or more on 2 cores): pytest-xdist's --dist
+# loadfile --no-loadscope-reorder (scripts/test.sh) hands the files out in collection order,
+# and a long one handed out last runs on alone at the end while the other workers stand idle.
 LONGEST_FIRST = ("test_bench.py", "test_debian_python.py", "test_master.py", "test_plan_loop.py",
                  "test_log.py", "test_limits.py", "test_flood100k.py", "test_soak.py",
                  "test_cluster.py", "test_delivery.py")
