@@ -58,6 +58,9 @@ COUNTERS += ("dnsbl_errors",) + tuple(f"dnsbl_errors_{i}" for i in range(DNSBL_S
 COUNTERS += ("log_dropped",)
 # SMTP workers' requests to the master's anvil that failed open (defence.anvil.AnvilClient).
 COUNTERS += ("anvil_fallbacks",)
+# Sessions of a load balancer's own (a PROXY header that names no client: its health checks),
+# closed without a message: neither legit nor nuisance.
+COUNTERS += ("health_checks",)
 _NCOUNTERS = 128
 assert len(COUNTERS) <= _NCOUNTERS
 _COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}

@@ -8,7 +8,8 @@ the endpoint's socket right after fork.
 Metrics (prefix `poolmgr_`): pool sizes (`pool_workers`, `pool_target`, `pool_floor`,
 `pool_ceiling`, `pool_draining`), `pool_rss_bytes`, `worker_rss_bytes{pool,slot}` (never by
 pid: series must outlive a worker), `smtp_sessions`, `smtp_slots`, `smtp_accept_queue`,
-`scanner_busy`, `sessions_total{verdict}` (legit or a nuisance reason),
+`scanner_busy`, `sessions_total{verdict}` (legit, a nuisance reason, or health_check: a load
+balancer's own session),
 `messages_total{outcome}`, `connections_total{pool}`, `handoffs_total`,
 `handoff_wait_seconds_total`, `handoff_queue_seconds_total`, the histograms `handoff_seconds`, `scan_seconds` and
 `check_seconds{check}`, `check_failures_total{check}`, `scanner_verdicts_total{kind}`,
@@ -92,6 +93,7 @@ class StatusCollector:
         sessions = CounterMetricFamily("poolmgr_sessions", "Closed SMTP sessions by verdict",
                                        labels=["verdict"])
         sessions.add_metric(["legit"], counters.get("legit", 0))
+        sessions.add_metric(["health_check"], counters.get("health_checks", 0))
         for key, value in counters.items():
             if key.startswith("nuisance_"):
                 sessions.add_metric([key.removeprefix("nuisance_")], value)

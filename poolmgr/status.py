@@ -81,6 +81,7 @@ class MasterStatus:
 class NuisanceTotal:
     legit: int
     by_reason: dict[str, int]
+    health_checks: int = 0  # a load balancer's own sessions (smtp.proxy_protocol)
 
 
 @dataclass
@@ -307,7 +308,7 @@ def _nuisance(view: MasterView, counters: dict) -> NuisanceStatus:
     window = view.nuisance
     total = NuisanceTotal(counters.get("legit", 0), {
         key.removeprefix("nuisance_"): value for key, value in counters.items()
-        if key.startswith("nuisance_") and value})
+        if key.startswith("nuisance_") and value}, counters.get("health_checks", 0))
     return NuisanceStatus(window["window"], window["ratio"], window["legit"],
                           window["nuisance"], window["by_reason"], total)
 

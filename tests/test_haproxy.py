@@ -208,42 +208,41 @@ def smtp_section(**values):
                                       "proxy_networks": ["127.0.0.0/8"], **values}}).smtp
 
 
-def test_take_client_from_a_balancer(pair):
+def test_take_header_from_a_balancer(pair):
     conn, client = pair
     client.sendall(b"PROXY TCP6 ::ffff:192.0.2.7 ::1 40312 25\r\n")
     log = Lines()
-    address, port = haproxy.take_client(conn, ("127.0.0.1", 5000), smtp_section(), log)
+    address, port = haproxy.take_header(conn, ("127.0.0.1", 5000), smtp_section(), log).client
     assert (plain_ip(address), port) == ("192.0.2.7", 40312)  # as the session keeps it
     assert log.lines == []
     client.sendall(v2(command=0, family=0, transport=0))  # LOCAL: the balancer itself
     conn2 = Conn(conn.sock, timeout=5)
-    assert haproxy.take_client(conn2, ("127.0.0.1", 5001), smtp_section(), log) == \
-        ("127.0.0.1", 5001)
+    assert haproxy.take_header(conn2, ("127.0.0.1", 5001), smtp_section(), log).client is None
 
 
-def test_take_client_refuses_a_peer_outside_proxy_networks(pair):
+def test_take_header_refuses_a_peer_outside_proxy_networks(pair):
     conn, client = pair
     client.sendall(b"PROXY TCP4 192.0.2.7 198.51.100.1 40312 25\r\n")
     log = Lines()
-    assert haproxy.take_client(conn, ("192.0.2.99", 5000), smtp_section(), log) is None
+    assert haproxy.take_header(conn, ("192.0.2.99", 5000), smtp_section(), log) is None
     assert log.lines == ["warning: haproxy read: peer not in smtp.proxy_networks from "
                          "[192.0.2.99]:5000"]
 
 
-def test_take_client_logs_what_came_as_postscreen_does(pair):
+def test_take_header_logs_what_came_as_postscreen_does(pair):
     conn, client = pair
     client.sendall(b"EHLO bot\r\n")
     log = Lines()
-    assert haproxy.take_client(conn, ("127.0.0.1", 5000), smtp_section(), log) is None
+    assert haproxy.take_header(conn, ("127.0.0.1", 5000), smtp_section(), log) is None
     assert log.lines == ["warning: haproxy read: unexpected protocol header from "
                          "[127.0.0.1]:5000: EHLO bot\\r\\n"]
 
 
-def test_take_client_times_out(pair):
+def test_take_header_times_out(pair):
     conn, client = pair
     log = Lines()
     section = smtp_section(upstream_proxy_timeout="200ms")
-    assert haproxy.take_client(conn, ("127.0.0.1", 5000), section, log) is None
+    assert haproxy.take_header(conn, ("127.0.0.1", 5000), section, log) is None
     assert log.lines == ["warning: haproxy read: time limit exceeded from [127.0.0.1]:5000"]
 
 

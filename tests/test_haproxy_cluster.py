@@ -199,3 +199,28 @@ def test_garbage_or_silence_from_the_balancer_ends_the_session(site):
     wait_until(lambda: re.search(r"warning: haproxy read: time limit exceeded from "
                                  r"\[127\.0\.0\.1\]:\d+", a.log()), what="the warning")
     assert "127.0.21.12" not in a.log()  # a header that never ended names nobody
+
+
+def test_the_balancers_health_checks_are_neither_clients_nor_nuisance(site):
+    """HAProxy's health checks (`check-send-proxy`: a LOCAL header every 2 s) and a version 1
+    `PROXY UNKNOWN`: the balancer's own connections, served at once (trusted, no greet pause)
+    and counted as health checks, not in the storm's connections nor as nuisance."""
+    a, b, proxy = site
+
+    def counts():
+        status = a.status()
+        total = status["nuisance"]["total"]
+        return (total["health_checks"], status["pools"]["smtp"]["counters"]["connections"],
+                sum(total["by_reason"].values()))
+
+    wait_until(lambda: counts()[0] >= 1, timeout=10, what="HAProxy's health checks counted")
+    checks, connections, nuisance = counts()
+    raw = Raw(a.smtp_port, "127.0.0.1")
+    raw.send(b"PROXY UNKNOWN\r\n")
+    started = time.monotonic()
+    code, lines = raw.reply()
+    assert code == 220 and len(lines) == 1 and time.monotonic() - started < 0.9  # no pause
+    raw.close()
+    wait_until(lambda: counts()[0] >= checks + 2, timeout=10,
+               what="this one and HAProxy's next counted")
+    assert counts()[1:] == (connections, nuisance)

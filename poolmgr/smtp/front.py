@@ -82,7 +82,7 @@ class FrontSession(ServerSession):
     tests live in `defence.early` and `defence.limits`: the hooks below give them what they
     read and return their decisions to the dialogue, which applies them."""
 
-    __slots__ = ("screening", "accepted", "rejected", "greeting")
+    __slots__ = ("screening", "accepted", "rejected", "greeting", "balancer")
 
     def __init__(self, service, sock, peer):
         super().__init__(service, sock, peer)
@@ -92,6 +92,7 @@ class FrontSession(ServerSession):
         self.rejected = 0
         self.greeting = True  # counted in service.greeting until its banner goes out
         service.greeting += 1
+        self.balancer = False  # the load balancer's own connection (its health check)
 
     def run(self) -> None:
         """Behind a load balancer (`smtp.proxy_protocol`), the client's address comes first,
@@ -103,12 +104,16 @@ class FrontSession(ServerSession):
 
     def behind_proxy(self) -> None:
         service = self.service
-        client = haproxy.take_client(self.conn, self.peer, service.cfg.smtp, service.log)
-        if client is None:
+        header = haproxy.take_header(self.conn, self.peer, service.cfg.smtp, service.log)
+        if header is None:
             self.closing, self.ended = True, "refused"
             self.say_last(R.R421_NO_RESOURCES)
             return
-        self.set_peer(client)
+        # A header that names no client (HAProxy's health checks: v2 LOCAL, v1 UNKNOWN) is
+        # the balancer's own connection: trusted as an allowlisted client is, and counted
+        # as a health check, not as a client of the storm's or a nuisance.
+        self.balancer = header.client is None
+        self.set_peer(header.client or self.peer)
         # Its defence state starts now, with the client's address (and its clock: the
         # reverse lookup's time runs from here).
         self.screening = Screening(service.defence.cfg, self.peer, service.log,
@@ -125,6 +130,9 @@ class FrontSession(ServerSession):
 
     # -- hooks of the dialogue: what each defence reads, and its decision
     def on_connect(self) -> Decision | None:
+        if self.balancer:
+            self.screening.trust()
+            return None
         self.service.slot.add("connections")
         return early.on_connect(self.screening, self.service, self.peer, self.client)
 
@@ -184,7 +192,10 @@ class FrontSession(ServerSession):
         commands = sum(total for _, total in (self.stats or {}).values())
         label = classify(screening.verdict, self.accepted, self.rejected, self.transactions,
                          self.ended, commands)
-        self.service.slot.add(label if label == LEGIT else "nuisance_" + label)
+        if self.balancer and label != LEGIT:
+            self.service.slot.add("health_checks")
+        else:
+            self.service.slot.add(label if label == LEGIT else "nuisance_" + label)
 
     def extensions(self):
         service = self.service

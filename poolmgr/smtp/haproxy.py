@@ -5,18 +5,18 @@ With `smtp.proxy_protocol = "haproxy"` every connection to the SMTP listeners mu
 `smtp.proxy_networks` and open with a header naming the real client: version 1, a text line
 (`PROXY TCP4 192.0.2.7 192.0.2.1 40312 25\\r\\n`), or version 2, a binary block after a
 12-byte signature (HAProxy's `send-proxy-v2`). `parse` reads one from the bytes received so
-far (None: not all there yet); `take_client` waits for it, at most
-`smtp.upstream_proxy_timeout`, and answers with the client's (address, port). A header that
-says the connection is not proxied (v2 LOCAL, a balancer's health check; v1 UNKNOWN; v2 with
-an unspecified or Unix address family) leaves the connection's own peer as the client, as
-Postfix does. Anything else ends the session before its banner, logged as postscreen logs
+far (None: not all there yet); `take_header` waits for it, at most
+`smtp.upstream_proxy_timeout`. A header that says the connection is not proxied (v2 LOCAL,
+v1 UNKNOWN: what HAProxy sends on its health checks; v2 with an unspecified or Unix address
+family) leaves the connection's own peer as the client, as Postfix does: it is the
+balancer's own connection (the SMTP pool counts it as a health check, not a client). Anything else ends the session before its banner, logged as postscreen logs
 it, with the peer: `warning: haproxy read: time limit exceeded from [10.0.0.5]:40312`,
 `warning: haproxy read: unexpected protocol header from [10.0.0.5]:40313: EHLO x\\r\\n`.
 Bytes after the header stay in the connection's buffer for the dialogue (a client that talks
 before the banner is still seen doing so).
 """
 
-__all__ = ["Header", "HeaderError", "parse", "receive", "take_client", "V2_SIGNATURE"]
+__all__ = ["Header", "HeaderError", "parse", "receive", "take_header", "V2_SIGNATURE"]
 
 import ipaddress
 import time
@@ -159,10 +159,11 @@ def receive(conn, timeout: float) -> Header:
             raise HeaderError("lost connection") from None
 
 
-def take_client(conn, peer: tuple[str, int], smtp, log) -> tuple[str, int] | None:
-    """The client of a connection from `peer`, as its PROXY header names it (the `[smtp]`
-    section `smtp` says who may send one and how long it may take); None, logged, when the
-    session must end: a peer outside proxy_networks, or no usable header in time."""
+def take_header(conn, peer: tuple[str, int], smtp, log) -> Header | None:
+    """The PROXY header of a connection from `peer` (the `[smtp]` section `smtp` says who may
+    send one and how long it may take): its `client`, or None for the balancer's own
+    connection; None, logged, when the session must end: a peer outside proxy_networks, or no
+    usable header in time."""
     try:
         if not in_networks(peer[0], smtp.proxy_networks):
             raise HeaderError("peer not in smtp.proxy_networks")
@@ -172,4 +173,4 @@ def take_client(conn, peer: tuple[str, int], smtp, log) -> tuple[str, int] | Non
         log.warning("haproxy read: %s from [%s]:%s%s", exc.reason, peer[0], peer[1],
                     ": " + escape(exc.seen) if exc.seen else "")
         return None
-    return header.client or peer
+    return header
