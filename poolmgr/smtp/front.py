@@ -111,7 +111,7 @@ class FrontSession(ServerSession):
             return
         # A header that names no client (HAProxy's health checks: v2 LOCAL, v1 UNKNOWN) is
         # the balancer's own connection: trusted as an allowlisted client is, and counted
-        # as a health check, not as a client of the storm's or a nuisance.
+        # as a health check, neither as a client (a storm's connection rate) nor as nuisance.
         self.balancer = header.client is None
         self.set_peer(header.client or self.peer)
         # Its defence state starts now, with the client's address (and its clock: the

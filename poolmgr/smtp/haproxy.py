@@ -9,8 +9,9 @@ far (None: not all there yet); `take_header` waits for it, at most
 `smtp.upstream_proxy_timeout`. A header that says the connection is not proxied (v2 LOCAL,
 v1 UNKNOWN: what HAProxy sends on its health checks; v2 with an unspecified or Unix address
 family) leaves the connection's own peer as the client, as Postfix does: it is the
-balancer's own connection (the SMTP pool counts it as a health check, not a client). Anything else ends the session before its banner, logged as postscreen logs
-it, with the peer: `warning: haproxy read: time limit exceeded from [10.0.0.5]:40312`,
+balancer's own connection (the SMTP pool counts it as a health check, not a client).
+Anything else ends the session before its banner, logged as postscreen logs it, with the
+peer: `warning: haproxy read: time limit exceeded from [10.0.0.5]:40312`,
 `warning: haproxy read: unexpected protocol header from [10.0.0.5]:40313: EHLO x\\r\\n`.
 Bytes after the header stay in the connection's buffer for the dialogue (a client that talks
 before the banner is still seen doing so).
