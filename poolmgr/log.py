@@ -56,28 +56,9 @@ logging.logThreads = False
 logging.logMultiprocessing = False
 
 
-class _Record(logging.LogRecord):
-    """A log record with what poolmgr's formatter and handlers read, and the rest None: the
-    standard one splits the source path, takes the time apart and asks the kernel for the
-    pid (a system call) for each line, 10% of an SMTP worker's time under load. The pid is
-    the process's, kept since its fork."""
-
-    filename = module = msecs = relativeCreated = thread = threadName = None
-    processName = taskName = None
-
-    def __init__(self, name, level, pathname, lineno, msg, args, exc_info, func=None,
-                 sinfo=None, **kwargs):
-        self.name, self.msg, self.args = name, msg, args
-        self.levelno, self.levelname = level, logging.getLevelName(level)
-        self.pathname, self.lineno, self.funcName = pathname, lineno, func
-        self.exc_info, self.exc_text, self.stack_info = exc_info, None, sinfo
-        self.created = time.time()
-        self.process = _pid[0]
-
-
+# The process's pid, kept since its fork, for the short way (_Logger._log) to say.
 _pid = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
-logging.setLogRecordFactory(_Record)
 
 
 class _Postfix(logging.Formatter):

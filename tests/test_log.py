@@ -1,6 +1,7 @@
 """Logging: master.log (syslog, stderr, a file; log_file as its former name), the syslog
 datagrams Postfix's way, and a log that pflogsumm reads as it reads Postfix's."""
 
+import logging
 import os
 import re
 import shutil
@@ -242,3 +243,13 @@ def test_pflogsumm_counts_received_delivered_and_rejected(make_poolmgr, tmp_path
     assert (totals["received"], totals["delivered"], totals["rejected"]) == \
         (accepted, accepted, rejected)
     assert "bob@example.test" in result.stdout  # recipients by message count
+
+
+def test_other_handlers_format_the_records_of_a_process_that_imported_poolmgr(caplog):
+    """poolmgr's own handlers take a short way; a handler of another's (here pytest's caplog,
+    whose format has %(filename)s) gets standard records, in a process that imported poolmgr
+    (its records once lacked the fields poolmgr's formatter does not read)."""
+    caplog.set_level(logging.INFO)
+    logging.getLogger("poolmgr.probe").info("hello %s", "world")
+    logging.getLogger("elsewhere").warning("and %d more", 2)
+    assert "hello world" in caplog.text and "and 2 more" in caplog.text
