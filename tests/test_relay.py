@@ -263,20 +263,32 @@ def test_a_server_closing_at_rcpt_without_pipelining_is_a_relay_error(server):
 
 
 @pytest.mark.parametrize("line, long", [(b"x" * 998, False), (b"x" * 999, True),
-                                        (b"x" * 998 + b"\r", False),
-                                        (b"x" * 600 + b"\r" + b"y" * 600, False)],
-                         ids=["998", "999", "998-and-CR", "1201-with-CR"])
+                                        (b"x" * 998 + b"\r", True),
+                                        (b"x" * 600 + b"\r" + b"y" * 600, True),
+                                        (b"x" * 997 + b"\r", False)],
+                         ids=["998", "999", "998-and-a-bare-CR", "1201-with-a-bare-CR",
+                              "997-and-a-bare-CR"])
 def test_a_line_is_long_from_999_octets_between_line_breaks(line, long):
+    """A line ends at CRLF; a bare CR is one of its octets (RFC 5322 counts to the CRLF)."""
     data = b"Subject: s\r\n\r\n" + line + b"\r\nshort\r\n"
     assert relay._has_long_line(data) is long
     assert (relay.fold(data) != data) is long
 
 
-def test_a_message_over_the_precheck_bound_is_searched_by_the_regex_alone():
+def test_a_message_over_the_precheck_bound_is_measured_window_by_window():
     lines = b"x" * 78 + b"\r\n"
     big = b"Subject: s\r\n\r\n" + lines * (relay.PRECHECK_MAX // len(lines) + 1)
     assert len(big) > relay.PRECHECK_MAX and not relay._has_long_line(big)
     assert relay._has_long_line(big + b"y" * 999 + b"\r\n")
+    # A long line across a window's end is seen whole in the window where it starts; a short
+    # one there, its CRLF in the next window's overlap, is not taken for a long one.
+    for offset in (-1002, -1001, -1000, -999, -998, -500, -2, -1, 0, 1, 2):
+        size = relay.PRECHECK_MAX + offset  # short lines up to there, then the one measured
+        rest = size % len(lines)
+        head = lines * (size // len(lines)) + (b"z" * (rest - 1) + b"\n" if rest else b"")
+        assert len(head) == size and head.endswith(b"\n")
+        assert relay._has_long_line(head + b"y" * 999 + b"\r\nshort\r\n"), offset
+        assert not relay._has_long_line(head + b"y" * 998 + b"\r\nshort\r\n"), offset
 
 
 def test_lines_over_998_octets_are_folded_not_refused_downstream(server):
