@@ -216,8 +216,10 @@ def format_status(status: Status) -> str:
     nuisance = status.nuisance
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(nuisance.by_reason.items(),
                                                      key=lambda kv: -kv[1])) or "none"
+    checks = nuisance.total.health_checks
     lines.append(f"nuisance ratio {nuisance.ratio:.2f} over {nuisance.window:g}s "
-                 f"(legit {nuisance.legit}, nuisance {nuisance.nuisance}: {reasons})")
+                 f"(legit {nuisance.legit}, nuisance {nuisance.nuisance}: {reasons})"
+                 + (f"; load balancer health checks {checks} since start" if checks else ""))
     stress, anvil = status.stress, status.anvil
     stress_text = f"on ({stress.source})" if stress.on else "off"
     lines.append(f"stress mode {stress_text}; anvil: {anvil.connections} connections "

@@ -8,8 +8,8 @@ the endpoint's socket right after fork.
 Metrics (prefix `poolmgr_`): pool sizes (`pool_workers`, `pool_target`, `pool_floor`,
 `pool_ceiling`, `pool_draining`), `pool_rss_bytes`, `worker_rss_bytes{pool,slot}` (never by
 pid: series must outlive a worker), `smtp_sessions`, `smtp_slots`, `smtp_accept_queue`,
-`scanner_busy`, `sessions_total{verdict}` (legit, a nuisance reason, or health_check: a load
-balancer's own session),
+`scanner_busy`, `sessions_total{verdict}` (legit or a nuisance reason), `health_checks_total`
+(a load balancer's own sessions, counted in neither),
 `messages_total{outcome}`, `connections_total{pool}`, `handoffs_total`,
 `handoff_wait_seconds_total`, `handoff_queue_seconds_total`, the histograms `handoff_seconds`, `scan_seconds` and
 `check_seconds{check}`, `check_failures_total{check}`, `scanner_verdicts_total{kind}`,
@@ -65,8 +65,8 @@ class StatusCollector:
         # series for every replacement worker and leave the old ones behind.
         worker_rss = GaugeMetricFamily("poolmgr_worker_rss_bytes", "Resident memory per worker",
                                        labels=["pool", "slot"])
-        connections = CounterMetricFamily("poolmgr_connections", "Connections accepted",
-                                          labels=["pool"])
+        connections = CounterMetricFamily("poolmgr_connections", "Connections accepted (a load "
+                                          "balancer's health checks left out)", labels=["pool"])
         for kind, pool in pools.items():
             for name, family in per_pool.items():
                 family.add_metric([kind], getattr(pool, "rss" if name == "rss_bytes" else name))
@@ -93,7 +93,6 @@ class StatusCollector:
         sessions = CounterMetricFamily("poolmgr_sessions", "Closed SMTP sessions by verdict",
                                        labels=["verdict"])
         sessions.add_metric(["legit"], counters.get("legit", 0))
-        sessions.add_metric(["health_check"], counters.get("health_checks", 0))
         for key, value in counters.items():
             if key.startswith("nuisance_"):
                 sessions.add_metric([key.removeprefix("nuisance_")], value)
@@ -129,6 +128,9 @@ class StatusCollector:
         yield CounterMetricFamily("poolmgr_anvil_fallbacks", "Requests to the master's anvil "
                                   "not answered in time (those clients were not limited)",
                                   value=status.anvil.fallbacks)
+        yield CounterMetricFamily("poolmgr_health_checks", "Sessions of a load balancer's own "
+                                  "(PROXY LOCAL): neither legit nor nuisance",
+                                  value=status.nuisance.total.health_checks)
         build = GaugeMetricFamily("poolmgr_build_info", "poolmgr's version", labels=["version"])
         build.add_metric([status.version], 1)
         yield build

@@ -113,10 +113,10 @@ def test_v2_skips_its_tlvs():
 
 
 def test_v2_local_is_the_balancers_own_connection():
-    assert parse(v2(command=0, family=0, transport=0)) == Header(16, None, None)
+    assert parse(v2(command=0, family=0, transport=0)) == Header(16, None, None, local=True)
     # LOCAL: whatever address block follows is ignored.
     local = v2(command=0, block=inet("192.0.2.7", "198.51.100.1", 1, 2))
-    assert parse(local) == Header(len(local), None, None)
+    assert parse(local) == Header(len(local), None, None, local=True)
 
 
 @pytest.mark.parametrize("family", [0, 3])
@@ -217,7 +217,8 @@ def test_take_header_from_a_balancer(pair):
     assert log.lines == []
     client.sendall(v2(command=0, family=0, transport=0))  # LOCAL: the balancer itself
     conn2 = Conn(conn.sock, timeout=5)
-    assert haproxy.take_header(conn2, ("127.0.0.1", 5001), smtp_section(), log).client is None
+    assert haproxy.take_header(conn2, ("127.0.0.1", 5001), smtp_section(), log) == \
+        haproxy.Header(16, None, None, local=True)
 
 
 def test_take_header_refuses_a_peer_outside_proxy_networks(pair):

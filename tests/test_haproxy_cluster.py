@@ -11,11 +11,14 @@ HAProxy connects to the nodes from 127.0.0.1, the clients come from 127.0.21.x.
 import re
 import smtplib
 import time
+from urllib.request import urlopen
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import allowed_patterns, stop_cleanly
-from helpers import Raw, message, wait_until
+from helpers import Raw, free_port, message, wait_until
+from poolmgr.smtp.haproxy import V2_SIGNATURE
 from poolmgr.testing import HAProxy, Poolmgr, RedisServer
 
 HOST = "mx.example.test"
@@ -37,7 +40,8 @@ def site(tmp_path_factory, request):
                 "scanner": {"min_workers": 1, "max_workers": 2},
                 "cluster": {"redis": redis.url, "node": name},
                 "defence": {"client_connection_count_limit": 2, "denylist": [f"{DENIED}/32"],
-                            "greet_wait": "1s"}})
+                            "greet_wait": "1s"},
+                "metrics": {"listen": f"127.0.0.1:{free_port()}"}})
             nodes.append(node.start())
         a, b = nodes
         proxy = HAProxy({"mxa": [a.smtp_port], "mxb": [b.smtp_port],
@@ -202,9 +206,10 @@ def test_garbage_or_silence_from_the_balancer_ends_the_session(site):
 
 
 def test_the_balancers_health_checks_are_neither_clients_nor_nuisance(site):
-    """HAProxy's health checks (`check-send-proxy`: a LOCAL header every 2 s) and a version 1
-    `PROXY UNKNOWN`: the balancer's own connections, served at once (trusted, no greet pause)
-    and counted as health checks, not in the storm's connections nor as nuisance."""
+    """HAProxy's health checks (`check-send-proxy` with send-proxy-v2: a LOCAL header every
+    2 s) and one from a raw socket: the balancer's own connections, served at once (trusted,
+    no greet pause) and counted as health checks, neither in the connections nor as nuisance.
+    A version 1 `PROXY UNKNOWN` may be a client the balancer cannot name: untrusted."""
     a, b, proxy = site
 
     def counts():
@@ -213,10 +218,16 @@ def test_the_balancers_health_checks_are_neither_clients_nor_nuisance(site):
         return (total["health_checks"], status["pools"]["smtp"]["counters"]["connections"],
                 sum(total["by_reason"].values()))
 
+    def in_metrics() -> float:
+        with urlopen(f"http://{a.sections['metrics']['listen']}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        return next(s.value for family in text_string_to_metric_families(text)
+                    for s in family.samples if s.name == "poolmgr_health_checks_total")
+
     wait_until(lambda: counts()[0] >= 1, timeout=10, what="HAProxy's health checks counted")
     checks, connections, nuisance = counts()
     raw = Raw(a.smtp_port, "127.0.0.1")
-    raw.send(b"PROXY UNKNOWN\r\n")
+    raw.send(V2_SIGNATURE + b"\x20\x00\x00\x00")  # version 2, LOCAL, no address block
     started = time.monotonic()
     code, lines = raw.reply()
     assert code == 220 and len(lines) == 1 and time.monotonic() - started < 0.9  # no pause
@@ -224,3 +235,11 @@ def test_the_balancers_health_checks_are_neither_clients_nor_nuisance(site):
     wait_until(lambda: counts()[0] >= checks + 2, timeout=10,
                what="this one and HAProxy's next counted")
     assert counts()[1:] == (connections, nuisance)
+    wait_until(lambda: in_metrics() >= checks + 2, timeout=10, what="the metric")
+    assert re.search(r"; load balancer health checks \d+ since start$",
+                     a.run_cli("status", check=True).stdout, re.M)
+    unknown = Raw(a.smtp_port, "127.0.0.1")
+    unknown.send(b"PROXY UNKNOWN\r\n")
+    code, lines = unknown.reply()
+    assert code == 220 and len(lines) == 2  # 220- then, after the greet pause, 220
+    unknown.close()

@@ -109,10 +109,10 @@ class FrontSession(ServerSession):
             self.closing, self.ended = True, "refused"
             self.say_last(R.R421_NO_RESOURCES)
             return
-        # A header that names no client (HAProxy's health checks: v2 LOCAL, v1 UNKNOWN) is
-        # the balancer's own connection: trusted as an allowlisted client is, and counted
-        # as a health check, neither as a client (a storm's connection rate) nor as nuisance.
-        self.balancer = header.client is None
+        # A LOCAL header (HAProxy's health checks with send-proxy-v2) is the balancer's own
+        # connection: trusted as an allowlisted client is, and counted as a health check,
+        # neither as a client nor as nuisance.
+        self.balancer = header.local
         self.set_peer(header.client or self.peer)
         # Its defence state starts now, with the client's address (and its clock: the
         # reverse lookup's time runs from here).
@@ -123,7 +123,8 @@ class FrontSession(ServerSession):
         self.open()
 
     def looks_like_nuisance(self, silent_since: float) -> bool:
-        return self.screening.looks_like_nuisance(silent_since, self.stats is None)
+        return not self.balancer and \
+            self.screening.looks_like_nuisance(silent_since, self.stats is None)
 
     def looks_up_name(self) -> bool:
         return self.service.defence.names is not None

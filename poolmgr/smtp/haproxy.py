@@ -6,12 +6,13 @@ With `smtp.proxy_protocol = "haproxy"` every connection to the SMTP listeners mu
 (`PROXY TCP4 192.0.2.7 192.0.2.1 40312 25\\r\\n`), or version 2, a binary block after a
 12-byte signature (HAProxy's `send-proxy-v2`). `parse` reads one from the bytes received so
 far (None: not all there yet); `take_header` waits for it, at most
-`smtp.upstream_proxy_timeout`. A header that says the connection is not proxied (v2 LOCAL,
-v1 UNKNOWN: what HAProxy sends on its health checks; v2 with an unspecified or Unix address
-family) leaves the connection's own peer as the client, as Postfix does: it is the
-balancer's own connection (the SMTP pool counts it as a health check, not a client).
-Anything else ends the session before its banner, logged as postscreen logs it, with the
-peer: `warning: haproxy read: time limit exceeded from [10.0.0.5]:40312`,
+`smtp.upstream_proxy_timeout`. A header that says the connection is not proxied (v2 LOCAL;
+v1 UNKNOWN; v2 with an unspecified or Unix address family) leaves the connection's own peer
+as the client, as Postfix does. Only v2 LOCAL says the connection is the balancer's own (what
+HAProxy's health checks send with send-proxy-v2): v1 UNKNOWN and the other families may be
+a client relayed from an address the header cannot carry. Anything else ends the session
+before its banner, logged as postscreen logs it, with the peer:
+`warning: haproxy read: time limit exceeded from [10.0.0.5]:40312`,
 `warning: haproxy read: unexpected protocol header from [10.0.0.5]:40313: EHLO x\\r\\n`.
 Bytes after the header stay in the connection's buffer for the dialogue (a client that talks
 before the banner is still seen doing so).
@@ -42,6 +43,7 @@ class Header(NamedTuple):
     length: int                    # bytes the header took
     client: tuple[str, int] | None  # None: not proxied (the connection's own peer is the client)
     server: tuple[str, int] | None
+    local: bool = False            # v2 LOCAL: the balancer's own connection (a health check)
 
 
 class HeaderError(Exception):
@@ -122,7 +124,7 @@ def _parse_v2(data: bytes) -> Header | None:
     if len(data) < length:
         return None
     if command == V2_LOCAL:  # the balancer's own connection (a health check)
-        return Header(length, None, None)
+        return Header(length, None, None, local=True)
     if family not in (_V2_UNSPEC, *_V2_BLOCK) or transport not in _V2_TRANSPORTS:
         raise HeaderError("unsupported address family", data[:V2_FIXED])
     if length - V2_FIXED < _V2_BLOCK.get(family, 0):
@@ -162,9 +164,8 @@ def receive(conn, timeout: float) -> Header:
 
 def take_header(conn, peer: tuple[str, int], smtp, log) -> Header | None:
     """The PROXY header of a connection from `peer` (the `[smtp]` section `smtp` says who may
-    send one and how long it may take): its `client`, or None for the balancer's own
-    connection; None, logged, when the session must end: a peer outside proxy_networks, or no
-    usable header in time."""
+    send one and how long it may take); None, logged, when the session must end: a peer
+    outside proxy_networks, or no usable header in time."""
     try:
         if not in_networks(peer[0], smtp.proxy_networks):
             raise HeaderError("peer not in smtp.proxy_networks")

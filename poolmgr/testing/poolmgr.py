@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .. import control
 from ..config import toml_value
+from ..smtp.haproxy import V2_SIGNATURE
 from .wait import free_port, wait_until
 
 HELO = "client.test"
@@ -120,7 +121,7 @@ class Poolmgr:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
                 sock.settimeout(5)
                 if port == self.smtp_port and self.sections["smtp"].get("proxy_protocol"):
-                    sock.sendall(b"PROXY UNKNOWN\r\n")  # as a balancer's health check
+                    sock.sendall(V2_SIGNATURE + b"\x20\x00\x00\x00")  # a LOCAL health check
                 return sock.recv(100).startswith(b"220")
         except OSError:
             return False
