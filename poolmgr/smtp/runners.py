@@ -104,7 +104,10 @@ class Turn:
             return True
         self.waiter = getcurrent()
         timer = self.hub.loop.timer(timeout)
-        timer.start(self._wake)
+        # From now: the loop's own clock is the one its iteration began with (or the last
+        # before it sat idle), and a timer set from it could end the wait before its time
+        # (a DNS query given up at once after the loop had not run for a while).
+        timer.start(self._wake, update=True)
         try:
             self.hub.switch()
         finally:
