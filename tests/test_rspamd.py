@@ -22,7 +22,7 @@ from poolmgr.scanner.backends.rspamd import Backend, ask, edits, request_headers
 from poolmgr.smtp import replies as R
 from poolmgr.smtp.headers import Insertion, Removal, subject_of
 from poolmgr.testing import ENVELOPE_SYMBOL, Recorder, Rspamd, free_port
-from poolmgr.testing.rspamd import DKIM_DOMAIN, DKIM_SELECTOR
+from poolmgr.testing.rspamd import DKIM_DOMAIN
 
 # The GTUBE test string (https://spamassassin.apache.org/gtube/), which rspamd knows itself.
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"

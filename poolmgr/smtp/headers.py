@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 HELO_MAX = 255  # RFC 1035 section 2.3.4: a domain name has at most 255 octets
-_SUBJECT = re.compile(rb"(?im)^subject[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
+_SUBJECT = re.compile(rb"(?im)^subject[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
 _SUBJECT_FIELD = re.compile(rb"(?im)^subject[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 _MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
 
@@ -98,12 +98,13 @@ def tag_subject(data: bytes, tag: str) -> bytes:
         return data if current.startswith(tag) else set_subject(data, tag + current)
     head = header_section(data)
     encoded = tag.encode("ascii")
-    match = re.search(rb"(?im)^subject[ \t]*:[ \t]*", head)
+    match = _SUBJECT.search(head)
     if match is None:
         return b"Subject: " + encoded.rstrip() + b"\r\n" + data
-    if data[match.end():].startswith(encoded):
+    at = match.start(1)  # the value, after the blanks that follow the colon
+    if data[at:].startswith(encoded):
         return data
-    return data[:match.end()] + encoded + data[match.end():]
+    return data[:at] + encoded + data[at:]
 
 
 def subject_of(data: bytes) -> str:
